@@ -1,0 +1,176 @@
+"""The composition root: builds the service from a Config, starts and stops its parts in order.
+
+Start: mailroot folders → event log → queue (crash recovery) → scheduler → Pickup → SMTP listeners.
+Stop (SIGTERM/SIGINT): listeners close and idle sessions get 421; Pickup stops; in-flight deliveries get a
+bounded grace period; the queue's pending commits finish; the event log is flushed. SIGHUP reloads the
+configuration file (listener addresses excepted: they need a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import TextIO
+
+from smtpsvc import events
+from smtpsvc.config import Config, ConfigError, load_config
+from smtpsvc.delivery.scheduler import Scheduler
+from smtpsvc.events import EventLog
+from smtpsvc.folders.pickup import PickupScanner
+from smtpsvc.ingest import Ingest
+from smtpsvc.queue.base import QueueError
+from smtpsvc.queue.local import LocalSpool
+from smtpsvc.routing.mx import MxResolver
+from smtpsvc.server.listener import SmtpServer
+
+FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
+STOP_GRACE = 10.0
+
+
+class MailrootError(Exception):
+    """The mailroot cannot be used (event 429); the message names the folder and the OS error."""
+
+
+class Service:
+    def __init__(self, config: Config, config_path: str | None = None, log_stream: TextIO | None = sys.stderr,
+                 pickup_interval: float = 1.0) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.root = Path(config.server.root)
+        self.folders = {name: self.root / name for name in FOLDERS}
+        self._log_stream = log_stream
+        self._pickup_interval = pickup_interval
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopped = asyncio.Event()
+        self.events: EventLog
+        self.queue: LocalSpool
+        self.ingest: Ingest
+        self.scheduler: Scheduler
+        self.pickup: PickupScanner
+        self.smtp: SmtpServer
+
+    def _prepare_mailroot(self) -> None:
+        for name, path in self.folders.items():
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+                probe = path / f".smtpsvc-write-test-{os.getpid()}"
+                probe.write_bytes(b"")
+                probe.unlink()
+            except OSError as exc:
+                text = f"The {name} folder {path} cannot be used: {exc.strerror or exc}"
+                EventLog(None, stream=self._log_stream).emit(
+                    events.Event(events.MAILROOT_UNUSABLE, text, cause="mailroot-unusable"))
+                raise MailrootError(text) from exc
+
+    async def start(self) -> None:
+        self._prepare_mailroot()
+        self.events = EventLog(self.folders["log"] / "events.jsonl", stream=self._log_stream)
+        self.queue = LocalSpool(self.folders["queue"], on_corrupt=self._corrupt)
+        try:
+            self.queue.open()
+        except (QueueError, OSError) as exc:
+            self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="queue-unusable"))
+            self.events.close()
+            raise MailrootError(str(exc)) from exc
+        cfg = self.config
+        self.ingest = Ingest(self.queue, cfg, self.events, on_queued=lambda: self.scheduler.wake())
+        resolver = MxResolver(cfg.resolver.nameservers, timeout=min(cfg.delivery.timeout, 30.0))
+        self.scheduler = Scheduler(self.queue, cfg, self.ingest, self.events, resolver,
+                                   self.folders["drop"], self.folders["badmail"])
+        self.pickup = PickupScanner(self.folders["pickup"], self.folders["badmail"], self.ingest, cfg,
+                                    self.events, interval=self._pickup_interval)
+        self.pickup.open()
+        self.smtp = SmtpServer(cfg, self.ingest, self.events)
+        await self.smtp.start()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self.scheduler.run(), name="scheduler"),
+                       loop.create_task(self.pickup.run(), name="pickup"),
+                       loop.create_task(self._flush_events(), name="event-log-flush")]
+        listening = ", ".join(f"{h}:{p}" for h, p in self.smtp.sockets)
+        self.events.emit(events.Event(
+            events.SERVICE_STARTED,
+            f"smtpsvc started; root {self.root.resolve()}; listening on {listening}; "
+            f"{len(self.queue.list())} message(s) in the queue"))
+        self.events.flush()
+
+    def _corrupt(self, name: str, reason: str) -> None:
+        self.events.emit(events.Event(events.QUEUE_FILE_CORRUPT,
+                                      f"Queue file {name} is unreadable and was moved to queue/corrupt: {reason}",
+                                      queue_id=name, cause="queue-file-corrupt"))
+
+    async def _flush_events(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.events.flush()
+
+    async def stop(self) -> None:
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        await self.smtp.stop(grace=STOP_GRACE)
+        pickup_task, flush_task = self._tasks[1], self._tasks[2]
+        pickup_task.cancel()
+        await self.scheduler.stop(grace=STOP_GRACE)
+        self._tasks[0].cancel()
+        flush_task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.queue.drain()
+        self.queue.close()
+        self.events.emit(events.Event(events.SERVICE_STOPPED, "smtpsvc stopped"))
+        self.events.close()
+
+    def reload(self) -> None:
+        """SIGHUP: re-read the configuration file and hand it to every part that routes or decides."""
+        try:
+            config = load_config(self.config_path, os.environ, root_override=str(self.root))
+        except ConfigError as exc:
+            self.events.emit(events.Event(events.SERVICE_STARTED,
+                                          f"Configuration reload failed; keeping the old one: {exc}",
+                                          cause="config-reload-failed"))
+            return
+        self.config = config
+        for part in (self.ingest, self.scheduler, self.pickup, self.smtp):
+            part.config = config
+        self.scheduler.wake()
+        self.events.emit(events.Event(events.SERVICE_STARTED, "Configuration reloaded", cause="config-reload"))
+
+    async def run_until_signalled(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError):  # Windows: Ctrl-C arrives as KeyboardInterrupt
+                loop.add_signal_handler(sig, stop.set)
+        if hasattr(signal, "SIGHUP"):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(signal.SIGHUP, self.reload)
+        await stop.wait()
+        await self.stop()
+
+
+def run_service(config: Config, config_path: str | None) -> int:
+    """Run in the foreground until SIGTERM/SIGINT; returns the process exit code."""
+
+    async def main() -> int:
+        service = Service(config, config_path)
+        try:
+            await service.start()
+        except MailrootError:
+            return 1
+        except OSError as exc:
+            print(f"smtpsvc: cannot listen on {', '.join(f'{h}:{p}' for h, p in config.server.listen)}: "
+                  f"{exc.strerror or exc}", file=sys.stderr)
+            await service.queue.drain()
+            service.queue.close()
+            return 1
+        await service.run_until_signalled()
+        return 0
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())  # type: ignore[no-any-return]

@@ -1,0 +1,1407 @@
+"""smtpsvc.toml (SPEC 1.3) parsed once into frozen dataclasses; the one reader of TOML and SMTPSVC__ vars.
+
+``load_config`` reads the file, applies ``SMTPSVC__SECTION__KEY`` environment overrides and the CLI's
+``--root``/``--listen``, validates every key and raises ``ConfigError`` listing *all* problems, each as
+``file:line: key: problem``. ``render_example`` prints the commented example (every key with its default);
+``render_effective`` prints the effective configuration with the verb mask decoded. One table (``_SCHEMA``)
+drives parsing, defaults, the example and the effective rendering, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import ipaddress
+import json
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeAlias
+
+from smtpsvc import verbmask
+from smtpsvc.units import format_duration, format_size, parse_duration, parse_size
+
+# Dotted keys (fnmatch patterns) that are parsed and validated but whose feature is not built yet.
+# `config check` warns when the file or environment sets one. Trim this set as features land.
+NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
+    {
+        "auth.*",
+        "tls.*",
+        "extensions.chunking",
+        "extensions.binarymime",
+        "extensions.etrn",
+        "extensions.xexch50",
+        "extensions.x_link2state",
+        "connector",
+        "delivery.tls",
+        "delivery.max_connections_per_domain",
+        "delivery.max_messages_per_connection",
+        "delivery.send_ndr_copy_to",
+        "delivery.smart_host_type",
+        "delivery.suppress_xexch50_external",
+        "delivery.delay_notification",
+        "server.reverse_dns",
+        "server.masquerade_domain",
+        "server.max_hop_count",
+        "server.max_session_size",
+        "admin.*",
+        "queue.dsn",
+        "queue.lease",
+        "queue.node_id",
+        "categorizer.reset_message_status",
+        "badmail.max_size",
+        "domains.remote.route",
+    }
+)
+
+__all__ = [
+    "NOT_YET_EFFECTIVE",
+    "AdminConfig",
+    "AuthConfig",
+    "BadmailConfig",
+    "CategorizerConfig",
+    "Config",
+    "ConfigError",
+    "ConfigProblem",
+    "ConnectorAuth",
+    "ConnectorConfig",
+    "DeliveryConfig",
+    "DomainsConfig",
+    "ExtensionsConfig",
+    "HostPort",
+    "IPNetwork",
+    "QueueConfig",
+    "RelayConfig",
+    "RemoteDomain",
+    "ResolverConfig",
+    "ServerConfig",
+    "TlsConfig",
+    "default_config_path",
+    "format_listen",
+    "load_config",
+    "parse_address_space",
+    "parse_domain",
+    "parse_host_port",
+    "parse_listen",
+    "parse_nameserver",
+    "parse_network",
+    "parse_smart_hosts",
+    "render_effective",
+    "render_example",
+    "warnings_for",
+]
+
+ENV_PREFIX = "SMTPSVC__"
+CONFIG_ENV = "SMTPSVC_CONFIG"
+DEFAULT_FILE_NAME = "smtpsvc.toml"
+DEFAULTS_SOURCE = "<defaults>"
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+# --------------------------------------------------------------------------------------------- the result
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    """A smart host: a name (resolved via DNS) or an address literal (``literal``: connect to it as is).
+
+    ``port`` None means ``delivery.remote_port``. ``str()`` gives back the IIS notation: ``[1.2.3.4]:2525``.
+    """
+
+    host: str
+    port: int | None = None
+    literal: bool = False
+
+    def __str__(self) -> str:
+        host = self.host
+        if self.literal:
+            host = f"[IPv6:{host}]" if ":" in host else f"[{host}]"
+        return host if self.port is None else f"{host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    hostname: str
+    root: Path
+    listen: tuple[tuple[str, int], ...]
+    max_connections: int
+    connection_timeout: float
+    data_timeout: float
+    max_message_size: int
+    max_session_size: int
+    max_recipients: int
+    max_hop_count: int
+    max_errors: int
+    reverse_dns: bool
+    masquerade_domain: str
+    inbound_command_support_options: int
+
+
+@dataclass(frozen=True, slots=True)
+class ExtensionsConfig:
+    """``explicit``: the keys set in [extensions]; ``resolved``: each extension → (on, why) after the mask."""
+
+    mask: int
+    explicit: Mapping[str, bool]
+    resolved: Mapping[str, tuple[bool, str]]
+
+    def enabled(self, name: str) -> bool:
+        return self.resolved[name.lower()][0]
+
+    def why(self, name: str) -> str:
+        return self.resolved[name.lower()][1]
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteDomain:
+    name: str
+    relay: bool = False
+    route: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DomainsConfig:
+    local: tuple[str, ...]
+    remote: tuple[RemoteDomain, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RelayConfig:
+    allow: tuple[IPNetwork, ...]
+    deny: tuple[IPNetwork, ...]
+    allow_authenticated: bool
+
+
+@dataclass(frozen=True, slots=True)
+class AuthConfig:
+    users_file: str
+    mechanisms: tuple[str, ...]
+    require_tls: bool
+
+
+@dataclass(frozen=True, slots=True)
+class TlsConfig:
+    cert: str
+    key: str
+    require: bool
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryConfig:
+    smart_host: tuple[HostPort, ...]
+    smart_host_type: str
+    remote_port: int
+    retry: tuple[float, ...]
+    delay_notification: float
+    expiration: float
+    max_messages_per_connection: int
+    max_connections: int
+    max_connections_per_domain: int
+    timeout: float
+    tls: str
+    send_ndr_copy_to: str
+    suppress_xexch50_external: bool
+
+
+@dataclass(frozen=True, slots=True)
+class ResolverConfig:
+    nameservers: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorAuth:
+    user: str = ""
+    password_file: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectorConfig:
+    name: str
+    address_spaces: tuple[str, ...]
+    cost: int
+    smart_hosts: tuple[HostPort, ...]
+    use_helo: bool
+    tls: str
+    auth: ConnectorAuth
+    xexch50: bool
+
+
+@dataclass(frozen=True, slots=True)
+class CategorizerConfig:
+    reset_message_status: bool
+
+
+@dataclass(frozen=True, slots=True)
+class BadmailConfig:
+    max_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class AdminConfig:
+    listen: tuple[str, int] | None  # None: admin API off (listen = "")
+    token_file: str
+
+
+@dataclass(frozen=True, slots=True)
+class QueueConfig:
+    backend: str
+    dsn: str
+    node_id: str
+    lease: float
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    server: ServerConfig
+    extensions: ExtensionsConfig
+    domains: DomainsConfig
+    relay: RelayConfig
+    auth: AuthConfig
+    tls: TlsConfig
+    delivery: DeliveryConfig
+    resolver: ResolverConfig
+    connectors: tuple[ConnectorConfig, ...]
+    categorizer: CategorizerConfig
+    badmail: BadmailConfig
+    admin: AdminConfig
+    queue: QueueConfig
+    source: str  # the file read, or "<defaults>"
+    explicit_keys: frozenset[str] = field(default=frozenset())  # dotted keys set by file, env or CLI
+
+    @property
+    def local_domains(self) -> tuple[str, ...]:
+        """domains.local, or when empty the domain of server.hostname (the hostname minus its first label)."""
+        if self.domains.local:
+            return self.domains.local
+        host = self.server.hostname.lower().rstrip(".")
+        return (host.split(".", 1)[1] if "." in host else host,)
+
+    @property
+    def warnings(self) -> list[str]:
+        """`config check` warnings: keys set here whose feature is not built yet (see NOT_YET_EFFECTIVE)."""
+        return warnings_for(self.explicit_keys)
+
+
+# --------------------------------------------------------------------------------------------- errors
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigProblem:
+    """One problem: where (file, or ``$SMTPSVC__…`` for an env override; line when known), which key, what."""
+
+    file: str
+    line: int | None
+    key: str
+    problem: str
+
+    def __str__(self) -> str:
+        where = self.file if self.line is None else f"{self.file}:{self.line}"
+        return ": ".join(part for part in (where, self.key, self.problem) if part)
+
+
+class ConfigError(Exception):
+    """Every problem found in one load, in file order; ``str()`` is one ``file:line: key: problem`` a line."""
+
+    def __init__(self, problems: Sequence[ConfigProblem]) -> None:
+        self.problems: list[ConfigProblem] = list(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+# --------------------------------------------------------------------------------------------- value parsers
+
+_LABEL = r"[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?"
+_DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, bool):
+        return f"a boolean ({'true' if value else 'false'})"
+    if isinstance(value, int):
+        return f"an integer ({value})"
+    if isinstance(value, float):
+        return f"a float ({value})"
+    if isinstance(value, str):
+        shown = value if len(value) <= 60 else value[:57] + "..."
+        return f"a string ({json.dumps(shown, ensure_ascii=False)})"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _need_str(value: object, example: str = "") -> str:
+    if not isinstance(value, str):
+        hint = f" like {example}" if example else ""
+        raise ValueError(f"expected a string{hint}, got {_describe(value)}")
+    return value
+
+
+def _items(value: object, what: str) -> list[object]:
+    if not isinstance(value, list):
+        raise ValueError(f"expected an array of {what}, got {_describe(value)}")
+    return value
+
+
+def _each(value: object, what: str, convert: Callable[[Any], Any]) -> tuple[Any, ...]:
+    out = []
+    for number, item in enumerate(_items(value, what), 1):
+        try:
+            out.append(convert(item))
+        except ValueError as exc:
+            raise ValueError(f"item {number}: {exc}") from None
+    return tuple(out)
+
+
+def _port(text: str, *, allow_zero: bool = False) -> int:
+    low = 0 if allow_zero else 1
+    if not text.isascii() or not text.isdigit() or not low <= int(text) <= 65535:
+        raise ValueError(f'invalid port "{text}": expected a number from {low} to 65535')
+    return int(text)
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        ipaddress.IPv4Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def parse_domain(text: object, what: str = "domain") -> str:
+    """A DNS name, lower-cased, without a trailing dot; internationalised names become their xn-- form."""
+    raw = _need_str(text, '"example.com"')
+    name = raw.strip().rstrip(".").lower()
+    if not name.isascii():
+        try:
+            name = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ValueError(f'invalid {what} "{raw}"') from None
+    if len(name) > 253 or not _DOMAIN_RE.fullmatch(name):
+        raise ValueError(f'invalid {what} "{raw}": expected a DNS name like "example.com"')
+    return name
+
+
+def parse_address_space(text: object) -> str:
+    """A connector address space: ``*`` (everything else), ``*.example.com`` or ``example.com``."""
+    raw = _need_str(text, '"example.com" or "*.example.com" or "*"')
+    space = raw.strip()
+    if space == "*":
+        return space
+    if space.startswith("*."):
+        return "*." + parse_domain(space[2:], "address space")
+    return parse_domain(space, "address space")
+
+
+def parse_network(text: object) -> IPNetwork:
+    """A client network: CIDR (host bits are masked off) or a bare address (/32 or /128)."""
+    raw = _need_str(text, '"192.0.2.0/24"')
+    try:
+        return ipaddress.ip_network(raw.strip(), strict=False)
+    except ValueError:
+        raise ValueError(
+            f'invalid network "{raw}": expected an address or CIDR like "192.0.2.0/24"'
+        ) from None
+
+
+def parse_listen(text: object) -> tuple[str, int]:
+    """``"0.0.0.0:25"``, ``"[::1]:2525"`` or ``"localhost:2525"`` → (host, port); port 0 = any free port."""
+    raw = _need_str(text, '"0.0.0.0:25"')
+    value = raw.strip()
+    hint = 'expected HOST:PORT, e.g. "0.0.0.0:25" or "[::1]:2525"'
+    bracketed = re.fullmatch(r"\[([^\]]*)\]:(.*)", value)
+    if bracketed:
+        try:
+            host = str(ipaddress.IPv6Address(bracketed.group(1)))
+        except ValueError:
+            raise ValueError(f'invalid listen address "{raw}": [{bracketed.group(1)}] is not IPv6') from None
+        return host, _port(bracketed.group(2), allow_zero=True)
+    host, sep, port = value.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f'invalid listen address "{raw}": {hint}')
+    if ":" in host:
+        raise ValueError(f'invalid listen address "{raw}": write IPv6 addresses in brackets, e.g. "[::1]:25"')
+    if not _is_ipv4(host):
+        host = parse_domain(host, "listen host")
+    return host, _port(port, allow_zero=True)
+
+
+def format_listen(address: tuple[str, int]) -> str:
+    host, port = address
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def parse_host_port(text: object) -> HostPort:
+    """One smart host: ``host``, ``host:port``, ``[1.2.3.4]``, ``[1.2.3.4]:2525``, ``[IPv6:::1]:25``.
+
+    A bare IPv4 address counts as a literal (no DNS lookup), as if written in brackets.
+    """
+    raw = _need_str(text, '"relay.example.com:25" or "[192.0.2.1]"')
+    value = raw.strip()
+    if not value:
+        raise ValueError("empty host")
+    if value.startswith("["):
+        close = value.find("]")
+        if close < 0:
+            raise ValueError(f'invalid host "{raw}": missing "]"')
+        inner, rest = value[1:close], value[close + 1 :]
+        if inner[:5].lower() == "ipv6:":
+            inner = inner[5:]
+        try:
+            address = ipaddress.ip_address(inner)
+        except ValueError:
+            raise ValueError(f'invalid host "{raw}": [{inner}] is not an IP address literal') from None
+        if rest and not rest.startswith(":"):
+            raise ValueError(f'invalid host "{raw}": expected ":PORT" after "]"')
+        return HostPort(str(address), _port(rest[1:]) if rest else None, True)
+    try:
+        return HostPort(str(ipaddress.IPv6Address(value)), None, True)
+    except ValueError:
+        pass
+    host, sep, port = value.rpartition(":") if ":" in value else (value, "", "")
+    if ":" in host:
+        raise ValueError(f'invalid host "{raw}": write IPv6 literals as "[IPv6:2001:db8::1]:25"')
+    number = _port(port) if sep else None
+    if _is_ipv4(host):
+        return HostPort(host, number, True)
+    return HostPort(parse_domain(host, "host name"), number, False)
+
+
+def parse_smart_hosts(text: object) -> tuple[HostPort, ...]:
+    """``delivery.smart_host``: one or more hosts separated by ``;`` (empty string: none)."""
+    raw = _need_str(text, '"relay.example.com:25;[192.0.2.1]"')
+    hosts = []
+    for part in raw.split(";"):
+        if part.strip():
+            try:
+                hosts.append(parse_host_port(part))
+            except ValueError as exc:
+                raise ValueError(f'"{part.strip()}": {exc}') from None
+    return tuple(hosts)
+
+
+def parse_nameserver(text: object) -> tuple[str, int]:
+    """``"127.0.0.1"``, ``"127.0.0.1:5353"``, ``"::1"`` or ``"[::1]:5353"`` → (ip, port); default port 53."""
+    raw = _need_str(text, '"127.0.0.1:5353"')
+    value = raw.strip()
+    try:
+        return str(ipaddress.ip_address(value)), 53
+    except ValueError:
+        pass
+    bracketed = re.fullmatch(r"\[([^\]]*)\](?::(.*))?", value)
+    if bracketed:
+        host, port = bracketed.group(1), bracketed.group(2)
+    else:
+        host, _, port = value.rpartition(":")
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        raise ValueError(
+            f'invalid nameserver "{raw}": expected an IP address, optionally with :PORT'
+        ) from None
+    return str(address), 53 if port is None else _port(port)
+
+
+def _format_nameserver(server: tuple[str, int]) -> str:
+    host, port = server
+    if port == 53:
+        return host
+    return format_listen(server)
+
+
+def _bool(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"expected true or false, got {_describe(value)}")
+    return value
+
+
+def _str(value: object) -> str:
+    return _need_str(value)
+
+
+def _int(low: int, high: int | None = None) -> Callable[[object], int]:
+    def convert(value: object) -> int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"expected an integer, got {_describe(value)}")
+        if value < low or (high is not None and value > high):
+            bound = f"from {low} to {high}" if high is not None else f"at least {low}"
+            raise ValueError(f"must be {bound}, got {value}")
+        return value
+
+    return convert
+
+
+def _choice(*options: str) -> Callable[[object], str]:
+    def convert(value: object) -> str:
+        shown = ", ".join(f'"{o}"' for o in options)
+        if not isinstance(value, str) or value.strip().lower() not in options:
+            raise ValueError(f"expected one of {shown}, got {_describe(value)}")
+        return value.strip().lower()
+
+    return convert
+
+
+def _duration(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ValueError(f'expected a duration string like "30s", got {_describe(value)}')
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError(f'must be longer than 0, got "{value}"')
+    return seconds
+
+
+def _size(value: object) -> int:
+    if isinstance(value, float):
+        raise ValueError(f'expected bytes as an integer or a string like "100MB", got {_describe(value)}')
+    return parse_size(value)
+
+
+def _retry(value: object) -> tuple[float, ...]:
+    schedule = _each(value, 'durations like "15m"', _duration)
+    if not schedule:
+        raise ValueError('must not be empty; e.g. ["15m", "30m", "60m", "240m"] (the last repeats)')
+    return schedule
+
+
+def _hostname(value: object) -> str:
+    raw = _need_str(value, '"mail.example.com"')
+    if not raw.strip():
+        raise ValueError('must not be empty; e.g. "mail.example.com"')
+    parse_domain(raw, "host name")
+    return raw.strip().rstrip(".")
+
+
+def _root(value: object) -> Path:
+    text = _need_str(value, '"mailroot" or "/var/spool/smtpsvc"')
+    if not text.strip():
+        raise ValueError('must not be empty; e.g. "mailroot"')
+    return Path(text)
+
+
+def _optional_domain(value: object) -> str:
+    text = _need_str(value, '"example.com"')
+    return parse_domain(text) if text.strip() else ""
+
+
+def _listen_list(value: object) -> tuple[tuple[str, int], ...]:
+    if isinstance(value, str):  # one address is fine too (handy in SMTPSVC__SERVER__LISTEN)
+        return (parse_listen(value),)
+    listen = _each(value, 'addresses like "0.0.0.0:25"', parse_listen)
+    if not listen:
+        raise ValueError('must not be empty; e.g. ["0.0.0.0:25"]')
+    return listen
+
+
+def _admin_listen(value: object) -> tuple[str, int] | None:
+    text = _need_str(value, '"127.0.0.1:8025" (or "" for no admin API)')
+    return parse_listen(text) if text.strip() else None
+
+
+def _send_ndr_copy_to(value: object) -> str:
+    text = _need_str(value, '"postmaster@example.com"').strip()
+    if text and (text.count("@") != 1 or not all(text.split("@"))):
+        raise ValueError(f'invalid address "{text}": expected "user@domain" or ""')
+    return text
+
+
+def _mechanisms(value: object) -> tuple[str, ...]:
+    def one(item: object) -> str:
+        name = _need_str(item, '"PLAIN"').strip().upper()
+        if name not in ("PLAIN", "LOGIN"):
+            raise ValueError(f'unsupported mechanism "{item}"; supported: "PLAIN", "LOGIN"')
+        return name
+
+    return _each(value, 'mechanisms like "PLAIN"', one)
+
+
+def _suggest(word: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1)
+    return f'; did you mean "{close[0]}"?' if close else ""
+
+
+def _table(value: object, what: str, known: Sequence[str]) -> dict[str, object]:
+    if not isinstance(value, dict):
+        raise ValueError(f"expected {what}, got {_describe(value)}")
+    for key in value:
+        if key not in known:
+            raise ValueError(f'unknown key "{key}"{_suggest(key, known)} (known: {", ".join(known)})')
+    return value
+
+
+def _remote_domain(value: object) -> RemoteDomain:
+    table = _table(value, 'a table like { name = "partner.test", relay = true }', ("name", "relay", "route"))
+    if "name" not in table:
+        raise ValueError('missing "name"')
+    try:
+        return RemoteDomain(
+            name=parse_domain(table["name"]),
+            relay=_bool(table.get("relay", False)),
+            route=_str(table.get("route", "")).strip(),
+        )
+    except ValueError as exc:
+        raise ValueError(f"{table.get('name', '?')}: {exc}") from None
+
+
+def _remote_domains(value: object) -> tuple[RemoteDomain, ...]:
+    return _each(value, 'tables like { name = "partner.test", relay = true }', _remote_domain)
+
+
+def _connector_auth(value: object) -> ConnectorAuth:
+    table = _table(value, 'a table like { user = "", password_file = "" }', ("user", "password_file"))
+    return ConnectorAuth(user=_str(table.get("user", "")), password_file=_str(table.get("password_file", "")))
+
+
+def _connector_name(value: object) -> str:
+    name = _need_str(value, '"partners"').strip()
+    if not name:
+        raise ValueError("must not be empty")
+    return name
+
+
+def _address_spaces(value: object) -> tuple[str, ...]:
+    spaces = _each(value, 'domains like "partner.test"', parse_address_space)
+    if not spaces:
+        raise ValueError('must not be empty; e.g. ["partner.test", "*.partner.test"] or ["*"]')
+    return spaces
+
+
+# --------------------------------------------------------------------------------------------- the schema
+
+_COMPUTED = object()  # a default worked out at load time (hostname, node id)
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """One config key: its TOML default, how to parse it, how to show a parsed value back as TOML, its doc."""
+
+    name: str
+    default: object
+    parse: Callable[[Any], Any]
+    doc: str
+    iis: str = ""
+    show: Callable[[Any], Any] = _same
+    text: bool = False  # a plain string: an env override is taken verbatim unless it is a quoted TOML string
+
+
+def _k(
+    name: str,
+    default: object,
+    parse: Callable[[Any], Any],
+    doc: str,
+    iis: str = "",
+    show: Callable[[Any], Any] = _same,
+) -> _Key:
+    return _Key(name, default, parse, doc, iis, show, text=isinstance(default, str) or default is _COMPUTED)
+
+
+def _show_durations(values: tuple[float, ...]) -> list[str]:
+    return [format_duration(v) for v in values]
+
+
+_TLS_POLICIES = ("none", "opportunistic", "required")
+_smart_host_type = _choice("always", "after_direct")
+_tls_policy = _choice(*_TLS_POLICIES)
+_backend = _choice("local", "postgres")
+
+_SCHEMA: dict[str, tuple[_Key, ...]] = {
+    "server": (
+        _k(
+            "hostname",
+            _COMPUTED,
+            _hostname,
+            "name in the banner, EHLO, Received and DSNs; default: this machine's FQDN",
+            "FullyQualifiedDomainName",
+        ),
+        _k(
+            "root",
+            "mailroot",
+            _root,
+            "mailroot: pickup/, queue/, drop/, badmail/, log/ (relative to the working directory)",
+            show=str,
+        ),
+        _k(
+            "listen",
+            ["127.0.0.1:2525"],
+            _listen_list,
+            'addresses to accept SMTP on; production: ["0.0.0.0:25"]',
+            show=lambda v: [format_listen(a) for a in v],
+        ),
+        _k("max_connections", 1000, _int(1), "inbound sessions at once; past it: 421 4.7.0 and event 402"),
+        _k(
+            "connection_timeout",
+            "10m",
+            _duration,
+            "idle limit, and the deadline for one command line",
+            show=format_duration,
+        ),
+        _k("data_timeout", "10m", _duration, "limit for a whole DATA/BDAT transfer", show=format_duration),
+        _k(
+            "max_message_size",
+            2097152,
+            _size,
+            'bytes (or "2MB"); advertised as SIZE',
+            "MaxMessageSize",
+            show=format_size,
+        ),
+        _k(
+            "max_session_size",
+            10485760,
+            _size,
+            "bytes a session may send in all",
+            "MaxSessionSize",
+            show=format_size,
+        ),
+        _k("max_recipients", 100, _int(1), "per message; excess RCPT: 452 4.5.3", "MaxRecipients"),
+        _k("max_hop_count", 15, _int(1), "Received headers; past it: 554 5.4.6 at end of DATA (Pickup: NDR)"),
+        _k("max_errors", 10, _int(1), "bad commands per session before 421"),
+        _k("reverse_dns", False, _bool, '"unverified" in Received when the PTR does not match'),
+        _k(
+            "masquerade_domain",
+            "",
+            _optional_domain,
+            'domain that replaces the sender\'s in MAIL FROM; "" = off',
+        ),
+        _k(
+            "inbound_command_support_options",
+            verbmask.DEFAULT_MASK,
+            _int(0, verbmask.MAX_MASK),
+            "verb mask (SPEC 2.2); 3503297 stops advertising 8BITMIME (KB286673)",
+            "SmtpInboundCommandSupportOptions",
+        ),
+    ),
+    "extensions": tuple(
+        _k(
+            name,
+            default,
+            _bool,
+            f"overrides mask bit 0x{verbmask.MASK_CONTROLLED[name].bit:X} when set"
+            if name in verbmask.MASK_CONTROLLED
+            else "advertise " + verbmask.EHLO_KEYWORDS[name],
+        )
+        for name, default in verbmask.EXTENSION_DEFAULTS.items()
+    ),
+    "domains": (
+        _k(
+            "local",
+            [],
+            lambda v: _each(v, 'domains like "example.com"', parse_domain),
+            "default and alias local domains, delivered to drop/; [] = the domain of server.hostname",
+            show=list,
+        ),
+        _k(
+            "remote",
+            [],
+            _remote_domains,
+            'e.g. [{ name = "partner.test", relay = true, route = "partners" }]',
+            show=lambda v: [{"name": d.name, "relay": d.relay, "route": d.route} for d in v],
+        ),
+    ),
+    "relay": (
+        _k(
+            "allow",
+            ["127.0.0.1/32", "::1/128"],
+            lambda v: _each(v, 'networks like "192.0.2.0/24"', parse_network),
+            'client networks that may relay ("only the list below")',
+            show=lambda v: [str(n) for n in v],
+        ),
+        _k(
+            "deny",
+            [],
+            lambda v: _each(v, 'networks like "192.0.2.0/24"', parse_network),
+            "client networks that may never relay; checked first",
+            show=lambda v: [str(n) for n in v],
+        ),
+        _k("allow_authenticated", True, _bool, "authenticated clients may relay", "RelayForAuth"),
+    ),
+    "auth": (
+        _k("users_file", "users.toml", _str, "SMTP AUTH accounts, managed by `smtpsvc users` (hashes only)"),
+        _k("mechanisms", ["PLAIN", "LOGIN"], _mechanisms, "SASL mechanisms offered", show=list),
+        _k("require_tls", True, _bool, "AUTH offered only inside TLS; false allows it in plaintext"),
+    ),
+    "tls": (
+        _k("cert", "", _str, "PEM certificate (chain); STARTTLS is advertised only when set"),
+        _k("key", "", _str, 'PEM private key ("" = in the cert file)'),
+        _k("require", False, _bool, '"Require TLS encryption" for inbound mail'),
+    ),
+    "delivery": (
+        _k(
+            "smart_host",
+            "",
+            parse_smart_hosts,
+            '"host", "host:port" or "[1.2.3.4]:port"; several separated by ";"',
+            show=lambda v: ";".join(str(h) for h in v),
+        ),
+        _k(
+            "smart_host_type",
+            "always",
+            _smart_host_type,
+            '"always" (IIS 2) | "after_direct" (IIS 1: DNS first)',
+        ),
+        _k("remote_port", 25, _int(1, 65535), "port for outbound SMTP", "RemoteSmtpPort"),
+        _k(
+            "retry",
+            ["15m", "30m", "60m", "240m"],
+            _retry,
+            "retry intervals; the last repeats",
+            "SmtpRemoteProgressiveRetry",
+            show=_show_durations,
+        ),
+        _k(
+            "delay_notification",
+            "12h",
+            _duration,
+            "delay DSN after this long",
+            "SmtpRemoteDelayExpireMinutes",
+            show=format_duration,
+        ),
+        _k(
+            "expiration",
+            "2d",
+            _duration,
+            "NDR 4.4.7 after this long",
+            "SmtpRemoteNDRExpireMinutes",
+            show=format_duration,
+        ),
+        _k("max_messages_per_connection", 20, _int(1), "then reconnect", "MaxBatchedMessages"),
+        _k("max_connections", 1000, _int(1), "outbound connections at once", "MaxOutConnections"),
+        _k(
+            "max_connections_per_domain",
+            100,
+            _int(1),
+            "outbound connections to one domain",
+            "MaxOutConnectionsPerDomain",
+        ),
+        _k(
+            "timeout",
+            "10m",
+            _duration,
+            "limit for each outbound command's reply",
+            "RemoteTimeout",
+            show=format_duration,
+        ),
+        _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required"'),
+        _k(
+            "send_ndr_copy_to",
+            "",
+            _send_ndr_copy_to,
+            'address that gets a copy of every NDR; "" = none',
+            "SendNdrTo",
+        ),
+        _k(
+            "suppress_xexch50_external",
+            True,
+            _bool,
+            "never send XEXCH50 to external domains (we default it on)",
+            "SMTPSVC\\XEXCH50\\SuppressExternal",
+        ),
+    ),
+    "resolver": (
+        _k(
+            "nameservers",
+            [],
+            lambda v: _each(v, 'addresses like "127.0.0.1:5353"', parse_nameserver),
+            '["127.0.0.1:5353"]; [] = the system resolver',
+            show=lambda v: [_format_nameserver(s) for s in v],
+        ),
+    ),
+    "categorizer": (
+        _k(
+            "reset_message_status",
+            False,
+            _bool,
+            "re-categorize every queued message at start",
+            "ResetMessageStatus",
+        ),
+    ),
+    "badmail": (
+        _k(
+            "max_size",
+            "100MB",
+            _size,
+            "cap on the badmail folder; 0 = keep nothing",
+            "MaxBadMailFolderSize",
+            show=format_size,
+        ),
+    ),
+    "admin": (
+        _k(
+            "listen",
+            "127.0.0.1:8025",
+            _admin_listen,
+            'HTTP API, web queue viewer, /metrics, /healthz; "" = off',
+            show=lambda v: "" if v is None else format_listen(v),
+        ),
+        _k("token_file", "", _str, "bearer token required for changes; without it: loopback, read-only"),
+    ),
+    "queue": (
+        _k("backend", "local", _backend, '"local" (files under root/queue) | "postgres"'),
+        _k("dsn", "", _str, 'postgresql://... when backend = "postgres"'),
+        _k("node_id", _COMPUTED, _connector_name, "this node's name in a cluster; default: server.hostname"),
+        _k(
+            "lease", "30s", _duration, "how long a claimed delivery stays with one node", show=format_duration
+        ),
+    ),
+}
+
+_CONNECTOR_KEYS: tuple[_Key, ...] = (
+    _k("name", _COMPUTED, _connector_name, "route name (domains.remote route = ...)"),
+    _k("address_spaces", _COMPUTED, _address_spaces, '"*" = everything else', show=list),
+    _k("cost", 1, _int(0), "lowest available cost wins"),
+    _k(
+        "smart_hosts",
+        [],
+        lambda v: _each(v, 'hosts like "relay.partner.test:25"', parse_host_port),
+        "[] = route by MX",
+        show=lambda v: [str(h) for h in v],
+    ),
+    _k("use_helo", False, _bool, '"Send HELO instead of EHLO"'),
+    _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required"'),
+    _k(
+        "auth",
+        {"user": "", "password_file": ""},
+        _connector_auth,
+        "outbound AUTH on this route",
+        show=lambda v: {"user": v.user, "password_file": v.password_file},
+    ),
+    _k("xexch50", False, _bool, "send the XEXCH50 blob on this route (internal peers only)"),
+)
+_CONNECTOR_EXAMPLE: dict[str, object] = {
+    "name": "partners",
+    "address_spaces": ["partner.test", "*.partner.test"],
+}
+
+_SECTION_DOCS: dict[str, str] = {
+    "server": "inbound SMTP",
+    "extensions": "named switches; a key set here overrides the mask's bit, an unset one follows it",
+    "domains": "what is ours (drop/) and which remote domains we relay for",
+    "relay": "who may relay (SPEC 2.3: deny, then allow, then authenticated)",
+    "auth": "SMTP AUTH",
+    "tls": "inbound STARTTLS",
+    "delivery": "outbound SMTP",
+    "resolver": "DNS",
+    "connector": "Exchange SMTP connector / IIS remote domain; repeat [[connector]] for more",
+    "categorizer": "the pre-categorization and pre-routing stages",
+    "badmail": "what cannot be delivered or returned",
+    "admin": "the admin HTTP API",
+    "queue": "the spool",
+}
+_SECTION_ORDER = (
+    "server", "extensions", "domains", "relay", "auth", "tls", "delivery", "resolver", "connector",
+    "categorizer", "badmail", "admin", "queue",
+)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------- line numbers
+
+_BARE_KEY = r"[A-Za-z0-9_-]+"
+_KEY_PART = rf"""(?:"(?:[^"\\]|\\.)*"|'[^']*'|{_BARE_KEY})"""
+_HEADER_RE = re.compile(rf"\s*(\[\[?)\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*\]\]?\s*(?:#.*)?")
+_KEYLINE_RE = re.compile(rf"\s*({_KEY_PART}(?:\s*\.\s*{_KEY_PART})*)\s*=")
+_PART_RE = re.compile(rf""""((?:[^"\\]|\\.)*)"|'([^']*)'|({_BARE_KEY})""")
+
+
+def _key_path(text: str) -> list[str]:
+    return [a or b or c for a, b, c in _PART_RE.findall(text)]
+
+
+class _Locator:
+    """Finds the line of a key in TOML text: (section, array index or None, key) → 1-based line."""
+
+    def __init__(self, text: str) -> None:
+        self._lines: dict[tuple[str, int | None, str], int] = {}
+        table: list[str] = []
+        index: int | None = None
+        counts: dict[str, int] = {}
+        in_multiline = False
+        for number, line in enumerate(text.splitlines(), 1):
+            inside = in_multiline
+            if (line.count('"""') + line.count("'''")) % 2:
+                in_multiline = not in_multiline
+            if inside:
+                continue
+            header = _HEADER_RE.fullmatch(line)
+            if header:
+                table = _key_path(header.group(2))
+                if header.group(1) == "[[":
+                    counts[table[0]] = counts.get(table[0], 0) + 1
+                index = counts[table[0]] - 1 if table[0] in counts else None
+                self._remember((table[0], index, table[1] if len(table) > 1 else ""), number)
+                continue
+            keyline = _KEYLINE_RE.match(line)
+            if keyline:
+                path = table + _key_path(keyline.group(1))
+                where = (path[0], index if table else None, path[1] if len(path) > 1 else "")
+                if len(path) == 1:
+                    where = ("", None, path[0])
+                self._remember(where, number)
+
+    def _remember(self, where: tuple[str, int | None, str], number: int) -> None:
+        self._lines.setdefault(where, number)
+
+    def line(self, section: str, index: int | None, key: str) -> int | None:
+        for where in ((section, index, key), (section, index, ""), ("", None, section)):
+            if where in self._lines:
+                return self._lines[where]
+        return None
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def default_config_path(
+    env: Mapping[str, str], cwd: str | os.PathLike[str], cli_path: str | os.PathLike[str] | None = None
+) -> Path | None:
+    """SPEC 1.1: ``-c FILE``, else ``$SMTPSVC_CONFIG``, else ``./smtpsvc.toml`` when it exists, else None."""
+    if cli_path is not None and str(cli_path):
+        return Path(cwd, cli_path)
+    if env.get(CONFIG_ENV):
+        return Path(cwd, env[CONFIG_ENV])
+    candidate = Path(cwd, DEFAULT_FILE_NAME)
+    return candidate if candidate.is_file() else None
+
+
+class _Loader:
+    """Collects every problem while building the dataclasses; remembers where each key came from."""
+
+    def __init__(self, source: str, text: str) -> None:
+        self.source = source
+        self.locator = _Locator(text)
+        self.overridden: dict[tuple[str, str], str] = {}  # (section, key) → "$SMTPSVC__…" / "--root" / …
+        self.problems: list[ConfigProblem] = []
+        self.explicit: set[str] = set()
+        self.connector_names: set[str] = set()
+
+    def report(self, section: str, key: str, problem: str, index: int | None = None) -> None:
+        label = f"{section}[{index + 1}]" if index is not None else section
+        dotted = ".".join(part for part in (label, key) if part)
+        origin = self.overridden.get((section, key))
+        if origin is not None:
+            self.problems.append(ConfigProblem(origin, None, dotted, problem))
+        else:
+            self.problems.append(
+                ConfigProblem(self.source, self.locator.line(section, index, key), dotted, problem)
+            )
+
+    def unknown_keys(
+        self, section: str, table: Mapping[str, object], keys: Sequence[_Key], index: int | None
+    ) -> None:
+        known = [k.name for k in keys]
+        for name in table:
+            if name in known:
+                continue
+            elsewhere = [s for s, ks in _SCHEMA.items() if s != section and any(k.name == name for k in ks)]
+            hint = f"; it belongs in [{elsewhere[0]}]" if elsewhere else _suggest(name, known)
+            self.report(section, name, f'unknown key "{name}"{hint}', index)
+
+    def section(
+        self, section: str, table: Mapping[str, object], keys: Sequence[_Key], index: int | None = None
+    ) -> dict[str, Any]:
+        self.unknown_keys(section, table, keys, index)
+        values: dict[str, Any] = {}
+        for key in keys:
+            if key.name not in table:
+                values[key.name] = None if key.default is _COMPUTED else key.parse(key.default)
+                if key.default is _COMPUTED and index is not None:
+                    self.report(section, key.name, f'missing "{key.name}" (required in [[{section}]])', index)
+                continue
+            self.explicit.add(f"{section}.{key.name}")
+            try:
+                values[key.name] = key.parse(table[key.name])
+            except ValueError as exc:
+                self.report(section, key.name, str(exc), index)
+                values[key.name] = None if key.default is _COMPUTED else key.parse(key.default)
+        return values
+
+
+def _toml_error(source: str, text: str, exc: tomllib.TOMLDecodeError) -> ConfigProblem:
+    message = str(exc)
+    match = re.fullmatch(r"(.*) \(at line (\d+), column (\d+)\)", message, re.DOTALL)
+    if match:
+        return ConfigProblem(source, int(match.group(2)), "", f"{match.group(1)} (column {match.group(3)})")
+    match = re.fullmatch(r"(.*) \(at end of document\)", message, re.DOTALL)
+    if match:
+        return ConfigProblem(source, max(1, len(text.splitlines())), "", f"{match.group(1)} (at end of file)")
+    return ConfigProblem(source, None, "", message)
+
+
+def _read(path: Path) -> tuple[str, dict[str, Any]]:
+    source = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigProblem(source, None, "", f"cannot read the config file: {exc}")]) from None
+    try:
+        return text, tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([_toml_error(source, text, exc)]) from None
+
+
+def _env_value(raw: str, key: _Key | None) -> object:
+    """An override's value: TOML when it parses as one value (5, true, ["1s"]), else the plain string."""
+    try:
+        parsed = tomllib.loads(f"value = {raw}")
+    except tomllib.TOMLDecodeError:
+        return raw
+    if set(parsed) != {"value"}:
+        return raw
+    value = parsed["value"]
+    if key is not None and key.text and not isinstance(value, str):
+        return raw
+    return value
+
+
+def _apply_env(loader: _Loader, raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    for name in sorted(env):
+        if not name.upper().startswith(ENV_PREFIX):
+            continue
+        parts = name[len(ENV_PREFIX) :].lower().split("__")
+        dotted = ".".join(parts)
+        if len(parts) != 2 or not all(parts):
+            problem = "expected SMTPSVC__SECTION__KEY, e.g. SMTPSVC__SERVER__MAX_RECIPIENTS"
+            loader.problems.append(ConfigProblem(f"${name}", None, dotted, problem))
+            continue
+        section, key = parts
+        if section == "connector":
+            problem = "[[connector]] tables cannot be set from the environment; use the config file"
+            loader.problems.append(ConfigProblem(f"${name}", None, dotted, problem))
+            continue
+        if section not in _SCHEMA:
+            problem = f'unknown section "{section}"{_suggest(section, _SECTION_ORDER)}'
+            loader.problems.append(ConfigProblem(f"${name}", None, dotted, problem))
+            continue
+        keys = {k.name: k for k in _SCHEMA[section]}
+        if key not in keys:
+            problem = f'unknown key "{key}"{_suggest(key, keys)}'
+            loader.problems.append(ConfigProblem(f"${name}", None, dotted, problem))
+            continue
+        table = raw.setdefault(section, {})
+        if isinstance(table, dict):
+            table[key] = _env_value(env[name], keys[key])
+            loader.overridden[(section, key)] = f"${name}"
+
+
+def _check_sections(loader: _Loader, raw: Mapping[str, object]) -> None:
+    every_key = {k.name: s for s, keys in _SCHEMA.items() for k in keys}
+    for name, value in raw.items():
+        if name == "connector" or (name in _SCHEMA and isinstance(value, dict)):
+            continue
+        if name in _SCHEMA:
+            loader.report(name, "", f"expected a table [{name}], got {_describe(value)}")
+        elif not isinstance(value, dict) and name in every_key:
+            loader.report(
+                "", name, f'unknown key "{name}" outside any section; it belongs in [{every_key[name]}]'
+            )
+        else:
+            loader.report(name, "", f'unknown section "{name}"{_suggest(name, _SECTION_ORDER)}')
+
+
+def _connectors(loader: _Loader, value: object) -> tuple[ConnectorConfig, ...]:
+    if isinstance(value, dict):
+        loader.report("connector", "", "write [[connector]] (an array of tables), not [connector]")
+        return ()
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        loader.report("connector", "", f"expected [[connector]] tables, got {_describe(value)}")
+        return ()
+    connectors: list[ConnectorConfig] = []
+    for index, table in enumerate(value):
+        values = loader.section("connector", table, _CONNECTOR_KEYS, index)
+        name = values["name"]
+        if name in loader.connector_names:
+            loader.report("connector", "name", f'duplicate connector name "{name}"', index)
+        if name is not None:
+            loader.connector_names.add(name)
+        if name is not None and values["address_spaces"] is not None:
+            connectors.append(ConnectorConfig(**values))
+    if value:
+        loader.explicit.add("connector")
+    return tuple(connectors)
+
+
+def _cross_checks(loader: _Loader, cfg: Config) -> None:
+    if cfg.queue.backend == "postgres":
+        loader.report(
+            "queue", "backend", 'queue.backend = "postgres" is not available in this version; use "local"'
+        )
+    if cfg.tls.require and not cfg.tls.cert:
+        loader.report(
+            "tls", "require", "tls.require = true needs tls.cert (STARTTLS cannot be offered without it)"
+        )
+    if cfg.tls.key and not cfg.tls.cert:
+        loader.report("tls", "key", "tls.key is set but tls.cert is empty")
+    routes = loader.connector_names
+    for domain in cfg.domains.remote:
+        if domain.route and domain.route not in routes:
+            known = f"; known: {', '.join(sorted(routes))}" if routes else "; there is no [[connector]]"
+            loader.report(
+                "domains", "remote", f'{domain.name}: route "{domain.route}" names no [[connector]]{known}'
+            )
+
+
+def load_config(
+    path: str | os.PathLike[str] | None,
+    env: Mapping[str, str] | None = None,
+    root_override: str | None = None,
+    listen_override: Sequence[str] | None = None,
+) -> Config:
+    """Read ``path`` (None: built-in defaults), apply env and CLI overrides, validate, build the Config.
+
+    ``env`` None means ``os.environ``; pass ``{}`` for none. Raises ConfigError with every problem found.
+    """
+    environment = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is None:
+        source, text = DEFAULTS_SOURCE, ""
+    else:
+        source = str(path)
+        text, raw = _read(Path(path))
+    loader = _Loader(source, text)
+    _apply_env(loader, raw, environment)
+    if root_override is not None:
+        raw.setdefault("server", {})["root"] = root_override
+        loader.overridden[("server", "root")] = "--root"
+    if listen_override:
+        raw.setdefault("server", {})["listen"] = list(listen_override)
+        loader.overridden[("server", "listen")] = "--listen"
+    _check_sections(loader, raw)
+
+    def table(name: str) -> dict[str, Any]:
+        value = raw.get(name, {})
+        return loader.section(name, value if isinstance(value, dict) else {}, _SCHEMA[name])
+
+    server = table("server")
+    server["hostname"] = server["hostname"] or socket.getfqdn()
+    explicit = {k: v for k, v in table("extensions").items() if f"extensions.{k}" in loader.explicit}
+    mask = server["inbound_command_support_options"]
+    queue = table("queue")
+    queue["node_id"] = queue["node_id"] or server["hostname"]
+    domains = DomainsConfig(**table("domains"))
+    if any(d.route for d in domains.remote):
+        loader.explicit.add("domains.remote.route")
+    connectors = _connectors(loader, raw.get("connector", []))
+    cfg = Config(
+        server=ServerConfig(**server),
+        extensions=ExtensionsConfig(
+            mask=mask,
+            explicit=MappingProxyType(explicit),
+            resolved=MappingProxyType(verbmask.effective_extensions(mask, explicit)),
+        ),
+        domains=domains,
+        relay=RelayConfig(**table("relay")),
+        auth=AuthConfig(**table("auth")),
+        tls=TlsConfig(**table("tls")),
+        delivery=DeliveryConfig(**table("delivery")),
+        resolver=ResolverConfig(**table("resolver")),
+        connectors=connectors,
+        categorizer=CategorizerConfig(**table("categorizer")),
+        badmail=BadmailConfig(**table("badmail")),
+        admin=AdminConfig(**table("admin")),
+        queue=QueueConfig(**queue),
+        source=source,
+        explicit_keys=frozenset(loader.explicit),
+    )
+    _cross_checks(loader, cfg)
+    if loader.problems:
+        ordered = sorted(loader.problems, key=lambda p: (p.file != source, p.line is None, p.line or 0))
+        raise ConfigError(ordered)
+    return cfg
+
+
+def warnings_for(keys: Iterable[str]) -> list[str]:
+    """For `config check`: a line per set key (e.g. ``Config.explicit_keys``) whose feature is not built."""
+    return [
+        f"{key}: accepted but not yet in effect"
+        for key in sorted(set(keys))
+        if any(fnmatch.fnmatchcase(key, pattern) for pattern in NOT_YET_EFFECTIVE)
+    ]
+
+
+# --------------------------------------------------------------------------------------------- rendering
+
+
+def _toml_key(name: str) -> str:
+    return name if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", name) else json.dumps(name)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        if not value:
+            return "{}"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot render {value!r} as TOML")
+
+
+def _doc_line(key: _Key) -> str:
+    return f"# {key.doc}" + (f" ({key.iis})" if key.iis else "")
+
+
+def render_example() -> str:
+    """The commented example: every key with its default, commented out (remove the ``#`` to set one).
+
+    Doc lines start with ``# ``; setting lines with ``#`` and no space, so removing that one character from
+    every setting line yields a file that loads to the defaults plus one example connector.
+    """
+    hostname = socket.getfqdn()
+    dynamic = {("server", "hostname"): hostname, ("queue", "node_id"): hostname}
+    out = [
+        "# smtpsvc.toml: every key is optional; the values shown are the defaults.",
+        "# Durations are strings with a unit (500ms, 30s, 15m, 12h, 2d);",
+        "# sizes are integers (bytes) or strings with KB, MB or GB (1KB = 1024 bytes).",
+        "# Environment variables SMTPSVC__SECTION__KEY=value override this file.",
+    ]
+    for section in _SECTION_ORDER:
+        out += ["", f"# {_SECTION_DOCS[section]}"]
+        if section == "connector":
+            out.append("#[[connector]]")
+            for key in _CONNECTOR_KEYS:
+                value = _CONNECTOR_EXAMPLE.get(key.name, key.default)
+                out += [_doc_line(key), f"#{_toml_key(key.name)} = {_toml_value(value)}"]
+            continue
+        out.append(f"[{section}]")
+        for key in _SCHEMA[section]:
+            value = dynamic.get((section, key.name), key.default)
+            out += [_doc_line(key), f"#{_toml_key(key.name)} = {_toml_value(value)}"]
+    return "\n".join(out) + "\n"
+
+
+def _section_lines(keys: Sequence[_Key], obj: object) -> list[str]:
+    return [f"{_toml_key(k.name)} = {_toml_value(k.show(getattr(obj, k.name)))}" for k in keys]
+
+
+def render_effective(cfg: Config) -> str:
+    """The effective configuration as TOML (it loads back to the same values), the verb mask decoded."""
+    out = [f"# effective configuration; source: {cfg.source}"]
+    for section in _SECTION_ORDER:
+        if section == "connector":
+            for connector in cfg.connectors:
+                out += ["", "[[connector]]", *_section_lines(_CONNECTOR_KEYS, connector)]
+            continue
+        out += ["", f"[{section}]"]
+        if section == "extensions":
+            explicit = cfg.extensions.explicit
+            out += [f"{_toml_key(name)} = {_toml_value(value)}" for name, value in explicit.items()]
+            table = verbmask.render(cfg.extensions.mask, explicit)
+            out += ["# " + line if line else "#" for line in table.splitlines()]
+            continue
+        if section == "server":
+            sizes = (cfg.server.max_message_size, cfg.server.max_session_size)
+            out.append(f"# max_message_size = {sizes[0]} bytes, max_session_size = {sizes[1]} bytes")
+        out += _section_lines(_SCHEMA[section], getattr(cfg, section))
+    return "\n".join(out) + "\n"

@@ -1,0 +1,309 @@
+"""The scheduler ("qmgr"): takes due messages from the queue, routes each pending recipient afresh,
+delivers each route group (Drop or SMTP), records per-recipient results, and decides what follows:
+retry on the schedule, expiry (4.4.7), an NDR to the sender, or Badmail when even the NDR cannot go.
+
+Routing is re-run at every attempt from the current config, so a config change re-routes queued mail.
+One message is one task; at most `delivery.max_connections` messages are in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from smtpsvc import dsn, events
+from smtpsvc.config import Config
+from smtpsvc.delivery import smtp
+from smtpsvc.delivery.drop import write_drop_file
+from smtpsvc.delivery.schedule import expired, next_attempt_time
+from smtpsvc.events import EventLog
+from smtpsvc.folders.badmail import write_badmail
+from smtpsvc.ingest import EnvelopeFields, Ingest
+from smtpsvc.model import Attempt, DeliveryResult, Envelope, Recipient, RecipientState, Route, Source
+from smtpsvc.queue.base import QueueError
+from smtpsvc.queue.local import LocalSpool
+from smtpsvc.routing.categorizer import route_for
+from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
+
+HISTORY_KEPT = 20              # attempts remembered per recipient
+HEADER_READ_LIMIT = 256 * 1024  # how much of a message we read to find its header block for a report
+EXPIRED_TEXT = ("Could not deliver the message in the time limit specified. Please retry or contact your "
+                "administrator.")
+INTERNAL_RETRY = 300.0         # back-off after an unexpected internal error
+
+
+class Scheduler:
+    def __init__(self, queue: LocalSpool, config: Config, ingest: Ingest, event_log: EventLog,
+                 resolver: MxResolver, drop_dir: Path, badmail_dir: Path,
+                 rng: random.Random | None = None) -> None:
+        self.queue = queue
+        self.config = config
+        self.ingest = ingest
+        self.events = event_log
+        self.resolver = resolver
+        self.drop_dir = drop_dir
+        self.badmail_dir = badmail_dir
+        self.rng = rng or random.Random()
+        self._wake = asyncio.Event()
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.transcripts: dict[str, list[str]] = {}   # last SMTP transcript per queue id (in memory for now)
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def inflight(self) -> int:
+        return len(self._inflight)
+
+    async def run(self) -> None:
+        limit = max(1, self.config.delivery.max_connections)
+        while not self._stopping:
+            self._wake.clear()
+            now = time.time()
+            free = limit - len(self._inflight)
+            if free > 0:
+                for envelope in self.queue.lease(now, free):
+                    task = asyncio.get_running_loop().create_task(self._process_guarded(envelope))
+                    self._inflight.add(task)
+                    task.add_done_callback(self._done)
+            due = self.queue.next_due()
+            timeout = None if due is None or free <= 0 else max(0.0, due - time.time())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        self._inflight.discard(task)
+        self._wake.set()
+
+    async def stop(self, grace: float) -> None:
+        """Stop leasing; give in-flight deliveries `grace` seconds, then cancel (they are retried later)."""
+        self._stopping = True
+        self._wake.set()
+        if self._inflight:
+            _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _process_guarded(self, envelope: Envelope) -> None:
+        try:
+            await self.process(envelope)
+        except asyncio.CancelledError:
+            self.queue.release(envelope.id)
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad message must not stop delivery of the rest
+            for rcpt in envelope.pending:
+                rcpt.next_attempt = time.time() + INTERNAL_RETRY
+                rcpt.last_reply = f"internal error: {type(exc).__name__}: {exc}"
+            self.events.emit(events.Event(
+                events.REMOTE_DOMAIN_FAILED, f"Internal error while delivering: {type(exc).__name__}: {exc}",
+                queue_id=envelope.id, cause="internal-error"))
+            with contextlib.suppress(QueueError):
+                await self.queue.save(envelope)
+            self.queue.release(envelope.id)
+
+    # -- one message ---------------------------------------------------------------------------------
+    async def process(self, envelope: Envelope) -> None:
+        groups: dict[Route, list[Recipient]] = {}
+        for rcpt in envelope.pending:
+            route = route_for(rcpt.address, self.config)
+            rcpt.route = route.link
+            groups.setdefault(route, []).append(rcpt)
+        outcomes = await asyncio.gather(*(self._deliver_group(envelope, route, rcpts)
+                                          for route, rcpts in groups.items()))
+        now = time.time()
+        by_address = {r.address: r for r in envelope.pending}
+        newly_failed: list[Recipient] = []
+        for results in outcomes:
+            for result in results:
+                rcpt = by_address[result.address]
+                self._record(envelope, rcpt, result, now)
+                if rcpt.state is RecipientState.FAILED:
+                    newly_failed.append(rcpt)
+        cfg = self.config.delivery
+        for rcpt in envelope.pending:
+            if expired(now, envelope.received_at, cfg.expiration):
+                rcpt.state = RecipientState.FAILED
+                rcpt.status = "4.4.7"
+                rcpt.last_reply = f"{EXPIRED_TEXT} Last error: {rcpt.last_reply}" if rcpt.last_reply \
+                    else EXPIRED_TEXT
+                newly_failed.append(rcpt)
+                self.events.emit(events.Event(
+                    events.NDR_SENT, f"Message to {rcpt.address} expired after {rcpt.attempts} attempts",
+                    queue_id=envelope.id, domain=rcpt.domain, status="4.4.7", cause="expired",
+                    track=(f"to=<{rcpt.address}>, relay=none, delay={now - envelope.received_at:.2f}, "
+                           f"dsn=4.4.7, status=expired ({rcpt.last_reply})")))
+        if newly_failed:
+            await self._report_failures(envelope, newly_failed)
+        if envelope.pending:
+            await self.queue.save(envelope)
+        else:
+            await self.queue.complete(envelope.id)
+            self.transcripts.pop(envelope.id, None)
+
+    def _record(self, envelope: Envelope, rcpt: Recipient, result: DeliveryResult, now: float) -> None:
+        rcpt.attempts += 1
+        rcpt.last_reply = result.reply
+        rcpt.status = result.status
+        rcpt.remote_mta = result.remote_mta
+        rcpt.history.append(Attempt(now, result.reply, result.remote_mta))
+        del rcpt.history[:-HISTORY_KEPT]
+        delay = now - envelope.received_at
+        track = (f"to=<{rcpt.address}>, relay={result.remote_mta or 'none'}, delay={delay:.2f}, "
+                 f"dsn={result.status}, status=%s ({result.reply})")
+        if result.ok:
+            rcpt.state = RecipientState.DELIVERED
+            self.events.emit(events.Event(events.MESSAGE_DELIVERED, f"Message delivered to {rcpt.address}",
+                                          queue_id=envelope.id, domain=rcpt.domain, host=result.remote_mta,
+                                          status=result.status, track=track % "sent"))
+        elif result.permanent:
+            rcpt.state = RecipientState.FAILED
+            self.events.emit(events.Event(events.NDR_SENT, f"Delivery to {rcpt.address} failed permanently: {result.reply}",
+                                          queue_id=envelope.id, domain=rcpt.domain, host=result.remote_mta,
+                                          status=result.status, track=track % "bounced"))
+        else:
+            cfg = self.config.delivery
+            rcpt.next_attempt = next_attempt_time(now, rcpt.attempts, envelope.received_at, cfg.expiration,
+                                                  cfg.retry, self.rng)
+
+    # -- delivery per route --------------------------------------------------------------------------
+    async def _deliver_group(self, envelope: Envelope, route: Route,
+                             rcpts: list[Recipient]) -> list[DeliveryResult]:
+        if route.kind == "drop":
+            return await self._deliver_drop(envelope, rcpts)
+        return await self._deliver_smtp(envelope, route, rcpts)
+
+    async def _deliver_drop(self, envelope: Envelope, rcpts: list[Recipient]) -> list[DeliveryResult]:
+        addresses = [r.address for r in rcpts]
+        try:
+            path = await asyncio.to_thread(write_drop_file, self.drop_dir, envelope.id, envelope.sender,
+                                           addresses, self.queue.message_path(envelope.id))
+        except OSError as exc:
+            # Disk full and the like: a transient local failure, never a loss (SPEC 2.6).
+            reply = f"451 4.3.1 Cannot write to the Drop folder: {exc.strerror or exc}"
+            return [DeliveryResult(a, ok=False, permanent=False, reply=reply, status="4.3.1",
+                                   remote_mta="drop") for a in addresses]
+        reply = f"250 2.0.0 Delivered to the Drop folder as {path.name}"
+        return [DeliveryResult(a, ok=True, permanent=False, reply=reply, status="2.0.0", remote_mta="drop")
+                for a in addresses]
+
+    async def _deliver_smtp(self, envelope: Envelope, route: Route,
+                            rcpts: list[Recipient]) -> list[DeliveryResult]:
+        domain = route.mx_domain or rcpts[0].domain
+        try:
+            hops = await self._next_hops(route)
+        except DnsError as exc:
+            # A smart host that DNS cannot find is our configuration mistake, not the recipient's:
+            # retry (and let the operator fix it) rather than bounce everything at once.
+            permanent = exc.permanent and not route.hosts
+            status = exc.status if permanent or not exc.permanent else "4.4.9"
+            self.events.emit(events.Event(
+                events.REMOTE_DOMAIN_FAILED, events.remote_domain_failed_text(domain, exc.text),
+                queue_id=envelope.id, domain=domain, status=status, cause=exc.cause))
+            reply = f"{'550' if permanent else '451'} {status} {exc.text} ({exc})"
+            return [DeliveryResult(r.address, ok=False, permanent=permanent, reply=reply, status=status)
+                    for r in rcpts]
+        cfg = self.config.delivery
+        outcome = await smtp.deliver(hops, envelope, rcpts, self.queue.message_path(envelope.id),
+                                     hostname=self.config.server.hostname, timeout=cfg.timeout,
+                                     connect_timeout=min(cfg.timeout, 30.0))
+        self.transcripts[envelope.id] = outcome.transcript
+        for failure in outcome.host_failures:
+            self.events.emit(events.Event(
+                events.REMOTE_HOST_FAILED,
+                events.remote_host_failed_text(failure.host, domain, failure.reason),
+                queue_id=envelope.id, domain=domain, host=failure.host,
+                cause="connection-dropped" if failure.reason == smtp.DROPPED else "host-unavailable"))
+        if outcome.results and all(not r.ok and not r.permanent for r in outcome.results):
+            reason = outcome.host_failures[-1].reason if outcome.host_failures else outcome.results[0].reply
+            self.events.emit(events.Event(
+                events.REMOTE_DOMAIN_FAILED, events.remote_domain_failed_text(domain, reason),
+                queue_id=envelope.id, domain=domain, status=outcome.results[0].status,
+                cause="connection-dropped" if reason == smtp.DROPPED else "transient-reply"))
+        return outcome.results
+
+    async def _next_hops(self, route: Route) -> list[NextHop]:
+        if route.hosts:
+            hops: list[NextHop] = []
+            last_error: DnsError | None = None
+            for host, port in route.hosts:
+                try:
+                    hops.extend(await self.resolver.resolve_host(host, port))
+                except DnsError as exc:
+                    last_error = exc
+            if not hops and last_error is not None:
+                raise last_error
+            return hops
+        return await self.resolver.resolve_mx(route.mx_domain, route.port)
+
+    # -- reports -------------------------------------------------------------------------------------
+    async def _report_failures(self, envelope: Envelope, failed: Sequence[Recipient]) -> None:
+        if not envelope.sender:
+            await self._to_badmail(envelope, failed)
+            return
+        reported = [r for r in failed if dsn.should_report(envelope, r, "failure")]
+        if not reported:
+            return
+        message = await asyncio.to_thread(self._build_report, envelope, reported)
+        report = await self.ingest.submit_bytes(message, EnvelopeFields(
+            sender="", recipients=[Recipient(address=envelope.sender)], source=Source.DSN,
+            dsn_kind="failure", original_id=envelope.id))
+        self.events.emit(events.Event(
+            events.NDR_SENT,
+            f"Non-delivery report {report.id} sent to {envelope.sender} for "
+            + ", ".join(r.address for r in reported),
+            queue_id=envelope.id, status=reported[0].status))
+
+    def _build_report(self, envelope: Envelope, failed: Sequence[Recipient]) -> bytes:
+        path = self.queue.message_path(envelope.id)
+        body: bytes | None = None
+        if envelope.ret == "FULL":
+            whole = path.read_bytes()
+            end = dsn.header_block_end(whole)
+            headers, body = (whole[:end], whole[end:]) if end is not None else (whole, b"")
+        else:
+            with open(path, "rb") as fh:
+                headers = dsn.split_headers(fh.read(HEADER_READ_LIMIT))
+        hostname = self.config.server.hostname
+        return dsn.build_report(
+            reporting_mta=hostname,
+            original=envelope,
+            original_headers=headers,
+            original_body=body,
+            recipients=[dsn.ReportedRecipient(
+                address=r.address, action="failed", status=r.status or "5.0.0", diagnostic=r.last_reply,
+                remote_mta=_host_name(r.remote_mta), orcpt=r.orcpt,
+                last_attempt=r.history[-1].time if r.history else None) for r in failed],
+            kind="failure",
+            now=time.time(),
+            message_id_domain=hostname,
+            postmaster=f"postmaster@{hostname}",
+        )
+
+    async def _to_badmail(self, envelope: Envelope, failed: Sequence[Recipient]) -> None:
+        reasons = [f"Unable to deliver this message because the following error was encountered: "
+                   f"This message is a delivery status notification that cannot be delivered. "
+                   f"Recipient {r.address}: {r.status} {r.last_reply}" for r in failed]
+        try:
+            path = await asyncio.to_thread(write_badmail, self.badmail_dir, envelope.id,
+                                           self.queue.message_path(envelope.id), reasons, envelope.to_json(),
+                                           self.config.badmail.max_size)
+        except OSError as exc:
+            self.events.emit(events.Event(events.BADMAIL_WRITTEN,
+                                          f"Cannot write to the Badmail folder: {exc}", queue_id=envelope.id))
+            return
+        where = f"written to Badmail as {path.name}" if path else "discarded (badmail.max_size = 0)"
+        self.events.emit(events.Event(
+            events.BADMAIL_WRITTEN, f"Undeliverable report {envelope.id} {where}",
+            queue_id=envelope.id, status=failed[0].status))
+
+
+def _host_name(remote_mta: str) -> str:
+    """"mx.example.test[127.0.0.1]:25" → "mx.example.test" for the Remote-MTA field."""
+    return remote_mta.split("[", 1)[0] if remote_mta and remote_mta != "drop" else ""

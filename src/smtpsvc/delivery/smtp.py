@@ -1,0 +1,248 @@
+"""Outbound SMTP: one delivery attempt of one message to one next hop (smart host or MX list).
+
+Drives the sans-I/O `ClientConnection` over asyncio streams: greeting, EHLO (HELO when EHLO is refused),
+MAIL and RCPT pipelined when the peer offers PIPELINING, one reply per RCPT tracked, DATA streamed from the
+spool file with dot-stuffing, QUIT. Hosts are tried in order; a host that cannot be reached, or greets with
+an error, passes the attempt to the next one. Every recipient ends with a DeliveryResult whose `permanent`
+bit is what the scheduler acts on. The conversation is kept as a transcript for diagnosis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smtpsvc.model import DeliveryResult, Envelope, Recipient
+from smtpsvc.protocol import (
+    NEED_DATA,
+    Capabilities,
+    ClientConnection,
+    ConnectionClosed,
+    RemoteProtocolError,
+    Reply,
+    ServerReply,
+    mail_arg,
+    rcpt_arg,
+)
+from smtpsvc.routing.mx import NextHop
+
+READ_SIZE = 64 * 1024
+BODY_CHUNK = 256 * 1024
+
+DROPPED = "The connection was dropped by the remote host."
+CANNOT_CONNECT = "The remote server did not respond to a connection attempt."
+
+
+@dataclass(slots=True)
+class HopFailure:
+    """This host could not take the message at all; the next host may."""
+
+    host: str                  # "name[ip]:port"
+    reason: str                # IIS-worded reason for events 4006/4000
+    reply: str = ""            # the reply that caused it, if any
+    permanent: bool = False    # a 5xx greeting/EHLO/MAIL for the whole transaction
+
+
+@dataclass(slots=True)
+class SmtpOutcome:
+    results: list[DeliveryResult] = field(default_factory=list)
+    host_failures: list[HopFailure] = field(default_factory=list)
+    transcript: list[str] = field(default_factory=list)
+
+
+class _Dropped(Exception):
+    pass
+
+
+class _Peer:
+    """A connected next hop: reads replies with a deadline, records the conversation."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float,
+                 transcript: list[str]) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.timeout = timeout
+        self.conn = ClientConnection()
+        self.transcript = transcript
+        self._t0 = time.monotonic()
+
+    def log(self, direction: str, text: str) -> None:
+        self.transcript.append(f"{time.monotonic() - self._t0:8.3f} {direction} {text}")
+
+    def command(self, verb: str, arg: str = "") -> None:
+        self.writer.write(self.conn.send_command(verb, arg))
+        self.log(">", f"{verb} {arg}".rstrip())
+
+    async def reply(self) -> Reply:
+        while True:
+            try:
+                event = self.conn.next_event()
+            except RemoteProtocolError as exc:
+                self.log("!", f"protocol error: {exc}")
+                raise _Dropped from exc
+            if isinstance(event, ServerReply):
+                for line in str(event.reply).split("\n"):
+                    self.log("<", line)
+                return event.reply
+            if isinstance(event, ConnectionClosed):
+                self.log("!", "connection closed by peer")
+                raise _Dropped
+            assert event is NEED_DATA
+            try:
+                await self.writer.drain()
+                data = await asyncio.wait_for(self.reader.read(READ_SIZE), self.timeout)
+            except TimeoutError:
+                self.log("!", f"no reply within {self.timeout:g}s")
+                raise _Dropped from None
+            except (ConnectionError, OSError) as exc:
+                self.log("!", f"connection error: {exc}")
+                raise _Dropped from exc
+            self.conn.receive_data(data)
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.writer.close()
+            await asyncio.wait_for(self.writer.wait_closed(), 2)
+
+
+async def deliver(hops: Sequence[NextHop], envelope: Envelope, recipients: Sequence[Recipient],
+                  message_path: Path, *, hostname: str, timeout: float,
+                  connect_timeout: float = 30.0) -> SmtpOutcome:
+    """Try each next hop in turn until one gives per-recipient answers; else every recipient is transient."""
+    outcome = SmtpOutcome()
+    for hop in hops:
+        result = await _attempt(hop, envelope, recipients, message_path, hostname, timeout, connect_timeout,
+                                outcome.transcript)
+        if isinstance(result, HopFailure):
+            outcome.host_failures.append(result)
+            if result.permanent:
+                outcome.results = [_result(r.address, result.reply, result.host, permanent=True)
+                                   for r in recipients]
+                return outcome
+            continue
+        outcome.results = result
+        return outcome
+    reason = outcome.host_failures[-1].reason if outcome.host_failures else "no next hop"
+    last = outcome.host_failures[-1] if outcome.host_failures else None
+    outcome.results = [
+        DeliveryResult(r.address, ok=False, permanent=False, reply=(last.reply if last and last.reply else reason),
+                       status="4.4.1" if not (last and last.reply) else _status(last.reply, "4.4.1"),
+                       remote_mta=last.host if last else "")
+        for r in recipients
+    ]
+    return outcome
+
+
+async def _attempt(hop: NextHop, envelope: Envelope, recipients: Sequence[Recipient], message_path: Path,
+                   hostname: str, timeout: float, connect_timeout: float,
+                   transcript: list[str]) -> list[DeliveryResult] | HopFailure:
+    label = f"{hop.host}[{hop.address}]:{hop.port}"
+    transcript.append(f"--- {label}")
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(hop.address, hop.port, limit=READ_SIZE),
+                                                connect_timeout)
+    except (TimeoutError, OSError) as exc:
+        transcript.append(f"   ! connect failed: {exc or type(exc).__name__}")
+        return HopFailure(label, CANNOT_CONNECT)
+    peer = _Peer(reader, writer, timeout, transcript)
+    try:
+        return await _transaction(peer, label, envelope, recipients, message_path, hostname)
+    except _Dropped:
+        return HopFailure(label, DROPPED)
+    finally:
+        await peer.close()
+
+
+async def _transaction(peer: _Peer, label: str, envelope: Envelope, recipients: Sequence[Recipient],
+                       message_path: Path, hostname: str) -> list[DeliveryResult] | HopFailure:
+    greeting = await peer.reply()
+    if not greeting.is_positive:
+        return HopFailure(label, f"The remote server refused the connection: {greeting}", str(greeting))
+    peer.command("EHLO", hostname)
+    hello = await peer.reply()
+    caps = Capabilities.from_ehlo(hello) if hello.is_positive else None
+    if not hello.is_positive:
+        if hello.is_transient:
+            return HopFailure(label, f"The remote server answered EHLO with {hello}", str(hello))
+        peer.command("HELO", hostname)  # EHLO refused: an old or minimal server (KB818222 method 2)
+        hello = await peer.reply()
+        if not hello.is_positive:
+            return HopFailure(label, f"The remote server refused HELO: {hello}", str(hello))
+
+    size = message_path.stat().st_size
+    params: dict[str, str | None] = {}
+    if caps is not None:
+        if caps.size_limit is not None and size > caps.size_limit:
+            peer.command("QUIT")
+            text = f"552 5.3.4 Message size {size} exceeds the remote server's limit of {caps.size_limit}"
+            return [_result(r.address, text, label, permanent=True) for r in recipients]
+        if caps.has("SIZE"):
+            params["SIZE"] = str(size)
+        if envelope.body == "8BITMIME" and caps.has("8BITMIME"):
+            params["BODY"] = "8BITMIME"
+
+    pipelining = caps is not None and caps.has("PIPELINING")
+    peer.command("MAIL", mail_arg(envelope.sender, params))
+    if pipelining:
+        for rcpt in recipients:
+            peer.command("RCPT", rcpt_arg(rcpt.address, {}))
+    mail = await peer.reply()
+    rcpt_replies: list[Reply] = []
+    if pipelining:
+        rcpt_replies = [await peer.reply() for _ in recipients]
+    if not mail.is_positive:
+        peer.command("QUIT")
+        return [_result(r.address, str(mail), label, permanent=mail.is_permanent) for r in recipients]
+    if not pipelining:
+        for rcpt in recipients:
+            peer.command("RCPT", rcpt_arg(rcpt.address, {}))
+            rcpt_replies.append(await peer.reply())
+
+    results: dict[str, DeliveryResult] = {}
+    accepted: list[Recipient] = []
+    for rcpt, reply in zip(recipients, rcpt_replies, strict=True):
+        if reply.is_positive:
+            accepted.append(rcpt)
+        else:
+            results[rcpt.address] = _result(rcpt.address, str(reply), label, permanent=reply.is_permanent)
+    if accepted:
+        final = await _send_data(peer, message_path)
+        for rcpt in accepted:
+            results[rcpt.address] = _result(rcpt.address, str(final), label, ok=final.is_positive,
+                                            permanent=final.is_permanent)
+    peer.command("QUIT")
+    with contextlib.suppress(_Dropped):
+        await asyncio.wait_for(peer.reply(), 5)
+    return [results[r.address] for r in recipients]
+
+
+async def _send_data(peer: _Peer, message_path: Path) -> Reply:
+    peer.command("DATA")
+    go_ahead = await peer.reply()
+    if go_ahead.code != 354:
+        return go_ahead
+    stuffer = peer.conn.start_data()
+    with open(message_path, "rb") as body:
+        while chunk := body.read(BODY_CHUNK):
+            peer.writer.write(stuffer.feed(chunk))
+            await peer.writer.drain()
+    peer.writer.write(peer.conn.end_data(stuffer))
+    peer.log(">", "<message body> .")
+    return await peer.reply()
+
+
+def _status(reply: str, default: str) -> str:
+    parts = reply.split(" ", 2)
+    if len(parts) > 1 and parts[1][:1] in "245" and parts[1].count(".") == 2:
+        return parts[1]
+    return default
+
+
+def _result(address: str, reply: str, host: str, *, ok: bool = False, permanent: bool = False) -> DeliveryResult:
+    default = "2.0.0" if ok else ("5.0.0" if permanent else "4.0.0")
+    return DeliveryResult(address, ok=ok, permanent=permanent and not ok, reply=reply,
+                          status=_status(reply, default), remote_mta=host)

@@ -1,0 +1,167 @@
+"""The event log: `log/events.jsonl` (one JSON object a line) plus a text line on stderr.
+
+Event IDs and wording follow the IIS SMTP service (SPEC 1.4) so an operator who knew the Windows
+Application log recognises them. Message-tracking records also carry a Postfix-shaped `track` line
+(`to=<r>, relay=host[ip]:port, delay=, dsn=, status=sent (...)`) for existing log tooling.
+
+Writes are buffered and flushed on a short timer (or when the buffer is large), not per event: the event
+log is diagnostic, the queue files are the truth, so it need not be fsynced on the hot path.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TextIO
+
+# IIS-compatible event IDs (SPEC 1.4).
+CONNECTION_LIMIT = 402
+MAILROOT_UNUSABLE = 429
+MESSAGE_QUEUED = 3001
+MESSAGE_DELIVERED = 3002
+DELAY_DSN_SENT = 3003
+NDR_SENT = 3004
+BADMAIL_WRITTEN = 3005
+SELF_HEALING = 3010
+REMOTE_DOMAIN_FAILED = 4000
+REMOTE_HOST_FAILED = 4006
+REMOTE_REJECTED_COMMAND = 7004
+CLIENT_COMMAND_REJECTED = 7010
+
+LEVELS = {
+    CONNECTION_LIMIT: "error",
+    MAILROOT_UNUSABLE: "error",
+    MESSAGE_QUEUED: "info",
+    MESSAGE_DELIVERED: "info",
+    DELAY_DSN_SENT: "warning",
+    NDR_SENT: "error",
+    BADMAIL_WRITTEN: "error",
+    SELF_HEALING: "info",
+    REMOTE_DOMAIN_FAILED: "warning",
+    REMOTE_HOST_FAILED: "warning",
+    REMOTE_REJECTED_COMMAND: "error",
+    CLIENT_COMMAND_REJECTED: "error",
+}
+
+# Extra, non-IIS events get ids outside the IIS ranges so tools can tell them apart.
+QUEUE_FILE_CORRUPT = 9001
+SERVICE_STARTED = 9002
+SERVICE_STOPPED = 9003
+PICKUP_REJECTED = 9004
+LEVELS.update({QUEUE_FILE_CORRUPT: "error", SERVICE_STARTED: "info", SERVICE_STOPPED: "info",
+               PICKUP_REJECTED: "error"})
+
+
+def remote_domain_failed_text(domain: str, reason: str) -> str:
+    return f"Message delivery to the remote domain '{domain}' failed for the following reason: {reason}"
+
+
+def remote_host_failed_text(ip: str, domain: str, reason: str) -> str:
+    return (f"Message delivery to the host '{ip}' failed while delivering to the remote domain "
+            f"'{domain}' for the following reason: {reason}")
+
+
+def connection_limit_text(limit: int) -> str:
+    return f"The maximum number of allowed inbound connections ({limit}) has been reached."
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int
+    text: str
+    queue_id: str = ""
+    domain: str = ""
+    host: str = ""
+    status: str = ""
+    cause: str = ""
+    track: str = ""
+
+    def to_json(self, now: float) -> dict[str, Any]:
+        record: dict[str, Any] = {
+            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+            "id": self.id,
+            "level": LEVELS.get(self.id, "info"),
+            "source": "smtpsvc",
+            "text": self.text,
+        }
+        for key in ("queue_id", "domain", "host", "status", "cause", "track"):
+            value = getattr(self, key)
+            if value:
+                record[key] = value
+        return record
+
+
+class EventLog:
+    """Appends events to `events.jsonl`; thread-safe (the pickup scanner and CLI tools may share it)."""
+
+    def __init__(self, path: Path | None, stream: TextIO | None = sys.stderr, flush_bytes: int = 64 * 1024):
+        self._path = path
+        self._stream = stream
+        self._flush_bytes = flush_bytes
+        self._buffer: list[str] = []
+        self._buffered = 0
+        self._lock = threading.Lock()
+        self._file: Any = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the service's life
+
+    def emit(self, event: Event, now: float | None = None) -> None:
+        stamp = time.time() if now is None else now
+        record = event.to_json(stamp)
+        line = json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n"
+        with self._lock:
+            self._buffer.append(line)
+            self._buffered += len(line)
+            if self._buffered >= self._flush_bytes:
+                self._flush_locked()
+        if self._stream is not None:
+            extra = " ".join(f"{k}={record[k]}" for k in ("queue_id", "cause", "status") if k in record)
+            try:
+                self._stream.write(f"{record['time']} {record['level']} {event.id} {event.text}"
+                                   f"{' ' + extra if extra else ''}\n")
+            except (OSError, ValueError):
+                pass  # a closed stderr must never stop mail flow
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._file is not None and self._buffer:
+            try:
+                self._file.write("".join(self._buffer))
+                self._file.flush()
+            except OSError:
+                # Disk full or similar: keep going; the queue files remain the truth.
+                pass
+        self._buffer.clear()
+        self._buffered = 0
+
+    def close(self) -> None:
+        self.flush()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_events(path: Path) -> list[dict[str, Any]]:
+    """All events in an event log file; lines that do not parse are skipped (a crash may cut the last)."""
+    out: list[dict[str, Any]] = []
+    if not path.exists():
+        return out
+    with open(path, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict):
+                out.append(record)
+    return out
+

@@ -1,0 +1,288 @@
+"""The Pickup folder: files an application drops become queued mail.
+
+A file's envelope comes from its leading `X-Sender:` (one) and `X-Receiver:` (one or more) lines, as IIS and
+.NET's SmtpClient write them and as our Drop files carry them (so Drop → Pickup replays); without them, from
+`Sender`/`From` and `To`/`Cc`/`Bcc`, and then the `Bcc` header is removed from the delivered copy. A file is
+taken only once it has stopped changing (same size and mtime on two scans, or untouched for a while), and is
+claimed by an atomic rename into `pickup/.claimed/` so that no two scans (or a crash) can submit it twice
+unnoticed; it is removed only after the queue has made the message durable. An invalid file (no From, no
+recipients, bad addresses, over size) goes to Badmail with the reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import time
+from dataclasses import dataclass
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+from email.utils import getaddresses
+from pathlib import Path
+from typing import BinaryIO
+
+from smtpsvc import events
+from smtpsvc.config import Config
+from smtpsvc.events import EventLog
+from smtpsvc.folders.badmail import write_badmail
+from smtpsvc.ingest import EnvelopeFields, Ingest, received_header
+from smtpsvc.model import Recipient, Source
+from smtpsvc.protocol import parse_path
+from smtpsvc.queue.base import MessageWriter, QueueError
+
+CLAIMED = ".claimed"
+SETTLE_SECONDS = 2.0               # a file untouched this long is complete even if first seen now
+MAX_HEADER_BYTES = 1024 * 1024     # a header section larger than this is not a message
+MAX_LINE = 64 * 1024
+COPY_CHUNK = 256 * 1024
+PICKUP_ERROR = "Error is processing file in pickup directory. The specific error code was 0xC00402CE."
+
+
+class InvalidPickupFile(Exception):
+    """The file is not a message we can send; the text says why (goes into the .bdr)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PickupEnvelope:
+    sender: str
+    recipients: tuple[str, ...]
+    from_headers: bool          # True when derived from To/Cc/Bcc (then Bcc is stripped)
+
+
+def parse_envelope_lines(lines: list[bytes]) -> tuple[str | None, list[str]]:
+    """X-Sender / X-Receiver values from the leading lines (already split, without line ends)."""
+    sender: str | None = None
+    receivers: list[str] = []
+    for raw in lines:
+        name, _, value = raw.decode("utf-8", "replace").partition(":")
+        key = name.strip().lower()
+        if key == "x-sender":
+            if sender is not None:
+                raise InvalidPickupFile("more than one X-Sender line")
+            sender = _bare_address(value)
+        elif key == "x-receiver":
+            receivers.append(_bare_address(value))
+    return sender, receivers
+
+
+def _bare_address(value: str) -> str:
+    value = value.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1].strip()
+    return value
+
+
+def _is_envelope_line(line: bytes) -> bool:
+    lowered = line[:12].lower()
+    return lowered.startswith(b"x-sender:") or lowered.startswith(b"x-receiver:")
+
+
+def envelope_from_headers(header_block: bytes) -> tuple[str, list[str], bool]:
+    """(sender, recipients, has_from) from an RFC 5322 header block."""
+    headers = BytesHeaderParser(policy=compat32).parsebytes(header_block)
+    sender_field = headers.get("Sender") or headers.get("From") or ""
+    senders = [addr for _, addr in getaddresses([str(sender_field)]) if addr]
+    recipients: list[str] = []
+    for name in ("To", "Cc", "Bcc"):
+        values = [str(v) for v in headers.get_all(name, [])]
+        recipients.extend(addr for _, addr in getaddresses(values) if addr)
+    has_from = bool(headers.get("From") or headers.get("Sender"))
+    return (senders[0] if senders else ""), recipients, has_from
+
+
+def strip_bcc(header_block: bytes) -> bytes:
+    """Remove `Bcc:` header fields (with their folded continuation lines) from a header block."""
+    out: list[bytes] = []
+    skipping = False
+    for line in header_block.splitlines(keepends=True):
+        if skipping and line[:1] in (b" ", b"\t"):
+            continue
+        skipping = line[:4].lower() == b"bcc:"
+        if not skipping:
+            out.append(line)
+    return b"".join(out)
+
+
+def validate_address(address: str, allow_null: bool) -> str:
+    try:
+        return parse_path(f"<{address}>", allow_null=allow_null).address
+    except ValueError as exc:
+        raise InvalidPickupFile(f"invalid address {address!r}: {exc}") from exc
+
+
+class CrlfNormalizer:
+    """Incremental line-end normaliser: bare LF and bare CR become CRLF (pickup files from Unix tools)."""
+
+    def __init__(self) -> None:
+        self._pending_cr = False
+
+    def feed(self, data: bytes) -> bytes:
+        if self._pending_cr:
+            data = b"\r" + data
+            self._pending_cr = False
+        if data.endswith(b"\r"):
+            data = data[:-1]
+            self._pending_cr = True
+        if b"\r" not in data:
+            return data.replace(b"\n", b"\r\n")
+        return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
+
+    def finish(self) -> bytes:
+        if self._pending_cr:
+            self._pending_cr = False
+            return b"\r\n"
+        return b""
+
+
+def read_pickup_file(fh: BinaryIO, writer: MessageWriter, hostname: str, max_size: int) -> PickupEnvelope:
+    """Parse a pickup file and stream its message (with our Received header) into `writer`."""
+    first_lines: list[bytes] = []
+    line = fh.readline(MAX_LINE)
+    while line and _is_envelope_line(line):
+        first_lines.append(line.rstrip(b"\r\n"))
+        line = fh.readline(MAX_LINE)
+    x_sender, x_receivers = parse_envelope_lines(first_lines)
+    header_lines: list[bytes] = []
+    header_size = 0
+    while line and line.strip(b"\r\n"):
+        header_lines.append(line)
+        header_size += len(line)
+        if header_size > MAX_HEADER_BYTES:
+            raise InvalidPickupFile("the header section is larger than 1 MB")
+        line = fh.readline(MAX_LINE)
+    separator = line  # the empty line ending the headers, or b"" at end of file
+    header_block = b"".join(header_lines)
+    if not header_block:
+        raise InvalidPickupFile("the file has no message headers")
+    header_sender, header_rcpts, has_from = envelope_from_headers(header_block)
+    if x_receivers:
+        sender = x_sender if x_sender is not None else header_sender
+        recipients, from_headers = x_receivers, False
+    else:
+        if not has_from:
+            raise InvalidPickupFile("the message has no From header")
+        sender = x_sender if x_sender is not None else header_sender
+        recipients, from_headers = header_rcpts, True
+    if not recipients:
+        raise InvalidPickupFile("the message has no recipients (no X-Receiver, To, Cc or Bcc)")
+    envelope = PickupEnvelope(validate_address(sender, allow_null=True),
+                              tuple(validate_address(r, allow_null=False) for r in recipients), from_headers)
+
+    normalizer = CrlfNormalizer()
+    writer.write(received_header(hostname=hostname, queue_id=writer.id, helo="pickup", protocol="Pickup"))
+    block = strip_bcc(header_block) if from_headers else header_block
+    writer.write(normalizer.feed(block + separator))
+    while chunk := fh.read(COPY_CHUNK):
+        writer.write(normalizer.feed(chunk))
+        if max_size and writer.size > max_size:
+            raise InvalidPickupFile(f"the message is larger than the maximum message size ({max_size} bytes)")
+    writer.write(normalizer.finish())
+    if max_size and writer.size > max_size:
+        raise InvalidPickupFile(f"the message is larger than the maximum message size ({max_size} bytes)")
+    return envelope
+
+
+class PickupScanner:
+    def __init__(self, pickup_dir: Path, badmail_dir: Path, ingest: Ingest, config: Config,
+                 event_log: EventLog, interval: float = 1.0) -> None:
+        self.dir = pickup_dir
+        self.claimed_dir = pickup_dir / CLAIMED
+        self.badmail_dir = badmail_dir
+        self.ingest = ingest
+        self.config = config
+        self.events = event_log
+        self.interval = interval
+        self._seen: dict[str, tuple[int, int]] = {}
+
+    def open(self) -> None:
+        self.claimed_dir.mkdir(parents=True, exist_ok=True)
+
+    async def run(self) -> None:
+        # Files claimed before a crash were never removed, so they may not be queued: submit them again
+        # (at-least-once; the crash window after the commit and before the unlink can duplicate).
+        for path in sorted(self.claimed_dir.iterdir()):
+            if path.is_file():
+                await self._submit(path)
+        while True:
+            try:
+                await self.scan()
+            except OSError as exc:
+                self.events.emit(events.Event(events.PICKUP_REJECTED, f"Cannot scan the Pickup folder: {exc}"))
+            await asyncio.sleep(self.interval)
+
+    async def scan(self) -> int:
+        """One pass over pickup/: claim and submit every settled file. Returns how many were taken."""
+        now = time.time()
+        seen: dict[str, tuple[int, int]] = {}
+        taken = 0
+        for entry in sorted(os.scandir(self.dir), key=lambda e: e.name):
+            if entry.name.startswith(".") or not entry.is_file(follow_symlinks=False):
+                continue
+            stat = entry.stat(follow_symlinks=False)
+            signature = (stat.st_size, stat.st_mtime_ns)
+            settled = self._seen.get(entry.name) == signature or now - stat.st_mtime > SETTLE_SECONDS
+            if not settled:
+                seen[entry.name] = signature
+                continue
+            claimed = self.claimed_dir / entry.name
+            try:
+                os.rename(entry.path, claimed)
+            except OSError:
+                continue  # taken by someone else, or locked (Windows): next scan
+            await self._submit(claimed)
+            taken += 1
+        self._seen = seen
+        return taken
+
+    async def _submit(self, path: Path) -> None:
+        try:
+            writer = self.ingest.begin()
+        except QueueError:
+            return  # the spool is unavailable: leave the file claimed; the next start retries it
+        try:
+            envelope = await asyncio.to_thread(self._read, path, writer)
+        except InvalidPickupFile as exc:
+            writer.abort()
+            await self._reject(path, str(exc))
+            return
+        except (OSError, QueueError) as exc:
+            writer.abort()
+            self.events.emit(events.Event(events.PICKUP_REJECTED,
+                                          f"Cannot read pickup file {path.name}: {exc}; will retry"))
+            with contextlib.suppress(OSError):
+                os.rename(path, self.dir / path.name)
+            return
+        fields = EnvelopeFields(sender=envelope.sender, source=Source.PICKUP, helo="pickup",
+                                recipients=[Recipient(address=r) for r in envelope.recipients])
+        try:
+            await self.ingest.commit(writer, fields)
+        except QueueError as exc:
+            writer.abort()
+            self.events.emit(events.Event(events.PICKUP_REJECTED,
+                                          f"Cannot queue pickup file {path.name}: {exc}; will retry"))
+            with contextlib.suppress(OSError):
+                os.rename(path, self.dir / path.name)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+    def _read(self, path: Path, writer: MessageWriter) -> PickupEnvelope:
+        with open(path, "rb") as fh:
+            return read_pickup_file(fh, writer, self.config.server.hostname, self.config.server.max_message_size)
+
+    async def _reject(self, path: Path, reason: str) -> None:
+        try:
+            bad = await asyncio.to_thread(
+                write_badmail, self.badmail_dir, f"pickup-{path.stem}", path, [f"{PICKUP_ERROR} {reason}"],
+                {"pickup_file": path.name, "reason": reason}, self.config.badmail.max_size)
+        except OSError as exc:
+            self.events.emit(events.Event(events.PICKUP_REJECTED,
+                                          f"Pickup file {path.name} is invalid ({reason}) and Badmail "
+                                          f"cannot be written: {exc}; left in {self.claimed_dir}"))
+            return
+        where = f"moved to Badmail as {bad.name}" if bad else "discarded (badmail.max_size = 0)"
+        self.events.emit(events.Event(events.BADMAIL_WRITTEN, f"Pickup file {path.name} {where}: {reason}",
+                                      cause="pickup-invalid"))
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()

@@ -1,0 +1,181 @@
+"""Value objects of the mail pipeline: Envelope, Recipient, Route, DeliveryResult. Pure, no I/O.
+
+The envelope is what the queue's `<id>.env` file holds (as JSON); every stage reads and updates it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class RecipientState(StrEnum):
+    PENDING = "pending"      # still to deliver (first try or retry)
+    DELIVERED = "delivered"  # a 2xx from the next hop, or written to Drop
+    FAILED = "failed"        # permanent failure or expired; an NDR covers it
+
+
+class Source(StrEnum):
+    SMTP = "smtp"
+    PICKUP = "pickup"
+    DSN = "dsn"          # a report we generated (NDR, delay DSN)
+    REPLAY = "replay"    # Badmail replay / admin resubmission
+
+
+@dataclass(slots=True)
+class Attempt:
+    """One delivery attempt for one recipient, kept in its history."""
+
+    time: float
+    reply: str           # "250 2.0.0 OK", "450 4.2.0 busy", or our own diagnosis
+    host: str = ""       # "mx.example.test[127.0.0.1]:25", "drop"
+
+
+@dataclass(slots=True)
+class Recipient:
+    address: str
+    state: RecipientState = RecipientState.PENDING
+    notify: tuple[str, ...] = ()   # RFC 3461 NOTIFY values; empty = not given (default FAILURE,DELAY)
+    orcpt: str = ""                # RFC 3461 ORCPT, "rfc822;addr" form, empty when not given
+    attempts: int = 0
+    next_attempt: float = 0.0      # epoch seconds; 0 = now
+    last_reply: str = ""           # last reply or diagnosis ("451 4.3.0 ...")
+    status: str = ""               # enhanced status of the last result ("5.1.1")
+    remote_mta: str = ""           # host that gave the last reply
+    route: str = ""                # link name of the last routing decision
+    history: list[Attempt] = field(default_factory=list)
+
+    @property
+    def domain(self) -> str:
+        return domain_of(self.address)
+
+    @property
+    def pending(self) -> bool:
+        return self.state is RecipientState.PENDING
+
+
+@dataclass(slots=True)
+class Envelope:
+    """The SMTP (P1) envelope of one queued message plus its delivery state."""
+
+    id: str
+    sender: str                    # "" is the null reverse-path <>
+    recipients: list[Recipient]
+    received_at: float
+    source: Source = Source.SMTP
+    client_ip: str = ""
+    helo: str = ""
+    body: str = ""                 # BODY= parameter as given ("7BIT", "8BITMIME") or ""
+    size: int = 0                  # bytes of the stored message file
+    ret: str = ""                  # RFC 3461 RET (FULL|HDRS) or ""
+    envid: str = ""                # RFC 3461 ENVID or ""
+    smtputf8: bool = False
+    frozen: bool = False
+    delay_notified: bool = False
+    dsn_kind: str = ""             # for reports we made: "failure" | "delay"; "" for ordinary mail
+    original_id: str = ""          # for reports: the queue id of the message reported on
+
+    @property
+    def is_report(self) -> bool:
+        return self.dsn_kind != ""
+
+    @property
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.pending]
+
+    def next_due(self) -> float | None:
+        """Earliest next attempt among pending recipients; None when nothing is pending."""
+        times = [r.next_attempt for r in self.recipients if r.pending]
+        return min(times) if times else None
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["version"] = 1
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Envelope:
+        """Rebuild an envelope from `to_json` output; raises ValueError/KeyError/TypeError when malformed."""
+        if data.get("version") != 1:
+            raise ValueError(f"unsupported envelope version {data.get('version')!r}")
+        rcpts = []
+        for r in data["recipients"]:
+            rcpts.append(
+                Recipient(
+                    address=str(r["address"]),
+                    state=RecipientState(r["state"]),
+                    notify=tuple(str(n) for n in r.get("notify", ())),
+                    orcpt=str(r.get("orcpt", "")),
+                    attempts=int(r.get("attempts", 0)),
+                    next_attempt=float(r.get("next_attempt", 0.0)),
+                    last_reply=str(r.get("last_reply", "")),
+                    status=str(r.get("status", "")),
+                    remote_mta=str(r.get("remote_mta", "")),
+                    route=str(r.get("route", "")),
+                    history=[Attempt(float(a["time"]), str(a["reply"]), str(a.get("host", "")))
+                             for a in r.get("history", [])],
+                )
+            )
+        if not isinstance(data["id"], str) or not data["id"]:
+            raise ValueError("envelope without id")
+        return cls(
+            id=data["id"],
+            sender=str(data["sender"]),
+            recipients=rcpts,
+            received_at=float(data["received_at"]),
+            source=Source(data.get("source", "smtp")),
+            client_ip=str(data.get("client_ip", "")),
+            helo=str(data.get("helo", "")),
+            body=str(data.get("body", "")),
+            size=int(data.get("size", 0)),
+            ret=str(data.get("ret", "")),
+            envid=str(data.get("envid", "")),
+            smtputf8=bool(data.get("smtputf8", False)),
+            frozen=bool(data.get("frozen", False)),
+            delay_notified=bool(data.get("delay_notified", False)),
+            dsn_kind=str(data.get("dsn_kind", "")),
+            original_id=str(data.get("original_id", "")),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where a recipient goes next. `link` names the queue the operator sees (Exchange "link")."""
+
+    kind: str                          # "drop" | "smtp"
+    link: str                          # "drop", "smarthost", or the recipient domain for MX routing
+    hosts: tuple[tuple[str, int], ...] = ()   # explicit next hops (smart host); empty = look up MX
+    mx_domain: str = ""                # domain whose MX to resolve when hosts is empty
+    port: int = 25                     # port for MX-resolved hosts
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryResult:
+    """The outcome for one recipient of one attempt: the transient/permanent bit is the API."""
+
+    address: str
+    ok: bool
+    permanent: bool                    # meaningful when not ok
+    reply: str                         # the reply text as received, or our diagnosis
+    status: str                        # enhanced status code, e.g. "5.1.1"
+    remote_mta: str = ""
+
+
+def domain_of(address: str) -> str:
+    """The lower-cased domain of an address, without a trailing dot; "" when there is none."""
+    _, at, domain = address.rpartition("@")
+    return domain.rstrip(".").lower() if at else ""
+
+
+_counter = 0
+
+
+def new_queue_id(now: float | None = None) -> str:
+    """A sortable, unique queue id: microsecond timestamp, process-local counter, random suffix (hex)."""
+    global _counter
+    _counter = (_counter + 1) & 0xFFFF
+    stamp = int((time.time() if now is None else now) * 1_000_000)
+    return f"{stamp:014X}{_counter:04X}{os.urandom(3).hex().upper()}"

@@ -1,0 +1,117 @@
+"""The sans-I/O SMTP protocol core (h11 style): bytes in, events out, replies to bytes. No sockets, no
+asyncio, no clock, no logging; stdlib only and nothing from the rest of smtpsvc.
+
+Server side: `ServerConnection` (events in `events`, replies in `replies`). Client side: `ClientConnection`,
+`Capabilities`. Shared: `Reply`, address parsing (`address`), dot-(un)stuffing (`dotstuff`), ESMTP
+parameters (`params`).
+"""
+
+from . import replies
+from .address import (
+    AddressError,
+    ParsedPath,
+    is_postmaster,
+    is_valid_address_literal,
+    is_valid_domain,
+    local_part_is_relay_trick,
+    parse_path,
+    split_address,
+)
+from .client import Capabilities, ClientConnection, mail_arg, rcpt_arg
+from .dotstuff import DotStuffer, DotUnstuffer, normalise_line_ends, stuff, unstuff
+from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
+from .events import (
+    NEED_DATA,
+    ClientEvent,
+    ConnectionClosed,
+    Data,
+    DataChunk,
+    DataEnd,
+    Ehlo,
+    Event,
+    Expn,
+    Helo,
+    Help,
+    Mail,
+    NeedData,
+    Noop,
+    Quit,
+    Rcpt,
+    Rejected,
+    Rset,
+    Sentinel,
+    ServerReply,
+    Vrfy,
+)
+from .params import ParamError, parse_params, xtext_decode, xtext_encode
+from .replies import Reply
+from .server import (
+    ACCEPTED_BY,
+    PARAMS_ALLOWANCE,
+    SEQUENCE_ERRORS,
+    TRANSITIONS,
+    VERBS,
+    ServerConnection,
+    ServerOptions,
+    ServerState,
+    render_transitions,
+)
+
+__all__ = [
+    "ACCEPTED_BY",
+    "NEED_DATA",
+    "PARAMS_ALLOWANCE",
+    "SEQUENCE_ERRORS",
+    "TRANSITIONS",
+    "VERBS",
+    "AddressError",
+    "Capabilities",
+    "ClientConnection",
+    "ClientEvent",
+    "ConnectionClosed",
+    "Data",
+    "DataChunk",
+    "DataEnd",
+    "DotStuffer",
+    "DotUnstuffer",
+    "Ehlo",
+    "Event",
+    "Expn",
+    "Helo",
+    "Help",
+    "LocalProtocolError",
+    "Mail",
+    "NeedData",
+    "Noop",
+    "ParamError",
+    "ParsedPath",
+    "ProtocolError",
+    "Quit",
+    "Rcpt",
+    "Rejected",
+    "RemoteProtocolError",
+    "Reply",
+    "Rset",
+    "Sentinel",
+    "ServerConnection",
+    "ServerOptions",
+    "ServerReply",
+    "ServerState",
+    "Vrfy",
+    "is_postmaster",
+    "is_valid_address_literal",
+    "is_valid_domain",
+    "local_part_is_relay_trick",
+    "mail_arg",
+    "normalise_line_ends",
+    "parse_params",
+    "parse_path",
+    "rcpt_arg",
+    "render_transitions",
+    "replies",
+    "split_address",
+    "stuff",
+    "unstuff",
+    "xtext_decode",
+    "xtext_encode",
+]

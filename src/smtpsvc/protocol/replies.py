@@ -1,0 +1,157 @@
+"""SMTP replies: the `Reply` value (code, RFC 3463 enhanced code, text lines) and the named catalogue of every
+reply the protocol core emits, worded like IIS and Postfix.
+
+Code elsewhere picks a constant from here instead of writing reply strings inline (aiosmtpd's statuscodes
+idea), so one grep finds every wording and tests compare against the same objects. Replies that embed a value
+are functions with upper-case names, so they read like the constants around them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+# RFC 3463 §2: class "." subject "." detail; class 2, 4 or 5; subject and detail 1 to 3 digits.
+_ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """One SMTP reply. `enhanced` is "" when the reply carries no RFC 3463 code (banner, EHLO, 354)."""
+
+    code: int
+    enhanced: str
+    text: str
+    more: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Validated on construction (h11 habit): a bad Reply fails where it is made, not when written out.
+        if not isinstance(self.code, int) or not 200 <= self.code <= 599:
+            raise ValueError(f"reply code out of range 200..599: {self.code!r}")
+        if self.enhanced:
+            if not _ENHANCED.fullmatch(self.enhanced):
+                raise ValueError(f"malformed enhanced status code: {self.enhanced!r}")
+            if self.enhanced[0] != str(self.code)[0]:
+                raise ValueError(f"enhanced code {self.enhanced} does not match the class of {self.code}")
+        for line in (self.text, *self.more):
+            if "\r" in line or "\n" in line:
+                raise ValueError(f"CR or LF inside reply text: {line!r}")
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return (self.text, *self.more)
+
+    def _render(self, enhanced_codes: bool) -> list[str]:
+        prefix = f"{self.enhanced} " if self.enhanced and enhanced_codes else ""
+        lines = self.lines
+        last = len(lines) - 1
+        # RFC 5321 §4.2.1: every line but the last uses "-" after the code; the enhanced code repeats on
+        # every line (RFC 2034 §4).
+        return [f"{self.code}{'-' if i < last else ' '}{prefix}{line}" for i, line in enumerate(lines)]
+
+    def to_bytes(self, enhanced_codes: bool = True) -> bytes:
+        """The reply as written on the wire, CRLF after every line."""
+        # Text is UTF-8: an SMTPUTF8 address may be echoed back (RFC 6531 §3.7.4.2 allows it).
+        return "".join(line + "\r\n" for line in self._render(enhanced_codes)).encode("utf-8")
+
+    def __str__(self) -> str:
+        return "\n".join(self._render(True))
+
+    @property
+    def is_positive(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def is_intermediate(self) -> bool:
+        return 300 <= self.code < 400
+
+    @property
+    def is_transient(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+
+# --- Positive ---------------------------------------------------------------------------------------------
+
+OK = Reply(250, "2.0.0", "OK")
+RESET = Reply(250, "2.0.0", "Resetting")
+START_DATA = Reply(354, "", "Start mail input; end with <CRLF>.<CRLF>")
+VRFY_CANNOT = Reply(252, "2.1.5", "Cannot VRFY user, but will accept message and attempt delivery")
+HELP_REPLY = Reply(
+    214,
+    "2.0.0",
+    "Commands:",
+    (
+        "HELO EHLO MAIL RCPT DATA",
+        "RSET NOOP QUIT HELP VRFY EXPN",
+        "End of HELP info",
+    ),
+)
+
+
+def GREETING(host: str) -> Reply:
+    """The 220 banner (no enhanced code: RFC 2034 codes start after EHLO)."""
+    return Reply(220, "", f"{host} smtpsvc ESMTP ready")
+
+
+def HELO_REPLY(host: str, client: str) -> Reply:
+    """250 to HELO: `<host> Hello [<client>]` (IIS wording)."""
+    return Reply(250, "", f"{host} Hello [{client}]")
+
+
+def EHLO_REPLY(host: str, client: str, keywords: list[str] | tuple[str, ...]) -> Reply:
+    """250 to EHLO: greeting line, then one keyword per line (from ServerConnection.ehlo_keywords())."""
+    return Reply(250, "", f"{host} Hello [{client}]", tuple(keywords))
+
+
+def SENDER_OK(address: str) -> Reply:
+    return Reply(250, "2.1.0", f"<{address}>....Sender OK")
+
+
+def RCPT_OK(address: str) -> Reply:
+    return Reply(250, "2.1.5", f"<{address}>")
+
+
+def QUEUED(message_id: str) -> Reply:
+    return Reply(250, "2.6.0", f"<{message_id}> Queued mail for delivery")
+
+
+def QUIT_REPLY(host: str) -> Reply:
+    return Reply(221, "2.0.0", f"{host} Service closing transmission channel")
+
+
+# --- Transient (4xx) --------------------------------------------------------------------------------------
+
+SERVICE_CLOSING_TIMEOUT = Reply(421, "4.4.2", "Timeout waiting for client input, closing connection")
+SHUTTING_DOWN = Reply(421, "4.3.2", "Service shutting down")
+TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again later")
+TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors")
+TEMP_FAILURE = Reply(451, "4.3.0", "Temporary failure, please try again later")
+TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+
+# --- Permanent (5xx) --------------------------------------------------------------------------------------
+
+UNRECOGNIZED = Reply(500, "5.5.1", "Unrecognized command")
+LINE_TOO_LONG = Reply(500, "5.5.2", "Line too long")
+BAD_CHARS = Reply(500, "5.5.2", "Invalid character in command")
+SYNTAX = Reply(501, "5.5.2", "Syntax error in parameters or arguments")
+PARAM_SYNTAX = Reply(501, "5.5.4", "Invalid command arguments")
+BAD_ADDRESS = Reply(501, "5.1.3", "Invalid address")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
+NEED_HELO = Reply(503, "5.5.1", "Send hello first")
+NEED_MAIL = Reply(503, "5.5.1", "Need mail command")
+NEED_RCPT = Reply(503, "5.5.1", "Need rcpt command")
+NESTED_MAIL = Reply(503, "5.5.1", "Sender already specified")
+NO_SERVICE = Reply(503, "5.5.1", "No SMTP service here, send QUIT")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+NO_VALID_RCPT = Reply(554, "5.5.1", "No valid recipients")
+TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops")
+PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported parameter")
+
+
+def RELAY_DENIED(address: str) -> Reply:
+    return Reply(550, "5.7.1", f"Unable to relay for <{address}>")

@@ -1,0 +1,1 @@
+"""The durable queue: the interface (base) and the local file spool (local)."""

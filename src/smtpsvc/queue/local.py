@@ -1,0 +1,296 @@
+"""The local file spool: `queue/<id>.eml` (the message) + `queue/<id>.env` (the JSON envelope).
+
+Commit protocol (the durability argument, see docs/architecture.md):
+  put:      body streamed to tmp/<id>.eml; at commit fsync it, write+fsync tmp/<id>.env, rename the .eml
+            into queue/, then the .env, then fsync queue/. The .env is the commit mark: a message exists
+            when, and only when, its .env exists in queue/.
+  save:     write+fsync tmp/<id>.env, rename over queue/<id>.env, fsync queue/.
+  complete: unlink queue/<id>.env first (the message ceases to exist), then the .eml, fsync queue/.
+Recovery at open: tmp/ is emptied (nothing there was acknowledged); a .eml without .env is a put that never
+finished or a completion that did, so it is removed; a .env that does not parse, or lacks its .eml, is moved
+to corrupt/ with an event, never dropped silently and never blocking the rest.
+
+One process owns a spool at a time (an exclusive lock on queue/.lock); the in-memory index of due times is
+rebuilt from the .env files at every start, so the files stay the single truth.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, BinaryIO
+
+from smtpsvc.model import Envelope, new_queue_id
+from smtpsvc.queue.base import MessageWriter, QueueError
+from smtpsvc.queue.commit import GroupCommitter
+
+try:  # POSIX advisory locking; Windows gets msvcrt below
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+WRITE_BUFFER = 256 * 1024
+
+
+class SpoolWriter:
+    """A message being received into tmp/. Plain buffered writes: page-cache speed, fsync at commit."""
+
+    def __init__(self, spool: LocalSpool, queue_id: str) -> None:
+        self._spool = spool
+        self._id = queue_id
+        self.path = spool.tmp_dir / f"{queue_id}.eml"
+        self._file: IO[bytes] | None = open(self.path, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115
+        self._size = 0
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            raise QueueError("message writer already closed")
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise QueueError(f"cannot write queue file: {exc.strerror}") from exc
+        self._size += len(data)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+        with contextlib.suppress(OSError):
+            self.path.unlink()
+
+    def _flush_and_detach(self) -> IO[bytes]:
+        if self._file is None:
+            raise QueueError("message writer already closed")
+        self._file.flush()
+        handle, self._file = self._file, None
+        return handle
+
+
+class LocalSpool:
+    def __init__(self, root: Path, on_corrupt: Callable[[str, str], None] | None = None) -> None:
+        self.dir = root
+        self.tmp_dir = root / "tmp"
+        self.corrupt_dir = root / "corrupt"
+        self._on_corrupt = on_corrupt or (lambda name, reason: None)
+        self._committer = GroupCommitter()
+        self._envelopes: dict[str, Envelope] = {}
+        self._due: dict[str, float] = {}
+        self._heap: list[tuple[float, str]] = []
+        self._leased: set[str] = set()
+        self._lock_file: IO[bytes] | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    def open(self) -> None:
+        """Create folders, take the spool lock, recover from any crash and index what is queued."""
+        for d in (self.dir, self.tmp_dir, self.corrupt_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        for leftover in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                leftover.unlink()
+        envs = {p.stem for p in self.dir.glob("*.env")}
+        for eml in self.dir.glob("*.eml"):
+            if eml.stem not in envs:
+                with contextlib.suppress(OSError):
+                    eml.unlink()
+        for stem in sorted(envs):
+            envelope = self._load(stem)
+            if envelope is not None:
+                self._index(envelope)
+
+    def close(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    async def drain(self) -> None:
+        await self._committer.close()
+
+    def _lock(self) -> None:
+        self._lock_file = open(self.dir / ".lock", "a+b")  # noqa: SIM115 - held for the process's life
+        try:
+            if fcntl is not None:
+                fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:  # pragma: no cover - Windows
+                import msvcrt
+
+                msvcrt.locking(self._lock_file.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError as exc:
+            self._lock_file.close()
+            self._lock_file = None
+            raise QueueError(f"the queue folder {self.dir} is in use by another smtpsvc process") from exc
+
+    def _load(self, stem: str) -> Envelope | None:
+        env_path = self.dir / f"{stem}.env"
+        eml_path = self.dir / f"{stem}.eml"
+        try:
+            data = json.loads(env_path.read_bytes())
+            envelope = Envelope.from_json(data)
+            if envelope.id != stem:
+                raise ValueError(f"envelope id {envelope.id!r} does not match its file name")
+            if not eml_path.exists():
+                raise ValueError("message file (.eml) is missing")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self._move_aside(stem, str(exc) or type(exc).__name__)
+            return None
+        return envelope
+
+    def _move_aside(self, stem: str, reason: str) -> None:
+        for suffix in (".env", ".eml"):
+            src = self.dir / f"{stem}{suffix}"
+            if src.exists():
+                with contextlib.suppress(OSError):
+                    shutil.move(str(src), str(self.corrupt_dir / src.name))
+        self._on_corrupt(stem, reason)
+
+    # -- writing -------------------------------------------------------------------------------------
+    def create_writer(self) -> SpoolWriter:
+        try:
+            return SpoolWriter(self, new_queue_id())
+        except OSError as exc:
+            raise QueueError(f"cannot create queue file: {exc.strerror}") from exc
+
+    async def put(self, writer: MessageWriter, envelope: Envelope) -> None:
+        if not isinstance(writer, SpoolWriter) or envelope.id != writer.id:
+            raise ValueError("envelope and writer ids differ")
+        envelope.size = writer.size
+        handle = writer._flush_and_detach()
+        payload = _encode(envelope)
+        eml_tmp = writer.path
+        env_tmp = self.tmp_dir / f"{envelope.id}.env"
+
+        def job() -> None:
+            try:
+                os.fsync(handle.fileno())
+            finally:
+                handle.close()
+            _write_synced(env_tmp, payload)
+            os.replace(eml_tmp, self.dir / eml_tmp.name)
+            os.replace(env_tmp, self.dir / env_tmp.name)
+
+        try:
+            await self._committer.run(job, self.dir)
+        except OSError as exc:
+            for p in (eml_tmp, env_tmp, self.dir / eml_tmp.name, self.dir / env_tmp.name):
+                with contextlib.suppress(OSError):
+                    p.unlink()
+            raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
+        self._index(envelope)
+
+    async def save(self, envelope: Envelope) -> None:
+        payload = _encode(envelope)
+        tmp = self.tmp_dir / f"{envelope.id}.env.new"
+        final = self.dir / f"{envelope.id}.env"
+
+        def job() -> None:
+            _write_synced(tmp, payload)
+            os.replace(tmp, final)
+
+        try:
+            await self._committer.run(job, self.dir)
+        except OSError as exc:
+            raise QueueError(f"cannot update queue file: {exc.strerror}") from exc
+        finally:
+            self._leased.discard(envelope.id)
+        self._index(envelope)
+
+    async def complete(self, queue_id: str) -> None:
+        def job() -> None:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / f"{queue_id}.env")
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.dir / f"{queue_id}.eml")
+
+        self._forget(queue_id)
+        await self._committer.run(job, self.dir)
+
+    # -- scheduling ----------------------------------------------------------------------------------
+    def _index(self, envelope: Envelope) -> None:
+        self._envelopes[envelope.id] = envelope
+        due = envelope.next_due()
+        if due is None or envelope.frozen:
+            self._due.pop(envelope.id, None)
+            return
+        self._due[envelope.id] = due
+        heapq.heappush(self._heap, (due, envelope.id))
+
+    def _forget(self, queue_id: str) -> None:
+        self._envelopes.pop(queue_id, None)
+        self._due.pop(queue_id, None)
+        self._leased.discard(queue_id)
+
+    def lease(self, now: float, limit: int) -> list[Envelope]:
+        out: list[Envelope] = []
+        while self._heap and len(out) < limit and self._heap[0][0] <= now:
+            due, queue_id = heapq.heappop(self._heap)
+            if self._due.get(queue_id) != due or queue_id in self._leased:
+                continue  # stale heap entry: the envelope was re-indexed since
+            self._due.pop(queue_id)
+            self._leased.add(queue_id)
+            out.append(self._envelopes[queue_id])
+        return out
+
+    def release(self, queue_id: str) -> None:
+        self._leased.discard(queue_id)
+        envelope = self._envelopes.get(queue_id)
+        if envelope is not None:
+            self._index(envelope)
+
+    def next_due(self) -> float | None:
+        while self._heap:
+            due, queue_id = self._heap[0]
+            if self._due.get(queue_id) == due and queue_id not in self._leased:
+                return due
+            heapq.heappop(self._heap)
+        return None
+
+    # -- reading -------------------------------------------------------------------------------------
+    def get(self, queue_id: str) -> Envelope | None:
+        return self._envelopes.get(queue_id)
+
+    def list(self) -> list[Envelope]:
+        return sorted(self._envelopes.values(), key=lambda e: e.id)
+
+    def open_message(self, queue_id: str) -> BinaryIO:
+        return open(self.dir / f"{queue_id}.eml", "rb")
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.dir / f"{queue_id}.eml"
+
+    @property
+    def leased(self) -> frozenset[str]:
+        return frozenset(self._leased)
+
+    @property
+    def commit_stats(self) -> tuple[int, int]:
+        return self._committer.batches, self._committer.jobs
+
+
+def _encode(envelope: Envelope) -> bytes:
+    return json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _write_synced(path: Path, payload: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,1 @@
+"""Next-hop routing: MX and smart-host resolution."""

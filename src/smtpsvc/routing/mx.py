@@ -1,0 +1,286 @@
+"""Next-hop resolution for outbound delivery: a domain's MX hosts, or a smart host, as addresses to use.
+
+`MxResolver.resolve_mx` does the RFC 5321 §5.1 lookup: MX records sorted by preference (equal preferences
+shuffled), each exchange's A (and AAAA) addresses kept together; no MX records → the implicit MX (the
+domain's own addresses); a null MX (RFC 7505) → permanent failure 5.1.10; an address literal ``[1.2.3.4]``
+needs no DNS.
+`MxResolver.resolve_host` turns a smart host (name or IP) into addresses without an MX lookup.
+
+Every DNS problem comes out as one exception type, `DnsError`, naming its cause (SPEC 2.9: ``dns-nxdomain``,
+``dns-servfail``, ``dns-timeout``, ``null-mx``, ``dns-no-address``), whether it is permanent, the enhanced
+status for the DSN, and the IIS wording for event 4000. Lookups use dnspython's asyncio resolver with its
+LRU cache (TTLs and negative caching as the answers say) and are bounded by one deadline per call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.rdtypes.ANY.MX
+import dns.resolver
+
+CAUSE_NXDOMAIN = "dns-nxdomain"
+CAUSE_SERVFAIL = "dns-servfail"
+CAUSE_TIMEOUT = "dns-timeout"
+CAUSE_NULL_MX = "null-mx"
+CAUSE_NO_ADDRESS = "dns-no-address"
+
+TEXT_NOT_IN_DNS = "Unable to bind to the destination server in DNS."
+TEXT_INTERNAL_DNS_ERROR = "An internal DNS error caused a failure to find the remote server."
+TEXT_NULL_MX = "The remote domain does not accept mail (null MX record, RFC 7505)."
+
+# cause → (permanent, enhanced status, IIS text)
+_CAUSES: dict[str, tuple[bool, str, str]] = {
+    CAUSE_NXDOMAIN: (True, "5.4.4", TEXT_NOT_IN_DNS),
+    CAUSE_NO_ADDRESS: (True, "5.4.4", TEXT_NOT_IN_DNS),
+    CAUSE_NULL_MX: (True, "5.1.10", TEXT_NULL_MX),
+    CAUSE_SERVFAIL: (False, "4.4.3", TEXT_INTERNAL_DNS_ERROR),
+    CAUSE_TIMEOUT: (False, "4.4.3", TEXT_INTERNAL_DNS_ERROR),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class NextHop:
+    """One address to try: `host` is the MX exchange (or the domain for an implicit MX, or the smart host)."""
+
+    host: str
+    address: str
+    port: int
+    preference: int
+
+    def __str__(self) -> str:
+        """The transcript form, ``mx.example.test[192.0.2.1]:25``."""
+        return f"{self.host}[{self.address}]:{self.port}"
+
+
+class DnsError(Exception):
+    """A DNS lookup failed; `cause`, `permanent`, `status` and `text` say how (see the module docstring).
+
+    `name` is the DNS name whose lookup failed; ``str(error)`` is ``"<cause>: <detail>"``.
+    """
+
+    def __init__(self, cause: str, name: str, detail: str) -> None:
+        permanent, status, text = _CAUSES[cause]
+        super().__init__(f"{cause}: {detail}")
+        self.cause = cause
+        self.name = name
+        self.detail = detail
+        self.permanent = permanent
+        self.status = status
+        self.text = text
+
+    def __reduce__(self) -> tuple[type[DnsError], tuple[str, str, str]]:
+        return (DnsError, (self.cause, self.name, self.detail))
+
+
+class MxResolver:
+    """Resolves domains (MX) and smart hosts (A/AAAA) to ordered `NextHop` lists; see the module docstring.
+
+    ``nameservers`` empty means the system resolver (/etc/resolv.conf); otherwise only the given
+    ``(ip, port)`` servers are asked. ``timeout`` bounds each `resolve_mx`/`resolve_host` call as a whole.
+    With ``use_ipv6`` the AAAA addresses follow the A addresses of the same host. ``rng`` makes the shuffle
+    of equal MX preferences reproducible in tests.
+    """
+
+    def __init__(
+        self,
+        nameservers: Sequence[tuple[str, int]] = (),
+        timeout: float = 10.0,
+        use_ipv6: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        if timeout <= 0:
+            raise ValueError(f"DNS timeout must be positive, not {timeout}")
+        self._timeout = timeout
+        self._use_ipv6 = use_ipv6
+        self._rng = rng if rng is not None else random.Random()
+        self._config_error = ""
+        if nameservers:
+            self._resolver = dns.asyncresolver.Resolver(configure=False)
+            self._resolver.nameservers = [_nameserver(ip, port) for ip, port in nameservers]
+        else:
+            try:
+                self._resolver = dns.asyncresolver.Resolver()
+            except dns.exception.DNSException as e:  # no /etc/resolv.conf, or no nameserver in it
+                self._resolver = dns.asyncresolver.Resolver(configure=False)
+                self._config_error = f"no usable system resolver configuration ({e})"
+        self._resolver.lifetime = timeout
+        self._resolver.use_edns(0, 0, 1232)  # the DNS flag day 2020 size: large answers go to TCP
+        self._resolver.cache = dns.resolver.LRUCache()
+
+    async def resolve_mx(self, domain: str, port: int) -> list[NextHop]:
+        """The hosts to try for mail to `domain`, best first; raises `DnsError`."""
+        literal = _address_literal(domain, allow_name=False)
+        if literal is not None:
+            return [NextHop(literal, literal, port, 0)]
+        qname = self._name(domain)
+        deadline = self._deadline()
+        answer = await self._query(qname, dns.rdatatype.MX, deadline)
+        if answer is None or answer.rrset is None:  # no MX records: the implicit MX (RFC 5321 §5.1)
+            host = _text(qname)
+            return [NextHop(host, address, port, 0) for address in await self._addresses(qname, deadline)]
+        exchanges = self._ordered_exchanges(answer.rrset)
+        if not exchanges:
+            raise DnsError(CAUSE_NULL_MX, _text(qname), f"{_text(qname)} has a null MX: it accepts no mail")
+        results = await asyncio.gather(
+            *(self._addresses(exchange, deadline) for _, exchange in exchanges), return_exceptions=True
+        )
+        hops: list[NextHop] = []
+        seen: set[str] = set()
+        failures: list[DnsError] = []
+        for (preference, exchange), result in zip(exchanges, results, strict=True):
+            if isinstance(result, DnsError):
+                failures.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            else:
+                hops.extend(NextHop(_text(exchange), a, port, preference) for a in result if a not in seen)
+                seen.update(result)
+        if hops:
+            return hops
+        transient = [failure for failure in failures if not failure.permanent]
+        if transient:
+            raise transient[0]
+        names = ", ".join(failure.name for failure in failures)
+        raise DnsError(
+            CAUSE_NO_ADDRESS, _text(qname), f"no MX host of {_text(qname)} has an address ({names})"
+        )
+
+    async def resolve_host(self, host: str, port: int) -> list[NextHop]:
+        """The addresses of a smart host (``name``, ``1.2.3.4``, ``[1.2.3.4]``, ``[name]``), no MX lookup."""
+        literal = _address_literal(host, allow_name=True)
+        if literal is not None:
+            return [NextHop(literal, literal, port, 0)]
+        bare = host.strip()
+        if bare.startswith("[") and bare.endswith("]"):
+            bare = bare[1:-1]
+        qname = self._name(bare)
+        name = _text(qname)
+        return [NextHop(name, address, port, 0) for address in await self._addresses(qname, self._deadline())]
+
+    # ---- lookups -----------------------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        if self._config_error:
+            raise DnsError(CAUSE_SERVFAIL, "", self._config_error)
+        return asyncio.get_running_loop().time() + self._timeout
+
+    def _name(self, text: str) -> dns.name.Name:
+        """An absolute DNS name for `text`, or a permanent `DnsError` if it cannot be one."""
+        try:
+            name = dns.name.from_text(text.strip())
+        except (dns.exception.DNSException, UnicodeError, ValueError) as e:
+            raise DnsError(CAUSE_NXDOMAIN, text, f"{text!r} is not a valid domain name ({e})") from e
+        if name == dns.name.root:
+            raise DnsError(CAUSE_NXDOMAIN, text, f"{text!r} is not a valid domain name")
+        return name
+
+    def _ordered_exchanges(self, rrset: dns.rrset.RRset) -> list[tuple[int, dns.name.Name]]:
+        """Usable exchanges, by preference, equal preferences shuffled; a name listed twice keeps its best."""
+        best: dict[dns.name.Name, int] = {}
+        for rdata in rrset:
+            assert isinstance(rdata, dns.rdtypes.ANY.MX.MX)
+            if rdata.exchange == dns.name.root:  # null MX; ignored when mixed with real ones
+                continue
+            exchange = rdata.exchange.canonicalize()
+            best[exchange] = min(rdata.preference, best.get(exchange, rdata.preference))
+        ordered: list[tuple[int, dns.name.Name]] = []
+        for preference in sorted(set(best.values())):
+            group = sorted(name for name, pref in best.items() if pref == preference)
+            self._rng.shuffle(group)
+            ordered.extend((preference, name) for name in group)
+        return ordered
+
+    async def _addresses(self, qname: dns.name.Name, deadline: float) -> list[str]:
+        """A then AAAA addresses of `qname`; raises `DnsError` when there are none."""
+        rdtypes = [dns.rdatatype.A, dns.rdatatype.AAAA] if self._use_ipv6 else [dns.rdatatype.A]
+        results = await asyncio.gather(
+            *(self._query(qname, rdtype, deadline) for rdtype in rdtypes), return_exceptions=True
+        )
+        addresses: list[str] = []
+        failures: list[DnsError] = []
+        for result in results:
+            if isinstance(result, DnsError):
+                failures.append(result)
+            elif isinstance(result, BaseException):
+                raise result
+            elif result is not None and result.rrset is not None:
+                addresses.extend(a for a in (rdata.to_text() for rdata in result.rrset) if a not in addresses)
+        if addresses:
+            return addresses
+        for failure in failures:
+            if not failure.permanent:
+                raise failure
+        if failures and len(failures) == len(rdtypes):
+            raise failures[0]  # NXDOMAIN
+        families = "A/AAAA" if self._use_ipv6 else "A"
+        raise DnsError(CAUSE_NO_ADDRESS, _text(qname), f"{_text(qname)} has no {families} records")
+
+    async def _query(
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, deadline: float
+    ) -> dns.resolver.Answer | None:
+        """One lookup; None for NODATA; every failure as a `DnsError`."""
+        name, kind = _text(qname), dns.rdatatype.to_text(rdtype)
+        remaining = deadline - asyncio.get_running_loop().time()
+        if remaining <= 0:
+            raise DnsError(CAUSE_TIMEOUT, name, f"{name} {kind}: no answer within {self._timeout:g}s")
+        try:
+            return await self._resolver.resolve(qname, rdtype, lifetime=remaining, search=False)
+        except dns.resolver.NoAnswer:
+            return None
+        except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN) as e:
+            raise DnsError(CAUSE_NXDOMAIN, name, f"{name} {kind}: the domain does not exist") from e
+        except dns.exception.Timeout as e:
+            raise DnsError(CAUSE_TIMEOUT, name, f"{name} {kind}: no answer within {self._timeout:g}s") from e
+        except dns.resolver.NoNameservers as e:
+            raise DnsError(CAUSE_SERVFAIL, name, f"{name} {kind}: {e}") from e
+        except (dns.exception.DNSException, OSError, EOFError) as e:
+            raise DnsError(CAUSE_SERVFAIL, name, f"{name} {kind}: {type(e).__name__}: {e}") from e
+
+
+def _nameserver(ip: str, port: int) -> dns.nameserver.Do53Nameserver:
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        raise ValueError(f"resolver nameserver must be an IP address, not {ip!r}") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"resolver nameserver port out of range: {port}")
+    return dns.nameserver.Do53Nameserver(ip, port)
+
+
+def _address_literal(text: str, *, allow_name: bool) -> str | None:
+    """The IP of an address literal (``[1.2.3.4]``, ``[IPv6:2001:db8::1]``; a bare IP when `allow_name`).
+
+    None when `text` is a name; a permanent `DnsError` for a bracketed non-address (unless `allow_name`).
+    """
+    text = text.strip()
+    bracketed = text.startswith("[") and text.endswith("]")
+    inner = text[1:-1] if bracketed else text
+    if inner[:5].lower() == "ipv6:":
+        inner = inner[5:]
+        try:
+            return str(ipaddress.IPv6Address(inner))
+        except ValueError:
+            raise DnsError(CAUSE_NXDOMAIN, text, f"{text!r} is not a valid IPv6 address literal") from None
+    try:
+        address = ipaddress.ip_address(inner)
+    except ValueError:
+        if bracketed and not allow_name:
+            raise DnsError(CAUSE_NXDOMAIN, text, f"{text!r} is not a valid address literal") from None
+        return None
+    if not bracketed and not allow_name:
+        return None  # a domain that looks like an address is looked up as a name (it will not exist)
+    return str(address)
+
+
+def _text(name: dns.name.Name) -> str:
+    return name.to_text(omit_final_dot=True).lower()

@@ -1,0 +1,90 @@
+"""Inbound listeners: accept connections on `server.listen`, enforce `max_connections`, run sessions,
+and stop gracefully (stop listening, 421 to idle sessions, let sessions finishing a DATA commit complete).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from smtpsvc import events
+from smtpsvc.config import Config
+from smtpsvc.events import EventLog
+from smtpsvc.ingest import Ingest
+from smtpsvc.protocol import replies
+from smtpsvc.server.session import Session
+
+
+class SmtpServer:
+    def __init__(self, config: Config, ingest: Ingest, event_log: EventLog) -> None:
+        self.config = config
+        self.ingest = ingest
+        self.events = event_log
+        self._servers: list[asyncio.Server] = []
+        self._sessions: dict[asyncio.Task[None], Session] = {}
+        self._last_limit_event = 0.0
+        self.accepted = 0
+
+    @property
+    def sockets(self) -> list[tuple[str, int]]:
+        """The bound (host, port) pairs; with port 0 in the config this tells the real port."""
+        out = []
+        for server in self._servers:
+            for sock in server.sockets:
+                host, port = sock.getsockname()[:2]
+                out.append((host, port))
+        return out
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._sessions)
+
+    async def start(self) -> None:
+        for host, port in self.config.server.listen:
+            server = await asyncio.start_server(self._accept, host, port, reuse_address=True, backlog=1024,
+                                                limit=64 * 1024)
+            self._servers.append(server)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        limit = self.config.server.max_connections
+        if len(self._sessions) >= limit:
+            await self._refuse(writer, limit)
+            return
+        self.accepted += 1
+        session = Session(reader, writer, self.config, self.ingest, self.events)
+        task = asyncio.current_task()
+        assert task is not None
+        self._sessions[task] = session
+        try:
+            await session.run()
+        finally:
+            self._sessions.pop(task, None)
+
+    async def _refuse(self, writer: asyncio.StreamWriter, limit: int) -> None:
+        now = time.monotonic()
+        if now - self._last_limit_event > 60:  # one event a minute, not one per refused connection
+            self._last_limit_event = now
+            self.events.emit(events.Event(events.CONNECTION_LIMIT, events.connection_limit_text(limit)))
+        with contextlib.suppress(ConnectionError, OSError):
+            writer.write(replies.TOO_MANY_CONNECTIONS.to_bytes())
+            await asyncio.wait_for(writer.drain(), 5)
+        writer.close()
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting; idle sessions get 421 at once, busy ones `grace` seconds to finish."""
+        for server in self._servers:
+            server.close()
+        deadline = time.monotonic() + grace
+        while self._sessions and time.monotonic() < deadline:
+            for task, session in list(self._sessions.items()):
+                if session.idle:
+                    task.cancel()
+            await asyncio.sleep(0.05)
+        for task in list(self._sessions):
+            task.cancel()
+        if self._sessions:
+            await asyncio.gather(*self._sessions, return_exceptions=True)
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(server.wait_closed(), 5)

@@ -1,0 +1,103 @@
+"""Shared fixtures: a config writer, the service running in-process on 127.0.0.1:0, a sink, a DNS server."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpsvc.app import Service
+from smtpsvc.config import Config, load_config
+from tests.dnsserver import DnsServer
+from tests.sink import Sink
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return str(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    raise TypeError(value)
+
+
+def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
+    lines = []
+    for section, keys in sections.items():
+        lines.append(f"[{section}]")
+        lines.extend(f"{key} = {toml_value(value)}" for key, value in keys.items())
+        lines.append("")
+    path.write_text("\n".join(lines), encoding="utf-8")
+    return path
+
+
+def base_sections(root: Path, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A test config: hostname relay.test, local domain local.test, loopback port 0, fast retries."""
+    sections: dict[str, dict[str, Any]] = {
+        "server": {"hostname": "relay.test", "root": str(root), "listen": ["127.0.0.1:0"],
+                   "connection_timeout": "30s", "data_timeout": "60s"},
+        "domains": {"local": ["local.test"]},
+        "delivery": {"retry": ["1s"], "expiration": "1h", "timeout": "10s"},
+    }
+    for section, keys in overrides.items():
+        sections.setdefault(section, {}).update(keys)
+    return sections
+
+
+async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+StartService = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
+    """Start the service in this event loop with a test config (overrides per section)."""
+    started: list[Service] = []
+
+    async def start(**overrides: dict[str, Any]) -> Service:
+        config_file = write_config(tmp_path / f"smtpsvc{len(started)}.toml",
+                                   base_sections(tmp_path / "mailroot", **overrides))
+        config: Config = load_config(str(config_file), env={})
+        service = Service(config, str(config_file), log_stream=None, pickup_interval=0.05)
+        await service.start()
+        started.append(service)
+        return service
+
+    yield start
+    for service in started:
+        await service.stop()
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    server = Sink().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[DnsServer]:
+    with DnsServer() as server:
+        yield server
+
+
+def smtp_port(service: Service) -> int:
+    return service.smtp.sockets[0][1]

@@ -1,0 +1,158 @@
+"""The local spool: commit protocol, leasing, crash recovery, corrupt files, group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from smtpsvc.model import Envelope, Recipient, RecipientState
+from smtpsvc.queue.base import QueueError
+from smtpsvc.queue.local import LocalSpool
+
+
+def make_envelope(queue_id: str, due: float = 0.0) -> Envelope:
+    return Envelope(id=queue_id, sender="a@local.test", received_at=1.0,
+                    recipients=[Recipient("b@remote.test", next_attempt=due)])
+
+
+async def put(spool: LocalSpool, body: bytes = b"Subject: x\r\n\r\nbody\r\n", due: float = 0.0) -> Envelope:
+    writer = spool.create_writer()
+    writer.write(body)
+    envelope = make_envelope(writer.id, due)
+    await spool.put(writer, envelope)
+    return envelope
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[LocalSpool]:
+    s = LocalSpool(tmp_path / "queue")
+    s.open()
+    yield s
+    s.close()
+
+
+async def test_put_makes_body_and_envelope_files_and_nothing_in_tmp(spool: LocalSpool) -> None:
+    envelope = await put(spool)
+    assert (spool.dir / f"{envelope.id}.eml").read_bytes() == b"Subject: x\r\n\r\nbody\r\n"
+    saved = json.loads((spool.dir / f"{envelope.id}.env").read_bytes())
+    assert saved["recipients"][0]["address"] == "b@remote.test"
+    assert saved["size"] == len(b"Subject: x\r\n\r\nbody\r\n")
+    assert list(spool.tmp_dir.iterdir()) == []
+
+
+async def test_aborted_writer_leaves_no_file(spool: LocalSpool) -> None:
+    writer = spool.create_writer()
+    writer.write(b"partial")
+    writer.abort()
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert spool.list() == []
+
+
+async def test_lease_hands_out_due_messages_once(spool: LocalSpool) -> None:
+    due_now = await put(spool, due=0.0)
+    await put(spool, due=10_000.0)
+    assert [e.id for e in spool.lease(now=100.0, limit=10)] == [due_now.id]
+    assert spool.lease(now=100.0, limit=10) == []   # leased: not handed out twice
+    spool.release(due_now.id)
+    assert [e.id for e in spool.lease(now=100.0, limit=10)] == [due_now.id]
+
+
+async def test_save_persists_state_and_reschedules(spool: LocalSpool) -> None:
+    envelope = await put(spool)
+    [leased] = spool.lease(now=1.0, limit=1)
+    leased.recipients[0].attempts = 1
+    leased.recipients[0].next_attempt = 50.0
+    await spool.save(leased)
+    assert spool.next_due() == 50.0
+    saved = json.loads((spool.dir / f"{envelope.id}.env").read_bytes())
+    assert saved["recipients"][0]["attempts"] == 1
+
+
+async def test_complete_removes_both_files(spool: LocalSpool) -> None:
+    envelope = await put(spool)
+    await spool.complete(envelope.id)
+    assert list(spool.dir.glob(f"{envelope.id}.*")) == []
+    assert spool.get(envelope.id) is None
+
+
+async def test_recovery_discards_unacknowledged_writes_and_keeps_committed_mail(tmp_path: Path) -> None:
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    committed = await put(spool)
+    half = spool.create_writer()
+    half.write(b"never acknowledged")
+    half._flush_and_detach().close()                         # crash while receiving: left in tmp/
+    (spool.dir / "0000ORPHAN.eml").write_bytes(b"no envelope")  # crash between the two renames
+    spool.close()
+
+    again = LocalSpool(tmp_path / "queue")
+    again.open()
+    assert [e.id for e in again.list()] == [committed.id]
+    assert list(again.tmp_dir.iterdir()) == []
+    assert not (again.dir / "0000ORPHAN.eml").exists()
+    again.close()
+
+
+async def test_corrupt_envelope_is_moved_aside_with_a_report_and_others_still_load(tmp_path: Path) -> None:
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    good = await put(spool)
+    bad = await put(spool)
+    (spool.dir / f"{bad.id}.env").write_bytes(b"{not json")
+    spool.close()
+
+    reports: list[tuple[str, str]] = []
+    again = LocalSpool(tmp_path / "queue", on_corrupt=lambda name, reason: reports.append((name, reason)))
+    again.open()
+    assert [e.id for e in again.list()] == [good.id]
+    assert sorted(p.name for p in again.corrupt_dir.iterdir()) == [f"{bad.id}.eml", f"{bad.id}.env"]
+    assert reports and reports[0][0] == bad.id
+    again.close()
+
+
+async def test_envelope_without_message_file_is_moved_aside(tmp_path: Path) -> None:
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    lost = await put(spool)
+    (spool.dir / f"{lost.id}.eml").unlink()
+    spool.close()
+    reports: list[str] = []
+    again = LocalSpool(tmp_path / "queue", on_corrupt=lambda name, reason: reports.append(reason))
+    again.open()
+    assert again.list() == []
+    assert "missing" in reports[0]
+    again.close()
+
+
+async def test_a_second_process_cannot_open_the_same_spool(spool: LocalSpool) -> None:
+    other = LocalSpool(spool.dir)
+    with pytest.raises(QueueError, match="in use"):
+        other.open()
+
+
+async def test_concurrent_puts_share_fsync_batches(spool: LocalSpool) -> None:
+    await asyncio.gather(*(put(spool) for _ in range(50)))
+    batches, jobs = spool.commit_stats
+    assert jobs == 50
+    assert batches < 50  # group commit: callers waiting at the same time shared a batch
+    assert len(spool.list()) == 50
+
+
+async def test_frozen_message_is_not_leased(spool: LocalSpool) -> None:
+    envelope = await put(spool)
+    [leased] = spool.lease(now=1.0, limit=1)
+    leased.frozen = True
+    await spool.save(leased)
+    assert spool.lease(now=1e12, limit=10) == []
+    assert spool.get(envelope.id) is not None
+
+
+def test_envelope_json_round_trip() -> None:
+    envelope = make_envelope("ABC")
+    envelope.recipients[0].state = RecipientState.FAILED
+    envelope.recipients[0].notify = ("FAILURE", "DELAY")
+    assert Envelope.from_json(json.loads(json.dumps(envelope.to_json()))) == envelope
