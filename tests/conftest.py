@@ -42,8 +42,13 @@ def write_config(path: Path, sections: dict[str, dict[str, Any]]) -> Path:
 def base_sections(root: Path, **overrides: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """A test config: hostname relay.test, local domain local.test, loopback port 0, fast retries."""
     sections: dict[str, dict[str, Any]] = {
-        "server": {"hostname": "relay.test", "root": str(root), "listen": ["127.0.0.1:0"],
-                   "connection_timeout": "30s", "data_timeout": "60s"},
+        "server": {
+            "hostname": "relay.test",
+            "root": str(root),
+            "listen": ["127.0.0.1:0"],
+            "connection_timeout": "30s",
+            "data_timeout": "60s",
+        },
         "domains": {"local": ["local.test"]},
         "delivery": {"retry": ["1s"], "expiration": "1h", "timeout": "10s"},
     }
@@ -53,7 +58,7 @@ def base_sections(root: Path, **overrides: dict[str, Any]) -> dict[str, dict[str
 
 
 async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
-    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds (never a fixed sleep)."""
+    """Poll `predicate` until truthy; fail after `timeout` seconds (a bounded wait, never a fixed sleep)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
@@ -73,8 +78,9 @@ async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
     started: list[Service] = []
 
     async def start(**overrides: dict[str, Any]) -> Service:
-        config_file = write_config(tmp_path / f"smtpsvc{len(started)}.toml",
-                                   base_sections(tmp_path / "mailroot", **overrides))
+        config_file = write_config(
+            tmp_path / f"smtpsvc{len(started)}.toml", base_sections(tmp_path / "mailroot", **overrides)
+        )
         config: Config = load_config(str(config_file), env={})
         service = Service(config, str(config_file), log_stream=None, pickup_interval=0.05)
         await service.start()

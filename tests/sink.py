@@ -26,19 +26,22 @@ class SinkHandler:
     messages: list[Received] = field(default_factory=list)
     rcpt_attempts: list[str] = field(default_factory=list)
 
-    async def handle_RCPT(self, server: Any, session: Any, envelope: Any, address: str,
-                          rcpt_options: list[str]) -> str:
+    async def handle_RCPT(
+        self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
+    ) -> str:
         self.rcpt_attempts.append(address)
         local = address.split("@", 1)[0].lower()
         if local.startswith("reject"):
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         if local.startswith("defer"):
-            return "450 4.2.0 <{}>: Mailbox busy, try later".format(address)
+            return f"450 4.2.0 <{address}>: Mailbox busy, try later"
         envelope.rcpt_tos.append(address)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
-        self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.original_content)))
+        self.messages.append(
+            Received(envelope.mail_from, list(envelope.rcpt_tos), bytes(envelope.original_content))
+        )
         return "250 2.0.0 Ok: queued"
 
 
@@ -56,7 +59,9 @@ class Sink:
         async def serve() -> asyncio.AbstractServer:
             return await self._loop.create_server(
                 lambda: SMTP(self.handler, hostname="sink.test", decode_data=False, data_size_limit=0),
-                "127.0.0.1", 0)
+                "127.0.0.1",
+                0,
+            )
 
         self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -14,8 +14,10 @@ def test_drop_file_has_envelope_lines_then_the_message(tmp_path: Path) -> None:
     message.write_bytes(b"Subject: hi\r\n\r\nbody\r\n")
     path = write_drop_file(tmp_path / "drop", "Q1", "a@x.test", ["b@local.test", "c@local.test"], message)
     assert path.name == "Q1.eml"
-    assert path.read_bytes() == (b"X-Sender: <a@x.test>\r\nX-Receiver: <b@local.test>\r\n"
-                                 b"X-Receiver: <c@local.test>\r\nSubject: hi\r\n\r\nbody\r\n")
+    assert path.read_bytes() == (
+        b"X-Sender: <a@x.test>\r\nX-Receiver: <b@local.test>\r\n"
+        b"X-Receiver: <c@local.test>\r\nSubject: hi\r\n\r\nbody\r\n"
+    )
     assert [p.name for p in (tmp_path / "drop").iterdir()] == ["Q1.eml"]  # no temporary left behind
 
 
@@ -29,8 +31,14 @@ def test_second_drop_of_the_same_message_does_not_overwrite_the_first(tmp_path: 
 
 
 def test_badmail_item_has_message_reason_and_envelope(tmp_path: Path) -> None:
-    bad = write_badmail(tmp_path / "badmail", "Q9", b"Subject: ndr\r\n\r\nx\r\n",
-                        ["first failure 5.1.1", "second 4.4.7"], {"id": "Q9", "sender": ""}, max_size=10**6)
+    bad = write_badmail(
+        tmp_path / "badmail",
+        "Q9",
+        b"Subject: ndr\r\n\r\nx\r\n",
+        ["first failure 5.1.1", "second 4.4.7"],
+        {"id": "Q9", "sender": ""},
+        max_size=10**6,
+    )
     assert bad is not None and bad.name == "Q9.bad"
     assert bad.read_bytes() == b"Subject: ndr\r\n\r\nx\r\n"
     assert (tmp_path / "badmail" / "Q9.bdr").read_bytes() == b"first failure 5.1.1\r\nsecond 4.4.7\r\n"

@@ -1,4 +1,4 @@
-"""Pickup file parsing: X-lines or header-derived envelope, Bcc stripped, line ends normalised, invalid files."""
+"""Pickup file parsing: X-lines or header envelope, Bcc stripped, line ends normalised, invalid files."""
 
 from __future__ import annotations
 
@@ -35,19 +35,28 @@ def parse(content: bytes, max_size: int = 0) -> tuple[object, bytes]:
 
 
 def test_envelope_lines_give_the_envelope_and_are_not_part_of_the_message() -> None:
-    env, message = parse(b"x-sender: <a@x.test>\r\nX-Receiver: b@y.test\r\nX-RECEIVER: c@y.test\r\n"
-                         b"From: a@x.test\r\nSubject: s\r\n\r\nbody\r\n")
+    env, message = parse(
+        b"x-sender: <a@x.test>\r\nX-Receiver: b@y.test\r\nX-RECEIVER: c@y.test\r\n"
+        b"From: a@x.test\r\nSubject: s\r\n\r\nbody\r\n"
+    )
     assert env.sender == "a@x.test"  # type: ignore[attr-defined]
     assert env.recipients == ("b@y.test", "c@y.test")  # type: ignore[attr-defined]
     assert message == b"From: a@x.test\r\nSubject: s\r\n\r\nbody\r\n"
 
 
 def test_without_envelope_lines_recipients_come_from_to_cc_bcc_and_bcc_is_removed() -> None:
-    env, message = parse(b"From: Alice <a@x.test>\r\nTo: b@y.test, Carol <c@y.test>\r\nCc: d@y.test\r\n"
-                         b"Bcc: secret@y.test,\r\n  other@y.test\r\nSubject: s\r\n\r\nbody\r\n")
+    env, message = parse(
+        b"From: Alice <a@x.test>\r\nTo: b@y.test, Carol <c@y.test>\r\nCc: d@y.test\r\n"
+        b"Bcc: secret@y.test,\r\n  other@y.test\r\nSubject: s\r\n\r\nbody\r\n"
+    )
     assert env.sender == "a@x.test"  # type: ignore[attr-defined]
-    assert env.recipients == ("b@y.test", "c@y.test", "d@y.test", "secret@y.test",  # type: ignore[attr-defined]
-                              "other@y.test")
+    assert env.recipients == (
+        "b@y.test",
+        "c@y.test",
+        "d@y.test",
+        "secret@y.test",  # type: ignore[attr-defined]
+        "other@y.test",
+    )
     assert b"secret" not in message and b"other@" not in message
     assert message.startswith(b"From: Alice <a@x.test>\r\nTo: b@y.test")
 
@@ -62,13 +71,19 @@ def test_unix_line_ends_are_normalised_to_crlf() -> None:
     assert message == b"From: a@x.test\r\nTo: b@y.test\r\n\r\nline1\r\nline2\r\n"
 
 
-@pytest.mark.parametrize(("content", "reason"), [
-    (b"To: b@y.test\r\n\r\nno from\r\n", "no From"),
-    (b"From: a@x.test\r\nSubject: s\r\n\r\nnobody\r\n", "no recipients"),
-    (b"", "no message headers"),
-    (b"X-Sender: a@x.test\r\nX-Sender: b@x.test\r\nX-Receiver: c@y.test\r\n\r\n", "more than one X-Sender"),
-    (b"X-Receiver: not an address\r\nFrom: a@x.test\r\n\r\nbody\r\n", "invalid address"),
-])
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"To: b@y.test\r\n\r\nno from\r\n", "no From"),
+        (b"From: a@x.test\r\nSubject: s\r\n\r\nnobody\r\n", "no recipients"),
+        (b"", "no message headers"),
+        (
+            b"X-Sender: a@x.test\r\nX-Sender: b@x.test\r\nX-Receiver: c@y.test\r\n\r\n",
+            "more than one X-Sender",
+        ),
+        (b"X-Receiver: not an address\r\nFrom: a@x.test\r\n\r\nbody\r\n", "invalid address"),
+    ],
+)
 def test_invalid_files_are_refused_with_a_reason(content: bytes, reason: str) -> None:
     with pytest.raises(InvalidPickupFile, match=reason):
         parse(content)

@@ -15,8 +15,12 @@ from smtpsvc.queue.local import LocalSpool
 
 
 def make_envelope(queue_id: str, due: float = 0.0) -> Envelope:
-    return Envelope(id=queue_id, sender="a@local.test", received_at=1.0,
-                    recipients=[Recipient("b@remote.test", next_attempt=due)])
+    return Envelope(
+        id=queue_id,
+        sender="a@local.test",
+        received_at=1.0,
+        recipients=[Recipient("b@remote.test", next_attempt=due)],
+    )
 
 
 async def put(spool: LocalSpool, body: bytes = b"Subject: x\r\n\r\nbody\r\n", due: float = 0.0) -> Envelope:
@@ -56,7 +60,7 @@ async def test_lease_hands_out_due_messages_once(spool: LocalSpool) -> None:
     due_now = await put(spool, due=0.0)
     await put(spool, due=10_000.0)
     assert [e.id for e in spool.lease(now=100.0, limit=10)] == [due_now.id]
-    assert spool.lease(now=100.0, limit=10) == []   # leased: not handed out twice
+    assert spool.lease(now=100.0, limit=10) == []  # leased: not handed out twice
     spool.release(due_now.id)
     assert [e.id for e in spool.lease(now=100.0, limit=10)] == [due_now.id]
 
@@ -85,7 +89,7 @@ async def test_recovery_discards_unacknowledged_writes_and_keeps_committed_mail(
     committed = await put(spool)
     half = spool.create_writer()
     half.write(b"never acknowledged")
-    half._flush_and_detach().close()                         # crash while receiving: left in tmp/
+    half._flush_and_detach().close()  # crash while receiving: left in tmp/
     (spool.dir / "0000ORPHAN.eml").write_bytes(b"no envelope")  # crash between the two renames
     spool.close()
 

@@ -16,8 +16,10 @@ from tests.conftest import StartService, smtp_port, wait_until
 from tests.dnsserver import DnsServer
 from tests.sink import Sink
 
-MESSAGE = (b"From: Alice <alice@local.test>\r\nTo: bob@local.test\r\nSubject: hello\r\n\r\n"
-           b"first line\r\n.leading dot\r\n\r\nlast line\r\n")
+MESSAGE = (
+    b"From: Alice <alice@local.test>\r\nTo: bob@local.test\r\nSubject: hello\r\n\r\n"
+    b"first line\r\n.leading dot\r\n\r\nlast line\r\n"
+)
 
 
 async def send(service: Service, sender: str, recipients: list[str], message: bytes = MESSAGE) -> str:
@@ -41,14 +43,17 @@ def queue_is_empty(service: Service) -> bool:
 
 
 async def test_message_to_local_domain_lands_in_drop_with_envelope_lines_and_exact_body(
-        start_service: StartService) -> None:
+    start_service: StartService,
+) -> None:
     service = await start_service()
     reply = await send(service, "alice@local.test", ["bob@local.test", "carol@LOCAL.test"])
     assert "Queued mail for delivery" in reply
     files = await wait_until(lambda: drop_files(service), what="a drop file")
     data = files[0].read_bytes()
-    assert data.startswith(b"X-Sender: <alice@local.test>\r\nX-Receiver: <bob@local.test>\r\n"
-                           b"X-Receiver: <carol@LOCAL.test>\r\nReceived: from ")
+    assert data.startswith(
+        b"X-Sender: <alice@local.test>\r\nX-Receiver: <bob@local.test>\r\n"
+        b"X-Receiver: <carol@LOCAL.test>\r\nReceived: from "
+    )
     assert data.endswith(MESSAGE)  # the client's bytes, unstuffed, exactly
     await wait_until(lambda: queue_is_empty(service), what="the queue to empty")
 
@@ -66,11 +71,13 @@ async def test_message_to_remote_domain_reaches_smart_host(start_service: StartS
 
 
 async def test_message_to_remote_domain_reaches_mx_found_in_dns(
-        start_service: StartService, sink: Sink, dns_server: DnsServer) -> None:
+    start_service: StartService, sink: Sink, dns_server: DnsServer
+) -> None:
     dns_server.add_mx("remote.test", 10, "mx1.remote.test")
     dns_server.add_a("mx1.remote.test", "127.0.0.1")
-    service = await start_service(resolver={"nameservers": [dns_server.nameserver]},
-                                  delivery={"remote_port": sink.port})
+    service = await start_service(
+        resolver={"nameservers": [dns_server.nameserver]}, delivery={"remote_port": sink.port}
+    )
     await send(service, "alice@local.test", ["erin@remote.test"])
     await wait_until(lambda: sink.messages, what="delivery by MX")
     assert sink.messages[0].rcpt_tos == ["erin@remote.test"]
@@ -81,19 +88,24 @@ async def test_pickup_file_with_envelope_lines_is_delivered_and_removed(start_se
     service = await start_service()
     body = b"From: app@local.test\r\nSubject: report\r\n\r\nnightly report\r\n"
     pickup_file = service.folders["pickup"] / "job1.eml"
-    pickup_file.write_bytes(b"X-Sender: app@local.test\r\nX-Receiver: <ops@local.test>\r\n"
-                            b"x-receiver: dba@local.test\r\n" + body)
+    pickup_file.write_bytes(
+        b"X-Sender: app@local.test\r\nX-Receiver: <ops@local.test>\r\nx-receiver: dba@local.test\r\n" + body
+    )
     files = await wait_until(lambda: drop_files(service), what="the picked-up message in drop/")
     data = files[0].read_bytes()
-    assert data.startswith(b"X-Sender: <app@local.test>\r\nX-Receiver: <ops@local.test>\r\n"
-                           b"X-Receiver: <dba@local.test>\r\n")
+    assert data.startswith(
+        b"X-Sender: <app@local.test>\r\nX-Receiver: <ops@local.test>\r\nX-Receiver: <dba@local.test>\r\n"
+    )
     assert data.endswith(body)
-    assert b"x-receiver" not in data.lower().split(b"\r\nreceived:", 1)[1]  # envelope lines not in the message
+    assert (
+        b"x-receiver" not in data.lower().split(b"\r\nreceived:", 1)[1]
+    )  # envelope lines not in the message
     await wait_until(lambda: not pickup_file.exists(), what="the pickup file to be removed")
 
 
 async def test_drop_file_copied_into_pickup_is_replayed_to_the_same_recipients(
-        start_service: StartService) -> None:
+    start_service: StartService,
+) -> None:
     service = await start_service()
     await send(service, "alice@local.test", ["bob@local.test", "carol@local.test"])
     first = (await wait_until(lambda: drop_files(service), what="the first drop file"))[0]
@@ -101,13 +113,16 @@ async def test_drop_file_copied_into_pickup_is_replayed_to_the_same_recipients(
     first.rename(service.folders["pickup"] / "replay.eml")
     replayed = (await wait_until(lambda: drop_files(service), what="the replayed drop file"))[0]
     data = replayed.read_bytes()
-    assert data.startswith(b"X-Sender: <alice@local.test>\r\nX-Receiver: <bob@local.test>\r\n"
-                           b"X-Receiver: <carol@local.test>\r\nReceived: from pickup")
+    assert data.startswith(
+        b"X-Sender: <alice@local.test>\r\nX-Receiver: <bob@local.test>\r\n"
+        b"X-Receiver: <carol@local.test>\r\nReceived: from pickup"
+    )
     assert data.endswith(original.split(b"\r\n", 3)[3])  # the whole original message follows
 
 
 async def test_permanent_failure_from_remote_produces_ndr_in_senders_drop_folder(
-        start_service: StartService, sink: Sink) -> None:
+    start_service: StartService, sink: Sink
+) -> None:
     service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
     await send(service, "alice@local.test", ["reject-me@remote.test"])
     files = await wait_until(lambda: drop_files(service), what="an NDR in drop/")
@@ -125,9 +140,11 @@ async def test_permanent_failure_from_remote_produces_ndr_in_senders_drop_folder
 
 
 async def test_transient_failure_is_retried_on_schedule_then_expires_into_ndr(
-        start_service: StartService, sink: Sink) -> None:
-    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}", "retry": ["500ms"],
-                                            "expiration": "3s"})
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(
+        delivery={"smart_host": f"[127.0.0.1]:{sink.port}", "retry": ["500ms"], "expiration": "3s"}
+    )
     await send(service, "alice@local.test", ["defer-me@remote.test"])
     files = await wait_until(lambda: drop_files(service), timeout=30, what="the expiry NDR")
     attempts = sink.handler.rcpt_attempts.count("defer-me@remote.test")
@@ -139,7 +156,8 @@ async def test_transient_failure_is_retried_on_schedule_then_expires_into_ndr(
 
 
 async def test_client_outside_relay_allow_cannot_relay_and_nothing_is_queued(
-        start_service: StartService) -> None:
+    start_service: StartService,
+) -> None:
     service = await start_service(relay={"allow": ["192.0.2.0/24"]})
 
     def attempt() -> tuple[int, bytes]:
@@ -155,8 +173,15 @@ async def test_client_outside_relay_allow_cannot_relay_and_nothing_is_queued(
     assert not list(service.folders["queue"].glob("*.eml"))
 
 
-@pytest.mark.parametrize("rcpt", ["user%remote.test@local.test", '"user@remote.test"@local.test',
-                                  "remote.test!user@local.test", "@local.test:user@remote.test"])
+@pytest.mark.parametrize(
+    "rcpt",
+    [
+        "user%remote.test@local.test",
+        '"user@remote.test"@local.test',
+        "remote.test!user@local.test",
+        "@local.test:user@remote.test",
+    ],
+)
 async def test_relay_tricks_in_local_part_are_refused(start_service: StartService, rcpt: str) -> None:
     service = await start_service(relay={"allow": []})
 

@@ -36,8 +36,13 @@ class MailrootError(Exception):
 
 
 class Service:
-    def __init__(self, config: Config, config_path: str | None = None, log_stream: TextIO | None = sys.stderr,
-                 pickup_interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        config: Config,
+        config_path: str | None = None,
+        log_stream: TextIO | None = sys.stderr,
+        pickup_interval: float = 1.0,
+    ) -> None:
         self.config = config
         self.config_path = config_path
         self.root = Path(config.server.root)
@@ -63,7 +68,8 @@ class Service:
             except OSError as exc:
                 text = f"The {name} folder {path} cannot be used: {exc.strerror or exc}"
                 EventLog(None, stream=self._log_stream).emit(
-                    events.Event(events.MAILROOT_UNUSABLE, text, cause="mailroot-unusable"))
+                    events.Event(events.MAILROOT_UNUSABLE, text, cause="mailroot-unusable")
+                )
                 raise MailrootError(text) from exc
 
     async def start(self) -> None:
@@ -79,28 +85,45 @@ class Service:
         cfg = self.config
         self.ingest = Ingest(self.queue, cfg, self.events, on_queued=lambda: self.scheduler.wake())
         resolver = MxResolver(cfg.resolver.nameservers, timeout=min(cfg.delivery.timeout, 30.0))
-        self.scheduler = Scheduler(self.queue, cfg, self.ingest, self.events, resolver,
-                                   self.folders["drop"], self.folders["badmail"])
-        self.pickup = PickupScanner(self.folders["pickup"], self.folders["badmail"], self.ingest, cfg,
-                                    self.events, interval=self._pickup_interval)
+        self.scheduler = Scheduler(
+            self.queue, cfg, self.ingest, self.events, resolver, self.folders["drop"], self.folders["badmail"]
+        )
+        self.pickup = PickupScanner(
+            self.folders["pickup"],
+            self.folders["badmail"],
+            self.ingest,
+            cfg,
+            self.events,
+            interval=self._pickup_interval,
+        )
         self.pickup.open()
         self.smtp = SmtpServer(cfg, self.ingest, self.events)
         await self.smtp.start()
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self.scheduler.run(), name="scheduler"),
-                       loop.create_task(self.pickup.run(), name="pickup"),
-                       loop.create_task(self._flush_events(), name="event-log-flush")]
+        self._tasks = [
+            loop.create_task(self.scheduler.run(), name="scheduler"),
+            loop.create_task(self.pickup.run(), name="pickup"),
+            loop.create_task(self._flush_events(), name="event-log-flush"),
+        ]
         listening = ", ".join(f"{h}:{p}" for h, p in self.smtp.sockets)
-        self.events.emit(events.Event(
-            events.SERVICE_STARTED,
-            f"smtpsvc started; root {self.root.resolve()}; listening on {listening}; "
-            f"{len(self.queue.list())} message(s) in the queue"))
+        self.events.emit(
+            events.Event(
+                events.SERVICE_STARTED,
+                f"smtpsvc started; root {self.root.resolve()}; listening on {listening}; "
+                f"{len(self.queue.list())} message(s) in the queue",
+            )
+        )
         self.events.flush()
 
     def _corrupt(self, name: str, reason: str) -> None:
-        self.events.emit(events.Event(events.QUEUE_FILE_CORRUPT,
-                                      f"Queue file {name} is unreadable and was moved to queue/corrupt: {reason}",
-                                      queue_id=name, cause="queue-file-corrupt"))
+        self.events.emit(
+            events.Event(
+                events.QUEUE_FILE_CORRUPT,
+                f"Queue file {name} is unreadable and was moved to queue/corrupt: {reason}",
+                queue_id=name,
+                cause="queue-file-corrupt",
+            )
+        )
 
     async def _flush_events(self) -> None:
         while True:
@@ -128,15 +151,21 @@ class Service:
         try:
             config = load_config(self.config_path, os.environ, root_override=str(self.root))
         except ConfigError as exc:
-            self.events.emit(events.Event(events.SERVICE_STARTED,
-                                          f"Configuration reload failed; keeping the old one: {exc}",
-                                          cause="config-reload-failed"))
+            self.events.emit(
+                events.Event(
+                    events.SERVICE_STARTED,
+                    f"Configuration reload failed; keeping the old one: {exc}",
+                    cause="config-reload-failed",
+                )
+            )
             return
         self.config = config
         for part in (self.ingest, self.scheduler, self.pickup, self.smtp):
             part.config = config
         self.scheduler.wake()
-        self.events.emit(events.Event(events.SERVICE_STARTED, "Configuration reloaded", cause="config-reload"))
+        self.events.emit(
+            events.Event(events.SERVICE_STARTED, "Configuration reloaded", cause="config-reload")
+        )
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()
@@ -161,8 +190,11 @@ def run_service(config: Config, config_path: str | None) -> int:
         except MailrootError:
             return 1
         except OSError as exc:
-            print(f"smtpsvc: cannot listen on {', '.join(f'{h}:{p}' for h, p in config.server.listen)}: "
-                  f"{exc.strerror or exc}", file=sys.stderr)
+            print(
+                f"smtpsvc: cannot listen on {', '.join(f'{h}:{p}' for h, p in config.server.listen)}: "
+                f"{exc.strerror or exc}",
+                file=sys.stderr,
+            )
             await service.queue.drain()
             service.queue.close()
             return 1
@@ -173,4 +205,4 @@ def run_service(config: Config, config_path: str | None) -> int:
         import uvloop
     except ImportError:
         return asyncio.run(main())
-    return uvloop.run(main())  # type: ignore[no-any-return]
+    return uvloop.run(main())

@@ -13,7 +13,14 @@ from pathlib import Path
 import click
 
 from smtpsvc import __version__
-from smtpsvc.config import Config, ConfigError, default_config_path, load_config, render_effective, render_example
+from smtpsvc.config import (
+    Config,
+    ConfigError,
+    default_config_path,
+    load_config,
+    render_effective,
+    render_example,
+)
 
 
 def _config_path(option: str | None) -> str | None:
@@ -31,9 +38,14 @@ def _load(path: str | None, root: str | None = None, listen: tuple[str, ...] = (
         raise SystemExit(2) from None
 
 
-config_option = click.option("-c", "--config", "config_file", metavar="FILE",
-                             help="Configuration file (default: $SMTPSVC_CONFIG, else ./smtpsvc.toml if present, "
-                                  "else built-in defaults).")
+config_option = click.option(
+    "-c",
+    "--config",
+    "config_file",
+    metavar="FILE",
+    help="Configuration file (default: $SMTPSVC_CONFIG, else ./smtpsvc.toml if present, "
+    "else built-in defaults).",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -45,7 +57,9 @@ def main() -> None:
 @main.command()
 @config_option
 @click.option("--root", metavar="DIR", help="Mailroot folder (overrides server.root).")
-@click.option("--listen", metavar="HOST:PORT", multiple=True, help="Listen address (overrides server.listen).")
+@click.option(
+    "--listen", metavar="HOST:PORT", multiple=True, help="Listen address (overrides server.listen)."
+)
 def serve(config_file: str | None, root: str | None, listen: tuple[str, ...]) -> None:
     """Run the service in the foreground until SIGTERM or Ctrl-C."""
     from smtpsvc.app import run_service  # imported here so `config` commands stay light

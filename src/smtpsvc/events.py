@@ -10,6 +10,7 @@ log is diagnostic, the queue files are the truth, so it need not be fsynced on t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import threading
@@ -53,8 +54,9 @@ QUEUE_FILE_CORRUPT = 9001
 SERVICE_STARTED = 9002
 SERVICE_STOPPED = 9003
 PICKUP_REJECTED = 9004
-LEVELS.update({QUEUE_FILE_CORRUPT: "error", SERVICE_STARTED: "info", SERVICE_STOPPED: "info",
-               PICKUP_REJECTED: "error"})
+LEVELS.update(
+    {QUEUE_FILE_CORRUPT: "error", SERVICE_STARTED: "info", SERVICE_STOPPED: "info", PICKUP_REJECTED: "error"}
+)
 
 
 def remote_domain_failed_text(domain: str, reason: str) -> str:
@@ -62,8 +64,10 @@ def remote_domain_failed_text(domain: str, reason: str) -> str:
 
 
 def remote_host_failed_text(ip: str, domain: str, reason: str) -> str:
-    return (f"Message delivery to the host '{ip}' failed while delivering to the remote domain "
-            f"'{domain}' for the following reason: {reason}")
+    return (
+        f"Message delivery to the host '{ip}' failed while delivering to the remote domain "
+        f"'{domain}' for the following reason: {reason}"
+    )
 
 
 def connection_limit_text(limit: int) -> str:
@@ -122,11 +126,11 @@ class EventLog:
                 self._flush_locked()
         if self._stream is not None:
             extra = " ".join(f"{k}={record[k]}" for k in ("queue_id", "cause", "status") if k in record)
-            try:
-                self._stream.write(f"{record['time']} {record['level']} {event.id} {event.text}"
-                                   f"{' ' + extra if extra else ''}\n")
-            except (OSError, ValueError):
-                pass  # a closed stderr must never stop mail flow
+            with contextlib.suppress(OSError, ValueError):  # a closed stderr must never stop mail flow
+                self._stream.write(
+                    f"{record['time']} {record['level']} {event.id} {event.text}"
+                    f"{' ' + extra if extra else ''}\n"
+                )
 
     def flush(self) -> None:
         with self._lock:
@@ -164,4 +168,3 @@ def read_events(path: Path) -> list[dict[str, Any]]:
             if isinstance(record, dict):
                 out.append(record)
     return out
-

@@ -18,8 +18,16 @@ from smtpsvc.queue.base import MessageWriter, Queue
 from smtpsvc.routing.categorizer import route_for
 
 
-def received_header(*, hostname: str, queue_id: str, helo: str = "", client_ip: str = "",
-                    protocol: str = "ESMTP", unverified: bool = False, now: float | None = None) -> bytes:
+def received_header(
+    *,
+    hostname: str,
+    queue_id: str,
+    helo: str = "",
+    client_ip: str = "",
+    protocol: str = "ESMTP",
+    unverified: bool = False,
+    now: float | None = None,
+) -> bytes:
     """RFC 5321 §4.4 trace header, folded onto two lines to stay short."""
     stamp = formatdate(time.time() if now is None else now, localtime=False)
     if client_ip:
@@ -35,8 +43,9 @@ def _clean(text: str) -> str:
 
 
 class Ingest:
-    def __init__(self, queue: Queue, config: Config, event_log: EventLog,
-                 on_queued: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self, queue: Queue, config: Config, event_log: EventLog, on_queued: Callable[[], None] = lambda: None
+    ) -> None:
         self.queue = queue
         self.config = config
         self.events = event_log
@@ -69,14 +78,18 @@ class Ingest:
             original_id=envelope_fields.original_id,
         )
         await self.queue.put(writer, envelope)
-        self.events.emit(events.Event(
-            events.MESSAGE_QUEUED,
-            f"Message queued from {envelope.source.value}"
-            f"{' client ' + envelope.client_ip if envelope.client_ip else ''}",
-            queue_id=envelope.id,
-            track=(f"from=<{envelope.sender}>, size={envelope.size}, nrcpt={len(recipients)}, "
-                   f"source={envelope.source.value}"),
-        ))
+        self.events.emit(
+            events.Event(
+                events.MESSAGE_QUEUED,
+                f"Message queued from {envelope.source.value}"
+                f"{' client ' + envelope.client_ip if envelope.client_ip else ''}",
+                queue_id=envelope.id,
+                track=(
+                    f"from=<{envelope.sender}>, size={envelope.size}, nrcpt={len(recipients)}, "
+                    f"source={envelope.source.value}"
+                ),
+            )
+        )
         self._on_queued()
         return envelope
 

@@ -13,16 +13,16 @@ from typing import Any
 
 
 class RecipientState(StrEnum):
-    PENDING = "pending"      # still to deliver (first try or retry)
+    PENDING = "pending"  # still to deliver (first try or retry)
     DELIVERED = "delivered"  # a 2xx from the next hop, or written to Drop
-    FAILED = "failed"        # permanent failure or expired; an NDR covers it
+    FAILED = "failed"  # permanent failure or expired; an NDR covers it
 
 
 class Source(StrEnum):
     SMTP = "smtp"
     PICKUP = "pickup"
-    DSN = "dsn"          # a report we generated (NDR, delay DSN)
-    REPLAY = "replay"    # Badmail replay / admin resubmission
+    DSN = "dsn"  # a report we generated (NDR, delay DSN)
+    REPLAY = "replay"  # Badmail replay / admin resubmission
 
 
 @dataclass(slots=True)
@@ -30,22 +30,22 @@ class Attempt:
     """One delivery attempt for one recipient, kept in its history."""
 
     time: float
-    reply: str           # "250 2.0.0 OK", "450 4.2.0 busy", or our own diagnosis
-    host: str = ""       # "mx.example.test[127.0.0.1]:25", "drop"
+    reply: str  # "250 2.0.0 OK", "450 4.2.0 busy", or our own diagnosis
+    host: str = ""  # "mx.example.test[127.0.0.1]:25", "drop"
 
 
 @dataclass(slots=True)
 class Recipient:
     address: str
     state: RecipientState = RecipientState.PENDING
-    notify: tuple[str, ...] = ()   # RFC 3461 NOTIFY values; empty = not given (default FAILURE,DELAY)
-    orcpt: str = ""                # RFC 3461 ORCPT, "rfc822;addr" form, empty when not given
+    notify: tuple[str, ...] = ()  # RFC 3461 NOTIFY values; empty = not given (default FAILURE,DELAY)
+    orcpt: str = ""  # RFC 3461 ORCPT, "rfc822;addr" form, empty when not given
     attempts: int = 0
-    next_attempt: float = 0.0      # epoch seconds; 0 = now
-    last_reply: str = ""           # last reply or diagnosis ("451 4.3.0 ...")
-    status: str = ""               # enhanced status of the last result ("5.1.1")
-    remote_mta: str = ""           # host that gave the last reply
-    route: str = ""                # link name of the last routing decision
+    next_attempt: float = 0.0  # epoch seconds; 0 = now
+    last_reply: str = ""  # last reply or diagnosis ("451 4.3.0 ...")
+    status: str = ""  # enhanced status of the last result ("5.1.1")
+    remote_mta: str = ""  # host that gave the last reply
+    route: str = ""  # link name of the last routing decision
     history: list[Attempt] = field(default_factory=list)
 
     @property
@@ -62,21 +62,21 @@ class Envelope:
     """The SMTP (P1) envelope of one queued message plus its delivery state."""
 
     id: str
-    sender: str                    # "" is the null reverse-path <>
+    sender: str  # "" is the null reverse-path <>
     recipients: list[Recipient]
     received_at: float
     source: Source = Source.SMTP
     client_ip: str = ""
     helo: str = ""
-    body: str = ""                 # BODY= parameter as given ("7BIT", "8BITMIME") or ""
-    size: int = 0                  # bytes of the stored message file
-    ret: str = ""                  # RFC 3461 RET (FULL|HDRS) or ""
-    envid: str = ""                # RFC 3461 ENVID or ""
+    body: str = ""  # BODY= parameter as given ("7BIT", "8BITMIME") or ""
+    size: int = 0  # bytes of the stored message file
+    ret: str = ""  # RFC 3461 RET (FULL|HDRS) or ""
+    envid: str = ""  # RFC 3461 ENVID or ""
     smtputf8: bool = False
     frozen: bool = False
     delay_notified: bool = False
-    dsn_kind: str = ""             # for reports we made: "failure" | "delay"; "" for ordinary mail
-    original_id: str = ""          # for reports: the queue id of the message reported on
+    dsn_kind: str = ""  # for reports we made: "failure" | "delay"; "" for ordinary mail
+    original_id: str = ""  # for reports: the queue id of the message reported on
 
     @property
     def is_report(self) -> bool:
@@ -115,8 +115,10 @@ class Envelope:
                     status=str(r.get("status", "")),
                     remote_mta=str(r.get("remote_mta", "")),
                     route=str(r.get("route", "")),
-                    history=[Attempt(float(a["time"]), str(a["reply"]), str(a.get("host", "")))
-                             for a in r.get("history", [])],
+                    history=[
+                        Attempt(float(a["time"]), str(a["reply"]), str(a.get("host", "")))
+                        for a in r.get("history", [])
+                    ],
                 )
             )
         if not isinstance(data["id"], str) or not data["id"]:
@@ -145,11 +147,11 @@ class Envelope:
 class Route:
     """Where a recipient goes next. `link` names the queue the operator sees (Exchange "link")."""
 
-    kind: str                          # "drop" | "smtp"
-    link: str                          # "drop", "smarthost", or the recipient domain for MX routing
-    hosts: tuple[tuple[str, int], ...] = ()   # explicit next hops (smart host); empty = look up MX
-    mx_domain: str = ""                # domain whose MX to resolve when hosts is empty
-    port: int = 25                     # port for MX-resolved hosts
+    kind: str  # "drop" | "smtp"
+    link: str  # "drop", "smarthost", or the recipient domain for MX routing
+    hosts: tuple[tuple[str, int], ...] = ()  # explicit next hops (smart host); empty = look up MX
+    mx_domain: str = ""  # domain whose MX to resolve when hosts is empty
+    port: int = 25  # port for MX-resolved hosts
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,9 +160,9 @@ class DeliveryResult:
 
     address: str
     ok: bool
-    permanent: bool                    # meaningful when not ok
-    reply: str                         # the reply text as received, or our diagnosis
-    status: str                        # enhanced status code, e.g. "5.1.1"
+    permanent: bool  # meaningful when not ok
+    reply: str  # the reply text as received, or our diagnosis
+    status: str  # enhanced status code, e.g. "5.1.1"
     remote_mta: str = ""
 
 

@@ -294,6 +294,19 @@ def test_unknown_verb_is_500(line: bytes) -> None:
     assert str(r.reply) == "500 5.5.1 Unrecognized command"
 
 
+def test_rejected_verb_never_carries_junk() -> None:
+    assert rejected(greeted().feed(b"\x00\xffjunk arg\r\n")).verb == "?"
+
+
+def test_awaiting_reply_names_the_owed_event() -> None:
+    s = greeted()
+    s.conn.receive_data(b"NOOP\r\n")
+    event = s.conn.next_event()
+    assert s.conn.awaiting_reply == event == Noop()
+    s.conn.send(R.OK)
+    assert s.conn.awaiting_reply is None
+
+
 def test_rejected_carries_the_verb() -> None:
     assert rejected(greeted().feed(b"xyzzy now\r\n")).verb == "XYZZY"
 

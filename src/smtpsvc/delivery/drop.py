@@ -23,8 +23,9 @@ def envelope_lines(sender: str, recipients: Sequence[str]) -> bytes:
     return "".join(lines).encode("utf-8")
 
 
-def write_drop_file(drop_dir: Path, queue_id: str, sender: str, recipients: Sequence[str],
-                    message_path: Path) -> Path:
+def write_drop_file(
+    drop_dir: Path, queue_id: str, sender: str, recipients: Sequence[str], message_path: Path
+) -> Path:
     """Deliver into drop/; returns the final path. Raises OSError (a transient failure, e.g. disk full)."""
     drop_dir.mkdir(parents=True, exist_ok=True)
     tmp = drop_dir / f".{queue_id}.{os.getpid()}.tmp"

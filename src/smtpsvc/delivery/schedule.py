@@ -19,8 +19,14 @@ def retry_delay(attempts: int, schedule: Sequence[float], rng: random.Random | N
     return base * (rng or random).uniform(0.9, 1.1)
 
 
-def next_attempt_time(now: float, attempts: int, received_at: float, expiration: float,
-                      schedule: Sequence[float], rng: random.Random | None = None) -> float:
+def next_attempt_time(
+    now: float,
+    attempts: int,
+    received_at: float,
+    expiration: float,
+    schedule: Sequence[float],
+    rng: random.Random | None = None,
+) -> float:
     return min(now + retry_delay(attempts, schedule, rng), received_at + expiration)
 
 

@@ -29,17 +29,26 @@ from smtpsvc.queue.local import LocalSpool
 from smtpsvc.routing.categorizer import route_for
 from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
 
-HISTORY_KEPT = 20              # attempts remembered per recipient
+HISTORY_KEPT = 20  # attempts remembered per recipient
 HEADER_READ_LIMIT = 256 * 1024  # how much of a message we read to find its header block for a report
-EXPIRED_TEXT = ("Could not deliver the message in the time limit specified. Please retry or contact your "
-                "administrator.")
-INTERNAL_RETRY = 300.0         # back-off after an unexpected internal error
+EXPIRED_TEXT = (
+    "Could not deliver the message in the time limit specified. Please retry or contact your administrator."
+)
+INTERNAL_RETRY = 300.0  # back-off after an unexpected internal error
 
 
 class Scheduler:
-    def __init__(self, queue: LocalSpool, config: Config, ingest: Ingest, event_log: EventLog,
-                 resolver: MxResolver, drop_dir: Path, badmail_dir: Path,
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        queue: LocalSpool,
+        config: Config,
+        ingest: Ingest,
+        event_log: EventLog,
+        resolver: MxResolver,
+        drop_dir: Path,
+        badmail_dir: Path,
+        rng: random.Random | None = None,
+    ) -> None:
         self.queue = queue
         self.config = config
         self.ingest = ingest
@@ -51,7 +60,7 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self.transcripts: dict[str, list[str]] = {}   # last SMTP transcript per queue id (in memory for now)
+        self.transcripts: dict[str, list[str]] = {}  # last SMTP transcript per queue id (in memory for now)
 
     def wake(self) -> None:
         self._wake.set()
@@ -97,13 +106,18 @@ class Scheduler:
         except asyncio.CancelledError:
             self.queue.release(envelope.id)
             raise
-        except Exception as exc:  # noqa: BLE001 - one bad message must not stop delivery of the rest
+        except Exception as exc:  # one bad message must not stop delivery of the rest
             for rcpt in envelope.pending:
                 rcpt.next_attempt = time.time() + INTERNAL_RETRY
                 rcpt.last_reply = f"internal error: {type(exc).__name__}: {exc}"
-            self.events.emit(events.Event(
-                events.REMOTE_DOMAIN_FAILED, f"Internal error while delivering: {type(exc).__name__}: {exc}",
-                queue_id=envelope.id, cause="internal-error"))
+            self.events.emit(
+                events.Event(
+                    events.REMOTE_DOMAIN_FAILED,
+                    f"Internal error while delivering: {type(exc).__name__}: {exc}",
+                    queue_id=envelope.id,
+                    cause="internal-error",
+                )
+            )
             with contextlib.suppress(QueueError):
                 await self.queue.save(envelope)
             self.queue.release(envelope.id)
@@ -115,8 +129,9 @@ class Scheduler:
             route = route_for(rcpt.address, self.config)
             rcpt.route = route.link
             groups.setdefault(route, []).append(rcpt)
-        outcomes = await asyncio.gather(*(self._deliver_group(envelope, route, rcpts)
-                                          for route, rcpts in groups.items()))
+        outcomes = await asyncio.gather(
+            *(self._deliver_group(envelope, route, rcpts) for route, rcpts in groups.items())
+        )
         now = time.time()
         by_address = {r.address: r for r in envelope.pending}
         newly_failed: list[Recipient] = []
@@ -131,14 +146,24 @@ class Scheduler:
             if expired(now, envelope.received_at, cfg.expiration):
                 rcpt.state = RecipientState.FAILED
                 rcpt.status = "4.4.7"
-                rcpt.last_reply = f"{EXPIRED_TEXT} Last error: {rcpt.last_reply}" if rcpt.last_reply \
-                    else EXPIRED_TEXT
+                rcpt.last_reply = (
+                    f"{EXPIRED_TEXT} Last error: {rcpt.last_reply}" if rcpt.last_reply else EXPIRED_TEXT
+                )
                 newly_failed.append(rcpt)
-                self.events.emit(events.Event(
-                    events.NDR_SENT, f"Message to {rcpt.address} expired after {rcpt.attempts} attempts",
-                    queue_id=envelope.id, domain=rcpt.domain, status="4.4.7", cause="expired",
-                    track=(f"to=<{rcpt.address}>, relay=none, delay={now - envelope.received_at:.2f}, "
-                           f"dsn=4.4.7, status=expired ({rcpt.last_reply})")))
+                self.events.emit(
+                    events.Event(
+                        events.NDR_SENT,
+                        f"Message to {rcpt.address} expired after {rcpt.attempts} attempts",
+                        queue_id=envelope.id,
+                        domain=rcpt.domain,
+                        status="4.4.7",
+                        cause="expired",
+                        track=(
+                            f"to=<{rcpt.address}>, relay=none, delay={now - envelope.received_at:.2f}, "
+                            f"dsn=4.4.7, status=expired ({rcpt.last_reply})"
+                        ),
+                    )
+                )
         if newly_failed:
             await self._report_failures(envelope, newly_failed)
         if envelope.pending:
@@ -155,26 +180,46 @@ class Scheduler:
         rcpt.history.append(Attempt(now, result.reply, result.remote_mta))
         del rcpt.history[:-HISTORY_KEPT]
         delay = now - envelope.received_at
-        track = (f"to=<{rcpt.address}>, relay={result.remote_mta or 'none'}, delay={delay:.2f}, "
-                 f"dsn={result.status}, status=%s ({result.reply})")
+        track = (
+            f"to=<{rcpt.address}>, relay={result.remote_mta or 'none'}, delay={delay:.2f}, "
+            f"dsn={result.status}, status=%s ({result.reply})"
+        )
         if result.ok:
             rcpt.state = RecipientState.DELIVERED
-            self.events.emit(events.Event(events.MESSAGE_DELIVERED, f"Message delivered to {rcpt.address}",
-                                          queue_id=envelope.id, domain=rcpt.domain, host=result.remote_mta,
-                                          status=result.status, track=track % "sent"))
+            self.events.emit(
+                events.Event(
+                    events.MESSAGE_DELIVERED,
+                    f"Message delivered to {rcpt.address}",
+                    queue_id=envelope.id,
+                    domain=rcpt.domain,
+                    host=result.remote_mta,
+                    status=result.status,
+                    track=track % "sent",
+                )
+            )
         elif result.permanent:
             rcpt.state = RecipientState.FAILED
-            self.events.emit(events.Event(events.NDR_SENT, f"Delivery to {rcpt.address} failed permanently: {result.reply}",
-                                          queue_id=envelope.id, domain=rcpt.domain, host=result.remote_mta,
-                                          status=result.status, track=track % "bounced"))
+            self.events.emit(
+                events.Event(
+                    events.NDR_SENT,
+                    f"Delivery to {rcpt.address} failed permanently: {result.reply}",
+                    queue_id=envelope.id,
+                    domain=rcpt.domain,
+                    host=result.remote_mta,
+                    status=result.status,
+                    track=track % "bounced",
+                )
+            )
         else:
             cfg = self.config.delivery
-            rcpt.next_attempt = next_attempt_time(now, rcpt.attempts, envelope.received_at, cfg.expiration,
-                                                  cfg.retry, self.rng)
+            rcpt.next_attempt = next_attempt_time(
+                now, rcpt.attempts, envelope.received_at, cfg.expiration, cfg.retry, self.rng
+            )
 
     # -- delivery per route --------------------------------------------------------------------------
-    async def _deliver_group(self, envelope: Envelope, route: Route,
-                             rcpts: list[Recipient]) -> list[DeliveryResult]:
+    async def _deliver_group(
+        self, envelope: Envelope, route: Route, rcpts: list[Recipient]
+    ) -> list[DeliveryResult]:
         if route.kind == "drop":
             return await self._deliver_drop(envelope, rcpts)
         return await self._deliver_smtp(envelope, route, rcpts)
@@ -182,19 +227,30 @@ class Scheduler:
     async def _deliver_drop(self, envelope: Envelope, rcpts: list[Recipient]) -> list[DeliveryResult]:
         addresses = [r.address for r in rcpts]
         try:
-            path = await asyncio.to_thread(write_drop_file, self.drop_dir, envelope.id, envelope.sender,
-                                           addresses, self.queue.message_path(envelope.id))
+            path = await asyncio.to_thread(
+                write_drop_file,
+                self.drop_dir,
+                envelope.id,
+                envelope.sender,
+                addresses,
+                self.queue.message_path(envelope.id),
+            )
         except OSError as exc:
             # Disk full and the like: a transient local failure, never a loss (SPEC 2.6).
             reply = f"451 4.3.1 Cannot write to the Drop folder: {exc.strerror or exc}"
-            return [DeliveryResult(a, ok=False, permanent=False, reply=reply, status="4.3.1",
-                                   remote_mta="drop") for a in addresses]
+            return [
+                DeliveryResult(a, ok=False, permanent=False, reply=reply, status="4.3.1", remote_mta="drop")
+                for a in addresses
+            ]
         reply = f"250 2.0.0 Delivered to the Drop folder as {path.name}"
-        return [DeliveryResult(a, ok=True, permanent=False, reply=reply, status="2.0.0", remote_mta="drop")
-                for a in addresses]
+        return [
+            DeliveryResult(a, ok=True, permanent=False, reply=reply, status="2.0.0", remote_mta="drop")
+            for a in addresses
+        ]
 
-    async def _deliver_smtp(self, envelope: Envelope, route: Route,
-                            rcpts: list[Recipient]) -> list[DeliveryResult]:
+    async def _deliver_smtp(
+        self, envelope: Envelope, route: Route, rcpts: list[Recipient]
+    ) -> list[DeliveryResult]:
         domain = route.mx_domain or rcpts[0].domain
         try:
             hops = await self._next_hops(route)
@@ -203,29 +259,55 @@ class Scheduler:
             # retry (and let the operator fix it) rather than bounce everything at once.
             permanent = exc.permanent and not route.hosts
             status = exc.status if permanent or not exc.permanent else "4.4.9"
-            self.events.emit(events.Event(
-                events.REMOTE_DOMAIN_FAILED, events.remote_domain_failed_text(domain, exc.text),
-                queue_id=envelope.id, domain=domain, status=status, cause=exc.cause))
+            self.events.emit(
+                events.Event(
+                    events.REMOTE_DOMAIN_FAILED,
+                    events.remote_domain_failed_text(domain, exc.text),
+                    queue_id=envelope.id,
+                    domain=domain,
+                    status=status,
+                    cause=exc.cause,
+                )
+            )
             reply = f"{'550' if permanent else '451'} {status} {exc.text} ({exc})"
-            return [DeliveryResult(r.address, ok=False, permanent=permanent, reply=reply, status=status)
-                    for r in rcpts]
+            return [
+                DeliveryResult(r.address, ok=False, permanent=permanent, reply=reply, status=status)
+                for r in rcpts
+            ]
         cfg = self.config.delivery
-        outcome = await smtp.deliver(hops, envelope, rcpts, self.queue.message_path(envelope.id),
-                                     hostname=self.config.server.hostname, timeout=cfg.timeout,
-                                     connect_timeout=min(cfg.timeout, 30.0))
+        outcome = await smtp.deliver(
+            hops,
+            envelope,
+            rcpts,
+            self.queue.message_path(envelope.id),
+            hostname=self.config.server.hostname,
+            timeout=cfg.timeout,
+            connect_timeout=min(cfg.timeout, 30.0),
+        )
         self.transcripts[envelope.id] = outcome.transcript
         for failure in outcome.host_failures:
-            self.events.emit(events.Event(
-                events.REMOTE_HOST_FAILED,
-                events.remote_host_failed_text(failure.host, domain, failure.reason),
-                queue_id=envelope.id, domain=domain, host=failure.host,
-                cause="connection-dropped" if failure.reason == smtp.DROPPED else "host-unavailable"))
+            self.events.emit(
+                events.Event(
+                    events.REMOTE_HOST_FAILED,
+                    events.remote_host_failed_text(failure.host, domain, failure.reason),
+                    queue_id=envelope.id,
+                    domain=domain,
+                    host=failure.host,
+                    cause="connection-dropped" if failure.reason == smtp.DROPPED else "host-unavailable",
+                )
+            )
         if outcome.results and all(not r.ok and not r.permanent for r in outcome.results):
             reason = outcome.host_failures[-1].reason if outcome.host_failures else outcome.results[0].reply
-            self.events.emit(events.Event(
-                events.REMOTE_DOMAIN_FAILED, events.remote_domain_failed_text(domain, reason),
-                queue_id=envelope.id, domain=domain, status=outcome.results[0].status,
-                cause="connection-dropped" if reason == smtp.DROPPED else "transient-reply"))
+            self.events.emit(
+                events.Event(
+                    events.REMOTE_DOMAIN_FAILED,
+                    events.remote_domain_failed_text(domain, reason),
+                    queue_id=envelope.id,
+                    domain=domain,
+                    status=outcome.results[0].status,
+                    cause="connection-dropped" if reason == smtp.DROPPED else "transient-reply",
+                )
+            )
         return outcome.results
 
     async def _next_hops(self, route: Route) -> list[NextHop]:
@@ -251,14 +333,25 @@ class Scheduler:
         if not reported:
             return
         message = await asyncio.to_thread(self._build_report, envelope, reported)
-        report = await self.ingest.submit_bytes(message, EnvelopeFields(
-            sender="", recipients=[Recipient(address=envelope.sender)], source=Source.DSN,
-            dsn_kind="failure", original_id=envelope.id))
-        self.events.emit(events.Event(
-            events.NDR_SENT,
-            f"Non-delivery report {report.id} sent to {envelope.sender} for "
-            + ", ".join(r.address for r in reported),
-            queue_id=envelope.id, status=reported[0].status))
+        report = await self.ingest.submit_bytes(
+            message,
+            EnvelopeFields(
+                sender="",
+                recipients=[Recipient(address=envelope.sender)],
+                source=Source.DSN,
+                dsn_kind="failure",
+                original_id=envelope.id,
+            ),
+        )
+        self.events.emit(
+            events.Event(
+                events.NDR_SENT,
+                f"Non-delivery report {report.id} sent to {envelope.sender} for "
+                + ", ".join(r.address for r in reported),
+                queue_id=envelope.id,
+                status=reported[0].status,
+            )
+        )
 
     def _build_report(self, envelope: Envelope, failed: Sequence[Recipient]) -> bytes:
         path = self.queue.message_path(envelope.id)
@@ -276,10 +369,18 @@ class Scheduler:
             original=envelope,
             original_headers=headers,
             original_body=body,
-            recipients=[dsn.ReportedRecipient(
-                address=r.address, action="failed", status=r.status or "5.0.0", diagnostic=r.last_reply,
-                remote_mta=_host_name(r.remote_mta), orcpt=r.orcpt,
-                last_attempt=r.history[-1].time if r.history else None) for r in failed],
+            recipients=[
+                dsn.ReportedRecipient(
+                    address=r.address,
+                    action="failed",
+                    status=r.status or "5.0.0",
+                    diagnostic=r.last_reply,
+                    remote_mta=_host_name(r.remote_mta),
+                    orcpt=r.orcpt,
+                    last_attempt=r.history[-1].time if r.history else None,
+                )
+                for r in failed
+            ],
             kind="failure",
             now=time.time(),
             message_id_domain=hostname,
@@ -287,23 +388,40 @@ class Scheduler:
         )
 
     async def _to_badmail(self, envelope: Envelope, failed: Sequence[Recipient]) -> None:
-        reasons = [f"Unable to deliver this message because the following error was encountered: "
-                   f"This message is a delivery status notification that cannot be delivered. "
-                   f"Recipient {r.address}: {r.status} {r.last_reply}" for r in failed]
+        reasons = [
+            f"Unable to deliver this message because the following error was encountered: "
+            f"This message is a delivery status notification that cannot be delivered. "
+            f"Recipient {r.address}: {r.status} {r.last_reply}"
+            for r in failed
+        ]
         try:
-            path = await asyncio.to_thread(write_badmail, self.badmail_dir, envelope.id,
-                                           self.queue.message_path(envelope.id), reasons, envelope.to_json(),
-                                           self.config.badmail.max_size)
+            path = await asyncio.to_thread(
+                write_badmail,
+                self.badmail_dir,
+                envelope.id,
+                self.queue.message_path(envelope.id),
+                reasons,
+                envelope.to_json(),
+                self.config.badmail.max_size,
+            )
         except OSError as exc:
-            self.events.emit(events.Event(events.BADMAIL_WRITTEN,
-                                          f"Cannot write to the Badmail folder: {exc}", queue_id=envelope.id))
+            self.events.emit(
+                events.Event(
+                    events.BADMAIL_WRITTEN, f"Cannot write to the Badmail folder: {exc}", queue_id=envelope.id
+                )
+            )
             return
         where = f"written to Badmail as {path.name}" if path else "discarded (badmail.max_size = 0)"
-        self.events.emit(events.Event(
-            events.BADMAIL_WRITTEN, f"Undeliverable report {envelope.id} {where}",
-            queue_id=envelope.id, status=failed[0].status))
+        self.events.emit(
+            events.Event(
+                events.BADMAIL_WRITTEN,
+                f"Undeliverable report {envelope.id} {where}",
+                queue_id=envelope.id,
+                status=failed[0].status,
+            )
+        )
 
 
 def _host_name(remote_mta: str) -> str:
-    """"mx.example.test[127.0.0.1]:25" → "mx.example.test" for the Remote-MTA field."""
+    """ "mx.example.test[127.0.0.1]:25" → "mx.example.test" for the Remote-MTA field."""
     return remote_mta.split("[", 1)[0] if remote_mta and remote_mta != "drop" else ""

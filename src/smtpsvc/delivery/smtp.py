@@ -41,10 +41,10 @@ CANNOT_CONNECT = "The remote server did not respond to a connection attempt."
 class HopFailure:
     """This host could not take the message at all; the next host may."""
 
-    host: str                  # "name[ip]:port"
-    reason: str                # IIS-worded reason for events 4006/4000
-    reply: str = ""            # the reply that caused it, if any
-    permanent: bool = False    # a 5xx greeting/EHLO/MAIL for the whole transaction
+    host: str  # "name[ip]:port"
+    reason: str  # IIS-worded reason for events 4006/4000
+    reply: str = ""  # the reply that caused it, if any
+    permanent: bool = False  # a 5xx greeting/EHLO/MAIL for the whole transaction
 
 
 @dataclass(slots=True)
@@ -61,8 +61,13 @@ class _Dropped(Exception):
 class _Peer:
     """A connected next hop: reads replies with a deadline, records the conversation."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float,
-                 transcript: list[str]) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        timeout: float,
+        transcript: list[str],
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.timeout = timeout
@@ -109,19 +114,28 @@ class _Peer:
             await asyncio.wait_for(self.writer.wait_closed(), 2)
 
 
-async def deliver(hops: Sequence[NextHop], envelope: Envelope, recipients: Sequence[Recipient],
-                  message_path: Path, *, hostname: str, timeout: float,
-                  connect_timeout: float = 30.0) -> SmtpOutcome:
+async def deliver(
+    hops: Sequence[NextHop],
+    envelope: Envelope,
+    recipients: Sequence[Recipient],
+    message_path: Path,
+    *,
+    hostname: str,
+    timeout: float,
+    connect_timeout: float = 30.0,
+) -> SmtpOutcome:
     """Try each next hop in turn until one gives per-recipient answers; else every recipient is transient."""
     outcome = SmtpOutcome()
     for hop in hops:
-        result = await _attempt(hop, envelope, recipients, message_path, hostname, timeout, connect_timeout,
-                                outcome.transcript)
+        result = await _attempt(
+            hop, envelope, recipients, message_path, hostname, timeout, connect_timeout, outcome.transcript
+        )
         if isinstance(result, HopFailure):
             outcome.host_failures.append(result)
             if result.permanent:
-                outcome.results = [_result(r.address, result.reply, result.host, permanent=True)
-                                   for r in recipients]
+                outcome.results = [
+                    _result(r.address, result.reply, result.host, permanent=True) for r in recipients
+                ]
                 return outcome
             continue
         outcome.results = result
@@ -129,22 +143,35 @@ async def deliver(hops: Sequence[NextHop], envelope: Envelope, recipients: Seque
     reason = outcome.host_failures[-1].reason if outcome.host_failures else "no next hop"
     last = outcome.host_failures[-1] if outcome.host_failures else None
     outcome.results = [
-        DeliveryResult(r.address, ok=False, permanent=False, reply=(last.reply if last and last.reply else reason),
-                       status="4.4.1" if not (last and last.reply) else _status(last.reply, "4.4.1"),
-                       remote_mta=last.host if last else "")
+        DeliveryResult(
+            r.address,
+            ok=False,
+            permanent=False,
+            reply=(last.reply if last and last.reply else reason),
+            status="4.4.1" if not (last and last.reply) else _status(last.reply, "4.4.1"),
+            remote_mta=last.host if last else "",
+        )
         for r in recipients
     ]
     return outcome
 
 
-async def _attempt(hop: NextHop, envelope: Envelope, recipients: Sequence[Recipient], message_path: Path,
-                   hostname: str, timeout: float, connect_timeout: float,
-                   transcript: list[str]) -> list[DeliveryResult] | HopFailure:
+async def _attempt(
+    hop: NextHop,
+    envelope: Envelope,
+    recipients: Sequence[Recipient],
+    message_path: Path,
+    hostname: str,
+    timeout: float,
+    connect_timeout: float,
+    transcript: list[str],
+) -> list[DeliveryResult] | HopFailure:
     label = f"{hop.host}[{hop.address}]:{hop.port}"
     transcript.append(f"--- {label}")
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(hop.address, hop.port, limit=READ_SIZE),
-                                                connect_timeout)
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(hop.address, hop.port, limit=READ_SIZE), connect_timeout
+        )
     except (TimeoutError, OSError) as exc:
         transcript.append(f"   ! connect failed: {exc or type(exc).__name__}")
         return HopFailure(label, CANNOT_CONNECT)
@@ -157,8 +184,14 @@ async def _attempt(hop: NextHop, envelope: Envelope, recipients: Sequence[Recipi
         await peer.close()
 
 
-async def _transaction(peer: _Peer, label: str, envelope: Envelope, recipients: Sequence[Recipient],
-                       message_path: Path, hostname: str) -> list[DeliveryResult] | HopFailure:
+async def _transaction(
+    peer: _Peer,
+    label: str,
+    envelope: Envelope,
+    recipients: Sequence[Recipient],
+    message_path: Path,
+    hostname: str,
+) -> list[DeliveryResult] | HopFailure:
     greeting = await peer.reply()
     if not greeting.is_positive:
         return HopFailure(label, f"The remote server refused the connection: {greeting}", str(greeting))
@@ -212,8 +245,9 @@ async def _transaction(peer: _Peer, label: str, envelope: Envelope, recipients: 
     if accepted:
         final = await _send_data(peer, message_path)
         for rcpt in accepted:
-            results[rcpt.address] = _result(rcpt.address, str(final), label, ok=final.is_positive,
-                                            permanent=final.is_permanent)
+            results[rcpt.address] = _result(
+                rcpt.address, str(final), label, ok=final.is_positive, permanent=final.is_permanent
+            )
     peer.command("QUIT")
     with contextlib.suppress(_Dropped):
         await asyncio.wait_for(peer.reply(), 5)
@@ -242,7 +276,15 @@ def _status(reply: str, default: str) -> str:
     return default
 
 
-def _result(address: str, reply: str, host: str, *, ok: bool = False, permanent: bool = False) -> DeliveryResult:
+def _result(
+    address: str, reply: str, host: str, *, ok: bool = False, permanent: bool = False
+) -> DeliveryResult:
     default = "2.0.0" if ok else ("5.0.0" if permanent else "4.0.0")
-    return DeliveryResult(address, ok=ok, permanent=permanent and not ok, reply=reply,
-                          status=_status(reply, default), remote_mta=host)
+    return DeliveryResult(
+        address,
+        ok=ok,
+        permanent=permanent and not ok,
+        reply=reply,
+        status=_status(reply, default),
+        remote_mta=host,
+    )

@@ -19,8 +19,14 @@ from typing import Any
 from smtpsvc.queue.commit import fsync_dir
 
 
-def write_badmail(badmail_dir: Path, name: str, message: Path | bytes, reasons: Sequence[str],
-                  envelope: dict[str, Any] | None, max_size: int) -> Path | None:
+def write_badmail(
+    badmail_dir: Path,
+    name: str,
+    message: Path | bytes,
+    reasons: Sequence[str],
+    envelope: dict[str, Any] | None,
+    max_size: int,
+) -> Path | None:
     """Write one Badmail item; returns the .bad path, or None when Badmail is disabled (max_size 0).
 
     Runs in a worker thread. Raises OSError when the folder cannot be written.

@@ -32,8 +32,8 @@ from smtpsvc.protocol import parse_path
 from smtpsvc.queue.base import MessageWriter, QueueError
 
 CLAIMED = ".claimed"
-SETTLE_SECONDS = 2.0               # a file untouched this long is complete even if first seen now
-MAX_HEADER_BYTES = 1024 * 1024     # a header section larger than this is not a message
+SETTLE_SECONDS = 2.0  # a file untouched this long is complete even if first seen now
+MAX_HEADER_BYTES = 1024 * 1024  # a header section larger than this is not a message
 MAX_LINE = 64 * 1024
 COPY_CHUNK = 256 * 1024
 PICKUP_ERROR = "Error is processing file in pickup directory. The specific error code was 0xC00402CE."
@@ -47,7 +47,7 @@ class InvalidPickupFile(Exception):
 class PickupEnvelope:
     sender: str
     recipients: tuple[str, ...]
-    from_headers: bool          # True when derived from To/Cc/Bcc (then Bcc is stripped)
+    from_headers: bool  # True when derived from To/Cc/Bcc (then Bcc is stripped)
 
 
 def parse_envelope_lines(lines: list[bytes]) -> tuple[str | None, list[str]]:
@@ -166,8 +166,11 @@ def read_pickup_file(fh: BinaryIO, writer: MessageWriter, hostname: str, max_siz
         recipients, from_headers = header_rcpts, True
     if not recipients:
         raise InvalidPickupFile("the message has no recipients (no X-Receiver, To, Cc or Bcc)")
-    envelope = PickupEnvelope(validate_address(sender, allow_null=True),
-                              tuple(validate_address(r, allow_null=False) for r in recipients), from_headers)
+    envelope = PickupEnvelope(
+        validate_address(sender, allow_null=True),
+        tuple(validate_address(r, allow_null=False) for r in recipients),
+        from_headers,
+    )
 
     normalizer = CrlfNormalizer()
     writer.write(received_header(hostname=hostname, queue_id=writer.id, helo="pickup", protocol="Pickup"))
@@ -184,8 +187,15 @@ def read_pickup_file(fh: BinaryIO, writer: MessageWriter, hostname: str, max_siz
 
 
 class PickupScanner:
-    def __init__(self, pickup_dir: Path, badmail_dir: Path, ingest: Ingest, config: Config,
-                 event_log: EventLog, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        pickup_dir: Path,
+        badmail_dir: Path,
+        ingest: Ingest,
+        config: Config,
+        event_log: EventLog,
+        interval: float = 1.0,
+    ) -> None:
         self.dir = pickup_dir
         self.claimed_dir = pickup_dir / CLAIMED
         self.badmail_dir = badmail_dir
@@ -208,7 +218,9 @@ class PickupScanner:
             try:
                 await self.scan()
             except OSError as exc:
-                self.events.emit(events.Event(events.PICKUP_REJECTED, f"Cannot scan the Pickup folder: {exc}"))
+                self.events.emit(
+                    events.Event(events.PICKUP_REJECTED, f"Cannot scan the Pickup folder: {exc}")
+                )
             await asyncio.sleep(self.interval)
 
     async def scan(self) -> int:
@@ -248,19 +260,29 @@ class PickupScanner:
             return
         except (OSError, QueueError) as exc:
             writer.abort()
-            self.events.emit(events.Event(events.PICKUP_REJECTED,
-                                          f"Cannot read pickup file {path.name}: {exc}; will retry"))
+            self.events.emit(
+                events.Event(
+                    events.PICKUP_REJECTED, f"Cannot read pickup file {path.name}: {exc}; will retry"
+                )
+            )
             with contextlib.suppress(OSError):
                 os.rename(path, self.dir / path.name)
             return
-        fields = EnvelopeFields(sender=envelope.sender, source=Source.PICKUP, helo="pickup",
-                                recipients=[Recipient(address=r) for r in envelope.recipients])
+        fields = EnvelopeFields(
+            sender=envelope.sender,
+            source=Source.PICKUP,
+            helo="pickup",
+            recipients=[Recipient(address=r) for r in envelope.recipients],
+        )
         try:
             await self.ingest.commit(writer, fields)
         except QueueError as exc:
             writer.abort()
-            self.events.emit(events.Event(events.PICKUP_REJECTED,
-                                          f"Cannot queue pickup file {path.name}: {exc}; will retry"))
+            self.events.emit(
+                events.Event(
+                    events.PICKUP_REJECTED, f"Cannot queue pickup file {path.name}: {exc}; will retry"
+                )
+            )
             with contextlib.suppress(OSError):
                 os.rename(path, self.dir / path.name)
             return
@@ -269,20 +291,35 @@ class PickupScanner:
 
     def _read(self, path: Path, writer: MessageWriter) -> PickupEnvelope:
         with open(path, "rb") as fh:
-            return read_pickup_file(fh, writer, self.config.server.hostname, self.config.server.max_message_size)
+            return read_pickup_file(
+                fh, writer, self.config.server.hostname, self.config.server.max_message_size
+            )
 
     async def _reject(self, path: Path, reason: str) -> None:
         try:
             bad = await asyncio.to_thread(
-                write_badmail, self.badmail_dir, f"pickup-{path.stem}", path, [f"{PICKUP_ERROR} {reason}"],
-                {"pickup_file": path.name, "reason": reason}, self.config.badmail.max_size)
+                write_badmail,
+                self.badmail_dir,
+                f"pickup-{path.stem}",
+                path,
+                [f"{PICKUP_ERROR} {reason}"],
+                {"pickup_file": path.name, "reason": reason},
+                self.config.badmail.max_size,
+            )
         except OSError as exc:
-            self.events.emit(events.Event(events.PICKUP_REJECTED,
-                                          f"Pickup file {path.name} is invalid ({reason}) and Badmail "
-                                          f"cannot be written: {exc}; left in {self.claimed_dir}"))
+            self.events.emit(
+                events.Event(
+                    events.PICKUP_REJECTED,
+                    f"Pickup file {path.name} is invalid ({reason}) and Badmail "
+                    f"cannot be written: {exc}; left in {self.claimed_dir}",
+                )
+            )
             return
         where = f"moved to Badmail as {bad.name}" if bad else "discarded (badmail.max_size = 0)"
-        self.events.emit(events.Event(events.BADMAIL_WRITTEN, f"Pickup file {path.name} {where}: {reason}",
-                                      cause="pickup-invalid"))
+        self.events.emit(
+            events.Event(
+                events.BADMAIL_WRITTEN, f"Pickup file {path.name} {where}: {reason}", cause="pickup-invalid"
+            )
+        )
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

@@ -171,10 +171,14 @@ class _TooLong:
         self.verb = verb
 
 
+_VERB_CHARS = re.compile(rb"[A-Za-z0-9-]{0,16}")
+
+
 def _verb_of(line: bytes | bytearray) -> str:
-    """The first word, upper-cased, for Rejected.verb and logs: printable ASCII only, at most 16 chars."""
-    word = bytes(line[:17]).split(b" ", 1)[0][:16]
-    return word.decode("ascii", "replace").upper() if word.isascii() else "?"
+    """The first word, upper-cased, for Rejected.verb and logs; "?" when it is not a plausible verb, so that
+    no control character or binary junk reaches a log line."""
+    word = bytes(line[:17]).split(b" ", 1)[0]
+    return word.decode("ascii").upper() if _VERB_CHARS.fullmatch(word) else "?"
 
 
 _Parser = Callable[["ServerConnection", str, str, bool], Event]

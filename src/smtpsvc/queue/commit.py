@@ -41,8 +41,8 @@ class GroupCommitter:
         self._pending: list[_Pending] = []
         self._running: asyncio.Task[None] | None = None
         self._max_batch = max_batch
-        self.batches = 0          # statistics: how many batches ran
-        self.jobs = 0             # and how many jobs they carried
+        self.batches = 0  # statistics: how many batches ran
+        self.jobs = 0  # and how many jobs they carried
 
     async def run(self, job: Job, *dirs: Path) -> None:
         """Run `job` in the next batch; return once it and the directory syncs are durable."""
@@ -85,7 +85,7 @@ def _execute(batch: list[_Pending]) -> list[BaseException | None]:
             errors.append(None)
             for d in item.dirs:
                 dirs.setdefault(d, []).append(index)
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting caller
+        except BaseException as exc:  # handed to the waiting caller
             errors.append(exc)
     for directory, indexes in dirs.items():
         try:

@@ -20,15 +20,17 @@ SMART_HOST_LINK = "smarthost"
 @dataclass(frozen=True, slots=True)
 class RelayDecision:
     allowed: bool
-    rule: str     # which rule of SPEC 2.3 decided: "local-domain", "remote-domain:<name>", "deny-list:<net>",
-                  # "allow-list:<net>", "authenticated", "default-deny"
+    rule: str  # which rule of SPEC 2.3 decided: "local-domain", "remote-domain:<name>", "deny-list:<net>",
+    # "allow-list:<net>", "authenticated", "default-deny"
 
 
 def is_local_domain(domain: str, config: Config) -> bool:
     return domain.rstrip(".").lower() in config.local_domains
 
 
-def relay_decision(client_ip: str, recipient: str, config: Config, authenticated: bool = False) -> RelayDecision:
+def relay_decision(
+    client_ip: str, recipient: str, config: Config, authenticated: bool = False
+) -> RelayDecision:
     """SPEC 2.3, in order: local domain, relay-enabled remote domain, deny list, allow list, AUTH, refuse.
 
     Only the recipient's domain and the client's address (or identity) count; the sender never does.
@@ -59,8 +61,9 @@ def route_for(recipient: str, config: Config) -> Route:
         return Route(kind="drop", link=DROP_LINK)
     delivery = config.delivery
     if delivery.smart_host:
-        hosts = tuple((h.host, h.port if h.port is not None else delivery.remote_port)
-                      for h in delivery.smart_host)
+        hosts = tuple(
+            (h.host, h.port if h.port is not None else delivery.remote_port) for h in delivery.smart_host
+        )
         return Route(kind="smtp", link=SMART_HOST_LINK, hosts=hosts, port=delivery.remote_port)
     return Route(kind="smtp", link=domain, mx_domain=domain, port=delivery.remote_port)
 

@@ -42,8 +42,9 @@ class SmtpServer:
 
     async def start(self) -> None:
         for host, port in self.config.server.listen:
-            server = await asyncio.start_server(self._accept, host, port, reuse_address=True, backlog=1024,
-                                                limit=64 * 1024)
+            server = await asyncio.start_server(
+                self._accept, host, port, reuse_address=True, backlog=1024, limit=64 * 1024
+            )
             self._servers.append(server)
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

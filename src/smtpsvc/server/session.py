@@ -79,8 +79,14 @@ class SessionClosed(Exception):
 
 
 class Session:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, config: Config,
-                 ingest: Ingest, event_log: EventLog) -> None:
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        config: Config,
+        ingest: Ingest,
+        event_log: EventLog,
+    ) -> None:
         self.reader = reader
         self.writer = writer
         self.config = config
@@ -93,7 +99,7 @@ class Session:
         self.esmtp = False
         self.errors = 0
         self.txn = Transaction()
-        self.idle = False            # waiting for the client's next command (safe to interrupt)
+        self.idle = False  # waiting for the client's next command (safe to interrupt)
         self._deadline = 0.0
 
     @property
@@ -102,7 +108,7 @@ class Session:
 
     async def run(self) -> None:
         try:
-            self.writer.write(self.conn.greeting(Reply(220, "", f"{self.hostname} smtpsvc ESMTP ready")))
+            self.writer.write(self.conn.greeting(replies.GREETING(self.hostname)))
             await self._loop()
         except SessionClosed:
             pass
@@ -177,17 +183,16 @@ class Session:
         except QueueError:
             self.txn.write_failed = True  # keep draining; the end of DATA gets a 451
 
-    async def _answer(self, event: object) -> Reply:  # noqa: PLR0911 - one branch per verb
+    async def _answer(self, event: object) -> Reply:
         match event:
             case Ehlo(name=name) | Helo(name=name):
                 self.txn.abort()
                 self.txn = Transaction()
                 self.helo = name
                 self.esmtp = isinstance(event, Ehlo)
-                greeting = f"{self.hostname} Hello [{self.client_ip}]"
                 if self.esmtp:
-                    return Reply(250, "", greeting, tuple(self.conn.ehlo_keywords()))
-                return Reply(250, "", greeting)
+                    return replies.EHLO_REPLY(self.hostname, self.client_ip, self.conn.ehlo_keywords())
+                return replies.HELO_REPLY(self.hostname, self.client_ip)
             case Mail():
                 self.txn = Transaction(sender=event.address, params=event.params)
                 return replies.SENDER_OK(event.address)
@@ -206,9 +211,11 @@ class Session:
             case Quit():
                 return replies.QUIT_REPLY(self.hostname)
             case Help():
-                return replies.HELP
+                return replies.HELP_REPLY
             case Vrfy():
-                return replies.VRFY_CANNOT if self.config.extensions.enabled("vrfy") else replies.NOT_IMPLEMENTED
+                return (
+                    replies.VRFY_CANNOT if self.config.extensions.enabled("vrfy") else replies.NOT_IMPLEMENTED
+                )
             case Expn():
                 return replies.NOT_IMPLEMENTED
             case Rejected(reply=reply, close=close):
@@ -231,21 +238,27 @@ class Session:
         if not decision.allowed:
             return self._deny_relay(address, decision.rule)
         notify = event.params.get("NOTIFY")
-        self.txn.recipients.append(Recipient(
-            address=address,
-            notify=tuple(n.strip().upper() for n in notify.split(",")) if notify else (),
-            orcpt=event.params.get("ORCPT") or "",
-        ))
+        self.txn.recipients.append(
+            Recipient(
+                address=address,
+                notify=tuple(n.strip().upper() for n in notify.split(",")) if notify else (),
+                orcpt=event.params.get("ORCPT") or "",
+            )
+        )
         return replies.RCPT_OK(address)
 
     def _deny_relay(self, address: str, rule: str) -> Reply:
         reply = replies.RELAY_DENIED(address)
-        self.events.emit(events.Event(
-            events.CLIENT_COMMAND_REJECTED,
-            f'The client at "{self.client_ip}" sent a "RCPT" command, and the SMTP server responded with '
-            f'"{reply}".',
-            host=self.client_ip, status=reply.enhanced, cause=f"relay-denied:{rule}",
-        ))
+        self.events.emit(
+            events.Event(
+                events.CLIENT_COMMAND_REJECTED,
+                f'The client at "{self.client_ip}" sent a "RCPT" command, and the SMTP server responded with '
+                f'"{reply}".',
+                host=self.client_ip,
+                status=reply.enhanced,
+                cause=f"relay-denied:{rule}",
+            )
+        )
         return reply
 
     def _start_data(self) -> Reply:
@@ -256,10 +269,15 @@ class Session:
         self.txn.writer = writer
         self.txn.write_failed = False
         self._reset_deadline(self.config.server.data_timeout)
-        self._store(received_header(
-            hostname=self.hostname, queue_id=writer.id, helo=self.helo, client_ip=self.client_ip,
-            protocol="ESMTP" if self.esmtp else "SMTP",
-        ))
+        self._store(
+            received_header(
+                hostname=self.hostname,
+                queue_id=writer.id,
+                helo=self.helo,
+                client_ip=self.client_ip,
+                protocol="ESMTP" if self.esmtp else "SMTP",
+            )
+        )
         return replies.START_DATA
 
     async def _end_data(self, error: Reply | None) -> Reply:
@@ -273,9 +291,15 @@ class Session:
             return error or replies.TEMP_FAILURE
         body = txn.params.get("BODY") or ""
         fields = EnvelopeFields(
-            sender=txn.sender, recipients=txn.recipients, source=Source.SMTP, client_ip=self.client_ip,
-            helo=self.helo, body=body.upper(), ret=(txn.params.get("RET") or "").upper(),
-            envid=txn.params.get("ENVID") or "", smtputf8="SMTPUTF8" in txn.params,
+            sender=txn.sender,
+            recipients=txn.recipients,
+            source=Source.SMTP,
+            client_ip=self.client_ip,
+            helo=self.helo,
+            body=body.upper(),
+            ret=(txn.params.get("RET") or "").upper(),
+            envid=txn.params.get("ENVID") or "",
+            smtputf8="SMTPUTF8" in txn.params,
         )
         try:
             envelope = await self.ingest.commit(writer, fields)
