@@ -23,8 +23,11 @@ class ServiceProcess:
         events = self.root / "log" / "events.jsonl"
         seen = _count_lines(events)
         self.stderr = open(self.root.parent / f"service-{time.monotonic_ns()}.stderr", "wb")  # noqa: SIM115
-        self.proc = subprocess.Popen([sys.executable, "-m", "smtpsvc", "serve", "-c", str(self.config_file)],
-                                     stdout=subprocess.DEVNULL, stderr=self.stderr)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "smtpsvc", "serve", "-c", str(self.config_file)],
+            stdout=subprocess.DEVNULL,
+            stderr=self.stderr,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

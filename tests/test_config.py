@@ -129,12 +129,12 @@ def test_config_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("hostname", "local", "expected"),
     [
-        ("mail.example.com", "[]", ("example.com",)),
-        ("mailhost", "[]", ("mailhost",)),
+        ("mail.example.com", "[]", ("example.com", "mail.example.com", "localhost")),
+        ("mailhost", "[]", ("mailhost", "localhost")),
         ("mail.example.com", '["Example.ORG.", "b.test"]', ("example.org", "b.test")),
     ],
 )
-def test_local_domains_default_to_the_hostnames_domain(
+def test_local_domains_default_to_the_hostnames_domain_the_hostname_and_localhost(
     tmp_path: Path, hostname: str, local: str, expected: tuple[str, ...]
 ) -> None:
     cfg = load(tmp_path, f'[server]\nhostname = "{hostname}"\n[domains]\nlocal = {local}\n')

@@ -19,8 +19,11 @@ pytestmark = pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="
 
 def body_for(seq: int) -> bytes:
     line = f"message {seq:06d} ".encode() + b"x" * 60 + b"\r\n"
-    return (f"From: load@local.test\r\nTo: r@remote.test\r\nX-Seq: {seq}\r\nSubject: load {seq}\r\n\r\n".encode()
-            + line * 300 + b"end of message\r\n")
+    return (
+        f"From: load@local.test\r\nTo: r@remote.test\r\nX-Seq: {seq}\r\nSubject: load {seq}\r\n\r\n".encode()
+        + line * 300
+        + b"end of message\r\n"
+    )
 
 
 @pytest.fixture
@@ -31,11 +34,13 @@ def service_process(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
         proc.kill()
 
 
-def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path, sink: Sink,
-                                                         service_process: list[ServiceProcess]) -> None:
+def test_kill_9_under_load_loses_no_acknowledged_message(
+    tmp_path: Path, sink: Sink, service_process: list[ServiceProcess]
+) -> None:
     root = tmp_path / "mailroot"
-    config = write_config(tmp_path / "smtpsvc.toml",
-                          base_sections(root, delivery={"smart_host": f"[127.0.0.1]:{sink.port}"}))
+    config = write_config(
+        tmp_path / "smtpsvc.toml", base_sections(root, delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    )
     first = ServiceProcess(config, root).start()
     service_process.append(first)
     acked: set[int] = set()
@@ -85,15 +90,17 @@ def test_kill_9_under_load_loses_no_acknowledged_message(tmp_path: Path, sink: S
     assert second.terminate() == 0
 
 
-def test_ten_megabyte_message_streams_with_bounded_memory(tmp_path: Path,
-                                                          service_process: list[ServiceProcess]) -> None:
+def test_ten_megabyte_message_streams_with_bounded_memory(
+    tmp_path: Path, service_process: list[ServiceProcess]
+) -> None:
     root = tmp_path / "mailroot"
-    config = write_config(tmp_path / "smtpsvc.toml",
-                          base_sections(root, server={"max_message_size": "64MB"}))
+    config = write_config(tmp_path / "smtpsvc.toml", base_sections(root, server={"max_message_size": "64MB"}))
     proc = ServiceProcess(config, root).start()
     service_process.append(proc)
     small = b"From: a@local.test\r\nTo: b@local.test\r\n\r\nwarm up\r\n"
-    big = b"From: a@local.test\r\nTo: b@local.test\r\n\r\n" + (b"y" * 998 + b"\r\n") * (10 * 1024 * 1024 // 1000)
+    big = b"From: a@local.test\r\nTo: b@local.test\r\n\r\n" + (b"y" * 998 + b"\r\n") * (
+        10 * 1024 * 1024 // 1000
+    )
     with smtplib.SMTP("127.0.0.1", proc.port, timeout=60) as smtp:
         smtp.sendmail("a@local.test", ["b@local.test"], small)
         _wait_for_drop(root, 1)

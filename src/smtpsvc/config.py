@@ -276,11 +276,14 @@ class Config:
 
     @property
     def local_domains(self) -> tuple[str, ...]:
-        """domains.local, or when empty the domain of server.hostname (the hostname minus its first label)."""
+        """domains.local, or when empty: the domain of server.hostname (the hostname minus its first label),
+        the hostname itself and "localhost" (mail addressed to this machine is local, as in Postfix's
+        default mydestination)."""
         if self.domains.local:
             return self.domains.local
         host = self.server.hostname.lower().rstrip(".")
-        return (host.split(".", 1)[1] if "." in host else host,)
+        names = [host.split(".", 1)[1] if "." in host else host, host, "localhost"]
+        return tuple(dict.fromkeys(names))
 
     @property
     def warnings(self) -> list[str]:
