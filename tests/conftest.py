@@ -79,7 +79,8 @@ async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
 
     async def start(**overrides: dict[str, Any]) -> Service:
         config_file = write_config(
-            tmp_path / f"smtpsvc{len(started)}.toml", base_sections(tmp_path / "mailroot", **overrides)
+            tmp_path / f"smtpsvc{len(started)}.toml",
+            base_sections(tmp_path / f"mailroot{len(started) or ''}", **overrides),
         )
         config: Config = load_config(str(config_file), env={})
         service = Service(config, str(config_file), log_stream=None, pickup_interval=0.05)

@@ -45,6 +45,7 @@ from smtpsvc.queue.base import MessageWriter, QueueError
 from smtpsvc.routing.categorizer import relay_decision
 
 READ_SIZE = 64 * 1024
+LINGER_SECONDS = 1.0
 
 
 def server_options(config: Config) -> ServerOptions:
@@ -124,10 +125,18 @@ class Session:
             await self._close()
 
     async def _close(self) -> None:
-        with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+        """Flush our last reply, then a short lingering close: half-close and discard what the client still
+        sends for a moment, so that a client that pipelined ahead reads our 421 instead of a TCP reset."""
+        with contextlib.suppress(ConnectionError, OSError, RuntimeError, TimeoutError):
             if not self.writer.is_closing():
                 await asyncio.wait_for(self.writer.drain(), 5)
-            self.writer.close()
+                if self.writer.can_write_eof():
+                    self.writer.write_eof()
+                    deadline = time.monotonic() + LINGER_SECONDS
+                    while (remaining := deadline - time.monotonic()) > 0:
+                        if not await asyncio.wait_for(self.reader.read(READ_SIZE), remaining):
+                            break
+        self.writer.close()
 
     def _reset_deadline(self, seconds: float) -> None:
         self._deadline = time.monotonic() + seconds

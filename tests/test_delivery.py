@@ -1,0 +1,210 @@
+"""Outbound delivery against real peers: our own server, a HELO-only server, MX fallback, DNS failures,
+and what happens to reports that cannot be delivered (Badmail)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import pytest
+
+from smtpsvc.app import Service
+from tests.conftest import StartService, smtp_port, wait_until
+from tests.dnsserver import DnsServer
+from tests.sink import Sink
+from tests.test_relay import MESSAGE, drop_files, queue_is_empty, send
+
+
+def events_of(service: Service, event_id: int) -> list[dict[str, object]]:
+    service.events.flush()
+    path = service.folders["log"] / "events.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["id"] == event_id]
+
+
+def badmail(service: Service, suffix: str) -> list[object]:
+    return sorted(service.folders["badmail"].glob(f"*{suffix}"))
+
+
+class ScriptedServer:
+    """A minimal SMTP peer that is not our code. `ehlo` is its EHLO reply, or None to refuse EHLO with 502
+    like an old server (KB818222 method 2). It records each TCP read, so a test can see what was pipelined."""
+
+    def __init__(self, ehlo: bytes | None) -> None:
+        self.ehlo = ehlo
+        self.commands: list[str] = []
+        self.reads: list[bytes] = []
+        self.messages: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 old.test SMTP ready\r\n")
+        buffer = b""
+        while chunk := await reader.read(65536):
+            self.reads.append(chunk)
+            buffer += chunk
+            while b"\r\n" in buffer:
+                line, buffer = buffer.split(b"\r\n", 1)
+                verb = line.decode().split(" ", 1)[0].upper()
+                self.commands.append(verb)
+                if verb == "EHLO":
+                    writer.write(self.ehlo or b"502 5.5.1 Command not implemented\r\n")
+                elif verb == "DATA":
+                    writer.write(b"354 go ahead\r\n")
+                    while b"\r\n.\r\n" not in buffer:
+                        buffer += await reader.read(65536)
+                    message, buffer = buffer.split(b"\r\n.\r\n", 1)
+                    self.messages.append(message + b"\r\n.\r\n")
+                    writer.write(b"250 queued\r\n")
+                elif verb == "QUIT":
+                    writer.write(b"221 bye\r\n")
+                else:
+                    writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+
+@pytest.fixture
+async def helo_only() -> AsyncIterator[ScriptedServer]:
+    server = ScriptedServer(ehlo=None)
+    await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def pipelining_peer() -> AsyncIterator[ScriptedServer]:
+    server = ScriptedServer(ehlo=b"250-old.test\r\n250 PIPELINING\r\n")
+    await server.start()
+    yield server
+    await server.stop()
+
+
+async def test_mail_and_rcpts_are_pipelined_when_the_peer_offers_it(
+    start_service: StartService, pipelining_peer: ScriptedServer
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{pipelining_peer.port}"})
+    await send(service, "alice@local.test", ["x@remote.test", "y@remote.test"])
+    await wait_until(lambda: pipelining_peer.messages, what="delivery")
+    [batch] = [r for r in pipelining_peer.reads if b"MAIL FROM" in r]
+    assert batch.count(b"RCPT TO") == 2  # MAIL and both RCPTs in one write
+
+
+async def test_without_pipelining_each_rcpt_waits_for_its_reply(
+    start_service: StartService, helo_only: ScriptedServer
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{helo_only.port}"})
+    await send(service, "alice@local.test", ["x@remote.test", "y@remote.test"])
+    await wait_until(lambda: helo_only.messages, what="delivery")
+    assert not any(b"MAIL FROM" in r and b"RCPT TO" in r for r in helo_only.reads)
+
+
+async def test_relay_to_our_own_server_uses_pipelining_and_arrives_intact(
+    start_service: StartService,
+) -> None:
+    receiver = await start_service(domains={"local": ["remote.test"]})
+    relay = await start_service(delivery={"smart_host": f"[127.0.0.1]:{smtp_port(receiver)}"})
+    await send(relay, "alice@local.test", ["x@remote.test", "y@remote.test"])
+    [file] = await wait_until(lambda: drop_files(receiver), what="delivery to the second server")
+    data = file.read_bytes()
+    assert data.startswith(
+        b"X-Sender: <alice@local.test>\r\nX-Receiver: <x@remote.test>\r\nX-Receiver: <y@remote.test>\r\n"
+    )
+    assert data.endswith(MESSAGE)
+    assert data.count(b"Received: from ") == 2  # one per hop
+
+
+async def test_peer_refusing_ehlo_gets_helo(start_service: StartService, helo_only: ScriptedServer) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{helo_only.port}"})
+    await send(service, "alice@local.test", ["z@remote.test"])
+    await wait_until(lambda: helo_only.messages, what="delivery over HELO")
+    assert helo_only.commands[:3] == ["EHLO", "HELO", "MAIL"]
+    assert helo_only.messages[0].endswith(b"last line\r\n.\r\n")
+    assert b"\r\n..leading dot\r\n" in helo_only.messages[0]  # dot-stuffed on the wire
+
+
+async def test_next_mx_is_tried_when_the_first_cannot_be_reached(
+    start_service: StartService, sink: Sink, dns_server: DnsServer
+) -> None:
+    dns_server.add_mx("remote.test", 10, "mx1.remote.test")
+    dns_server.add_mx("remote.test", 20, "mx2.remote.test")
+    dns_server.add_a("mx1.remote.test", "127.0.0.2")  # nothing listens there on the sink's port
+    dns_server.add_a("mx2.remote.test", "127.0.0.1")
+    service = await start_service(
+        resolver={"nameservers": [dns_server.nameserver]}, delivery={"remote_port": sink.port}
+    )
+    await send(service, "alice@local.test", ["erin@remote.test"])
+    await wait_until(lambda: sink.messages, what="delivery through the second MX")
+    [event] = events_of(service, 4006)
+    assert "127.0.0.2" in str(event["text"]) and "remote.test" in str(event["text"])
+
+
+async def test_domain_that_does_not_exist_is_returned_at_once_with_5_4_4(
+    start_service: StartService, dns_server: DnsServer
+) -> None:
+    service = await start_service(resolver={"nameservers": [dns_server.nameserver]})
+    await send(service, "alice@local.test", ["nobody@no-such-domain.test"])
+    [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
+    assert b"Status: 5.4.4" in ndr.read_bytes()
+    [event] = events_of(service, 4000)
+    assert event["cause"] == "dns-nxdomain"
+    assert str(event["text"]).startswith("Message delivery to the remote domain 'no-such-domain.test' failed")
+
+
+async def test_dns_server_failure_is_retried_not_returned(
+    start_service: StartService, dns_server: DnsServer
+) -> None:
+    dns_server.set_servfail("broken.test")
+    service = await start_service(
+        resolver={"nameservers": [dns_server.nameserver]}, delivery={"retry": ["300ms"]}
+    )
+    await send(service, "alice@local.test", ["x@broken.test"])
+    await wait_until(lambda: len(events_of(service, 4000)) >= 2, what="two failed attempts")
+    assert {e["cause"] for e in events_of(service, 4000)} == {"dns-servfail"}
+    assert drop_files(service) == []  # no NDR: transient
+    [envelope] = service.queue.list()
+    assert envelope.recipients[0].attempts >= 2
+
+
+async def test_null_sender_message_that_fails_goes_to_badmail_not_back_to_sender(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    await send(service, "", ["reject-me@remote.test"])
+    await wait_until(lambda: badmail(service, ".bad"), what="a Badmail item")
+    [bdr] = badmail(service, ".bdr")
+    assert "5.1.1" in bdr.read_text()  # type: ignore[attr-defined]
+    [bdp] = badmail(service, ".bdp")
+    assert json.loads(bdp.read_text())["recipients"][0]["address"] == "reject-me@remote.test"  # type: ignore[attr-defined]
+    assert drop_files(service) == [] and len(sink.messages) == 0
+    await wait_until(lambda: queue_is_empty(service), what="the queue to empty")
+
+
+async def test_ndr_that_cannot_be_delivered_goes_to_badmail(start_service: StartService, sink: Sink) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    await send(service, "reject-sender@remote.test", ["reject-me@remote.test"])
+    [bad] = await wait_until(lambda: badmail(service, ".bad"), what="the undeliverable NDR in Badmail")
+    content = bad.read_bytes()  # type: ignore[attr-defined]
+    assert b"multipart/report" in content and b"reject-me@remote.test" in content
+    assert events_of(service, 3005)
+    await wait_until(lambda: queue_is_empty(service), what="the queue to empty")
+
+
+async def test_invalid_pickup_file_goes_to_badmail_with_the_reason(start_service: StartService) -> None:
+    service = await start_service()
+    (service.folders["pickup"] / "broken.eml").write_bytes(b"To: b@local.test\r\n\r\nno sender\r\n")
+    [bdr] = await wait_until(lambda: badmail(service, ".bdr"), what="the Badmail reason file")
+    text = bdr.read_text()  # type: ignore[attr-defined]
+    assert "0xC00402CE" in text and "no From header" in text
+    [bad] = badmail(service, ".bad")
+    assert bad.read_bytes() == b"To: b@local.test\r\n\r\nno sender\r\n"  # type: ignore[attr-defined]
+    assert not (service.folders["pickup"] / "broken.eml").exists()

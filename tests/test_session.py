@@ -1,0 +1,198 @@
+"""The inbound service on real sockets: banner, EHLO, pipelining, limits, timeouts, hostile input, events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from smtpsvc.app import Service
+from tests.conftest import StartService, smtp_port, wait_until
+from tests.rawclient import RawClient
+
+
+async def greeted(service: Service) -> RawClient:
+    client = await RawClient.connect(smtp_port(service))
+    assert (await client.reply()).startswith("220 relay.test smtpsvc ESMTP ready")
+    assert (await client.command("EHLO client.test")).startswith("250-relay.test Hello [127.0.0.1]")
+    return client
+
+
+def events_of(service: Service, event_id: int) -> list[dict[str, object]]:
+    service.events.flush()
+    path = service.folders["log"] / "events.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["id"] == event_id]
+
+
+async def test_ehlo_advertises_the_enabled_extensions(start_service: StartService) -> None:
+    service = await start_service()
+    client = await RawClient.connect(smtp_port(service))
+    await client.reply()
+    lines = (await client.command("EHLO client.test")).split("\n")
+    keywords = {line[4:] for line in lines[1:]}
+    assert {"PIPELINING", "SIZE 2097152", "8BITMIME", "ENHANCEDSTATUSCODES", "SMTPUTF8", "DSN"} <= keywords
+    await client.close()
+
+
+async def test_verb_mask_without_8bitmime_stops_advertising_and_accepting_it(
+    start_service: StartService,
+) -> None:
+    service = await start_service(server={"inbound_command_support_options": 3503297})
+    client = await greeted(service)
+    lines = (await client.command("EHLO client.test")).split("\n")
+    assert not any("8BITMIME" in line for line in lines)
+    assert (await client.command("MAIL FROM:<a@local.test> BODY=8BITMIME")).startswith("555 5.5.4")
+    await client.close()
+
+
+async def test_pipelined_transaction_gets_replies_in_order_and_is_queued(start_service: StartService) -> None:
+    service = await start_service()
+    client = await greeted(service)
+    await client.send(
+        b"MAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nRCPT TO:<c@local.test>\r\nDATA\r\n"
+    )
+    assert (await client.reply()).startswith("250 2.1.0")
+    assert (await client.reply()).startswith("250 2.1.5 <b@local.test>")
+    assert (await client.reply()).startswith("250 2.1.5 <c@local.test>")
+    assert (await client.reply()).startswith("354")
+    await client.send(b"Subject: p\r\n\r\nbody\r\n.\r\nQUIT\r\n")
+    assert (await client.reply()).startswith("250 2.6.0")
+    assert (await client.reply()).startswith("221 2.0.0")
+    await wait_until(lambda: list(service.folders["drop"].glob("*.eml")), what="delivery")
+
+
+async def test_smuggled_end_of_data_with_bare_line_feeds_does_not_end_the_message(
+    start_service: StartService,
+) -> None:
+    service = await start_service()
+    client = await greeted(service)
+    for line in ("MAIL FROM:<a@local.test>", "RCPT TO:<b@local.test>"):
+        assert (await client.command(line)).startswith("250")
+    assert (await client.command("DATA")).startswith("354")
+    await client.send(b"Subject: s\r\n\r\nbefore\n.\nMAIL FROM:<evil@local.test>\r\nafter\r\n.\r\n")
+    assert (await client.reply()).startswith("250 2.6.0")
+    [drop] = await wait_until(lambda: list(service.folders["drop"].glob("*.eml")), what="delivery")
+    data = drop.read_bytes()
+    assert data.endswith(
+        b"before\r\n.\r\nMAIL FROM:<evil@local.test>\r\nafter\r\n"
+    )  # one message, all content
+    await client.close()
+
+
+async def test_too_many_recipients_get_452(start_service: StartService) -> None:
+    service = await start_service(server={"max_recipients": 2})
+    client = await greeted(service)
+    await client.command("MAIL FROM:<a@local.test>")
+    assert (await client.command("RCPT TO:<b@local.test>")).startswith("250")
+    assert (await client.command("RCPT TO:<c@local.test>")).startswith("250")
+    assert (await client.command("RCPT TO:<d@local.test>")).startswith("452 4.5.3")
+    await client.close()
+
+
+async def test_oversize_message_is_drained_then_refused_with_552_and_not_queued(
+    start_service: StartService,
+) -> None:
+    service = await start_service(server={"max_message_size": 10_000})
+    client = await greeted(service)
+    await client.command("MAIL FROM:<a@local.test>")
+    await client.command("RCPT TO:<b@local.test>")
+    await client.command("DATA")
+    await client.send(b"Subject: big\r\n\r\n" + (b"z" * 998 + b"\r\n") * 30 + b".\r\n")
+    assert (await client.reply()).startswith("552 5.3.4")
+    assert (await client.command("NOOP")).startswith("250")  # the session goes on
+    assert service.queue.list() == []
+    assert list(service.queue.tmp_dir.iterdir()) == []
+    await client.close()
+
+
+async def test_declared_size_over_the_limit_is_refused_at_mail(start_service: StartService) -> None:
+    service = await start_service(server={"max_message_size": 10_000})
+    client = await greeted(service)
+    assert (await client.command("MAIL FROM:<a@local.test> SIZE=20000")).startswith("552 5.3.4")
+    await client.close()
+
+
+async def test_commands_out_of_sequence_get_503(start_service: StartService) -> None:
+    service = await start_service()
+    client = await RawClient.connect(smtp_port(service))
+    await client.reply()
+    assert (await client.command("MAIL FROM:<a@local.test>")).startswith("503 5.5.1")
+    await client.command("EHLO c")
+    assert (await client.command("RCPT TO:<b@local.test>")).startswith("503 5.5.1")
+    assert (await client.command("DATA")).startswith("503 5.5.1")
+    assert (await client.command("BOGUS")).startswith("500 5.5.1")
+    await client.close()
+
+
+async def test_connection_limit_answers_421_and_logs_event_402(start_service: StartService) -> None:
+    service = await start_service(server={"max_connections": 1})
+    first = await greeted(service)
+    second = await RawClient.connect(smtp_port(service))
+    assert (await second.reply()).startswith("421 4.7.0")
+    assert await second.closed()
+    [event] = events_of(service, 402)
+    assert event["text"] == "The maximum number of allowed inbound connections (1) has been reached."
+    await first.close()
+
+
+async def test_idle_session_is_closed_with_421_after_connection_timeout(start_service: StartService) -> None:
+    service = await start_service(server={"connection_timeout": "500ms"})
+    client = await greeted(service)
+    assert (await client.reply(timeout=10)).startswith("421 4.4.2")
+    assert await client.closed()
+
+
+async def test_a_client_trickling_one_command_is_cut_at_the_deadline(start_service: StartService) -> None:
+    service = await start_service(server={"connection_timeout": "1s"})
+    client = await greeted(service)
+    answer = asyncio.ensure_future(client.reply(timeout=10))
+    for byte in b"MAIL FROM:<a@local.test":  # one byte every 100 ms, never completing the line
+        if answer.done():
+            break
+        await client.send(bytes([byte]))
+        await asyncio.sleep(0.1)  # the trickle itself, not a wait for a condition
+    assert (await answer).startswith("421 4.4.2")
+
+
+async def test_too_many_bad_commands_end_the_session(start_service: StartService) -> None:
+    service = await start_service(server={"max_errors": 3})
+    client = await greeted(service)
+    assert (await client.command("XYZZY")).startswith("500")
+    assert (await client.command("XYZZY")).startswith("500")
+    assert (await client.command("XYZZY")).startswith("421 4.7.0")
+    assert await client.closed()
+
+
+async def test_an_http_request_at_the_command_prompt_closes_the_connection(
+    start_service: StartService,
+) -> None:
+    service = await start_service()
+    client = await RawClient.connect(smtp_port(service))
+    await client.reply()
+    assert (await client.command("GET / HTTP/1.1")).startswith("421")
+    assert await client.closed()
+
+
+async def test_service_stop_tells_idle_clients_421(start_service: StartService) -> None:
+    service = await start_service()
+    client = await greeted(service)
+    await service.stop()
+    assert (await client.reply()).startswith("421 4.3.2")
+    assert await client.closed()
+
+
+async def test_queued_and_delivered_messages_are_logged_as_3001_and_3002(start_service: StartService) -> None:
+    service = await start_service()
+    client = await greeted(service)
+    await client.command("MAIL FROM:<a@local.test>")
+    await client.command("RCPT TO:<b@local.test>")
+    await client.command("DATA")
+    await client.send(b"Subject: s\r\n\r\nx\r\n.\r\n")
+    reply = await client.reply()
+    queue_id = reply.split("<", 1)[1].split(">", 1)[0]
+    await wait_until(lambda: events_of(service, 3002), what="event 3002")
+    [queued] = [e for e in events_of(service, 3001) if e.get("queue_id") == queue_id]
+    assert "from=<a@local.test>" in str(queued["track"])
+    [delivered] = [e for e in events_of(service, 3002) if e.get("queue_id") == queue_id]
+    assert "to=<b@local.test>, relay=drop" in str(delivered["track"])
+    assert "status=sent" in str(delivered["track"])
+    await client.close()
