@@ -93,7 +93,7 @@ def test_report_headers() -> None:
     assert b"\r\nTo: <alice@example.test>\r\n" in data
     assert msg["To"] == "alice@example.test"
     assert msg["Subject"] == "Delivery Status Notification (Failure)"
-    assert msg["Date"] == "Tue, 14 Nov 2023 22:16:40 -0000"
+    assert msg["Date"] == "Tue, 14 Nov 2023 22:16:40 +0000"
     assert msg["MIME-Version"] == "1.0"
     assert msg["Auto-Submitted"] == "auto-replied"
     assert msg["Message-ID"].startswith("<") and msg["Message-ID"].endswith("@relay.example.test>")
@@ -142,7 +142,7 @@ def test_text_part_is_first_and_in_the_iis_wording() -> None:
 def test_per_message_fields() -> None:
     per_message = status_blocks(report())[0]
     assert per_message["Reporting-MTA"] == "dns; relay.example.test"
-    assert per_message["Arrival-Date"] == "Tue, 14 Nov 2023 22:13:20 -0000"
+    assert per_message["Arrival-Date"] == "Tue, 14 Nov 2023 22:13:20 +0000"
     assert per_message["Original-Envelope-Id"] is None
     assert per_message["Received-From-MTA"] is None
 
@@ -163,7 +163,7 @@ def test_per_recipient_blocks_of_a_two_recipient_ndr() -> None:
     assert bob["Remote-MTA"] == "dns; mx1.remote.test"
     assert bob["Diagnostic-Code"] == (
         "smtp; 550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown")
-    assert bob["Last-Attempt-Date"] == "Tue, 14 Nov 2023 22:15:40 -0000"
+    assert bob["Last-Attempt-Date"] == "Tue, 14 Nov 2023 22:15:40 +0000"
     assert bob["Original-Recipient"] is None
     assert carol["Final-Recipient"] == "rfc822; carol@other.test"
     assert carol["Status"] == "4.4.7"
@@ -179,7 +179,7 @@ def test_status_part_golden() -> None:
     end = data.index(b"\r\n--", start)
     assert data[start:end] == (
         b"Reporting-MTA: dns; relay.example.test\r\n"
-        b"Arrival-Date: Tue, 14 Nov 2023 22:13:20 -0000\r\n"
+        b"Arrival-Date: Tue, 14 Nov 2023 22:13:20 +0000\r\n"
         b"\r\n"
         b"Final-Recipient: rfc822; bob@remote.test\r\n"
         b"Action: failed\r\n"
@@ -187,7 +187,7 @@ def test_status_part_golden() -> None:
         b"Remote-MTA: dns; mx1.remote.test\r\n"
         b"Diagnostic-Code: smtp; 550 5.1.1 <bob@remote.test>: Recipient address\r\n"
         b" rejected: User unknown\r\n"
-        b"Last-Attempt-Date: Tue, 14 Nov 2023 22:15:40 -0000\r\n"
+        b"Last-Attempt-Date: Tue, 14 Nov 2023 22:15:40 +0000\r\n"
     )
 
 
@@ -329,13 +329,13 @@ def test_delay_report() -> None:
         b"       bob@remote.test\r\n"
         b"           Reason: 451 4.4.1 try later\r\n"
         b"           Remote server: mx1.remote.test\r\n"
-        b"           Will retry until: Wed, 15 Nov 2023 22:16:40 -0000\r\n"
+        b"           Will retry until: Wed, 15 Nov 2023 22:16:40 +0000\r\n"
     )
     block = status_blocks(data)[1]
     assert block["Action"] == "delayed"
     assert block["Status"] == "4.4.1"
-    assert block["Will-Retry-Until"] == "Wed, 15 Nov 2023 22:16:40 -0000"
-    assert block["Last-Attempt-Date"] == "Tue, 14 Nov 2023 22:06:40 -0000"
+    assert block["Will-Retry-Until"] == "Wed, 15 Nov 2023 22:16:40 +0000"
+    assert block["Last-Attempt-Date"] == "Tue, 14 Nov 2023 22:06:40 +0000"
     assert returned["Content-Description"] == "Original Message Headers"
 
 

@@ -17,9 +17,8 @@ import re
 import textwrap
 from collections.abc import Sequence
 from dataclasses import dataclass
-from email.utils import formatdate
 
-from smtpsvc.model import Envelope, Recipient
+from smtpsvc.model import Envelope, Recipient, rfc5322_date
 
 KINDS = ("failure", "delay", "success")
 ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")   # RFC 3464 section 2.3.3
@@ -164,7 +163,7 @@ def build_report(
         *_fold("From", f"Mail Delivery System <{_clean(postmaster)}>"),
         *_fold("To", f"<{_clean(original.sender)}>"),
         f"Subject: {_SUBJECTS[kind]}",
-        f"Date: {formatdate(now, localtime=False)}",
+        f"Date: {rfc5322_date(now)}",
         f"Message-ID: {_message_id(message_id, seed, original, kind, message_id_domain)}",
         "MIME-Version: 1.0",
         "Content-Type: multipart/report; report-type=delivery-status;",
@@ -223,7 +222,7 @@ def _human_text(kind: str, recipients: Sequence[ReportedRecipient], notes: list[
             if r.remote_mta:
                 lines.extend(_wrap("Remote server: " + _remote_mta(r.remote_mta), "           "))
             if r.action == "delayed" and r.will_retry_until is not None:
-                until = formatdate(r.will_retry_until, localtime=False)
+                until = rfc5322_date(r.will_retry_until)
                 lines.append("           Will retry until: " + until)
             lines.append("")
     for note in notes:
@@ -247,7 +246,7 @@ def _status_text(reporting_mta: str, original: Envelope, recipients: Sequence[Re
     if original.envid:
         fields += _fold("Original-Envelope-Id", _clean(original.envid))
     if original.received_at > 0:
-        fields.append("Arrival-Date: " + formatdate(original.received_at, localtime=False))
+        fields.append("Arrival-Date: " + rfc5322_date(original.received_at))
     blocks = ["\r\n".join(fields)]
     for r in recipients:
         block: list[str] = []
@@ -266,9 +265,9 @@ def _status_text(reporting_mta: str, original: Envelope, recipients: Sequence[Re
             diagnostic_type = "smtp" if _SMTP_REPLY_RE.match(diagnostic) else "X-smtpsvc"
             block += _fold("Diagnostic-Code", f"{diagnostic_type}; {diagnostic}")
         if r.last_attempt is not None:
-            block.append("Last-Attempt-Date: " + formatdate(r.last_attempt, localtime=False))
+            block.append("Last-Attempt-Date: " + rfc5322_date(r.last_attempt))
         if r.action == "delayed" and r.will_retry_until is not None:
-            block.append("Will-Retry-Until: " + formatdate(r.will_retry_until, localtime=False))
+            block.append("Will-Retry-Until: " + rfc5322_date(r.will_retry_until))
         blocks.append("\r\n".join(block))
     return "\r\n\r\n".join(blocks) + "\r\n"
 

@@ -8,12 +8,11 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from email.utils import formatdate
 
 from smtpsvc import events
 from smtpsvc.config import Config
 from smtpsvc.events import EventLog
-from smtpsvc.model import Envelope, Recipient, Source
+from smtpsvc.model import Envelope, Recipient, Source, rfc5322_date
 from smtpsvc.queue.base import MessageWriter, Queue
 from smtpsvc.routing.categorizer import route_for
 
@@ -29,7 +28,7 @@ def received_header(
     now: float | None = None,
 ) -> bytes:
     """RFC 5321 §4.4 trace header, folded onto two lines to stay short."""
-    stamp = formatdate(time.time() if now is None else now, localtime=False)
+    stamp = rfc5322_date(time.time() if now is None else now)
     if client_ip:
         origin = f"from {_clean(helo) or 'unknown'} ([{client_ip}]{' unverified' if unverified else ''})"
     else:

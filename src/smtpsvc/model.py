@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from email.utils import format_datetime
 from enum import StrEnum
 from typing import Any
 
@@ -181,3 +183,8 @@ def new_queue_id(now: float | None = None) -> str:
     _counter = (_counter + 1) & 0xFFFF
     stamp = int((time.time() if now is None else now) * 1_000_000)
     return f"{stamp:014X}{_counter:04X}{os.urandom(3).hex().upper()}"
+
+
+def rfc5322_date(epoch: float) -> str:
+    """A Date/Received timestamp in UTC with "+0000" (RFC 5322 reads "-0000" as "zone unknown")."""
+    return format_datetime(datetime.fromtimestamp(epoch, UTC))

@@ -1,0 +1,89 @@
+"""The command line: config check/show/example exit codes and output; serve on a broken mailroot."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from smtpsvc.cli import main
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), env=env or {})
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_config_check_accepts_a_valid_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text('[server]\nmax_recipients = 5\n[relay]\nallow = ["10.0.0.0/8"]\n')
+    code, out, _ = run("config", "check", "-c", str(cfg))
+    assert code == 0
+    assert out.strip() == f"{cfg}: OK"
+
+
+def test_config_check_reports_file_line_key_and_a_suggestion_with_exit_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text('[server]\nhostname = "relay.test"\nmax_recipient = 5\n')
+    code, _, err = run("config", "check", "-c", str(cfg))
+    assert code == 2
+    assert f"{cfg}:3: server.max_recipient" in err
+    assert 'did you mean "max_recipients"' in err
+
+
+def test_config_check_warns_about_keys_not_yet_in_effect(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text("[server]\nreverse_dns = true\n")
+    code, _, err = run("config", "check", "-c", str(cfg))
+    assert code == 0
+    assert "server.reverse_dns" in err and "not yet in effect" in err
+
+
+def test_config_show_decodes_the_verb_mask(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text("[server]\ninbound_command_support_options = 3503297\n")
+    code, out, _ = run("config", "show", "-c", str(cfg))
+    assert code == 0
+    assert "3503297" in out
+    line = next(x for x in out.splitlines() if "8BITMIME" in x and "BINARY" not in x)
+    assert "off" in line
+
+
+def test_config_example_is_itself_a_valid_configuration(tmp_path: Path) -> None:
+    code, out, _ = run("config", "example")
+    assert code == 0
+    cfg = tmp_path / "example.toml"
+    cfg.write_text(out)
+    assert run("config", "check", "-c", str(cfg))[0] == 0
+
+
+def test_environment_override_beats_the_file(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text("[server]\nmax_recipients = 5\n")
+    code, out, _ = run("config", "show", "-c", str(cfg), env={"SMTPSVC__SERVER__MAX_RECIPIENTS": "7"})
+    assert code == 0
+    assert "max_recipients = 7" in out
+
+
+def test_serve_on_an_unusable_mailroot_exits_1_with_event_429(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the mailroot should be")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smtpsvc",
+            "serve",
+            "--root",
+            str(blocker / "mailroot"),
+            "--listen",
+            "127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1
+    assert " 429 " in proc.stderr and "cannot be used" in proc.stderr
