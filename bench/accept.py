@@ -251,6 +251,11 @@ class RunStats:
     def rate(self) -> float:
         return self.accepted / self.elapsed if self.elapsed > 0 else 0.0
 
+    @property
+    def server_load(self) -> float:
+        """Server CPU time over wall time, in % of one core (100 = one core busy all the run)."""
+        return 100.0 * self.server_cpu / self.elapsed if self.elapsed > 0 else 0.0
+
 
 @dataclass(slots=True)
 class Shared:
@@ -481,6 +486,7 @@ class ConfigResult:
             fmt_ms(percentile(lat, 50)),
             fmt_ms(percentile(lat, 99)),
             per(server),
+            f"{statistics.median(r.server_load for r in self.runs):.0f}",
             per(client),
             str(sum(r.failed for r in self.runs)),
         ]
@@ -494,6 +500,7 @@ HEADERS = [
     "p50 ms",
     "p99 ms",
     "server CPU ms/msg",
+    "server CPU %",
     "client CPU ms/msg",
     "failed",
 ]
@@ -515,7 +522,8 @@ def run_summary(stats: RunStats) -> str:
         f"{f', {unsent} not sent (time limit or lost sessions)' if unsent else ''} in {stats.elapsed:.2f}s "
         f"= {stats.rate:.0f} msgs/s; "
         f"p50 {fmt_ms(percentile(lat, 50))} ms, p99 {fmt_ms(percentile(lat, 99))} ms; "
-        f"server CPU {cpu} ms/msg{backlog}; settled in {stats.settle:.1f}s"
+        f"server CPU {cpu} ms/msg ({stats.server_load:.0f}% of a core){backlog}; "
+        f"settled in {stats.settle:.1f}s"
     )
 
 
@@ -547,8 +555,14 @@ def machine_line(use_uvloop: bool, tmp: Path) -> str:
         from smtpsvc import __version__ as svc_version
     except ImportError:
         svc_version = "?"
+    model = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
     return (
-        f"machine: nproc {affinity}, {platform.machine()}, Linux {platform.release()}; "
+        f"machine: nproc {affinity}, {model}, Linux {platform.release()}; "
         f"python {platform.python_version()} ({sys.executable}); client uvloop {uv}; "
         f"smtpsvc {svc_version}; mailroot on {filesystem_of(tmp)}"
     )

@@ -15,24 +15,33 @@ from smtpsvc.model import Envelope, Recipient
 
 NOW = 1_700_000_200.0
 RECEIVED = 1_700_000_000.0
-HEADERS = (b"From: Alice <alice@example.test>\r\nTo: bob@remote.test, carol@other.test\r\n"
-           b"Subject: quarterly numbers\r\nMessage-ID: <orig-1@example.test>\r\n\r\n")
+HEADERS = (
+    b"From: Alice <alice@example.test>\r\nTo: bob@remote.test, carol@other.test\r\n"
+    b"Subject: quarterly numbers\r\nMessage-ID: <orig-1@example.test>\r\n\r\n"
+)
 BODY = b"Hello Bob,\r\n\r\nthe numbers are attached.\r\n.leading dot stays\r\n"
 
 BOB = ReportedRecipient(
-    address="bob@remote.test", action="failed", status="5.1.1",
+    address="bob@remote.test",
+    action="failed",
+    status="5.1.1",
     diagnostic="550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown",
-    remote_mta="mx1.remote.test", last_attempt=NOW - 60,
+    remote_mta="mx1.remote.test",
+    last_attempt=NOW - 60,
 )
 CAROL = ReportedRecipient(
-    address="carol@other.test", action="failed", status="4.4.7",
-    diagnostic="451 4.4.1 connection timed out", remote_mta="",
+    address="carol@other.test",
+    action="failed",
+    status="4.4.7",
+    diagnostic="451 4.4.1 connection timed out",
+    remote_mta="",
 )
 
 
 def envelope(**kw: Any) -> Envelope:
     fields: dict[str, Any] = {
-        "id": "0000018BD5A1C2F80001ABCDEF", "sender": "alice@example.test",
+        "id": "0000018BD5A1C2F80001ABCDEF",
+        "sender": "alice@example.test",
         "recipients": [Recipient("bob@remote.test"), Recipient("carol@other.test")],
         "received_at": RECEIVED,
     }
@@ -40,12 +49,26 @@ def envelope(**kw: Any) -> Envelope:
     return Envelope(**fields)
 
 
-def report(*, original: Envelope | None = None, recipients: tuple[ReportedRecipient, ...] = (BOB, CAROL),
-           kind: str = "failure", headers: bytes = HEADERS, body: bytes | None = BODY, **kw: Any) -> bytes:
+def report(
+    *,
+    original: Envelope | None = None,
+    recipients: tuple[ReportedRecipient, ...] = (BOB, CAROL),
+    kind: str = "failure",
+    headers: bytes = HEADERS,
+    body: bytes | None = BODY,
+    **kw: Any,
+) -> bytes:
     return build_report(
-        reporting_mta="relay.example.test", original=original or envelope(), original_headers=headers,
-        original_body=body, recipients=recipients, kind=kind, now=NOW,
-        message_id_domain="relay.example.test", postmaster="postmaster@relay.example.test", **kw,
+        reporting_mta="relay.example.test",
+        original=original or envelope(),
+        original_headers=headers,
+        original_body=body,
+        recipients=recipients,
+        kind=kind,
+        now=NOW,
+        message_id_domain="relay.example.test",
+        postmaster="postmaster@relay.example.test",
+        **kw,
     )
 
 
@@ -77,13 +100,17 @@ def assert_wire_clean(data: bytes) -> None:
 
 # --- structure and headers ------------------------------------------------------------------------
 
+
 def test_failure_report_is_a_multipart_report_with_three_parts() -> None:
     msg = parse(report())
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
     assert not msg.defects
     assert [p.get_content_type() for p in msg.iter_parts()] == [
-        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+        "text/plain",
+        "message/delivery-status",
+        "text/rfc822-headers",
+    ]
 
 
 def test_report_headers() -> None:
@@ -139,6 +166,7 @@ def test_text_part_is_first_and_in_the_iis_wording() -> None:
 
 # --- message/delivery-status ----------------------------------------------------------------------
 
+
 def test_per_message_fields() -> None:
     per_message = status_blocks(report())[0]
     assert per_message["Reporting-MTA"] == "dns; relay.example.test"
@@ -162,7 +190,8 @@ def test_per_recipient_blocks_of_a_two_recipient_ndr() -> None:
     assert bob["Status"] == "5.1.1"
     assert bob["Remote-MTA"] == "dns; mx1.remote.test"
     assert bob["Diagnostic-Code"] == (
-        "smtp; 550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown")
+        "smtp; 550 5.1.1 <bob@remote.test>: Recipient address rejected: User unknown"
+    )
     assert bob["Last-Attempt-Date"] == "Tue, 14 Nov 2023 22:15:40 +0000"
     assert bob["Original-Recipient"] is None
     assert carol["Final-Recipient"] == "rfc822; carol@other.test"
@@ -192,8 +221,9 @@ def test_status_part_golden() -> None:
 
 
 def test_envid_and_orcpt_are_echoed() -> None:
-    rcpt = ReportedRecipient("bob@remote.test", "failed", "5.1.1", "550 5.1.1 unknown",
-                             orcpt="rfc822;Bob.Original@remote.test")
+    rcpt = ReportedRecipient(
+        "bob@remote.test", "failed", "5.1.1", "550 5.1.1 unknown", orcpt="rfc822;Bob.Original@remote.test"
+    )
     blocks = status_blocks(report(original=envelope(envid="QQ314159"), recipients=(rcpt,)))
     assert blocks[0]["Original-Envelope-Id"] == "QQ314159"
     assert blocks[1]["Original-Recipient"] == "rfc822; Bob.Original@remote.test"
@@ -203,7 +233,8 @@ def test_envid_and_orcpt_are_echoed() -> None:
 def test_our_own_diagnosis_gets_an_x_diagnostic_type() -> None:
     rcpt = ReportedRecipient("bob@remote.test", "failed", "5.4.4", "no MX or A record for remote.test")
     assert status_blocks(report(recipients=(rcpt,)))[1]["Diagnostic-Code"] == (
-        "X-smtpsvc; no MX or A record for remote.test")
+        "X-smtpsvc; no MX or A record for remote.test"
+    )
 
 
 def test_no_diagnostic_no_diagnostic_code() -> None:
@@ -212,17 +243,23 @@ def test_no_diagnostic_no_diagnostic_code() -> None:
 
 
 def test_multi_line_reply_is_joined_on_one_field() -> None:
-    rcpt = ReportedRecipient("bob@remote.test", "failed", "5.7.1",
-                             "550-5.7.1 Message rejected\r\n550 5.7.1 see https://help.remote.test")
+    rcpt = ReportedRecipient(
+        "bob@remote.test",
+        "failed",
+        "5.7.1",
+        "550-5.7.1 Message rejected\r\n550 5.7.1 see https://help.remote.test",
+    )
     data = report(recipients=(rcpt,))
     assert status_blocks(data)[1]["Diagnostic-Code"] == (
-        "smtp; 550-5.7.1 Message rejected 550 5.7.1 see https://help.remote.test")
+        "smtp; 550-5.7.1 Message rejected 550 5.7.1 see https://help.remote.test"
+    )
     assert_wire_clean(data)
 
 
 def test_remote_mta_with_address_and_port_is_reduced_to_the_host_name() -> None:
-    rcpt = ReportedRecipient("bob@remote.test", "failed", "5.1.1", "550 5.1.1 x",
-                             remote_mta="mx1.remote.test[192.0.2.25]:25")
+    rcpt = ReportedRecipient(
+        "bob@remote.test", "failed", "5.1.1", "550 5.1.1 x", remote_mta="mx1.remote.test[192.0.2.25]:25"
+    )
     assert status_blocks(report(recipients=(rcpt,)))[1]["Remote-MTA"] == "dns; mx1.remote.test"
 
 
@@ -234,6 +271,7 @@ def test_missing_or_malformed_status_falls_back_to_the_action_class() -> None:
 
 
 # --- the returned original ------------------------------------------------------------------------
+
 
 def test_ret_full_embeds_the_original_byte_exact() -> None:
     data = report(original=envelope(ret="FULL"))
@@ -294,7 +332,7 @@ def test_ret_full_with_an_overlong_line_returns_headers_and_says_why() -> None:
 
 
 def test_a_large_original_is_checked_in_linear_time() -> None:
-    body = (b"x" * 900 + b"\r\n") * 5_000     # 4.5 MB of 900-octet lines (a regex scan took seconds)
+    body = (b"x" * 900 + b"\r\n") * 5_000  # 4.5 MB of 900-octet lines (a regex scan took seconds)
     data = report(original=envelope(ret="FULL"), body=body)
     assert b"\r\nContent-Type: message/rfc822\r\n" in data
     assert HEADERS + body in data
@@ -311,10 +349,17 @@ def test_eight_bit_original_is_declared_8bit() -> None:
 
 # --- the other kinds ------------------------------------------------------------------------------
 
+
 def test_delay_report() -> None:
-    rcpt = ReportedRecipient("bob@remote.test", "delayed", "4.4.1", "451 4.4.1 try later",
-                             remote_mta="mx1.remote.test", last_attempt=NOW - 600,
-                             will_retry_until=NOW + 86400)
+    rcpt = ReportedRecipient(
+        "bob@remote.test",
+        "delayed",
+        "4.4.1",
+        "451 4.4.1 try later",
+        remote_mta="mx1.remote.test",
+        last_attempt=NOW - 600,
+        will_retry_until=NOW + 86400,
+    )
     data = report(kind="delay", recipients=(rcpt,))
     text, _, returned = parts(data)
     assert text.get_payload(decode=True) == (
@@ -345,8 +390,9 @@ def test_will_retry_until_is_only_for_delayed_recipients() -> None:
 
 
 def test_success_report() -> None:
-    rcpt = ReportedRecipient("bob@remote.test", "delivered", "2.0.0", "250 2.0.0 Ok: queued as 4F1",
-                             remote_mta="mx1.remote.test")
+    rcpt = ReportedRecipient(
+        "bob@remote.test", "delivered", "2.0.0", "250 2.0.0 Ok: queued as 4F1", remote_mta="mx1.remote.test"
+    )
     relayed = ReportedRecipient("carol@other.test", "relayed", "2.0.0", "250 2.0.0 OK")
     data = report(kind="success", recipients=(rcpt, relayed))
     text = parts(data)[0].get_payload(decode=True)
@@ -361,22 +407,27 @@ def test_success_report() -> None:
 
 # --- wire safety ----------------------------------------------------------------------------------
 
+
 def test_boundary_collision_is_avoided() -> None:
     first = dsn._boundary(dsn._seed(envelope(), "failure", NOW, (BOB, CAROL)), 0)
     body = b"--" + first.encode() + b"\r\nplanted boundary\r\n--" + first.encode() + b"--\r\n"
     data = report(original=envelope(ret="FULL"), body=body)
     boundary = parse(data).get_boundary()
     assert boundary is not None and boundary != first
-    assert data.count(boundary.encode()) == 5        # the header parameter, three delimiters, the close
+    assert data.count(boundary.encode()) == 5  # the header parameter, three delimiters, the close
     assert HEADERS + body in data
     assert [p.get_content_type() for p in parts(data)] == [
-        "text/plain", "message/delivery-status", "message/rfc822"]
+        "text/plain",
+        "message/delivery-status",
+        "message/rfc822",
+    ]
 
 
 def test_lines_are_crlf_and_bounded_even_with_a_huge_diagnostic() -> None:
     spaced = ReportedRecipient("bob@remote.test", "failed", "5.0.0", "550 " + "word " * 3000)
-    unbroken = ReportedRecipient("carol@other.test", "failed", "5.0.0", "550 " + "y" * 5000,
-                                 remote_mta="z" * 1200)
+    unbroken = ReportedRecipient(
+        "carol@other.test", "failed", "5.0.0", "550 " + "y" * 5000, remote_mta="z" * 1200
+    )
     long_header = b"X-Long: " + b"a" * 1500 + b"\r\nX-Long-Spaced: " + b"b " * 800 + b"\r\n\r\n"
     data = report(recipients=(spaced, unbroken), headers=HEADERS[:-2] + long_header)
     assert_wire_clean(data)
@@ -393,7 +444,7 @@ def test_non_ascii_addresses_and_diagnostics_stay_ascii_in_the_report() -> None:
     rcpt = ReportedRecipient("jörg@bücher.test", "failed", "5.1.1", "550 5.1.1 Benutzer unbekannt: jörg")
     data = report(original=envelope(sender="sénder@example.test", smtputf8=True), recipients=(rcpt,))
     head, _, rest = data.partition(b"\r\n\r\n")
-    assert "To: <sénder@example.test>".encode() in head     # RFC 6532 header for an SMTPUTF8 sender
+    assert "To: <sénder@example.test>".encode() in head  # RFC 6532 header for an SMTPUTF8 sender
     assert rest.isascii()
     block = status_blocks(data)[1]
     assert block["Final-Recipient"] == "utf-8; j\\x{F6}rg@b\\x{FC}cher.test"
@@ -409,6 +460,7 @@ def test_control_characters_cannot_inject_fields() -> None:
 
 
 # --- misuse ---------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["bounce", "FAILURE", ""])
 def test_unknown_kind_is_refused(kind: str) -> None:
@@ -428,18 +480,19 @@ def test_a_report_without_recipients_is_refused() -> None:
 
 # --- should_report --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("sender", "dsn_kind", "notify", "kind", "expected"),
     [
-        ("alice@example.test", "", (), "failure", True),                  # default NOTIFY: FAILURE,DELAY
+        ("alice@example.test", "", (), "failure", True),  # default NOTIFY: FAILURE,DELAY
         ("alice@example.test", "", (), "delay", True),
         ("alice@example.test", "", (), "success", False),
-        ("", "", (), "failure", False),                                   # never to the null sender
+        ("", "", (), "failure", False),  # never to the null sender
         ("", "", ("SUCCESS",), "success", False),
         ("alice@example.test", "", ("NEVER",), "failure", False),
         ("alice@example.test", "", ("NEVER",), "delay", False),
         ("alice@example.test", "", ("SUCCESS",), "success", True),
-        ("alice@example.test", "", ("SUCCESS",), "failure", False),       # SUCCESS only
+        ("alice@example.test", "", ("SUCCESS",), "failure", False),  # SUCCESS only
         ("alice@example.test", "", ("SUCCESS",), "delay", False),
         ("alice@example.test", "", ("FAILURE",), "failure", True),
         ("alice@example.test", "", ("FAILURE",), "delay", False),
@@ -447,12 +500,13 @@ def test_a_report_without_recipients_is_refused() -> None:
         ("alice@example.test", "", ("DELAY",), "failure", False),
         ("alice@example.test", "", ("success", "failure"), "failure", True),  # case-insensitive
         ("alice@example.test", "", ("SUCCESS", "FAILURE", "DELAY"), "delay", True),
-        ("postmaster@relay.example.test", "failure", (), "failure", False),   # no report on a report
+        ("postmaster@relay.example.test", "failure", (), "failure", False),  # no report on a report
         ("postmaster@relay.example.test", "delay", ("SUCCESS",), "success", False),
     ],
 )
-def test_should_report(sender: str, dsn_kind: str, notify: tuple[str, ...], kind: str,
-                       expected: bool) -> None:
+def test_should_report(
+    sender: str, dsn_kind: str, notify: tuple[str, ...], kind: str, expected: bool
+) -> None:
     rcpt = Recipient("bob@remote.test", notify=notify)
     env = envelope(sender=sender, recipients=[rcpt], dsn_kind=dsn_kind)
     assert should_report(env, rcpt, kind) is expected
@@ -464,6 +518,7 @@ def test_should_report_refuses_an_unknown_kind() -> None:
 
 
 # --- header section helpers -----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     ("data", "end"),

@@ -192,3 +192,17 @@ async def test_relay_tricks_in_local_part_are_refused(start_service: StartServic
             return client.docmd("RCPT", f"TO:<{rcpt}>")[0]  # verbatim: smtplib would rewrite the route
 
     assert await asyncio.to_thread(attempt) == 550
+
+
+async def test_mixed_results_bounce_only_the_refused_recipient(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    await send(service, "alice@local.test", ["ok@remote.test", "reject-me@remote.test"])
+    await wait_until(lambda: sink.messages, what="delivery of the accepted recipient")
+    assert sink.messages[0].rcpt_tos == ["ok@remote.test"]
+    [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
+    data = ndr.read_bytes()
+    assert b"Final-Recipient: rfc822; reject-me@remote.test" in data
+    assert b"ok@remote.test" not in data.split(b"message/delivery-status", 1)[1].split(b"rfc822-headers")[0]
+    await wait_until(lambda: queue_is_empty(service), what="the queue to empty")
