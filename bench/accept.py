@@ -527,6 +527,14 @@ def run_summary(stats: RunStats) -> str:
     )
 
 
+def load_average() -> str:
+    """The 1/5/15-minute load averages: other work on the machine skews every number here."""
+    try:
+        return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    except OSError:
+        return "?"
+
+
 def filesystem_of(path: Path) -> str:
     """'ext4 on /dev/vda' for the mount holding `path` (longest mount-point prefix in /proc/mounts)."""
     best = ("", "?", "?")
@@ -718,7 +726,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"load: {args.messages} messages of {msg.size} bytes per run, {args.runs} run(s) per session count, "
         f"max {args.max_seconds:g}s per run; {mode}"
     )
-    print(f"temp dir: {tmp}{' (kept)' if args.keep else ''}", flush=True)
+    print(
+        f"temp dir: {tmp}{' (kept)' if args.keep else ''}; load average at start {load_average()}", flush=True
+    )
 
     results: list[ConfigResult] = []
     service: Service | None = None
@@ -778,7 +788,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             signal.signal(sig, signal.SIG_DFL)
 
     if results:
-        print()
+        print(f"\nload average at the end {load_average()}")
         print(table(results))
         if any(r.failed or r.errors for c in results for r in c.runs):
             status = status or 1

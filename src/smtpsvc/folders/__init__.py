@@ -1,0 +1,1 @@
+"""The mailroot folders an operator and applications touch directly: Pickup and Badmail."""

@@ -1,0 +1,1 @@
+"""The inbound SMTP service: listeners and sessions over the sans-I/O protocol core."""
