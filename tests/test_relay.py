@@ -206,3 +206,10 @@ async def test_mixed_results_bounce_only_the_refused_recipient(
     assert b"Final-Recipient: rfc822; reject-me@remote.test" in data
     assert b"ok@remote.test" not in data.split(b"message/delivery-status", 1)[1].split(b"rfc822-headers")[0]
     await wait_until(lambda: queue_is_empty(service), what="the queue to empty")
+
+
+async def test_a_recipient_given_twice_gets_one_copy(start_service: StartService) -> None:
+    service = await start_service()
+    await send(service, "alice@local.test", ["bob@local.test", "BOB@local.test"])
+    [file] = await wait_until(lambda: drop_files(service), what="delivery")
+    assert file.read_bytes().count(b"X-Receiver:") == 1

@@ -58,7 +58,11 @@ class Ingest:
         """Categorize, make durable, log, wake delivery. Raises QueueError (the caller answers 4xx)."""
         now = time.time()
         recipients = []
+        seen: set[str] = set()
         for rcpt in envelope_fields.recipients:
+            if rcpt.address.lower() in seen:
+                continue  # the same recipient twice (RCPT repeated, To and Cc) gets one copy
+            seen.add(rcpt.address.lower())
             rcpt.route = route_for(rcpt.address, self.config).link
             recipients.append(rcpt)
         envelope = Envelope(

@@ -124,8 +124,11 @@ class Scheduler:
 
     # -- one message ---------------------------------------------------------------------------------
     async def process(self, envelope: Envelope) -> None:
+        started = time.time()
         groups: dict[Route, list[Recipient]] = {}
         for rcpt in envelope.pending:
+            if rcpt.next_attempt > started:
+                continue  # this recipient's retry time has not come (another one made the message due)
             route = route_for(rcpt.address, self.config)
             rcpt.route = route.link
             groups.setdefault(route, []).append(rcpt)

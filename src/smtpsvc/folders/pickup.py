@@ -250,8 +250,9 @@ class PickupScanner:
     async def _submit(self, path: Path) -> None:
         try:
             writer = self.ingest.begin()
-        except QueueError:
-            return  # the spool is unavailable: leave the file claimed; the next start retries it
+        except QueueError as exc:
+            self._unclaim(path, f"cannot queue it: {exc}")
+            return
         try:
             envelope = await asyncio.to_thread(self._read, path, writer)
         except InvalidPickupFile as exc:
@@ -260,13 +261,7 @@ class PickupScanner:
             return
         except (OSError, QueueError) as exc:
             writer.abort()
-            self.events.emit(
-                events.Event(
-                    events.PICKUP_REJECTED, f"Cannot read pickup file {path.name}: {exc}; will retry"
-                )
-            )
-            with contextlib.suppress(OSError):
-                os.rename(path, self.dir / path.name)
+            self._unclaim(path, f"cannot read it: {exc}")
             return
         fields = EnvelopeFields(
             sender=envelope.sender,
@@ -278,16 +273,16 @@ class PickupScanner:
             await self.ingest.commit(writer, fields)
         except QueueError as exc:
             writer.abort()
-            self.events.emit(
-                events.Event(
-                    events.PICKUP_REJECTED, f"Cannot queue pickup file {path.name}: {exc}; will retry"
-                )
-            )
-            with contextlib.suppress(OSError):
-                os.rename(path, self.dir / path.name)
+            self._unclaim(path, f"cannot queue it: {exc}")
             return
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+    def _unclaim(self, path: Path, why: str) -> None:
+        """A transient problem: put the file back into pickup/ so a later scan tries again."""
+        self.events.emit(events.Event(events.PICKUP_REJECTED, f"Pickup file {path.name}: {why}; will retry"))
+        with contextlib.suppress(OSError):
+            os.rename(path, self.dir / path.name)
 
     def _read(self, path: Path, writer: MessageWriter) -> PickupEnvelope:
         with open(path, "rb") as fh:
