@@ -62,6 +62,10 @@ class ServiceProcess:
                 raise
         return self.proc.returncode
 
+    def stderr_text(self) -> str:
+        self.stderr.flush()
+        return Path(self.stderr.name).read_text(errors="replace")
+
     def peak_rss_kib(self) -> int:
         return _status_kib(self.pid, "VmHWM")
 

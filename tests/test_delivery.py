@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 import pytest
 
 from smtpsvc.app import Service
+from smtpsvc.queue.base import QueueError
 from tests.conftest import StartService, smtp_port, wait_until
 from tests.dnsserver import DnsServer
 from tests.sink import Sink
@@ -208,3 +209,26 @@ async def test_invalid_pickup_file_goes_to_badmail_with_the_reason(start_service
     [bad] = badmail(service, ".bad")
     assert bad.read_bytes() == b"To: b@local.test\r\n\r\nno sender\r\n"  # type: ignore[attr-defined]
     assert not (service.folders["pickup"] / "broken.eml").exists()
+
+
+async def test_an_ndr_that_cannot_be_queued_is_retried_and_the_message_kept(
+    start_service: StartService, sink: Sink, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}", "retry": ["300ms"]})
+    real_submit = service.ingest.submit_bytes
+    calls: list[int] = []
+
+    async def disk_full_once(message: bytes, fields: object) -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise QueueError("cannot commit queue file: No space left on device")  # the one thing we fake
+        return await real_submit(message, fields)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service.ingest, "submit_bytes", disk_full_once)
+    await send(service, "alice@local.test", ["reject-me@remote.test"])
+    [ndr] = await wait_until(lambda: drop_files(service), what="the NDR on the second try")
+    assert b"Status: 5.1.1" in ndr.read_bytes()
+    assert len(calls) == 2
+    assert any(e.get("cause") == "report-deferred" for e in events_of(service, 3004))
+    assert sink.handler.rcpt_attempts.count("reject-me@remote.test") == 1  # the failure is not re-delivered
+    await wait_until(lambda: queue_is_empty(service), what="the queue to empty")

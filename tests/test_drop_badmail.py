@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from smtpsvc.delivery.drop import write_drop_file
-from smtpsvc.folders.badmail import write_badmail
+from smtpsvc.folders.badmail import enforce_cap, write_badmail
 
 
 def test_drop_file_has_envelope_lines_then_the_message(tmp_path: Path) -> None:
@@ -48,3 +49,24 @@ def test_badmail_item_has_message_reason_and_envelope(tmp_path: Path) -> None:
 def test_badmail_disabled_by_max_size_zero_writes_nothing(tmp_path: Path) -> None:
     assert write_badmail(tmp_path / "badmail", "Q9", b"x", ["r"], None, max_size=0) is None
     assert not (tmp_path / "badmail").exists()
+
+
+def test_cap_removes_the_oldest_items_first_and_keeps_the_newest(tmp_path: Path) -> None:
+    folder = tmp_path / "badmail"
+    for n in range(5):
+        path = write_badmail(folder, f"Q{n}", b"x" * 1000, ["r"], {"id": n}, max_size=10**9)
+        assert path is not None
+        stamp = 1_000_000 + n  # distinct ages, oldest first
+        for sibling in folder.glob(f"Q{n}.*"):
+            os.utime(sibling, (stamp, stamp))
+    removed = enforce_cap(folder, max_size=2500)
+    assert removed == ["Q0", "Q1", "Q2"]
+    assert sorted(p.stem for p in folder.glob("*.bad")) == ["Q3", "Q4"]
+    assert not list(folder.glob("Q0.*"))
+
+
+def test_cap_never_removes_the_item_just_written(tmp_path: Path) -> None:
+    folder = tmp_path / "badmail"
+    write_badmail(folder, "BIG", b"x" * 5000, ["r"], None, max_size=10**9)
+    assert enforce_cap(folder, max_size=100) == []
+    assert (folder / "BIG.bad").exists()

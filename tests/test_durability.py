@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import smtplib
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -121,3 +122,19 @@ def _wait_for_drop(root: Path, count: int, timeout: float = 60) -> list[Path]:
             return files
         time.sleep(0.05)
     raise AssertionError(f"fewer than {count} drop files after {timeout}s")
+
+
+def test_sigterm_with_an_idle_client_says_421_and_exits_cleanly(
+    tmp_path: Path, service_process: list[ServiceProcess]
+) -> None:
+    root = tmp_path / "mailroot"
+    config = write_config(tmp_path / "smtpsvc.toml", base_sections(root))
+    proc = ServiceProcess(config, root).start()
+    service_process.append(proc)
+    with socket.create_connection(("127.0.0.1", proc.port), timeout=30) as sock:
+        reader = sock.makefile("rb")
+        assert reader.readline().startswith(b"220 ")
+        assert proc.terminate() == 0
+        assert reader.readline().startswith(b"421 4.3.2")
+    stderr = proc.stderr_text()
+    assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr

@@ -196,3 +196,16 @@ async def test_queued_and_delivered_messages_are_logged_as_3001_and_3002(start_s
     assert "to=<b@local.test>, relay=drop" in str(delivered["track"])
     assert "status=sent" in str(delivered["track"])
     await client.close()
+
+
+async def test_bare_postmaster_is_this_servers_postmaster(start_service: StartService) -> None:
+    service = await start_service(relay={"allow": []})
+    client = await greeted(service)
+    await client.command("MAIL FROM:<someone@elsewhere.test>")
+    assert (await client.command("RCPT TO:<Postmaster>")).startswith("250")
+    await client.command("DATA")
+    await client.send(b"Subject: help\r\n\r\nx\r\n.\r\n")
+    assert (await client.reply()).startswith("250 2.6.0")
+    [drop] = await wait_until(lambda: list(service.folders["drop"].glob("*.eml")), what="delivery")
+    assert b"X-Receiver: <Postmaster@local.test>\r\n" in drop.read_bytes()
+    await client.close()

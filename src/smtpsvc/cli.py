@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from smtpsvc import __version__
+from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
 from smtpsvc.config import (
     Config,
     ConfigError,
@@ -96,6 +97,100 @@ def config_show(config_file: str | None) -> None:
 def config_example() -> None:
     """Print a fully commented example configuration."""
     click.echo(render_example(), nl=False)
+
+
+# --------------------------------------------------------------------------------------------- users
+
+
+@main.group()
+def users() -> None:
+    """Manage SMTP AUTH accounts (password hashes, never plain text)."""
+
+
+def _users_file(config_file: str | None) -> Path:
+    path = _config_path(config_file)
+    try:
+        return users_path(_load(path), path)
+    except ValueError as exc:
+        click.echo(f"error: {exc}", err=True)
+        raise SystemExit(2) from None
+
+
+def _load_users(file: Path) -> UserStore:
+    try:
+        return UserStore.load(file)
+    except UsersFileError as exc:
+        click.echo(f"error: {exc}", err=True)
+        click.echo("Fix or remove that entry (a text editor will do), then try again.", err=True)
+        raise SystemExit(1) from None
+
+
+def _save_users(store: UserStore, file: Path) -> None:
+    try:
+        store.save(file)
+    except OSError as exc:
+        click.echo(f"error: cannot write {file}: {exc.strerror or exc}", err=True)
+        click.echo("Check that the folder exists and that you may write to it (run as its owner).", err=True)
+        raise SystemExit(1) from None
+
+
+def _read_password(from_stdin: bool) -> str:
+    if from_stdin:
+        line = sys.stdin.readline()
+        return line.removesuffix("\n").removesuffix("\r")
+    value: str = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    return value
+
+
+@users.command("add")
+@config_option
+@click.argument("name")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin.")
+def users_add(config_file: str | None, name: str, password_stdin: bool) -> None:
+    """Add account NAME, or change its password if it exists (prompts twice unless --password-stdin)."""
+    problem = check_name(name)
+    if problem:
+        click.echo(f"error: {problem}; use 1 to 255 characters without control characters.", err=True)
+        raise SystemExit(2)
+    file = _users_file(config_file)
+    store = _load_users(file)
+    password = _read_password(password_stdin)
+    problem = check_password(password)
+    if problem:
+        click.echo(f"error: {problem}; the password must be 1 to 1024 characters. Nothing changed.", err=True)
+        raise SystemExit(2)
+    changed = store.add(name, password)
+    _save_users(store, file)
+    click.echo(f"password changed for {name}" if changed else f"added {name}")
+
+
+@users.command("remove")
+@config_option
+@click.argument("name")
+def users_remove(config_file: str | None, name: str) -> None:
+    """Remove account NAME."""
+    file = _users_file(config_file)
+    store = _load_users(file)
+    if not store.remove(name):
+        click.echo(
+            f"error: no such user: {name} in {file} (see `smtpsvc users list`; names are case-sensitive)",
+            err=True,
+        )
+        raise SystemExit(1)
+    _save_users(store, file)
+    click.echo(f"removed {name}")
+
+
+@users.command("list")
+@config_option
+def users_list(config_file: str | None) -> None:
+    """Print the account names, one a line (never the hashes)."""
+    file = _users_file(config_file)
+    store = _load_users(file)
+    for name in store.names():
+        click.echo(name)
+    if not store.has_users:
+        click.echo(f"no accounts in {file}; add one with `smtpsvc users add NAME`", err=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

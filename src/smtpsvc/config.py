@@ -54,7 +54,7 @@ NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
         "queue.lease",
         "queue.node_id",
         "categorizer.reset_message_status",
-        "badmail.max_size",
+        "relay.allow_authenticated",
         "domains.remote.route",
     }
 )

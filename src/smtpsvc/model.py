@@ -48,6 +48,7 @@ class Recipient:
     status: str = ""  # enhanced status of the last result ("5.1.1")
     remote_mta: str = ""  # host that gave the last reply
     route: str = ""  # link name of the last routing decision
+    notified: bool = False  # failed recipients: the NDR is queued, Badmail written, or no report was due
     history: list[Attempt] = field(default_factory=list)
 
     @property
@@ -57,6 +58,12 @@ class Recipient:
     @property
     def pending(self) -> bool:
         return self.state is RecipientState.PENDING
+
+    @property
+    def outstanding(self) -> bool:
+        """Work remains: still to deliver, or failed and its report not yet made."""
+        failed_unreported = self.state is RecipientState.FAILED and not self.notified
+        return self.state is RecipientState.PENDING or failed_unreported
 
 
 @dataclass(slots=True)
@@ -88,9 +95,13 @@ class Envelope:
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.pending]
 
+    @property
+    def outstanding(self) -> bool:
+        return any(r.outstanding for r in self.recipients)
+
     def next_due(self) -> float | None:
-        """Earliest next attempt among pending recipients; None when nothing is pending."""
-        times = [r.next_attempt for r in self.recipients if r.pending]
+        """Earliest next attempt among recipients with work left; None when the message is done."""
+        times = [r.next_attempt for r in self.recipients if r.outstanding]
         return min(times) if times else None
 
     def to_json(self) -> dict[str, Any]:
@@ -117,6 +128,7 @@ class Envelope:
                     status=str(r.get("status", "")),
                     remote_mta=str(r.get("remote_mta", "")),
                     route=str(r.get("route", "")),
+                    notified=bool(r.get("notified", False)),
                     history=[
                         Attempt(float(a["time"]), str(a["reply"]), str(a.get("host", "")))
                         for a in r.get("history", [])

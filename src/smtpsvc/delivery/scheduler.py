@@ -19,9 +19,9 @@ from smtpsvc import dsn, events
 from smtpsvc.config import Config
 from smtpsvc.delivery import smtp
 from smtpsvc.delivery.drop import write_drop_file
-from smtpsvc.delivery.schedule import expired, next_attempt_time
+from smtpsvc.delivery.schedule import expired, next_attempt_time, retry_delay
 from smtpsvc.events import EventLog
-from smtpsvc.folders.badmail import write_badmail
+from smtpsvc.folders.badmail import put_badmail
 from smtpsvc.ingest import EnvelopeFields, Ingest
 from smtpsvc.model import Attempt, DeliveryResult, Envelope, Recipient, RecipientState, Route, Source
 from smtpsvc.queue.base import QueueError
@@ -107,8 +107,9 @@ class Scheduler:
             self.queue.release(envelope.id)
             raise
         except Exception as exc:  # one bad message must not stop delivery of the rest
-            for rcpt in envelope.pending:
-                rcpt.next_attempt = time.time() + INTERNAL_RETRY
+            for rcpt in envelope.recipients:
+                if rcpt.outstanding:
+                    rcpt.next_attempt = time.time() + INTERNAL_RETRY
                 rcpt.last_reply = f"internal error: {type(exc).__name__}: {exc}"
             self.events.emit(
                 events.Event(
@@ -137,13 +138,9 @@ class Scheduler:
         )
         now = time.time()
         by_address = {r.address: r for r in envelope.pending}
-        newly_failed: list[Recipient] = []
         for results in outcomes:
             for result in results:
-                rcpt = by_address[result.address]
-                self._record(envelope, rcpt, result, now)
-                if rcpt.state is RecipientState.FAILED:
-                    newly_failed.append(rcpt)
+                self._record(envelope, by_address[result.address], result, now)
         cfg = self.config.delivery
         for rcpt in envelope.pending:
             if expired(now, envelope.received_at, cfg.expiration):
@@ -152,7 +149,6 @@ class Scheduler:
                 rcpt.last_reply = (
                     f"{EXPIRED_TEXT} Last error: {rcpt.last_reply}" if rcpt.last_reply else EXPIRED_TEXT
                 )
-                newly_failed.append(rcpt)
                 self.events.emit(
                     events.Event(
                         events.NDR_SENT,
@@ -167,9 +163,10 @@ class Scheduler:
                         ),
                     )
                 )
-        if newly_failed:
-            await self._report_failures(envelope, newly_failed)
-        if envelope.pending:
+        unreported = [r for r in envelope.recipients if r.state is RecipientState.FAILED and not r.notified]
+        if unreported:
+            await self._report(envelope, unreported, now)
+        if envelope.outstanding:
             await self.queue.save(envelope)
         else:
             await self.queue.complete(envelope.id)
@@ -296,7 +293,7 @@ class Scheduler:
                     queue_id=envelope.id,
                     domain=domain,
                     host=failure.host,
-                    cause="connection-dropped" if failure.reason == smtp.DROPPED else "host-unavailable",
+                    cause=_cause(failure.reason),
                 )
             )
         if outcome.results and all(not r.ok and not r.permanent for r in outcome.results):
@@ -308,7 +305,7 @@ class Scheduler:
                     queue_id=envelope.id,
                     domain=domain,
                     status=outcome.results[0].status,
-                    cause="connection-dropped" if reason == smtp.DROPPED else "transient-reply",
+                    cause=_cause(reason),
                 )
             )
         return outcome.results
@@ -328,10 +325,31 @@ class Scheduler:
         return await self.resolver.resolve_mx(route.mx_domain, route.port)
 
     # -- reports -------------------------------------------------------------------------------------
-    async def _report_failures(self, envelope: Envelope, failed: Sequence[Recipient]) -> None:
-        if not envelope.sender:
-            await self._to_badmail(envelope, failed)
+    async def _report(self, envelope: Envelope, failed: Sequence[Recipient], now: float) -> None:
+        """Tell the sender (NDR) or, for a null sender, write Badmail. Only when that is durable are the
+        recipients marked notified; otherwise the report is retried later and the message stays queued."""
+        try:
+            if envelope.sender:
+                await self._send_ndr(envelope, failed)
+            else:
+                await self._to_badmail(envelope, failed)
+        except (QueueError, OSError) as exc:
+            retry_at = now + retry_delay(1, self.config.delivery.retry, self.rng)  # e.g. disk full
+            for rcpt in failed:
+                rcpt.next_attempt = retry_at
+            self.events.emit(
+                events.Event(
+                    events.NDR_SENT,
+                    f"Cannot make the report for {envelope.id} now ({exc}); will try again",
+                    queue_id=envelope.id,
+                    cause="report-deferred",
+                )
+            )
             return
+        for rcpt in failed:
+            rcpt.notified = True
+
+    async def _send_ndr(self, envelope: Envelope, failed: Sequence[Recipient]) -> None:
         reported = [r for r in failed if dsn.should_report(envelope, r, "failure")]
         if not reported:
             return
@@ -397,23 +415,15 @@ class Scheduler:
             f"Recipient {r.address}: {r.status} {r.last_reply}"
             for r in failed
         ]
-        try:
-            path = await asyncio.to_thread(
-                write_badmail,
-                self.badmail_dir,
-                envelope.id,
-                self.queue.message_path(envelope.id),
-                reasons,
-                envelope.to_json(),
-                self.config.badmail.max_size,
-            )
-        except OSError as exc:
-            self.events.emit(
-                events.Event(
-                    events.BADMAIL_WRITTEN, f"Cannot write to the Badmail folder: {exc}", queue_id=envelope.id
-                )
-            )
-            return
+        path = await put_badmail(
+            self.events,
+            self.badmail_dir,
+            envelope.id,
+            self.queue.message_path(envelope.id),
+            reasons,
+            envelope.to_json(),
+            self.config.badmail.max_size,
+        )
         where = f"written to Badmail as {path.name}" if path else "discarded (badmail.max_size = 0)"
         self.events.emit(
             events.Event(
@@ -428,3 +438,12 @@ class Scheduler:
 def _host_name(remote_mta: str) -> str:
     """ "mx.example.test[127.0.0.1]:25" → "mx.example.test" for the Remote-MTA field."""
     return remote_mta.split("[", 1)[0] if remote_mta and remote_mta != "drop" else ""
+
+
+def _cause(reason: str) -> str:
+    """Name the failure for the event's `cause` (SPEC 2.9)."""
+    if reason == smtp.DROPPED:
+        return "connection-dropped"
+    if reason == smtp.CANNOT_CONNECT:
+        return "connection-failed"
+    return "transient-reply"

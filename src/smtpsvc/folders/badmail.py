@@ -3,11 +3,13 @@
 Each item is three files sharing a name: `<name>.bad` (the message as it was), `<name>.bdr` (plain text:
 one line per failure, each with its status code) and `<name>.bdp` (the JSON envelope, so a replay can use
 the original sender and recipients). The .bad file is written last and by rename, so an item whose .bad is
-present is complete. `badmail.max_size = 0` keeps nothing (Exchange 2003 SP1); the event is logged anyway.
+present is complete. `badmail.max_size` caps the folder (MaxBadMailFolderSize): after each write the oldest
+items are removed until the folder fits; `0` keeps nothing (Exchange 2003 SP1); the event is logged anyway.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -16,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from smtpsvc import events
+from smtpsvc.events import EventLog
 from smtpsvc.queue.commit import fsync_dir
 
 
@@ -72,3 +76,60 @@ def _write_synced(path: Path, payload: bytes) -> None:
         out.write(payload)
         out.flush()
         os.fsync(out.fileno())
+
+
+def enforce_cap(badmail_dir: Path, max_size: int) -> list[str]:
+    """Remove the oldest items (all three files of each) until the folder holds at most `max_size` bytes.
+
+    Returns the names removed, oldest first. The newest item is kept even if it alone is over the cap, so
+    the failure just recorded is never the one thrown away.
+    """
+    items: dict[str, list[os.DirEntry[str]]] = {}
+    for entry in os.scandir(badmail_dir):
+        stem, dot, suffix = entry.name.rpartition(".")
+        if dot and suffix in ("bad", "bdr", "bdp") and not entry.name.startswith(".") and entry.is_file():
+            items.setdefault(stem, []).append(entry)
+    sizes = {stem: sum(e.stat().st_size for e in entries) for stem, entries in items.items()}
+    total = sum(sizes.values())
+    oldest_first = sorted(items, key=lambda stem: max(e.stat().st_mtime_ns for e in items[stem]))
+    removed: list[str] = []
+    for stem in oldest_first[:-1]:
+        if total <= max_size:
+            break
+        for entry in items[stem]:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(entry.path)
+        total -= sizes[stem]
+        removed.append(stem)
+    return removed
+
+
+async def put_badmail(
+    event_log: EventLog,
+    badmail_dir: Path,
+    name: str,
+    message: Path | bytes,
+    reasons: Sequence[str],
+    envelope: dict[str, Any] | None,
+    max_size: int,
+) -> Path | None:
+    """Write one item and keep the folder under its cap, in a worker thread; log what the cap removed.
+
+    Raises OSError when the item cannot be written (the caller keeps the message and tries again later).
+    """
+
+    def work() -> tuple[Path | None, list[str]]:
+        path = write_badmail(badmail_dir, name, message, reasons, envelope, max_size)
+        return path, (enforce_cap(badmail_dir, max_size) if path is not None else [])
+
+    path, dropped = await asyncio.to_thread(work)
+    if dropped:
+        event_log.emit(
+            events.Event(
+                events.BADMAIL_WRITTEN,
+                f"Badmail folder over badmail.max_size ({max_size} bytes): removed the oldest item(s) "
+                + ", ".join(dropped),
+                cause="badmail-cap",
+            )
+        )
+    return path

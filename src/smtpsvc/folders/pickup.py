@@ -25,7 +25,7 @@ from typing import BinaryIO
 from smtpsvc import events
 from smtpsvc.config import Config
 from smtpsvc.events import EventLog
-from smtpsvc.folders.badmail import write_badmail
+from smtpsvc.folders.badmail import put_badmail
 from smtpsvc.ingest import EnvelopeFields, Ingest, received_header
 from smtpsvc.model import Recipient, Source
 from smtpsvc.protocol import parse_path
@@ -217,10 +217,11 @@ class PickupScanner:
         while True:
             try:
                 await self.scan()
-            except OSError as exc:
+            except Exception as exc:  # the scanner must outlive any one bad file or folder problem
                 self.events.emit(
-                    events.Event(events.PICKUP_REJECTED, f"Cannot scan the Pickup folder: {exc}")
+                    events.Event(events.PICKUP_REJECTED, f"Pickup scan failed: {type(exc).__name__}: {exc}")
                 )
+                await asyncio.sleep(max(self.interval, 5.0))
             await asyncio.sleep(self.interval)
 
     async def scan(self) -> int:
@@ -292,8 +293,8 @@ class PickupScanner:
 
     async def _reject(self, path: Path, reason: str) -> None:
         try:
-            bad = await asyncio.to_thread(
-                write_badmail,
+            bad = await put_badmail(
+                self.events,
                 self.badmail_dir,
                 f"pickup-{path.stem}",
                 path,

@@ -116,10 +116,10 @@ class Session:
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
         except asyncio.CancelledError:
-            # Service stop (the server cancels only idle sessions, or busy ones after a grace period).
+            # Service stop (the server cancels only idle sessions, or busy ones after a grace period). The
+            # session task ends here, so the cancellation has done its job and is not propagated further.
             with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                 self._send_unsolicited(replies.SHUTTING_DOWN)
-            raise
         finally:
             self.txn.abort()
             await self._close()
@@ -238,7 +238,11 @@ class Session:
 
     def _rcpt(self, event: Rcpt) -> Reply:
         address = event.address
-        local, _ = split_address(address)
+        local, domain = split_address(address)
+        if not domain:
+            # RFC 5321 §4.1.1.3: <postmaster> without a domain is this server's postmaster (the core lets
+            # no other domainless address through).
+            address = f"{local}@{self.config.local_domains[0]}"
         if event.source_route or local_part_is_relay_trick(local):
             # `@a:b@c`, `user%remote@local`, `"user@remote"@local`, `remote!user@local`: relay tricks,
             # refused up front whatever the domain (IIS accepted them and bounced later).
