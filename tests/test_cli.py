@@ -87,3 +87,29 @@ def test_serve_on_an_unusable_mailroot_exits_1_with_event_429(tmp_path: Path) ->
     )
     assert proc.returncode == 1
     assert " 429 " in proc.stderr and "cannot be used" in proc.stderr
+
+
+def test_relay_check_explains_a_refusal_and_the_rule(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text('[domains]\nlocal = ["corp.test"]\n[relay]\nallow = ["10.0.0.0/8"]\n')
+    code, out, _ = run("relay", "check", "-c", str(cfg), "--client", "192.0.2.7", "--rcpt", "u@remote.test")
+    assert code == 0
+    assert 'refused with "550 5.7.1 Unable to relay for <u@remote.test>"' in out
+    assert "rule: default-deny" in out
+    code, out, _ = run("relay", "check", "-c", str(cfg), "--client", "10.1.1.1", "--rcpt", "u@remote.test")
+    assert "decision: accepted" in out and "allow-list:10.0.0.0/8" in out
+
+
+def test_relay_check_names_relay_tricks(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text('[domains]\nlocal = ["corp.test"]\n')
+    code, out, _ = run(
+        "relay", "check", "-c", str(cfg), "--client", "127.0.0.1", "--rcpt", "u%evil.test@corp.test"
+    )
+    assert code == 0 and "rule: relay-trick" in out
+
+
+def test_relay_check_refuses_bad_input_with_exit_2(tmp_path: Path) -> None:
+    assert run("relay", "check", "--client", "not-an-ip", "--rcpt", "u@x.test")[0] == 2
+    code, _, err = run("relay", "check", "--client", "127.0.0.1", "--rcpt", "no spaces@x")
+    assert code == 2 and "not a valid address" in err

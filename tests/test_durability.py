@@ -95,7 +95,10 @@ def test_ten_megabyte_message_streams_with_bounded_memory(
     tmp_path: Path, service_process: list[ServiceProcess]
 ) -> None:
     root = tmp_path / "mailroot"
-    config = write_config(tmp_path / "smtpsvc.toml", base_sections(root, server={"max_message_size": "64MB"}))
+    config = write_config(
+        tmp_path / "smtpsvc.toml",
+        base_sections(root, server={"max_message_size": "64MB", "max_session_size": "64MB"}),
+    )
     proc = ServiceProcess(config, root).start()
     service_process.append(proc)
     small = b"From: a@local.test\r\nTo: b@local.test\r\n\r\nwarm up\r\n"

@@ -209,3 +209,75 @@ async def test_bare_postmaster_is_this_servers_postmaster(start_service: StartSe
     [drop] = await wait_until(lambda: list(service.folders["drop"].glob("*.eml")), what="delivery")
     assert b"X-Receiver: <Postmaster@local.test>\r\n" in drop.read_bytes()
     await client.close()
+
+
+async def transact(client: RawClient, sender: str, rcpt: str, message: bytes) -> str:
+    assert (await client.command(f"MAIL FROM:<{sender}>")).startswith("250")
+    assert (await client.command(f"RCPT TO:<{rcpt}>")).startswith("250")
+    assert (await client.command("DATA")).startswith("354")
+    await client.send(message + b".\r\n")
+    return await client.reply()
+
+
+async def test_a_message_with_too_many_received_lines_is_refused_as_a_loop(
+    start_service: StartService,
+) -> None:
+    service = await start_service(server={"max_hop_count": 3})
+    client = await greeted(service)
+    looped = b"Received: from a\r\n" * 4 + b"Subject: loop\r\n\r\nbody\r\n"
+    assert (await transact(client, "a@local.test", "b@local.test", looped)).startswith("554 5.4.6")
+    ok = b"Received: from a\r\n" * 3 + b"Subject: fine\r\n\r\nbody\r\n"
+    assert (await transact(client, "a@local.test", "b@local.test", ok)).startswith("250 2.6.0")
+    await client.close()
+
+
+async def test_session_size_limit_refuses_the_message_that_crosses_it(start_service: StartService) -> None:
+    service = await start_service(server={"max_session_size": 4500})
+    client = await greeted(service)
+    message = b"Subject: s\r\n\r\n" + (b"x" * 98 + b"\r\n") * 15
+    assert (await transact(client, "a@local.test", "b@local.test", message)).startswith("250")
+    assert (await transact(client, "a@local.test", "b@local.test", message)).startswith("250")
+    assert (await transact(client, "a@local.test", "b@local.test", message)).startswith("552 5.3.4")
+    assert list(service.queue.tmp_dir.iterdir()) == []
+    fresh = await greeted(service)  # a new session starts a new allowance
+    assert (await transact(fresh, "a@local.test", "b@local.test", message)).startswith("250")
+    await client.close()
+    await fresh.close()
+
+
+async def test_masquerade_domain_replaces_a_local_sender_domain(start_service: StartService) -> None:
+    service = await start_service(server={"masquerade_domain": "corp.example"})
+    client = await greeted(service)
+    assert (await transact(client, "app@local.test", "b@local.test", b"Subject: m\r\n\r\nx\r\n")).startswith(
+        "250"
+    )
+    assert (await transact(client, "ext@other.test", "b@local.test", b"Subject: m\r\n\r\nx\r\n")).startswith(
+        "250"
+    )
+    drops = await wait_until(
+        lambda: (
+            len(list(service.folders["drop"].glob("*.eml"))) == 2
+            and sorted(service.folders["drop"].glob("*.eml"))
+        ),
+        what="two deliveries",
+    )
+    senders = sorted(p.read_bytes().split(b"\r\n", 1)[0] for p in drops)
+    assert senders == [b"X-Sender: <app@corp.example>", b"X-Sender: <ext@other.test>"]
+    await client.close()
+
+
+async def test_dsn_parameters_are_kept_decoded_per_recipient(start_service: StartService) -> None:
+    service = await start_service(delivery={"smart_host": "[127.0.0.1]:9"}, server={})  # nothing listens on 9
+    client = await greeted(service)
+    assert (await client.command("MAIL FROM:<a@local.test> RET=HDRS ENVID=job+2B42")).startswith("250")
+    assert (
+        await client.command("RCPT TO:<x@remote.test> NOTIFY=FAILURE,DELAY ORCPT=rfc822;x+40remote.test")
+    ).startswith("250")
+    assert (await client.command("DATA")).startswith("354")
+    await client.send(b"Subject: d\r\n\r\nx\r\n.\r\n")
+    assert (await client.reply()).startswith("250")
+    [envelope] = await wait_until(service.queue.list, what="the queued message")
+    assert (envelope.ret, envelope.envid) == ("HDRS", "job+42")
+    assert envelope.recipients[0].notify == ("FAILURE", "DELAY")
+    assert envelope.recipients[0].orcpt == "rfc822;x@remote.test"
+    await client.close()

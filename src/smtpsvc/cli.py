@@ -6,6 +6,7 @@ Thin by design: it finds and loads the configuration, then hands over to the ser
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import sys
 from pathlib import Path
@@ -22,6 +23,8 @@ from smtpsvc.config import (
     render_effective,
     render_example,
 )
+from smtpsvc.protocol import AddressError, parse_path
+from smtpsvc.routing.categorizer import check_recipient, explain
 
 
 def _config_path(option: str | None) -> str | None:
@@ -191,6 +194,47 @@ def users_list(config_file: str | None) -> None:
         click.echo(name)
     if not store.has_users:
         click.echo(f"no accounts in {file}; add one with `smtpsvc users add NAME`", err=True)
+
+
+# --------------------------------------------------------------------------------------------- relay
+
+
+@main.group()
+def relay() -> None:
+    """Explain relay decisions."""
+
+
+@relay.command("check")
+@config_option
+@click.option("--client", "client_ip", required=True, metavar="IP", help="The client's IP address.")
+@click.option("--rcpt", required=True, metavar="ADDR", help="The recipient address (RCPT TO).")
+@click.option("--auth", "auth_user", metavar="USER", help="Assume the client authenticated as USER.")
+def relay_check(config_file: str | None, client_ip: str, rcpt: str, auth_user: str | None) -> None:
+    """Show whether CLIENT may send to RCPT through this server, and the rule that decides (SPEC 2.3)."""
+    cfg = _load(_config_path(config_file))
+    try:
+        ipaddress.ip_address(client_ip)
+    except ValueError:
+        click.echo(
+            f"smtpsvc: --client {client_ip!r} is not an IP address (e.g. 192.0.2.10 or 2001:db8::1)", err=True
+        )
+        raise SystemExit(2) from None
+    text = rcpt if rcpt.startswith("<") else f"<{rcpt}>"
+    try:
+        path = parse_path(text, utf8=True, allow_postmaster=True)
+    except AddressError as exc:
+        click.echo(f"smtpsvc: --rcpt {rcpt!r} is not a valid address: {exc}", err=True)
+        raise SystemExit(2) from None
+    decision = check_recipient(
+        client_ip, path.address, cfg, authenticated=auth_user is not None, source_route=path.source_route
+    )
+    who = f", authenticated as {auth_user}" if auth_user else ""
+    click.echo(f"client {client_ip}{who} -> recipient {path.address}")
+    if decision.allowed:
+        click.echo("decision: accepted")
+    else:
+        click.echo(f'decision: refused with "550 5.7.1 Unable to relay for <{path.address}>"')
+    click.echo(f"rule: {decision.rule}: {explain(decision.rule)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

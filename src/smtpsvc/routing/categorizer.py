@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from smtpsvc.config import Config
 from smtpsvc.model import Route, domain_of
+from smtpsvc.protocol import local_part_is_relay_trick, split_address
 
 DROP_LINK = "drop"
 SMART_HOST_LINK = "smarthost"
@@ -26,6 +27,32 @@ class RelayDecision:
 
 def is_local_domain(domain: str, config: Config) -> bool:
     return domain.rstrip(".").lower() in config.local_domains
+
+
+RULE_EXPLANATIONS = {
+    "local-domain": "the recipient's domain is local (domains.local): always accepted, delivered to Drop",
+    "remote-domain": "the recipient's domain is a domains.remote entry with relay = true",
+    "deny-list": "the client's address is in relay.deny, which is checked before relay.allow",
+    "allow-list": "the client's address is in relay.allow",
+    "authenticated": "the client authenticated and relay.allow_authenticated is true",
+    "default-deny": "the client is not in relay.allow and has not authenticated (or may not relay if it has)",
+    "relay-trick": "the local part uses %, !, a quoted @ or a source route: a relay trick, never relayed",
+}
+
+
+def explain(rule: str) -> str:
+    """One line for an operator: why this rule decided (used by `smtpsvc relay check`)."""
+    return RULE_EXPLANATIONS.get(rule.split(":", 1)[0], rule)
+
+
+def check_recipient(
+    client_ip: str, address: str, config: Config, *, authenticated: bool = False, source_route: str = ""
+) -> RelayDecision:
+    """The whole RCPT-time decision: relay tricks first (whatever the domain), then the SPEC 2.3 rules."""
+    local, _ = split_address(address)
+    if source_route or local_part_is_relay_trick(local):
+        return RelayDecision(False, "relay-trick")
+    return relay_decision(client_ip, address, config, authenticated)
 
 
 def relay_decision(

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from smtpsvc import events
 from smtpsvc.config import Config
 from smtpsvc.events import EventLog
+from smtpsvc.headers import HopCounter
 from smtpsvc.ingest import EnvelopeFields, Ingest, received_header
 from smtpsvc.model import Recipient, Source
 from smtpsvc.protocol import (
@@ -37,14 +38,15 @@ from smtpsvc.protocol import (
     ServerConnection,
     ServerOptions,
     Vrfy,
-    local_part_is_relay_trick,
     replies,
     split_address,
+    xtext_decode,
 )
 from smtpsvc.queue.base import MessageWriter, QueueError
-from smtpsvc.routing.categorizer import relay_decision
+from smtpsvc.routing.categorizer import check_recipient
 
 READ_SIZE = 64 * 1024
+SESSION_TOO_BIG = Reply(552, "5.3.4", "Session size limit exceeded (max_session_size); send the rest anew")
 LINGER_SECONDS = 1.0
 
 
@@ -68,6 +70,8 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
     writer: MessageWriter | None = None
     write_failed: bool = False
+    hops: HopCounter = field(default_factory=HopCounter)
+    over_session_size: bool = False
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -99,6 +103,7 @@ class Session:
         self.helo = ""
         self.esmtp = False
         self.errors = 0
+        self.session_bytes = 0  # accepted message bytes so far (max_session_size)
         self.txn = Transaction()
         self.idle = False  # waiting for the client's next command (safe to interrupt)
         self._deadline = 0.0
@@ -184,6 +189,20 @@ class Session:
         self.writer.write(reply.to_bytes(self.config.extensions.enabled("enhancedstatuscodes")))
 
     def _store(self, data: bytes) -> None:
+        """Client message data: counted for hops and session size, streamed to the spool."""
+        txn = self.txn
+        writer = txn.writer
+        if writer is None or txn.write_failed or txn.over_session_size:
+            return
+        txn.hops.feed(data)
+        limit = self.config.server.max_session_size
+        if limit and self.session_bytes + writer.size + len(data) > limit:
+            txn.over_session_size = True  # keep draining; the end of DATA gets a 552
+            writer.abort()
+            return
+        self._write(data)
+
+    def _write(self, data: bytes) -> None:
         writer = self.txn.writer
         if writer is None or self.txn.write_failed:
             return
@@ -243,11 +262,7 @@ class Session:
             # RFC 5321 §4.1.1.3: <postmaster> without a domain is this server's postmaster (the core lets
             # no other domainless address through).
             address = f"{local}@{self.config.local_domains[0]}"
-        if event.source_route or local_part_is_relay_trick(local):
-            # `@a:b@c`, `user%remote@local`, `"user@remote"@local`, `remote!user@local`: relay tricks,
-            # refused up front whatever the domain (IIS accepted them and bounced later).
-            return self._deny_relay(address, "relay-trick")
-        decision = relay_decision(self.client_ip, address, self.config)
+        decision = check_recipient(self.client_ip, address, self.config, source_route=event.source_route)
         if not decision.allowed:
             return self._deny_relay(address, decision.rule)
         notify = event.params.get("NOTIFY")
@@ -255,7 +270,7 @@ class Session:
             Recipient(
                 address=address,
                 notify=tuple(n.strip().upper() for n in notify.split(",")) if notify else (),
-                orcpt=event.params.get("ORCPT") or "",
+                orcpt=_xtext(event.params.get("ORCPT")),
             )
         )
         return replies.RCPT_OK(address)
@@ -282,7 +297,7 @@ class Session:
         self.txn.writer = writer
         self.txn.write_failed = False
         self._reset_deadline(self.config.server.data_timeout)
-        self._store(
+        self._write(
             received_header(
                 hostname=self.hostname,
                 queue_id=writer.id,
@@ -299,19 +314,25 @@ class Session:
         writer = txn.writer
         if writer is None:
             return error or replies.TEMP_FAILURE
-        if error is not None or txn.write_failed:
+        if error is not None or txn.write_failed or txn.over_session_size:
             writer.abort()
+            if txn.over_session_size and error is None:
+                return SESSION_TOO_BIG
             return error or replies.TEMP_FAILURE
+        if txn.hops.received > self.config.server.max_hop_count:
+            # A loop: refused in session, never bounced (SPEC 2.1).
+            writer.abort()
+            return replies.TOO_MANY_HOPS
         body = txn.params.get("BODY") or ""
         fields = EnvelopeFields(
-            sender=txn.sender,
+            sender=self._masquerade(txn.sender),
             recipients=txn.recipients,
             source=Source.SMTP,
             client_ip=self.client_ip,
             helo=self.helo,
             body=body.upper(),
             ret=(txn.params.get("RET") or "").upper(),
-            envid=txn.params.get("ENVID") or "",
+            envid=_xtext(txn.params.get("ENVID")),
             smtputf8="SMTPUTF8" in txn.params,
         )
         try:
@@ -319,4 +340,23 @@ class Session:
         except QueueError:
             writer.abort()
             return replies.TEMP_FAILURE
+        self.session_bytes += envelope.size
         return replies.QUEUED(envelope.id)
+
+    def _masquerade(self, sender: str) -> str:
+        """MasqueradeDomain: a local domain in MAIL FROM is replaced, on this first hop only."""
+        masquerade = self.config.server.masquerade_domain
+        local, domain = split_address(sender) if sender else ("", "")
+        if masquerade and domain and domain.rstrip(".").lower() in self.config.local_domains:
+            return f"{local}@{masquerade}"
+        return sender
+
+
+def _xtext(value: str | None) -> str:
+    """DSN parameters arrive xtext-encoded (RFC 3461 §4); we store them decoded, as reports echo them."""
+    if not value:
+        return ""
+    try:
+        return xtext_decode(value)
+    except ValueError:
+        return value
