@@ -1,13 +1,18 @@
 #!/usr/bin/env python3
 """Accept throughput of smtpsvc: messages per second acknowledged with ``250`` after DATA.
 
-Starts ``python -m smtpsvc serve`` on a fresh temporary mailroot (listening on 127.0.0.1, port chosen by the
-kernel), drives it with N concurrent SMTP sessions from an asyncio load generator that speaks SMTP over raw
-streams (MAIL+RCPT+DATA pipelined in one write, then the body), and reports msgs/s, the end-of-DATA → 250
+Runs ``python -m smtpsvc serve`` on a temporary mailroot (listening on 127.0.0.1, port chosen by the kernel)
+and drives it with N concurrent SMTP sessions from an asyncio load generator that speaks SMTP over raw
+streams (MAIL+RCPT+DATA pipelined in one write, then the body). Reports msgs/s, the end-of-DATA → 250
 latency and the server's CPU time per message. A benchmark, not a test: it asserts nothing about speed.
 
+Sequence: a conditioning pass ages the new mailroot (not counted); then for each session count a new
+service process on the same mailroot, with the earlier mail parked elsewhere, a short warm-up, and --runs
+measured runs, each followed by a wait until delivery has caught up and the server is idle.
+
     .venv/bin/python bench/accept.py [--sessions 1,10,50] [--messages 2000] [--size 1024] [--runs 3]
-                                     [--max-seconds 60] [--no-delivery] [--no-uvloop] [--keep]
+                                     [--max-seconds 60] [--no-delivery] [--condition N] [--no-uvloop]
+                                     [--keep]
 
 See bench/README.md for what the numbers include and how to read them.
 """
@@ -55,8 +60,10 @@ SETTLE_TIMEOUT = 60.0  # between runs: wait for delivery to catch up and the ser
 SETTLE_POLL = 0.25
 IDLE_WINDOW = 0.5  # the server is idle when it used at most IDLE_TICKS clock ticks in this window
 IDLE_TICKS = 2
-WARMUP_PER_SESSION = 2  # un-measured messages per session before the first run of each configuration
-WARMUP_MIN = 20
+# Before the first run of each configuration: max(2 per session, min(200, --messages)) un-measured messages.
+WARMUP_PER_SESSION = 2
+WARMUP_MESSAGES = 200
+CONDITION_SESSIONS = 10  # the conditioning pass (--condition) that ages a new mailroot before measuring
 FAILURE_SAMPLES = 5  # distinct failure reasons printed per configuration
 READ_LIMIT = 64 * 1024
 
@@ -96,12 +103,12 @@ def config_text(root: Path, no_delivery: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
-def proc_cpu_ticks(pid: int) -> int:
-    """utime + stime of a process (all its threads), in clock ticks, from /proc/<pid>/stat."""
+def proc_cpu_ticks(pid: int) -> tuple[int, int]:
+    """(utime, stime) of a process, all its threads, in clock ticks, from /proc/<pid>/stat."""
     with open(f"/proc/{pid}/stat", "rb") as fh:
         stat = fh.read()
     fields = stat[stat.rindex(b")") + 2 :].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted from "state" = 3
+    return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), counted from "state" = 3
 
 
 def count_drop_files(drop: Path) -> int:
@@ -115,13 +122,15 @@ def count_drop_files(drop: Path) -> int:
 class Service:
     """One `smtpsvc serve` child on its own mailroot; always stopped by PID (SIGTERM, then SIGKILL)."""
 
-    def __init__(self, workdir: Path, no_delivery: bool) -> None:
+    def __init__(self, workdir: Path, name: str, no_delivery: bool) -> None:
         self.workdir = workdir
-        self.root = workdir / "mailroot"
+        self.root = workdir / "mailroot"  # shared by every Service of one benchmark (see clear_mail)
         self.config = workdir / "smtpsvc.toml"
-        self.stderr_path = workdir / "serve.stderr"
+        self.name = name
+        self.stderr_path = workdir / f"serve-{name}.stderr"
         self.events_path = self.root / "log" / "events.jsonl"
         self.drop = self.root / "drop"
+        self.queue = self.root / "queue"
         self.no_delivery = no_delivery
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
@@ -133,11 +142,12 @@ class Service:
         return self.proc.pid
 
     def start(self) -> None:
-        self.workdir.mkdir(parents=True)
         self.config.write_text(config_text(self.root, self.no_delivery), encoding="utf-8")
         # SMTPSVC__SECTION__KEY variables would override the benchmark's configuration: drop them.
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SMTPSVC__")}
         self._stderr = open(self.stderr_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
+        # Only events written after this start count (a reused mailroot holds an older 9002 line).
+        start_offset = self.events_path.stat().st_size if self.events_path.exists() else 0
         # Own session: Ctrl-C reaches only the benchmark, which then stops the service itself, by PID.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smtpsvc", "serve", "-c", str(self.config)],
@@ -148,11 +158,10 @@ class Service:
             stderr=self._stderr,
             start_new_session=True,
         )
-        self.port = self._wait_listening()
+        self.port = self._wait_listening(start_offset)
 
-    def _wait_listening(self) -> int:
+    def _wait_listening(self, offset: int) -> int:
         deadline = time.monotonic() + STARTUP_TIMEOUT
-        offset = 0
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
@@ -183,7 +192,7 @@ class Service:
         return "\n".join(text.splitlines()[-lines:])
 
     def cpu_ticks(self) -> int:
-        return proc_cpu_ticks(self.pid)
+        return sum(proc_cpu_ticks(self.pid))
 
     def settle(self, accepted: int) -> float:
         """Wait (bounded) until the server is idle and, with local delivery, `accepted` Drop files exist.
@@ -204,6 +213,26 @@ class Service:
             time.sleep(SETTLE_POLL)
         print(f"  warning: the server did not settle within {SETTLE_TIMEOUT:g}s", file=sys.stderr)
         return time.monotonic() - start
+
+    def park_mail(self) -> int:
+        """After stop(): move this service's mail out of drop/ and queue/ (with --no-delivery every message
+        stays queued) to <tmp>/parked/<name>/, so the next service starts on an empty queue and Drop folder.
+
+        Moved, not deleted: unlinking thousands of files on this machine's ext4 (mounted with `discard`)
+        made the next ~6000 messages 10-20% slower (measured, see README); a rename frees no blocks.
+        """
+        assert self.proc is not None and self.proc.poll() is not None, "park_mail() runs after stop()"
+        parked = self.workdir / "parked" / self.name
+        moved = 0
+        for folder, suffixes in ((self.drop, (".eml",)), (self.queue, (".env", ".eml"))):
+            with contextlib.suppress(FileNotFoundError), os.scandir(folder) as entries:
+                for entry in entries:
+                    if entry.is_file() and entry.name.endswith(suffixes) and not entry.name.startswith("."):
+                        target = parked / folder.name
+                        target.mkdir(parents=True, exist_ok=True)
+                        os.rename(entry.path, target / entry.name)
+                        moved += 1
+        return moved
 
     def stop(self) -> None:
         proc = self.proc
@@ -242,7 +271,8 @@ class RunStats:
     latencies_ms: list[float] = field(default_factory=list)
     errors: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0
-    server_cpu: float = 0.0  # seconds
+    server_cpu: float = 0.0  # seconds, user + system
+    server_sys: float = 0.0  # seconds of it in the kernel (syscalls: socket I/O, writes, fsyncs, renames)
     client_cpu: float = 0.0  # seconds
     backlog: int | None = None  # accepted but not yet in drop/ when the run ended
     settle: float = 0.0
@@ -432,15 +462,20 @@ async def run_load(
             clients.append(result)
         else:
             stats.errors[f"connect: {type(result).__name__}: {result}"] += 1
+    if not clients:
+        reasons = "; ".join(f"{n} x {why}" for why, n in stats.errors.most_common(FAILURE_SAMPLES))
+        raise BenchError(f"no session could connect to 127.0.0.1:{port}: {reasons}")
     try:
         drop_before = count_drop_files(drop) if drop is not None else 0
-        cpu0, client0, t0 = proc_cpu_ticks(pid), time.process_time(), time.perf_counter()
+        (user0, sys0), client0, t0 = proc_cpu_ticks(pid), time.process_time(), time.perf_counter()
         soft = loop.time() + max_seconds
         shared = Shared(remaining=messages, soft_deadline=soft, stats=stats)
         await asyncio.gather(*(session_loop(c, msg, shared, soft + REPLY_GRACE) for c in clients))
         stats.elapsed = time.perf_counter() - t0
         stats.client_cpu = time.process_time() - client0
-        stats.server_cpu = (proc_cpu_ticks(pid) - cpu0) / CLK_TCK
+        user1, sys1 = proc_cpu_ticks(pid)
+        stats.server_cpu = (user1 + sys1 - user0 - sys0) / CLK_TCK
+        stats.server_sys = (sys1 - sys0) / CLK_TCK
         if drop is not None:
             stats.backlog = stats.accepted - (count_drop_files(drop) - drop_before)
     finally:
@@ -514,7 +549,10 @@ def table(results: Sequence[ConfigResult]) -> str:
 
 def run_summary(stats: RunStats) -> str:
     lat = sorted(stats.latencies_ms)
-    cpu = f"{stats.server_cpu * 1000 / stats.accepted:.2f}" if stats.accepted else "-"
+    cpu = "-"
+    if stats.accepted:
+        per, sys_per = (1000 * x / stats.accepted for x in (stats.server_cpu, stats.server_sys))
+        cpu = f"{per:.2f} (sys {sys_per:.2f})"
     backlog = "" if stats.backlog is None else f", {stats.backlog} not yet in Drop at the end"
     unsent = stats.target - stats.accepted - stats.failed
     return (
@@ -602,6 +640,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
         return convert
 
+    def non_negative(text: str) -> int:
+        value = int(text)
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+        return value
+
     parser.add_argument(
         "--sessions",
         type=session_list,
@@ -632,6 +676,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help=f"address {REMOTE_DOMAIN} via a closed smart host: messages stay queued "
         "(one refused connect each) instead of being delivered to Drop",
+    )
+    parser.add_argument(
+        "--condition",
+        type=non_negative,
+        default=6000,
+        metavar="N",
+        help="before measuring, push N messages (not counted) through the new mailroot so its folders are "
+        "no longer brand-new directories; 0 measures a fresh mailroot (default 6000)",
     )
     parser.add_argument("--no-uvloop", action="store_true", help="run the load generator on plain asyncio")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory")
@@ -692,6 +744,15 @@ def measure(
     return runner(interruptible(run_load(service.port, sessions, count, seconds, msg, service.pid, drop)))
 
 
+def require_some(stats: RunStats, service: Service, what: str) -> None:
+    if not stats.accepted:
+        reasons = "\n".join(f"  {n} x {why}" for why, n in stats.errors.most_common(FAILURE_SAMPLES))
+        raise BenchError(
+            f"the service accepted none of the {what} messages:\n{reasons}\n"
+            f"smtpsvc stderr (last lines):\n{service.stderr_tail()}"
+        )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if importlib.util.find_spec("smtpsvc") is None:
@@ -736,23 +797,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.no_delivery:
             check_closed_port()
-        for sessions in args.sessions:
-            service = Service(tmp / f"sessions-{sessions}", args.no_delivery)
+        if args.condition:
+            service = Service(tmp, "condition", args.no_delivery)
+            service.start()
+            print(f"\nconditioning: smtpsvc pid {service.pid} on 127.0.0.1:{service.port}", flush=True)
+            stats = measure(runner, service, CONDITION_SESSIONS, args.condition, args.max_seconds, msg)
+            stats.settle = service.settle(stats.accepted)
+            print(f"  {CONDITION_SESSIONS} sessions (not counted): {run_summary(stats)}", flush=True)
+            require_some(stats, service, "conditioning")
+            service.stop()
+            service.park_mail()
+            service = None
+        for index, sessions in enumerate(args.sessions):
+            name = f"{sessions}-sessions" + (f"-{index + 1}" if args.sessions.count(sessions) > 1 else "")
+            service = Service(tmp, name, args.no_delivery)
             service.start()
             print(
                 f"\n{sessions} session(s): smtpsvc pid {service.pid} on 127.0.0.1:{service.port}", flush=True
             )
-            warm = max(WARMUP_MIN, WARMUP_PER_SESSION * sessions)
+            warm = max(WARMUP_PER_SESSION * sessions, min(WARMUP_MESSAGES, args.messages))
             warmup = measure(runner, service, sessions, warm, args.max_seconds, msg)
             delivered = warmup.accepted
             service.settle(delivered)
             print(f"  warm-up: {warmup.accepted} accepted, {warmup.failed} failed (not counted)", flush=True)
-            if not warmup.accepted:
-                reasons = "\n".join(f"  {n} x {why}" for why, n in warmup.errors.most_common(FAILURE_SAMPLES))
-                raise BenchError(
-                    f"the service accepted none of the warm-up messages:\n{reasons}\n"
-                    f"smtpsvc stderr (last lines):\n{service.stderr_tail()}"
-                )
+            require_some(warmup, service, "warm-up")
             runs: list[RunStats] = []
             for number in range(1, args.runs + 1):
                 stats = measure(runner, service, sessions, args.messages, args.max_seconds, msg)
@@ -765,9 +833,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for reason, count in errors.most_common(FAILURE_SAMPLES):
                 print(f"  failure x{count}: {reason}")
             service.stop()
+            service.park_mail()
             service = None
-            if not args.keep:
-                shutil.rmtree(tmp / f"sessions-{sessions}", ignore_errors=True)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         status = 1
