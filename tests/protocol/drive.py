@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from smtpsvc.protocol import (
     NEED_DATA,
+    Auth,
+    AuthResponse,
+    Bdat,
+    BdatEnd,
     ConnectionClosed,
     Data,
     DataChunk,
     DataEnd,
     Ehlo,
+    Etrn,
     Event,
     Helo,
     Mail,
@@ -20,10 +26,17 @@ from smtpsvc.protocol import (
     Reply,
     ServerConnection,
     ServerOptions,
+    ServerState,
+    StartTls,
+    Xexch50,
+    Xexch50Blob,
+    XLink2State,
 )
 from smtpsvc.protocol import replies as R
+from smtpsvc.protocol.sasl import SaslError, decode_login, decode_plain
 
 HOST = "mx.test"
+USER, PASSWORD = "alice", "secret"
 
 
 def plausible_reply(conn: ServerConnection, event: Event) -> Reply:
@@ -44,7 +57,48 @@ def plausible_reply(conn: ServerConnection, event: Event) -> Reply:
         return event.error or R.QUEUED("0123456789AB")
     if isinstance(event, Quit):
         return R.QUIT_REPLY(HOST)
+    if isinstance(event, StartTls):
+        return R.READY_TLS
+    if isinstance(event, BdatEnd):
+        return event.error or (R.QUEUED("0123456789AB") if event.last else R.BDAT_OK(conn.chunk_size))
+    if isinstance(event, Etrn):
+        return R.ETRN_OK(event.arg)
+    if isinstance(event, Xexch50):
+        return R.XEXCH50_GO if conn.authenticated else R.NEED_AUTH_XEXCH50
+    if isinstance(event, Xexch50Blob):
+        return R.OK
+    if isinstance(event, XLink2State):
+        return R.UNRECOGNIZED
     return R.OK
+
+
+@dataclass
+class Authenticator:
+    """The application's side of AUTH PLAIN and LOGIN, accepting USER/PASSWORD."""
+
+    mechanism: str = ""
+    user: str | None = None
+
+    def start(self, event: Auth) -> Reply:
+        self.mechanism, self.user = event.mechanism, None
+        if event.initial is None:
+            return R.LOGIN_USERNAME if event.mechanism == "LOGIN" else R.AUTH_CHALLENGE("")
+        return self.step(event.initial)
+
+    def step(self, data: str) -> Reply:
+        if data == "*":
+            return R.AUTH_CANCELLED
+        try:
+            if self.mechanism == "PLAIN":
+                _, user, password = decode_plain(data)
+            elif self.user is None:
+                self.user = decode_login(data)
+                return R.LOGIN_PASSWORD
+            else:
+                user, password = self.user, decode_login(data)
+        except SaslError:
+            return R.AUTH_BAD_RESPONSE
+        return R.AUTH_OK if (user, password) == (USER, PASSWORD) else R.AUTH_FAILED
 
 
 @dataclass
@@ -55,6 +109,8 @@ class Session:
     events: list[Event] = field(default_factory=list)
     output: bytearray = field(default_factory=bytearray)
     max_buffered: int = 0
+    handshake: bool = True  # after a 220 to STARTTLS, call tls_established() at once (a TLS layer would)
+    auth: Authenticator = field(default_factory=Authenticator)
 
     @classmethod
     def start(cls, options: ServerOptions | None = None) -> Session:
@@ -78,13 +134,22 @@ class Session:
             new.append(event)
             if isinstance(event, ConnectionClosed):
                 break
-            if isinstance(event, DataChunk):
+            if isinstance(event, DataChunk | Bdat):
                 continue
             if not answer:
                 break
-            self.output += self.conn.send(plausible_reply(self.conn, event))
+            self.output += self.conn.send(self.reply_for(event))
+            if isinstance(event, StartTls) and self.handshake and self.conn.state is ServerState.TLS:
+                self.conn.tls_established()
         self.events.extend(new)
         return new
+
+    def reply_for(self, event: Event) -> Reply:
+        if isinstance(event, Auth):
+            return self.auth.start(event)
+        if isinstance(event, AuthResponse):
+            return self.auth.step(event.data)
+        return plausible_reply(self.conn, event)
 
     def merged_events(self) -> list[Event]:
         """Events with consecutive DataChunks joined, so that different chunkings compare equal."""
@@ -127,3 +192,11 @@ def in_data(options: ServerOptions | None = None) -> Session:
     session = in_transaction(options)
     session.feed(b"DATA\r\n")
     return session
+
+
+def rejected(events: Sequence[object]) -> Rejected:
+    """The one event in `events`, which must be a Rejected."""
+    assert len(events) == 1, events
+    event = events[0]
+    assert isinstance(event, Rejected), event
+    return event

@@ -408,3 +408,118 @@ def test_client_and_server_talk_a_whole_transaction() -> None:
         DataChunk,
         DataEnd,
     ]
+
+
+# --- BDAT, STARTTLS, AUTH ----------------------------------------------------------------------------------
+
+
+def test_send_bdat_frames_the_chunk_and_expects_a_bdat_reply() -> None:
+    client = client_after_greeting()
+    assert client.send_bdat(b"ab\r\n.\r\n", last=False) == b"BDAT 7\r\nab\r\n.\r\n"
+    assert client.send_bdat(b"", last=True) == b"BDAT 0 LAST\r\n"
+    client.receive_data(b"250 2.0.0 7 octets received\r\n250 2.6.0 <X> Queued mail for delivery\r\n")
+    assert [e.command for e in (client.next_event(), client.next_event())] == ["BDAT", "BDAT"]  # type: ignore[union-attr]
+
+
+def test_send_bdat_during_data_is_a_local_error() -> None:
+    client = client_after_greeting()
+    client.send_command("DATA")
+    client.receive_data(b"354 go\r\n")
+    client.next_event()
+    client.start_data()
+    with pytest.raises(LocalProtocolError):
+        client.send_bdat(b"x", last=True)
+
+
+def test_capabilities_auth_mechanisms() -> None:
+    assert Capabilities.from_ehlo(EHLO).auth_mechanisms == ("LOGIN", "PLAIN")
+    assert Capabilities.from_ehlo(Reply(250, "", "mx", ("AUTH plain cram-md5",))).auth_mechanisms == (
+        "PLAIN",
+        "CRAM-MD5",
+    )
+    assert Capabilities.from_ehlo(Reply(250, "", "mx", ("PIPELINING",))).auth_mechanisms == ()
+
+
+def client_after_starttls(wire: bytes = b"220 2.0.0 Ready to start TLS\r\n") -> ClientConnection:
+    client = client_after_greeting()
+    client.send_command("STARTTLS")
+    client.receive_data(wire)
+    event = client.next_event()
+    assert isinstance(event, ServerReply)
+    assert (event.command, event.reply.code) == ("STARTTLS", 220)
+    return client
+
+
+def test_replies_after_the_220_to_starttls_are_dropped() -> None:
+    client = client_after_starttls(b"220 2.0.0 Ready to start TLS\r\n250 2.0.0 injected\r\n")
+    assert client.awaiting_tls
+    assert client.next_event() is NEED_DATA
+    client.receive_data(b"250 2.0.0 also injected\r\n")
+    assert client.next_event() is NEED_DATA
+    client.tls_established()
+    assert client.tls
+    client.send_command("EHLO", "me.test")
+    client.receive_data(b"250 mx.test\r\n")
+    assert client.next_event() == ServerReply(Reply(250, "", "mx.test"), "EHLO")
+
+
+def test_after_tls_the_next_command_must_be_ehlo() -> None:
+    client = client_after_starttls()
+    client.tls_established()
+    with pytest.raises(LocalProtocolError):
+        client.send_command("MAIL", mail_arg("a@example.org"))
+    client.send_command("EHLO", "me.test")
+    client.send_command("MAIL", mail_arg("a@example.org"))
+
+
+def test_nothing_may_be_sent_while_starttls_is_in_progress() -> None:
+    client = client_after_greeting()
+    client.send_command("STARTTLS")
+    with pytest.raises(LocalProtocolError):
+        client.send_command("NOOP")
+    client.receive_data(b"220 go ahead\r\n")
+    client.next_event()
+    with pytest.raises(LocalProtocolError):
+        client.send_bdat(b"x", last=True)
+
+
+def test_refused_starttls_leaves_the_session_in_plaintext() -> None:
+    client = client_after_greeting()
+    client.send_command("STARTTLS")
+    client.receive_data(b"454 4.7.0 TLS not available due to temporary reason\r\n")
+    assert isinstance(client.next_event(), ServerReply)
+    assert not client.awaiting_tls
+    client.send_command("MAIL", mail_arg("a@example.org"))
+
+
+def test_tls_established_without_a_220_is_a_local_error() -> None:
+    with pytest.raises(LocalProtocolError):
+        client_after_greeting().tls_established()
+
+
+def test_client_sends_bdat_chunks_to_our_own_server() -> None:
+    from smtpsvc.protocol import ServerOptions
+
+    server = Session.start(ServerOptions(chunking=True))
+    client = ClientConnection()
+    wire = (
+        client.send_command("EHLO", "me.test")
+        + client.send_command("MAIL", mail_arg("a@example.org"))
+        + client.send_command("RCPT", rcpt_arg("b@example.com"))
+        + client.send_bdat(b"\x00\r\n.\r\n", last=False)
+        + client.send_bdat(b"tail", last=True)
+    )
+    server.feed(wire)
+    client.receive_data(bytes(server.output))
+    got = []
+    while isinstance(event := client.next_event(), ServerReply):
+        got.append((event.command, event.reply.code))
+    assert got == [
+        ("GREETING", 220),
+        ("EHLO", 250),
+        ("MAIL", 250),
+        ("RCPT", 250),
+        ("BDAT", 250),
+        ("BDAT", 250),
+    ]
+    assert server.content() == b"\x00\r\n.\r\ntail"

@@ -113,6 +113,45 @@ def test_catalogue_wording(reply: Reply, wire: str) -> None:
     assert str(reply) == wire
 
 
+@pytest.mark.parametrize(
+    ("reply", "wire"),
+    [
+        (R.MUST_STARTTLS, "530 5.7.0 Must issue a STARTTLS command first"),
+        (R.READY_TLS, "220 2.0.0 Ready to start TLS"),
+        (R.TLS_ACTIVE, "503 5.5.1 TLS already active"),
+        (R.TLS_NOT_AVAILABLE, "454 4.7.0 TLS not available due to temporary reason"),
+        (R.AUTH_OK, "235 2.7.0 Authentication successful"),
+        (R.AUTH_FAILED, "535 5.7.8 Authentication credentials invalid"),
+        (R.AUTH_CANCELLED, "501 5.0.0 Authentication cancelled"),
+        (R.AUTH_BAD_RESPONSE, "501 5.5.2 Cannot decode response"),
+        (R.AUTH_ENCRYPTION_REQUIRED, "538 5.7.11 Encryption required for requested authentication mechanism"),
+        (R.AUTH_MECH_UNKNOWN, "504 5.5.4 Unrecognized authentication type"),
+        (R.AUTH_LINE_TOO_LONG, "500 5.5.6 Authentication Exchange line is too long"),
+        (R.AUTH_TEMP_FAILURE, "454 4.7.0 Temporary authentication failure"),
+        (R.AUTH_TOO_MANY_FAILURES, "421 4.7.0 Too many authentication failures"),
+        (R.ALREADY_AUTHENTICATED, "503 5.5.1 Already authenticated"),
+        (R.AUTH_CHALLENGE(), "334 "),
+        (R.AUTH_CHALLENGE("abc="), "334 abc="),
+        (R.LOGIN_USERNAME, "334 VXNlcm5hbWU6"),
+        (R.LOGIN_PASSWORD, "334 UGFzc3dvcmQ6"),
+        (R.NEED_AUTH_XEXCH50, "504 5.7.4 Need to authenticate first"),
+        (R.XEXCH50_GO, "354 Send binary data"),
+        (R.BDAT_OK(1024), "250 2.0.0 1024 octets received"),
+        (R.BINARYMIME_NEEDS_BDAT, "503 5.5.1 BINARYMIME requires BDAT"),
+        (R.ETRN_OK("example.com"), "250 2.0.0 Queuing for node example.com started"),
+        (R.ETRN_NOTHING("example.com"), "251 2.0.0 OK, no messages waiting for node example.com"),
+        (R.ETRN_UNKNOWN("example.com"), "458 4.0.0 Unable to queue messages for node example.com"),
+        (R.ETRN_NOT_ALLOWED("example.com"), "459 4.0.0 Node example.com not allowed"),
+    ],
+)
+def test_extension_catalogue_wording(reply: Reply, wire: str) -> None:
+    assert str(reply) == wire
+
+
+def test_auth_challenge_bytes_carry_no_enhanced_code() -> None:
+    assert R.LOGIN_USERNAME.to_bytes() == b"334 VXNlcm5hbWU6\r\n"
+
+
 def test_timeout_reply_is_421_4_4_2() -> None:
     assert (R.SERVICE_CLOSING_TIMEOUT.code, R.SERVICE_CLOSING_TIMEOUT.enhanced) == (421, "4.4.2")
     assert "timeout" in R.SERVICE_CLOSING_TIMEOUT.text.lower()

@@ -10,6 +10,9 @@ from smtpsvc.protocol import (
     NEED_DATA,
     TRANSITIONS,
     VERBS,
+    Auth,
+    AuthResponse,
+    BdatEnd,
     ConnectionClosed,
     Data,
     DataChunk,
@@ -28,7 +31,9 @@ from smtpsvc.protocol import (
     ServerConnection,
     ServerOptions,
     ServerState,
+    StartTls,
     Vrfy,
+    Xexch50Blob,
     render_transitions,
 )
 from smtpsvc.protocol import replies as R
@@ -285,9 +290,7 @@ def test_helo_and_ehlo_need_an_argument(line: bytes) -> None:
     assert rejected(Session.start().feed(line)).reply == R.SYNTAX
 
 
-@pytest.mark.parametrize(
-    "line", [b"XYZZY\r\n", b"MAILFROM:<a@b.c>\r\n", b"\r\n", b" NOOP\r\n", b"STARTTLS\r\n"]
-)
+@pytest.mark.parametrize("line", [b"XYZZY\r\n", b"MAILFROM:<a@b.c>\r\n", b"\r\n", b" NOOP\r\n", b"TURN\r\n"])
 def test_unknown_verb_is_500(line: bytes) -> None:
     r = rejected(greeted().feed(line))
     assert r.reply == R.UNRECOGNIZED
@@ -445,7 +448,33 @@ def test_transition_table_renders_every_transition() -> None:
     assert "RCPT --Data--> DATA" in text
     assert "DATA --DataEnd--> GREETED" in text
     assert "RCPT --Rset--> GREETED" in text
+    assert "GREETED --StartTls--> TLS" in text
+    assert "GREETED --Auth--> AUTH" in text
+    assert "AUTH --AuthResponse--> GREETED" in text
+    assert "AUTH --Rejected--> GREETED" in text
+    assert "RCPT --Bdat--> BDAT" in text
+    assert "CHUNKING --Bdat--> BDAT" in text
+    assert "BDAT --BdatEnd--> CHUNKING" in text
+    assert "BDAT --BdatEnd[LAST]--> GREETED" in text
+    assert "RCPT --Xexch50--> XEXCH50" in text
+    assert "XEXCH50 --Xexch50Blob--> RCPT" in text
+    assert "GREETED --Etrn--> GREETED" in text
     assert len(text.splitlines()) == sum(len(row) for row in TRANSITIONS.values())
+
+
+def test_every_state_has_a_row() -> None:
+    assert set(TRANSITIONS) == set(ServerState)
+
+
+def test_transition_table_keeps_the_raw_reading_states_closed_to_commands() -> None:
+    S = ServerState
+    assert set(TRANSITIONS[S.BDAT]) == {BdatEnd, (BdatEnd, "LAST")}
+    assert set(TRANSITIONS[S.XEXCH50]) == {Xexch50Blob}
+    assert set(TRANSITIONS[S.AUTH]) == {AuthResponse, Rejected}
+    assert TRANSITIONS[S.TLS] == {}
+    assert Data not in TRANSITIONS[S.CHUNKING]
+    assert all(Auth not in TRANSITIONS[s] for s in (S.MAIL, S.RCPT, S.CHUNKING))
+    assert all(StartTls not in TRANSITIONS[s] for s in (S.MAIL, S.RCPT, S.CHUNKING))
 
 
 def test_transition_table_is_honest_about_the_503_rules() -> None:

@@ -3,10 +3,10 @@ asyncio, no clock, no logging; stdlib only and nothing from the rest of smtpsvc.
 
 Server side: `ServerConnection` (events in `events`, replies in `replies`). Client side: `ClientConnection`,
 `Capabilities`. Shared: `Reply`, address parsing (`address`), dot-(un)stuffing (`dotstuff`), ESMTP
-parameters (`params`).
+parameters (`params`), SASL PLAIN/LOGIN encoding and decoding for AUTH (`sasl`).
 """
 
-from . import replies
+from . import replies, sasl
 from .address import (
     AddressError,
     ParsedPath,
@@ -22,12 +22,17 @@ from .dotstuff import DotStuffer, DotUnstuffer, normalise_line_ends, stuff, unst
 from .errors import LocalProtocolError, ProtocolError, RemoteProtocolError
 from .events import (
     NEED_DATA,
+    Auth,
+    AuthResponse,
+    Bdat,
+    BdatEnd,
     ClientEvent,
     ConnectionClosed,
     Data,
     DataChunk,
     DataEnd,
     Ehlo,
+    Etrn,
     Event,
     Expn,
     Helo,
@@ -41,10 +46,15 @@ from .events import (
     Rset,
     Sentinel,
     ServerReply,
+    StartTls,
     Vrfy,
+    Xexch50,
+    Xexch50Blob,
+    XLink2State,
 )
 from .params import ParamError, parse_params, xtext_decode, xtext_encode
 from .replies import Reply
+from .sasl import SaslError
 from .server import (
     ACCEPTED_BY,
     PARAMS_ALLOWANCE,
@@ -65,6 +75,10 @@ __all__ = [
     "TRANSITIONS",
     "VERBS",
     "AddressError",
+    "Auth",
+    "AuthResponse",
+    "Bdat",
+    "BdatEnd",
     "Capabilities",
     "ClientConnection",
     "ClientEvent",
@@ -75,6 +89,7 @@ __all__ = [
     "DotStuffer",
     "DotUnstuffer",
     "Ehlo",
+    "Etrn",
     "Event",
     "Expn",
     "Helo",
@@ -92,12 +107,17 @@ __all__ = [
     "RemoteProtocolError",
     "Reply",
     "Rset",
+    "SaslError",
     "Sentinel",
     "ServerConnection",
     "ServerOptions",
     "ServerReply",
     "ServerState",
+    "StartTls",
     "Vrfy",
+    "XLink2State",
+    "Xexch50",
+    "Xexch50Blob",
     "is_postmaster",
     "is_valid_address_literal",
     "is_valid_domain",
@@ -109,6 +129,7 @@ __all__ = [
     "rcpt_arg",
     "render_transitions",
     "replies",
+    "sasl",
     "split_address",
     "stuff",
     "unstuff",

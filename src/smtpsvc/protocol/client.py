@@ -4,7 +4,11 @@ MAIL/RCPT argument formatting.
 `send_command()` returns the bytes of a command and remembers that a reply is owed; `receive_data()` +
 `next_event()` parse the server's replies (multi-line included, with bounded buffers) and pair each with the
 command it answers, in order, which is all PIPELINING (RFC 2920) needs. DATA content goes through a
-`DotStuffer` from `start_data()`, closed by `end_data()`.
+`DotStuffer` from `start_data()`, closed by `end_data()`; a BDAT chunk (RFC 3030) is one `send_bdat()`.
+
+STARTTLS (RFC 3207): after the 220 to STARTTLS every byte still buffered or received is dropped (a reply
+injected in plaintext must not be read as if it came over TLS) until `tls_established()`; then the next
+command must be EHLO (or HELO, or QUIT).
 """
 
 from __future__ import annotations
@@ -63,11 +67,35 @@ class ClientConnection:
         self._expect: deque[str] = deque(["GREETING"])  # commands whose replies are still owed, in order
         self._data_ready = False  # the last reply was a 354 to DATA: start_data() may be called
         self._in_data = False  # between start_data() and end_data()
+        self._tls_pending = False  # 220 to STARTTLS received, tls_established() not called yet
+        self._tls = False
+        self._need_hello = False  # after tls_established(): the next command must be EHLO/HELO (or QUIT)
 
     @property
     def pending(self) -> int:
         """Replies still expected."""
         return len(self._expect)
+
+    @property
+    def tls(self) -> bool:
+        """TLS is active (tls_established() was called)."""
+        return self._tls
+
+    @property
+    def awaiting_tls(self) -> bool:
+        """The server said 220 to STARTTLS: do the handshake, then call tls_established()."""
+        return self._tls_pending
+
+    def tls_established(self) -> None:
+        """The TLS handshake after the 220 to STARTTLS is done. Everything received before it was dropped;
+        the SMTP session starts over (RFC 3207 §4.2): send EHLO again."""
+        if not self._tls_pending:
+            raise LocalProtocolError("tls_established() without a 220 reply to STARTTLS")
+        self._tls_pending = False
+        self._tls = True
+        self._need_hello = True
+        self._buf = bytearray()
+        self._pos = 0
 
     def receive_data(self, data: bytes) -> None:
         """Feed bytes from the server; b"" means it closed the connection."""
@@ -76,6 +104,8 @@ class ClientConnection:
             return
         if self._eof:
             raise LocalProtocolError("receive_data() after EOF")
+        if self._tls_pending:
+            return  # plaintext after the 220 to STARTTLS: never read as replies
         if self._pos:
             del self._buf[: self._pos]
             self._pos = 0
@@ -92,6 +122,8 @@ class ClientConnection:
 
     def _next_event(self) -> ServerReply | ConnectionClosed | NeedData:
         while True:
+            if self._tls_pending:
+                return ConnectionClosed() if self._eof else NEED_DATA
             line = self._take_line()
             if line is None:
                 return ConnectionClosed() if self._eof else NEED_DATA
@@ -118,6 +150,11 @@ class ClientConnection:
             raise RemoteProtocolError(f"reply with no command to answer: {reply}")
         command = self._expect.popleft()
         self._data_ready = command == "DATA" and reply.code == 354
+        if command == "STARTTLS" and reply.code == 220:
+            # RFC 3207 §4.2 (and CVE-2011-0411 turned around): anything after the 220 came in plaintext.
+            self._tls_pending = True
+            self._buf = bytearray()
+            self._pos = 0
         return ServerReply(reply, command)
 
     def _take_line(self) -> str | None:
@@ -134,19 +171,36 @@ class ClientConnection:
         # Replies are ASCII by RFC 5321 and UTF-8 at most (RFC 6531); never fail on odd bytes.
         return buf[pos:end].decode("utf-8", "replace")
 
+    def _check_can_send(self, what: str, verb: str) -> None:
+        if self._in_data:
+            raise LocalProtocolError(f"{what} between start_data() and end_data()")
+        if self._tls_pending or "STARTTLS" in self._expect:
+            # RFC 2920 §3.1: STARTTLS ends a pipelined group; nothing goes out until TLS is up.
+            raise LocalProtocolError(f"{what} while STARTTLS is in progress")
+        if self._need_hello and verb not in ("EHLO", "HELO", "QUIT"):
+            raise LocalProtocolError(f"{what} before EHLO after STARTTLS (RFC 3207 §4.2)")
+
     def send_command(self, verb: str, arg: str = "") -> bytes:
         """The bytes of `VERB arg` CRLF; records that its reply is expected."""
-        if self._in_data:
-            raise LocalProtocolError("send_command() between start_data() and end_data()")
         if not _VERB.fullmatch(verb):
             raise ValueError(f"bad SMTP verb: {verb!r}")
         if any(c in arg for c in "\r\n\0"):
             raise ValueError("CR, LF or NUL in a command argument")
         verb = verb.upper()
+        self._check_can_send("send_command()", verb)
+        self._need_hello = False
         self._expect.append(verb)
         self._data_ready = False
         line = f"{verb} {arg}" if arg else verb
         return line.encode("utf-8") + b"\r\n"
+
+    def send_bdat(self, data: bytes, last: bool = False) -> bytes:
+        """`BDAT <len> [LAST]` CRLF followed by `data` as is (RFC 3030: binary, no stuffing); records that a
+        "BDAT" reply is expected. May be pipelined; the chunk sizes need not be equal."""
+        self._check_can_send("send_bdat()", "BDAT")
+        self._expect.append("BDAT")
+        self._data_ready = False
+        return f"BDAT {len(data)}{' LAST' if last else ''}\r\n".encode("ascii") + data
 
     def start_data(self) -> DotStuffer:
         """After the 354 to DATA: an encoder for the content. Pass it to end_data() when done."""
@@ -198,6 +252,11 @@ class Capabilities:
 
     def params(self, keyword: str) -> list[str]:
         return list(self.keywords.get(keyword.upper(), ()))
+
+    @property
+    def auth_mechanisms(self) -> tuple[str, ...]:
+        """The SASL mechanisms of the AUTH keyword, upper-cased, in the server's order; () without AUTH."""
+        return tuple(m.upper() for m in self.keywords.get("AUTH", ()))
 
 
 def mail_arg(sender: str, params: Mapping[str, str | None] | None = None) -> str:

@@ -1,5 +1,5 @@
 """ESMTP parameters of MAIL and RCPT (RFC 5321 §4.1.2 esmtp-param): splitting, checking against what we
-advertise (SIZE, BODY, SMTPUTF8, RET, ENVID; NOTIFY, ORCPT), and RFC 3461 xtext encoding.
+advertise (SIZE, BODY (incl. BINARYMIME), SMTPUTF8, RET, ENVID; NOTIFY, ORCPT), and RFC 3461 xtext encoding.
 
 The check functions return the reply to refuse with, or None: the server turns it into a Rejected event.
 """
@@ -78,8 +78,11 @@ def check_mail_params(
     eightbitmime: bool,
     smtputf8: bool,
     dsn: bool,
+    binarymime: bool = False,
 ) -> Reply | None:
-    """Validate MAIL FROM parameters against what was advertised. None when all are acceptable."""
+    """Validate MAIL FROM parameters against what was advertised. None when all are acceptable.
+
+    `binarymime`: BODY=BINARYMIME is in force (RFC 3030 §3: only together with CHUNKING)."""
     for key, value in params.items():
         # RFC 1869 §6: after HELO (not EHLO) no service extension is in force, so no parameter is.
         if not esmtp:
@@ -94,6 +97,8 @@ def check_mail_params(
             if value is None:
                 return replies.PARAM_SYNTAX
             allowed = {"7BIT", "8BITMIME"} if eightbitmime else {"7BIT"}
+            if binarymime:
+                allowed.add("BINARYMIME")
             if value.upper() not in allowed:
                 return replies.PARAM_UNKNOWN
         elif key == "SMTPUTF8" and smtputf8:

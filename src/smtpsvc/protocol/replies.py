@@ -92,6 +92,34 @@ HELP_REPLY = Reply(
 )
 
 
+READY_TLS = Reply(220, "2.0.0", "Ready to start TLS")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+XEXCH50_GO = Reply(354, "", "Send binary data")
+LOGIN_USERNAME = Reply(334, "", "VXNlcm5hbWU6")  # AUTH LOGIN: base64 "Username:"
+LOGIN_PASSWORD = Reply(334, "", "UGFzc3dvcmQ6")  # AUTH LOGIN: base64 "Password:"
+
+
+def AUTH_CHALLENGE(challenge: str = "") -> Reply:
+    """334 with a base64 server challenge ("" for the empty challenge, e.g. AUTH PLAIN without initial
+    response, RFC 4954 §4)."""
+    return Reply(334, "", challenge)
+
+
+def BDAT_OK(octets: int) -> Reply:
+    """250 to a BDAT chunk that is not the last one (RFC 3030)."""
+    return Reply(250, "2.0.0", f"{octets} octets received")
+
+
+def ETRN_OK(node: str) -> Reply:
+    """RFC 1985: 250 "OK, queuing for node <x> started"."""
+    return Reply(250, "2.0.0", f"Queuing for node {node} started")
+
+
+def ETRN_NOTHING(node: str) -> Reply:
+    """RFC 1985: 251 "OK, no messages waiting for node <x>"."""
+    return Reply(251, "2.0.0", f"OK, no messages waiting for node {node}")
+
+
 def GREETING(host: str) -> Reply:
     """The 220 banner (no enhanced code: RFC 2034 codes start after EHLO)."""
     return Reply(220, "", f"{host} smtpsvc ESMTP ready")
@@ -131,6 +159,20 @@ TOO_MANY_CONNECTIONS = Reply(421, "4.7.0", "Too many connections, try again late
 TOO_MANY_ERRORS = Reply(421, "4.7.0", "Too many errors")
 TEMP_FAILURE = Reply(451, "4.3.0", "Temporary failure, please try again later")
 TOO_MANY_RCPTS = Reply(452, "4.5.3", "Too many recipients")
+TLS_NOT_AVAILABLE = Reply(454, "4.7.0", "TLS not available due to temporary reason")  # RFC 3207 §4
+AUTH_TEMP_FAILURE = Reply(454, "4.7.0", "Temporary authentication failure")  # RFC 4954 §6
+AUTH_TOO_MANY_FAILURES = Reply(421, "4.7.0", "Too many authentication failures")
+
+
+def ETRN_UNKNOWN(node: str) -> Reply:
+    """RFC 1985: 458 "Unable to queue messages for node <x>"."""
+    return Reply(458, "4.0.0", f"Unable to queue messages for node {node}")
+
+
+def ETRN_NOT_ALLOWED(node: str) -> Reply:
+    """RFC 1985: 459 "Node <x> not allowed"."""
+    return Reply(459, "4.0.0", f"Node {node} not allowed")
+
 
 # --- Permanent (5xx) --------------------------------------------------------------------------------------
 
@@ -151,6 +193,17 @@ TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 NO_VALID_RCPT = Reply(554, "5.5.1", "No valid recipients")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops")
 PARAM_UNKNOWN = Reply(555, "5.5.4", "Unsupported parameter")
+MUST_STARTTLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")  # RFC 3207 §4
+TLS_ACTIVE = Reply(503, "5.5.1", "TLS already active")
+AUTH_LINE_TOO_LONG = Reply(500, "5.5.6", "Authentication Exchange line is too long")  # RFC 4954 §4
+AUTH_CANCELLED = Reply(501, "5.0.0", "Authentication cancelled")  # the client sent "*" (RFC 4954 §4)
+AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Cannot decode response")  # not base64, or not what the mech wants
+ALREADY_AUTHENTICATED = Reply(503, "5.5.1", "Already authenticated")
+AUTH_MECH_UNKNOWN = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
+AUTH_ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "BINARYMIME requires BDAT")  # RFC 3030
+NEED_AUTH_XEXCH50 = Reply(504, "5.7.4", "Need to authenticate first")  # SPEC 2.5 (IIS event 7010)
 
 
 def RELAY_DENIED(address: str) -> Reply:

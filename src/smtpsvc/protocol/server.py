@@ -4,10 +4,20 @@ The application feeds bytes in (`receive_data`), takes events out (`next_event`)
 needs a reply with `send(reply)`, which returns the bytes to write. The core owns the protocol rules: command
 syntax, sequencing (503s from the TRANSITIONS table below), ESMTP parameters, line and size limits, PIPELINING
 buffering and DATA dot-unstuffing. The application owns policy (relay, quotas, spooling, timeouts).
+
+The core also frames what is not a command line: BDAT chunks (RFC 3030) and the XEXCH50 blob are read as exact
+octet counts, the lines after a 334 to AUTH (RFC 4954) become `AuthResponse` events, and after a 220 to
+STARTTLS (RFC 3207) every byte is discarded until the application, having done the handshake, calls
+`tls_established()`. The application owns the TLS handshake and the credential check (`sasl` decodes).
+
+A refused BDAT (out of sequence, 530, bad syntax after a valid size) still has its octets drained before the
+refusal is given, so they are never read as commands. When the size cannot be trusted (CHUNKING off: 502;
+no valid size: 501; an over-long or garbled BDAT line) the refusal has `close=True` instead.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import re
 from collections.abc import Callable, Mapping
@@ -15,16 +25,21 @@ from dataclasses import dataclass
 from typing import Final
 
 from . import replies
-from .address import AddressError, parse_path, path_end
+from .address import AddressError, is_valid_domain, parse_path, path_end
 from .dotstuff import DotUnstuffer
 from .errors import LocalProtocolError
 from .events import (
     NEED_DATA,
+    Auth,
+    AuthResponse,
+    Bdat,
+    BdatEnd,
     ConnectionClosed,
     Data,
     DataChunk,
     DataEnd,
     Ehlo,
+    Etrn,
     Event,
     Expn,
     Helo,
@@ -36,7 +51,11 @@ from .events import (
     Rcpt,
     Rejected,
     Rset,
+    StartTls,
     Vrfy,
+    Xexch50,
+    Xexch50Blob,
+    XLink2State,
 )
 from .params import ParamError, check_mail_params, check_rcpt_params, parse_params
 from .replies import Reply
@@ -47,18 +66,33 @@ from .replies import Reply
 # them, as Postfix and Exim allow.
 PARAMS_ALLOWANCE: Final = 500
 
+_SASL_MECH = re.compile(r"[A-Z0-9_-]{1,20}")  # RFC 4422 §3.1 mechanism names (upper-case)
+
 
 @dataclass(frozen=True, slots=True)
 class ServerOptions:
     max_command_line: int = 512  # octets incl. CRLF; MAIL and RCPT get PARAMS_ALLOWANCE more
     max_text_line: int = 1000  # DATA line limit incl. CRLF (RFC 5321 §4.5.3.1.6); 0 = unlimited
-    max_message_size: int = 0  # 0 = unlimited; counted on the unstuffed message octets
+    max_message_size: int = 0  # 0 = unlimited; counted on the unstuffed message octets (BDAT: raw octets)
     max_recipients: int = 100  # 0 = unlimited
     pipelining: bool = True  # only advertised: pipelined input is always buffered and handled in order
     eightbitmime: bool = True
     smtputf8: bool = True  # in force only together with eightbitmime (RFC 6531 §3.1 requires 8BITMIME)
     dsn: bool = True
     enhanced_status_codes: bool = True
+    starttls: bool = False  # a certificate is configured: STARTTLS is offered (until TLS is active)
+    require_tls: bool = False  # mail commands, AUTH, ETRN, VRFY, EXPN, XEXCH50 get 530 until TLS is active
+    auth_mechanisms: tuple[str, ...] = ()  # SASL mechanisms offered, e.g. ("PLAIN", "LOGIN"); () = no AUTH
+    auth_requires_tls: bool = True  # AUTH only inside TLS (538 5.7.11 otherwise) ...
+    auth_plaintext_allowed: bool = False  # ... unless this is set (the application does so for loopback)
+    chunking: bool = False  # CHUNKING: BDAT (RFC 3030)
+    binarymime: bool = False  # BINARYMIME: BODY=BINARYMIME; in force only together with chunking
+    etrn: bool = False  # ETRN (RFC 1985)
+    vrfy: bool = False  # only advertises VRFY: the application answers Vrfy events either way
+    xexch50: bool = False  # XEXCH50 (SPEC 2.5); advertised only after a successful AUTH
+    xexch50_max: int = 1_048_576  # the largest XEXCH50 blob accepted, octets
+    x_link2state: bool = False  # X-LINK2STATE is advertised and parsed (answered 500); else unknown
+    max_auth_line: int = 12288  # octets incl. CRLF of an AUTH command and of each AUTH response (RFC 4954 §4)
 
     def __post_init__(self) -> None:
         if self.max_command_line < 16:
@@ -66,10 +100,23 @@ class ServerOptions:
         for name in ("max_text_line", "max_message_size", "max_recipients"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative")
+        if self.xexch50_max < 1:
+            raise ValueError("xexch50_max must be at least 1 octet")
+        if self.max_auth_line < 16:
+            raise ValueError("max_auth_line must be at least 16 octets")
+        mechanisms = tuple(m.upper() for m in self.auth_mechanisms)
+        for mechanism in mechanisms:
+            if not _SASL_MECH.fullmatch(mechanism):
+                raise ValueError(f"not a SASL mechanism name: {mechanism!r}")
+        object.__setattr__(self, "auth_mechanisms", mechanisms)  # frozen: normalise once, here
 
     @property
     def smtputf8_in_force(self) -> bool:
         return self.smtputf8 and self.eightbitmime
+
+    @property
+    def binarymime_in_force(self) -> bool:
+        return self.binarymime and self.chunking  # RFC 3030 §3: BINARYMIME only with CHUNKING
 
 
 class ServerState(enum.Enum):
@@ -79,24 +126,46 @@ class ServerState(enum.Enum):
     MAIL = "MAIL"  # MAIL accepted, no RCPT accepted yet
     RCPT = "RCPT"  # at least one RCPT accepted
     DATA = "DATA"  # 354 sent: receiving message content
+    CHUNKING = "CHUNKING"  # a BDAT chunk of the message answered, not the LAST one yet
+    BDAT = "BDAT"  # reading the octets of a BDAT chunk (no reply owed until its BdatEnd)
+    XEXCH50 = "XEXCH50"  # 354 sent to XEXCH50: reading the blob
+    AUTH = "AUTH"  # 334 sent: the next line is a SASL response, not a command
+    TLS = "TLS"  # 220 sent to STARTTLS: input is discarded until tls_established()
     REFUSED = "REFUSED"  # banner was 554: only QUIT is allowed (RFC 5321 §3.1)
     CLOSED = "CLOSED"  # QUIT answered, 421 sent, or EOF: input is ignored
 
 
 S = ServerState
 
+# A transition key: an event type, or an event type refined by a tag when the event's fields decide the
+# target (BdatEnd of the LAST chunk ends the transaction, of another chunk does not).
+TransitionKey = type[Event] | tuple[type[Event], str]
+LAST: Final = "LAST"
+
 # The whole command sequencing of SMTP, as data (h11's EVENT_TRIGGERED_TRANSITIONS): in each state, the
 # events that are in sequence and the state an *accepting* reply moves to (see ACCEPTED_BY). An event missing
 # from a state's row is out of sequence: the core rejects it with SEQUENCE_ERRORS. Other replies leave the
 # state as it is, except that any 421 closes. To add a verb: a row entry here, a parser in VERBS.
-_ANYTIME: Final = (Rset, Noop, Help, Vrfy, Expn)
-TRANSITIONS: Final[Mapping[ServerState, Mapping[type[Event], ServerState]]] = {
+# `Bdat` needs no reply: its transition fires when next_event() returns it. Two moves are API calls rather
+# than events: greeting() (GREETING → READY, REFUSED or CLOSED by the banner's code) and tls_established()
+# (TLS → READY: the client must say EHLO again, RFC 3207 §4.2).
+_ANYTIME: Final = (Rset, Noop, Help, Vrfy, Expn, XLink2State)
+TRANSITIONS: Final[Mapping[ServerState, Mapping[TransitionKey, ServerState]]] = {
     S.GREETING: {},
-    S.READY: {Helo: S.GREETED, Ehlo: S.GREETED, Quit: S.CLOSED, **{e: S.READY for e in _ANYTIME}},
+    S.READY: {
+        Helo: S.GREETED,
+        Ehlo: S.GREETED,
+        StartTls: S.TLS,
+        Quit: S.CLOSED,
+        **{e: S.READY for e in _ANYTIME},
+    },
     S.GREETED: {
         Helo: S.GREETED,
         Ehlo: S.GREETED,
         Mail: S.MAIL,
+        StartTls: S.TLS,
+        Auth: S.AUTH,
+        Etrn: S.GREETED,
         Quit: S.CLOSED,
         **{e: S.GREETED for e in _ANYTIME},
     },
@@ -113,11 +182,25 @@ TRANSITIONS: Final[Mapping[ServerState, Mapping[type[Event], ServerState]]] = {
         Ehlo: S.GREETED,
         Rcpt: S.RCPT,
         Data: S.DATA,
+        Bdat: S.BDAT,
+        Xexch50: S.XEXCH50,
         Quit: S.CLOSED,
         **{e: S.RCPT for e in _ANYTIME},
         Rset: S.GREETED,
     },
     S.DATA: {DataEnd: S.GREETED},
+    S.CHUNKING: {
+        Helo: S.GREETED,
+        Ehlo: S.GREETED,
+        Bdat: S.BDAT,
+        Quit: S.CLOSED,
+        **{e: S.CHUNKING for e in _ANYTIME},
+        Rset: S.GREETED,
+    },
+    S.BDAT: {BdatEnd: S.CHUNKING, (BdatEnd, LAST): S.GREETED},
+    S.XEXCH50: {Xexch50Blob: S.RCPT},
+    S.AUTH: {AuthResponse: S.GREETED, Rejected: S.GREETED},
+    S.TLS: {},
     S.REFUSED: {Quit: S.CLOSED},
     S.CLOSED: {},
 }
@@ -127,32 +210,55 @@ ACCEPTED_BY: Final[Mapping[type[Event], Callable[[Reply], bool]]] = {
     Data: lambda reply: reply.code == 354,
     Quit: lambda reply: reply.code == 221,
     DataEnd: lambda reply: True,  # the transaction is over whatever the verdict
+    StartTls: lambda reply: reply.code == 220,
+    Auth: lambda reply: reply.code == 334,  # a challenge: the exchange goes on (235 is handled apart)
+    AuthResponse: lambda reply: reply.code != 334,  # anything but another challenge ends the exchange
+    BdatEnd: lambda reply: True,  # a refused chunk refuses the message, and the chunking goes on (drained)
+    Xexch50: lambda reply: reply.code == 354,
+    Xexch50Blob: lambda reply: True,
+    Rejected: lambda reply: True,  # only where a row lists it (a refused line ends an AUTH exchange)
 }
 
 # The reply for an out-of-sequence command; BAD_SEQUENCE when not listed.
+_ALL_VERB_EVENTS: Final = (Helo, Ehlo, Mail, Rcpt, Data, Bdat, StartTls, Auth, Etrn, Xexch50, *_ANYTIME)
 SEQUENCE_ERRORS: Final[Mapping[tuple[ServerState, type[Event]], Reply]] = {
     (S.READY, Mail): replies.NEED_HELO,
+    (S.READY, Auth): replies.NEED_HELO,
+    (S.READY, Etrn): replies.NEED_HELO,
     (S.READY, Rcpt): replies.NEED_MAIL,
     (S.GREETED, Rcpt): replies.NEED_MAIL,
-    (S.READY, Data): replies.NEED_RCPT,
-    (S.GREETED, Data): replies.NEED_RCPT,
+    **{(state, e): replies.NEED_RCPT for state in (S.READY, S.GREETED) for e in (Data, Bdat, Xexch50)},
     (S.MAIL, Data): replies.NO_VALID_RCPT,  # MAIL accepted, every RCPT refused
+    (S.MAIL, Bdat): replies.NO_VALID_RCPT,
+    (S.MAIL, Xexch50): replies.NEED_RCPT,
     (S.MAIL, Mail): replies.NESTED_MAIL,
     (S.RCPT, Mail): replies.NESTED_MAIL,
-    **{(S.REFUSED, e): replies.NO_SERVICE for e in (Helo, Ehlo, Mail, Rcpt, Data, *_ANYTIME)},
+    (S.CHUNKING, Mail): replies.NESTED_MAIL,
+    **{(S.REFUSED, e): replies.NO_SERVICE for e in _ALL_VERB_EVENTS},
 }
 
-# States without a mail transaction: entering one forgets the recipients and the SMTPUTF8 flag.
+# States without a mail transaction: entering one forgets the recipients and the per-transaction flags.
 _NO_TRANSACTION: Final = frozenset({S.READY, S.GREETED})
 
 
+def _key_name(key: TransitionKey) -> str:
+    return key.__name__ if isinstance(key, type) else f"{key[0].__name__}[{key[1]}]"
+
+
 def render_transitions() -> str:
-    """The TRANSITIONS table as text, one `STATE --Event--> STATE` per line (docs and tests)."""
+    """The TRANSITIONS table as text, one `STATE --Event--> STATE` per line (docs and tests); a refined key
+    renders as `Event[TAG]`, e.g. `BDAT --BdatEnd[LAST]--> GREETED`."""
     lines = []
     for state, row in TRANSITIONS.items():
-        for event_type, new_state in row.items():
-            lines.append(f"{state.value} --{event_type.__name__}--> {new_state.value}")
+        for key, new_state in row.items():
+            lines.append(f"{state.value} --{_key_name(key)}--> {new_state.value}")
     return "\n".join(lines)
+
+
+def _refined_key(event: Event) -> TransitionKey | None:
+    if isinstance(event, BdatEnd) and event.last:
+        return (BdatEnd, LAST)
+    return None
 
 
 # --- Command parsing ---------------------------------------------------------------------------------------
@@ -160,6 +266,12 @@ def render_transitions() -> str:
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")  # NUL, bare CR, TAB and friends never belong in a command
 # A browser or proxy client talking HTTP to us (cross-protocol attack): METHOD SP ("/"path | target SP HTTP/).
 _HTTP = re.compile(rb"(?:GET|POST|HEAD|PUT|DELETE|OPTIONS|CONNECT|TRACE|PATCH) (?:/|\S+ HTTP/)")
+_AUTH_LINE = re.compile(rb"[\x20-\x7e]*")  # a SASL response is base64 or "*": printable ASCII at most
+_BDAT_ARGS = re.compile(r"([0-9]{1,18})(?: +(LAST))?", re.IGNORECASE)
+# The chunk size of a BDAT line whatever else is wrong with it, so that its octets can be drained.
+_BDAT_SIZE = re.compile(rb"BDAT +([0-9]{1,18})(?= |$)", re.IGNORECASE)
+_XEXCH50_ARGS = re.compile(r"(-?[0-9]{1,18}) +(-?[0-9]{1,9})")
+_ETRN_QUEUE = re.compile(r"#[\x21-\x7e]+")
 
 
 class _TooLong:
@@ -230,6 +342,7 @@ def _parse_mail(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Even
         eightbitmime=opts.eightbitmime,
         smtputf8=opts.smtputf8_in_force,
         dsn=opts.dsn,
+        binarymime=opts.binarymime_in_force,
     )
     if refusal is not None:
         return Rejected(refusal, verb)
@@ -271,6 +384,21 @@ def _no_arg(event: Event) -> _Parser:
     return parse
 
 
+def _parse_data(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Event:
+    if arg:
+        return Rejected(replies.SYNTAX, verb)
+    if conn.transaction_binarymime:
+        return Rejected(replies.BINARYMIME_NEEDS_BDAT, verb)  # RFC 3030 §3: BINARYMIME content needs BDAT
+    return Data()
+
+
+def _parse_bdat(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Event:
+    m = _BDAT_ARGS.fullmatch(arg)
+    if m is None:
+        return Rejected(replies.SYNTAX, verb)
+    return Bdat(int(m.group(1)), m.group(2) is not None)
+
+
 def _parse_noop(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Event:
     return Noop()  # RFC 5321 §4.1.1.9: the argument, if any, is ignored
 
@@ -287,24 +415,84 @@ def _parse_expn(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Even
     return Expn(arg) if arg else Rejected(replies.SYNTAX, verb)
 
 
+def _parse_starttls(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Event:
+    if conn.tls:
+        return Rejected(replies.TLS_ACTIVE, verb)
+    return Rejected(replies.SYNTAX, verb) if arg else StartTls()
+
+
+def _parse_auth(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Event:
+    # RFC 4954 §4: AUTH needs EHLO (it is a service extension), only once, and not inside a transaction.
+    if not conn.esmtp:
+        return Rejected(replies.BAD_SEQUENCE, verb)
+    if conn.authenticated:
+        return Rejected(replies.ALREADY_AUTHENTICATED, verb)
+    words = arg.split()
+    if not 1 <= len(words) <= 2 or not _SASL_MECH.fullmatch(words[0].upper()):
+        return Rejected(replies.SYNTAX, verb)
+    opts = conn.options
+    mechanism = words[0].upper()
+    if mechanism not in opts.auth_mechanisms:
+        return Rejected(replies.AUTH_MECH_UNKNOWN, verb)
+    if not conn.tls and opts.auth_requires_tls and not opts.auth_plaintext_allowed:
+        return Rejected(replies.AUTH_ENCRYPTION_REQUIRED, verb)
+    if len(words) == 1:
+        return Auth(mechanism, None)
+    return Auth(mechanism, "" if words[1] == "=" else words[1])  # "=": an empty initial response
+
+
+def _parse_etrn(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Event:
+    # RFC 1985: ETRN <domain>, ETRN @<domain> (and its subdomains), ETRN #<queue name>.
+    if arg.startswith("#"):
+        valid = _ETRN_QUEUE.fullmatch(arg) is not None
+    else:
+        valid = is_valid_domain(arg[1:] if arg.startswith("@") else arg)
+    return Etrn(arg) if valid else Rejected(replies.SYNTAX, verb)
+
+
+def _parse_xexch50(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Event:
+    m = _XEXCH50_ARGS.fullmatch(arg)
+    if m is None:
+        return Rejected(replies.SYNTAX, verb)
+    size, version = int(m.group(1)), int(m.group(2))
+    if not 0 < size <= conn.options.xexch50_max:
+        return Rejected(replies.SYNTAX, verb)
+    return Xexch50(size, version)
+
+
+def _parse_xlink2state(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Event:
+    return XLink2State(arg)
+
+
 @dataclass(frozen=True, slots=True)
 class _Verb:
     event: type[Event]  # what the command becomes; its TRANSITIONS row entry decides if it is in sequence
     parse: _Parser  # argument syntax → the event, or a Rejected
+    enabled: Callable[[ServerOptions], bool] | None = None  # None: always there
+    disabled: Reply = replies.NOT_IMPLEMENTED  # the refusal when `enabled` says no
+    needs_tls: bool = False  # refused with 530 while `require_tls` is on and TLS is not active
 
 
+# Checked in this order: verb known (500), enabled (502, or 500 for the Exchange verbs), require_tls (530),
+# in sequence (503, TRANSITIONS), then the argument syntax by `parse`.
 VERBS: Final[Mapping[str, _Verb]] = {
     "HELO": _Verb(Helo, _parse_hello),
     "EHLO": _Verb(Ehlo, _parse_hello),
-    "MAIL": _Verb(Mail, _parse_mail),
-    "RCPT": _Verb(Rcpt, _parse_rcpt),
-    "DATA": _Verb(Data, _no_arg(Data())),
+    "MAIL": _Verb(Mail, _parse_mail, needs_tls=True),
+    "RCPT": _Verb(Rcpt, _parse_rcpt, needs_tls=True),
+    "DATA": _Verb(Data, _parse_data, needs_tls=True),
+    "BDAT": _Verb(Bdat, _parse_bdat, lambda o: o.chunking, needs_tls=True),
     "RSET": _Verb(Rset, _no_arg(Rset())),
     "QUIT": _Verb(Quit, _no_arg(Quit())),
     "NOOP": _Verb(Noop, _parse_noop),
     "HELP": _Verb(Help, _parse_help),
-    "VRFY": _Verb(Vrfy, _parse_vrfy),
-    "EXPN": _Verb(Expn, _parse_expn),
+    "VRFY": _Verb(Vrfy, _parse_vrfy, needs_tls=True),
+    "EXPN": _Verb(Expn, _parse_expn, needs_tls=True),
+    "STARTTLS": _Verb(StartTls, _parse_starttls, lambda o: o.starttls),
+    "AUTH": _Verb(Auth, _parse_auth, lambda o: bool(o.auth_mechanisms), needs_tls=True),
+    "ETRN": _Verb(Etrn, _parse_etrn, lambda o: o.etrn, needs_tls=True),
+    "XEXCH50": _Verb(Xexch50, _parse_xexch50, lambda o: o.xexch50, replies.UNRECOGNIZED, needs_tls=True),
+    "X-LINK2STATE": _Verb(XLink2State, _parse_xlink2state, lambda o: o.x_link2state, replies.UNRECOGNIZED),
 }
 _LONG_VERBS: Final = frozenset({b"MAIL", b"RCPT"})
 
@@ -322,8 +510,20 @@ class ServerConnection:
         self._owed: Event | None = None  # the event still waiting for its reply
         self._unstuffer: DotUnstuffer | None = None
         self._esmtp = False
+        self._tls = False
+        self._authenticated = False
         self._recipients = 0
         self._txn_smtputf8 = False
+        self._txn_binarymime = False
+        self._bdat_octets = 0  # octets announced by the BDAT chunks of this message so far
+        self._bdat_error: Reply | None = None  # the message's chunks are refused with this
+        self._chunk_size = 0  # octets of the current (or last) BDAT chunk
+        self._chunk_left = 0  # octets of the current BDAT chunk still to read
+        self._chunk_last = False
+        self._skip = 0  # octets of a refused BDAT chunk still to discard before its refusal is given
+        self._skip_then: Rejected | None = None
+        self._blob = bytearray()  # the XEXCH50 blob so far
+        self._blob_size = 0
 
     # --- introspection ---
 
@@ -341,9 +541,34 @@ class ServerConnection:
         return self._esmtp
 
     @property
+    def tls(self) -> bool:
+        """TLS is active (tls_established() was called)."""
+        return self._tls
+
+    @property
+    def authenticated(self) -> bool:
+        """A 235 answered AUTH in this session (since the last STARTTLS, which forgets it)."""
+        return self._authenticated
+
+    @property
     def transaction_smtputf8(self) -> bool:
         """The accepted MAIL of the current transaction carried SMTPUTF8."""
         return self._txn_smtputf8
+
+    @property
+    def transaction_binarymime(self) -> bool:
+        """The accepted MAIL of the current transaction carried BODY=BINARYMIME (DATA is then refused)."""
+        return self._txn_binarymime
+
+    @property
+    def chunk_size(self) -> int:
+        """Octets of the current (or last) BDAT chunk: for `replies.BDAT_OK(conn.chunk_size)` to a BdatEnd."""
+        return self._chunk_size
+
+    @property
+    def message_octets(self) -> int:
+        """Octets announced by the BDAT chunks of the current message so far."""
+        return self._bdat_octets
 
     @property
     def awaiting_reply(self) -> Event | None:
@@ -356,6 +581,7 @@ class ServerConnection:
         return len(self._buf) - self._pos
 
     def ehlo_keywords(self) -> list[str]:
+        """The EHLO keywords for this moment of the session: they follow the options, TLS and AUTH state."""
         opts = self.options
         keywords = []
         if opts.pipelining:
@@ -369,13 +595,34 @@ class ServerConnection:
             keywords.append("DSN")
         if opts.enhanced_status_codes:
             keywords.append("ENHANCEDSTATUSCODES")
+        if opts.starttls and not self._tls:
+            keywords.append("STARTTLS")
+        if opts.auth_mechanisms and not self._authenticated and self._auth_allowed_here():
+            keywords.append("AUTH " + " ".join(opts.auth_mechanisms))
+        if opts.chunking:
+            keywords.append("CHUNKING")
+        if opts.binarymime_in_force:
+            keywords.append("BINARYMIME")
+        if opts.etrn:
+            keywords.append("ETRN")
+        if opts.vrfy:
+            keywords.append("VRFY")
+        if opts.xexch50 and self._authenticated:
+            keywords.append("XEXCH50")  # SPEC 2.5: only after AUTH
+        if opts.x_link2state:
+            keywords.append("X-LINK2STATE")
         keywords.append("HELP")
         return keywords
+
+    def _auth_allowed_here(self) -> bool:
+        opts = self.options
+        return self._tls or not opts.auth_requires_tls or opts.auth_plaintext_allowed
 
     # --- input ---
 
     def receive_data(self, data: bytes) -> None:
-        """Feed bytes from the peer; b"" means the peer closed its side."""
+        """Feed bytes from the peer; b"" means the peer closed its side. Between the 220 to STARTTLS and
+        tls_established() everything received is discarded (plaintext injection, CVE-2011-0411)."""
         if self._eof:
             if data:
                 raise LocalProtocolError("receive_data() after EOF")
@@ -383,7 +630,7 @@ class ServerConnection:
         if not data:
             self._eof = True
             return
-        if self._state is S.CLOSED:
+        if self._state is S.CLOSED or self._state is S.TLS:
             return
         if self._pos:
             del self._buf[: self._pos]
@@ -397,14 +644,31 @@ class ServerConnection:
             raise LocalProtocolError(f"a reply is still owed for {self._owed!r}")
         if self._state is S.CLOSED:
             return ConnectionClosed()
-        event = self._next_data_event() if self._state is S.DATA else self._next_command_event()
+        event = self._read_event()
         if event is NEED_DATA:
             return event
         if isinstance(event, ConnectionClosed):
             self._enter(S.CLOSED)
+        elif isinstance(event, Bdat):
+            self._start_chunk(event)
         elif not isinstance(event, DataChunk):
             self._owed = event
         return event
+
+    def tls_established(self) -> None:
+        """The application finished the TLS handshake that followed a 220 to STARTTLS. The session starts
+        over (RFC 3207 §4.2): no HELO/EHLO, no transaction, not authenticated; the client must EHLO again."""
+        if self._state is not S.TLS:
+            raise LocalProtocolError(
+                f"tls_established() without an accepted STARTTLS (state {self._state.value})"
+            )
+        self._tls = True
+        self._authenticated = False
+        self._esmtp = False
+        self._buf = bytearray()
+        self._pos = 0
+        self._draining = None
+        self._enter(S.READY)
 
     # --- output ---
 
@@ -435,35 +699,95 @@ class ServerConnection:
     # --- internals ---
 
     def _apply(self, event: Event, reply: Reply) -> None:
-        if isinstance(event, Rejected):
-            if event.close:
-                self._enter(S.CLOSED)
+        if isinstance(event, Rejected) and event.close:
+            self._enter(S.CLOSED)
             return
+        # Effects that do not depend on a transition.
+        if isinstance(event, Auth | AuthResponse) and reply.code == 235:
+            self._authenticated = True
+        elif isinstance(event, BdatEnd) and not reply.is_positive and self._bdat_error is None:
+            self._bdat_error = reply  # RFC 3030 §2: a refused chunk fails the message; drain the rest of it
+        row = TRANSITIONS[self._state]
+        refined = _refined_key(event)
+        new_state = row.get(refined) if refined is not None else None
+        if new_state is None:
+            new_state = row.get(type(event))
         accepts = ACCEPTED_BY.get(type(event), _is_positive)
-        new_state = TRANSITIONS[self._state].get(type(event))
         if new_state is None or not accepts(reply):
             return
         if isinstance(event, Helo | Ehlo):
             self._esmtp = isinstance(event, Ehlo)
         elif isinstance(event, Mail):
             self._txn_smtputf8 = "SMTPUTF8" in event.params
+            self._txn_binarymime = (event.params.get("BODY") or "").upper() == "BINARYMIME"
         elif isinstance(event, Rcpt):
             self._recipients += 1
+        elif isinstance(event, Xexch50):
+            self._blob_size = event.size
         self._enter(new_state)
 
     def _enter(self, state: ServerState) -> None:
         if state in _NO_TRANSACTION:
             self._recipients = 0
             self._txn_smtputf8 = False
+            self._txn_binarymime = False
+            self._bdat_octets = 0
+            self._bdat_error = None
         if state is S.DATA:
             opts = self.options
             self._unstuffer = DotUnstuffer(opts.max_text_line, opts.max_message_size)
         else:
             self._unstuffer = None
-        if state is S.CLOSED:
+        if state is not S.XEXCH50:
+            self._blob = bytearray()
+        if state is S.CLOSED or state is S.TLS:
+            # TLS: what the client sent after STARTTLS, in plaintext, must never be taken as commands.
             self._buf = bytearray()
             self._pos = 0
+            self._draining = None
+            self._skip = 0
+            self._skip_then = None
         self._state = state
+
+    def _start_chunk(self, event: Bdat) -> None:
+        """A BDAT in sequence: its transition fires now (no reply), and its octets are read next."""
+        limit = self.options.max_message_size
+        self._bdat_octets += event.size
+        if self._bdat_error is None and limit and self._bdat_octets > limit:
+            self._bdat_error = replies.TOO_BIG
+        self._chunk_size = self._chunk_left = event.size
+        self._chunk_last = event.last
+        self._enter(TRANSITIONS[self._state][Bdat])
+
+    def _read_event(self) -> Event | NeedData:
+        state = self._state
+        if state is S.DATA:
+            return self._next_data_event()
+        if state is S.BDAT:
+            return self._next_chunk_event()
+        if state is S.XEXCH50:
+            return self._next_blob_event()
+        if state is S.AUTH:
+            return self._next_auth_event()
+        if state is S.TLS:
+            return ConnectionClosed() if self._eof else NEED_DATA
+        return self._next_command_event()
+
+    def _discard(self, limit: int) -> int:
+        """Consume up to `limit` octets of the input without copying them; how many were consumed."""
+        take = max(0, min(limit, len(self._buf) - self._pos))
+        self._pos += take
+        return take
+
+    def _take_raw(self, limit: int) -> bytes:
+        """Up to `limit` octets of the unconsumed input, consumed."""
+        take = min(limit, len(self._buf) - self._pos)
+        if take <= 0:
+            return b""
+        with memoryview(self._buf) as view:
+            piece = bytes(view[self._pos : self._pos + take])
+        self._pos += take
+        return piece
 
     def _next_data_event(self) -> Event | NeedData:
         unstuffer = self._unstuffer
@@ -480,17 +804,65 @@ class ServerConnection:
             return ConnectionClosed()
         return NEED_DATA
 
-    def _next_command_event(self) -> Event | NeedData:
+    def _next_chunk_event(self) -> Event | NeedData:
+        # BDAT content is binary: exactly the announced octets, no dot-unstuffing, no line-end policy.
+        if self._bdat_error is not None:
+            self._chunk_left -= self._discard(self._chunk_left)  # a refused message: drained, not delivered
+        elif piece := self._take_raw(self._chunk_left):
+            self._chunk_left -= len(piece)
+            return DataChunk(piece)
+        if self._chunk_left:
+            return ConnectionClosed() if self._eof else NEED_DATA
+        return BdatEnd(self._chunk_last, self._bdat_error)
+
+    def _next_blob_event(self) -> Event | NeedData:
+        self._blob += self._take_raw(self._blob_size - len(self._blob))
+        if len(self._blob) == self._blob_size:
+            blob, self._blob = bytes(self._blob), bytearray()
+            return Xexch50Blob(blob)
+        return ConnectionClosed() if self._eof else NEED_DATA
+
+    def _next_auth_event(self) -> Event | NeedData:
         line = self._take_line()
         if line is None:
             return ConnectionClosed() if self._eof else NEED_DATA
+        # The verb of a refusal here is "AUTH": never a word of the line, which carries credentials.
         if isinstance(line, _TooLong):
-            return Rejected(replies.LINE_TOO_LONG, line.verb)
-        return self._parse_command(line)
+            return Rejected(replies.AUTH_LINE_TOO_LONG, "AUTH")
+        if not _AUTH_LINE.fullmatch(line):
+            return Rejected(replies.AUTH_BAD_RESPONSE, "AUTH")
+        return AuthResponse(line.decode("ascii"))
+
+    def _next_command_event(self) -> Event | NeedData:
+        while True:
+            if self._skip_then is not None:
+                # A refused BDAT: its octets are discarded (never read as commands), then it is refused.
+                self._skip -= self._discard(self._skip)
+                if self._skip:
+                    return ConnectionClosed() if self._eof else NEED_DATA
+                refusal, self._skip_then = self._skip_then, None
+                return refusal
+            line = self._take_line()
+            if line is None:
+                return ConnectionClosed() if self._eof else NEED_DATA
+            if isinstance(line, _TooLong):
+                # An over-long BDAT line: its chunk size cannot be trusted, so its octets cannot be skipped.
+                return Rejected(replies.LINE_TOO_LONG, line.verb, close=line.verb == "BDAT")
+            event = self._parse_command(line)
+            if event is not None:
+                return event
 
     def _line_limit(self, start: bytes | bytearray) -> int:
-        limit = self.options.max_command_line
-        return limit + PARAMS_ALLOWANCE if bytes(start[:4]).upper() in _LONG_VERBS else limit
+        opts = self.options
+        if self._state is S.AUTH:
+            return opts.max_auth_line
+        head = bytes(start[:4]).upper()
+        if head in _LONG_VERBS:
+            return opts.max_command_line + PARAMS_ALLOWANCE
+        if head == b"AUTH" and opts.auth_mechanisms:
+            # RFC 4954 §4: an initial response may make the AUTH command longer than 512 octets.
+            return max(opts.max_command_line, opts.max_auth_line)
+        return opts.max_command_line
 
     def _take_line(self) -> bytes | _TooLong | None:
         """The next complete command line without its line end, a _TooLong, or None if incomplete.
@@ -509,7 +881,7 @@ class ServerConnection:
             return _TooLong(verb)
         if lf < 0:
             if len(buf) - pos >= self._line_limit(buf[pos : pos + 4]):
-                self._draining = _verb_of(buf[pos : pos + 17])
+                self._draining = "AUTH" if self._state is S.AUTH else _verb_of(buf[pos : pos + 17])
                 self._pos = len(buf)
             return None
         # A bare LF ends a command too (lenient, like Postfix); only DATA needs the strict CRLF rule.
@@ -517,11 +889,26 @@ class ServerConnection:
         line = bytes(buf[pos:end])
         self._pos = lf + 1
         if len(line) + 2 > self._line_limit(line):
-            return _TooLong(_verb_of(line))
+            return _TooLong("AUTH" if self._state is S.AUTH else _verb_of(line))
         return line
 
-    def _parse_command(self, line: bytes) -> Event:
+    def _parse_command(self, line: bytes) -> Event | None:
+        """The event for a command line; None when it is a refused BDAT whose octets must be drained first
+        (then the refusal comes from _next_command_event once they are)."""
         verb = _verb_of(line)
+        event = self._command_event(line, verb)
+        if verb == "BDAT" and isinstance(event, Rejected) and not event.close:
+            # RFC 3030 gives no way to refuse the octets that follow a BDAT: drain them when the chunk size is
+            # known and chunking is on; otherwise the octets would be read as commands, so close instead.
+            m = _BDAT_SIZE.match(line) if self.options.chunking else None
+            if m is None:
+                return dataclasses.replace(event, close=True)
+            self._skip = int(m.group(1))
+            self._skip_then = event
+            return None
+        return event
+
+    def _command_event(self, line: bytes, verb: str) -> Event:
         if _CONTROL.search(line):
             return Rejected(replies.BAD_CHARS, verb)
         if _HTTP.match(line):
@@ -541,6 +928,12 @@ class ServerConnection:
         spec = VERBS.get(word.upper()) if word.isascii() else None
         if spec is None:
             return Rejected(replies.UNRECOGNIZED, verb)
+        opts = self.options
+        if spec.enabled is not None and not spec.enabled(opts):
+            return Rejected(spec.disabled, verb)
+        # After a 554 banner every command but QUIT gets NO_SERVICE, TLS or not.
+        if spec.needs_tls and opts.require_tls and not self._tls and self._state is not S.REFUSED:
+            return Rejected(replies.MUST_STARTTLS, verb)
         if spec.event not in TRANSITIONS[self._state]:
             return Rejected(SEQUENCE_ERRORS.get((self._state, spec.event), replies.BAD_SEQUENCE), verb)
         return spec.parse(self, verb, arg.strip(" "), utf8)
