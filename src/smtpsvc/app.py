@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TextIO
 
 from smtpsvc import events
+from smtpsvc.auth.limiter import AuthLimiter
+from smtpsvc.auth.users import UsersFileError, UserStore, users_path
 from smtpsvc.config import Config, ConfigError, load_config
 from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.events import EventLog
@@ -26,6 +28,8 @@ from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.routing.mx import MxResolver
 from smtpsvc.server.listener import SmtpServer
+from smtpsvc.server.session import SessionContext
+from smtpsvc.tls import ServerCertificate, TlsError
 
 FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
 STOP_GRACE = 10.0
@@ -97,7 +101,25 @@ class Service:
             interval=self._pickup_interval,
         )
         self.pickup.open()
-        self.smtp = SmtpServer(cfg, self.ingest, self.events)
+        try:
+            certificate = ServerCertificate(cfg.tls.cert, cfg.tls.key)
+            users = self._load_users(cfg)
+        except (TlsError, UsersFileError) as exc:
+            self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="config-unusable"))
+            self.events.close()
+            self.queue.close()
+            raise MailrootError(str(exc)) from exc
+        self.smtp = SmtpServer(
+            SessionContext(
+                config=cfg,
+                ingest=self.ingest,
+                events=self.events,
+                certificate=certificate,
+                users=users,
+                limiter=AuthLimiter(),
+                etrn=self.scheduler.flush,
+            )
+        )
         await self.smtp.start()
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -114,6 +136,11 @@ class Service:
             )
         )
         self.events.flush()
+
+    def _load_users(self, config: Config) -> UserStore:
+        if not config.auth.users_file:
+            return UserStore()
+        return UserStore.load(users_path(config, self.config_path))
 
     def _corrupt(self, name: str, reason: str) -> None:
         self.events.emit(
@@ -159,8 +186,21 @@ class Service:
                 )
             )
             return
+        context = self.smtp.context
+        try:
+            context.certificate.reload(config.tls.cert, config.tls.key)
+            context.users = self._load_users(config)
+        except (TlsError, UsersFileError) as exc:
+            self.events.emit(
+                events.Event(
+                    events.SERVICE_STARTED,
+                    f"Configuration reload failed; keeping the old one: {exc}",
+                    cause="config-reload-failed",
+                )
+            )
+            return
         self.config = config
-        for part in (self.ingest, self.scheduler, self.pickup, self.smtp):
+        for part in (self.ingest, self.scheduler, self.pickup, context):
             part.config = config
         self.scheduler.wake()
         self.events.emit(

@@ -30,13 +30,6 @@ from smtpsvc.units import format_duration, format_size, parse_duration, parse_si
 # `config check` warns when the file or environment sets one. Trim this set as features land.
 NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
     {
-        "auth.*",
-        "tls.*",
-        "extensions.chunking",
-        "extensions.binarymime",
-        "extensions.etrn",
-        "extensions.xexch50",
-        "extensions.x_link2state",
         "connector",
         "delivery.tls",
         "delivery.max_connections_per_domain",
@@ -51,7 +44,6 @@ NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
         "queue.lease",
         "queue.node_id",
         "categorizer.reset_message_status",
-        "relay.allow_authenticated",
         "domains.remote.route",
     }
 )

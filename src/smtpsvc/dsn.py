@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from smtpsvc.model import Envelope, Recipient, rfc5322_date
 
 KINDS = ("failure", "delay", "success")
-ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")   # RFC 3464 section 2.3.3
+ACTIONS = ("failed", "delayed", "delivered", "relayed", "expanded")  # RFC 3464 section 2.3.3
 
-MAX_LINE = 998              # RFC 5322 section 2.1.1, without the CRLF
-MAX_DIAGNOSTIC = 2000       # characters of a diagnostic we keep; the rest is cut with a marker
-_FOLD_WIDTH = 78            # preferred width of the fields we write
-_CHUNK = 900                # longest unbroken token we put on one line (leaves room for any field name)
-_TEXT_WIDTH = 76            # width of the human-readable text
+MAX_LINE = 998  # RFC 5322 section 2.1.1, without the CRLF
+MAX_DIAGNOSTIC = 2000  # characters of a diagnostic we keep; the rest is cut with a marker
+_FOLD_WIDTH = 78  # preferred width of the fields we write
+_CHUNK = 900  # longest unbroken token we put on one line (leaves room for any field name)
+_TEXT_WIDTH = 76  # width of the human-readable text
 
 _SUBJECTS = {
     "failure": "Delivery Status Notification (Failure)",
@@ -36,16 +36,21 @@ _SUBJECTS = {
 }
 _INTRO = "This is an automatically generated Delivery Status Notification."
 _DELAY_WARNING = ("THIS IS A WARNING MESSAGE ONLY.", "YOU DO NOT NEED TO RESEND YOUR MESSAGE.")
-_ACTION_HEADINGS = {        # order = order of the groups in the human-readable text
+_ACTION_HEADINGS = {  # order = order of the groups in the human-readable text
     "failed": "Delivery to the following recipients failed.",
     "delayed": "Delivery to the following recipients has been delayed.",
     "delivered": "Delivery to the following recipients succeeded.",
     "relayed": "Delivery to the following recipients has been relayed to a system that may not send "
-               "further notifications.",
+    "further notifications.",
     "expanded": "Delivery to the following recipients succeeded; each was expanded to further recipients.",
 }
-_DEFAULT_STATUS = {"failed": "5.0.0", "delayed": "4.0.0", "delivered": "2.0.0", "relayed": "2.0.0",
-                   "expanded": "2.0.0"}
+_DEFAULT_STATUS = {
+    "failed": "5.0.0",
+    "delayed": "4.0.0",
+    "delivered": "2.0.0",
+    "relayed": "2.0.0",
+    "expanded": "2.0.0",
+}
 
 _STATUS_RE = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
 _SMTP_REPLY_RE = re.compile(r"[245]\d\d(?:[ -]|$)")
@@ -59,13 +64,13 @@ _ID_UNSAFE_RE = re.compile(r"[^A-Za-z0-9]")
 class ReportedRecipient:
     """One recipient's entry in a report: the per-recipient fields of RFC 3464 section 2.3."""
 
-    address: str          # final recipient
-    action: str           # "failed" | "delayed" | "delivered" | "relayed" | "expanded"
-    status: str           # enhanced status, e.g. "5.1.1", "4.4.7"; "" = the action's generic x.0.0
-    diagnostic: str       # the remote's reply ("550 5.1.1 <x@y>: user unknown") or our diagnosis; "" if none
+    address: str  # final recipient
+    action: str  # "failed" | "delayed" | "delivered" | "relayed" | "expanded"
+    status: str  # enhanced status, e.g. "5.1.1", "4.4.7"; "" = the action's generic x.0.0
+    diagnostic: str  # the remote's reply ("550 5.1.1 <x@y>: user unknown") or our diagnosis; "" if none
     remote_mta: str = ""  # host name of the MTA that replied ("host[ip]:port" is reduced to host); "" if none
-    orcpt: str = ""       # ORCPT value "rfc822;addr" when the client gave one (decoded, not xtext)
-    last_attempt: float | None = None      # epoch seconds
+    orcpt: str = ""  # ORCPT value "rfc822;addr" when the client gave one (decoded, not xtext)
+    last_attempt: float | None = None  # epoch seconds
     will_retry_until: float | None = None  # epoch seconds; written for "delayed" only
 
     def __post_init__(self) -> None:
@@ -75,10 +80,11 @@ class ReportedRecipient:
 
 # --- header section helpers (for callers that read only the head of a big file) ---------------------------
 
+
 def header_block_end(data: bytes) -> int | None:
     """Offset just past the empty line that ends the header section (CRLF or LF), None if `data` has none."""
     lead = re.match(rb"\r?\n", data)
-    if lead:                                 # no header fields at all: the message starts with the empty line
+    if lead:  # no header fields at all: the message starts with the empty line
         return lead.end()
     match = _HEADER_END_RE.search(data)
     return match.end() if match else None
@@ -100,6 +106,7 @@ def split_headers(data: bytes, *, complete: bool = False) -> bytes:
 
 
 # --- policy ------------------------------------------------------------------------------------------------
+
 
 def should_report(envelope: Envelope, rcpt: Recipient, kind: str) -> bool:
     """Whether a report of `kind` ("failure" | "delay" | "success") is due for `rcpt` (RFC 3461 NOTIFY).
@@ -126,6 +133,7 @@ def requires_8bitmime(message: bytes) -> bool:
 
 
 # --- the builder -------------------------------------------------------------------------------------------
+
 
 def build_report(
     *,
@@ -176,20 +184,27 @@ def build_report(
         original_description += " Headers"
     delimiter = b"\r\n--" + boundary.encode("ascii")
     parts = [
-        "\r\n".join(header).encode("utf-8") + b"\r\n\r\n"   # utf-8 only for an SMTPUTF8 sender (RFC 6532)
+        "\r\n".join(header).encode("utf-8")
+        + b"\r\n\r\n"  # utf-8 only for an SMTPUTF8 sender (RFC 6532)
         + b"This is a MIME-encapsulated message.\r\n",
         b"\r\nContent-Type: text/plain; charset=us-ascii\r\nContent-Transfer-Encoding: 7bit\r\n"
         b"Content-Description: Notification\r\n\r\n" + human,
         b"\r\nContent-Type: message/delivery-status\r\nContent-Description: Delivery report\r\n\r\n" + status,
-        b"\r\nContent-Type: " + embedded_type.encode("ascii") + b"\r\nContent-Transfer-Encoding: "
-        + cte.encode("ascii") + b"\r\nContent-Description: " + original_description.encode("ascii")
-        + b"\r\n\r\n" + embedded,
+        b"\r\nContent-Type: "
+        + embedded_type.encode("ascii")
+        + b"\r\nContent-Transfer-Encoding: "
+        + cte.encode("ascii")
+        + b"\r\nContent-Description: "
+        + original_description.encode("ascii")
+        + b"\r\n\r\n"
+        + embedded,
     ]
     return delimiter.join(parts) + delimiter + b"--\r\n"
 
 
-def _original_part(original: Envelope, headers: bytes, body: bytes | None, kind: str,
-                   notes: list[str]) -> tuple[bytes, str]:
+def _original_part(
+    original: Envelope, headers: bytes, body: bytes | None, kind: str, notes: list[str]
+) -> tuple[bytes, str]:
     """The returned content and its type: the full original only for RET=FULL failures, else its headers.
 
     RFC 3461 leaves the default (no RET) to the implementation; ours is headers only. The full original is
@@ -200,8 +215,10 @@ def _original_part(original: Envelope, headers: bytes, body: bytes | None, kind:
         full = _crlf(headers + body)
         if not _has_long_line(full):
             return full, "message/rfc822"
-        notes.append("The original message has lines longer than 998 octets and cannot be returned in full; "
-                     "its headers follow.")
+        notes.append(
+            "The original message has lines longer than 998 octets and cannot be returned in full; "
+            "its headers follow."
+        )
     return _fold_raw_lines(_crlf(headers)), "text/rfc822-headers"
 
 
@@ -231,8 +248,13 @@ def _human_text(kind: str, recipients: Sequence[ReportedRecipient], notes: list[
 
 
 def _wrap(text: str, indent: str, subsequent_indent: str | None = None) -> list[str]:
-    return textwrap.wrap(text, _TEXT_WIDTH, initial_indent=indent, break_on_hyphens=False,
-                         subsequent_indent=indent if subsequent_indent is None else subsequent_indent)
+    return textwrap.wrap(
+        text,
+        _TEXT_WIDTH,
+        initial_indent=indent,
+        break_on_hyphens=False,
+        subsequent_indent=indent if subsequent_indent is None else subsequent_indent,
+    )
 
 
 def _status_text(reporting_mta: str, original: Envelope, recipients: Sequence[ReportedRecipient]) -> str:
@@ -252,8 +274,10 @@ def _status_text(reporting_mta: str, original: Envelope, recipients: Sequence[Re
         block: list[str] = []
         if r.orcpt:
             addr_type, sep, addr = r.orcpt.partition(";")
-            block += _fold("Original-Recipient", _address_field(addr.strip(), addr_type.strip())
-                           if sep else _address_field(r.orcpt.strip()))
+            block += _fold(
+                "Original-Recipient",
+                _address_field(addr.strip(), addr_type.strip()) if sep else _address_field(r.orcpt.strip()),
+            )
         block += _fold("Final-Recipient", _address_field(r.address))
         block.append("Action: " + r.action)
         block.append("Status: " + (r.status if _STATUS_RE.fullmatch(r.status) else _DEFAULT_STATUS[r.action]))
@@ -273,6 +297,7 @@ def _status_text(reporting_mta: str, original: Envelope, recipients: Sequence[Re
 
 
 # --- small pieces ------------------------------------------------------------------------------------------
+
 
 def _seed(original: Envelope, kind: str, now: float, recipients: Sequence[ReportedRecipient]) -> str:
     material = "\0".join([original.id, kind, repr(now), *(r.address for r in recipients)])
@@ -342,7 +367,7 @@ def _fold(name: str, value: str) -> list[str]:
     """A `Name: value` field folded at spaces to about 78 columns; tokens over 900 characters are split."""
     words: list[str] = []
     for word in value.split():
-        words.extend(word[i:i + _CHUNK] for i in range(0, len(word), _CHUNK))
+        words.extend(word[i : i + _CHUNK] for i in range(0, len(word), _CHUNK))
     lines: list[str] = []
     line = name + ":"
     for word in words:
@@ -387,5 +412,6 @@ def _address_field(address: str, addr_type: str = "rfc822") -> str:
     address = _clean(address)
     if address.isascii():
         return f"{_clean(addr_type) or 'rfc822'}; {address}"
-    return "utf-8; " + "".join(c if 0x20 < ord(c) < 0x7F and c not in "\\+=" else f"\\x{{{ord(c):X}}}"
-                               for c in address)
+    return "utf-8; " + "".join(
+        c if 0x20 < ord(c) < 0x7F and c not in "\\+=" else f"\\x{{{ord(c):X}}}" for c in address
+    )

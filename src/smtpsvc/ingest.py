@@ -25,15 +25,18 @@ def received_header(
     client_ip: str = "",
     protocol: str = "ESMTP",
     unverified: bool = False,
+    auth_user: str = "",
     now: float | None = None,
 ) -> bytes:
-    """RFC 5321 §4.4 trace header, folded onto two lines to stay short."""
+    """RFC 5321 §4.4 trace header; `protocol` per RFC 3848 (SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA)."""
     stamp = rfc5322_date(time.time() if now is None else now)
     if client_ip:
         origin = f"from {_clean(helo) or 'unknown'} ([{client_ip}]{' unverified' if unverified else ''})"
     else:
         origin = f"from {_clean(helo) or 'localhost'}"
-    return (f"Received: {origin}\r\n\tby {hostname} with {protocol} id {queue_id};\r\n\t{stamp}\r\n").encode()
+    authenticated = f"\r\n\t(Authenticated sender: {_clean(auth_user)})" if auth_user else ""
+    by = f"\r\n\tby {hostname} with {protocol} id {queue_id};\r\n\t{stamp}\r\n"
+    return f"Received: {origin}{authenticated}{by}".encode()
 
 
 def _clean(text: str) -> str:
@@ -79,7 +82,10 @@ class Ingest:
             smtputf8=envelope_fields.smtputf8,
             dsn_kind=envelope_fields.dsn_kind,
             original_id=envelope_fields.original_id,
+            xexch50=len(envelope_fields.xexch50),
         )
+        if envelope_fields.xexch50:
+            writer.attach_xexch50(envelope_fields.xexch50)
         await self.queue.put(writer, envelope)
         self.events.emit(
             events.Event(
@@ -122,3 +128,4 @@ class EnvelopeFields:
     smtputf8: bool = False
     dsn_kind: str = ""
     original_id: str = ""
+    xexch50: bytes = b""  # Exchange XEXCH50 blob received with the message (opaque)

@@ -83,6 +83,7 @@ class Envelope:
     envid: str = ""  # RFC 3461 ENVID or ""
     smtputf8: bool = False
     frozen: bool = False
+    xexch50: int = 0  # size of the XEXCH50 blob kept as queue/<id>.x50; 0 = none
     delay_notified: bool = False
     dsn_kind: str = ""  # for reports we made: "failure" | "delay"; "" for ordinary mail
     original_id: str = ""  # for reports: the queue id of the message reported on
@@ -151,6 +152,7 @@ class Envelope:
             envid=str(data.get("envid", "")),
             smtputf8=bool(data.get("smtputf8", False)),
             frozen=bool(data.get("frozen", False)),
+            xexch50=int(data.get("xexch50", 0)),
             delay_notified=bool(data.get("delay_notified", False)),
             dsn_kind=str(data.get("dsn_kind", "")),
             original_id=str(data.get("original_id", "")),

@@ -65,6 +65,28 @@ class Scheduler:
     def wake(self) -> None:
         self._wake.set()
 
+    def flush(self, domain: str, subdomains: bool = False) -> int:
+        """ETRN / Force Connection: make every pending recipient at `domain` due now. Returns how many
+        messages were rescheduled (messages being delivered right now are not counted)."""
+        domain = domain.rstrip(".").lower()
+        now = time.time()
+        count = 0
+        for envelope in self.queue.list():
+            if envelope.id in self.queue.leased or envelope.frozen:
+                continue
+            touched = False
+            for rcpt in envelope.pending:
+                d = rcpt.domain
+                if d == domain or (subdomains and d.endswith("." + domain)):
+                    rcpt.next_attempt = now
+                    touched = True
+            if touched:
+                self.queue.reschedule(envelope.id)
+                count += 1
+        if count:
+            self.wake()
+        return count
+
     @property
     def inflight(self) -> int:
         return len(self._inflight)

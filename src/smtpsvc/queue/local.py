@@ -6,9 +6,10 @@ Commit protocol (the durability argument, see docs/architecture.md):
             when, and only when, its .env exists in queue/.
   save:     write+fsync tmp/<id>.env, rename over queue/<id>.env, fsync queue/.
   complete: unlink queue/<id>.env first (the message ceases to exist), then the .eml, fsync queue/.
-Recovery at open: tmp/ is emptied (nothing there was acknowledged); a .eml without .env is a put that never
-finished or a completion that did, so it is removed; a .env that does not parse, or lacks its .eml, is moved
-to corrupt/ with an event, never dropped silently and never blocking the rest.
+An Exchange XEXCH50 blob, when one came with the message, is `<id>.x50`, committed before the .env.
+Recovery at open: tmp/ is emptied (nothing there was acknowledged); a .eml or .x50 without .env is a put
+that never finished or a completion that did, so it is removed; a .env that does not parse, or lacks its
+.eml, is moved to corrupt/ with an event, never dropped silently and never blocking the rest.
 
 One process owns a spool at a time (an exclusive lock on queue/.lock); the in-memory index of due times is
 rebuilt from the .env files at every start, so the files stay the single truth.
@@ -44,6 +45,8 @@ class SpoolWriter:
         self._spool = spool
         self._id = queue_id
         self.path = spool.tmp_dir / f"{queue_id}.eml"
+        self.blob_path = spool.tmp_dir / f"{queue_id}.x50"
+        self.has_blob = False
         self._file: IO[bytes] | None = open(self.path, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115
         self._size = 0
 
@@ -65,13 +68,23 @@ class SpoolWriter:
             raise QueueError(f"cannot write queue file: {exc.strerror}") from exc
         self._size += len(data)
 
+    def attach_xexch50(self, blob: bytes) -> None:
+        """Keep an Exchange XEXCH50 blob with the message: tmp/<id>.x50, committed with it."""
+        try:
+            self.blob_path.write_bytes(blob)
+        except OSError as exc:
+            self.abort()
+            raise QueueError(f"cannot write queue file: {exc.strerror}") from exc
+        self.has_blob = True
+
     def abort(self) -> None:
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None
-        with contextlib.suppress(OSError):
-            self.path.unlink()
+        for path in (self.path, self.blob_path):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def _flush_and_detach(self) -> IO[bytes]:
         if self._file is None:
@@ -104,10 +117,10 @@ class LocalSpool:
             with contextlib.suppress(OSError):
                 leftover.unlink()
         envs = {p.stem for p in self.dir.glob("*.env")}
-        for eml in self.dir.glob("*.eml"):
-            if eml.stem not in envs:
+        for orphan in [*self.dir.glob("*.eml"), *self.dir.glob("*.x50")]:
+            if orphan.stem not in envs:
                 with contextlib.suppress(OSError):
-                    eml.unlink()
+                    orphan.unlink()
         for stem in sorted(envs):
             envelope = self._load(stem)
             if envelope is not None:
@@ -174,11 +187,16 @@ class LocalSpool:
         eml_tmp = writer.path
         env_tmp = self.tmp_dir / f"{envelope.id}.env"
 
+        blob_tmp = writer.blob_path if writer.has_blob else None
+
         def job() -> None:
             try:
                 os.fsync(handle.fileno())
             finally:
                 handle.close()
+            if blob_tmp is not None:
+                _fsync_file(blob_tmp)
+                os.replace(blob_tmp, self.dir / blob_tmp.name)
             _write_synced(env_tmp, payload)
             os.replace(eml_tmp, self.dir / eml_tmp.name)
             os.replace(env_tmp, self.dir / env_tmp.name)
@@ -186,7 +204,14 @@ class LocalSpool:
         try:
             await self._committer.run(job, self.dir)
         except OSError as exc:
-            for p in (eml_tmp, env_tmp, self.dir / eml_tmp.name, self.dir / env_tmp.name):
+            for p in (
+                eml_tmp,
+                env_tmp,
+                writer.blob_path,
+                self.dir / eml_tmp.name,
+                self.dir / env_tmp.name,
+                self.dir / writer.blob_path.name,
+            ):
                 with contextlib.suppress(OSError):
                     p.unlink()
             raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
@@ -213,8 +238,9 @@ class LocalSpool:
         def job() -> None:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.dir / f"{queue_id}.env")
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / f"{queue_id}.eml")
+            for suffix in (".eml", ".x50"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self.dir / f"{queue_id}{suffix}")
 
         self._forget(queue_id)
         await self._committer.run(job, self.dir)
@@ -251,6 +277,13 @@ class LocalSpool:
         if envelope is not None:
             self._index(envelope)
 
+    def reschedule(self, queue_id: str) -> None:
+        """Re-read the due time of a message whose recipients' next attempts were changed in memory
+        (ETRN, Force Connection). A leased message is left alone: its delivery is under way."""
+        envelope = self._envelopes.get(queue_id)
+        if envelope is not None and queue_id not in self._leased:
+            self._index(envelope)
+
     def next_due(self) -> float | None:
         while self._heap:
             due, queue_id = self._heap[0]
@@ -269,6 +302,13 @@ class LocalSpool:
     def open_message(self, queue_id: str) -> BinaryIO:
         return open(self.dir / f"{queue_id}.eml", "rb")
 
+    def xexch50_blob(self, queue_id: str) -> bytes | None:
+        """The XEXCH50 blob received with the message, or None."""
+        try:
+            return (self.dir / f"{queue_id}.x50").read_bytes()
+        except FileNotFoundError:
+            return None
+
     def message_path(self, queue_id: str) -> Path:
         return self.dir / f"{queue_id}.eml"
 
@@ -283,6 +323,14 @@ class LocalSpool:
 
 def _encode(envelope: Envelope) -> bytes:
     return json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_synced(path: Path, payload: bytes) -> None:

@@ -10,21 +10,21 @@ import time
 
 from smtpsvc import events
 from smtpsvc.config import Config
-from smtpsvc.events import EventLog
-from smtpsvc.ingest import Ingest
 from smtpsvc.protocol import replies
-from smtpsvc.server.session import Session
+from smtpsvc.server.session import Session, SessionContext
 
 
 class SmtpServer:
-    def __init__(self, config: Config, ingest: Ingest, event_log: EventLog) -> None:
-        self.config = config
-        self.ingest = ingest
-        self.events = event_log
+    def __init__(self, context: SessionContext) -> None:
+        self.context = context
         self._servers: list[asyncio.Server] = []
         self._sessions: dict[asyncio.Task[None], Session] = {}
         self._last_limit_event = 0.0
         self.accepted = 0
+
+    @property
+    def config(self) -> Config:
+        return self.context.config
 
     @property
     def sockets(self) -> list[tuple[str, int]]:
@@ -53,7 +53,7 @@ class SmtpServer:
             await self._refuse(writer, limit)
             return
         self.accepted += 1
-        session = Session(reader, writer, self.config, self.ingest, self.events)
+        session = Session(reader, writer, self.context)
         task = asyncio.current_task()
         assert task is not None
         self._sessions[task] = session
@@ -66,7 +66,9 @@ class SmtpServer:
         now = time.monotonic()
         if now - self._last_limit_event > 60:  # one event a minute, not one per refused connection
             self._last_limit_event = now
-            self.events.emit(events.Event(events.CONNECTION_LIMIT, events.connection_limit_text(limit)))
+            self.context.events.emit(
+                events.Event(events.CONNECTION_LIMIT, events.connection_limit_text(limit))
+            )
         with contextlib.suppress(ConnectionError, OSError):
             writer.write(replies.TOO_MANY_CONNECTIONS.to_bytes())
             await asyncio.wait_for(writer.drain(), 5)

@@ -9,10 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import ssl
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from smtpsvc import events
+from smtpsvc.auth.limiter import AuthLimiter
+from smtpsvc.auth.users import UserStore
 from smtpsvc.config import Config
 from smtpsvc.events import EventLog
 from smtpsvc.headers import HopCounter
@@ -20,11 +25,16 @@ from smtpsvc.ingest import EnvelopeFields, Ingest, received_header
 from smtpsvc.model import Recipient, Source
 from smtpsvc.protocol import (
     NEED_DATA,
+    Auth,
+    AuthResponse,
+    Bdat,
+    BdatEnd,
     ConnectionClosed,
     Data,
     DataChunk,
     DataEnd,
     Ehlo,
+    Etrn,
     Expn,
     Helo,
     Help,
@@ -37,20 +47,41 @@ from smtpsvc.protocol import (
     Rset,
     ServerConnection,
     ServerOptions,
+    StartTls,
     Vrfy,
+    Xexch50,
+    Xexch50Blob,
+    XLink2State,
     replies,
     split_address,
     xtext_decode,
 )
 from smtpsvc.queue.base import MessageWriter, QueueError
 from smtpsvc.routing.categorizer import check_recipient
+from smtpsvc.server.sasl_exchange import Credentials, SaslExchange
+from smtpsvc.tls import ServerCertificate
 
 READ_SIZE = 64 * 1024
 SESSION_TOO_BIG = Reply(552, "5.3.4", "Session size limit exceeded (max_session_size); send the rest anew")
 LINGER_SECONDS = 1.0
+TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
-def server_options(config: Config) -> ServerOptions:
+@dataclass(slots=True)
+class SessionContext:
+    """What every session shares with the service; the service swaps parts of it on SIGHUP."""
+
+    config: Config
+    ingest: Ingest
+    events: EventLog
+    certificate: ServerCertificate
+    users: UserStore
+    limiter: AuthLimiter
+    etrn: Callable[[str, bool], int]  # flush(domain, subdomains) -> messages rescheduled
+
+
+def server_options(context: SessionContext, client_ip: str) -> ServerOptions:
+    config = context.config
     ext = config.extensions
     return ServerOptions(
         max_message_size=config.server.max_message_size,
@@ -60,7 +91,27 @@ def server_options(config: Config) -> ServerOptions:
         smtputf8=ext.enabled("smtputf8"),
         dsn=ext.enabled("dsn"),
         enhanced_status_codes=ext.enabled("enhancedstatuscodes"),
+        starttls=context.certificate.context is not None,
+        require_tls=config.tls.require,
+        # AUTH is offered only when accounts exist (SPEC 2.1) and, by default, only inside TLS; with
+        # auth.require_tls = false a loopback client may also authenticate in plaintext (never a remote one).
+        auth_mechanisms=tuple(config.auth.mechanisms) if context.users.has_users else (),
+        auth_requires_tls=True,
+        auth_plaintext_allowed=not config.auth.require_tls and _is_loopback(client_ip),
+        chunking=ext.enabled("chunking"),
+        binarymime=ext.enabled("binarymime"),
+        etrn=ext.enabled("etrn"),
+        vrfy=ext.enabled("vrfy"),
+        xexch50=ext.enabled("xexch50"),
+        x_link2state=ext.enabled("x_link2state"),
     )
+
+
+def _is_loopback(ip: str) -> bool:
+    try:
+        return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(slots=True)
@@ -72,6 +123,7 @@ class Transaction:
     write_failed: bool = False
     hops: HopCounter = field(default_factory=HopCounter)
     over_session_size: bool = False
+    xexch50: bytes = b""
 
     def abort(self) -> None:
         if self.writer is not None:
@@ -85,23 +137,21 @@ class SessionClosed(Exception):
 
 class Session:
     def __init__(
-        self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        config: Config,
-        ingest: Ingest,
-        event_log: EventLog,
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: SessionContext
     ) -> None:
         self.reader = reader
         self.writer = writer
-        self.config = config
-        self.ingest = ingest
-        self.events = event_log
+        self.context = context
+        self.config = context.config  # one config for the whole session, even across a reload
+        self.ingest = context.ingest
+        self.events = context.events
         peer = writer.get_extra_info("peername")
         self.client_ip: str = peer[0] if isinstance(peer, tuple) else ""
-        self.conn = ServerConnection(server_options(config))
+        self.conn = ServerConnection(server_options(context, self.client_ip))
         self.helo = ""
         self.esmtp = False
+        self.auth_user = ""
+        self.sasl = SaslExchange()
         self.errors = 0
         self.session_bytes = 0  # accepted message bytes so far (max_session_size)
         self.txn = Transaction()
@@ -171,15 +221,20 @@ class Session:
             if isinstance(event, DataChunk):
                 self._store(event.data)
                 continue
+            if isinstance(event, Bdat):
+                self._bdat_chunk_starts()
+                continue
             if isinstance(event, ConnectionClosed):
                 raise SessionClosed
-            if not isinstance(event, Data):
+            if not isinstance(event, Data | BdatEnd):
                 # a complete command arrived: the next one gets a fresh idle allowance
                 self._reset_deadline(self.config.server.connection_timeout)
             reply = await self._answer(event)
             self._send(reply)
             if reply.code == 221 or reply.code == 421:
                 raise SessionClosed
+            if isinstance(event, StartTls) and reply.code == 220:
+                await self._start_tls()
 
     def _send(self, reply: Reply) -> None:
         self.writer.write(self.conn.send(reply))
@@ -246,6 +301,27 @@ class Session:
                 )
             case Expn():
                 return replies.NOT_IMPLEMENTED
+            case BdatEnd():
+                return await self._bdat_end(event)
+            case StartTls():
+                return replies.READY_TLS if self.context.certificate.context else replies.TLS_NOT_AVAILABLE
+            case Auth(mechanism=mechanism, initial=initial):
+                return await self._auth(self.sasl.start(mechanism, initial))
+            case AuthResponse(data=data):
+                return await self._auth(self.sasl.respond(data))
+            case Etrn(arg=arg):
+                return self._etrn(arg)
+            case Xexch50():
+                if not self.conn.authenticated:
+                    return self._refuse_logged(
+                        "XEXCH50", replies.NEED_AUTH_XEXCH50, "xexch50-unauthenticated"
+                    )
+                return replies.XEXCH50_GO
+            case Xexch50Blob(data=data):
+                self.txn.xexch50 = data  # opaque; stored with the message, never interpreted
+                return replies.OK
+            case XLink2State():
+                return replies.UNRECOGNIZED  # advertised for Exchange peers, never part of our routing
             case Rejected(reply=reply, close=close):
                 self.errors += 1
                 if close:
@@ -262,7 +338,13 @@ class Session:
             # RFC 5321 §4.1.1.3: <postmaster> without a domain is this server's postmaster (the core lets
             # no other domainless address through).
             address = f"{local}@{self.config.local_domains[0]}"
-        decision = check_recipient(self.client_ip, address, self.config, source_route=event.source_route)
+        decision = check_recipient(
+            self.client_ip,
+            address,
+            self.config,
+            authenticated=bool(self.auth_user),
+            source_route=event.source_route,
+        )
         if not decision.allowed:
             return self._deny_relay(address, decision.rule)
         notify = event.params.get("NOTIFY")
@@ -276,24 +358,89 @@ class Session:
         return replies.RCPT_OK(address)
 
     def _deny_relay(self, address: str, rule: str) -> Reply:
-        reply = replies.RELAY_DENIED(address)
+        return self._refuse_logged("RCPT", replies.RELAY_DENIED(address), f"relay-denied:{rule}")
+
+    def _refuse_logged(self, verb: str, reply: Reply, cause: str) -> Reply:
+        """A refusal an operator should see: event 7010 in the IIS wording."""
         self.events.emit(
             events.Event(
                 events.CLIENT_COMMAND_REJECTED,
-                f'The client at "{self.client_ip}" sent a "RCPT" command, and the SMTP server responded with '
-                f'"{reply}".',
+                f'The client at "{self.client_ip}" sent a "{verb}" command, and the SMTP server responded '
+                f'with "{reply}".',
                 host=self.client_ip,
                 status=reply.enhanced,
-                cause=f"relay-denied:{rule}",
+                cause=cause,
             )
         )
         return reply
 
+    # -- STARTTLS, AUTH, ETRN ------------------------------------------------------------------------
+    async def _start_tls(self) -> None:
+        context = self.context.certificate.context
+        assert context is not None
+        await self.writer.drain()
+        try:
+            await self.writer.start_tls(context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+        except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
+            raise SessionClosed from exc
+        # Plaintext the client sent after STARTTLS may already sit in the stream's buffer; it must never be
+        # read as if it had come through TLS (CVE-2011-0411 class). The core drops what it had buffered.
+        buffered = getattr(self.reader, "_buffer", None)  # asyncio has no public way to discard it
+        if isinstance(buffered, bytearray):
+            buffered.clear()
+        self.conn.tls_established()
+        self.helo, self.esmtp, self.auth_user = "", False, ""
+        self.txn.abort()
+        self.txn = Transaction()
+
+    async def _auth(self, step: Reply | Credentials) -> Reply:
+        if isinstance(step, Reply):
+            return step
+        limiter, now = self.context.limiter, time.monotonic()
+        if limiter.blocked(self.client_ip, now):
+            return self._refuse_logged("AUTH", replies.AUTH_TOO_MANY_FAILURES, "auth-rate-limited")
+        delay = limiter.delay_for(self.client_ip, now)
+        if delay:
+            await asyncio.sleep(delay)  # a growing pause slows password guessing from one client
+        try:
+            ok = await asyncio.to_thread(self.context.users.verify, step.username, step.password)
+        except Exception:  # an unreadable store must not look like a wrong password
+            return replies.AUTH_TEMP_FAILURE
+        if ok:
+            limiter.record_success(self.client_ip, time.monotonic())
+            self.auth_user = step.username
+            return replies.AUTH_OK
+        limiter.record_failure(self.client_ip, time.monotonic())
+        if limiter.blocked(self.client_ip, time.monotonic()):
+            return self._refuse_logged("AUTH", replies.AUTH_TOO_MANY_FAILURES, "auth-rate-limited")
+        return self._refuse_logged("AUTH", replies.AUTH_FAILED, "auth-failed")
+
+    def _etrn(self, arg: str) -> Reply:
+        node = arg.lstrip("@#")
+        if arg.startswith("#"):
+            return replies.ETRN_UNKNOWN(arg)  # named queues are not offered
+        if not check_recipient(
+            self.client_ip, f"postmaster@{node}", self.config, authenticated=bool(self.auth_user)
+        ).allowed:
+            return self._refuse_logged("ETRN", replies.ETRN_NOT_ALLOWED(arg), "etrn-not-allowed")
+        count = self.context.etrn(node, arg.startswith("@"))
+        return replies.ETRN_OK(arg) if count else replies.ETRN_NOTHING(arg)
+
+    def _protocol_name(self) -> str:
+        """RFC 3848 "with" keyword for the Received header."""
+        if not self.esmtp:
+            return "SMTP"
+        return "ESMTP" + ("S" if self.conn.tls else "") + ("A" if self.auth_user else "")
+
     def _start_data(self) -> Reply:
+        return replies.START_DATA if self._open_message() else replies.TEMP_FAILURE
+
+    def _open_message(self) -> bool:
+        """A spool writer for the message now arriving (DATA, or the first BDAT chunk), with our Received."""
         try:
             writer = self.ingest.begin()
         except QueueError:
-            return replies.TEMP_FAILURE
+            return False
         self.txn.writer = writer
         self.txn.write_failed = False
         self._reset_deadline(self.config.server.data_timeout)
@@ -303,10 +450,31 @@ class Session:
                 queue_id=writer.id,
                 helo=self.helo,
                 client_ip=self.client_ip,
-                protocol="ESMTP" if self.esmtp else "SMTP",
+                protocol=self._protocol_name(),
+                auth_user=self.auth_user,
             )
         )
-        return replies.START_DATA
+        return True
+
+    def _bdat_chunk_starts(self) -> None:
+        if self.txn.writer is None and not self.txn.write_failed:
+            if not self._open_message():
+                self.txn.write_failed = True  # consume the chunks; the reply to this BDAT is a 451
+        else:
+            self._reset_deadline(self.config.server.data_timeout)
+
+    async def _bdat_end(self, event: BdatEnd) -> Reply:
+        if event.error is not None or not event.last:
+            if event.error is None and not self.txn.write_failed and not self.txn.over_session_size:
+                return replies.BDAT_OK(self.conn.chunk_size)
+            if not event.last:
+                # this chunk failed: the core repeats our reply for the message's remaining chunks
+                reply = event.error or (
+                    SESSION_TOO_BIG if self.txn.over_session_size else replies.TEMP_FAILURE
+                )
+                self.txn.abort()
+                return reply
+        return await self._end_data(event.error)
 
     async def _end_data(self, error: Reply | None) -> Reply:
         txn, self.txn = self.txn, Transaction()
@@ -334,6 +502,7 @@ class Session:
             ret=(txn.params.get("RET") or "").upper(),
             envid=_xtext(txn.params.get("ENVID")),
             smtputf8="SMTPUTF8" in txn.params,
+            xexch50=txn.xexch50,
         )
         try:
             envelope = await self.ingest.commit(writer, fields)
