@@ -40,6 +40,7 @@ import dns.rcode
 import dns.rdata
 import dns.rdataclass
 import dns.rdatatype
+import dns.reversename
 import dns.rrset
 
 _HOST = "127.0.0.1"
@@ -139,6 +140,12 @@ class DnsServer:
 
     def add_aaaa(self, name: str, ip: str, *, ttl: int | None = None) -> None:
         self._add(name, dns.rdata.from_text(_IN, dns.rdatatype.AAAA, ip), ttl)
+
+    def add_ptr(self, ip: str, name: str, *, ttl: int | None = None) -> None:
+        """A PTR record for `ip` (the reverse name is derived: 1.0.0.127.in-addr.arpa)."""
+        owner = dns.reversename.from_address(ip).to_text()
+        target = dns.name.from_text(name).to_text()
+        self._add(owner, dns.rdata.from_text(_IN, dns.rdatatype.PTR, target), ttl)
 
     def set_servfail(self, name: str) -> None:
         with self._lock:

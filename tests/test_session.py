@@ -7,6 +7,7 @@ import json
 
 from smtpsvc.app import Service
 from tests.conftest import StartService, smtp_port, wait_until
+from tests.dnsserver import DnsServer
 from tests.rawclient import RawClient
 
 
@@ -281,3 +282,29 @@ async def test_dsn_parameters_are_kept_decoded_per_recipient(start_service: Star
     assert envelope.recipients[0].notify == ("FAILURE", "DELAY")
     assert envelope.recipients[0].orcpt == "rfc822;x@remote.test"
     await client.close()
+
+
+async def test_reverse_dns_marks_a_helo_that_the_ptr_does_not_confirm_as_unverified(
+    start_service: StartService, dns_server: DnsServer
+) -> None:
+    dns_server.add_ptr("127.0.0.1", "client.test")
+    service = await start_service(
+        server={"reverse_dns": True}, resolver={"nameservers": [dns_server.nameserver]}
+    )
+
+    def drop_with(text: bytes) -> bool:
+        return any(text in p.read_bytes() for p in service.folders["drop"].glob("*.eml"))
+
+    for helo, expected in (
+        ("client.test", b"Received: from client.test ([127.0.0.1])\r\n"),
+        ("liar.test", b"Received: from liar.test ([127.0.0.1] unverified)\r\n"),
+    ):
+        client = await RawClient.connect(smtp_port(service))
+        await client.reply()
+        await client.command(f"EHLO {helo}")
+        reply = await transact(client, "a@local.test", "b@local.test", b"Subject: r\r\n\r\nx\r\n")
+        assert reply.startswith("250")
+        await client.close()
+        await wait_until(
+            lambda expected=expected: drop_with(expected), what=f"the Received header for {helo}"
+        )

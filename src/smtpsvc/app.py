@@ -118,6 +118,7 @@ class Service:
                 users=users,
                 limiter=AuthLimiter(),
                 etrn=self.scheduler.flush,
+                resolver=resolver,
             )
         )
         await self.smtp.start()

@@ -38,7 +38,6 @@ NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
         "delivery.smart_host_type",
         "delivery.suppress_xexch50_external",
         "delivery.delay_notification",
-        "server.reverse_dns",
         "admin.*",
         "queue.dsn",
         "queue.lease",

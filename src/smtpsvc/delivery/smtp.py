@@ -166,7 +166,9 @@ async def _attempt(
     connect_timeout: float,
     transcript: list[str],
 ) -> list[DeliveryResult] | HopFailure:
-    label = f"{hop.host}[{hop.address}]:{hop.port}"
+    label = (
+        f"{hop.host}[{hop.address}]:{hop.port}" if hop.host != hop.address else f"[{hop.address}]:{hop.port}"
+    )
     transcript.append(f"--- {label}")
     try:
         reader, writer = await asyncio.wait_for(

@@ -27,6 +27,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.rdtypes.ANY.MX
 import dns.resolver
+import dns.reversename
 
 CAUSE_NXDOMAIN = "dns-nxdomain"
 CAUSE_SERVFAIL = "dns-servfail"
@@ -224,6 +225,22 @@ class MxResolver:
             raise failures[0]  # NXDOMAIN
         families = "A/AAAA" if self._use_ipv6 else "A"
         raise DnsError(CAUSE_NO_ADDRESS, _text(qname), f"{_text(qname)} has no {families} records")
+
+    async def reverse_names(self, ip: str) -> list[str]:
+        """The PTR names of an address (lower case, no trailing dot); [] when there are none or DNS fails.
+
+        For the `server.reverse_dns` check, which only annotates the Received header: a DNS failure there
+        must never refuse mail, so errors are an empty answer, not a `DnsError`.
+        """
+        try:
+            qname = dns.reversename.from_address(ip.split("%", 1)[0])
+            deadline = asyncio.get_running_loop().time() + self._timeout
+            answer = await self._query(qname, dns.rdatatype.PTR, deadline)
+        except (DnsError, ValueError, dns.exception.DNSException):
+            return []
+        if answer is None:
+            return []
+        return [_text(rdata.target).lower() for rdata in answer]
 
     async def _query(
         self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, deadline: float

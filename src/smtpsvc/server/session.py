@@ -58,6 +58,7 @@ from smtpsvc.protocol import (
 )
 from smtpsvc.queue.base import MessageWriter, QueueError
 from smtpsvc.routing.categorizer import check_recipient
+from smtpsvc.routing.mx import MxResolver
 from smtpsvc.server.sasl_exchange import Credentials, SaslExchange
 from smtpsvc.tls import ServerCertificate
 
@@ -78,6 +79,7 @@ class SessionContext:
     users: UserStore
     limiter: AuthLimiter
     etrn: Callable[[str, bool], int]  # flush(domain, subdomains) -> messages rescheduled
+    resolver: MxResolver | None = None  # for server.reverse_dns
 
 
 def server_options(context: SessionContext, client_ip: str) -> ServerOptions:
@@ -149,6 +151,7 @@ class Session:
         self.client_ip: str = peer[0] if isinstance(peer, tuple) else ""
         self.conn = ServerConnection(server_options(context, self.client_ip))
         self.helo = ""
+        self.helo_unverified = False  # server.reverse_dns: the client's PTR does not name its HELO
         self.esmtp = False
         self.auth_user = ""
         self.sasl = SaslExchange()
@@ -273,6 +276,7 @@ class Session:
                 self.txn = Transaction()
                 self.helo = name
                 self.esmtp = isinstance(event, Ehlo)
+                self.helo_unverified = not await self._helo_matches_ptr(name)
                 if self.esmtp:
                     return replies.EHLO_REPLY(self.hostname, self.client_ip, self.conn.ehlo_keywords())
                 return replies.HELO_REPLY(self.hostname, self.client_ip)
@@ -426,6 +430,15 @@ class Session:
         count = self.context.etrn(node, arg.startswith("@"))
         return replies.ETRN_OK(arg) if count else replies.ETRN_NOTHING(arg)
 
+    async def _helo_matches_ptr(self, name: str) -> bool:
+        """KB303734 reverse lookup: does a PTR name of the client's address equal its HELO/EHLO name?
+        Only annotates the Received header ("unverified"); never refuses."""
+        resolver = self.context.resolver
+        if not self.config.server.reverse_dns or resolver is None or not self.client_ip:
+            return True
+        names = await resolver.reverse_names(self.client_ip)
+        return name.rstrip(".").lower() in names
+
     def _protocol_name(self) -> str:
         """RFC 3848 "with" keyword for the Received header."""
         if not self.esmtp:
@@ -451,6 +464,7 @@ class Session:
                 helo=self.helo,
                 client_ip=self.client_ip,
                 protocol=self._protocol_name(),
+                unverified=self.helo_unverified,
                 auth_user=self.auth_user,
             )
         )
