@@ -76,6 +76,7 @@ class Ingest:
             source=envelope_fields.source,
             client_ip=envelope_fields.client_ip,
             helo=envelope_fields.helo,
+            auth_user=envelope_fields.auth_user,
             body=envelope_fields.body,
             ret=envelope_fields.ret,
             envid=envelope_fields.envid,
@@ -96,6 +97,7 @@ class Ingest:
                 track=(
                     f"from=<{envelope.sender}>, size={envelope.size}, nrcpt={len(recipients)}, "
                     f"source={envelope.source.value}"
+                    + (f", sasl_username={envelope.auth_user}" if envelope.auth_user else "")
                 ),
             )
         )
@@ -122,6 +124,7 @@ class EnvelopeFields:
     source: Source
     client_ip: str = ""
     helo: str = ""
+    auth_user: str = ""
     body: str = ""
     ret: str = ""
     envid: str = ""

@@ -77,6 +77,7 @@ class Envelope:
     source: Source = Source.SMTP
     client_ip: str = ""
     helo: str = ""
+    auth_user: str = ""  # the SMTP AUTH identity of the submitting client, "" when none
     body: str = ""  # BODY= parameter as given ("7BIT", "8BITMIME") or ""
     size: int = 0  # bytes of the stored message file
     ret: str = ""  # RFC 3461 RET (FULL|HDRS) or ""
@@ -146,6 +147,7 @@ class Envelope:
             source=Source(data.get("source", "smtp")),
             client_ip=str(data.get("client_ip", "")),
             helo=str(data.get("helo", "")),
+            auth_user=str(data.get("auth_user", "")),
             body=str(data.get("body", "")),
             size=int(data.get("size", 0)),
             ret=str(data.get("ret", "")),

@@ -512,6 +512,7 @@ class Session:
             source=Source.SMTP,
             client_ip=self.client_ip,
             helo=self.helo,
+            auth_user=self.auth_user,
             body=body.upper(),
             ret=(txn.params.get("RET") or "").upper(),
             envid=_xtext(txn.params.get("ENVID")),
