@@ -7,6 +7,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 
+import aiosmtplib
 import pytest
 
 from smtpsvc.app import Service
@@ -232,3 +233,40 @@ async def test_an_ndr_that_cannot_be_queued_is_retried_and_the_message_kept(
     assert any(e.get("cause") == "report-deferred" for e in events_of(service, 3004))
     assert sink.handler.rcpt_attempts.count("reject-me@remote.test") == 1  # the failure is not re-delivered
     await wait_until(lambda: queue_is_empty(service), what="the queue to empty")
+
+
+async def test_delay_notification_is_sent_once_while_the_message_stays_queued(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(
+        delivery={"smart_host": f"[127.0.0.1]:{sink.port}", "retry": ["10s"], "delay_notification": "1s"}
+    )
+    await send(service, "alice@local.test", ["defer-me@remote.test"])
+    [report] = await wait_until(lambda: drop_files(service), what="the delay DSN")
+    data = report.read_bytes()
+    assert b"Action: delayed" in data and b"Will-Retry-Until:" in data
+    assert b"Delivery Status Notification (Delay)" in data
+    assert events_of(service, 3003)
+    [envelope] = [e for e in service.queue.list() if e.sender == "alice@local.test"]
+    assert envelope.delay_notified and envelope.recipients[0].pending
+
+
+async def test_notify_never_suppresses_the_delay_notification(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(
+        delivery={"smart_host": f"[127.0.0.1]:{sink.port}", "retry": ["10s"], "delay_notification": "1s"}
+    )
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
+    await client.connect()
+    await client.sendmail(
+        "alice@local.test", ["defer-me@remote.test"], MESSAGE, rcpt_options=["NOTIFY=NEVER"]
+    )
+    await client.quit()
+    await wait_until(
+        lambda: any(e.delay_notified for e in service.queue.list()),
+        timeout=20,
+        what="the delay point to pass",
+    )
+    assert drop_files(service) == []
+    assert not events_of(service, 3003)

@@ -37,7 +37,6 @@ NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
         "delivery.send_ndr_copy_to",
         "delivery.smart_host_type",
         "delivery.suppress_xexch50_external",
-        "delivery.delay_notification",
         "admin.*",
         "queue.dsn",
         "queue.lease",

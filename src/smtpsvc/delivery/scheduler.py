@@ -188,6 +188,8 @@ class Scheduler:
         unreported = [r for r in envelope.recipients if r.state is RecipientState.FAILED and not r.notified]
         if unreported:
             await self._report(envelope, unreported, now)
+        if self._delay_due(envelope, now):
+            await self._send_delay_report(envelope)
         if envelope.outstanding:
             await self.queue.save(envelope)
         else:
@@ -237,6 +239,9 @@ class Scheduler:
             rcpt.next_attempt = next_attempt_time(
                 now, rcpt.attempts, envelope.received_at, cfg.expiration, cfg.retry, self.rng
             )
+            delay_at = envelope.received_at + cfg.delay_notification
+            if not envelope.delay_notified and envelope.sender and now < delay_at < rcpt.next_attempt:
+                rcpt.next_attempt = delay_at  # be awake when the delay notification falls due
 
     # -- delivery per route --------------------------------------------------------------------------
     async def _deliver_group(
@@ -396,10 +401,48 @@ class Scheduler:
             )
         )
 
-    def _build_report(self, envelope: Envelope, failed: Sequence[Recipient]) -> bytes:
+    def _delay_due(self, envelope: Envelope, now: float) -> bool:
+        delay = self.config.delivery.delay_notification
+        return (
+            not envelope.delay_notified
+            and bool(envelope.sender)
+            and bool(envelope.pending)
+            and now - envelope.received_at >= delay
+        )
+
+    async def _send_delay_report(self, envelope: Envelope) -> None:
+        """One delay DSN per message (SmtpRemoteDelayExpireMinutes), for recipients whose NOTIFY allows it."""
+        delayed = [r for r in envelope.pending if dsn.should_report(envelope, r, "delay")]
+        if delayed:
+            message = await asyncio.to_thread(self._build_report, envelope, delayed, "delay")
+            try:
+                report = await self.ingest.submit_bytes(
+                    message,
+                    EnvelopeFields(
+                        sender="",
+                        recipients=[Recipient(address=envelope.sender)],
+                        source=Source.DSN,
+                        dsn_kind="delay",
+                        original_id=envelope.id,
+                    ),
+                )
+            except QueueError:
+                return  # not marked: the next attempt tries again
+            self.events.emit(
+                events.Event(
+                    events.DELAY_DSN_SENT,
+                    f"Delay notification {report.id} sent to {envelope.sender} for "
+                    + ", ".join(r.address for r in delayed),
+                    queue_id=envelope.id,
+                    status=delayed[0].status,
+                )
+            )
+        envelope.delay_notified = True
+
+    def _build_report(self, envelope: Envelope, failed: Sequence[Recipient], kind: str = "failure") -> bytes:
         path = self.queue.message_path(envelope.id)
         body: bytes | None = None
-        if envelope.ret == "FULL":
+        if envelope.ret == "FULL" and kind == "failure":
             whole = path.read_bytes()
             end = dsn.header_block_end(whole)
             headers, body = (whole[:end], whole[end:]) if end is not None else (whole, b"")
@@ -415,16 +458,19 @@ class Scheduler:
             recipients=[
                 dsn.ReportedRecipient(
                     address=r.address,
-                    action="failed",
-                    status=r.status or "5.0.0",
+                    action="failed" if kind == "failure" else "delayed",
+                    status=r.status or ("5.0.0" if kind == "failure" else "4.0.0"),
                     diagnostic=r.last_reply,
                     remote_mta=_host_name(r.remote_mta),
                     orcpt=r.orcpt,
                     last_attempt=r.history[-1].time if r.history else None,
+                    will_retry_until=(
+                        envelope.received_at + self.config.delivery.expiration if kind == "delay" else None
+                    ),
                 )
                 for r in failed
             ],
-            kind="failure",
+            kind=kind,
             now=time.time(),
             message_id_domain=hostname,
             postmaster=f"postmaster@{hostname}",
