@@ -77,11 +77,14 @@ async def start_service(tmp_path: Path) -> AsyncIterator[StartService]:
     """Start the service in this event loop with a test config (overrides per section)."""
     started: list[Service] = []
 
-    async def start(**overrides: dict[str, Any]) -> Service:
+    async def start(_extra: str = "", **overrides: dict[str, Any]) -> Service:
+        """`_extra` is raw TOML appended to the config (arrays of tables such as [[connector]])."""
         config_file = write_config(
             tmp_path / f"smtpsvc{len(started)}.toml",
             base_sections(tmp_path / f"mailroot{len(started) or ''}", **overrides),
         )
+        if _extra:
+            config_file.write_text(config_file.read_text() + "\n" + _extra)
         config: Config = load_config(str(config_file), env={})
         service = Service(config, str(config_file), log_stream=None, pickup_interval=0.05)
         await service.start()

@@ -30,19 +30,15 @@ from smtpsvc.units import format_duration, format_size, parse_duration, parse_si
 # `config check` warns when the file or environment sets one. Trim this set as features land.
 NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
     {
-        "connector",
-        "delivery.tls",
         "delivery.max_connections_per_domain",
         "delivery.max_messages_per_connection",
         "delivery.send_ndr_copy_to",
-        "delivery.smart_host_type",
         "delivery.suppress_xexch50_external",
         "admin.*",
         "queue.dsn",
         "queue.lease",
         "queue.node_id",
         "categorizer.reset_message_status",
-        "domains.remote.route",
     }
 )
 

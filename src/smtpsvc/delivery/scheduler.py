@@ -26,7 +26,8 @@ from smtpsvc.ingest import EnvelopeFields, Ingest
 from smtpsvc.model import Attempt, DeliveryResult, Envelope, Recipient, RecipientState, Route, Source
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
-from smtpsvc.routing.categorizer import route_for
+from smtpsvc.routing.categorizer import choices_for
+from smtpsvc.routing.connectors import RouteChoice
 from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
 
 HISTORY_KEPT = 20  # attempts remembered per recipient
@@ -60,7 +61,10 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self.transcripts: dict[str, list[str]] = {}  # last SMTP transcript per queue id (in memory for now)
+        self.transcripts: dict[str, list[str]] = {}
+        self._connector_down: dict[
+            str, float
+        ] = {}  # connector name -> unavailable until  # last SMTP transcript per queue id (in memory for now)
 
     def wake(self) -> None:
         self._wake.set()
@@ -148,15 +152,21 @@ class Scheduler:
     # -- one message ---------------------------------------------------------------------------------
     async def process(self, envelope: Envelope) -> None:
         started = time.time()
-        groups: dict[Route, list[Recipient]] = {}
+        groups: dict[RouteChoice, list[Recipient]] = {}
+        fallbacks: dict[RouteChoice, list[RouteChoice]] = {}
+        unavailable = self._unavailable_connectors(started)
         for rcpt in envelope.pending:
             if rcpt.next_attempt > started:
                 continue  # this recipient's retry time has not come (another one made the message due)
-            route = route_for(rcpt.address, self.config)
-            rcpt.route = route.link
-            groups.setdefault(route, []).append(rcpt)
+            first, *rest = choices_for(rcpt.address, self.config, unavailable)
+            rcpt.route = first.route.link
+            groups.setdefault(first, []).append(rcpt)
+            fallbacks[first] = rest
         outcomes = await asyncio.gather(
-            *(self._deliver_group(envelope, route, rcpts) for route, rcpts in groups.items())
+            *(
+                self._deliver_group(envelope, choice, rcpts, fallbacks[choice])
+                for choice, rcpts in groups.items()
+            )
         )
         now = time.time()
         by_address = {r.address: r for r in envelope.pending}
@@ -245,11 +255,18 @@ class Scheduler:
 
     # -- delivery per route --------------------------------------------------------------------------
     async def _deliver_group(
-        self, envelope: Envelope, route: Route, rcpts: list[Recipient]
+        self, envelope: Envelope, choice: RouteChoice, rcpts: list[Recipient], fallbacks: list[RouteChoice]
     ) -> list[DeliveryResult]:
-        if route.kind == "drop":
+        if choice.route.kind == "drop":
             return await self._deliver_drop(envelope, rcpts)
-        return await self._deliver_smtp(envelope, route, rcpts)
+        return await self._deliver_smtp(envelope, choice, rcpts, fallbacks)
+
+    def _unavailable_connectors(self, now: float) -> frozenset[str]:
+        """Connectors whose every smart host failed lately: the next cost takes over until they heal."""
+        for name, until in list(self._connector_down.items()):
+            if until <= now:
+                del self._connector_down[name]
+        return frozenset(self._connector_down)
 
     async def _deliver_drop(self, envelope: Envelope, rcpts: list[Recipient]) -> list[DeliveryResult]:
         addresses = [r.address for r in rcpts]
@@ -276,12 +293,16 @@ class Scheduler:
         ]
 
     async def _deliver_smtp(
-        self, envelope: Envelope, route: Route, rcpts: list[Recipient]
+        self, envelope: Envelope, choice: RouteChoice, rcpts: list[Recipient], fallbacks: list[RouteChoice]
     ) -> list[DeliveryResult]:
+        route = choice.route
         domain = route.mx_domain or rcpts[0].domain
         try:
             hops = await self._next_hops(route)
         except DnsError as exc:
+            if fallbacks and exc.cause in DNS_NOT_FOUND:
+                # smart_host_type = "after_direct": DNS cannot find the domain, so the smart host takes it.
+                return await self._deliver_smtp(envelope, fallbacks[0], rcpts, fallbacks[1:])
             # A smart host that DNS cannot find is our configuration mistake, not the recipient's:
             # retry (and let the operator fix it) rather than bounce everything at once.
             permanent = exc.permanent and not route.hosts
@@ -301,6 +322,24 @@ class Scheduler:
                 DeliveryResult(r.address, ok=False, permanent=permanent, reply=reply, status=status)
                 for r in rcpts
             ]
+        try:
+            policy = _hop_policy(choice)
+        except OSError as exc:
+            reply = f"451 4.7.0 Cannot read auth.password_file of connector {choice.connector!r}: {exc}"
+            self.events.emit(
+                events.Event(
+                    events.REMOTE_DOMAIN_FAILED,
+                    events.remote_domain_failed_text(domain, reply),
+                    queue_id=envelope.id,
+                    domain=domain,
+                    status="4.7.0",
+                    cause="auth-config",
+                )
+            )
+            return [
+                DeliveryResult(r.address, ok=False, permanent=False, reply=reply, status="4.7.0")
+                for r in rcpts
+            ]
         cfg = self.config.delivery
         outcome = await smtp.deliver(
             hops,
@@ -310,8 +349,12 @@ class Scheduler:
             hostname=self.config.server.hostname,
             timeout=cfg.timeout,
             connect_timeout=min(cfg.timeout, 30.0),
+            policy=policy,
         )
         self.transcripts[envelope.id] = outcome.transcript
+        if choice.connector and hops and len(outcome.host_failures) >= len(hops):
+            # every smart host of this connector failed: mark it unavailable for one retry interval
+            self._connector_down[choice.connector] = time.time() + cfg.retry[0]
         for failure in outcome.host_failures:
             self.events.emit(
                 events.Event(
@@ -515,3 +558,15 @@ def _cause(reason: str) -> str:
     if reason == smtp.CANNOT_CONNECT:
         return "connection-failed"
     return "transient-reply"
+
+
+DNS_NOT_FOUND = frozenset({"dns-nxdomain", "dns-no-address"})
+
+
+def _hop_policy(choice: RouteChoice) -> smtp.HopPolicy:
+    password = ""
+    if choice.auth_user and choice.auth_password_file:
+        password = Path(choice.auth_password_file).read_text(encoding="utf-8").strip()
+    return smtp.HopPolicy(
+        tls=choice.tls, auth_user=choice.auth_user, auth_password=password, use_helo=choice.use_helo
+    )

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ from smtpsvc.protocol import (
     mail_arg,
     rcpt_arg,
 )
+from smtpsvc.protocol.sasl import encode_login, encode_plain
 from smtpsvc.routing.mx import NextHop
 
 READ_SIZE = 64 * 1024
@@ -35,6 +38,16 @@ BODY_CHUNK = 256 * 1024
 
 DROPPED = "The connection was dropped by the remote host."
 CANNOT_CONNECT = "The remote server did not respond to a connection attempt."
+
+
+@dataclass(frozen=True, slots=True)
+class HopPolicy:
+    """How to talk to the next hop: TLS policy, credentials (smart host AUTH), HELO instead of EHLO."""
+
+    tls: str = "opportunistic"  # "none" | "opportunistic" | "required"
+    auth_user: str = ""
+    auth_password: str = field(default="", repr=False)
+    use_helo: bool = False
 
 
 @dataclass(slots=True)
@@ -58,6 +71,21 @@ class _Dropped(Exception):
     pass
 
 
+class _TlsFailed(Exception):
+    pass
+
+
+def client_tls_context(policy: str) -> ssl.SSLContext:
+    """`required`: the peer's certificate must verify against the system's CAs and name the host.
+    `opportunistic`: encrypt whatever the certificate (RFC 7435): better than plaintext, no false failure."""
+    context = ssl.create_default_context()
+    if policy != "required":
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
 class _Peer:
     """A connected next hop: reads replies with a deadline, records the conversation."""
 
@@ -72,15 +100,35 @@ class _Peer:
         self.writer = writer
         self.timeout = timeout
         self.conn = ClientConnection()
+        self.tls = False
         self.transcript = transcript
         self._t0 = time.monotonic()
 
     def log(self, direction: str, text: str) -> None:
         self.transcript.append(f"{time.monotonic() - self._t0:8.3f} {direction} {text}")
 
-    def command(self, verb: str, arg: str = "") -> None:
+    def command(self, verb: str, arg: str = "", *, secret: bool = False) -> None:
         self.writer.write(self.conn.send_command(verb, arg))
-        self.log(">", f"{verb} {arg}".rstrip())
+        self.log(">", f"{verb} <redacted>" if secret else f"{verb} {arg}".rstrip())
+
+    async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
+        await self.writer.drain()
+        buffered = getattr(self.reader, "_buffer", None)  # plaintext before the handshake is void
+        if isinstance(buffered, bytearray):
+            buffered.clear()
+        try:
+            await self.writer.start_tls(
+                context, server_hostname=server_hostname, ssl_handshake_timeout=self.timeout
+            )
+        except (ssl.SSLError, ssl.CertificateError, ConnectionError, OSError, TimeoutError) as exc:
+            self.log("!", f"TLS handshake failed: {exc}")
+            raise _TlsFailed(str(exc)) from exc
+        self.conn.tls_established()
+        self.tls = True
+        cipher = self.writer.get_extra_info("cipher")
+        self.log(
+            "=", f"TLS established: {cipher[1] if cipher else ''} {cipher[0] if cipher else ''}".rstrip()
+        )
 
     async def reply(self) -> Reply:
         while True:
@@ -123,12 +171,21 @@ async def deliver(
     hostname: str,
     timeout: float,
     connect_timeout: float = 30.0,
+    policy: HopPolicy = HopPolicy(),
 ) -> SmtpOutcome:
     """Try each next hop in turn until one gives per-recipient answers; else every recipient is transient."""
     outcome = SmtpOutcome()
     for hop in hops:
         result = await _attempt(
-            hop, envelope, recipients, message_path, hostname, timeout, connect_timeout, outcome.transcript
+            hop,
+            envelope,
+            recipients,
+            message_path,
+            hostname,
+            timeout,
+            connect_timeout,
+            outcome.transcript,
+            policy,
         )
         if isinstance(result, HopFailure):
             outcome.host_failures.append(result)
@@ -165,6 +222,7 @@ async def _attempt(
     timeout: float,
     connect_timeout: float,
     transcript: list[str],
+    policy: HopPolicy,
 ) -> list[DeliveryResult] | HopFailure:
     label = (
         f"{hop.host}[{hop.address}]:{hop.port}" if hop.host != hop.address else f"[{hop.address}]:{hop.port}"
@@ -179,34 +237,49 @@ async def _attempt(
         return HopFailure(label, CANNOT_CONNECT)
     peer = _Peer(reader, writer, timeout, transcript)
     try:
-        return await _transaction(peer, label, envelope, recipients, message_path, hostname)
+        return await _transaction(peer, hop, label, envelope, recipients, message_path, hostname, policy)
     except _Dropped:
         return HopFailure(label, DROPPED)
+    except _TlsFailed as exc:
+        return HopFailure(label, f"The TLS handshake with the remote server failed: {exc}")
     finally:
         await peer.close()
 
 
 async def _transaction(
     peer: _Peer,
+    hop: NextHop,
     label: str,
     envelope: Envelope,
     recipients: Sequence[Recipient],
     message_path: Path,
     hostname: str,
+    policy: HopPolicy,
 ) -> list[DeliveryResult] | HopFailure:
     greeting = await peer.reply()
     if not greeting.is_positive:
         return HopFailure(label, f"The remote server refused the connection: {greeting}", str(greeting))
-    peer.command("EHLO", hostname)
-    hello = await peer.reply()
-    caps = Capabilities.from_ehlo(hello) if hello.is_positive else None
-    if not hello.is_positive:
-        if hello.is_transient:
-            return HopFailure(label, f"The remote server answered EHLO with {hello}", str(hello))
-        peer.command("HELO", hostname)  # EHLO refused: an old or minimal server (KB818222 method 2)
-        hello = await peer.reply()
-        if not hello.is_positive:
-            return HopFailure(label, f"The remote server refused HELO: {hello}", str(hello))
+    caps = await _hello(peer, label, hostname, policy.use_helo)
+    if isinstance(caps, HopFailure):
+        return caps
+    if policy.tls != "none" and caps is not None and caps.has("STARTTLS"):
+        peer.command("STARTTLS")
+        answer = await peer.reply()
+        if answer.code == 220:
+            await peer.start_tls(client_tls_context(policy.tls), hop.host)
+            caps = await _hello(peer, label, hostname, use_helo=False)
+            if isinstance(caps, HopFailure):
+                return caps
+        elif policy.tls == "required":
+            return HopFailure(label, f"TLS is required but the remote server refused STARTTLS: {answer}")
+    elif policy.tls == "required":
+        return HopFailure(
+            label, 'TLS is required (tls = "required") but the remote server does not offer STARTTLS'
+        )
+    if policy.auth_user:
+        failure = await _authenticate(peer, hop, label, caps, policy)
+        if failure is not None:
+            return failure
 
     size = message_path.stat().st_size
     params: dict[str, str | None] = {}
@@ -269,6 +342,60 @@ async def _send_data(peer: _Peer, message_path: Path) -> Reply:
     peer.writer.write(peer.conn.end_data(stuffer))
     peer.log(">", "<message body> .")
     return await peer.reply()
+
+
+async def _hello(peer: _Peer, label: str, hostname: str, use_helo: bool) -> Capabilities | HopFailure | None:
+    """EHLO (or HELO when configured or when EHLO is refused); the capabilities, None after HELO."""
+    if not use_helo:
+        peer.command("EHLO", hostname)
+        hello = await peer.reply()
+        if hello.is_positive:
+            return Capabilities.from_ehlo(hello)
+        if hello.is_transient:
+            return HopFailure(label, f"The remote server answered EHLO with {hello}", str(hello))
+    peer.command("HELO", hostname)  # an old or minimal server (KB818222 method 2), or use_helo
+    hello = await peer.reply()
+    if not hello.is_positive:
+        return HopFailure(label, f"The remote server refused HELO: {hello}", str(hello))
+    return None
+
+
+async def _authenticate(
+    peer: _Peer, hop: NextHop, label: str, caps: Capabilities | None, policy: HopPolicy
+) -> HopFailure | None:
+    """AUTH to a smart host: PLAIN, else LOGIN; never a password in plaintext except to loopback."""
+    if not peer.tls and not _is_loopback(hop.address):
+        return HopFailure(
+            label, "Credentials are configured but the connection is not encrypted; not sending them"
+        )
+    mechanisms = caps.auth_mechanisms if caps is not None else ()
+    if "PLAIN" in mechanisms:
+        peer.command("AUTH", "PLAIN " + encode_plain(policy.auth_user, policy.auth_password), secret=True)
+        answer = await peer.reply()
+    elif "LOGIN" in mechanisms:
+        peer.command("AUTH", "LOGIN")
+        answer = await peer.reply()
+        if answer.code == 334:
+            peer.command(encode_login(policy.auth_user), secret=True)
+            answer = await peer.reply()
+        if answer.code == 334:
+            peer.command(encode_login(policy.auth_password), secret=True)
+            answer = await peer.reply()
+    else:
+        return HopFailure(
+            label, "Credentials are configured but the remote server offers no AUTH PLAIN or LOGIN"
+        )
+    if answer.code != 235:
+        # Our credentials are wrong or refused: transient, so the operator can fix them before mail expires.
+        return HopFailure(label, f"The remote server refused our credentials: {answer}", str(answer))
+    return None
+
+
+def _is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
 
 
 def _status(reply: str, default: str) -> str:

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from smtpsvc.config import Config
 from smtpsvc.model import Route, domain_of
 from smtpsvc.protocol import local_part_is_relay_trick, split_address
+from smtpsvc.routing.connectors import RouteChoice, route_choices
 
 DROP_LINK = "drop"
-SMART_HOST_LINK = "smarthost"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,18 +81,32 @@ def relay_decision(
     return RelayDecision(False, "default-deny")
 
 
-def route_for(recipient: str, config: Config) -> Route:
-    """The next hop for one recipient: Drop for local domains, else the smart host, else MX."""
+DROP_CHOICE = RouteChoice(
+    route=Route(kind="drop", link=DROP_LINK),
+    connector="",
+    cost=0,
+    use_helo=False,
+    tls="none",
+    auth_user="",
+    auth_password_file="",
+    xexch50=False,
+)
+
+
+def choices_for(
+    recipient: str, config: Config, unavailable: frozenset[str] = frozenset()
+) -> list[RouteChoice]:
+    """Where one recipient may go, best first: Drop for local domains; else connectors by address space and
+    cost, the smart host, or MX (see routing.connectors). Connectors in `unavailable` are passed over."""
     domain = domain_of(recipient)
     if domain and not domain.startswith("[") and is_local_domain(domain, config):
-        return Route(kind="drop", link=DROP_LINK)
-    delivery = config.delivery
-    if delivery.smart_host:
-        hosts = tuple(
-            (h.host, h.port if h.port is not None else delivery.remote_port) for h in delivery.smart_host
-        )
-        return Route(kind="smtp", link=SMART_HOST_LINK, hosts=hosts, port=delivery.remote_port)
-    return Route(kind="smtp", link=domain, mx_domain=domain, port=delivery.remote_port)
+        return [DROP_CHOICE]
+    return route_choices(domain, config, unavailable)
+
+
+def route_for(recipient: str, config: Config) -> Route:
+    """The next hop for one recipient (the first of `choices_for`)."""
+    return choices_for(recipient, config)[0].route
 
 
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

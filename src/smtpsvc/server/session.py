@@ -383,15 +383,15 @@ class Session:
         context = self.context.certificate.context
         assert context is not None
         await self.writer.drain()
+        # Plaintext the client sent after STARTTLS may already sit in the stream's buffer; it must never be
+        # read as if it had come through TLS (CVE-2011-0411 class). Discard it now, right before the switch
+        # (nothing can arrive in between: start_tls pauses the socket before it next yields); whatever
+        # the client sends after the handshake is TLS. The protocol core drops what it had buffered.
+        _discard_buffered(self.reader)
         try:
             await self.writer.start_tls(context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
         except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
             raise SessionClosed from exc
-        # Plaintext the client sent after STARTTLS may already sit in the stream's buffer; it must never be
-        # read as if it had come through TLS (CVE-2011-0411 class). The core drops what it had buffered.
-        buffered = getattr(self.reader, "_buffer", None)  # asyncio has no public way to discard it
-        if isinstance(buffered, bytearray):
-            buffered.clear()
         self.conn.tls_established()
         self.helo, self.esmtp, self.auth_user = "", False, ""
         self.txn.abort()
@@ -544,3 +544,9 @@ def _xtext(value: str | None) -> str:
         return xtext_decode(value)
     except ValueError:
         return value
+
+
+def _discard_buffered(reader: asyncio.StreamReader) -> None:
+    buffered = getattr(reader, "_buffer", None)  # asyncio offers no public way to discard it
+    if isinstance(buffered, bytearray):
+        buffered.clear()
