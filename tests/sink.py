@@ -52,16 +52,18 @@ class Sink:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
         self._server: asyncio.AbstractServer | None = None
+        self._sessions: list[SMTP] = []
 
     def start(self) -> Sink:
         self._thread.start()
 
+        def protocol() -> SMTP:
+            session = SMTP(self.handler, hostname="sink.test", decode_data=False, data_size_limit=0)
+            self._sessions.append(session)
+            return session
+
         async def serve() -> asyncio.AbstractServer:
-            return await self._loop.create_server(
-                lambda: SMTP(self.handler, hostname="sink.test", decode_data=False, data_size_limit=0),
-                "127.0.0.1",
-                0,
-            )
+            return await self._loop.create_server(protocol, "127.0.0.1", 0)
 
         self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
         self.port = self._server.sockets[0].getsockname()[1]
@@ -71,10 +73,18 @@ class Sink:
         async def close() -> None:
             assert self._server is not None
             self._server.close()
+            for session in self._sessions:  # like a server going away: open connections are closed
+                if session.transport is not None:
+                    session.transport.close()
 
         asyncio.run_coroutine_threadsafe(close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+
+    @property
+    def connections(self) -> int:
+        """How many SMTP connections the sink has accepted."""
+        return len(self._sessions)
 
     @property
     def messages(self) -> list[Received]:

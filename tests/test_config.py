@@ -717,13 +717,13 @@ def test_keys_not_yet_in_effect_are_warned_about_when_set(tmp_path: Path) -> Non
         reverse_dns = true
         max_recipients = 5
         [delivery]
-        max_connections_per_domain = 5
+        send_ndr_copy_to = "ops@example.test"
         [auth]
         require_tls = false
         """,
     )
     assert cfg.warnings == [
-        "delivery.max_connections_per_domain: accepted but not yet in effect",
+        "delivery.send_ndr_copy_to: accepted but not yet in effect",
     ]
 
 

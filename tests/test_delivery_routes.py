@@ -8,6 +8,7 @@ import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiosmtplib
 import pytest
 import trustme
 
@@ -17,7 +18,7 @@ from smtpsvc.delivery.smtp import client_tls_context
 from tests.conftest import StartService, smtp_port, wait_until
 from tests.dnsserver import DnsServer
 from tests.sink import Sink
-from tests.test_relay import drop_files, queue_is_empty, send
+from tests.test_relay import MESSAGE, drop_files, queue_is_empty, send
 
 
 class Tls:
@@ -172,3 +173,23 @@ def _events(service: Service, event_id: int) -> list[dict[str, object]]:
 def test_client_tls_context_policies() -> None:
     assert client_tls_context("required").verify_mode == ssl.CERT_REQUIRED
     assert client_tls_context("opportunistic").verify_mode == ssl.CERT_NONE
+
+
+async def test_25_messages_to_one_host_use_two_connections_of_20_and_5(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(
+        delivery={
+            "smart_host": f"[127.0.0.1]:{sink.port}",
+            "max_messages_per_connection": 20,
+            "max_connections_per_domain": 1,
+        }
+    )
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
+    await client.connect()
+    for n in range(25):
+        await client.sendmail("alice@local.test", [f"r{n}@remote.test"], MESSAGE)
+    await client.quit()
+    await wait_until(lambda: len(sink.messages) == 25, timeout=60, what="25 deliveries")
+    assert service.scheduler.pool.opened == 2
+    assert sink.connections == 2

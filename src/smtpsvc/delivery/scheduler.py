@@ -61,10 +61,10 @@ class Scheduler:
         self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
-        self.transcripts: dict[str, list[str]] = {}
-        self._connector_down: dict[
-            str, float
-        ] = {}  # connector name -> unavailable until  # last SMTP transcript per queue id (in memory for now)
+        self.transcripts: dict[str, list[str]] = {}  # last SMTP transcript per queue id (in memory for now)
+        self._connector_down: dict[str, float] = {}  # connector name -> unavailable until
+        self.pool = smtp.ConnectionPool(config.delivery.max_messages_per_connection)
+        self._link_slots: dict[str, asyncio.Semaphore] = {}  # max_connections_per_domain, per link
 
     def wake(self) -> None:
         self._wake.set()
@@ -125,6 +125,7 @@ class Scheduler:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
+        await self.pool.close()
 
     async def _process_guarded(self, envelope: Envelope) -> None:
         try:
@@ -341,16 +342,11 @@ class Scheduler:
                 for r in rcpts
             ]
         cfg = self.config.delivery
-        outcome = await smtp.deliver(
-            hops,
-            envelope,
-            rcpts,
-            self.queue.message_path(envelope.id),
-            hostname=self.config.server.hostname,
-            timeout=cfg.timeout,
-            connect_timeout=min(cfg.timeout, 30.0),
-            policy=policy,
+        slots = self._link_slots.setdefault(
+            route.link, asyncio.Semaphore(max(1, cfg.max_connections_per_domain))
         )
+        async with slots:
+            outcome = await self._smtp_deliver(hops, envelope, rcpts, policy)
         self.transcripts[envelope.id] = outcome.transcript
         if choice.connector and hops and len(outcome.host_failures) >= len(hops):
             # every smart host of this connector failed: mark it unavailable for one retry interval
@@ -379,6 +375,22 @@ class Scheduler:
                 )
             )
         return outcome.results
+
+    async def _smtp_deliver(
+        self, hops: list[NextHop], envelope: Envelope, rcpts: list[Recipient], policy: smtp.HopPolicy
+    ) -> smtp.SmtpOutcome:
+        cfg = self.config.delivery
+        return await smtp.deliver(
+            hops,
+            envelope,
+            rcpts,
+            self.queue.message_path(envelope.id),
+            hostname=self.config.server.hostname,
+            timeout=cfg.timeout,
+            connect_timeout=min(cfg.timeout, 30.0),
+            policy=policy,
+            pool=self.pool,
+        )
 
     async def _next_hops(self, route: Route) -> list[NextHop]:
         if route.hosts:

@@ -29,6 +29,7 @@ from smtpsvc.protocol import (
     ServerReply,
     mail_arg,
     rcpt_arg,
+    xtext_encode,
 )
 from smtpsvc.protocol.sasl import encode_login, encode_plain
 from smtpsvc.routing.mx import NextHop
@@ -101,6 +102,9 @@ class _Peer:
         self.timeout = timeout
         self.conn = ClientConnection()
         self.tls = False
+        self.caps: Capabilities | None = None
+        self.messages = 0  # messages sent on this connection
+        self.reusable = False
         self.transcript = transcript
         self._t0 = time.monotonic()
 
@@ -156,10 +160,62 @@ class _Peer:
                 raise _Dropped from exc
             self.conn.receive_data(data)
 
+    async def quit(self) -> None:
+        """Polite end: QUIT, a short wait for its reply, close."""
+        with contextlib.suppress(Exception):
+            if not self.writer.is_closing():
+                self.command("QUIT")
+                await asyncio.wait_for(self.reply(), 5)
+        await self.close()
+
     async def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 2)
+
+
+class ConnectionPool:
+    """Idle, ready connections kept briefly per next hop, so the next message to the same host reuses the
+    session (up to `max_messages` per connection, MaxBatchedMessages) instead of a new TCP+TLS+AUTH setup.
+    An idle connection is closed (QUIT) after `idle` seconds."""
+
+    def __init__(self, max_messages: int, idle: float = 5.0) -> None:
+        self.max_messages = max(1, max_messages)
+        self.idle = idle
+        self._idle: dict[PoolKey, list[tuple[_Peer, asyncio.TimerHandle]]] = {}
+        self.opened = 0  # connections made (statistics, tests)
+
+    def take(self, key: PoolKey) -> _Peer | None:
+        entries = self._idle.get(key)
+        while entries:
+            peer, timer = entries.pop()
+            timer.cancel()
+            if not peer.writer.is_closing():
+                return peer
+        return None
+
+    def give(self, key: PoolKey, peer: _Peer) -> None:
+        if peer.messages >= self.max_messages or peer.writer.is_closing():
+            asyncio.get_running_loop().create_task(peer.quit())
+            return
+        timer = asyncio.get_running_loop().call_later(self.idle, self._expire, key, peer)
+        self._idle.setdefault(key, []).append((peer, timer))
+
+    def _expire(self, key: PoolKey, peer: _Peer) -> None:
+        entries = self._idle.get(key, [])
+        self._idle[key] = [(p, t) for p, t in entries if p is not peer]
+        asyncio.get_running_loop().create_task(peer.quit())
+
+    async def close(self) -> None:
+        peers = [peer for entries in self._idle.values() for peer, _ in entries]
+        for entries in self._idle.values():
+            for _, timer in entries:
+                timer.cancel()
+        self._idle.clear()
+        await asyncio.gather(*(peer.quit() for peer in peers), return_exceptions=True)
+
+
+PoolKey = tuple[str, int, HopPolicy]
 
 
 async def deliver(
@@ -172,6 +228,7 @@ async def deliver(
     timeout: float,
     connect_timeout: float = 30.0,
     policy: HopPolicy = HopPolicy(),
+    pool: ConnectionPool | None = None,
 ) -> SmtpOutcome:
     """Try each next hop in turn until one gives per-recipient answers; else every recipient is transient."""
     outcome = SmtpOutcome()
@@ -186,6 +243,7 @@ async def deliver(
             connect_timeout,
             outcome.transcript,
             policy,
+            pool,
         )
         if isinstance(result, HopFailure):
             outcome.host_failures.append(result)
@@ -223,10 +281,23 @@ async def _attempt(
     connect_timeout: float,
     transcript: list[str],
     policy: HopPolicy,
+    pool: ConnectionPool | None,
 ) -> list[DeliveryResult] | HopFailure:
     label = (
         f"{hop.host}[{hop.address}]:{hop.port}" if hop.host != hop.address else f"[{hop.address}]:{hop.port}"
     )
+    key: PoolKey = (hop.address, hop.port, policy)
+    reused = pool.take(key) if pool is not None else None
+    if reused is not None:
+        transcript.append(f"--- {label} (connection reused, message {reused.messages + 1})")
+        reused.transcript = transcript
+        try:
+            results = await _send_message(reused, label, envelope, recipients, message_path)
+        except _Dropped:
+            await reused.close()  # the idle connection went stale: start afresh below
+        else:
+            await _finish(reused, pool, key)
+            return results
     transcript.append(f"--- {label}")
     try:
         reader, writer = await asyncio.wait_for(
@@ -235,27 +306,41 @@ async def _attempt(
     except (TimeoutError, OSError) as exc:
         transcript.append(f"   ! connect failed: {exc or type(exc).__name__}")
         return HopFailure(label, CANNOT_CONNECT)
+    if pool is not None:
+        pool.opened += 1
     peer = _Peer(reader, writer, timeout, transcript)
     try:
-        return await _transaction(peer, hop, label, envelope, recipients, message_path, hostname, policy)
+        failure = await _setup(peer, hop, label, hostname, policy)
+        if failure is not None:
+            await peer.quit()
+            return failure
+        results = await _send_message(peer, label, envelope, recipients, message_path)
     except _Dropped:
+        await peer.close()
         return HopFailure(label, DROPPED)
     except _TlsFailed as exc:
-        return HopFailure(label, f"The TLS handshake with the remote server failed: {exc}")
-    finally:
         await peer.close()
+        return HopFailure(label, f"The TLS handshake with the remote server failed: {exc}")
+    except BaseException:
+        await peer.close()
+        raise
+    await _finish(peer, pool, key)
+    return results
 
 
-async def _transaction(
-    peer: _Peer,
-    hop: NextHop,
-    label: str,
-    envelope: Envelope,
-    recipients: Sequence[Recipient],
-    message_path: Path,
-    hostname: str,
-    policy: HopPolicy,
-) -> list[DeliveryResult] | HopFailure:
+async def _finish(peer: _Peer, pool: ConnectionPool | None, key: PoolKey) -> None:
+    """After a message: back to the pool when the session is clean, else QUIT."""
+    peer.messages += 1
+    if pool is not None and peer.reusable:
+        pool.give(key, peer)
+    else:
+        await peer.quit()
+
+
+async def _setup(
+    peer: _Peer, hop: NextHop, label: str, hostname: str, policy: HopPolicy
+) -> HopFailure | None:
+    """Greeting, EHLO/HELO, STARTTLS per policy, AUTH when configured; leaves peer.caps set."""
     greeting = await peer.reply()
     if not greeting.is_positive:
         return HopFailure(label, f"The remote server refused the connection: {greeting}", str(greeting))
@@ -276,38 +361,62 @@ async def _transaction(
         return HopFailure(
             label, 'TLS is required (tls = "required") but the remote server does not offer STARTTLS'
         )
+    peer.caps = caps
     if policy.auth_user:
-        failure = await _authenticate(peer, hop, label, caps, policy)
-        if failure is not None:
-            return failure
+        return await _authenticate(peer, hop, label, caps, policy)
+    return None
 
+
+async def _send_message(
+    peer: _Peer, label: str, envelope: Envelope, recipients: Sequence[Recipient], message_path: Path
+) -> list[DeliveryResult]:
+    """One mail transaction on a ready session; per-recipient results. Marks the session reusable when it
+    ends cleanly (a final reply to the data, or a successful RSET)."""
+    caps = peer.caps
+    peer.reusable = False
     size = message_path.stat().st_size
     params: dict[str, str | None] = {}
+    dsn = caps is not None and caps.has("DSN")
     if caps is not None:
         if caps.size_limit is not None and size > caps.size_limit:
-            peer.command("QUIT")
             text = f"552 5.3.4 Message size {size} exceeds the remote server's limit of {caps.size_limit}"
+            peer.reusable = True
             return [_result(r.address, text, label, permanent=True) for r in recipients]
         if caps.has("SIZE"):
             params["SIZE"] = str(size)
         if envelope.body == "8BITMIME" and caps.has("8BITMIME"):
             params["BODY"] = "8BITMIME"
+        if dsn:  # pass the DSN request on: the peer takes over responsibility for it (RFC 3461 §4)
+            if envelope.ret:
+                params["RET"] = envelope.ret
+            if envelope.envid:
+                params["ENVID"] = xtext_encode(envelope.envid)
+
+    def rcpt_params(rcpt: Recipient) -> dict[str, str | None]:
+        if not dsn:
+            return {}
+        out: dict[str, str | None] = {}
+        if rcpt.notify:
+            out["NOTIFY"] = ",".join(rcpt.notify)
+        if rcpt.orcpt:
+            out["ORCPT"] = xtext_encode(rcpt.orcpt)
+        return out
 
     pipelining = caps is not None and caps.has("PIPELINING")
     peer.command("MAIL", mail_arg(envelope.sender, params))
     if pipelining:
         for rcpt in recipients:
-            peer.command("RCPT", rcpt_arg(rcpt.address, {}))
+            peer.command("RCPT", rcpt_arg(rcpt.address, rcpt_params(rcpt)))
     mail = await peer.reply()
     rcpt_replies: list[Reply] = []
     if pipelining:
         rcpt_replies = [await peer.reply() for _ in recipients]
     if not mail.is_positive:
-        peer.command("QUIT")
+        await _reset(peer)
         return [_result(r.address, str(mail), label, permanent=mail.is_permanent) for r in recipients]
     if not pipelining:
         for rcpt in recipients:
-            peer.command("RCPT", rcpt_arg(rcpt.address, {}))
+            peer.command("RCPT", rcpt_arg(rcpt.address, rcpt_params(rcpt)))
             rcpt_replies.append(await peer.reply())
 
     results: dict[str, DeliveryResult] = {}
@@ -319,14 +428,21 @@ async def _transaction(
             results[rcpt.address] = _result(rcpt.address, str(reply), label, permanent=reply.is_permanent)
     if accepted:
         final = await _send_data(peer, message_path)
+        peer.reusable = final.code != 354 and final.code != 421
         for rcpt in accepted:
             results[rcpt.address] = _result(
                 rcpt.address, str(final), label, ok=final.is_positive, permanent=final.is_permanent
             )
-    peer.command("QUIT")
-    with contextlib.suppress(_Dropped):
-        await asyncio.wait_for(peer.reply(), 5)
+    else:
+        await _reset(peer)
     return [results[r.address] for r in recipients]
+
+
+async def _reset(peer: _Peer) -> None:
+    """End an unfinished transaction so the session can carry the next message."""
+    peer.command("RSET")
+    answer = await peer.reply()
+    peer.reusable = answer.is_positive
 
 
 async def _send_data(peer: _Peer, message_path: Path) -> Reply:
