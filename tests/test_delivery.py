@@ -4,6 +4,8 @@ and what happens to reports that cannot be delivered (Badmail)."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import json
 from collections.abc import AsyncIterator
 
@@ -35,6 +37,7 @@ class ScriptedServer:
     def __init__(self, ehlo: bytes | None) -> None:
         self.ehlo = ehlo
         self.commands: list[str] = []
+        self.lines: list[str] = []
         self.reads: list[bytes] = []
         self.messages: list[bytes] = []
         self.port = 0
@@ -54,6 +57,7 @@ class ScriptedServer:
                 line, buffer = buffer.split(b"\r\n", 1)
                 verb = line.decode().split(" ", 1)[0].upper()
                 self.commands.append(verb)
+                self.lines.append(line.decode())
                 if verb == "EHLO":
                     writer.write(self.ehlo or b"502 5.5.1 Command not implemented\r\n")
                 elif verb == "DATA":
@@ -270,3 +274,54 @@ async def test_notify_never_suppresses_the_delay_notification(
     )
     assert drop_files(service) == []
     assert not events_of(service, 3003)
+
+
+EIGHT_BIT = (
+    "From: a@local.test\r\nTo: x@remote.test\r\nSubject: caf\u00e9\r\nMIME-Version: 1.0\r\n"
+    "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+    "Gr\u00fc\u00dfe aus K\u00f6ln \u2014 na\u00efve r\u00e9sum\u00e9\r\n"
+).encode()
+
+
+async def test_a_peer_without_8bitmime_receives_a_7bit_body_that_decodes_to_the_original(
+    start_service: StartService, pipelining_peer: ScriptedServer
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{pipelining_peer.port}"})
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
+    await client.connect()
+    await client.sendmail("a@local.test", ["x@remote.test"], EIGHT_BIT, mail_options=["BODY=8BITMIME"])
+    await client.quit()
+    [wire] = await wait_until(lambda: pipelining_peer.messages, what="delivery")
+    body = wire[: -len(b".\r\n")]  # the message ends with its own CRLF, then the dot line
+    assert max(body) < 128  # nothing 8-bit on the wire
+    received = email.message_from_bytes(body.split(b"\r\n", 3)[3], policy=email.policy.default)
+    assert received["Subject"] == "caf\u00e9"
+    assert received.get_content() == "Gr\u00fc\u00dfe aus K\u00f6ln \u2014 na\u00efve r\u00e9sum\u00e9\r\n"
+    assert all(c != "MAIL FROM:<a@local.test> BODY=8BITMIME" for c in pipelining_peer.lines)
+
+
+async def test_a_peer_with_8bitmime_gets_the_message_untouched(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
+    await client.connect()
+    await client.sendmail("a@local.test", ["x@remote.test"], EIGHT_BIT, mail_options=["BODY=8BITMIME"])
+    await client.quit()
+    await wait_until(lambda: sink.messages, what="delivery")
+    assert sink.messages[0].content.endswith(EIGHT_BIT)
+
+
+async def test_an_smtputf8_message_to_a_peer_without_smtputf8_is_returned_with_5_6_7(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
+    await client.connect()
+    await client.sendmail(
+        "a@local.test", ["j\u00f6rg@remote.test"], EIGHT_BIT, mail_options=["SMTPUTF8", "BODY=8BITMIME"]
+    )
+    await client.quit()
+    [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
+    assert b"Status: 5.6.7" in ndr.read_bytes()
+    assert not sink.messages

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smtpsvc.delivery.downgrade import DowngradeError, downgrade_to_7bit, needs_downgrade
 from smtpsvc.model import DeliveryResult, Envelope, Recipient
 from smtpsvc.protocol import (
     NEED_DATA,
@@ -374,9 +375,15 @@ async def _send_message(
     ends cleanly (a final reply to the data, or a successful RSET)."""
     caps = peer.caps
     peer.reusable = False
-    size = message_path.stat().st_size
+    content = _content_for(peer, envelope, message_path)
+    if isinstance(content, str):  # the peer cannot take this message in any form
+        peer.reusable = True
+        return [_result(r.address, content, label, permanent=True) for r in recipients]
+    size = len(content) if isinstance(content, bytes) else message_path.stat().st_size
     params: dict[str, str | None] = {}
     dsn = caps is not None and caps.has("DSN")
+    if envelope.smtputf8 and caps is not None and caps.has("SMTPUTF8"):
+        params["SMTPUTF8"] = None
     if caps is not None:
         if caps.size_limit is not None and size > caps.size_limit:
             text = f"552 5.3.4 Message size {size} exceeds the remote server's limit of {caps.size_limit}"
@@ -384,7 +391,7 @@ async def _send_message(
             return [_result(r.address, text, label, permanent=True) for r in recipients]
         if caps.has("SIZE"):
             params["SIZE"] = str(size)
-        if envelope.body == "8BITMIME" and caps.has("8BITMIME"):
+        if envelope.body == "8BITMIME" and caps.has("8BITMIME") and not isinstance(content, bytes):
             params["BODY"] = "8BITMIME"
         if dsn:  # pass the DSN request on: the peer takes over responsibility for it (RFC 3461 §4)
             if envelope.ret:
@@ -427,7 +434,7 @@ async def _send_message(
         else:
             results[rcpt.address] = _result(rcpt.address, str(reply), label, permanent=reply.is_permanent)
     if accepted:
-        final = await _send_data(peer, message_path)
+        final = await _send_data(peer, content)
         peer.reusable = final.code != 354 and final.code != 421
         for rcpt in accepted:
             results[rcpt.address] = _result(
@@ -445,19 +452,44 @@ async def _reset(peer: _Peer) -> None:
     peer.reusable = answer.is_positive
 
 
-async def _send_data(peer: _Peer, message_path: Path) -> Reply:
+async def _send_data(peer: _Peer, content: Path | bytes) -> Reply:
     peer.command("DATA")
     go_ahead = await peer.reply()
     if go_ahead.code != 354:
         return go_ahead
     stuffer = peer.conn.start_data()
-    with open(message_path, "rb") as body:
-        while chunk := body.read(BODY_CHUNK):
-            peer.writer.write(stuffer.feed(chunk))
+    if isinstance(content, bytes):
+        for start in range(0, len(content), BODY_CHUNK):
+            peer.writer.write(stuffer.feed(content[start : start + BODY_CHUNK]))
             await peer.writer.drain()
+    else:
+        with open(content, "rb") as body:
+            while chunk := body.read(BODY_CHUNK):
+                peer.writer.write(stuffer.feed(chunk))
+                await peer.writer.drain()
     peer.writer.write(peer.conn.end_data(stuffer))
     peer.log(">", "<message body> .")
     return await peer.reply()
+
+
+def _content_for(peer: _Peer, envelope: Envelope, message_path: Path) -> Path | bytes | str:
+    """What to send: the spool file as it is; a 7-bit conversion for a peer without 8BITMIME (RFC 6152,
+    KB286673: sending 8-bit data anyway is what made Exchange 5.5 drop the connection); or, as a str, the
+    permanent failure when the peer cannot take the message at all."""
+    caps = peer.caps
+    if envelope.smtputf8 and (caps is None or not caps.has("SMTPUTF8")):
+        return "553 5.6.7 The message needs SMTPUTF8 and the remote server does not support it"
+    if caps is not None and caps.has("8BITMIME"):
+        return message_path
+    with open(message_path, "rb") as fh:
+        if not needs_downgrade(fh):
+            return message_path
+    try:
+        converted = downgrade_to_7bit(message_path.read_bytes())
+    except DowngradeError as exc:
+        return f"554 {exc.status} The message cannot be converted to 7-bit for this server: {exc}"
+    peer.log("=", "message converted to 7-bit MIME (the peer does not offer 8BITMIME)")
+    return converted
 
 
 async def _hello(peer: _Peer, label: str, hostname: str, use_helo: bool) -> Capabilities | HopFailure | None:
