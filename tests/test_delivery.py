@@ -325,3 +325,27 @@ async def test_an_smtputf8_message_to_a_peer_without_smtputf8_is_returned_with_5
     [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
     assert b"Status: 5.6.7" in ndr.read_bytes()
     assert not sink.messages
+
+
+async def test_a_refused_recipient_is_logged_as_event_7004_in_iis_wording(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    await send(service, "alice@local.test", ["reject-me@remote.test"])
+    [event] = await wait_until(lambda: events_of(service, 7004), what="event 7004")
+    assert str(event["text"]).startswith(
+        f'The remote host "[127.0.0.1]:{sink.port}" responded to the SMTP command "RCPT" with "550 5.1.1'
+    )
+    assert str(event["text"]).endswith('The full command sent was "RCPT TO:<reject-me@remote.test>".')
+    assert event["status"] == "5.1.1"
+
+
+async def test_send_ndr_copy_to_gets_a_copy_of_every_ndr(start_service: StartService, sink: Sink) -> None:
+    service = await start_service(
+        delivery={"smart_host": f"[127.0.0.1]:{sink.port}", "send_ndr_copy_to": "postmaster@local.test"}
+    )
+    await send(service, "alice@local.test", ["reject-me@remote.test"])
+    [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
+    assert ndr.read_bytes().startswith(
+        b"X-Sender: <>\r\nX-Receiver: <alice@local.test>\r\nX-Receiver: <postmaster@local.test>\r\n"
+    )

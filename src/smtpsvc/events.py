@@ -70,6 +70,13 @@ def remote_host_failed_text(ip: str, domain: str, reason: str) -> str:
     )
 
 
+def remote_rejected_text(host: str, verb: str, reply: str, command: str) -> str:
+    return (
+        f'The remote host "{host}" responded to the SMTP command "{verb}" with "{reply}". '
+        f'The full command sent was "{command}".'
+    )
+
+
 def connection_limit_text(limit: int) -> str:
     return f"The maximum number of allowed inbound connections ({limit}) has been reached."
 

@@ -348,6 +348,20 @@ class Scheduler:
         async with slots:
             outcome = await self._smtp_deliver(hops, envelope, rcpts, policy)
         self.transcripts[envelope.id] = outcome.transcript
+        for rejection in outcome.rejections:
+            self.events.emit(
+                events.Event(
+                    events.REMOTE_REJECTED_COMMAND,
+                    events.remote_rejected_text(
+                        rejection.host, rejection.verb, rejection.reply, rejection.command
+                    ),
+                    queue_id=envelope.id,
+                    domain=domain,
+                    host=rejection.host,
+                    status=_status_of(rejection.reply),
+                    cause=f"remote-rejected-{rejection.verb.lower()}",
+                )
+            )
         if choice.connector and hops and len(outcome.host_failures) >= len(hops):
             # every smart host of this connector failed: mark it unavailable for one retry interval
             self._connector_down[choice.connector] = time.time() + cfg.retry[0]
@@ -440,7 +454,12 @@ class Scheduler:
             message,
             EnvelopeFields(
                 sender="",
-                recipients=[Recipient(address=envelope.sender)],
+                recipients=[Recipient(address=envelope.sender)]
+                + (
+                    [Recipient(address=self.config.delivery.send_ndr_copy_to)]
+                    if self.config.delivery.send_ndr_copy_to
+                    else []
+                ),
                 source=Source.DSN,
                 dsn_kind="failure",
                 original_id=envelope.id,
@@ -582,3 +601,8 @@ def _hop_policy(choice: RouteChoice) -> smtp.HopPolicy:
     return smtp.HopPolicy(
         tls=choice.tls, auth_user=choice.auth_user, auth_password=password, use_helo=choice.use_helo
     )
+
+
+def _status_of(reply: str) -> str:
+    parts = reply.split(" ", 2)
+    return parts[1] if len(parts) > 1 and parts[1][:1] in "245" and parts[1].count(".") == 2 else ""

@@ -67,6 +67,17 @@ class SmtpOutcome:
     results: list[DeliveryResult] = field(default_factory=list)
     host_failures: list[HopFailure] = field(default_factory=list)
     transcript: list[str] = field(default_factory=list)
+    rejections: list[Rejection] = field(default_factory=list)  # for event 7004
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """The remote host refused a command we sent (IIS event 7004)."""
+
+    host: str
+    verb: str
+    reply: str
+    command: str
 
 
 class _Dropped(Exception):
@@ -102,6 +113,7 @@ class _Peer:
         self.writer = writer
         self.timeout = timeout
         self.conn = ClientConnection()
+        self.rejections: list[Rejection] = []
         self.tls = False
         self.caps: Capabilities | None = None
         self.messages = 0  # messages sent on this connection
@@ -243,6 +255,7 @@ async def deliver(
             timeout,
             connect_timeout,
             outcome.transcript,
+            outcome.rejections,
             policy,
             pool,
         )
@@ -281,6 +294,7 @@ async def _attempt(
     timeout: float,
     connect_timeout: float,
     transcript: list[str],
+    rejections: list[Rejection],
     policy: HopPolicy,
     pool: ConnectionPool | None,
 ) -> list[DeliveryResult] | HopFailure:
@@ -292,6 +306,7 @@ async def _attempt(
     if reused is not None:
         transcript.append(f"--- {label} (connection reused, message {reused.messages + 1})")
         reused.transcript = transcript
+        reused.rejections = rejections
         try:
             results = await _send_message(reused, label, envelope, recipients, message_path)
         except _Dropped:
@@ -310,6 +325,7 @@ async def _attempt(
     if pool is not None:
         pool.opened += 1
     peer = _Peer(reader, writer, timeout, transcript)
+    peer.rejections = rejections
     try:
         failure = await _setup(peer, hop, label, hostname, policy)
         if failure is not None:
@@ -410,7 +426,8 @@ async def _send_message(
         return out
 
     pipelining = caps is not None and caps.has("PIPELINING")
-    peer.command("MAIL", mail_arg(envelope.sender, params))
+    mail_command = mail_arg(envelope.sender, params)
+    peer.command("MAIL", mail_command)
     if pipelining:
         for rcpt in recipients:
             peer.command("RCPT", rcpt_arg(rcpt.address, rcpt_params(rcpt)))
@@ -419,6 +436,7 @@ async def _send_message(
     if pipelining:
         rcpt_replies = [await peer.reply() for _ in recipients]
     if not mail.is_positive:
+        peer.rejections.append(Rejection(label, "MAIL", str(mail), f"MAIL {mail_command}"))
         await _reset(peer)
         return [_result(r.address, str(mail), label, permanent=mail.is_permanent) for r in recipients]
     if not pipelining:
@@ -432,10 +450,14 @@ async def _send_message(
         if reply.is_positive:
             accepted.append(rcpt)
         else:
+            command = f"RCPT {rcpt_arg(rcpt.address, rcpt_params(rcpt))}"
+            peer.rejections.append(Rejection(label, "RCPT", str(reply), command))
             results[rcpt.address] = _result(rcpt.address, str(reply), label, permanent=reply.is_permanent)
     if accepted:
         final = await _send_data(peer, content)
         peer.reusable = final.code != 354 and final.code != 421
+        if not final.is_positive:
+            peer.rejections.append(Rejection(label, "DATA", str(final), "DATA"))
         for rcpt in accepted:
             results[rcpt.address] = _result(
                 rcpt.address, str(final), label, ok=final.is_positive, permanent=final.is_permanent
