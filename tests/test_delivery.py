@@ -349,3 +349,30 @@ async def test_send_ndr_copy_to_gets_a_copy_of_every_ndr(start_service: StartSer
     assert ndr.read_bytes().startswith(
         b"X-Sender: <>\r\nX-Receiver: <alice@local.test>\r\nX-Receiver: <postmaster@local.test>\r\n"
     )
+
+
+async def test_notify_success_gets_a_relayed_report_from_a_peer_without_dsn(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
+    await client.connect()
+    await client.sendmail("alice@local.test", ["x@remote.test"], MESSAGE, rcpt_options=["NOTIFY=SUCCESS"])
+    await client.quit()
+    [report] = await wait_until(lambda: drop_files(service), what="the success DSN")
+    data = report.read_bytes()
+    assert b"Action: relayed" in data and b"Delivery Status Notification (Success)" in data
+
+
+async def test_notify_success_passed_on_to_a_peer_with_dsn_gets_no_report_from_us(
+    start_service: StartService,
+) -> None:
+    receiver = await start_service(domains={"local": ["remote.test"]})
+    relay = await start_service(delivery={"smart_host": f"[127.0.0.1]:{smtp_port(receiver)}"})
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(relay), timeout=30)
+    await client.connect()
+    await client.sendmail("alice@local.test", ["x@remote.test"], MESSAGE, rcpt_options=["NOTIFY=SUCCESS"])
+    await client.quit()
+    await wait_until(lambda: drop_files(receiver), what="delivery")
+    await wait_until(lambda: queue_is_empty(relay), what="the relay to finish")
+    assert drop_files(relay) == []  # the receiver took the request over (it advertises DSN)

@@ -6,8 +6,10 @@ import pytest
 
 from smtpsvc.headers import HopCounter
 
-MESSAGE = (b"Received: from a\r\n\tby b; date\r\nreceived: from c\r\nSubject: x\r\nRECEIVED: from d\r\n"
-           b"\r\nReceived: in the body, not a header\r\n")
+MESSAGE = (
+    b"Received: from a\r\n\tby b; date\r\nreceived: from c\r\nSubject: x\r\nRECEIVED: from d\r\n"
+    b"\r\nReceived: in the body, not a header\r\n"
+)
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 7, 64, len(MESSAGE)])

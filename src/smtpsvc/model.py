@@ -182,6 +182,7 @@ class DeliveryResult:
     reply: str  # the reply text as received, or our diagnosis
     status: str  # enhanced status code, e.g. "5.1.1"
     remote_mta: str = ""
+    dsn_passed_on: bool = False  # the next hop took the DSN request (it advertised DSN): we report no success
 
 
 def domain_of(address: str) -> str:

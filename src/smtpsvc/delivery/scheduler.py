@@ -171,9 +171,15 @@ class Scheduler:
         )
         now = time.time()
         by_address = {r.address: r for r in envelope.pending}
+        succeeded: list[tuple[Recipient, DeliveryResult]] = []
         for results in outcomes:
             for result in results:
-                self._record(envelope, by_address[result.address], result, now)
+                rcpt = by_address[result.address]
+                self._record(envelope, rcpt, result, now)
+                if result.ok and "SUCCESS" in rcpt.notify and not result.dsn_passed_on:
+                    succeeded.append((rcpt, result))
+        if succeeded and envelope.sender:
+            await self._send_success_report(envelope, succeeded)
         cfg = self.config.delivery
         for rcpt in envelope.pending:
             if expired(now, envelope.received_at, cfg.expiration):
@@ -474,6 +480,57 @@ class Scheduler:
                 status=reported[0].status,
             )
         )
+
+    async def _send_success_report(
+        self, envelope: Envelope, succeeded: Sequence[tuple[Recipient, DeliveryResult]]
+    ) -> None:
+        """NOTIFY=SUCCESS (RFC 3461): "delivered" for Drop, "relayed" when the next hop did not take the
+        DSN request over. Best effort: a report that cannot be queued is logged, not retried."""
+        hostname = self.config.server.hostname
+        with open(self.queue.message_path(envelope.id), "rb") as fh:
+            headers = dsn.split_headers(fh.read(HEADER_READ_LIMIT))
+        message = dsn.build_report(
+            reporting_mta=hostname,
+            original=envelope,
+            original_headers=headers,
+            original_body=None,
+            recipients=[
+                dsn.ReportedRecipient(
+                    address=r.address,
+                    action="delivered" if result.remote_mta == "drop" else "relayed",
+                    status=result.status or "2.0.0",
+                    diagnostic=result.reply,
+                    remote_mta=_host_name(result.remote_mta),
+                    orcpt=r.orcpt,
+                    last_attempt=time.time(),
+                )
+                for r, result in succeeded
+            ],
+            kind="success",
+            now=time.time(),
+            message_id_domain=hostname,
+            postmaster=f"postmaster@{hostname}",
+        )
+        try:
+            await self.ingest.submit_bytes(
+                message,
+                EnvelopeFields(
+                    sender="",
+                    recipients=[Recipient(address=envelope.sender)],
+                    source=Source.DSN,
+                    dsn_kind="success",
+                    original_id=envelope.id,
+                ),
+            )
+        except QueueError as exc:
+            self.events.emit(
+                events.Event(
+                    events.NDR_SENT,
+                    f"Cannot queue the success notification: {exc}",
+                    queue_id=envelope.id,
+                    cause="report-lost",
+                )
+            )
 
     def _delay_due(self, envelope: Envelope, now: float) -> bool:
         delay = self.config.delivery.delay_notification

@@ -460,7 +460,12 @@ async def _send_message(
             peer.rejections.append(Rejection(label, "DATA", str(final), "DATA"))
         for rcpt in accepted:
             results[rcpt.address] = _result(
-                rcpt.address, str(final), label, ok=final.is_positive, permanent=final.is_permanent
+                rcpt.address,
+                str(final),
+                label,
+                ok=final.is_positive,
+                permanent=final.is_permanent,
+                dsn_passed_on=dsn,
             )
     else:
         await _reset(peer)
@@ -576,7 +581,13 @@ def _status(reply: str, default: str) -> str:
 
 
 def _result(
-    address: str, reply: str, host: str, *, ok: bool = False, permanent: bool = False
+    address: str,
+    reply: str,
+    host: str,
+    *,
+    ok: bool = False,
+    permanent: bool = False,
+    dsn_passed_on: bool = False,
 ) -> DeliveryResult:
     default = "2.0.0" if ok else ("5.0.0" if permanent else "4.0.0")
     return DeliveryResult(
@@ -586,4 +597,5 @@ def _result(
         reply=reply,
         status=_status(reply, default),
         remote_mta=host,
+        dsn_passed_on=dsn_passed_on,
     )

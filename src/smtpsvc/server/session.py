@@ -365,7 +365,11 @@ class Session:
         return self._refuse_logged("RCPT", replies.RELAY_DENIED(address), f"relay-denied:{rule}")
 
     def _refuse_logged(self, verb: str, reply: Reply, cause: str) -> Reply:
-        """A refusal an operator should see: event 7010 in the IIS wording."""
+        """A refusal an operator should see: event 7010 in the IIS wording. It counts towards max_errors, so
+        a client probing for a relay (or guessing) is cut off and cannot flood the event log."""
+        self.errors += 1
+        if self.errors >= self.config.server.max_errors and reply.code != 421:
+            reply = replies.TOO_MANY_ERRORS
         self.events.emit(
             events.Event(
                 events.CLIENT_COMMAND_REJECTED,
@@ -389,7 +393,10 @@ class Session:
         # the client sends after the handshake is TLS. The protocol core drops what it had buffered.
         _discard_buffered(self.reader)
         try:
-            await self.writer.start_tls(context, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
+            await self.writer.start_tls(
+                context,
+                ssl_handshake_timeout=min(TLS_HANDSHAKE_TIMEOUT, self.config.server.connection_timeout),
+            )
         except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
             raise SessionClosed from exc
         self.conn.tls_established()
