@@ -308,3 +308,15 @@ async def test_reverse_dns_marks_a_helo_that_the_ptr_does_not_confirm_as_unverif
         await wait_until(
             lambda expected=expected: drop_with(expected), what=f"the Received header for {helo}"
         )
+
+
+async def test_vrfy_is_252_when_enabled_and_502_otherwise(start_service: StartService) -> None:
+    on = await start_service(extensions={"vrfy": True})
+    client = await greeted(on)
+    assert (await client.command("VRFY someone")).startswith("252 2.1.5")
+    assert (await client.command("EXPN staff")).startswith("502")
+    await client.close()
+    off = await start_service()
+    client = await greeted(off)
+    assert (await client.command("VRFY someone")).startswith("502")
+    await client.close()
