@@ -376,3 +376,41 @@ async def test_notify_success_passed_on_to_a_peer_with_dsn_gets_no_report_from_u
     await wait_until(lambda: drop_files(receiver), what="delivery")
     await wait_until(lambda: queue_is_empty(relay), what="the relay to finish")
     assert drop_files(relay) == []  # the receiver took the request over (it advertises DSN)
+
+
+BINARY_MESSAGE = (
+    b"From: a@local.test\r\nTo: x@remote.test\r\nSubject: bin\r\nMIME-Version: 1.0\r\n"
+    b"Content-Type: application/octet-stream\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+    + bytes(range(256)) * 8
+    + b"\r\n.\r\nno smuggling\n\r\x00\r\n"
+)
+
+
+async def bdat_submit(service: Service, message: bytes) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", smtp_port(service))
+    for line in (b"EHLO c.test", b"MAIL FROM:<a@local.test> BODY=BINARYMIME", b"RCPT TO:<x@remote.test>"):
+        writer.write(line + b"\r\n")
+    writer.write(f"BDAT {len(message)} LAST\r\n".encode() + message + b"QUIT\r\n")
+    replies = (await asyncio.wait_for(reader.read(), 30)).decode()
+    assert "250 2.6.0" in replies, replies
+    writer.close()
+
+
+async def test_binarymime_goes_on_with_bdat_byte_for_byte_to_a_peer_that_takes_it(
+    start_service: StartService,
+) -> None:
+    receiver = await start_service(domains={"local": ["remote.test"]})
+    relay = await start_service(delivery={"smart_host": f"[127.0.0.1]:{smtp_port(receiver)}"})
+    await bdat_submit(relay, BINARY_MESSAGE)
+    [file] = await wait_until(lambda: drop_files(receiver), what="delivery with BDAT")
+    assert file.read_bytes().endswith(BINARY_MESSAGE)
+
+
+async def test_binarymime_to_a_peer_without_it_is_returned_with_5_6_3(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    await bdat_submit(service, BINARY_MESSAGE)
+    [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
+    assert b"Status: 5.6.3" in ndr.read_bytes()
+    assert not sink.messages
