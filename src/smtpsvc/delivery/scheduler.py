@@ -19,6 +19,7 @@ from smtpsvc import dsn, events
 from smtpsvc.config import Config
 from smtpsvc.delivery import smtp
 from smtpsvc.delivery.drop import write_drop_file
+from smtpsvc.delivery.healing import ACTIONS, PeerMemory
 from smtpsvc.delivery.schedule import expired, next_attempt_time, retry_delay
 from smtpsvc.events import EventLog
 from smtpsvc.folders.badmail import put_badmail
@@ -64,6 +65,7 @@ class Scheduler:
         self.transcripts: dict[str, list[str]] = {}  # last SMTP transcript per queue id (in memory for now)
         self._connector_down: dict[str, float] = {}  # connector name -> unavailable until
         self.pool = smtp.ConnectionPool(config.delivery.max_messages_per_connection)
+        self.memory = PeerMemory()  # self-healing facts per next hop (SPEC 2.9)
         self._link_slots: dict[str, asyncio.Semaphore] = {}  # max_connections_per_domain, per link
 
     def wake(self) -> None:
@@ -354,6 +356,19 @@ class Scheduler:
         async with slots:
             outcome = await self._smtp_deliver(hops, envelope, rcpts, policy)
         self.transcripts[envelope.id] = outcome.transcript
+        for host, cause in outcome.learned:
+            if self.memory.learn(host, cause, time.time()):
+                self.events.emit(
+                    events.Event(
+                        events.SELF_HEALING,
+                        f"Self-healing for host {host}: {ACTIONS[cause]} from now on ({cause}); "
+                        "the message is retried",
+                        queue_id=envelope.id,
+                        domain=domain,
+                        host=host,
+                        cause=cause,
+                    )
+                )
         for rejection in outcome.rejections:
             self.events.emit(
                 events.Event(
@@ -371,6 +386,7 @@ class Scheduler:
         if choice.connector and hops and len(outcome.host_failures) >= len(hops):
             # every smart host of this connector failed: mark it unavailable for one retry interval
             self._connector_down[choice.connector] = time.time() + cfg.retry[0]
+        diagnosis = outcome.learned[-1][1] if outcome.learned else ""  # what the drop was about, if known
         for failure in outcome.host_failures:
             self.events.emit(
                 events.Event(
@@ -379,7 +395,9 @@ class Scheduler:
                     queue_id=envelope.id,
                     domain=domain,
                     host=failure.host,
-                    cause=_cause(failure.reason),
+                    cause=diagnosis
+                    if diagnosis and failure.reason == smtp.DROPPED
+                    else _cause(failure.reason),
                 )
             )
         if outcome.results and all(not r.ok and not r.permanent for r in outcome.results):
@@ -391,7 +409,7 @@ class Scheduler:
                     queue_id=envelope.id,
                     domain=domain,
                     status=outcome.results[0].status,
-                    cause=_cause(reason),
+                    cause=diagnosis if diagnosis and reason == smtp.DROPPED else _cause(reason),
                 )
             )
         return outcome.results
@@ -410,6 +428,7 @@ class Scheduler:
             connect_timeout=min(cfg.timeout, 30.0),
             policy=policy,
             pool=self.pool,
+            memory=self.memory,
         )
 
     async def _next_hops(self, route: Route) -> list[NextHop]:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smtpsvc.delivery.downgrade import DowngradeError, downgrade_to_7bit, needs_downgrade
+from smtpsvc.delivery.healing import PEER_LACKS_8BITMIME, PEER_REJECTS_EHLO, PeerMemory
 from smtpsvc.model import DeliveryResult, Envelope, Recipient
 from smtpsvc.protocol import (
     NEED_DATA,
@@ -68,6 +69,7 @@ class SmtpOutcome:
     host_failures: list[HopFailure] = field(default_factory=list)
     transcript: list[str] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)  # for event 7004
+    learned: list[tuple[str, str]] = field(default_factory=list)  # (host, healing cause) for event 3010
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +116,10 @@ class _Peer:
         self.timeout = timeout
         self.conn = ClientConnection()
         self.rejections: list[Rejection] = []
+        self.learned: list[tuple[str, str]] = []
+        self.memory_key = ""
+        self.phase = "greeting"  # what we were doing, to name the cause when the peer drops us
+        self.sent_8bit = False
         self.tls = False
         self.caps: Capabilities | None = None
         self.messages = 0  # messages sent on this connection
@@ -125,6 +131,7 @@ class _Peer:
         self.transcript.append(f"{time.monotonic() - self._t0:8.3f} {direction} {text}")
 
     def command(self, verb: str, arg: str = "", *, secret: bool = False) -> None:
+        self.phase = verb.upper()
         self.writer.write(self.conn.send_command(verb, arg))
         self.log(">", f"{verb} <redacted>" if secret else f"{verb} {arg}".rstrip())
 
@@ -242,6 +249,7 @@ async def deliver(
     connect_timeout: float = 30.0,
     policy: HopPolicy = HopPolicy(),
     pool: ConnectionPool | None = None,
+    memory: PeerMemory | None = None,
 ) -> SmtpOutcome:
     """Try each next hop in turn until one gives per-recipient answers; else every recipient is transient."""
     outcome = SmtpOutcome()
@@ -254,10 +262,10 @@ async def deliver(
             hostname,
             timeout,
             connect_timeout,
-            outcome.transcript,
-            outcome.rejections,
+            outcome,
             policy,
             pool,
+            memory,
         )
         if isinstance(result, HopFailure):
             outcome.host_failures.append(result)
@@ -293,11 +301,12 @@ async def _attempt(
     hostname: str,
     timeout: float,
     connect_timeout: float,
-    transcript: list[str],
-    rejections: list[Rejection],
+    outcome: SmtpOutcome,
     policy: HopPolicy,
     pool: ConnectionPool | None,
+    memory: PeerMemory | None,
 ) -> list[DeliveryResult] | HopFailure:
+    transcript = outcome.transcript
     label = (
         f"{hop.host}[{hop.address}]:{hop.port}" if hop.host != hop.address else f"[{hop.address}]:{hop.port}"
     )
@@ -306,9 +315,9 @@ async def _attempt(
     if reused is not None:
         transcript.append(f"--- {label} (connection reused, message {reused.messages + 1})")
         reused.transcript = transcript
-        reused.rejections = rejections
+        reused.rejections, reused.learned = outcome.rejections, outcome.learned
         try:
-            results = await _send_message(reused, label, envelope, recipients, message_path)
+            results = await _send_message(reused, label, envelope, recipients, message_path, memory)
         except _Dropped:
             await reused.close()  # the idle connection went stale: start afresh below
         else:
@@ -325,15 +334,20 @@ async def _attempt(
     if pool is not None:
         pool.opened += 1
     peer = _Peer(reader, writer, timeout, transcript)
-    peer.rejections = rejections
+    peer.rejections, peer.learned = outcome.rejections, outcome.learned
+    peer.memory_key = f"{hop.address}:{hop.port}"
+    use_helo = policy.use_helo or (
+        memory is not None and memory.knows(peer.memory_key, PEER_REJECTS_EHLO, now())
+    )
     try:
-        failure = await _setup(peer, hop, label, hostname, policy)
+        failure = await _setup(peer, hop, label, hostname, policy, use_helo)
         if failure is not None:
             await peer.quit()
             return failure
-        results = await _send_message(peer, label, envelope, recipients, message_path)
+        results = await _send_message(peer, label, envelope, recipients, message_path, memory)
     except _Dropped:
         await peer.close()
+        _diagnose_drop(peer)
         return HopFailure(label, DROPPED)
     except _TlsFailed as exc:
         await peer.close()
@@ -355,13 +369,13 @@ async def _finish(peer: _Peer, pool: ConnectionPool | None, key: PoolKey) -> Non
 
 
 async def _setup(
-    peer: _Peer, hop: NextHop, label: str, hostname: str, policy: HopPolicy
+    peer: _Peer, hop: NextHop, label: str, hostname: str, policy: HopPolicy, use_helo: bool
 ) -> HopFailure | None:
     """Greeting, EHLO/HELO, STARTTLS per policy, AUTH when configured; leaves peer.caps set."""
     greeting = await peer.reply()
     if not greeting.is_positive:
         return HopFailure(label, f"The remote server refused the connection: {greeting}", str(greeting))
-    caps = await _hello(peer, label, hostname, policy.use_helo)
+    caps = await _hello(peer, label, hostname, use_helo)
     if isinstance(caps, HopFailure):
         return caps
     if policy.tls != "none" and caps is not None and caps.has("STARTTLS"):
@@ -385,13 +399,18 @@ async def _setup(
 
 
 async def _send_message(
-    peer: _Peer, label: str, envelope: Envelope, recipients: Sequence[Recipient], message_path: Path
+    peer: _Peer,
+    label: str,
+    envelope: Envelope,
+    recipients: Sequence[Recipient],
+    message_path: Path,
+    memory: PeerMemory | None = None,
 ) -> list[DeliveryResult]:
     """One mail transaction on a ready session; per-recipient results. Marks the session reusable when it
     ends cleanly (a final reply to the data, or a successful RSET)."""
     caps = peer.caps
     peer.reusable = False
-    content = _content_for(peer, envelope, message_path)
+    content = _content_for(peer, envelope, message_path, memory)
     if isinstance(content, str):  # the peer cannot take this message in any form
         peer.reusable = True
         return [_result(r.address, content, label, permanent=True) for r in recipients]
@@ -521,7 +540,9 @@ async def _send_bdat(peer: _Peer, content: Path) -> Reply:
                 return reply
 
 
-def _content_for(peer: _Peer, envelope: Envelope, message_path: Path) -> Path | bytes | str:
+def _content_for(
+    peer: _Peer, envelope: Envelope, message_path: Path, memory: PeerMemory | None = None
+) -> Path | bytes | str:
     """What to send: the spool file as it is; a 7-bit conversion for a peer without 8BITMIME (RFC 6152,
     KB286673: sending 8-bit data anyway is what made Exchange 5.5 drop the connection); or, as a str, the
     permanent failure when the peer cannot take the message at all."""
@@ -532,11 +553,13 @@ def _content_for(peer: _Peer, envelope: Envelope, message_path: Path) -> Path | 
         if caps is not None and caps.has("BINARYMIME") and caps.has("CHUNKING"):
             return message_path  # sent with BDAT, byte for byte
         return "554 5.6.3 The message is binary (BINARYMIME) and the remote server does not accept it"
-    if caps is not None and caps.has("8BITMIME"):
-        return message_path
     with open(message_path, "rb") as fh:
         if not needs_downgrade(fh):
             return message_path
+    distrusted = memory is not None and memory.knows(peer.memory_key, PEER_LACKS_8BITMIME, now())
+    if caps is not None and caps.has("8BITMIME") and not distrusted:
+        peer.sent_8bit = True
+        return message_path
     try:
         converted = downgrade_to_7bit(message_path.read_bytes())
     except DowngradeError as exc:
@@ -554,6 +577,7 @@ async def _hello(peer: _Peer, label: str, hostname: str, use_helo: bool) -> Capa
             return Capabilities.from_ehlo(hello)
         if hello.is_transient:
             return HopFailure(label, f"The remote server answered EHLO with {hello}", str(hello))
+        peer.learned.append((peer.memory_key, PEER_REJECTS_EHLO))
     peer.command("HELO", hostname)  # an old or minimal server (KB818222 method 2), or use_helo
     hello = await peer.reply()
     if not hello.is_positive:
@@ -597,6 +621,18 @@ def _is_loopback(address: str) -> bool:
         return ipaddress.ip_address(address).is_loopback
     except ValueError:
         return False
+
+
+def _diagnose_drop(peer: _Peer) -> None:
+    """The peer closed or stalled: name what it choked on, so the next attempt avoids it (SPEC 2.9)."""
+    if peer.phase in ("EHLO", "STARTTLS") and not peer.tls:
+        peer.learned.append((peer.memory_key, PEER_REJECTS_EHLO))
+    elif peer.phase == "DATA" and peer.sent_8bit:
+        peer.learned.append((peer.memory_key, PEER_LACKS_8BITMIME))
+
+
+def now() -> float:
+    return time.time()
 
 
 def _status(reply: str, default: str) -> str:

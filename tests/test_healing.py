@@ -1,0 +1,115 @@
+"""Self-healing against misbehaving peers (SPEC 2.9): a peer that chokes on EHLO gets HELO, a peer that
+drops 8-bit data gets 7-bit MIME, on the next attempt, with event 3010 naming the cause."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+import aiosmtplib
+import pytest
+
+from smtpsvc.app import Service
+from smtpsvc.delivery.healing import PEER_LACKS_8BITMIME, PeerMemory
+from tests.conftest import StartService, smtp_port, wait_until
+
+
+class Misbehaving:
+    """A peer that drops the connection on EHLO, or advertises 8BITMIME but drops on 8-bit data."""
+
+    def __init__(self, drop_on_ehlo: bool = False, drop_on_8bit: bool = False) -> None:
+        self.drop_on_ehlo = drop_on_ehlo
+        self.drop_on_8bit = drop_on_8bit
+        self.commands: list[str] = []
+        self.messages: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 picky.test ready\r\n")
+        while line := await reader.readline():
+            verb = line.decode(errors="replace").split(" ", 1)[0].strip().upper()
+            self.commands.append(verb)
+            if verb == "EHLO":
+                if self.drop_on_ehlo:
+                    break  # like a firewall that does not know EHLO
+                writer.write(b"250-picky.test\r\n250 8BITMIME\r\n")
+            elif verb == "DATA":
+                writer.write(b"354 go\r\n")
+                await writer.drain()
+                data = await reader.readuntil(b"\r\n.\r\n")
+                if self.drop_on_8bit and max(data) > 127:
+                    break  # the KB286673 failure: Exchange 5.5 dropped the connection
+                self.messages.append(data)
+                writer.write(b"250 ok\r\n")
+            elif verb == "QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 ok\r\n")
+            await writer.drain()
+        writer.close()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+
+@pytest.fixture
+async def peer() -> AsyncIterator[Misbehaving]:
+    server = Misbehaving()
+    await server.start()
+    yield server
+    await server.stop()
+
+
+def events_of(service: Service, event_id: int) -> list[dict[str, object]]:
+    service.events.flush()
+    path = service.folders["log"] / "events.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["id"] == event_id]
+
+
+async def test_a_peer_that_drops_on_ehlo_gets_helo_on_the_next_attempt(
+    peer: Misbehaving, start_service: StartService
+) -> None:
+    peer.drop_on_ehlo = True
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "retry": ["300ms"]})
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
+    await client.connect()
+    await client.sendmail("a@local.test", ["x@remote.test"], b"Subject: s\r\n\r\nx\r\n")
+    await client.quit()
+    await wait_until(lambda: peer.messages, what="delivery after healing")
+    assert peer.commands[:2] == ["EHLO", "HELO"]  # first attempt EHLO (dropped), then HELO
+    [event] = events_of(service, 3010)
+    assert event["cause"] == "peer-rejects-ehlo"
+
+
+async def test_a_peer_that_drops_8bit_data_gets_7bit_on_the_next_attempt(
+    peer: Misbehaving, start_service: StartService
+) -> None:
+    peer.drop_on_8bit = True
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "retry": ["300ms"]})
+    message = "Subject: s\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nna\u00efve\r\n".encode()
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
+    await client.connect()
+    await client.sendmail("a@local.test", ["x@remote.test"], message, mail_options=["BODY=8BITMIME"])
+    await client.quit()
+    [data] = await wait_until(lambda: peer.messages, what="delivery after healing")
+    assert max(data) < 128
+    [event] = events_of(service, 3010)
+    assert event["cause"] == "peer-lacks-8bitmime"
+    drops = [e for e in events_of(service, 4006) if e.get("cause") == "peer-lacks-8bitmime"]
+    assert drops
+
+
+def test_memory_forgets_after_its_ttl() -> None:
+    memory = PeerMemory(ttl=10)
+    assert memory.learn("h:25", PEER_LACKS_8BITMIME, now=100) is True
+    assert memory.learn("h:25", PEER_LACKS_8BITMIME, now=101) is False
+    assert memory.knows("h:25", PEER_LACKS_8BITMIME, now=109)
+    assert not memory.knows("h:25", PEER_LACKS_8BITMIME, now=112)
