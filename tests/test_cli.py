@@ -113,3 +113,11 @@ def test_relay_check_refuses_bad_input_with_exit_2(tmp_path: Path) -> None:
     assert run("relay", "check", "--client", "not-an-ip", "--rcpt", "u@x.test")[0] == 2
     code, _, err = run("relay", "check", "--client", "127.0.0.1", "--rcpt", "no spaces@x")
     assert code == 2 and "not a valid address" in err
+
+
+def test_relay_check_treats_a_bare_postmaster_as_local(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text('[domains]\nlocal = ["corp.test"]\n[relay]\nallow = []\n')
+    code, out, _ = run("relay", "check", "-c", str(cfg), "--client", "192.0.2.7", "--rcpt", "postmaster")
+    assert code == 0
+    assert "recipient postmaster@corp.test" in out and "decision: accepted" in out

@@ -687,7 +687,7 @@ def test_effective_config_loads_back_to_the_same_values(tmp_path: Path) -> None:
         [[connector]]
         name = "partners"
         address_spaces = ["partner.test"]
-        auth = { user = "u" }
+        auth = { user = "u", password_file = "/etc/smtpsvc/u.secret" }
         [admin]
         listen = ""
         """,
@@ -762,3 +762,8 @@ def test_lines_stay_right_after_a_multiline_string(tmp_path: Path) -> None:
         '[tls]\ncert = """\n[server]\nmax_errors = 0\n"""\n[server]\nmax_errors = 0\n',
     )
     assert [(p.line, p.key) for p in found] == [(7, "server.max_errors")]
+
+
+def test_a_connector_user_without_a_password_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="password_file"):
+        load(tmp_path, '[[connector]]\nname = "c"\naddress_spaces = ["*"]\nauth = { user = "u" }\n')

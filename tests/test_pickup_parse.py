@@ -100,3 +100,12 @@ def test_normaliser_handles_any_split(split: int) -> None:
     n = CrlfNormalizer()
     out = n.feed(data[:split]) + n.feed(data[split:]) + n.finish()
     assert out == b"a\r\nb\r\nc\r\nd\r\n\r\ne"
+
+
+def test_a_looping_file_with_too_many_received_headers_is_refused() -> None:
+    looped = b"Received: from a\r\n" * 16 + b"From: a@x.test\r\nTo: b@y.test\r\n\r\nbody\r\n"
+    writer = Collector()
+    with pytest.raises(InvalidPickupFile, match=r"5\.4\.6 too many hops"):
+        read_pickup_file(io.BytesIO(looped), writer, "relay.test", 0, max_hops=15)
+    ok = b"Received: from a\r\n" * 15 + b"From: a@x.test\r\nTo: b@y.test\r\n\r\nbody\r\n"
+    read_pickup_file(io.BytesIO(ok), Collector(), "relay.test", 0, max_hops=15)

@@ -24,7 +24,7 @@ from smtpsvc.config import (
     render_example,
 )
 from smtpsvc.protocol import AddressError, parse_path
-from smtpsvc.routing.categorizer import check_recipient, explain
+from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address
 
 
 def _config_path(option: str | None) -> str | None:
@@ -225,15 +225,16 @@ def relay_check(config_file: str | None, client_ip: str, rcpt: str, auth_user: s
     except AddressError as exc:
         click.echo(f"smtpsvc: --rcpt {rcpt!r} is not a valid address: {exc}", err=True)
         raise SystemExit(2) from None
+    address = postmaster_address(path.address, cfg)
     decision = check_recipient(
-        client_ip, path.address, cfg, authenticated=auth_user is not None, source_route=path.source_route
+        client_ip, address, cfg, authenticated=auth_user is not None, source_route=path.source_route
     )
     who = f", authenticated as {auth_user}" if auth_user else ""
-    click.echo(f"client {client_ip}{who} -> recipient {path.address}")
+    click.echo(f"client {client_ip}{who} -> recipient {address}")
     if decision.allowed:
         click.echo("decision: accepted")
     else:
-        click.echo(f'decision: refused with "550 5.7.1 Unable to relay for <{path.address}>"')
+        click.echo(f'decision: refused with "550 5.7.1 Unable to relay for <{address}>"')
     click.echo(f"rule: {decision.rule}: {explain(decision.rule)}")
 
 

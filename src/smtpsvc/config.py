@@ -637,7 +637,10 @@ def _remote_domains(value: object) -> tuple[RemoteDomain, ...]:
 
 def _connector_auth(value: object) -> ConnectorAuth:
     table = _table(value, 'a table like { user = "", password_file = "" }', ("user", "password_file"))
-    return ConnectorAuth(user=_str(table.get("user", "")), password_file=_str(table.get("password_file", "")))
+    auth = ConnectorAuth(user=_str(table.get("user", "")), password_file=_str(table.get("password_file", "")))
+    if auth.user and not auth.password_file:
+        raise ValueError("user is set but password_file is not: name the file that holds the password")
+    return auth
 
 
 def _connector_name(value: object) -> str:
@@ -745,7 +748,12 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
             show=format_size,
         ),
         _k("max_recipients", 100, _int(1), "per message; excess RCPT: 452 4.5.3", "MaxRecipients"),
-        _k("max_hop_count", 15, _int(1), "Received headers; past it: 554 5.4.6 at end of DATA (Pickup: NDR)"),
+        _k(
+            "max_hop_count",
+            15,
+            _int(1),
+            "Received headers; past it: 554 5.4.6 at end of DATA (Pickup: Badmail)",
+        ),
         _k("max_errors", 10, _int(1), "bad commands per session before 421"),
         _k("reverse_dns", False, _bool, '"unverified" in Received when the PTR does not match'),
         _k(

@@ -5,6 +5,7 @@ keep theirs, new STARTTLS handshakes get the new one.
 
 from __future__ import annotations
 
+import os
 import ssl
 
 
@@ -19,7 +20,8 @@ def server_context(cert: str, key: str) -> ssl.SSLContext:
     try:
         context.load_cert_chain(cert, key or None)
     except FileNotFoundError as exc:
-        raise TlsError(f"tls.cert/tls.key: {exc.filename}: file not found") from exc
+        missing = exc.filename or (cert if not os.path.exists(cert) else key)
+        raise TlsError(f"tls.cert/tls.key: {missing}: file not found") from exc
     except (ssl.SSLError, OSError) as exc:
         raise TlsError(f"tls.cert {cert!r} / tls.key {key!r} cannot be loaded: {exc}") from exc
     return context

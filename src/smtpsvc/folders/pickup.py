@@ -26,6 +26,7 @@ from smtpsvc import events
 from smtpsvc.config import Config
 from smtpsvc.events import EventLog
 from smtpsvc.folders.badmail import put_badmail
+from smtpsvc.headers import HopCounter
 from smtpsvc.ingest import EnvelopeFields, Ingest, received_header
 from smtpsvc.model import Recipient, Source
 from smtpsvc.protocol import parse_path
@@ -135,7 +136,9 @@ class CrlfNormalizer:
         return b""
 
 
-def read_pickup_file(fh: BinaryIO, writer: MessageWriter, hostname: str, max_size: int) -> PickupEnvelope:
+def read_pickup_file(
+    fh: BinaryIO, writer: MessageWriter, hostname: str, max_size: int, max_hops: int = 0
+) -> PickupEnvelope:
     """Parse a pickup file and stream its message (with our Received header) into `writer`."""
     first_lines: list[bytes] = []
     line = fh.readline(MAX_LINE)
@@ -155,6 +158,12 @@ def read_pickup_file(fh: BinaryIO, writer: MessageWriter, hostname: str, max_siz
     header_block = b"".join(header_lines)
     if not header_block:
         raise InvalidPickupFile("the file has no message headers")
+    hops = HopCounter()
+    hops.feed(header_block + b"\r\n")
+    if max_hops and hops.received > max_hops:
+        raise InvalidPickupFile(
+            f"554 5.4.6 too many hops: {hops.received} Received headers, max_hop_count is {max_hops} (a loop)"
+        )
     header_sender, header_rcpts, has_from = envelope_from_headers(header_block)
     if x_receivers:
         sender = x_sender if x_sender is not None else header_sender
@@ -287,8 +296,9 @@ class PickupScanner:
 
     def _read(self, path: Path, writer: MessageWriter) -> PickupEnvelope:
         with open(path, "rb") as fh:
+            server = self.config.server
             return read_pickup_file(
-                fh, writer, self.config.server.hostname, self.config.server.max_message_size
+                fh, writer, server.hostname, server.max_message_size, server.max_hop_count
             )
 
     async def _reject(self, path: Path, reason: str) -> None:

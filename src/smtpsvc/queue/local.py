@@ -164,7 +164,7 @@ class LocalSpool:
         return envelope
 
     def _move_aside(self, stem: str, reason: str) -> None:
-        for suffix in (".env", ".eml"):
+        for suffix in (".env", ".eml", ".x50"):
             src = self.dir / f"{stem}{suffix}"
             if src.exists():
                 with contextlib.suppress(OSError):

@@ -45,6 +45,13 @@ def explain(rule: str) -> str:
     return RULE_EXPLANATIONS.get(rule.split(":", 1)[0], rule)
 
 
+def postmaster_address(address: str, config: Config) -> str:
+    """RFC 5321 §4.1.1.3: <postmaster> without a domain is this server's postmaster (the first local domain);
+    any other address is returned as it is."""
+    local, domain = split_address(address)
+    return f"{local}@{config.local_domains[0]}" if not domain else address
+
+
 def check_recipient(
     client_ip: str, address: str, config: Config, *, authenticated: bool = False, source_route: str = ""
 ) -> RelayDecision:

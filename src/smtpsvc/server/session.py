@@ -57,7 +57,7 @@ from smtpsvc.protocol import (
     xtext_decode,
 )
 from smtpsvc.queue.base import MessageWriter, QueueError
-from smtpsvc.routing.categorizer import check_recipient
+from smtpsvc.routing.categorizer import check_recipient, postmaster_address
 from smtpsvc.routing.mx import MxResolver
 from smtpsvc.server.sasl_exchange import Credentials, SaslExchange
 from smtpsvc.tls import ServerCertificate
@@ -336,12 +336,7 @@ class Session:
         raise AssertionError(f"unhandled protocol event {event!r}")
 
     def _rcpt(self, event: Rcpt) -> Reply:
-        address = event.address
-        local, domain = split_address(address)
-        if not domain:
-            # RFC 5321 §4.1.1.3: <postmaster> without a domain is this server's postmaster (the core lets
-            # no other domainless address through).
-            address = f"{local}@{self.config.local_domains[0]}"
+        address = postmaster_address(event.address, self.config)  # the core lets no other bare name through
         decision = check_recipient(
             self.client_ip,
             address,
