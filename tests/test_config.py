@@ -716,14 +716,14 @@ def test_keys_not_yet_in_effect_are_warned_about_when_set(tmp_path: Path) -> Non
         [server]
         reverse_dns = true
         max_recipients = 5
-        [delivery]
-        suppress_xexch50_external = false
+        [categorizer]
+        reset_message_status = true
         [auth]
         require_tls = false
         """,
     )
     assert cfg.warnings == [
-        "delivery.suppress_xexch50_external: accepted but not yet in effect",
+        "categorizer.reset_message_status: accepted but not yet in effect",
     ]
 
 
@@ -751,8 +751,8 @@ def test_every_not_yet_effective_pattern_names_a_real_key(tmp_path: Path) -> Non
 
 def test_warnings_for_ignores_keys_in_effect() -> None:
     assert warnings_for(["server.max_recipients", "relay.allow"]) == []
-    assert warnings_for(["delivery.suppress_xexch50_external"]) == [
-        "delivery.suppress_xexch50_external: accepted but not yet in effect"
+    assert warnings_for(["categorizer.reset_message_status"]) == [
+        "categorizer.reset_message_status: accepted but not yet in effect"
     ]
 
 

@@ -4,6 +4,7 @@ so the next attempt avoids it instead of failing the same way until the message 
   peer-rejects-ehlo     EHLO answered 5xx, or the connection dropped right after it → HELO from now on
                         (KB818222 method 2, without the registry edit)
   peer-lacks-8bitmime   the connection dropped during 8-bit DATA → convert to 7-bit MIME (KB286673)
+  xexch50-blocked       no reply, or a drop, after the XEXCH50 blob → no XEXCH50 to it (KB818222)
 
 Facts expire (`ttl`, a day by default): a fixed peer gets the better protocol back on its own.
 """
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 PEER_REJECTS_EHLO = "peer-rejects-ehlo"
 PEER_LACKS_8BITMIME = "peer-lacks-8bitmime"
+XEXCH50_BLOCKED = "xexch50-blocked"
 
 ACTIONS = {
     PEER_REJECTS_EHLO: "send HELO instead of EHLO",
     PEER_LACKS_8BITMIME: "convert 8-bit messages to 7-bit MIME",
+    XEXCH50_BLOCKED: "stop sending the XEXCH50 blob",
 }
 
 

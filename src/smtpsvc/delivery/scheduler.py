@@ -332,7 +332,7 @@ class Scheduler:
                 for r in rcpts
             ]
         try:
-            policy = _hop_policy(choice)
+            policy = _hop_policy(choice, self._xexch50_allowed(choice, domain))
         except OSError as exc:
             reply = f"451 4.7.0 Cannot read auth.password_file of connector {choice.connector!r}: {exc}"
             self.events.emit(
@@ -414,6 +414,16 @@ class Scheduler:
             )
         return outcome.results
 
+    def _xexch50_allowed(self, choice: RouteChoice, domain: str) -> bool:
+        """SPEC 2.5: only on routes with xexch50 = true and, with suppress_xexch50_external
+        (SuppressExternal), only to internal domains: our local domains and the domains.remote entries."""
+        if not choice.xexch50:
+            return False
+        if not self.config.delivery.suppress_xexch50_external:
+            return True
+        internal = set(self.config.local_domains) | {r.name for r in self.config.domains.remote}
+        return domain in internal
+
     async def _smtp_deliver(
         self, hops: list[NextHop], envelope: Envelope, rcpts: list[Recipient], policy: smtp.HopPolicy
     ) -> smtp.SmtpOutcome:
@@ -429,6 +439,7 @@ class Scheduler:
             policy=policy,
             pool=self.pool,
             memory=self.memory,
+            xexch50=self.queue.xexch50_blob(envelope.id) if envelope.xexch50 and policy.xexch50 else None,
         )
 
     async def _next_hops(self, route: Route) -> list[NextHop]:
@@ -670,12 +681,16 @@ def _cause(reason: str) -> str:
 DNS_NOT_FOUND = frozenset({"dns-nxdomain", "dns-no-address"})
 
 
-def _hop_policy(choice: RouteChoice) -> smtp.HopPolicy:
+def _hop_policy(choice: RouteChoice, xexch50: bool = False) -> smtp.HopPolicy:
     password = ""
     if choice.auth_user and choice.auth_password_file:
         password = Path(choice.auth_password_file).read_text(encoding="utf-8").strip()
     return smtp.HopPolicy(
-        tls=choice.tls, auth_user=choice.auth_user, auth_password=password, use_helo=choice.use_helo
+        tls=choice.tls,
+        auth_user=choice.auth_user,
+        auth_password=password,
+        use_helo=choice.use_helo,
+        xexch50=xexch50,
     )
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from smtpsvc.delivery.downgrade import DowngradeError, downgrade_to_7bit, needs_downgrade
-from smtpsvc.delivery.healing import PEER_LACKS_8BITMIME, PEER_REJECTS_EHLO, PeerMemory
+from smtpsvc.delivery.healing import PEER_LACKS_8BITMIME, PEER_REJECTS_EHLO, XEXCH50_BLOCKED, PeerMemory
 from smtpsvc.model import DeliveryResult, Envelope, Recipient
 from smtpsvc.protocol import (
     NEED_DATA,
@@ -38,6 +38,7 @@ from smtpsvc.routing.mx import NextHop
 
 READ_SIZE = 64 * 1024
 BODY_CHUNK = 256 * 1024
+XEXCH50_REPLY_TIMEOUT = 60.0  # the blob's 250 comes at once from a real peer (KB818222)
 
 DROPPED = "The connection was dropped by the remote host."
 CANNOT_CONNECT = "The remote server did not respond to a connection attempt."
@@ -51,6 +52,7 @@ class HopPolicy:
     auth_user: str = ""
     auth_password: str = field(default="", repr=False)
     use_helo: bool = False
+    xexch50: bool = False  # send the XEXCH50 blob when the peer offers it (internal routes only)
 
 
 @dataclass(slots=True)
@@ -250,6 +252,7 @@ async def deliver(
     policy: HopPolicy = HopPolicy(),
     pool: ConnectionPool | None = None,
     memory: PeerMemory | None = None,
+    xexch50: bytes | None = None,
 ) -> SmtpOutcome:
     """Try each next hop in turn until one gives per-recipient answers; else every recipient is transient."""
     outcome = SmtpOutcome()
@@ -266,6 +269,7 @@ async def deliver(
             policy,
             pool,
             memory,
+            xexch50,
         )
         if isinstance(result, HopFailure):
             outcome.host_failures.append(result)
@@ -305,6 +309,7 @@ async def _attempt(
     policy: HopPolicy,
     pool: ConnectionPool | None,
     memory: PeerMemory | None,
+    xexch50: bytes | None,
 ) -> list[DeliveryResult] | HopFailure:
     transcript = outcome.transcript
     label = (
@@ -317,9 +322,11 @@ async def _attempt(
         reused.transcript = transcript
         reused.rejections, reused.learned = outcome.rejections, outcome.learned
         try:
-            results = await _send_message(reused, label, envelope, recipients, message_path, memory)
+            blob = _blob_for(reused, policy, memory, xexch50)
+            results = await _send_message(reused, label, envelope, recipients, message_path, memory, blob)
         except _Dropped:
-            await reused.close()  # the idle connection went stale: start afresh below
+            await reused.close()  # the idle connection went stale, or the peer choked: start afresh below
+            _diagnose_drop(reused)
         else:
             await _finish(reused, pool, key)
             return results
@@ -344,7 +351,9 @@ async def _attempt(
         if failure is not None:
             await peer.quit()
             return failure
-        results = await _send_message(peer, label, envelope, recipients, message_path, memory)
+        results = await _send_message(
+            peer, label, envelope, recipients, message_path, memory, _blob_for(peer, policy, memory, xexch50)
+        )
     except _Dropped:
         await peer.close()
         _diagnose_drop(peer)
@@ -405,6 +414,7 @@ async def _send_message(
     recipients: Sequence[Recipient],
     message_path: Path,
     memory: PeerMemory | None = None,
+    xexch50: bytes | None = None,
 ) -> list[DeliveryResult]:
     """One mail transaction on a ready session; per-recipient results. Marks the session reusable when it
     ends cleanly (a final reply to the data, or a successful RSET)."""
@@ -474,6 +484,8 @@ async def _send_message(
             command = f"RCPT {rcpt_arg(rcpt.address, rcpt_params(rcpt))}"
             peer.rejections.append(Rejection(label, "RCPT", str(reply), command))
             results[rcpt.address] = _result(rcpt.address, str(reply), label, permanent=reply.is_permanent)
+    if accepted and xexch50 and caps is not None and caps.has("XEXCH50"):
+        await _send_xexch50(peer, xexch50)
     if accepted:
         if envelope.body == "BINARYMIME" and isinstance(content, Path):
             final = await _send_bdat(peer, content)
@@ -521,6 +533,31 @@ async def _send_data(peer: _Peer, content: Path | bytes) -> Reply:
     peer.writer.write(peer.conn.end_data(stuffer))
     peer.log(">", "<message body> .")
     return await peer.reply()
+
+
+async def _send_xexch50(peer: _Peer, blob: bytes) -> None:
+    """`XEXCH50 <n> 2`, the blob, and its 250 (SPEC 2.5). A refusal (504 before AUTH, 500) only means the
+    blob is not carried; a peer that goes silent or drops us after the blob is the KB818222 firewall."""
+    peer.command("XEXCH50", f"{len(blob)} 2")
+    answer = await peer.reply()
+    if answer.code != 354:
+        return
+    peer.phase = "XEXCH50-BLOB"
+    peer.writer.write(peer.conn.send_xexch50_blob(blob))
+    peer.log(">", f"<XEXCH50 blob, {len(blob)} octets>")
+    saved, peer.timeout = peer.timeout, min(peer.timeout, XEXCH50_REPLY_TIMEOUT)
+    try:
+        await peer.reply()
+    finally:
+        peer.timeout = saved
+
+
+def _blob_for(peer: _Peer, policy: HopPolicy, memory: PeerMemory | None, blob: bytes | None) -> bytes | None:
+    if not blob or not policy.xexch50:
+        return None
+    if memory is not None and memory.knows(peer.memory_key, XEXCH50_BLOCKED, now()):
+        return None
+    return blob
 
 
 async def _send_bdat(peer: _Peer, content: Path) -> Reply:
@@ -629,6 +666,8 @@ def _diagnose_drop(peer: _Peer) -> None:
         peer.learned.append((peer.memory_key, PEER_REJECTS_EHLO))
     elif peer.phase == "DATA" and peer.sent_8bit:
         peer.learned.append((peer.memory_key, PEER_LACKS_8BITMIME))
+    elif peer.phase == "XEXCH50-BLOB":
+        peer.learned.append((peer.memory_key, XEXCH50_BLOCKED))
 
 
 def now() -> float:

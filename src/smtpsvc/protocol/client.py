@@ -202,6 +202,15 @@ class ClientConnection:
         self._data_ready = False
         return f"BDAT {len(data)}{' LAST' if last else ''}\r\n".encode("ascii") + data
 
+    def send_xexch50_blob(self, blob: bytes) -> bytes:
+        """After the 354 to `XEXCH50 <n> 2`: the n octets as they are (SPEC 2.5); records that the
+        "XEXCH50-BLOB" reply (250) is expected."""
+        if self._expect:
+            raise LocalProtocolError("send_xexch50_blob() needs the 354 reply to XEXCH50 first")
+        self._expect.append("XEXCH50-BLOB")
+        self._data_ready = False
+        return blob
+
     def start_data(self) -> DotStuffer:
         """After the 354 to DATA: an encoder for the content. Pass it to end_data() when done."""
         if not self._data_ready or self._expect:

@@ -1,0 +1,154 @@
+"""Outbound XEXCH50 (SPEC 2.5, KB818222): the blob goes to internal peers that offer it, never to external
+ones, and a peer that stalls after the blob gets the message without it on the next attempt."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from smtpsvc.app import Service
+from smtpsvc.auth.users import UserStore
+from tests.conftest import StartService, smtp_port, wait_until
+from tests.rawclient import RawClient
+
+BLOB = bytes(range(256)) * 4 + b"\r\n.\r\nnot a command\r\n"
+
+
+class ExchangePeer:
+    """A next hop that offers XEXCH50 and records the blob; optionally it goes silent after the blob, like
+    the firewall of KB818222."""
+
+    def __init__(self) -> None:
+        self.stall_after_blob = False
+        self.blobs: list[bytes] = []
+        self.commands: list[str] = []
+        self.messages: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 exchange.test ready\r\n")
+        try:
+            while line := await reader.readline():
+                parts = line.decode().split()
+                verb = parts[0].upper() if parts else ""
+                self.commands.append(verb)
+                if verb == "EHLO":
+                    writer.write(b"250-exchange.test\r\n250-PIPELINING\r\n250 XEXCH50\r\n")
+                elif verb == "XEXCH50":
+                    writer.write(b"354 Send binary data\r\n")
+                    await writer.drain()
+                    self.blobs.append(await reader.readexactly(int(parts[1])))
+                    if self.stall_after_blob:
+                        await asyncio.sleep(3600)  # never answers (the test's delivery timeout cuts it)
+                    writer.write(b"250 2.0.0 OK\r\n")
+                elif verb == "DATA":
+                    writer.write(b"354 go\r\n")
+                    await writer.drain()
+                    self.messages.append(await reader.readuntil(b"\r\n.\r\n"))
+                    writer.write(b"250 queued\r\n")
+                elif verb == "QUIT":
+                    writer.write(b"221 bye\r\n")
+                    break
+                else:
+                    writer.write(b"250 ok\r\n")
+                await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        writer.close()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+
+
+@pytest.fixture
+async def exchange() -> AsyncIterator[ExchangePeer]:
+    peer = ExchangePeer()
+    await peer.start()
+    yield peer
+    await peer.stop()
+
+
+def users_file(tmp_path: Path) -> str:
+    store = UserStore()
+    store.add("exchange", "secret")
+    path = tmp_path / "users.toml"
+    store.save(path)
+    return str(path)
+
+
+async def relay_with_blob(service: Service, rcpt: str) -> None:
+    """Submit over loopback with AUTH and an XEXCH50 blob, as an Exchange server would."""
+    client = await RawClient.connect(smtp_port(service))
+    await client.reply()
+    await client.command("EHLO exchange-a.test")
+    token = base64.b64encode(b"\0exchange\0secret").decode()
+    assert (await client.command(f"AUTH PLAIN {token}")).startswith("235")
+    assert (await client.command("MAIL FROM:<a@local.test>")).startswith("250")
+    assert (await client.command(f"RCPT TO:<{rcpt}>")).startswith("250")
+    assert (await client.command(f"XEXCH50 {len(BLOB)} 2")).startswith("354")
+    await client.send(BLOB)
+    assert (await client.reply()).startswith("250")
+    assert (await client.command("DATA")).startswith("354")
+    await client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
+    assert (await client.reply()).startswith("250 2.6.0")
+    await client.close()
+
+
+def connector(port: int) -> str:
+    return (
+        f'[[connector]]\nname = "org"\naddress_spaces = ["*"]\ncost = 1\n'
+        f'smart_hosts = ["[127.0.0.1]:{port}"]\nxexch50 = true\n'
+    )
+
+
+def sections(tmp_path: Path) -> dict[str, dict[str, object]]:
+    return {
+        "extensions": {"xexch50": True},
+        "auth": {"users_file": users_file(tmp_path), "require_tls": False},
+        "domains": {"local": ["local.test"], "remote": [{"name": "internal.test"}]},
+    }
+
+
+async def test_the_blob_arrives_intact_at_an_internal_peer_that_offers_it(
+    start_service: StartService, exchange: ExchangePeer, tmp_path: Path
+) -> None:
+    service = await start_service(_extra=connector(exchange.port), **sections(tmp_path))
+    await relay_with_blob(service, "user@internal.test")
+    await wait_until(lambda: exchange.messages, what="delivery")
+    assert exchange.blobs == [BLOB]
+    assert exchange.commands.index("XEXCH50") < exchange.commands.index("DATA")
+
+
+async def test_the_blob_never_goes_to_an_external_domain(
+    start_service: StartService, exchange: ExchangePeer, tmp_path: Path
+) -> None:
+    service = await start_service(_extra=connector(exchange.port), **sections(tmp_path))
+    await relay_with_blob(service, "user@external.test")
+    await wait_until(lambda: exchange.messages, what="delivery")
+    assert exchange.blobs == [] and "XEXCH50" not in exchange.commands
+
+
+async def test_a_peer_that_stalls_after_the_blob_gets_the_message_without_it_next_time(
+    start_service: StartService, exchange: ExchangePeer, tmp_path: Path
+) -> None:
+    exchange.stall_after_blob = True
+    overrides = sections(tmp_path)
+    overrides["delivery"] = {"timeout": "1s", "retry": ["300ms"]}
+    service = await start_service(_extra=connector(exchange.port), **overrides)
+    await relay_with_blob(service, "user@internal.test")
+    await wait_until(lambda: exchange.messages, timeout=30, what="delivery without the blob")
+    assert len(exchange.blobs) == 1  # sent once, then never again to this host
+    service.events.flush()
+    events = [json.loads(line) for line in (service.folders["log"] / "events.jsonl").read_text().splitlines()]
+    assert any(e["id"] == 3010 and e.get("cause") == "xexch50-blocked" for e in events)
