@@ -414,3 +414,63 @@ async def test_binarymime_to_a_peer_without_it_is_returned_with_5_6_3(
     [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
     assert b"Status: 5.6.3" in ndr.read_bytes()
     assert not sink.messages
+
+
+async def test_a_destination_that_just_failed_is_not_hammered_by_the_next_message(
+    start_service: StartService,
+) -> None:
+    service = await start_service(
+        delivery={"smart_host": "[127.0.0.1]:9", "retry": ["1h"]}
+    )  # nothing listens
+    await send(service, "alice@local.test", ["x@remote.test"])
+    await wait_until(lambda: events_of(service, 4006), what="the first failed connection")
+    await send(service, "alice@local.test", ["y@remote.test"])
+    second = await wait_until(
+        lambda: [
+            e
+            for e in service.queue.list()
+            if e.recipients[0].address == "y@remote.test"
+            and e.recipients[0].next_attempt > e.received_at + 60
+        ],
+        what="the second message deferred with the destination",
+    )
+    assert second[0].recipients[0].attempts == 0  # no connection was tried for it
+    assert len(events_of(service, 4006)) == 1
+    [first] = [e for e in service.queue.list() if e.recipients[0].address == "x@remote.test"]
+    assert first.transcripts and "connect failed" in "\n".join(first.transcripts[-1])  # kept with the message
+
+
+async def test_null_mx_is_returned_at_once_with_5_1_10(
+    start_service: StartService, dns_server: DnsServer
+) -> None:
+    dns_server.add_mx("nomail.test", 0, ".")
+    service = await start_service(resolver={"nameservers": [dns_server.nameserver]})
+    await send(service, "alice@local.test", ["x@nomail.test"])
+    [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
+    assert b"Status: 5.1.10" in ndr.read_bytes()
+    assert [e["cause"] for e in events_of(service, 4000)] == ["null-mx"]
+
+
+async def test_a_4xx_greeting_passes_the_message_to_the_next_mx(
+    start_service: StartService, sink: Sink, dns_server: DnsServer
+) -> None:
+    async def busy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"421 4.3.2 busy, try another MX\r\n")
+        await writer.drain()
+        writer.close()
+
+    busy_server = await asyncio.start_server(busy, "127.0.0.2", sink.port)  # same port, another loopback IP
+    try:
+        dns_server.add_mx("remote.test", 10, "mx1.remote.test")
+        dns_server.add_mx("remote.test", 20, "mx2.remote.test")
+        dns_server.add_a("mx1.remote.test", "127.0.0.2")
+        dns_server.add_a("mx2.remote.test", "127.0.0.1")
+        service = await start_service(
+            resolver={"nameservers": [dns_server.nameserver]}, delivery={"remote_port": sink.port}
+        )
+        await send(service, "alice@local.test", ["x@remote.test"])
+        await wait_until(lambda: sink.messages, what="delivery through the second MX")
+        [event] = events_of(service, 4006)
+        assert "421 4.3.2 busy" in str(event["text"])
+    finally:
+        busy_server.close()

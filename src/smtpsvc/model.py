@@ -88,6 +88,9 @@ class Envelope:
     delay_notified: bool = False
     dsn_kind: str = ""  # for reports we made: "failure" | "delay"; "" for ordinary mail
     original_id: str = ""  # for reports: the queue id of the message reported on
+    transcripts: list[list[str]] = field(
+        default_factory=list
+    )  # last SMTP conversations (no bodies, no secrets)
 
     @property
     def is_report(self) -> bool:
@@ -158,6 +161,7 @@ class Envelope:
             delay_notified=bool(data.get("delay_notified", False)),
             dsn_kind=str(data.get("dsn_kind", "")),
             original_id=str(data.get("original_id", "")),
+            transcripts=[[str(line) for line in t] for t in data.get("transcripts", [])],
         )
 
 

@@ -24,13 +24,23 @@ from smtpsvc.delivery.schedule import expired, next_attempt_time, retry_delay
 from smtpsvc.events import EventLog
 from smtpsvc.folders.badmail import put_badmail
 from smtpsvc.ingest import EnvelopeFields, Ingest
-from smtpsvc.model import Attempt, DeliveryResult, Envelope, Recipient, RecipientState, Route, Source
+from smtpsvc.model import (
+    Attempt,
+    DeliveryResult,
+    Envelope,
+    Recipient,
+    RecipientState,
+    Route,
+    Source,
+    rfc5322_date,
+)
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.routing.categorizer import choices_for
 from smtpsvc.routing.connectors import RouteChoice
 from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
 
+TRANSCRIPTS_KEPT = 3  # SMTP conversations kept in the envelope, newest last
 HISTORY_KEPT = 20  # attempts remembered per recipient
 HEADER_READ_LIMIT = 256 * 1024  # how much of a message we read to find its header block for a report
 EXPIRED_TEXT = (
@@ -64,6 +74,7 @@ class Scheduler:
         self._stopping = False
         self.transcripts: dict[str, list[str]] = {}  # last SMTP transcript per queue id (in memory for now)
         self._connector_down: dict[str, float] = {}  # connector name -> unavailable until
+        self._link_down: dict[str, float] = {}  # link -> not tried before (every host just failed to connect)
         self.pool = smtp.ConnectionPool(config.delivery.max_messages_per_connection)
         self.memory = PeerMemory()  # self-healing facts per next hop (SPEC 2.9)
         self._link_slots: dict[str, asyncio.Semaphore] = {}  # max_connections_per_domain, per link
@@ -163,6 +174,11 @@ class Scheduler:
                 continue  # this recipient's retry time has not come (another one made the message due)
             first, *rest = choices_for(rcpt.address, self.config, unavailable)
             rcpt.route = first.route.link
+            down_until = self._link_down.get(first.route.link, 0.0)
+            if down_until > started:
+                # The destination just failed for another message: wait with it instead of hammering it.
+                rcpt.next_attempt = down_until
+                continue
             groups.setdefault(first, []).append(rcpt)
             fallbacks[first] = rest
         outcomes = await asyncio.gather(
@@ -356,6 +372,16 @@ class Scheduler:
         async with slots:
             outcome = await self._smtp_deliver(hops, envelope, rcpts, policy)
         self.transcripts[envelope.id] = outcome.transcript
+        envelope.transcripts = [*envelope.transcripts, _stamped(outcome.transcript)][-TRANSCRIPTS_KEPT:]
+        if (
+            hops
+            and len(outcome.host_failures) >= len(hops)
+            and not any(f.permanent for f in outcome.host_failures)
+        ):
+            # No host of this destination took a connection: other messages to it wait for one interval.
+            self._link_down[route.link] = time.time() + retry_delay(1, cfg.retry, self.rng)
+        else:
+            self._link_down.pop(route.link, None)
         for host, cause in outcome.learned:
             if self.memory.learn(host, cause, time.time()):
                 self.events.emit(
@@ -697,3 +723,8 @@ def _hop_policy(choice: RouteChoice, xexch50: bool = False) -> smtp.HopPolicy:
 def _status_of(reply: str) -> str:
     parts = reply.split(" ", 2)
     return parts[1] if len(parts) > 1 and parts[1][:1] in "245" and parts[1].count(".") == 2 else ""
+
+
+def _stamped(transcript: list[str]) -> list[str]:
+    """A transcript with the wall-clock time of the attempt on its first line."""
+    return [f"attempt at {rfc5322_date(time.time())}", *transcript]
