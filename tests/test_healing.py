@@ -21,6 +21,7 @@ class Misbehaving:
     def __init__(self, drop_on_ehlo: bool = False, drop_on_8bit: bool = False) -> None:
         self.drop_on_ehlo = drop_on_ehlo
         self.drop_on_8bit = drop_on_8bit
+        self.drop_on_body_param = False  # an Exchange 5.5 IMS that closes on "MAIL FROM:<...> BODY=8BITMIME"
         self.commands: list[str] = []
         self.messages: list[bytes] = []
         self.port = 0
@@ -35,6 +36,8 @@ class Misbehaving:
         while line := await reader.readline():
             verb = line.decode(errors="replace").split(" ", 1)[0].strip().upper()
             self.commands.append(verb)
+            if verb == "MAIL" and self.drop_on_body_param and b"BODY=8BITMIME" in line.upper():
+                break
             if verb == "EHLO":
                 if self.drop_on_ehlo:
                     break  # like a firewall that does not know EHLO
@@ -113,3 +116,18 @@ def test_memory_forgets_after_its_ttl() -> None:
     assert memory.learn("h:25", PEER_LACKS_8BITMIME, now=101) is False
     assert memory.knows("h:25", PEER_LACKS_8BITMIME, now=109)
     assert not memory.knows("h:25", PEER_LACKS_8BITMIME, now=112)
+
+
+async def test_a_peer_that_drops_on_body_8bitmime_gets_7bit_on_the_next_attempt(
+    peer: Misbehaving, start_service: StartService
+) -> None:
+    peer.drop_on_body_param = True
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "retry": ["300ms"]})
+    message = "Subject: s\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nna\u00efve\r\n".encode()
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
+    await client.connect()
+    await client.sendmail("a@local.test", ["x@remote.test"], message, mail_options=["BODY=8BITMIME"])
+    await client.quit()
+    [data] = await wait_until(lambda: peer.messages, what="delivery after healing")
+    assert max(data) < 128
+    assert [e["cause"] for e in events_of(service, 3010)] == ["peer-lacks-8bitmime"]

@@ -438,6 +438,7 @@ async def _send_message(
             params["SIZE"] = str(size)
         if envelope.body == "8BITMIME" and caps.has("8BITMIME") and not isinstance(content, bytes):
             params["BODY"] = "8BITMIME"
+            peer.sent_8bit = True  # a drop from here on is the KB286673 failure
         if envelope.body == "BINARYMIME":
             params["BODY"] = "BINARYMIME"
         if dsn:  # pass the DSN request on: the peer takes over responsibility for it (RFC 3461 §4)
@@ -664,7 +665,7 @@ def _diagnose_drop(peer: _Peer) -> None:
     """The peer closed or stalled: name what it choked on, so the next attempt avoids it (SPEC 2.9)."""
     if peer.phase in ("EHLO", "STARTTLS") and not peer.tls:
         peer.learned.append((peer.memory_key, PEER_REJECTS_EHLO))
-    elif peer.phase == "DATA" and peer.sent_8bit:
+    elif peer.phase in ("MAIL", "RCPT", "DATA") and peer.sent_8bit:
         peer.learned.append((peer.memory_key, PEER_LACKS_8BITMIME))
     elif peer.phase == "XEXCH50-BLOB":
         peer.learned.append((peer.memory_key, XEXCH50_BLOCKED))
