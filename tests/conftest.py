@@ -111,5 +111,12 @@ def dns_server() -> Iterator[DnsServer]:
         yield server
 
 
+def events_of(service: Service, event_id: int) -> list[dict[str, Any]]:
+    """The service's events with this id, from log/events.jsonl (flushed first)."""
+    service.events.flush()
+    path = service.folders["log"] / "events.jsonl"
+    return [r for r in map(json.loads, path.read_text().splitlines()) if r["id"] == event_id]
+
+
 def smtp_port(service: Service) -> int:
     return service.smtp.sockets[0][1]

@@ -14,16 +14,10 @@ import pytest
 
 from smtpsvc.app import Service
 from smtpsvc.queue.base import QueueError
-from tests.conftest import StartService, smtp_port, wait_until
+from tests.conftest import StartService, events_of, smtp_port, wait_until
 from tests.dnsserver import DnsServer
 from tests.sink import Sink
 from tests.test_relay import MESSAGE, drop_files, queue_is_empty, send
-
-
-def events_of(service: Service, event_id: int) -> list[dict[str, object]]:
-    service.events.flush()
-    path = service.folders["log"] / "events.jsonl"
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["id"] == event_id]
 
 
 def badmail(service: Service, suffix: str) -> list[object]:
@@ -474,3 +468,15 @@ async def test_a_4xx_greeting_passes_the_message_to_the_next_mx(
         assert "421 4.3.2 busy" in str(event["text"])
     finally:
         busy_server.close()
+
+
+async def test_a_remote_reply_with_a_percent_sign_is_logged_and_reported(
+    start_service: StartService, sink: Sink
+) -> None:
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    (service.folders["pickup"] / "pct.eml").write_bytes(
+        b"X-Sender: <alice@local.test>\r\nX-Receiver: <reject%s%d@remote.test>\r\nSubject: p\r\n\r\nx\r\n"
+    )
+    [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
+    assert b"reject%s%d@remote.test" in ndr.read_bytes()
+    assert any("status=bounced" in str(e.get("track")) for e in events_of(service, 3004))

@@ -4,15 +4,13 @@ drops 8-bit data gets 7-bit MIME, on the next attempt, with event 3010 naming th
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 
 import aiosmtplib
 import pytest
 
-from smtpsvc.app import Service
 from smtpsvc.delivery.healing import PEER_LACKS_8BITMIME, PeerMemory
-from tests.conftest import StartService, smtp_port, wait_until
+from tests.conftest import StartService, events_of, smtp_port, wait_until
 
 
 class Misbehaving:
@@ -69,12 +67,6 @@ async def peer() -> AsyncIterator[Misbehaving]:
     await server.start()
     yield server
     await server.stop()
-
-
-def events_of(service: Service, event_id: int) -> list[dict[str, object]]:
-    service.events.flush()
-    path = service.folders["log"] / "events.jsonl"
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["id"] == event_id]
 
 
 async def test_a_peer_that_drops_on_ehlo_gets_helo_on_the_next_attempt(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-import json
 
 from smtpsvc.app import Service
-from tests.conftest import StartService, smtp_port, wait_until
+from tests.conftest import StartService, events_of, smtp_port, wait_until
 from tests.dnsserver import DnsServer
 from tests.rawclient import RawClient
 
@@ -16,12 +15,6 @@ async def greeted(service: Service) -> RawClient:
     assert (await client.reply()).startswith("220 relay.test smtpsvc ESMTP ready")
     assert (await client.command("EHLO client.test")).startswith("250-relay.test Hello [127.0.0.1]")
     return client
-
-
-def events_of(service: Service, event_id: int) -> list[dict[str, object]]:
-    service.events.flush()
-    path = service.folders["log"] / "events.jsonl"
-    return [r for r in map(json.loads, path.read_text().splitlines()) if r["id"] == event_id]
 
 
 async def test_ehlo_advertises_the_enabled_extensions(start_service: StartService) -> None:

@@ -152,3 +152,26 @@ async def test_a_peer_that_stalls_after_the_blob_gets_the_message_without_it_nex
     service.events.flush()
     events = [json.loads(line) for line in (service.folders["log"] / "events.jsonl").read_text().splitlines()]
     assert any(e["id"] == 3010 and e.get("cause") == "xexch50-blocked" for e in events)
+
+
+async def test_the_blob_reaches_an_smtpsvc_peer_that_offers_xexch50_after_auth(
+    start_service: StartService, tmp_path: Path
+) -> None:
+    receiver = await start_service(
+        extensions={"xexch50": True},
+        auth={"users_file": users_file(tmp_path), "require_tls": False},
+        domains={"local": ["receiver.test"]},
+        delivery={"smart_host": "[127.0.0.1]:9", "retry": ["1h"]},  # keeps what it receives queued
+    )
+    secret = tmp_path / "secret"
+    secret.write_text("secret\n")
+    text = (
+        f'[[connector]]\nname = "org"\naddress_spaces = ["*"]\ncost = 1\n'
+        f'smart_hosts = ["[127.0.0.1]:{smtp_port(receiver)}"]\nxexch50 = true\n'
+        f'auth = {{ user = "exchange", password_file = "{secret}" }}\n'
+    )
+    relay = await start_service(_extra=text, **sections(tmp_path))
+    await relay_with_blob(relay, "user@internal.test")
+    [envelope] = await wait_until(receiver.queue.list, what="the message at the receiver")
+    assert envelope.xexch50 == len(BLOB)
+    assert receiver.queue.xexch50_blob(envelope.id) == BLOB

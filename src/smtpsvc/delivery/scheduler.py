@@ -98,6 +98,8 @@ class Scheduler:
                     rcpt.next_attempt = now
                     touched = True
             if touched:
+                for rcpt in envelope.pending:
+                    self._link_down.pop(rcpt.route, None)  # the operator asked: try it now
                 self.queue.reschedule(envelope.id)
                 count += 1
         if count:
@@ -239,34 +241,26 @@ class Scheduler:
         rcpt.history.append(Attempt(now, result.reply, result.remote_mta))
         del rcpt.history[:-HISTORY_KEPT]
         delay = now - envelope.received_at
-        track = (
-            f"to=<{rcpt.address}>, relay={result.remote_mta or 'none'}, delay={delay:.2f}, "
-            f"dsn={result.status}, status=%s ({result.reply})"
-        )
-        if result.ok:
-            rcpt.state = RecipientState.DELIVERED
-            self.events.emit(
-                events.Event(
-                    events.MESSAGE_DELIVERED,
-                    f"Message delivered to {rcpt.address}",
-                    queue_id=envelope.id,
-                    domain=rcpt.domain,
-                    host=result.remote_mta,
-                    status=result.status,
-                    track=track % "sent",
-                )
+
+        def track(outcome: str) -> str:  # the Postfix-shaped tracking line (the reply may contain any text)
+            return (
+                f"to=<{rcpt.address}>, relay={result.remote_mta or 'none'}, delay={delay:.2f}, "
+                f"dsn={result.status}, status={outcome} ({result.reply})"
             )
-        elif result.permanent:
-            rcpt.state = RecipientState.FAILED
+
+        if result.ok or result.permanent:
+            rcpt.state = RecipientState.DELIVERED if result.ok else RecipientState.FAILED
             self.events.emit(
                 events.Event(
-                    events.NDR_SENT,
-                    f"Delivery to {rcpt.address} failed permanently: {result.reply}",
+                    events.MESSAGE_DELIVERED if result.ok else events.NDR_SENT,
+                    f"Message delivered to {rcpt.address}"
+                    if result.ok
+                    else f"Delivery to {rcpt.address} failed permanently: {result.reply}",
                     queue_id=envelope.id,
                     domain=rcpt.domain,
                     host=result.remote_mta,
                     status=result.status,
-                    track=track % "bounced",
+                    track=track("sent" if result.ok else "bounced"),
                 )
             )
         else:
@@ -348,7 +342,7 @@ class Scheduler:
                 for r in rcpts
             ]
         try:
-            policy = _hop_policy(choice, self._xexch50_allowed(choice, domain))
+            policy = _hop_policy(choice, self._xexch50_allowed(choice, {r.domain for r in rcpts}))
         except OSError as exc:
             reply = f"451 4.7.0 Cannot read auth.password_file of connector {choice.connector!r}: {exc}"
             self.events.emit(
@@ -409,9 +403,14 @@ class Scheduler:
                     cause=f"remote-rejected-{rejection.verb.lower()}",
                 )
             )
-        if choice.connector and hops and len(outcome.host_failures) >= len(hops):
-            # every smart host of this connector failed: mark it unavailable for one retry interval
-            self._connector_down[choice.connector] = time.time() + cfg.retry[0]
+        every_host_failed = hops and len(outcome.host_failures) >= len(hops)
+        if choice.connector and every_host_failed and not any(f.permanent for f in outcome.host_failures):
+            # Every smart host of this connector failed: it is unavailable (the Exchange link in retry state)
+            # for the longest retry interval, and the next cost takes the mail now, in this same attempt.
+            self._connector_down[choice.connector] = time.time() + max(cfg.retry)
+            backup = [c for c in fallbacks if c.connector and c.connector != choice.connector]
+            if backup:
+                return await self._deliver_smtp(envelope, backup[0], rcpts, backup[1:])
         diagnosis = outcome.learned[-1][1] if outcome.learned else ""  # what the drop was about, if known
         for failure in outcome.host_failures:
             self.events.emit(
@@ -440,7 +439,7 @@ class Scheduler:
             )
         return outcome.results
 
-    def _xexch50_allowed(self, choice: RouteChoice, domain: str) -> bool:
+    def _xexch50_allowed(self, choice: RouteChoice, domains: set[str]) -> bool:
         """SPEC 2.5: only on routes with xexch50 = true and, with suppress_xexch50_external
         (SuppressExternal), only to internal domains: our local domains and the domains.remote entries."""
         if not choice.xexch50:
@@ -448,7 +447,7 @@ class Scheduler:
         if not self.config.delivery.suppress_xexch50_external:
             return True
         internal = set(self.config.local_domains) | {r.name for r in self.config.domains.remote}
-        return domain in internal
+        return domains <= internal  # every recipient of this transaction is internal
 
     async def _smtp_deliver(
         self, hops: list[NextHop], envelope: Envelope, rcpts: list[Recipient], policy: smtp.HopPolicy

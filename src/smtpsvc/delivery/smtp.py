@@ -403,7 +403,15 @@ async def _setup(
         )
     peer.caps = caps
     if policy.auth_user:
-        return await _authenticate(peer, hop, label, caps, policy)
+        failure = await _authenticate(peer, hop, label, caps, policy)
+        if failure is not None:
+            return failure
+        if caps is not None:
+            # Exchange-style peers offer some verbs (XEXCH50) only to authenticated clients: ask again.
+            again = await _hello(peer, label, hostname, use_helo=False)
+            if isinstance(again, HopFailure):
+                return again
+            peer.caps = again
     return None
 
 
@@ -436,7 +444,13 @@ async def _send_message(
             return [_result(r.address, text, label, permanent=True) for r in recipients]
         if caps.has("SIZE"):
             params["SIZE"] = str(size)
-        if envelope.body == "8BITMIME" and caps.has("8BITMIME") and not isinstance(content, bytes):
+        distrusted = memory is not None and memory.knows(peer.memory_key, PEER_LACKS_8BITMIME, now())
+        if (
+            envelope.body == "8BITMIME"
+            and caps.has("8BITMIME")
+            and not isinstance(content, bytes)
+            and not distrusted
+        ):
             params["BODY"] = "8BITMIME"
             peer.sent_8bit = True  # a drop from here on is the KB286673 failure
         if envelope.body == "BINARYMIME":
@@ -663,7 +677,7 @@ def _is_loopback(address: str) -> bool:
 
 def _diagnose_drop(peer: _Peer) -> None:
     """The peer closed or stalled: name what it choked on, so the next attempt avoids it (SPEC 2.9)."""
-    if peer.phase in ("EHLO", "STARTTLS") and not peer.tls:
+    if peer.phase == "EHLO" and not peer.tls:
         peer.learned.append((peer.memory_key, PEER_REJECTS_EHLO))
     elif peer.phase in ("MAIL", "RCPT", "DATA") and peer.sent_8bit:
         peer.learned.append((peer.memory_key, PEER_LACKS_8BITMIME))
