@@ -201,7 +201,7 @@ class Service:
             )
             return
         self.config = config
-        for part in (self.ingest, self.scheduler, self.pickup, context):
+        for part in (self.ingest, self.scheduler, self.scheduler.reports, self.pickup, context):
             part.config = config
         self.scheduler.wake()
         self.events.emit(

@@ -15,15 +15,15 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from smtpsvc import dsn, events
+from smtpsvc import events
 from smtpsvc.config import Config
 from smtpsvc.delivery import smtp
 from smtpsvc.delivery.drop import write_drop_file
 from smtpsvc.delivery.healing import ACTIONS, PeerMemory
+from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.schedule import expired, next_attempt_time, retry_delay
 from smtpsvc.events import EventLog
-from smtpsvc.folders.badmail import put_badmail
-from smtpsvc.ingest import EnvelopeFields, Ingest
+from smtpsvc.ingest import Ingest
 from smtpsvc.model import (
     Attempt,
     DeliveryResult,
@@ -31,7 +31,6 @@ from smtpsvc.model import (
     Recipient,
     RecipientState,
     Route,
-    Source,
     rfc5322_date,
 )
 from smtpsvc.queue.base import QueueError
@@ -42,7 +41,6 @@ from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
 
 TRANSCRIPTS_KEPT = 3  # SMTP conversations kept in the envelope, newest last
 HISTORY_KEPT = 20  # attempts remembered per recipient
-HEADER_READ_LIMIT = 256 * 1024  # how much of a message we read to find its header block for a report
 EXPIRED_TEXT = (
     "Could not deliver the message in the time limit specified. Please retry or contact your administrator."
 )
@@ -77,6 +75,7 @@ class Scheduler:
         self._link_down: dict[str, float] = {}  # link -> not tried before (every host just failed to connect)
         self.pool = smtp.ConnectionPool(config.delivery.max_messages_per_connection)
         self.memory = PeerMemory()  # self-healing facts per next hop (SPEC 2.9)
+        self.reports = Reporter(queue, config, ingest, event_log, badmail_dir)
         self._link_slots: dict[str, asyncio.Semaphore] = {}  # max_connections_per_domain, per link
 
     def wake(self) -> None:
@@ -199,7 +198,7 @@ class Scheduler:
                 if result.ok and "SUCCESS" in rcpt.notify and not result.dsn_passed_on:
                     succeeded.append((rcpt, result))
         if succeeded and envelope.sender:
-            await self._send_success_report(envelope, succeeded)
+            await self.reports.success(envelope, succeeded)
         cfg = self.config.delivery
         for rcpt in envelope.pending:
             if expired(now, envelope.received_at, cfg.expiration):
@@ -486,10 +485,7 @@ class Scheduler:
         """Tell the sender (NDR) or, for a null sender, write Badmail. Only when that is durable are the
         recipients marked notified; otherwise the report is retried later and the message stays queued."""
         try:
-            if envelope.sender:
-                await self._send_ndr(envelope, failed)
-            else:
-                await self._to_badmail(envelope, failed)
+            await self.reports.failure(envelope, failed)
         except (QueueError, OSError) as exc:
             retry_at = now + retry_delay(1, self.config.delivery.retry, self.rng)  # e.g. disk full
             for rcpt in failed:
@@ -506,87 +502,6 @@ class Scheduler:
         for rcpt in failed:
             rcpt.notified = True
 
-    async def _send_ndr(self, envelope: Envelope, failed: Sequence[Recipient]) -> None:
-        reported = [r for r in failed if dsn.should_report(envelope, r, "failure")]
-        if not reported:
-            return
-        message = await asyncio.to_thread(self._build_report, envelope, reported)
-        report = await self.ingest.submit_bytes(
-            message,
-            EnvelopeFields(
-                sender="",
-                recipients=[Recipient(address=envelope.sender)]
-                + (
-                    [Recipient(address=self.config.delivery.send_ndr_copy_to)]
-                    if self.config.delivery.send_ndr_copy_to
-                    else []
-                ),
-                source=Source.DSN,
-                dsn_kind="failure",
-                original_id=envelope.id,
-            ),
-        )
-        self.events.emit(
-            events.Event(
-                events.NDR_SENT,
-                f"Non-delivery report {report.id} sent to {envelope.sender} for "
-                + ", ".join(r.address for r in reported),
-                queue_id=envelope.id,
-                status=reported[0].status,
-            )
-        )
-
-    async def _send_success_report(
-        self, envelope: Envelope, succeeded: Sequence[tuple[Recipient, DeliveryResult]]
-    ) -> None:
-        """NOTIFY=SUCCESS (RFC 3461): "delivered" for Drop, "relayed" when the next hop did not take the
-        DSN request over. Best effort: a report that cannot be queued is logged, not retried."""
-        hostname = self.config.server.hostname
-        with open(self.queue.message_path(envelope.id), "rb") as fh:
-            headers = dsn.split_headers(fh.read(HEADER_READ_LIMIT))
-        message = dsn.build_report(
-            reporting_mta=hostname,
-            original=envelope,
-            original_headers=headers,
-            original_body=None,
-            recipients=[
-                dsn.ReportedRecipient(
-                    address=r.address,
-                    action="delivered" if result.remote_mta == "drop" else "relayed",
-                    status=result.status or "2.0.0",
-                    diagnostic=result.reply,
-                    remote_mta=_host_name(result.remote_mta),
-                    orcpt=r.orcpt,
-                    last_attempt=time.time(),
-                )
-                for r, result in succeeded
-            ],
-            kind="success",
-            now=time.time(),
-            message_id_domain=hostname,
-            postmaster=f"postmaster@{hostname}",
-        )
-        try:
-            await self.ingest.submit_bytes(
-                message,
-                EnvelopeFields(
-                    sender="",
-                    recipients=[Recipient(address=envelope.sender)],
-                    source=Source.DSN,
-                    dsn_kind="success",
-                    original_id=envelope.id,
-                ),
-            )
-        except QueueError as exc:
-            self.events.emit(
-                events.Event(
-                    events.NDR_SENT,
-                    f"Cannot queue the success notification: {exc}",
-                    queue_id=envelope.id,
-                    cause="report-lost",
-                )
-            )
-
     def _delay_due(self, envelope: Envelope, now: float) -> bool:
         delay = self.config.delivery.delay_notification
         return (
@@ -597,101 +512,8 @@ class Scheduler:
         )
 
     async def _send_delay_report(self, envelope: Envelope) -> None:
-        """One delay DSN per message (SmtpRemoteDelayExpireMinutes), for recipients whose NOTIFY allows it."""
-        delayed = [r for r in envelope.pending if dsn.should_report(envelope, r, "delay")]
-        if delayed:
-            message = await asyncio.to_thread(self._build_report, envelope, delayed, "delay")
-            try:
-                report = await self.ingest.submit_bytes(
-                    message,
-                    EnvelopeFields(
-                        sender="",
-                        recipients=[Recipient(address=envelope.sender)],
-                        source=Source.DSN,
-                        dsn_kind="delay",
-                        original_id=envelope.id,
-                    ),
-                )
-            except QueueError:
-                return  # not marked: the next attempt tries again
-            self.events.emit(
-                events.Event(
-                    events.DELAY_DSN_SENT,
-                    f"Delay notification {report.id} sent to {envelope.sender} for "
-                    + ", ".join(r.address for r in delayed),
-                    queue_id=envelope.id,
-                    status=delayed[0].status,
-                )
-            )
-        envelope.delay_notified = True
-
-    def _build_report(self, envelope: Envelope, failed: Sequence[Recipient], kind: str = "failure") -> bytes:
-        path = self.queue.message_path(envelope.id)
-        body: bytes | None = None
-        if envelope.ret == "FULL" and kind == "failure":
-            whole = path.read_bytes()
-            end = dsn.header_block_end(whole)
-            headers, body = (whole[:end], whole[end:]) if end is not None else (whole, b"")
-        else:
-            with open(path, "rb") as fh:
-                headers = dsn.split_headers(fh.read(HEADER_READ_LIMIT))
-        hostname = self.config.server.hostname
-        return dsn.build_report(
-            reporting_mta=hostname,
-            original=envelope,
-            original_headers=headers,
-            original_body=body,
-            recipients=[
-                dsn.ReportedRecipient(
-                    address=r.address,
-                    action="failed" if kind == "failure" else "delayed",
-                    status=r.status or ("5.0.0" if kind == "failure" else "4.0.0"),
-                    diagnostic=r.last_reply,
-                    remote_mta=_host_name(r.remote_mta),
-                    orcpt=r.orcpt,
-                    last_attempt=r.history[-1].time if r.history else None,
-                    will_retry_until=(
-                        envelope.received_at + self.config.delivery.expiration if kind == "delay" else None
-                    ),
-                )
-                for r in failed
-            ],
-            kind=kind,
-            now=time.time(),
-            message_id_domain=hostname,
-            postmaster=f"postmaster@{hostname}",
-        )
-
-    async def _to_badmail(self, envelope: Envelope, failed: Sequence[Recipient]) -> None:
-        reasons = [
-            f"Unable to deliver this message because the following error was encountered: "
-            f"This message is a delivery status notification that cannot be delivered. "
-            f"Recipient {r.address}: {r.status} {r.last_reply}"
-            for r in failed
-        ]
-        path = await put_badmail(
-            self.events,
-            self.badmail_dir,
-            envelope.id,
-            self.queue.message_path(envelope.id),
-            reasons,
-            envelope.to_json(),
-            self.config.badmail.max_size,
-        )
-        where = f"written to Badmail as {path.name}" if path else "discarded (badmail.max_size = 0)"
-        self.events.emit(
-            events.Event(
-                events.BADMAIL_WRITTEN,
-                f"Undeliverable report {envelope.id} {where}",
-                queue_id=envelope.id,
-                status=failed[0].status,
-            )
-        )
-
-
-def _host_name(remote_mta: str) -> str:
-    """ "mx.example.test[127.0.0.1]:25" → "mx.example.test" for the Remote-MTA field."""
-    return remote_mta.split("[", 1)[0] if remote_mta and remote_mta != "drop" else ""
+        if await self.reports.delay(envelope):
+            envelope.delay_notified = True
 
 
 def _cause(reason: str) -> str:
