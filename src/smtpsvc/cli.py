@@ -6,14 +6,20 @@ Thin by design: it finds and loads the configuration, then hands over to the ser
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import json
 import os
 import sys
+import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
 from smtpsvc import __version__
+from smtpsvc.admin.service import AdminError, QueueAdmin
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
 from smtpsvc.config import (
     Config,
@@ -23,6 +29,7 @@ from smtpsvc.config import (
     render_effective,
     render_example,
 )
+from smtpsvc.model import rfc5322_date
 from smtpsvc.protocol import AddressError, parse_path
 from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address
 
@@ -236,6 +243,142 @@ def relay_check(config_file: str | None, client_ip: str, rcpt: str, auth_user: s
     else:
         click.echo(f'decision: refused with "550 5.7.1 Unable to relay for <{address}>"')
     click.echo(f"rule: {decision.rule}: {explain(decision.rule)}")
+
+
+# --------------------------------------------------------------------------------------------- queue
+
+
+@main.group()
+def queue() -> None:
+    """Inspect and repair the queue of a stopped service (list, show, freeze, thaw, retry, delete)."""
+
+
+def _admin(config_file: str | None) -> contextlib.AbstractContextManager[QueueAdmin]:
+    return QueueAdmin.offline(_load(_config_path(config_file)))
+
+
+def _fail(exc: AdminError) -> NoReturn:
+    click.echo(f"smtpsvc: {exc}", err=True)
+    raise SystemExit(1)
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+@queue.command("list")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
+@click.option("--state", type=click.Choice(["ready", "retry", "frozen"]), help="Only messages in this state.")
+@click.option("--to", "to", metavar="ADDR", help="Only messages with this recipient.")
+@click.option("--domain", metavar="D", help="Only messages with a recipient at this domain.")
+def queue_list(
+    config_file: str | None, as_json: bool, state: str | None, to: str | None, domain: str | None
+) -> None:
+    """List queued messages: id, state, age, size, sender, recipients, next attempt, last error."""
+    try:
+        with _admin(config_file) as admin:
+            entries = admin.entries(state or "", to or "", domain or "")
+    except AdminError as exc:
+        _fail(exc)
+    now = time.time()
+    if as_json:
+        click.echo(json.dumps([e.to_json(now) for e in entries], indent=2))
+        return
+    if not entries:
+        click.echo("the queue is empty" if not (state or to or domain) else "no message matches")
+        return
+    for entry in entries:
+        env = entry.envelope
+        due = env.next_due()
+        when = "now" if due is not None and due <= now else (_age(due - now) if due else "-")
+        click.echo(
+            f"{env.id}  {entry.state:<6} age {_age(now - env.received_at):>4}  {env.size:>8} B  "
+            f"from <{env.sender}>  next {when}"
+        )
+        for r in env.recipients:
+            last = f"  last: {r.last_reply}" if r.last_reply and r.pending else ""
+            click.echo(
+                f"    {r.state.value:<9} {r.address}  (route {r.route or '-'}, {r.attempts} attempts){last}"
+            )
+
+
+@queue.command("show")
+@config_option
+@click.argument("queue_id")
+@click.option("--transcript", is_flag=True, help="Also print the last SMTP conversations.")
+def queue_show(config_file: str | None, queue_id: str, transcript: bool) -> None:
+    """Envelope, headers, per-recipient history and (with --transcript) the delivery transcripts."""
+    try:
+        with _admin(config_file) as admin:
+            env = admin.get(queue_id)
+            headers = admin.headers(queue_id)
+    except AdminError as exc:
+        _fail(exc)
+    click.echo(f"id:        {env.id}")
+    click.echo(
+        f"received:  {rfc5322_date(env.received_at)} from {env.source.value} "
+        f"{env.client_ip or ''} {('(' + env.helo + ')') if env.helo else ''}".rstrip()
+    )
+    click.echo(f"sender:    <{env.sender}>{'  authenticated as ' + env.auth_user if env.auth_user else ''}")
+    click.echo(f"size:      {env.size} bytes{'  frozen' if env.frozen else ''}")
+    for r in env.recipients:
+        click.echo(f"recipient: {r.address}  {r.state.value}  route {r.route or '-'}  attempts {r.attempts}")
+        for attempt in r.history:
+            click.echo(f"    {rfc5322_date(attempt.time)}  {attempt.host or '-'}  {attempt.reply}")
+    click.echo("")
+    click.echo(headers.decode("utf-8", "replace").rstrip())
+    if transcript:
+        if not env.transcripts:
+            click.echo("\n(no SMTP transcript: the message has not been tried by SMTP yet)")
+        for lines in env.transcripts:
+            click.echo("")
+            for line in lines:
+                click.echo(line)
+
+
+def _queue_change(verb: str, doc: str) -> None:
+    @queue.command(verb, help=doc)
+    @config_option
+    @click.argument("queue_id")
+    def change(config_file: str | None, queue_id: str) -> None:
+        try:
+            with _admin(config_file) as admin:
+                asyncio.run(getattr(admin, verb)(queue_id))
+        except AdminError as exc:
+            _fail(exc)
+        click.echo(f"{queue_id}: {verb} done")
+
+
+_queue_change("freeze", "Hold a message (Exchange Queue Viewer Freeze): kept, not delivered, until thawed.")
+_queue_change("thaw", "Release a frozen message.")
+_queue_change("retry", "Force Connection: make the message due now (it is tried when the service starts).")
+
+
+@queue.command("delete")
+@config_option
+@click.argument("queue_id")
+@click.option(
+    "--ndr", is_flag=True, help="Return it to the sender with status 4.3.2 (needs the running service)."
+)
+def queue_delete(config_file: str | None, queue_id: str, ndr: bool) -> None:
+    """Delete a message, without a report (the default)."""
+    if ndr:
+        click.echo(
+            "smtpsvc: delete --ndr needs the running service and its admin API, which is not built yet; "
+            "delete without --ndr, or freeze the message for now",
+            err=True,
+        )
+        raise SystemExit(1)
+    try:
+        with _admin(config_file) as admin:
+            asyncio.run(admin.delete(queue_id))
+    except AdminError as exc:
+        _fail(exc)
+    click.echo(f"{queue_id}: deleted")
 
 
 if __name__ == "__main__":  # pragma: no cover

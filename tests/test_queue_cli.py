@@ -1,0 +1,88 @@
+"""`smtpsvc queue ...` on a stopped service's spool; a running service's lock is respected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from smtpsvc.app import Service
+from smtpsvc.cli import main
+from tests.conftest import StartService, wait_until
+from tests.test_relay import send
+
+
+def run_sync(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), env={})
+    return result.exit_code, result.stdout, result.stderr
+
+
+async def run(*args: str) -> tuple[int, str, str]:
+    """The CLI runs its own event loop (asyncio.run), so from an async test it runs in a thread."""
+    return await asyncio.to_thread(run_sync, *args)
+
+
+async def queued_then_stopped(start_service: StartService) -> tuple[Service, str]:
+    """A service whose smart host never answers, one message queued, then stopped."""
+    service = await start_service(delivery={"smart_host": "[127.0.0.1]:9", "retry": ["1h"]})
+    await send(service, "alice@local.test", ["x@remote.test", "y@other.test"])
+    [envelope] = await wait_until(
+        lambda: [e for e in service.queue.list() if e.recipients[0].attempts], what="a failed first attempt"
+    )
+    await service.stop()
+    return service, envelope.id
+
+
+async def test_queue_list_shows_state_recipients_and_the_last_error(start_service: StartService) -> None:
+    service, queue_id = await queued_then_stopped(start_service)
+    code, out, _ = await run("queue", "list", "-c", str(service.config_path))
+    assert code == 0
+    assert queue_id in out and "retry" in out and "from <alice@local.test>" in out
+    assert "pending   x@remote.test" in out and "last: " in out
+    code, out, _ = await run(
+        "queue", "list", "-c", str(service.config_path), "--json", "--domain", "other.test"
+    )
+    [entry] = json.loads(out)
+    assert entry["id"] == queue_id and entry["recipients"][1]["address"] == "y@other.test"
+    assert (
+        json.loads(
+            (await run("queue", "list", "-c", str(service.config_path), "--json", "--state", "frozen"))[1]
+        )
+        == []
+    )
+
+
+async def test_queue_show_prints_envelope_history_headers_and_transcript(start_service: StartService) -> None:
+    service, queue_id = await queued_then_stopped(start_service)
+    code, out, _ = await run("queue", "show", "-c", str(service.config_path), queue_id, "--transcript")
+    assert code == 0
+    assert "sender:    <alice@local.test>" in out
+    assert "Subject: hello" in out  # the message headers
+    assert "connect failed" in out  # the transcript of the attempt
+    assert (await run("queue", "show", "-c", str(service.config_path), "NOPE"))[0] == 1
+
+
+async def test_freeze_thaw_retry_and_delete_change_the_spool(start_service: StartService) -> None:
+    service, queue_id = await queued_then_stopped(start_service)
+    config = str(service.config_path)
+    env_file = Path(service.folders["queue"]) / f"{queue_id}.env"
+    assert (await run("queue", "freeze", "-c", config, queue_id))[0] == 0
+    assert json.loads(env_file.read_text())["frozen"] is True
+    assert (await run("queue", "thaw", "-c", config, queue_id))[0] == 0
+    assert json.loads(env_file.read_text())["frozen"] is False
+    assert (await run("queue", "retry", "-c", config, queue_id))[0] == 0
+    saved = json.loads(env_file.read_text())
+    assert all(r["next_attempt"] <= saved["received_at"] + 3600 for r in saved["recipients"])
+    code, _, err = await run("queue", "delete", "-c", config, queue_id, "--ndr")
+    assert code == 1 and "needs the running service" in err
+    assert (await run("queue", "delete", "-c", config, queue_id))[0] == 0
+    assert not env_file.exists() and not env_file.with_suffix(".eml").exists()
+
+
+async def test_queue_commands_on_a_running_service_say_so(start_service: StartService) -> None:
+    service = await start_service()
+    code, _, err = await run("queue", "list", "-c", str(service.config_path))
+    assert code == 1
+    assert "The service is running" in err
