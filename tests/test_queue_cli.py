@@ -86,3 +86,26 @@ async def test_queue_commands_on_a_running_service_say_so(start_service: StartSe
     code, _, err = await run("queue", "list", "-c", str(service.config_path))
     assert code == 1
     assert "The service is running" in err
+
+
+async def test_badmail_list_show_and_replay_of_an_undeliverable_ndr(start_service: StartService) -> None:
+    service = await start_service()
+    bad = service.folders["badmail"]
+    (bad / "Q1.bad").write_bytes(
+        b"From: Mail Delivery System <postmaster@relay.test>\r\nSubject: ndr\r\n\r\nx\r\n"
+    )
+    (bad / "Q1.bdr").write_text(
+        "This message is a delivery status notification that cannot be delivered. 5.1.1\r\n"
+    )
+    (bad / "Q1.bdp").write_text(json.dumps({"sender": "", "recipients": [{"address": "alice@local.test"}]}))
+    config = str(service.config_path)
+    code, out, _ = await run("badmail", "list", "-c", config)
+    assert code == 0 and out.startswith("Q1 ") and "cannot be delivered" in out
+    code, out, _ = await run("badmail", "show", "-c", config, "Q1")
+    assert "Subject: ndr" in out and "alice@local.test" in out
+    code, out, _ = await run("badmail", "replay", "-c", config, "Q1")  # works while the service runs
+    assert code == 0
+    [drop] = await wait_until(lambda: list(service.folders["drop"].glob("*.eml")), what="the replayed NDR")
+    assert drop.read_bytes().startswith(b"X-Sender: <>\r\nX-Receiver: <alice@local.test>\r\n")
+    assert not list(bad.iterdir())
+    assert (await run("badmail", "replay", "-c", config, "Q1"))[0] == 1

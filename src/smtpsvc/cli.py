@@ -19,6 +19,7 @@ from typing import NoReturn
 import click
 
 from smtpsvc import __version__
+from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin.service import AdminError, QueueAdmin
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
 from smtpsvc.config import (
@@ -29,6 +30,7 @@ from smtpsvc.config import (
     render_effective,
     render_example,
 )
+from smtpsvc.dsn import split_headers
 from smtpsvc.model import rfc5322_date
 from smtpsvc.protocol import AddressError, parse_path
 from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address
@@ -379,6 +381,69 @@ def queue_delete(config_file: str | None, queue_id: str, ndr: bool) -> None:
     except AdminError as exc:
         _fail(exc)
     click.echo(f"{queue_id}: deleted")
+
+
+# --------------------------------------------------------------------------------------------- badmail
+
+
+@main.group()
+def badmail() -> None:
+    """Inspect Badmail and replay items through Pickup (works while the service runs)."""
+
+
+def _badmail_dirs(config_file: str | None) -> tuple[Path, Path]:
+    root = Path(_load(_config_path(config_file)).server.root)
+    return root / "badmail", root / "pickup"
+
+
+@badmail.command("list")
+@config_option
+def badmail_list(config_file: str | None) -> None:
+    """One line per item: name, size, age, first reason."""
+    folder, _ = _badmail_dirs(config_file)
+    found = badmail_admin.items(folder)
+    if not found:
+        click.echo("Badmail is empty")
+    now = time.time()
+    for item in found:
+        click.echo(f"{item.name}  {item.size:>8} B  {_age(now - item.mtime):>4}  {item.reason}")
+
+
+@badmail.command("show")
+@config_option
+@click.argument("name")
+def badmail_show(config_file: str | None, name: str) -> None:
+    """The reasons (.bdr), the envelope (.bdp) and the message headers (.bad)."""
+    folder, _ = _badmail_dirs(config_file)
+    try:
+        item, envelope, content = badmail_admin.show(folder, name)
+    except AdminError as exc:
+        _fail(exc)
+    for reason in item.reasons:
+        click.echo(f"reason:   {reason}")
+    if envelope is not None:
+        click.echo(f"envelope: {json.dumps(envelope)[:2000]}")
+    click.echo("")
+    click.echo(split_headers(content[:65536]).decode("utf-8", "replace").rstrip())
+
+
+@badmail.command("replay")
+@config_option
+@click.argument("name", required=False)
+@click.option("--all", "replay_all", is_flag=True, help="Replay every item.")
+def badmail_replay(config_file: str | None, name: str | None, replay_all: bool) -> None:
+    """Resubmit through Pickup, with the original envelope when the .bdp has it (KB306043)."""
+    folder, pickup = _badmail_dirs(config_file)
+    if bool(name) == replay_all:
+        click.echo("smtpsvc: give one item NAME or --all (see `smtpsvc badmail list`)", err=True)
+        raise SystemExit(2)
+    names = [i.name for i in badmail_admin.items(folder)] if replay_all else [str(name)]
+    for item in names:
+        try:
+            target = badmail_admin.replay(folder, pickup, item)
+        except AdminError as exc:
+            _fail(exc)
+        click.echo(f"{item}: written to {target}")
 
 
 if __name__ == "__main__":  # pragma: no cover
