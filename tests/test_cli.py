@@ -121,3 +121,36 @@ def test_relay_check_treats_a_bare_postmaster_as_local(tmp_path: Path) -> None:
     code, out, _ = run("relay", "check", "-c", str(cfg), "--client", "192.0.2.7", "--rcpt", "postmaster")
     assert code == 0
     assert "recipient postmaster@corp.test" in out and "decision: accepted" in out
+
+
+def test_sendmail_writes_a_pickup_file_with_the_envelope(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text(f'[server]\nroot = "{tmp_path / "root"}"\n')
+    message = b"Subject: cron\r\n\r\nbackup done\r\n"
+    result = CliRunner().invoke(
+        main, ["sendmail", "-c", str(cfg), "-f", "cron@local.test", "ops@local.test"], input=message, env={}
+    )
+    assert result.exit_code == 0
+    [written] = (tmp_path / "root" / "pickup").glob("sendmail-*.eml")
+    assert (
+        written.read_bytes() == b"X-Sender: <cron@local.test>\r\nX-Receiver: <ops@local.test>\r\n" + message
+    )
+
+
+def test_sendmail_without_recipients_or_t_is_a_usage_error(tmp_path: Path) -> None:
+    assert run("sendmail")[0] == 2
+
+
+def test_events_filters_by_id_and_since(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "log").mkdir(parents=True)
+    (root / "log" / "events.jsonl").write_text(
+        '{"time":"2000-01-01T00:00:00.000+00:00","id":4000,"level":"warning","text":"old"}\n'
+        '{"time":"2999-01-01T00:00:00.000+00:00","id":4000,"level":"warning","text":"new","cause":"dns-timeout"}\n'
+        '{"time":"2999-01-01T00:00:00.000+00:00","id":3001,"level":"info","text":"queued"}\n'
+    )
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text(f'[server]\nroot = "{root}"\n')
+    code, out, _ = run("events", "-c", str(cfg), "--id", "4000", "--since", "1h")
+    assert code == 0
+    assert "new" in out and "cause=dns-timeout" in out and "old" not in out and "queued" not in out

@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
@@ -21,6 +22,7 @@ import click
 from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin.service import AdminError, QueueAdmin
+from smtpsvc.admin.submit import write_pickup_file
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
 from smtpsvc.config import (
     Config,
@@ -34,6 +36,7 @@ from smtpsvc.dsn import split_headers
 from smtpsvc.model import rfc5322_date
 from smtpsvc.protocol import AddressError, parse_path
 from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address
+from smtpsvc.units import parse_duration
 
 
 def _config_path(option: str | None) -> str | None:
@@ -444,6 +447,97 @@ def badmail_replay(config_file: str | None, name: str | None, replay_all: bool) 
         except AdminError as exc:
             _fail(exc)
         click.echo(f"{item}: written to {target}")
+
+
+# ------------------------------------------------------------------------------------ sendmail, events
+
+
+@main.command(context_settings={"ignore_unknown_options": False})
+@config_option
+@click.option("-f", "sender", metavar="SENDER", help="Envelope sender (default: from the headers).")
+@click.option("-t", "from_headers", is_flag=True, help="Take recipients from To/Cc/Bcc (Bcc is removed).")
+@click.option(
+    "-i", "ignore_dots", is_flag=True, help="Accepted for compatibility: a lone dot never ends input."
+)
+@click.argument("recipients", nargs=-1)
+def sendmail(
+    config_file: str | None,
+    sender: str | None,
+    from_headers: bool,
+    ignore_dots: bool,
+    recipients: tuple[str, ...],
+) -> None:
+    """Submit the message on standard input through the Pickup folder (sendmail-compatible)."""
+    if not recipients and not from_headers:
+        click.echo("smtpsvc sendmail: give recipients, or -t to take them from the headers", err=True)
+        raise SystemExit(2)
+    pickup = Path(_load(_config_path(config_file)).server.root) / "pickup"
+    try:
+        path = write_pickup_file(pickup, sys.stdin.buffer, sender, () if from_headers else recipients)
+    except OSError as exc:
+        click.echo(f"smtpsvc sendmail: cannot write to {pickup}: {exc.strerror or exc}", err=True)
+        raise SystemExit(1) from None
+    click.echo(f"queued through Pickup as {path.name}", err=True)
+
+
+@main.command()
+@config_option
+@click.option("--id", "event_id", type=int, help="Only events with this ID (e.g. 4000).")
+@click.option("--since", metavar="T", help='Only events since T: a duration ("1h") or an RFC 3339 time.')
+@click.option("--follow", is_flag=True, help="Keep printing new events (Ctrl-C to stop).")
+@click.option("--json", "as_json", is_flag=True, help="The JSON lines as stored.")
+def events(
+    config_file: str | None, event_id: int | None, since: str | None, follow: bool, as_json: bool
+) -> None:
+    """Read the event log (log/events.jsonl)."""
+    path = Path(_load(_config_path(config_file)).server.root) / "log" / "events.jsonl"
+    cutoff = _since(since) if since else None
+
+    def show(line: str) -> None:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(record, dict) or (event_id is not None and record.get("id") != event_id):
+            return
+        if cutoff is not None and str(record.get("time", "")) < cutoff:
+            return
+        if as_json:
+            click.echo(line.rstrip("\n"))
+            return
+        extra = " ".join(f"{k}={record[k]}" for k in ("queue_id", "cause", "status") if k in record)
+        click.echo(
+            f"{record.get('time')} {record.get('id')} {record.get('level')} {record.get('text')}"
+            + (f"  [{extra}]" if extra else "")
+        )
+
+    if not path.exists() and not follow:
+        click.echo(f"no event log at {path} yet", err=True)
+        return
+    position = 0
+    while True:
+        if path.exists():
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                fh.seek(position)
+                for line in fh:
+                    show(line)
+                position = fh.tell()
+        if not follow:
+            return
+        time.sleep(0.5)
+
+
+def _since(text: str) -> str:
+    """An RFC 3339 lower bound (UTC) from "90m"/"2h"/"1d" or a timestamp, for comparison with `time`."""
+    try:
+        seconds = parse_duration(text)
+    except ValueError:
+        try:
+            return datetime.fromisoformat(text).astimezone(UTC).isoformat(timespec="milliseconds")
+        except ValueError:
+            click.echo(f'smtpsvc events: --since {text!r} is neither a duration ("2h") nor a time', err=True)
+            raise SystemExit(2) from None
+    return datetime.fromtimestamp(time.time() - seconds, UTC).isoformat(timespec="milliseconds")
 
 
 if __name__ == "__main__":  # pragma: no cover
