@@ -21,6 +21,7 @@ import click
 
 from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
+from smtpsvc.admin.probe import probe as probe_peer
 from smtpsvc.admin.service import AdminError, QueueAdmin
 from smtpsvc.admin.submit import write_pickup_file
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
@@ -538,6 +539,47 @@ def _since(text: str) -> str:
             click.echo(f'smtpsvc events: --since {text!r} is neither a duration ("2h") nor a time', err=True)
             raise SystemExit(2) from None
     return datetime.fromtimestamp(time.time() - seconds, UTC).isoformat(timespec="milliseconds")
+
+
+@main.command()
+@config_option
+@click.argument("target", metavar="HOST[:PORT]")
+@click.option("--starttls", is_flag=True, help="Also upgrade with STARTTLS and check the certificate.")
+@click.option("--helo", "use_helo", is_flag=True, help="Send HELO instead of EHLO.")
+@click.option("--exchange", is_flag=True, help="Expect an Exchange 2000/2003 peer (XEXCH50).")
+def probe(config_file: str | None, target: str, starttls: bool, use_helo: bool, exchange: bool) -> None:
+    """The KB279616 telnet check: banner, EHLO keywords, what is missing and what that means here."""
+    cfg = _load(_config_path(config_file))
+    host, _, port_text = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
+    host = host.strip("[]") or target
+    try:
+        port = int(port_text) if port_text else cfg.delivery.remote_port
+        report = asyncio.run(
+            probe_peer(
+                host,
+                port,
+                hostname=cfg.server.hostname,
+                starttls=starttls,
+                helo=use_helo,
+                xexch50_expected=exchange,
+            )
+        )
+    except ValueError:
+        click.echo(f"smtpsvc probe: {target!r}: the port must be a number", err=True)
+        raise SystemExit(2) from None
+    except (OSError, TimeoutError) as exc:
+        click.echo(
+            f"smtpsvc probe: cannot connect to {host}:{port_text or cfg.delivery.remote_port}: "
+            f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc or 'timeout'}",
+            err=True,
+        )
+        raise SystemExit(1) from None
+    for line in report.lines:
+        click.echo(line)
+    for problem in report.problems:
+        click.echo(f"problem:  {problem}")
+    if not report.problems:
+        click.echo("no problems found")
 
 
 if __name__ == "__main__":  # pragma: no cover

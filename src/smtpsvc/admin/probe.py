@@ -1,0 +1,150 @@
+"""`smtpsvc probe HOST[:PORT]`: the KB279616 telnet check, automated. Connects, reads the banner, sends
+EHLO (or HELO), lists the keywords, optionally upgrades with STARTTLS and reports the certificate, and names
+the problems this relay would run into with that peer (the failures of the KB articles)."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from dataclasses import dataclass, field
+
+from smtpsvc.protocol import NEED_DATA, Capabilities, ClientConnection, ConnectionClosed, Reply, ServerReply
+
+
+@dataclass(slots=True)
+class ProbeReport:
+    lines: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+class _Probe:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float) -> None:
+        self.reader, self.writer, self.timeout = reader, writer, timeout
+        self.conn = ClientConnection()
+
+    async def reply(self) -> Reply:
+        while True:
+            event = self.conn.next_event()
+            if isinstance(event, ServerReply):
+                return event.reply
+            if isinstance(event, ConnectionClosed):
+                raise ConnectionError("the server closed the connection")
+            assert event is NEED_DATA
+            await self.writer.drain()
+            self.conn.receive_data(await asyncio.wait_for(self.reader.read(65536), self.timeout))
+
+    async def command(self, verb: str, arg: str = "") -> Reply:
+        self.writer.write(self.conn.send_command(verb, arg))
+        return await self.reply()
+
+
+async def probe(
+    host: str,
+    port: int,
+    *,
+    hostname: str,
+    starttls: bool = False,
+    helo: bool = False,
+    xexch50_expected: bool = False,
+    timeout: float = 15.0,
+) -> ProbeReport:
+    report = ProbeReport()
+    out = report.lines.append
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    p = _Probe(reader, writer, timeout)
+    try:
+        banner = await p.reply()
+        out(f"banner:   {banner}")
+        if not banner.is_positive:
+            report.problems.append(f"the server refuses connections: {banner}")
+            return report
+        hello = await p.command("HELO" if helo else "EHLO", hostname)
+        caps = Capabilities.from_ehlo(hello) if hello.is_positive and not helo else None
+        out(f"{'HELO' if helo else 'EHLO'}:     {str(hello).splitlines()[0]}")
+        if not hello.is_positive:
+            report.problems.append(
+                f"EHLO is refused ({hello}): smtpsvc falls back to HELO, without extensions "
+                "(KB818222 method 2)"
+            )
+        if caps is not None:
+            for line in str(hello).splitlines()[1:]:
+                out(f"          {line[4:]}")
+            _judge(caps, report, xexch50_expected)
+            if starttls and caps.has("STARTTLS"):
+                await _starttls(p, host, hostname, report)
+            elif starttls:
+                report.problems.append(
+                    'STARTTLS is not offered: tls = "required" routes to it will not deliver'
+                )
+        await p.command("QUIT")
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        report.problems.append(f"the conversation broke off: {exc or type(exc).__name__}")
+    finally:
+        writer.close()
+    return report
+
+
+def _judge(caps: Capabilities, report: ProbeReport, xexch50_expected: bool) -> None:
+    wanted = {
+        "8BITMIME": "8-bit mail is converted to 7-bit MIME for this peer (KB286673 would have dropped it)",
+        "PIPELINING": "each command waits for its reply (slower, not wrong)",
+        "SIZE": "the message size is not declared; a peer limit is found only after the data",
+        "ENHANCEDSTATUSCODES": "replies carry no enhanced status codes; NDRs show generic ones",
+        "DSN": "NOTIFY/RET requests are not passed on; smtpsvc reports success as relayed",
+        "CHUNKING": "BINARYMIME messages cannot go to this peer (NDR 5.6.3)",
+    }
+    for keyword, consequence in wanted.items():
+        if not caps.has(keyword):
+            report.problems.append(f"{keyword} missing: {consequence}")
+    if xexch50_expected and not caps.has("XEXCH50"):
+        report.problems.append(
+            "XEXCH50 missing: this is not an Exchange 2000/2003 transport, or it offers "
+            "XEXCH50 only after AUTH (KB279616's telnet check)"
+        )
+
+
+async def _starttls(p: _Probe, host: str, hostname: str, report: ProbeReport) -> None:
+    """Upgrade as an opportunistic sender does (any certificate), then say whether a `tls = "required"`
+    route would accept the certificate (system CAs, host name)."""
+    answer = await p.command("STARTTLS")
+    if answer.code != 220:
+        report.problems.append(f"STARTTLS is advertised but refused: {answer}")
+        return
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    await p.writer.start_tls(context, server_hostname=host)
+    p.conn.tls_established()
+    cipher = p.writer.get_extra_info("cipher")
+    report.lines.append(f"TLS:      {cipher[1]} {cipher[0]}" if cipher else "TLS:      established")
+    tls = p.writer.get_extra_info("ssl_object")
+    der = tls.getpeercert(binary_form=True) if tls is not None else None
+    report.lines.append(f"cert:     {len(der)} bytes presented" if der else "cert:     none presented")
+    verdict = await _verifies(host, p.writer.get_extra_info("peername"), hostname)
+    if verdict:
+        report.problems.append(f'the certificate would not pass tls = "required": {verdict}')
+    else:
+        report.lines.append("cert:     verifies against the system CAs for this host name")
+    hello = await p.command("EHLO", hostname)
+    report.lines.append(f"EHLO/TLS: {len(str(hello).splitlines()) - 1} keywords")
+
+
+async def _verifies(host: str, peer: object, hostname: str) -> str:
+    """A second, verifying STARTTLS handshake; "" when the certificate verifies, else the reason."""
+    address = peer[0] if isinstance(peer, tuple) else host
+    port = peer[1] if isinstance(peer, tuple) else 25
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(address, port), 15)
+    q = _Probe(reader, writer, 15)
+    try:
+        await q.reply()
+        await q.command("EHLO", hostname)
+        if (await q.command("STARTTLS")).code != 220:
+            return "STARTTLS refused on the second connection"
+        await writer.start_tls(ssl.create_default_context(), server_hostname=host)
+        return ""
+    except ssl.SSLCertVerificationError as exc:
+        return exc.verify_message or str(exc)
+    except (ssl.SSLError, ConnectionError, TimeoutError, OSError) as exc:
+        return str(exc) or type(exc).__name__
+    finally:
+        writer.close()
