@@ -1,0 +1,775 @@
+#!/usr/bin/env python3
+"""smtpsvc against Postfix, side by side, with Postfix's own ``smtp-source`` as the load for both.
+
+For each case (message size, concurrent sessions) and each run, three targets get the same load
+(``smtp-source -s S -m N -l SIZE -f a@local.test -t x@remote.test 127.0.0.1:PORT``):
+
+- **smtpsvc** (``python -m smtpsvc serve``, temp mailroot, smart host = the sink),
+- **Postfix**, a private instance (own config, queue and data directories under the temp dir, loopback
+  only, relayhost = the sink; default durability: its queue files are fsynced before ``250``),
+- **ceiling**: ``smtp-sink`` fed directly.
+
+Both relays forward to one ``smtp-sink -c`` whose running counter gives the end-to-end count.
+
+- accept msgs/s = N / wall time of ``smtp-source`` (every message got its ``250``, else the run fails);
+- relay msgs/s = N / time from the start of ``smtp-source`` until the sink has counted N more messages;
+- CPU ms/msg = server CPU (user + system) over that same window / N. smtpsvc: its process from
+  /proc/<pid>/stat. Postfix: the private master (including its reaped children: cutime + cstime) plus every
+  live process whose parent is that master (smtpd, cleanup, qmgr, smtp, trivial-rewrite, postlogd, ...).
+
+Run as root (Postfix and smtp-sink need it; the Debian ``postfix`` package provides smtp-source/smtp-sink).
+Everything on 127.0.0.1; every run bounded by message count and by RUN_TIMEOUT; every process started here
+is stopped by PID, also on an error, Ctrl-C, SIGTERM or SIGHUP.
+
+    .venv/bin/python bench/compare.py [--quick] [--runs N] [--reuse] [--keep]
+
+Writes the table to bench/results/<YYYY-MM-DD>.md. See docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shlex
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+
+SMTP_SOURCE = "/usr/sbin/smtp-source"
+SMTP_SINK = "/usr/sbin/smtp-sink"
+POSTFIX = "/usr/sbin/postfix"
+SENDER = "a@local.test"
+RECIPIENT = "x@remote.test"
+
+RUN_TIMEOUT = 120.0  # one run: smtp-source plus the wait for the sink to count every message
+STARTUP_TIMEOUT = 30.0
+STOP_TIMEOUT = 20.0
+SETTLE_TIMEOUT = 30.0  # between runs: wait (bounded) for the server to go idle
+IDLE_WINDOW = 0.5
+IDLE_TICKS = 2
+TICK = os.sysconf("SC_CLK_TCK")
+LISTENING_RE = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+
+# (size in bytes, sessions, messages per run)
+CASES_FULL = [(1024, 1, 500), (1024, 10, 2000), (1024, 50, 2000), (102400, 10, 400), (102400, 50, 400)]
+CASES_QUICK = [(1024, 10, 1000), (1024, 50, 1000)]
+WARMUP_MESSAGES = 200
+
+
+class BenchError(Exception):
+    pass
+
+
+class Interrupted(Exception):
+    pass
+
+
+def on_signal(signum: int, frame: FrameType | None) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout: float, alive: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive():
+            raise BenchError(f"process for port {port} exited during start-up")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.05)
+    raise BenchError(f"nothing listens on 127.0.0.1:{port} after {timeout:g}s")
+
+
+def proc_stat(pid: int) -> list[bytes]:
+    with open(f"/proc/{pid}/stat", "rb") as fh:
+        stat = fh.read()
+    return stat[stat.rindex(b")") + 2 :].split()  # fields[0] is "state" (field 3 of proc(5))
+
+
+def cpu_ticks(pid: int, children_of: int | None = None) -> int:
+    """utime+stime+cutime+cstime of pid; plus utime+stime of its live children when children_of is set."""
+    f = proc_stat(pid)
+    total = int(f[11]) + int(f[12]) + int(f[13]) + int(f[14])
+    if children_of is not None:
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                c = proc_stat(int(entry))
+                if int(c[1]) == children_of:
+                    total += int(c[11]) + int(c[12])
+    return total
+
+
+def stop_pid(pid: int, what: str) -> None:
+    """SIGTERM, wait, SIGKILL; for processes that are not our Popen children (Postfix master)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT
+    while time.monotonic() < deadline:
+        if not Path(f"/proc/{pid}").exists():
+            return
+        time.sleep(0.1)
+    print(f"  {what} (pid {pid}) ignored SIGTERM: SIGKILL", file=sys.stderr)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def stop_popen(proc: subprocess.Popen[bytes] | None, what: str) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(STOP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        print(f"  {what} (pid {proc.pid}) ignored SIGTERM: SIGKILL", file=sys.stderr)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(STOP_TIMEOUT)
+
+
+# --------------------------------------------------------------------------------------------- the sink
+
+
+class Sink:
+    """``smtp-sink -c``: its stdout carries ``sess=.. quit=.. mesg=N`` updates separated by CR."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.count = 0
+        self.cond = threading.Condition()
+        self.stderr_path = workdir / "smtp-sink.stderr"
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        argv = [SMTP_SINK, "-c", "-m", "1000"]
+        if os.geteuid() == 0:
+            argv += ["-u", "nobody"]
+        argv += [f"127.0.0.1:{self.port}", "1000"]
+        with open(self.stderr_path, "wb") as err:
+            self.proc = subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
+            )
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+        wait_port(self.port, STARTUP_TIMEOUT, lambda: self.proc is not None and self.proc.poll() is None)
+
+    def _read(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        buf = b""
+        pattern = re.compile(rb"mesg=(\d+)")
+        while True:
+            chunk = self.proc.stdout.read1(65536)
+            if not chunk:
+                return
+            buf += chunk
+            cut = max(buf.rfind(b"\r"), buf.rfind(b"\n"))
+            if cut < 0:
+                continue
+            found = pattern.findall(buf[:cut])
+            buf = buf[cut + 1 :]
+            if found:
+                with self.cond:
+                    self.count = int(found[-1])
+                    self.cond.notify_all()
+
+    def wait_for(self, target: int, deadline: float) -> float | None:
+        """Monotonic time at which the count reached target (observed), or None at the deadline."""
+        with self.cond:
+            while self.count < target:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self.cond.wait(min(left, 0.5))
+            return time.monotonic()
+
+    def stop(self) -> None:
+        stop_popen(self.proc, "smtp-sink")
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+# ------------------------------------------------------------------------------------------- the servers
+
+
+class Server:
+    name = ""
+    port = 0
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+    def cpu(self) -> int:
+        return 0
+
+    def describe(self) -> str:
+        return ""
+
+
+class Smtpsvc(Server):
+    name = "smtpsvc"
+
+    def __init__(self, workdir: Path, sink_port: int) -> None:
+        self.dir = workdir / "smtpsvc"
+        self.root = self.dir / "mailroot"
+        self.config = self.dir / "smtpsvc.toml"
+        self.events = self.root / "log" / "events.jsonl"
+        self.stderr_path = self.dir / "serve.stderr"
+        self.sink_port = sink_port
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._stderr: TextIO | None = None
+
+    def config_text(self) -> str:
+        return "\n".join(
+            [
+                "[server]",
+                'hostname = "bench.test"',
+                f"root = {json.dumps(str(self.root))}",
+                'listen = ["127.0.0.1:0"]',
+                "max_connections = 2000",
+                'max_session_size = "1GB"',
+                'max_message_size = "64MB"',
+                "",
+                "[relay]",
+                'allow = ["127.0.0.0/8"]',
+                "",
+                "[delivery]",
+                f'smart_host = "[127.0.0.1]:{self.sink_port}"',
+                "max_messages_per_connection = 1000",
+                'tls = "none"',
+                "",
+            ]
+        )
+
+    def start(self) -> None:
+        self.dir.mkdir(parents=True)
+        self.config.write_text(self.config_text(), encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SMTPSVC__")}
+        self._stderr = open(self.stderr_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "smtpsvc", "serve", "-c", str(self.config)],
+            cwd=self.dir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=self._stderr,
+            stderr=self._stderr,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise BenchError(f"smtpsvc exited with {self.proc.returncode}:\n{self.tail()}")
+            with contextlib.suppress(FileNotFoundError):
+                for line in self.events.read_text(encoding="utf-8", errors="replace").splitlines():
+                    with contextlib.suppress(ValueError):
+                        rec = json.loads(line)
+                        if isinstance(rec, dict) and rec.get("id") == 9002:
+                            m = LISTENING_RE.search(str(rec.get("text", "")))
+                            if m:
+                                self.port = int(m.group(1))
+                                return
+            time.sleep(0.05)
+        raise BenchError(f"smtpsvc did not log 'listening on' within {STARTUP_TIMEOUT:g}s:\n{self.tail()}")
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.stderr_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return "(no stderr)"
+
+    def cpu(self) -> int:
+        assert self.proc is not None
+        return cpu_ticks(self.proc.pid)
+
+    def stop(self) -> None:
+        stop_popen(self.proc, "smtpsvc")
+        if self._stderr is not None:
+            self._stderr.close()
+            self._stderr = None
+
+    def describe(self) -> str:
+        return f"smtpsvc (pid {self.proc.pid if self.proc else '-'}) on 127.0.0.1:{self.port}"
+
+
+MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup    unix  n  -  n  60    1  pickup
+cleanup   unix  n  -  n  -     0  cleanup
+qmgr      unix  n  -  n  300   1  qmgr
+rewrite   unix  -  -  n  -     -  trivial-rewrite
+bounce    unix  -  -  n  -     0  bounce
+defer     unix  -  -  n  -     0  bounce
+trace     unix  -  -  n  -     0  bounce
+verify    unix  -  -  n  -     1  verify
+flush     unix  n  -  n  1000? 0  flush
+proxymap  unix  -  -  n  -     -  proxymap
+smtp      unix  -  -  n  -     -  smtp
+relay     unix  -  -  n  -     -  smtp
+error     unix  -  -  n  -     -  error
+retry     unix  -  -  n  -     -  error
+discard   unix  -  -  n  -     -  discard
+showq     unix  n  -  n  -     -  showq
+scache    unix  -  -  n  -     1  scache
+anvil     unix  -  -  n  -     1  anvil
+postlog   unix-dgram n - n -   1  postlogd
+"""
+
+
+class Postfix(Server):
+    """A private Postfix instance; never the system one in /etc/postfix."""
+
+    name = "postfix"
+
+    def __init__(self, workdir: Path, sink_port: int) -> None:
+        self.dir = workdir / "postfix"
+        self.etc = self.dir / "etc"
+        self.spool = self.dir / "spool"
+        self.data = self.dir / "data"
+        self.maillog = self.dir / "maillog"
+        self.sink_port = sink_port
+        self.port = free_port()
+        self.master_pid = 0
+        self.started = False
+
+    def main_cf(self) -> str:
+        return "\n".join(
+            [
+                "compatibility_level = 3.6",
+                f"config_directory = {self.etc}",
+                f"queue_directory = {self.spool}",
+                f"data_directory = {self.data}",
+                "mail_owner = postfix",
+                "setgid_group = postdrop",
+                "myhostname = postfix-bench.test",
+                "mydomain = bench.test",
+                "myorigin = bench.test",
+                "inet_interfaces = loopback-only",
+                "inet_protocols = ipv4",
+                "mydestination =",
+                "local_recipient_maps =",
+                "relay_domains =",
+                f"relayhost = [127.0.0.1]:{self.sink_port}",
+                "mynetworks = 127.0.0.0/8",
+                "smtpd_relay_restrictions = permit_mynetworks, reject",
+                "alias_maps =",
+                "alias_database =",
+                "biff = no",
+                "smtp_tls_security_level = none",
+                "smtpd_tls_security_level = none",
+                "message_size_limit = 0",
+                f"maillog_file = {self.maillog}",
+                f"maillog_file_prefixes = {self.dir}",
+                "",
+            ]
+        )
+
+    def postfix(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [POSTFIX, "-c", str(self.etc), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start(self) -> None:
+        if os.geteuid() != 0:
+            raise BenchError("the private Postfix instance needs root")
+        for d in (self.etc, self.spool, self.data):
+            d.mkdir(parents=True)
+        shutil.chown(self.data, "postfix", "postfix")
+        (self.etc / "main.cf").write_text(self.main_cf(), encoding="utf-8")
+        (self.etc / "master.cf").write_text(MASTER_CF.format(port=self.port), encoding="utf-8")
+        check = self.postfix("check")
+        if check.returncode != 0:
+            raise BenchError(f"postfix check failed: {check.stdout}{check.stderr}{self.log_tail()}")
+        self.started = True  # from here on, stop() runs `postfix stop`
+        res = self.postfix("start")
+        if res.returncode != 0:
+            raise BenchError(f"postfix start failed: {res.stdout}{res.stderr}{self.log_tail()}")
+        pidfile = self.spool / "pid" / "master.pid"
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while time.monotonic() < deadline and not self.master_pid:
+            with contextlib.suppress(OSError, ValueError):
+                self.master_pid = int(pidfile.read_text().strip())
+            time.sleep(0.05)
+        if not self.master_pid:
+            raise BenchError(f"no {pidfile}{self.log_tail()}")
+        wait_port(self.port, STARTUP_TIMEOUT, lambda: Path(f"/proc/{self.master_pid}").exists())
+
+    def log_tail(self, n: int = 20) -> str:
+        try:
+            return "\n" + "\n".join(self.maillog.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def cpu(self) -> int:
+        return cpu_ticks(self.master_pid, children_of=self.master_pid)
+
+    def stop(self) -> None:
+        if not self.started:
+            return
+        self.started = False
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.postfix("stop")
+        if self.master_pid:
+            children = [
+                int(e) for e in os.listdir("/proc") if e.isdigit() and _ppid(int(e)) == self.master_pid
+            ]
+            deadline = time.monotonic() + STOP_TIMEOUT
+            while time.monotonic() < deadline and Path(f"/proc/{self.master_pid}").exists():
+                time.sleep(0.1)
+            if Path(f"/proc/{self.master_pid}").exists():
+                stop_pid(self.master_pid, "postfix master")
+            for pid in children:
+                if _ppid(pid) in (self.master_pid, 1):
+                    stop_pid(pid, "postfix child")
+
+    def version(self) -> str:
+        res = subprocess.run(
+            ["postconf", "-d", "-h", "mail_version"], capture_output=True, text=True, timeout=30
+        )
+        return res.stdout.strip() or "?"
+
+    def describe(self) -> str:
+        return f"postfix (master pid {self.master_pid}) on 127.0.0.1:{self.port}"
+
+
+def _ppid(pid: int) -> int:
+    try:
+        return int(proc_stat(pid)[1])
+    except (OSError, IndexError, ValueError):
+        return -1
+
+
+class Ceiling(Server):
+    name = "ceiling"
+
+    def __init__(self, sink: Sink) -> None:
+        self.port = sink.port
+
+
+# ------------------------------------------------------------------------------------------------ a run
+
+
+@dataclass
+class Run:
+    accept: float  # msgs/s
+    relay: float | None  # msgs/s; None for the ceiling
+    cpu_ms: float | None  # server CPU ms per message
+
+
+@dataclass
+class Cell:
+    runs: list[Run] = field(default_factory=list)
+
+
+def source_argv(port: int, sessions: int, messages: int, size: int, reuse: bool) -> list[str]:
+    argv = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-l", str(size)]
+    if reuse:
+        argv.append("-d")
+    return [*argv, "-f", SENDER, "-t", RECIPIENT, f"127.0.0.1:{port}"]
+
+
+def settle(server: Server) -> None:
+    """Bounded wait until the server uses at most IDLE_TICKS clock ticks in IDLE_WINDOW seconds."""
+    if isinstance(server, Ceiling):
+        return
+    deadline = time.monotonic() + SETTLE_TIMEOUT
+    last = server.cpu()
+    while time.monotonic() < deadline:
+        time.sleep(IDLE_WINDOW)
+        now = server.cpu()
+        if now - last <= IDLE_TICKS:
+            return
+        last = now
+    print(f"  warning: {server.name} not idle after {SETTLE_TIMEOUT:g}s", file=sys.stderr)
+
+
+def one_run(server: Server, sink: Sink, size: int, sessions: int, messages: int, reuse: bool) -> Run:
+    settle(server)
+    with sink.cond:
+        before = sink.count
+    cpu0 = server.cpu()
+    start = time.monotonic()
+    deadline = start + RUN_TIMEOUT
+    argv = source_argv(server.port, sessions, messages, size, reuse)
+    try:
+        res = subprocess.run(
+            argv, capture_output=True, text=True, timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise BenchError(f"{server.name}: smtp-source did not finish in {RUN_TIMEOUT:g}s") from exc
+    accepted_at = time.monotonic()
+    if res.returncode != 0:
+        raise BenchError(f"{server.name}: {shlex.join(argv)} exited {res.returncode}: {res.stderr.strip()}")
+    relayed_at = sink.wait_for(before + messages, deadline)
+    if relayed_at is None:
+        with sink.cond:
+            got = sink.count - before
+        raise BenchError(f"{server.name}: the sink counted {got} of {messages} within {RUN_TIMEOUT:g}s")
+    cpu1 = server.cpu()
+    accept = messages / (accepted_at - start)
+    if isinstance(server, Ceiling):
+        return Run(accept, None, None)
+    return Run(accept, messages / (relayed_at - start), (cpu1 - cpu0) / TICK * 1000 / messages)
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+
+def med(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def fmt_rate(values: Sequence[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.0f}"
+    return f"{med(values):.0f} ({min(values):.0f}-{max(values):.0f})"
+
+
+def ratio(a: Sequence[float], b: Sequence[float]) -> str:
+    if not a or not b:
+        return "-"
+    return f"{med(a) / med(b):.2f}"
+
+
+def size_label(size: int) -> str:
+    return f"{size // 1024} KiB" if size % 1024 == 0 else f"{size} B"
+
+
+HEADER = [
+    "size",
+    "sessions",
+    "measure",
+    "smtpsvc msgs/s",
+    "Postfix msgs/s",
+    "ceiling msgs/s",
+    "smtpsvc/Postfix",
+    "smtpsvc/ceiling",
+    "smtpsvc CPU ms/msg",
+    "Postfix CPU ms/msg",
+]
+
+
+def table_rows(results: dict[tuple[int, int], dict[str, Cell]]) -> list[list[str]]:
+    rows = []
+    for (size, sessions), cells in results.items():
+        ceil = [r.accept for r in cells["ceiling"].runs]
+        svc_cpu = [r.cpu_ms for r in cells["smtpsvc"].runs if r.cpu_ms is not None]
+        pf_cpu = [r.cpu_ms for r in cells["postfix"].runs if r.cpu_ms is not None]
+        for measure in ("accept", "relay"):
+            svc = [getattr(r, measure) for r in cells["smtpsvc"].runs]
+            pf = [getattr(r, measure) for r in cells["postfix"].runs]
+            rows.append(
+                [
+                    size_label(size),
+                    str(sessions),
+                    measure,
+                    fmt_rate(svc),
+                    fmt_rate(pf),
+                    fmt_rate(ceil),
+                    ratio(svc, pf),
+                    ratio(svc, ceil),
+                    f"{med(svc_cpu):.2f}" if svc_cpu else "-",
+                    f"{med(pf_cpu):.2f}" if pf_cpu else "-",
+                ]
+            )
+    return rows
+
+
+def markdown(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plain(rows: list[list[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(HEADER, *rows, strict=False)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(HEADER, widths, strict=True))]
+    out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
+    return "\n".join(out)
+
+
+def machine_facts(postfix_version: str, tmp: Path) -> list[str]:
+    cpu = "?"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    fs = "?"
+    with contextlib.suppress(subprocess.SubprocessError, OSError):
+        fs = subprocess.run(
+            ["findmnt", "-n", "-o", "SOURCE,FSTYPE,OPTIONS", "-T", str(tmp)],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    return [
+        f"nproc: {os.cpu_count()}",
+        f"CPU: {cpu}",
+        f"kernel: {platform.release()}",
+        f"python: {platform.python_version()} ({sys.executable})",
+        f"postfix: {postfix_version}",
+        f"temp dir filesystem: {fs}",
+    ]
+
+
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+# ------------------------------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    p.add_argument("--quick", action="store_true", help="1 KiB only, 1 run, 1000 messages per run")
+    p.add_argument("--runs", type=int, default=None, help="measured runs per case (default 3; --quick: 1)")
+    p.add_argument(
+        "--reuse", action="store_true", help="smtp-source -d: many messages per connection instead of one"
+    )
+    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+    p.add_argument("--no-write", action="store_true", help="do not write bench/results/<date>.md")
+    args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = 1 if args.quick else 3
+    if not 1 <= args.runs <= 10:
+        p.error("--runs must be 1 to 10")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    for tool in (SMTP_SOURCE, SMTP_SINK, POSTFIX):
+        if not Path(tool).exists():
+            print(f"{tool} missing: apt-get install postfix", file=sys.stderr)
+            return 1
+    cases = CASES_QUICK if args.quick else CASES_FULL
+    exe = os.path.relpath(sys.executable)
+    command = shlex.join(
+        [exe if not exe.startswith("..") else sys.executable, "bench/compare.py", *sys.argv[1:]]
+    )
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, on_signal)
+
+    tmp = Path(tempfile.mkdtemp(prefix="smtpsvc-compare-"))
+    os.chmod(tmp, 0o755)  # Postfix's unprivileged daemons must reach their queue below it
+    sink = Sink(tmp)
+    svc = Smtpsvc(tmp, sink.port)
+    pfx = Postfix(tmp, sink.port)
+    ceiling = Ceiling(sink)
+    results: dict[tuple[int, int], dict[str, Cell]] = {}
+    began = time.monotonic()
+    load_start = load_average()
+    status = 0
+    try:
+        sink.start()
+        ceiling.port = sink.port
+        svc.start()
+        pfx.start()
+        facts = machine_facts(pfx.version(), tmp)
+        print(f"$ {command}")
+        for fact in facts:
+            print(f"  {fact}")
+        print(f"  {svc.describe()}; {pfx.describe()}; smtp-sink on 127.0.0.1:{sink.port}")
+        print(f"  load average at start: {load_start}")
+        servers: list[Server] = [ceiling, svc, pfx]
+        for server in (svc, pfx):  # warm-up, not counted
+            one_run(server, sink, 1024, 10, WARMUP_MESSAGES, args.reuse)
+        for size, sessions, messages in cases:
+            cells = {s.name: Cell() for s in servers}
+            results[(size, sessions)] = cells
+            for run in range(1, args.runs + 1):
+                for server in servers:  # interleaved, so drift in machine load hits all three alike
+                    r = one_run(server, sink, size, sessions, messages, args.reuse)
+                    cells[server.name].runs.append(r)
+                    relay = f"{r.relay:7.0f}" if r.relay is not None else "      -"
+                    cpu = f"{r.cpu_ms:.2f}" if r.cpu_ms is not None else "-"
+                    print(
+                        f"  {size_label(size):>7} x{messages:<5} s={sessions:<3} run {run}  "
+                        f"{server.name:8} accept {r.accept:7.0f}/s  relay {relay}/s  cpu {cpu} ms/msg",
+                        flush=True,
+                    )
+    except (BenchError, Interrupted, KeyboardInterrupt) as exc:
+        print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
+        if isinstance(exc, BenchError):
+            print(f"smtpsvc stderr:\n{svc.tail()}", file=sys.stderr)
+        status = 130 if not isinstance(exc, BenchError) else 1
+    finally:
+        for stopper in (svc.stop, pfx.stop, sink.stop):
+            try:
+                stopper()
+            except Exception as exc:  # keep stopping the others
+                print(f"  while stopping: {exc!r}", file=sys.stderr)
+        if args.keep:
+            print(f"  kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    if not results or status:
+        return status or 1
+    rows = table_rows(results)
+    load_end = load_average()
+    wall = time.monotonic() - began
+    print()
+    print(plain(rows))
+    print(f"\nload average: {load_start} at start, {load_end} at end; wall time {wall:.0f} s")
+    if not args.no_write:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        out = RESULTS_DIR / f"{datetime.date.today().isoformat()}.md"
+        mode = "-d, many messages per connection" if args.reuse else "one connection per message"
+        text = [
+            f"# smtpsvc vs Postfix, {datetime.datetime.now().isoformat(timespec='seconds')}",
+            "",
+            "```",
+            f"$ {command}",
+            "```",
+            "",
+            *[f"- {fact}" for fact in facts],
+            f"- load average: {load_start} at start, {load_end} at end; wall time {wall:.0f} s",
+            f"- smtp-source: {mode}",
+            "",
+            "Rates: median over the runs (min-max). CPU: median of the per-run server CPU ms per message.",
+            "",
+            markdown(rows),
+            "",
+        ]
+        with open(out, "a", encoding="utf-8") as fh:  # several invocations on one day are all kept
+            fh.write("\n".join(text) + "\n")
+        print(f"written to {out.relative_to(BENCH_DIR.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
