@@ -87,6 +87,7 @@ async def test_when_a_connectors_smart_hosts_fail_the_next_cost_takes_over(
     service = await start_service(_extra=text, delivery={"retry": ["1h"]})  # no retry within the test
     await send(service, "alice@local.test", ["x@remote.test"])
     await wait_until(lambda: sink.messages, what="delivery through the backup connector, in the same attempt")
+    assert any("[127.0.0.1]:9" in str(e["text"]) for e in _events(service, 4006))  # the failed host is logged
     await wait_until(lambda: queue_is_empty(service), what="the queue to empty")
 
 
@@ -193,3 +194,31 @@ async def test_25_messages_to_one_host_use_two_connections_of_20_and_5(
     await wait_until(lambda: len(sink.messages) == 25, timeout=60, what="25 deliveries")
     assert service.scheduler.pool.opened == 2
     assert sink.connections == 2
+
+
+async def test_smart_host_auth_login_when_the_peer_offers_only_login(
+    start_service: StartService, tls: Tls, tmp_path: Path
+) -> None:
+    receiver = await start_service(
+        domains={"local": ["remote.test"]},
+        tls=tls.section,
+        auth={"users_file": users_file(tmp_path, "relayuser", "pa+5/w=rd"), "mechanisms": ["LOGIN"]},
+    )
+    secret = tmp_path / "relay.secret"
+    secret.write_text("pa+5/w=rd\n")
+    text = connector(
+        "isp",
+        ["*"],
+        1,
+        f"[127.0.0.1]:{smtp_port(receiver)}",
+        auth=f'{{ user = "relayuser", password_file = "{secret}" }}',
+    )
+    relay = await start_service(_extra=text, delivery={"retry": ["1h"]})
+    await send(relay, "alice@local.test", ["x@remote.test"])
+    [file] = await wait_until(lambda: drop_files(receiver), what="delivery after AUTH LOGIN")
+    assert b"(Authenticated sender: relayuser)" in file.read_bytes()
+    # the finished message's transcript lives on in the pooled connection for a few seconds
+    idle = [peer for entries in relay.scheduler.pool._idle.values() for peer, _ in entries]
+    transcript = "\n".join(line for peer in idle for line in peer.transcript)
+    assert "AUTH LOGIN" in transcript and "<AUTH response redacted>" in transcript
+    assert "cGErNS93PXJk" not in transcript and "cmVsYXl1c2Vy" not in transcript  # base64 password and user

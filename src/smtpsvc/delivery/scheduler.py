@@ -148,10 +148,16 @@ class Scheduler:
             self.queue.release(envelope.id)
             raise
         except Exception as exc:  # one bad message must not stop delivery of the rest
+            now = time.time()
+            expiry = envelope.received_at + self.config.delivery.expiration
             for rcpt in envelope.recipients:
-                if rcpt.outstanding:
-                    rcpt.next_attempt = time.time() + INTERNAL_RETRY
+                if not rcpt.outstanding:
+                    continue
                 rcpt.last_reply = f"internal error: {type(exc).__name__}: {exc}"
+                rcpt.next_attempt = min(now + INTERNAL_RETRY, max(expiry, now))
+                if rcpt.pending and now >= expiry:
+                    # even a message that keeps failing inside smtpsvc expires, and its sender hears of it
+                    rcpt.state, rcpt.status = RecipientState.FAILED, "4.4.7"
             self.events.emit(
                 events.Event(
                     events.REMOTE_DOMAIN_FAILED,
@@ -402,14 +408,6 @@ class Scheduler:
                     cause=f"remote-rejected-{rejection.verb.lower()}",
                 )
             )
-        every_host_failed = hops and len(outcome.host_failures) >= len(hops)
-        if choice.connector and every_host_failed and not any(f.permanent for f in outcome.host_failures):
-            # Every smart host of this connector failed: it is unavailable (the Exchange link in retry state)
-            # for the longest retry interval, and the next cost takes the mail now, in this same attempt.
-            self._connector_down[choice.connector] = time.time() + max(cfg.retry)
-            backup = [c for c in fallbacks if c.connector and c.connector != choice.connector]
-            if backup:
-                return await self._deliver_smtp(envelope, backup[0], rcpts, backup[1:])
         diagnosis = outcome.learned[-1][1] if outcome.learned else ""  # what the drop was about, if known
         for failure in outcome.host_failures:
             self.events.emit(
@@ -424,6 +422,14 @@ class Scheduler:
                     else _cause(failure.reason),
                 )
             )
+        every_host_failed = hops and len(outcome.host_failures) >= len(hops)
+        if choice.connector and every_host_failed and not any(f.permanent for f in outcome.host_failures):
+            # Every smart host of this connector failed: it is unavailable (the Exchange link in retry state)
+            # for the longest retry interval, and the next cost takes the mail now, in this same attempt.
+            self._connector_down[choice.connector] = time.time() + max(cfg.retry)
+            backup = [c for c in fallbacks if c.connector and c.connector != choice.connector]
+            if backup:
+                return await self._deliver_smtp(envelope, backup[0], rcpts, backup[1:])
         if outcome.results and all(not r.ok and not r.permanent for r in outcome.results):
             reason = outcome.host_failures[-1].reason if outcome.host_failures else outcome.results[0].reply
             self.events.emit(

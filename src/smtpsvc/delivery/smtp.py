@@ -137,6 +137,11 @@ class _Peer:
         self.writer.write(self.conn.send_command(verb, arg))
         self.log(">", f"{verb} <redacted>" if secret else f"{verb} {arg}".rstrip())
 
+    def auth_response(self, response: str) -> None:
+        """A line of an AUTH exchange: never logged (it carries the credentials)."""
+        self.writer.write(self.conn.send_auth_response(response))
+        self.log(">", "<AUTH response redacted>")
+
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         await self.writer.drain()
         buffered = getattr(self.reader, "_buffer", None)  # plaintext before the handshake is void
@@ -653,10 +658,10 @@ async def _authenticate(
         peer.command("AUTH", "LOGIN")
         answer = await peer.reply()
         if answer.code == 334:
-            peer.command(encode_login(policy.auth_user), secret=True)
+            peer.auth_response(encode_login(policy.auth_user))
             answer = await peer.reply()
         if answer.code == 334:
-            peer.command(encode_login(policy.auth_password), secret=True)
+            peer.auth_response(encode_login(policy.auth_password))
             answer = await peer.reply()
     else:
         return HopFailure(

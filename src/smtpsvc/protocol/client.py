@@ -202,6 +202,15 @@ class ClientConnection:
         self._data_ready = False
         return f"BDAT {len(data)}{' LAST' if last else ''}\r\n".encode("ascii") + data
 
+    def send_auth_response(self, response: str) -> bytes:
+        """One client line inside an AUTH exchange (after a 334): base64, not a command; records that the
+        "AUTH" reply is expected."""
+        if any(c in response for c in "\r\n\0"):
+            raise ValueError("CR, LF or NUL in an AUTH response")
+        self._expect.append("AUTH")
+        self._data_ready = False
+        return response.encode("ascii") + b"\r\n"
+
     def send_xexch50_blob(self, blob: bytes) -> bytes:
         """After the 354 to `XEXCH50 <n> 2`: the n octets as they are (SPEC 2.5); records that the
         "XEXCH50-BLOB" reply (250) is expected."""
