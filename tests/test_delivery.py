@@ -20,6 +20,16 @@ from tests.sink import Sink
 from tests.test_relay import MESSAGE, drop_files, queue_is_empty, send
 
 
+def parsed_status(drop_file: bytes) -> list[tuple[str, str]]:
+    """(Final-Recipient address, Action) of each block of a report, parsed by the stdlib email package."""
+    report = email.message_from_bytes(drop_file.split(b"\r\n", 2)[2])  # after X-Sender and one X-Receiver
+    assert report.get_content_type() == "multipart/report"
+    assert report.get_param("report-type") == "delivery-status"
+    [status] = [p for p in report.walk() if p.get_content_type() == "message/delivery-status"]
+    blocks = status.get_payload()[1:]  # the first block is the per-message one
+    return [(str(b["Final-Recipient"]).split(";", 1)[1].strip(), str(b["Action"])) for b in blocks]
+
+
 def badmail(service: Service, suffix: str) -> list[object]:
     return sorted(service.folders["badmail"].glob(f"*{suffix}"))
 
@@ -243,6 +253,7 @@ async def test_delay_notification_is_sent_once_while_the_message_stays_queued(
     [report] = await wait_until(lambda: drop_files(service), what="the delay DSN")
     data = report.read_bytes()
     assert b"Action: delayed" in data and b"Will-Retry-Until:" in data
+    assert parsed_status(data) == [("defer-me@remote.test", "delayed")]
     assert b"Delivery Status Notification (Delay)" in data
     assert events_of(service, 3003)
     [envelope] = [e for e in service.queue.list() if e.sender == "alice@local.test"]
@@ -356,6 +367,7 @@ async def test_notify_success_gets_a_relayed_report_from_a_peer_without_dsn(
     [report] = await wait_until(lambda: drop_files(service), what="the success DSN")
     data = report.read_bytes()
     assert b"Action: relayed" in data and b"Delivery Status Notification (Success)" in data
+    assert parsed_status(data) == [("x@remote.test", "relayed")]
 
 
 async def test_notify_success_passed_on_to_a_peer_with_dsn_gets_no_report_from_us(
