@@ -35,10 +35,10 @@ def test_config_check_reports_file_line_key_and_a_suggestion_with_exit_2(tmp_pat
 
 def test_config_check_warns_about_keys_not_yet_in_effect(tmp_path: Path) -> None:
     cfg = tmp_path / "smtpsvc.toml"
-    cfg.write_text("[categorizer]\nreset_message_status = true\n")
+    cfg.write_text('[queue]\nlease = "1m"\n')
     code, _, err = run("config", "check", "-c", str(cfg))
     assert code == 0
-    assert "categorizer.reset_message_status" in err and "not yet in effect" in err
+    assert "queue.lease" in err and "not yet in effect" in err
 
 
 def test_config_show_decodes_the_verb_mask(tmp_path: Path) -> None:

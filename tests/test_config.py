@@ -716,14 +716,14 @@ def test_keys_not_yet_in_effect_are_warned_about_when_set(tmp_path: Path) -> Non
         [server]
         reverse_dns = true
         max_recipients = 5
-        [categorizer]
-        reset_message_status = true
+        [queue]
+        lease = "1m"
         [auth]
         require_tls = false
         """,
     )
     assert cfg.warnings == [
-        "categorizer.reset_message_status: accepted but not yet in effect",
+        "queue.lease: accepted but not yet in effect",
     ]
 
 
@@ -751,9 +751,7 @@ def test_every_not_yet_effective_pattern_names_a_real_key(tmp_path: Path) -> Non
 
 def test_warnings_for_ignores_keys_in_effect() -> None:
     assert warnings_for(["server.max_recipients", "relay.allow"]) == []
-    assert warnings_for(["categorizer.reset_message_status"]) == [
-        "categorizer.reset_message_status: accepted but not yet in effect"
-    ]
+    assert warnings_for(["queue.lease"]) == ["queue.lease: accepted but not yet in effect"]
 
 
 def test_lines_stay_right_after_a_multiline_string(tmp_path: Path) -> None:

@@ -10,7 +10,8 @@ from click.testing import CliRunner
 
 from smtpsvc.app import Service
 from smtpsvc.cli import main
-from tests.conftest import StartService, wait_until
+from tests.conftest import StartService, events_of, wait_until
+from tests.sink import Sink
 from tests.test_relay import send
 
 
@@ -109,3 +110,44 @@ async def test_badmail_list_show_and_replay_of_an_undeliverable_ndr(start_servic
     assert drop.read_bytes().startswith(b"X-Sender: <>\r\nX-Receiver: <alice@local.test>\r\n")
     assert not list(bad.iterdir())
     assert (await run("badmail", "replay", "-c", config, "Q1"))[0] == 1
+
+
+async def test_reset_message_status_at_start_reroutes_queued_mail_at_once(
+    start_service: StartService, sink: Sink
+) -> None:
+    service, queue_id = await queued_then_stopped(start_service)  # waiting an hour for a dead smart host
+    again = await start_service(
+        server={"root": str(service.root)},
+        delivery={"smart_host": f"[127.0.0.1]:{sink.port}", "retry": ["1h"]},
+        categorizer={"reset_message_status": True},
+    )
+    await wait_until(lambda: sink.messages, what="the re-categorized message delivered")
+    assert any("ResetMessageStatus: 1" in str(e["text"]) for e in events_of(again, 9005))
+    del queue_id
+
+
+async def test_a_reload_reroutes_mail_whose_route_changed(start_service: StartService, sink: Sink) -> None:
+    service = await start_service(
+        domains={"local": ["local.test", "moved.test"]},
+        delivery={"smart_host": "[127.0.0.1]:9", "retry": ["1h"]},
+    )
+    await send(service, "alice@local.test", ["x@remote.test"])
+    await wait_until(
+        lambda: [e for e in service.queue.list() if e.recipients[0].attempts], what="a failed try"
+    )
+    config = Path(str(service.config_path))
+    config.write_text(config.read_text().replace('"[127.0.0.1]:9"', f'"[127.0.0.1]:{sink.port}"'))
+    service.reload()  # what the SIGHUP handler calls, on the event loop
+    await wait_until(lambda: sink.messages, what="delivery after the reload")
+    assert any(e.get("cause") == "no-route" for e in events_of(service, 9005))
+
+
+async def test_queue_recategorize_all_makes_messages_due_with_their_new_route(
+    start_service: StartService,
+) -> None:
+    service, queue_id = await queued_then_stopped(start_service)
+    code, out, _ = await run("queue", "recategorize", "-c", str(service.config_path), "--all")
+    assert code == 0 and out.startswith("1 message(s) re-categorized")
+    saved = json.loads((Path(service.folders["queue"]) / f"{queue_id}.env").read_text())
+    assert all(r["next_attempt"] < saved["received_at"] + 600 for r in saved["recipients"])
+    assert (await run("queue", "recategorize", "-c", str(service.config_path)))[0] == 2

@@ -128,6 +128,15 @@ class Service:
             loop.create_task(self.pickup.run(), name="pickup"),
             loop.create_task(self._flush_events(), name="event-log-flush"),
         ]
+        if cfg.categorizer.reset_message_status:
+            count = self.scheduler.recategorize()
+            self.events.emit(
+                events.Event(
+                    events.RECATEGORIZED,
+                    f"ResetMessageStatus: {count} queued message(s) re-categorized and re-routed at start",
+                    cause="reset-message-status",
+                )
+            )
         listening = ", ".join(f"{h}:{p}" for h, p in self.smtp.sockets)
         self.events.emit(
             events.Event(
@@ -200,13 +209,22 @@ class Service:
                 )
             )
             return
-        self.config = config
+        previous, self.config = self.config, config
         for part in (self.ingest, self.scheduler, self.scheduler.reports, self.pickup, context):
             part.config = config
+        rerouted = self.scheduler.recategorize(previous)
         self.scheduler.wake()
         self.events.emit(
             events.Event(events.SERVICE_STARTED, "Configuration reloaded", cause="config-reload")
         )
+        if rerouted:
+            self.events.emit(
+                events.Event(
+                    events.RECATEGORIZED,
+                    f"{rerouted} queued message(s) have a new route after the reload and are tried now",
+                    cause="no-route",
+                )
+            )
 
     async def run_until_signalled(self) -> None:
         loop = asyncio.get_running_loop()

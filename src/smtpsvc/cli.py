@@ -364,6 +364,24 @@ _queue_change("thaw", "Release a frozen message.")
 _queue_change("retry", "Force Connection: make the message due now (it is tried when the service starts).")
 
 
+@queue.command("recategorize")
+@config_option
+@click.argument("queue_id", required=False)
+@click.option("--all", "every", is_flag=True, help="Every queued message.")
+def queue_recategorize(config_file: str | None, queue_id: str | None, every: bool) -> None:
+    """Re-run categorizer and router (ResetMessageStatus, KB279616) on one message or --all."""
+    if bool(queue_id) == every:
+        click.echo("smtpsvc: give one queue ID or --all", err=True)
+        raise SystemExit(2)
+    cfg = _load(_config_path(config_file))
+    try:
+        with QueueAdmin.offline(cfg) as admin:
+            count = asyncio.run(admin.recategorize(cfg, queue_id or ""))
+    except AdminError as exc:
+        _fail(exc)
+    click.echo(f"{count} message(s) re-categorized; they are tried when the service starts")
+
+
 @queue.command("delete")
 @config_option
 @click.argument("queue_id")

@@ -34,7 +34,6 @@ NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
         "queue.dsn",
         "queue.lease",
         "queue.node_id",
-        "categorizer.reset_message_status",
     }
 )
 

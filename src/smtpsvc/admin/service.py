@@ -20,6 +20,7 @@ from smtpsvc.dsn import split_headers
 from smtpsvc.model import Envelope, RecipientState
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
+from smtpsvc.routing.categorizer import route_for
 
 HEADER_LIMIT = 64 * 1024
 
@@ -137,6 +138,18 @@ class QueueAdmin:
                 rcpt.next_attempt = now
         await self.spool.save(envelope)
         return envelope
+
+    async def recategorize(self, config: Config, queue_id: str = "") -> int:
+        """ResetMessageStatus by hand: recompute every pending recipient's route from `config` and make the
+        message due now (one message, or all). Returns how many messages changed."""
+        envelopes = [self.get(queue_id)] if queue_id else self.spool.list()
+        now = time.time()
+        for envelope in envelopes:
+            for rcpt in envelope.pending:
+                rcpt.route = route_for(rcpt.address, config).link
+                rcpt.next_attempt = now
+            await self.spool.save(envelope)
+        return len(envelopes)
 
     async def delete(self, queue_id: str) -> None:
         """Remove a message without a report (the operator's decision; `--ndr` needs the running service)."""

@@ -35,7 +35,7 @@ from smtpsvc.model import (
 )
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
-from smtpsvc.routing.categorizer import choices_for
+from smtpsvc.routing.categorizer import choices_for, route_for
 from smtpsvc.routing.connectors import RouteChoice
 from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
 
@@ -72,6 +72,7 @@ class Scheduler:
         self._stopping = False
         self.transcripts: dict[str, list[str]] = {}  # last SMTP transcript per queue id (in memory for now)
         self._connector_down: dict[str, float] = {}  # connector name -> unavailable until
+        self._rerun_after_attempt: set[str] = set()  # re-categorized while being delivered
         self._link_down: dict[str, float] = {}  # link -> not tried before (every host just failed to connect)
         self.pool = smtp.ConnectionPool(config.delivery.max_messages_per_connection)
         self.memory = PeerMemory()  # self-healing facts per next hop (SPEC 2.9)
@@ -99,6 +100,38 @@ class Scheduler:
             if touched:
                 for rcpt in envelope.pending:
                     self._link_down.pop(rcpt.route, None)  # the operator asked: try it now
+                self.queue.reschedule(envelope.id)
+                count += 1
+        if count:
+            self.wake()
+        return count
+
+    def recategorize(self, previous: Config | None = None) -> int:
+        """Run the categorizer and router again on queued mail (ResetMessageStatus, config reload). Every
+        pending recipient's route is recomputed from the current config; the messages affected are due now:
+        all of them, or, given the `previous` config (a reload), those whose route differs under the two
+        (a connector, smart host or local domain changed or vanished). Returns their count."""
+        now = time.time()
+        count = 0
+        # What we learned about destinations (backoff, unavailable connectors) was about the old routes.
+        self._link_down.clear()
+        self._connector_down.clear()
+        for envelope in self.queue.list():
+            if envelope.frozen or not envelope.pending:
+                continue
+            if envelope.id in self.queue.leased:
+                self._rerun_after_attempt.add(envelope.id)  # being delivered now: due again right after
+                count += 1
+                continue
+            changed = previous is None
+            for rcpt in envelope.pending:
+                route = route_for(rcpt.address, self.config)
+                if previous is not None and route != route_for(rcpt.address, previous):
+                    changed = True
+                rcpt.route = route.link
+            if changed:
+                for rcpt in envelope.pending:
+                    rcpt.next_attempt = now
                 self.queue.reschedule(envelope.id)
                 count += 1
         if count:
@@ -142,6 +175,16 @@ class Scheduler:
         await self.pool.close()
 
     async def _process_guarded(self, envelope: Envelope) -> None:
+        try:
+            await self._process_or_recover(envelope)
+        finally:
+            if envelope.id in self._rerun_after_attempt:
+                self._rerun_after_attempt.discard(envelope.id)
+                for rcpt in envelope.pending:
+                    rcpt.next_attempt = time.time()
+                self.queue.reschedule(envelope.id)
+
+    async def _process_or_recover(self, envelope: Envelope) -> None:
         try:
             await self.process(envelope)
         except asyncio.CancelledError:
