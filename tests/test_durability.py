@@ -141,3 +141,23 @@ def test_sigterm_with_an_idle_client_says_421_and_exits_cleanly(
         assert reader.readline().startswith(b"421 4.3.2")
     stderr = proc.stderr_text()
     assert "Traceback" not in stderr and "CancelledError" not in stderr, stderr
+
+
+def test_systemd_notify_ready_then_stopping(
+    tmp_path: Path, service_process: list[ServiceProcess], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    notify_path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(notify_path))
+    listener.settimeout(30)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(notify_path))  # as systemd sets it for Type=notify
+    root = tmp_path / "mailroot"
+    proc = ServiceProcess(write_config(tmp_path / "smtpsvc.toml", base_sections(root)), root).start()
+    service_process.append(proc)
+    try:
+        ready = listener.recv(4096).decode()
+        assert ready.startswith("READY=1") and f"127.0.0.1:{proc.port}" in ready
+        assert proc.terminate() == 0
+        assert listener.recv(4096).decode() == "STOPPING=1"
+    finally:
+        listener.close()

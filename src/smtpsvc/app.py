@@ -27,6 +27,7 @@ from smtpsvc.ingest import Ingest
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.routing.mx import MxResolver
+from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.server.session import SessionContext
 from smtpsvc.tls import ServerCertificate, TlsError
@@ -146,6 +147,7 @@ class Service:
             )
         )
         self.events.flush()
+        notify(f"READY=1\nSTATUS=listening on {listening}")
 
     def _load_users(self, config: Config) -> UserStore:
         if not config.auth.users_file:
@@ -171,6 +173,7 @@ class Service:
         if self._stopped.is_set():
             return
         self._stopped.set()
+        notify("STOPPING=1")
         await self.smtp.stop(grace=STOP_GRACE)
         pickup_task, flush_task = self._tasks[1], self._tasks[2]
         pickup_task.cancel()
@@ -185,6 +188,13 @@ class Service:
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration file and hand it to every part that routes or decides."""
+        notify("RELOADING=1")
+        try:
+            self._reload()
+        finally:
+            notify("READY=1")
+
+    def _reload(self) -> None:
         try:
             config = load_config(self.config_path, os.environ, root_override=str(self.root))
         except ConfigError as exc:
