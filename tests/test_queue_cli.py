@@ -151,3 +151,14 @@ async def test_queue_recategorize_all_makes_messages_due_with_their_new_route(
     saved = json.loads((Path(service.folders["queue"]) / f"{queue_id}.env").read_text())
     assert all(r["next_attempt"] < saved["received_at"] + 600 for r in saved["recipients"])
     assert (await run("queue", "recategorize", "-c", str(service.config_path)))[0] == 2
+
+
+async def test_queue_summary_groups_pending_recipients_by_link(start_service: StartService) -> None:
+    service, _ = await queued_then_stopped(start_service)
+    code, out, _ = await run("queue", "summary", "-c", str(service.config_path))
+    assert code == 0
+    [header, line] = out.strip().splitlines()
+    assert header.startswith("link") and line.startswith("smarthost")
+    assert line.split()[1:3] == ["1", "2"] and "retry" in line
+    [entry] = json.loads((await run("queue", "summary", "-c", str(service.config_path), "--json"))[1])
+    assert entry["link"] == "smarthost" and entry["recipients"] == 2 and entry["state"] == "retry"

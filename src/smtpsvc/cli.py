@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import os
@@ -22,7 +23,7 @@ import click
 from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin.probe import probe as probe_peer
-from smtpsvc.admin.service import AdminError, QueueAdmin
+from smtpsvc.admin.service import AdminError, QueueAdmin, summarize
 from smtpsvc.admin.submit import write_pickup_file
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
 from smtpsvc.config import (
@@ -310,6 +311,34 @@ def queue_list(
             click.echo(
                 f"    {r.state.value:<9} {r.address}  (route {r.route or '-'}, {r.attempts} attempts){last}"
             )
+
+
+@queue.command("summary")
+@config_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
+def queue_summary(config_file: str | None, as_json: bool) -> None:
+    """Per next hop (link): messages, recipients, oldest age, state, next retry (like qshape)."""
+    try:
+        with _admin(config_file) as admin:
+            entries = admin.entries()
+    except AdminError as exc:
+        _fail(exc)
+    now = time.time()
+    links = summarize(entries, now)
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(link) for link in links], indent=2))
+        return
+    if not links:
+        click.echo("the queue is empty")
+        return
+    click.echo(f"{'link':<30} {'messages':>8} {'rcpts':>6} {'oldest':>7}  {'state':<7} next")
+    for link in links:
+        due = link.next_attempt
+        when = "-" if due is None else ("now" if due <= now else f"in {_age(due - now)}")
+        click.echo(
+            f"{link.link:<30} {link.messages:>8} {link.recipients:>6} {_age(link.oldest_age):>7}  "
+            f"{link.state:<7} {when}"
+        )
 
 
 @queue.command("show")

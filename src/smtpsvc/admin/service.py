@@ -68,6 +68,48 @@ class QueueEntry:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class LinkSummary:
+    """One next hop ("link", as in the Exchange Queue Viewer): what waits for it."""
+
+    link: str
+    messages: int
+    recipients: int
+    oldest_age: float
+    state: str  # "frozen" when all its messages are, "retry" when any failed before, else "ready"
+    next_attempt: float | None
+
+
+def summarize(entries: list[QueueEntry], now: float) -> list[LinkSummary]:
+    """Pending recipients grouped by link, busiest first (like Postfix's qshape)."""
+    groups: dict[str, list[tuple[QueueEntry, int]]] = {}
+    for entry in entries:
+        counts: dict[str, int] = {}
+        for rcpt in entry.envelope.pending:
+            counts[rcpt.route or "-"] = counts.get(rcpt.route or "-", 0) + 1
+        for link, n in counts.items():
+            groups.setdefault(link, []).append((entry, n))
+    out = []
+    for link, members in groups.items():
+        states = {entry.state for entry, _ in members}
+        dues = [
+            d
+            for entry, _ in members
+            if (d := entry.envelope.next_due()) is not None and not entry.envelope.frozen
+        ]
+        out.append(
+            LinkSummary(
+                link=link,
+                messages=len(members),
+                recipients=sum(n for _, n in members),
+                oldest_age=max(now - entry.envelope.received_at for entry, _ in members),
+                state="frozen" if states == {"frozen"} else ("retry" if "retry" in states else "ready"),
+                next_attempt=min(dues) if dues else None,
+            )
+        )
+    return sorted(out, key=lambda s: (-s.messages, s.link))
+
+
 class QueueAdmin:
     def __init__(self, spool: LocalSpool) -> None:
         self.spool = spool
