@@ -9,13 +9,13 @@ import email.policy
 import json
 from collections.abc import AsyncIterator
 
-import aiosmtplib
 import pytest
 
 from smtpsvc.app import Service
 from smtpsvc.queue.base import QueueError
 from tests.conftest import StartService, events_of, smtp_port, wait_until
 from tests.dnsserver import DnsServer
+from tests.peers import LoopbackPeer
 from tests.sink import Sink
 from tests.test_relay import MESSAGE, drop_files, queue_is_empty, send
 
@@ -34,22 +34,15 @@ def badmail(service: Service, suffix: str) -> list[object]:
     return sorted(service.folders["badmail"].glob(f"*{suffix}"))
 
 
-class ScriptedServer:
+class ScriptedServer(LoopbackPeer):
     """A minimal SMTP peer that is not our code. `ehlo` is its EHLO reply, or None to refuse EHLO with 502
     like an old server (KB818222 method 2). It records each TCP read, so a test can see what was pipelined."""
 
     def __init__(self, ehlo: bytes | None) -> None:
+        super().__init__()
         self.ehlo = ehlo
-        self.commands: list[str] = []
         self.lines: list[str] = []
         self.reads: list[bytes] = []
-        self.messages: list[bytes] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 old.test SMTP ready\r\n")
@@ -77,10 +70,6 @@ class ScriptedServer:
                     writer.write(b"250 ok\r\n")
             await writer.drain()
         writer.close()
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
 
 
 @pytest.fixture
@@ -266,12 +255,7 @@ async def test_notify_never_suppresses_the_delay_notification(
     service = await start_service(
         delivery={"smart_host": f"[127.0.0.1]:{sink.port}", "retry": ["10s"], "delay_notification": "1s"}
     )
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
-    await client.connect()
-    await client.sendmail(
-        "alice@local.test", ["defer-me@remote.test"], MESSAGE, rcpt_options=["NOTIFY=NEVER"]
-    )
-    await client.quit()
+    await send(service, "alice@local.test", ["defer-me@remote.test"], MESSAGE, rcpt_options=["NOTIFY=NEVER"])
     await wait_until(
         lambda: any(e.delay_notified for e in service.queue.list()),
         timeout=20,
@@ -292,10 +276,7 @@ async def test_a_peer_without_8bitmime_receives_a_7bit_body_that_decodes_to_the_
     start_service: StartService, pipelining_peer: ScriptedServer
 ) -> None:
     service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{pipelining_peer.port}"})
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
-    await client.connect()
-    await client.sendmail("a@local.test", ["x@remote.test"], EIGHT_BIT, mail_options=["BODY=8BITMIME"])
-    await client.quit()
+    await send(service, "a@local.test", ["x@remote.test"], EIGHT_BIT, mail_options=["BODY=8BITMIME"])
     [wire] = await wait_until(lambda: pipelining_peer.messages, what="delivery")
     body = wire[: -len(b".\r\n")]  # the message ends with its own CRLF, then the dot line
     assert max(body) < 128  # nothing 8-bit on the wire
@@ -309,10 +290,7 @@ async def test_a_peer_with_8bitmime_gets_the_message_untouched(
     start_service: StartService, sink: Sink
 ) -> None:
     service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
-    await client.connect()
-    await client.sendmail("a@local.test", ["x@remote.test"], EIGHT_BIT, mail_options=["BODY=8BITMIME"])
-    await client.quit()
+    await send(service, "a@local.test", ["x@remote.test"], EIGHT_BIT, mail_options=["BODY=8BITMIME"])
     await wait_until(lambda: sink.messages, what="delivery")
     assert sink.messages[0].content.endswith(EIGHT_BIT)
 
@@ -321,12 +299,13 @@ async def test_an_smtputf8_message_to_a_peer_without_smtputf8_is_returned_with_5
     start_service: StartService, sink: Sink
 ) -> None:
     service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
-    await client.connect()
-    await client.sendmail(
-        "a@local.test", ["j\u00f6rg@remote.test"], EIGHT_BIT, mail_options=["SMTPUTF8", "BODY=8BITMIME"]
+    await send(
+        service,
+        "a@local.test",
+        ["j\u00f6rg@remote.test"],
+        EIGHT_BIT,
+        mail_options=["SMTPUTF8", "BODY=8BITMIME"],
     )
-    await client.quit()
     [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
     assert b"Status: 5.6.7" in ndr.read_bytes()
     assert not sink.messages
@@ -360,10 +339,7 @@ async def test_notify_success_gets_a_relayed_report_from_a_peer_without_dsn(
     start_service: StartService, sink: Sink
 ) -> None:
     service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
-    await client.connect()
-    await client.sendmail("alice@local.test", ["x@remote.test"], MESSAGE, rcpt_options=["NOTIFY=SUCCESS"])
-    await client.quit()
+    await send(service, "alice@local.test", ["x@remote.test"], MESSAGE, rcpt_options=["NOTIFY=SUCCESS"])
     [report] = await wait_until(lambda: drop_files(service), what="the success DSN")
     data = report.read_bytes()
     assert b"Action: relayed" in data and b"Delivery Status Notification (Success)" in data
@@ -375,10 +351,7 @@ async def test_notify_success_passed_on_to_a_peer_with_dsn_gets_no_report_from_u
 ) -> None:
     receiver = await start_service(domains={"local": ["remote.test"]})
     relay = await start_service(delivery={"smart_host": f"[127.0.0.1]:{smtp_port(receiver)}"})
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(relay), timeout=30)
-    await client.connect()
-    await client.sendmail("alice@local.test", ["x@remote.test"], MESSAGE, rcpt_options=["NOTIFY=SUCCESS"])
-    await client.quit()
+    await send(relay, "alice@local.test", ["x@remote.test"], MESSAGE, rcpt_options=["NOTIFY=SUCCESS"])
     await wait_until(lambda: drop_files(receiver), what="delivery")
     await wait_until(lambda: queue_is_empty(relay), what="the relay to finish")
     assert drop_files(relay) == []  # the receiver took the request over (it advertises DSN)

@@ -6,28 +6,22 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-import aiosmtplib
 import pytest
 
 from smtpsvc.delivery.healing import PEER_LACKS_8BITMIME, PeerMemory
-from tests.conftest import StartService, events_of, smtp_port, wait_until
+from tests.conftest import StartService, events_of, wait_until
+from tests.peers import LoopbackPeer
+from tests.test_relay import send
 
 
-class Misbehaving:
+class Misbehaving(LoopbackPeer):
     """A peer that drops the connection on EHLO, or advertises 8BITMIME but drops on 8-bit data."""
 
     def __init__(self, drop_on_ehlo: bool = False, drop_on_8bit: bool = False) -> None:
+        super().__init__()
         self.drop_on_ehlo = drop_on_ehlo
         self.drop_on_8bit = drop_on_8bit
         self.drop_on_body_param = False  # an Exchange 5.5 IMS that closes on "MAIL FROM:<...> BODY=8BITMIME"
-        self.commands: list[str] = []
-        self.messages: list[bytes] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 picky.test ready\r\n")
@@ -56,10 +50,6 @@ class Misbehaving:
             await writer.drain()
         writer.close()
 
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
-
 
 @pytest.fixture
 async def peer() -> AsyncIterator[Misbehaving]:
@@ -74,10 +64,7 @@ async def test_a_peer_that_drops_on_ehlo_gets_helo_on_the_next_attempt(
 ) -> None:
     peer.drop_on_ehlo = True
     service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "retry": ["300ms"]})
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
-    await client.connect()
-    await client.sendmail("a@local.test", ["x@remote.test"], b"Subject: s\r\n\r\nx\r\n")
-    await client.quit()
+    await send(service, "a@local.test", ["x@remote.test"], b"Subject: s\r\n\r\nx\r\n")
     await wait_until(lambda: peer.messages, what="delivery after healing")
     assert peer.commands[:2] == ["EHLO", "HELO"]  # first attempt EHLO (dropped), then HELO
     [event] = events_of(service, 3010)
@@ -90,10 +77,7 @@ async def test_a_peer_that_drops_8bit_data_gets_7bit_on_the_next_attempt(
     peer.drop_on_8bit = True
     service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "retry": ["300ms"]})
     message = "Subject: s\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nna\u00efve\r\n".encode()
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
-    await client.connect()
-    await client.sendmail("a@local.test", ["x@remote.test"], message, mail_options=["BODY=8BITMIME"])
-    await client.quit()
+    await send(service, "a@local.test", ["x@remote.test"], message, mail_options=["BODY=8BITMIME"])
     [data] = await wait_until(lambda: peer.messages, what="delivery after healing")
     assert max(data) < 128
     [event] = events_of(service, 3010)
@@ -116,10 +100,7 @@ async def test_a_peer_that_drops_on_body_8bitmime_gets_7bit_on_the_next_attempt(
     peer.drop_on_body_param = True
     service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "retry": ["300ms"]})
     message = "Subject: s\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nna\u00efve\r\n".encode()
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
-    await client.connect()
-    await client.sendmail("a@local.test", ["x@remote.test"], message, mail_options=["BODY=8BITMIME"])
-    await client.quit()
+    await send(service, "a@local.test", ["x@remote.test"], message, mail_options=["BODY=8BITMIME"])
     [data] = await wait_until(lambda: peer.messages, what="delivery after healing")
     assert max(data) < 128
     assert [e["cause"] for e in events_of(service, 3010)] == ["peer-lacks-8bitmime"]

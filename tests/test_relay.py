@@ -22,12 +22,22 @@ MESSAGE = (
 )
 
 
-async def send(service: Service, sender: str, recipients: list[str], message: bytes = MESSAGE) -> str:
-    """Send with aiosmtplib; returns the 250 reply text of the end of DATA."""
+async def send(
+    service: Service,
+    sender: str,
+    recipients: list[str],
+    message: bytes = MESSAGE,
+    *,
+    mail_options: list[str] | None = None,
+    rcpt_options: list[str] | None = None,
+) -> str:
+    """Send with aiosmtplib (an independent client); returns the 250 reply text of the end of DATA."""
     client = aiosmtplib.SMTP(hostname="127.0.0.1", port=smtp_port(service), timeout=30)
     await client.connect()
     try:
-        errors, reply = await client.sendmail(sender, recipients, message)
+        errors, reply = await client.sendmail(
+            sender, recipients, message, mail_options=mail_options or [], rcpt_options=rcpt_options or []
+        )
     finally:
         await client.quit()
     assert not errors, errors

@@ -14,26 +14,20 @@ import pytest
 from smtpsvc.app import Service
 from smtpsvc.auth.users import UserStore
 from tests.conftest import StartService, smtp_port, wait_until
+from tests.peers import LoopbackPeer
 from tests.rawclient import RawClient
 
 BLOB = bytes(range(256)) * 4 + b"\r\n.\r\nnot a command\r\n"
 
 
-class ExchangePeer:
+class ExchangePeer(LoopbackPeer):
     """A next hop that offers XEXCH50 and records the blob; optionally it goes silent after the blob, like
     the firewall of KB818222."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.stall_after_blob = False
         self.blobs: list[bytes] = []
-        self.commands: list[str] = []
-        self.messages: list[bytes] = []
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._session, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 exchange.test ready\r\n")
@@ -65,10 +59,6 @@ class ExchangePeer:
         except (ConnectionError, asyncio.IncompleteReadError):
             pass
         writer.close()
-
-    async def stop(self) -> None:
-        assert self._server is not None
-        self._server.close()
 
 
 @pytest.fixture

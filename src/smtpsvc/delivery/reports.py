@@ -41,18 +41,7 @@ class Reporter:
         reported = [r for r in failed if dsn.should_report(envelope, r, "failure")]
         if not reported:
             return
-        items = [
-            dsn.ReportedRecipient(
-                address=r.address,
-                action="failed",
-                status=r.status or "5.0.0",
-                diagnostic=r.last_reply,
-                remote_mta=host_name(r.remote_mta),
-                orcpt=r.orcpt,
-                last_attempt=r.history[-1].time if r.history else None,
-            )
-            for r in reported
-        ]
+        items = [_item(r, "failed", "5.0.0") for r in reported]
         copy_to = self.config.delivery.send_ndr_copy_to
         report = await self._queue(envelope, items, "failure", [copy_to] if copy_to else [])
         self.events.emit(
@@ -72,19 +61,7 @@ class Reporter:
         if not delayed:
             return True
         until = envelope.received_at + self.config.delivery.expiration
-        items = [
-            dsn.ReportedRecipient(
-                address=r.address,
-                action="delayed",
-                status=r.status or "4.0.0",
-                diagnostic=r.last_reply,
-                remote_mta=host_name(r.remote_mta),
-                orcpt=r.orcpt,
-                last_attempt=r.history[-1].time if r.history else None,
-                will_retry_until=until,
-            )
-            for r in delayed
-        ]
+        items = [_item(r, "delayed", "4.0.0", will_retry_until=until) for r in delayed]
         try:
             report = await self._queue(envelope, items, "delay")
         except QueueError:
@@ -193,6 +170,22 @@ class Reporter:
                 status=failed[0].status,
             )
         )
+
+
+def _item(
+    rcpt: Recipient, action: str, default_status: str, will_retry_until: float | None = None
+) -> dsn.ReportedRecipient:
+    """A report block from a queued recipient's last result."""
+    return dsn.ReportedRecipient(
+        address=rcpt.address,
+        action=action,
+        status=rcpt.status or default_status,
+        diagnostic=rcpt.last_reply,
+        remote_mta=host_name(rcpt.remote_mta),
+        orcpt=rcpt.orcpt,
+        last_attempt=rcpt.history[-1].time if rcpt.history else None,
+        will_retry_until=will_retry_until,
+    )
 
 
 def host_name(remote_mta: str) -> str:
