@@ -53,6 +53,7 @@ def base_sections(root: Path, **overrides: dict[str, Any]) -> dict[str, dict[str
         },
         "domains": {"local": ["local.test"]},
         "delivery": {"retry": ["1s"], "expiration": "1h", "timeout": "10s"},
+        "admin": {"listen": ""},  # tests that use the admin API ask for "127.0.0.1:0"
     }
     for section, keys in overrides.items():
         sections.setdefault(section, {}).update(keys)

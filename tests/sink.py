@@ -1,7 +1,7 @@
 """A test SMTP server that is not our code: aiosmtpd on 127.0.0.1, port 0, in its own thread and loop.
 
-Recipients whose local part starts with "reject" get 550 5.1.1, with "defer" get 450 4.2.0; everything
-else is accepted and the message recorded byte for byte.
+Recipients whose local part starts with "reject" get 550 5.1.1, with "defer" get 450 4.2.0 (every one does
+while `handler.defer_everything` is set); everything else is accepted and the message recorded byte for byte.
 """
 
 from __future__ import annotations
@@ -25,12 +25,15 @@ class Received:
 class SinkHandler:
     messages: list[Received] = field(default_factory=list)
     rcpt_attempts: list[str] = field(default_factory=list)
+    defer_everything: bool = False  # a peer that is "down" for mail (450 to every RCPT) until switched back
 
     async def handle_RCPT(
         self, server: Any, session: Any, envelope: Any, address: str, rcpt_options: list[str]
     ) -> str:
         self.rcpt_attempts.append(address)
         local = address.split("@", 1)[0].lower()
+        if self.defer_everything:
+            return "450 4.3.2 Service not available, try later"
         if local.startswith("reject"):
             return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
         if local.startswith("defer"):

@@ -1,4 +1,4 @@
-"""`smtpsvc queue ...` on a stopped service's spool; a running service's lock is respected."""
+"""`smtpsvc queue ...` on a stopped service's spool (the running service: tests/admin/test_cli_running.py)."""
 
 from __future__ import annotations
 
@@ -76,17 +76,31 @@ async def test_freeze_thaw_retry_and_delete_change_the_spool(start_service: Star
     assert (await run("queue", "retry", "-c", config, queue_id))[0] == 0
     saved = json.loads(env_file.read_text())
     assert all(r["next_attempt"] <= saved["received_at"] + 3600 for r in saved["recipients"])
-    code, _, err = await run("queue", "delete", "-c", config, queue_id, "--ndr")
-    assert code == 1 and "needs the running service" in err
-    assert (await run("queue", "delete", "-c", config, queue_id))[0] == 0
+    code, out, _ = await run("queue", "delete", "-c", config, queue_id)
+    assert code == 0 and "deleted on the queue files (service stopped)" in out
     assert not env_file.exists() and not env_file.with_suffix(".eml").exists()
 
 
-async def test_queue_commands_on_a_running_service_say_so(start_service: StartService) -> None:
-    service = await start_service()
+async def test_delete_with_ndr_on_a_stopped_service_queues_the_report(start_service: StartService) -> None:
+    service, queue_id = await queued_then_stopped(start_service)
+    config = str(service.config_path)
+    code, out, _ = await run("queue", "delete", "-c", config, queue_id, "--ndr")
+    assert code == 0 and "with an NDR to the sender" in out
+    [report] = [json.loads(p.read_text()) for p in Path(service.folders["queue"]).glob("*.env")]
+    assert report["source"] == "dsn" and report["recipients"][0]["address"] == "alice@local.test"
+    assert not (Path(service.folders["queue"]) / f"{queue_id}.env").exists()
+    events = [json.loads(line) for line in (service.folders["log"] / "events.jsonl").read_text().splitlines()]
+    assert any(e["id"] == 3004 and e.get("status") == "4.3.2" for e in events)
+    assert any(e["id"] == 9006 and "deleted with an NDR" in e["text"] for e in events)
+
+
+async def test_queue_commands_on_a_running_service_without_admin_api_explain(
+    start_service: StartService,
+) -> None:
+    service = await start_service()  # admin.listen = "" in the test config
     code, _, err = await run("queue", "list", "-c", str(service.config_path))
     assert code == 1
-    assert "The service is running" in err
+    assert "The service is running and its admin API is off" in err
 
 
 async def test_badmail_list_show_and_replay_of_an_undeliverable_ndr(start_service: StartService) -> None:

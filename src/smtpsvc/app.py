@@ -1,8 +1,9 @@
 """The composition root: builds the service from a Config, starts and stops its parts in order.
 
-Start: mailroot folders → event log → queue (crash recovery) → scheduler → Pickup → SMTP listeners.
-Stop (SIGTERM/SIGINT): listeners close and idle sessions get 421; Pickup stops; in-flight deliveries get a
-bounded grace period; the queue's pending commits finish; the event log is flushed. SIGHUP reloads the
+Start: mailroot folders → event log → queue (crash recovery) → scheduler → Pickup → SMTP listeners → admin
+HTTP API (`admin.listen`). Stop (SIGTERM/SIGINT): the admin API closes; listeners close and idle sessions
+get 421; Pickup stops; in-flight deliveries get a bounded grace period; the queue's pending commits finish;
+the event log is flushed. SIGHUP reloads the
 configuration file (listener addresses excepted: they need a restart).
 """
 
@@ -13,17 +14,23 @@ import contextlib
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TextIO
 
-from smtpsvc import events
+from smtpsvc import __version__, events
+from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, AccessError, service_token
+from smtpsvc.admin.httpserver import AdminServer
+from smtpsvc.admin.service import QueueAdmin
+from smtpsvc.admin.web import AdminContext, build_app
 from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.auth.users import UsersFileError, UserStore, users_path
-from smtpsvc.config import Config, ConfigError, load_config
+from smtpsvc.config import Config, ConfigError, format_listen, load_config
 from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.events import EventLog
 from smtpsvc.folders.pickup import PickupScanner
 from smtpsvc.ingest import Ingest
+from smtpsvc.metrics import Metrics
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.routing.mx import MxResolver
@@ -62,6 +69,9 @@ class Service:
         self.scheduler: Scheduler
         self.pickup: PickupScanner
         self.smtp: SmtpServer
+        self.admin: AdminServer | None = None
+        self.admin_context: AdminContext | None = None
+        self._started_at = 0.0
 
     def _prepare_mailroot(self) -> None:
         for name, path in self.folders.items():
@@ -88,11 +98,14 @@ class Service:
             self.events.close()
             raise MailrootError(str(exc)) from exc
         cfg = self.config
+        self.metrics = Metrics(self.queue.list, self.queue.get, lambda: self.queue.frozen_links)
+        self.events.subscribe(self.metrics.on_event)
         self.ingest = Ingest(self.queue, cfg, self.events, on_queued=lambda: self.scheduler.wake())
         resolver = MxResolver(cfg.resolver.nameservers, timeout=min(cfg.delivery.timeout, 30.0))
         self.scheduler = Scheduler(
             self.queue, cfg, self.ingest, self.events, resolver, self.folders["drop"], self.folders["badmail"]
         )
+        self.scheduler.delivery_observer = self.metrics.delivery_group
         self.pickup = PickupScanner(
             self.folders["pickup"],
             self.folders["badmail"],
@@ -120,9 +133,25 @@ class Service:
                 limiter=AuthLimiter(),
                 etrn=self.scheduler.flush,
                 resolver=resolver,
+                metrics=self.metrics,
             )
         )
         await self.smtp.start()
+        try:
+            await self._start_admin(cfg)
+        except (AccessError, OSError) as exc:
+            await self.smtp.stop(grace=0)
+            text = (
+                str(exc)
+                if isinstance(exc, AccessError)
+                else f"The admin API cannot listen on {format_listen(cfg.admin.listen or ('', 0))}: "
+                f"{exc.strerror or exc}"
+            )
+            self.events.emit(events.Event(events.MAILROOT_UNUSABLE, text, cause="config-unusable"))
+            self.events.close()
+            await self.queue.drain()
+            self.queue.close()
+            raise MailrootError(text) from exc
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.scheduler.run(), name="scheduler"),
@@ -138,7 +167,10 @@ class Service:
                     cause="reset-message-status",
                 )
             )
+        self._started_at = time.time()
         listening = ", ".join(f"{h}:{p}" for h, p in self.smtp.sockets)
+        if self.admin is not None:
+            listening += f"; admin API on http://{format_listen(self.admin.address)}/"
         self.events.emit(
             events.Event(
                 events.SERVICE_STARTED,
@@ -148,6 +180,39 @@ class Service:
         )
         self.events.flush()
         notify(f"READY=1\nSTATUS=listening on {listening}")
+
+    async def _start_admin(self, config: Config) -> None:
+        if config.admin.listen is None:
+            return
+        self.admin_context = AdminContext(
+            admin=QueueAdmin.attach(self.scheduler),
+            token=service_token(config),
+            badmail_dir=self.folders["badmail"],
+            pickup_dir=self.folders["pickup"],
+            events_path=self.folders["log"] / "events.jsonl",
+            flush_events=self.events.flush,
+            metrics=self.metrics.render,
+            health=self._health,
+        )
+        host, port = config.admin.listen
+        self.admin = AdminServer(build_app(self.admin_context), host, port)
+        await self.admin.start()
+        # Where the API really listens (port 0, or a config edited since the start): the CLI reads it.
+        runtime = self.root / ADMIN_ADDRESS_FILE
+        tmp = runtime.with_name(f".{runtime.name}.tmp")
+        tmp.write_text(format_listen(self.admin.address) + "\n", encoding="utf-8")
+        os.replace(tmp, runtime)
+
+    def _health(self) -> dict[str, object]:
+        """/healthz: ok while the service accepts and delivers; 503 once it is stopping."""
+        return {
+            "status": "stopping" if self._stopped.is_set() else "ok",
+            "version": __version__,
+            "uptime_seconds": round(time.time() - self._started_at, 1),
+            "queue": len(self.queue.list()),
+            "in_flight": self.scheduler.inflight,
+            "smtp": [f"{h}:{p}" for h, p in self.smtp.sockets],
+        }
 
     def _load_users(self, config: Config) -> UserStore:
         if not config.auth.users_file:
@@ -174,6 +239,10 @@ class Service:
             return
         self._stopped.set()
         notify("STOPPING=1")
+        if self.admin is not None:
+            await self.admin.stop()
+            with contextlib.suppress(OSError):
+                (self.root / ADMIN_ADDRESS_FILE).unlink()
         await self.smtp.stop(grace=STOP_GRACE)
         pickup_task, flush_task = self._tasks[1], self._tasks[2]
         pickup_task.cancel()
@@ -219,9 +288,25 @@ class Service:
                 )
             )
             return
+        token = self.admin_context.token if self.admin_context else ""
+        if self.admin_context is not None and config.admin.token_file:
+            try:
+                token = service_token(config)
+            except AccessError as exc:
+                self.events.emit(
+                    events.Event(
+                        events.SERVICE_STARTED,
+                        f"Configuration reload failed; keeping the old one: {exc}",
+                        cause="config-reload-failed",
+                    )
+                )
+                return
         previous, self.config = self.config, config
         for part in (self.ingest, self.scheduler, self.scheduler.reports, self.pickup, context):
             part.config = config
+        if self.admin_context is not None:
+            self.admin_context.admin.config = config
+            self.admin_context.token = token
         rerouted = self.scheduler.recategorize(previous)
         self.scheduler.wake()
         self.events.emit(

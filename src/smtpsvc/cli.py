@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
@@ -22,8 +23,9 @@ import click
 
 from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
+from smtpsvc.admin.client import RemoteAdmin, open_admin
 from smtpsvc.admin.probe import probe as probe_peer
-from smtpsvc.admin.service import AdminError, QueueAdmin, summarize
+from smtpsvc.admin.service import AdminError, QueueAdmin
 from smtpsvc.admin.submit import write_pickup_file
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
 from smtpsvc.config import (
@@ -37,7 +39,7 @@ from smtpsvc.config import (
 from smtpsvc.dsn import split_headers
 from smtpsvc.model import rfc5322_date
 from smtpsvc.protocol import AddressError, parse_path
-from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address
+from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address, route_for
 from smtpsvc.units import parse_duration
 
 
@@ -257,11 +259,20 @@ def relay_check(config_file: str | None, client_ip: str, rcpt: str, auth_user: s
 
 @main.group()
 def queue() -> None:
-    """Inspect and repair the queue of a stopped service (list, show, freeze, thaw, retry, delete)."""
+    """Inspect and repair the queue: through the running service's admin API, or on the files of a stopped
+    one (with its lock). Each command says which."""
 
 
-def _admin(config_file: str | None) -> contextlib.AbstractContextManager[QueueAdmin]:
-    return QueueAdmin.offline(_load(_config_path(config_file)))
+@contextlib.contextmanager
+def _admin(config_file: str | None, quiet: bool = False) -> Iterator[QueueAdmin | RemoteAdmin]:
+    """The queue, and a note on stderr saying whether it is the running service's or the files'."""
+    try:
+        with open_admin(_load(_config_path(config_file))) as admin:
+            if not quiet:
+                click.echo(f"smtpsvc: working on {admin.where}", err=True)
+            yield admin
+    except AdminError as exc:
+        _fail(exc)
 
 
 def _fail(exc: AdminError) -> NoReturn:
@@ -282,25 +293,29 @@ def _age(seconds: float) -> str:
 @click.option("--state", type=click.Choice(["ready", "retry", "frozen"]), help="Only messages in this state.")
 @click.option("--to", "to", metavar="ADDR", help="Only messages with this recipient.")
 @click.option("--domain", metavar="D", help="Only messages with a recipient at this domain.")
+@click.option("--link", metavar="L", help="Only messages waiting for this next hop (see `queue summary`).")
 def queue_list(
-    config_file: str | None, as_json: bool, state: str | None, to: str | None, domain: str | None
+    config_file: str | None,
+    as_json: bool,
+    state: str | None,
+    to: str | None,
+    domain: str | None,
+    link: str | None,
 ) -> None:
     """List queued messages: id, state, age, size, sender, recipients, next attempt, last error."""
-    try:
-        with _admin(config_file) as admin:
-            entries = admin.entries(state or "", to or "", domain or "")
-    except AdminError as exc:
-        _fail(exc)
+    with _admin(config_file) as admin:
+        entries = admin.entries(state or "", to or "", domain or "", link or "")
     now = time.time()
     if as_json:
         click.echo(json.dumps([e.to_json(now) for e in entries], indent=2))
         return
     if not entries:
-        click.echo("the queue is empty" if not (state or to or domain) else "no message matches")
+        filtered = state or to or domain or link
+        click.echo("no message matches" if filtered else "the queue is empty")
         return
     for entry in entries:
         env = entry.envelope
-        due = env.next_due()
+        due = env.next_due(entry.frozen_links)
         when = "now" if due is not None and due <= now else (_age(due - now) if due else "-")
         click.echo(
             f"{env.id}  {entry.state:<6} age {_age(now - env.received_at):>4}  {env.size:>8} B  "
@@ -318,13 +333,9 @@ def queue_list(
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
 def queue_summary(config_file: str | None, as_json: bool) -> None:
     """Per next hop (link): messages, recipients, oldest age, state, next retry (like qshape)."""
-    try:
-        with _admin(config_file) as admin:
-            entries = admin.entries()
-    except AdminError as exc:
-        _fail(exc)
     now = time.time()
-    links = summarize(entries, now)
+    with _admin(config_file) as admin:
+        links = admin.summary(now)
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(link) for link in links], indent=2))
         return
@@ -347,12 +358,12 @@ def queue_summary(config_file: str | None, as_json: bool) -> None:
 @click.option("--transcript", is_flag=True, help="Also print the last SMTP conversations.")
 def queue_show(config_file: str | None, queue_id: str, transcript: bool) -> None:
     """Envelope, headers, per-recipient history and (with --transcript) the delivery transcripts."""
-    try:
-        with _admin(config_file) as admin:
+    with _admin(config_file) as admin:
+        try:
             env = admin.get(queue_id)
             headers = admin.headers(queue_id)
-    except AdminError as exc:
-        _fail(exc)
+        except AdminError as exc:
+            _fail(exc)
     click.echo(f"id:        {env.id}")
     click.echo(
         f"received:  {rfc5322_date(env.received_at)} from {env.source.value} "
@@ -375,22 +386,74 @@ def queue_show(config_file: str | None, queue_id: str, transcript: bool) -> None
                 click.echo(line)
 
 
-def _queue_change(verb: str, doc: str) -> None:
+def _one_target(queue_id: str | None, **others: object) -> None:
+    given = [bool(queue_id), *(bool(v) for v in others.values())]
+    if sum(given) != 1:
+        names = " | ".join(["ID", *(f"--{k}" for k in others)])
+        click.echo(f"smtpsvc: give exactly one of {names}", err=True)
+        raise SystemExit(2)
+
+
+def _link_of_domain(config_file: str | None, domain: str) -> str:
+    """The next hop a domain's mail waits on: the domain itself for MX routing, else its connector, the
+    smart host or drop (a frozen smart host link holds every domain routed through it)."""
+    return route_for(f"postmaster@{domain.rstrip('.')}", _load(_config_path(config_file))).link
+
+
+def _freeze_or_thaw(verb: str, doc: str) -> None:
     @queue.command(verb, help=doc)
     @config_option
-    @click.argument("queue_id")
-    def change(config_file: str | None, queue_id: str) -> None:
+    @click.argument("queue_id", required=False)
+    @click.option(
+        "--link", metavar="L", help="Every message waiting for this next hop (see `queue summary`)."
+    )
+    @click.option("--domain", metavar="D", help="The link this domain's mail goes through.")
+    def change(config_file: str | None, queue_id: str | None, link: str | None, domain: str | None) -> None:
+        _one_target(queue_id, link=link, domain=domain)
+        if domain:
+            link = _link_of_domain(config_file, domain)
+        with _admin(config_file, quiet=True) as admin:
+            try:
+                if link:
+                    method = admin.freeze_link if verb == "freeze" else admin.thaw_link
+                    count = asyncio.run(method(link))
+                    click.echo(f"link {link}: {verb} done ({count} message(s) wait on it) on {admin.where}")
+                    return
+                envelope = asyncio.run((admin.freeze if verb == "freeze" else admin.thaw)(str(queue_id)))
+            except AdminError as exc:
+                _fail(exc)
+            click.echo(f"{envelope.id}: {verb} done on {admin.where}")
+
+
+_freeze_or_thaw(
+    "freeze",
+    "Hold a message, or a whole link (Exchange Queue Viewer Freeze): its mail is kept and still accepted, "
+    "and nothing is delivered until thawed.",
+)
+_freeze_or_thaw("thaw", "Release a frozen message or link.")
+
+
+@queue.command("retry")
+@config_option
+@click.argument("queue_id", required=False)
+@click.option("--all", "every", is_flag=True, help="Every queued message.")
+@click.option("--domain", metavar="D", help="Messages with a pending recipient at this domain.")
+@click.option("--link", metavar="L", help="Messages waiting for this next hop.")
+def queue_retry(
+    config_file: str | None, queue_id: str | None, every: bool, domain: str | None, link: str | None
+) -> None:
+    """Force Connection: attempt now (on a stopped service: as soon as it starts)."""
+    _one_target(queue_id, all=every, domain=domain, link=link)
+    with _admin(config_file, quiet=True) as admin:
         try:
-            with _admin(config_file) as admin:
-                asyncio.run(getattr(admin, verb)(queue_id))
+            if queue_id:
+                asyncio.run(admin.retry(queue_id))
+                click.echo(f"{queue_id}: retry done on {admin.where}")
+                return
+            count = asyncio.run(admin.retry_where(domain=domain or "", link=link or ""))
         except AdminError as exc:
             _fail(exc)
-        click.echo(f"{queue_id}: {verb} done")
-
-
-_queue_change("freeze", "Hold a message (Exchange Queue Viewer Freeze): kept, not delivered, until thawed.")
-_queue_change("thaw", "Release a frozen message.")
-_queue_change("retry", "Force Connection: make the message due now (it is tried when the service starts).")
+        click.echo(f"{count} message(s) due now on {admin.where}")
 
 
 @queue.command("recategorize")
@@ -399,39 +462,27 @@ _queue_change("retry", "Force Connection: make the message due now (it is tried 
 @click.option("--all", "every", is_flag=True, help="Every queued message.")
 def queue_recategorize(config_file: str | None, queue_id: str | None, every: bool) -> None:
     """Re-run categorizer and router (ResetMessageStatus, KB279616) on one message or --all."""
-    if bool(queue_id) == every:
-        click.echo("smtpsvc: give one queue ID or --all", err=True)
-        raise SystemExit(2)
-    cfg = _load(_config_path(config_file))
-    try:
-        with QueueAdmin.offline(cfg) as admin:
-            count = asyncio.run(admin.recategorize(cfg, queue_id or ""))
-    except AdminError as exc:
-        _fail(exc)
-    click.echo(f"{count} message(s) re-categorized; they are tried when the service starts")
+    _one_target(queue_id, all=every)
+    with _admin(config_file, quiet=True) as admin:
+        try:
+            count = asyncio.run(admin.recategorize(queue_id or ""))
+        except AdminError as exc:
+            _fail(exc)
+        click.echo(f"{count} message(s) re-categorized on {admin.where}; they are due now")
 
 
 @queue.command("delete")
 @config_option
 @click.argument("queue_id")
-@click.option(
-    "--ndr", is_flag=True, help="Return it to the sender with status 4.3.2 (needs the running service)."
-)
+@click.option("--ndr", is_flag=True, help="Return it to the sender first, with status 4.3.2.")
 def queue_delete(config_file: str | None, queue_id: str, ndr: bool) -> None:
-    """Delete a message, without a report (the default)."""
-    if ndr:
-        click.echo(
-            "smtpsvc: delete --ndr needs the running service and its admin API, which is not built yet; "
-            "delete without --ndr, or freeze the message for now",
-            err=True,
-        )
-        raise SystemExit(1)
-    try:
-        with _admin(config_file) as admin:
-            asyncio.run(admin.delete(queue_id))
-    except AdminError as exc:
-        _fail(exc)
-    click.echo(f"{queue_id}: deleted")
+    """Delete a message, without a report (the default) or with an NDR to its sender (--ndr)."""
+    with _admin(config_file, quiet=True) as admin:
+        try:
+            asyncio.run(admin.delete(queue_id, ndr=ndr))
+        except AdminError as exc:
+            _fail(exc)
+        click.echo(f"{queue_id}: deleted{' with an NDR to the sender' if ndr else ''} on {admin.where}")
 
 
 # --------------------------------------------------------------------------------------------- badmail

@@ -30,7 +30,6 @@ from smtpsvc.units import format_duration, format_size, parse_duration, parse_si
 # `config check` warns when the file or environment sets one. Trim this set as features land.
 NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
     {
-        "admin.*",
         "queue.dsn",
         "queue.lease",
         "queue.node_id",

@@ -15,6 +15,7 @@ import json
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -55,6 +56,7 @@ SERVICE_STARTED = 9002
 SERVICE_STOPPED = 9003
 PICKUP_REJECTED = 9004
 RECATEGORIZED = 9005
+QUEUE_ADMIN = 9006  # an operator changed the queue (freeze, thaw, retry, delete, recategorize), CLI or web
 LEVELS.update(
     {QUEUE_FILE_CORRUPT: "error", SERVICE_STARTED: "info", SERVICE_STOPPED: "info", PICKUP_REJECTED: "error"}
 )
@@ -119,6 +121,8 @@ class EventLog:
         self._buffered = 0
         self._lock = threading.Lock()
         self._file: Any = None
+        # Observers (metrics): a tuple replaced on subscribe, so emit reads it without taking the lock.
+        self._subscribers: tuple[Callable[[Event], None], ...] = ()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the service's life
@@ -139,6 +143,21 @@ class EventLog:
                     f"{record['time']} {record['level']} {event.id} {event.text}"
                     f"{' ' + extra if extra else ''}\n"
                 )
+        for callback in self._subscribers:  # observer hook (metrics)
+            with contextlib.suppress(Exception):  # an observer's bug must never stop logging or mail flow
+                callback(event)
+
+    def subscribe(self, callback: Callable[[Event], None]) -> Callable[[], None]:
+        """Call `callback(event)` after every emitted event, in the emitting thread; it should be quick and
+        its exceptions are ignored. Returns a function that unsubscribes it."""
+        with self._lock:
+            self._subscribers = (*self._subscribers, callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                self._subscribers = tuple(c for c in self._subscribers if c is not callback)
+
+        return unsubscribe
 
     def flush(self) -> None:
         with self._lock:

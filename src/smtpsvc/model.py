@@ -104,9 +104,14 @@ class Envelope:
     def outstanding(self) -> bool:
         return any(r.outstanding for r in self.recipients)
 
-    def next_due(self) -> float | None:
-        """Earliest next attempt among recipients with work left; None when the message is done."""
-        times = [r.next_attempt for r in self.recipients if r.outstanding]
+    def next_due(self, frozen_links: frozenset[str] = frozenset()) -> float | None:
+        """Earliest next attempt among recipients with work left; None when the message is done or all that
+        is left waits on a frozen link (a failed recipient's report is still due whatever its link)."""
+        times = [
+            r.next_attempt
+            for r in self.recipients
+            if r.outstanding and not (r.pending and r.route in frozen_links)
+        ]
         return min(times) if times else None
 
     def to_json(self) -> dict[str, Any]:
@@ -187,6 +192,31 @@ class DeliveryResult:
     status: str  # enhanced status code, e.g. "5.1.1"
     remote_mta: str = ""
     dsn_passed_on: bool = False  # the next hop took the DSN request (it advertised DSN): we report no success
+
+
+QUEUE_STATES = ("ready", "retry", "frozen")
+NO_LINK = "-"  # the link shown for a recipient that has no route recorded yet
+
+
+def queue_state(envelope: Envelope, frozen_links: frozenset[str] = frozenset()) -> str:
+    """Exchange Queue Viewer words: frozen (the message, or every link it waits for), retry (failed before,
+    waiting), ready (not tried yet). Shared by the queue commands (admin) and the metrics, so both name a
+    message's state alike."""
+    pending = envelope.pending
+    if envelope.frozen or (pending and all(r.route in frozen_links for r in pending)):
+        return "frozen"
+    if any(r.attempts for r in pending):
+        return "retry"
+    return "ready"
+
+
+def pending_by_link(envelope: Envelope) -> dict[str, int]:
+    """How many of the message's pending recipients wait for each link (next hop), by route name."""
+    counts: dict[str, int] = {}
+    for rcpt in envelope.pending:
+        link = rcpt.route or NO_LINK
+        counts[link] = counts.get(link, 0) + 1
+    return counts
 
 
 def domain_of(address: str) -> str:

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from smtpsvc import events
@@ -78,6 +78,8 @@ class Scheduler:
         self.memory = PeerMemory()  # self-healing facts per next hop (SPEC 2.9)
         self.reports = Reporter(queue, config, ingest, event_log, badmail_dir)
         self._link_slots: dict[str, asyncio.Semaphore] = {}  # max_connections_per_domain, per link
+        # metrics hook: (route kind "drop"|"smtp", the group's results, seconds the attempt took)
+        self.delivery_observer: Callable[[str, Sequence[DeliveryResult], float], None] | None = None
 
     def wake(self) -> None:
         self._wake.set()
@@ -105,6 +107,15 @@ class Scheduler:
         if count:
             self.wake()
         return count
+
+    def forget_backoff(self, links: set[str]) -> None:
+        """The operator forced a retry: try these links now even if they just failed for another message."""
+        for link in links:
+            self._link_down.pop(link, None)
+
+    def rerun_after_attempt(self, queue_id: str) -> None:
+        """A message changed while it is being delivered: make it due again as soon as the attempt ends."""
+        self._rerun_after_attempt.add(queue_id)
 
     def recategorize(self, previous: Config | None = None) -> int:
         """Run the categorizer and router again on queued mail (ResetMessageStatus, config reload). Every
@@ -224,6 +235,8 @@ class Scheduler:
                 continue  # this recipient's retry time has not come (another one made the message due)
             first, *rest = choices_for(rcpt.address, self.config, unavailable)
             rcpt.route = first.route.link
+            if rcpt.route in self.queue.frozen_links:
+                continue  # the operator froze this next hop: it keeps its mail until thawed
             down_until = self._link_down.get(first.route.link, 0.0)
             if down_until > started:
                 # The destination just failed for another message: wait with it instead of hammering it.
@@ -324,9 +337,15 @@ class Scheduler:
     async def _deliver_group(
         self, envelope: Envelope, choice: RouteChoice, rcpts: list[Recipient], fallbacks: list[RouteChoice]
     ) -> list[DeliveryResult]:
+        started = time.monotonic()  # metrics hook: how long this group's attempt takes
         if choice.route.kind == "drop":
-            return await self._deliver_drop(envelope, rcpts)
-        return await self._deliver_smtp(envelope, choice, rcpts, fallbacks)
+            results = await self._deliver_drop(envelope, rcpts)
+        else:
+            results = await self._deliver_smtp(envelope, choice, rcpts, fallbacks)
+        if self.delivery_observer is not None:  # metrics hook
+            with contextlib.suppress(Exception):  # counting must never fail a delivery
+                self.delivery_observer(choice.route.kind, results, time.monotonic() - started)
+        return results
 
     def _unavailable_connectors(self, now: float) -> frozenset[str]:
         """Connectors whose every smart host failed lately: the next cost takes over until they heal."""

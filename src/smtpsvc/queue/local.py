@@ -11,6 +11,9 @@ Recovery at open: tmp/ is emptied (nothing there was acknowledged); a .eml or .x
 that never finished or a completion that did, so it is removed; a .env that does not parse, or lacks its
 .eml, is moved to corrupt/ with an event, never dropped silently and never blocking the rest.
 
+Frozen links (the operator's "freeze this next hop") are queue state too: `queue/links.json`, written
+atomically; a recipient on a frozen link is not due until the link is thawed (its message still accepts).
+
 One process owns a spool at a time (an exclusive lock on queue/.lock); the in-memory index of due times is
 rebuilt from the .env files at every start, so the files stay the single truth.
 """
@@ -106,6 +109,7 @@ class LocalSpool:
         self._heap: list[tuple[float, str]] = []
         self._leased: set[str] = set()
         self._lock_file: IO[bytes] | None = None
+        self._frozen_links: frozenset[str] = frozenset()
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -113,6 +117,7 @@ class LocalSpool:
         for d in (self.dir, self.tmp_dir, self.corrupt_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock()
+        self._frozen_links = self._read_links()
         for leftover in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
@@ -234,6 +239,29 @@ class LocalSpool:
             self._leased.discard(envelope.id)
         self._index(envelope)
 
+    async def update(self, envelope: Envelope) -> None:
+        """Persist an operator's change (freeze, thaw, retry) without touching the lease: a message being
+        delivered keeps its lease, and the delivery's own save later carries the change. The due index is
+        updated before the write, so the scheduler never leases a message on the state it had before."""
+        if envelope.id not in self._envelopes:
+            return  # completed meanwhile (delivered, or deleted by another request)
+        if envelope.id not in self._leased:
+            self._index(envelope)
+        payload = _encode(envelope)
+        tmp = self.tmp_dir / f"{envelope.id}.env.admin"
+        final = self.dir / f"{envelope.id}.env"
+
+        def job() -> None:
+            if not final.exists():
+                return  # completed meanwhile: a stale write must not bring it back
+            _write_synced(tmp, payload)
+            os.replace(tmp, final)
+
+        try:
+            await self._committer.run(job, self.dir)
+        except OSError as exc:
+            raise QueueError(f"cannot update queue file: {exc.strerror}") from exc
+
     async def complete(self, queue_id: str) -> None:
         def job() -> None:
             with contextlib.suppress(FileNotFoundError):
@@ -248,7 +276,7 @@ class LocalSpool:
     # -- scheduling ----------------------------------------------------------------------------------
     def _index(self, envelope: Envelope) -> None:
         self._envelopes[envelope.id] = envelope
-        due = envelope.next_due()
+        due = envelope.next_due(self._frozen_links)
         if due is None or envelope.frozen:
             self._due.pop(envelope.id, None)
             return
@@ -266,6 +294,9 @@ class LocalSpool:
             due, queue_id = heapq.heappop(self._heap)
             if self._due.get(queue_id) != due or queue_id in self._leased:
                 continue  # stale heap entry: the envelope was re-indexed since
+            if self._envelopes[queue_id].frozen:
+                self._due.pop(queue_id)  # frozen by an operator since it was indexed
+                continue
             self._due.pop(queue_id)
             self._leased.add(queue_id)
             out.append(self._envelopes[queue_id])
@@ -291,6 +322,40 @@ class LocalSpool:
                 return due
             heapq.heappop(self._heap)
         return None
+
+    # -- frozen links -------------------------------------------------------------------------------
+    @property
+    def frozen_links(self) -> frozenset[str]:
+        return self._frozen_links
+
+    async def set_link_frozen(self, link: str, frozen: bool) -> None:
+        """Freeze or thaw a next hop for every message queued for it, now and later (persisted)."""
+        links = self._frozen_links | {link} if frozen else self._frozen_links - {link}
+        payload = json.dumps({"frozen": sorted(links)}).encode()
+        tmp, final = self.tmp_dir / "links.json.new", self.dir / "links.json"
+
+        def job() -> None:
+            _write_synced(tmp, payload)
+            os.replace(tmp, final)
+
+        try:
+            await self._committer.run(job, self.dir)
+        except OSError as exc:
+            raise QueueError(f"cannot update {final}: {exc.strerror}") from exc
+        self._frozen_links = frozenset(links)
+        for queue_id, envelope in self._envelopes.items():
+            if queue_id not in self._leased:
+                self._index(envelope)
+
+    def _read_links(self) -> frozenset[str]:
+        try:
+            data = json.loads((self.dir / "links.json").read_bytes())
+            return frozenset(str(link) for link in data.get("frozen", []))
+        except FileNotFoundError:
+            return frozenset()
+        except (ValueError, AttributeError, TypeError) as exc:
+            self._on_corrupt("links.json", f"not valid JSON ({exc}); no link is frozen")
+            return frozenset()
 
     # -- reading -------------------------------------------------------------------------------------
     def get(self, queue_id: str) -> Envelope | None:

@@ -14,6 +14,7 @@ import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from smtpsvc import events
 from smtpsvc.auth.limiter import AuthLimiter
@@ -68,6 +69,17 @@ LINGER_SECONDS = 1.0
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
 
+class SessionObserver(Protocol):
+    """Metrics hook (`smtpsvc.metrics.Metrics` implements it): told what the session does; every call is
+    quick and never raises. A Protocol, so the session does not depend on the metrics library."""
+
+    def session_opened(self) -> None: ...
+    def session_closed(self) -> None: ...
+    def protocol_event(self, event: object) -> None: ...  # every core event but DataChunk
+    def reply(self, code: int) -> None: ...
+    def message_accepted(self, seconds: float) -> None: ...  # end of DATA / BDAT LAST → 250, in seconds
+
+
 @dataclass(slots=True)
 class SessionContext:
     """What every session shares with the service; the service swaps parts of it on SIGHUP."""
@@ -80,6 +92,7 @@ class SessionContext:
     limiter: AuthLimiter
     etrn: Callable[[str, bool], int]  # flush(domain, subdomains) -> messages rescheduled
     resolver: MxResolver | None = None  # for server.reverse_dns
+    metrics: SessionObserver | None = None  # metrics hook; None: no metrics
 
 
 def server_options(context: SessionContext, client_ip: str) -> ServerOptions:
@@ -160,12 +173,15 @@ class Session:
         self.txn = Transaction()
         self.idle = False  # waiting for the client's next command (safe to interrupt)
         self._deadline = 0.0
+        self.metrics = context.metrics  # metrics hook: the same observer sees this session open and close
 
     @property
     def hostname(self) -> str:
         return self.config.server.hostname
 
     async def run(self) -> None:
+        if self.metrics is not None:  # metrics hook
+            self.metrics.session_opened()
         try:
             self.writer.write(self.conn.greeting(replies.GREETING(self.hostname)))
             await self._loop()
@@ -180,6 +196,8 @@ class Session:
                 self._send_unsolicited(replies.SHUTTING_DOWN)
         finally:
             self.txn.abort()
+            if self.metrics is not None:  # metrics hook; before the close, which a stop may cancel
+                self.metrics.session_closed()
             await self._close()
 
     async def _close(self) -> None:
@@ -224,6 +242,8 @@ class Session:
             if isinstance(event, DataChunk):
                 self._store(event.data)
                 continue
+            if self.metrics is not None:  # metrics hook: commands by verb
+                self.metrics.protocol_event(event)
             if isinstance(event, Bdat):
                 self._bdat_chunk_starts()
                 continue
@@ -241,6 +261,8 @@ class Session:
 
     def _send(self, reply: Reply) -> None:
         self.writer.write(self.conn.send(reply))
+        if self.metrics is not None:  # metrics hook: replies by class
+            self.metrics.reply(reply.code)
 
     def _send_unsolicited(self, reply: Reply) -> None:
         """A 421 the server may send at any time (RFC 5321 §3.8): timeout, shutdown."""
@@ -493,6 +515,7 @@ class Session:
         return await self._end_data(event.error)
 
     async def _end_data(self, error: Reply | None) -> Reply:
+        ended = time.monotonic()  # metrics hook: the end of the data, for the accept duration
         txn, self.txn = self.txn, Transaction()
         self._reset_deadline(self.config.server.connection_timeout)
         writer = txn.writer
@@ -527,6 +550,8 @@ class Session:
             writer.abort()
             return replies.TEMP_FAILURE
         self.session_bytes += envelope.size
+        if self.metrics is not None:  # metrics hook: end of data → 250, the fsync included
+            self.metrics.message_accepted(time.monotonic() - ended)
         return replies.QUEUED(envelope.id)
 
     def _masquerade(self, sender: str) -> str:

@@ -1,0 +1,166 @@
+"""The CLI's way to the queue: the files of a stopped service, or the admin API of a running one.
+
+`open_admin` tries the spool lock first: if it is free the service is stopped and the CLI works on the files
+(`QueueAdmin.offline`); if the service holds it, the same operations go to its admin HTTP API, with the token
+this machine's files give (`admin.token_file`, or `<root>/admin.token`). Both return the same objects, so
+the CLI prints them the same way and says which path it took.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, read_token
+from smtpsvc.admin.service import AdminError, LinkSummary, QueueAdmin, QueueEntry, ServiceRunning
+from smtpsvc.config import Config
+from smtpsvc.model import Envelope
+
+TIMEOUT = 30.0
+
+
+class RemoteAdmin:
+    """The admin layer of a running service, reached over its HTTP API."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.where = f"the running service (admin API {self.base_url})"
+
+    @classmethod
+    def for_config(cls, config: Config) -> RemoteAdmin:
+        if config.admin.listen is None:
+            raise AdminError(
+                'The service is running and its admin API is off (admin.listen = ""): set admin.listen and '
+                "restart it, or stop the service to work on the queue files."
+            )
+        host, port = config.admin.listen
+        with contextlib.suppress(OSError, ValueError):
+            written = (Path(config.server.root) / ADMIN_ADDRESS_FILE).read_text(encoding="utf-8").strip()
+            host, _, port_text = written.rpartition(":")
+            host, port = host.strip("[]"), int(port_text)
+        host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(host, host)
+        shown = f"[{host}]" if ":" in host else host
+        return cls(f"http://{shown}:{port}", read_token(config))
+
+    # -- reading -------------------------------------------------------------------------------------
+    def entries(self, state: str = "", to: str = "", domain: str = "", link: str = "") -> list[QueueEntry]:
+        query = {k: v for k, v in {"state": state, "to": to, "domain": domain, "link": link}.items() if v}
+        data = self._request("GET", "/api/queue", query)
+        frozen = frozenset(str(link) for link in data.get("frozen_links", []))
+        return [QueueEntry(Envelope.from_json(m["envelope"]), frozen) for m in data["messages"]]
+
+    def summary(self, now: float) -> list[LinkSummary]:
+        return [
+            LinkSummary(**{**item, "ids": tuple(item.get("ids", ()))})
+            for item in self._request("GET", "/api/queue/summary")
+        ]
+
+    def get(self, queue_id: str) -> Envelope:
+        return Envelope.from_json(self._message(queue_id)["envelope"])
+
+    def headers(self, queue_id: str) -> bytes:
+        return str(self._message(queue_id)["headers"]).encode("utf-8")
+
+    # -- changes -------------------------------------------------------------------------------------
+    async def freeze(self, queue_id: str) -> Envelope:
+        return await self._change_message(queue_id, "freeze")
+
+    async def thaw(self, queue_id: str) -> Envelope:
+        return await self._change_message(queue_id, "thaw")
+
+    async def retry(self, queue_id: str) -> Envelope:
+        return await self._change_message(queue_id, "retry")
+
+    async def delete(self, queue_id: str, ndr: bool = False) -> None:
+        query = {"ndr": "true"} if ndr else {}
+        await asyncio.to_thread(self._request, "DELETE", f"/api/queue/{_q(queue_id)}", query)
+
+    async def recategorize(self, queue_id: str = "") -> int:
+        data = await asyncio.to_thread(
+            self._request, "POST", "/api/queue/recategorize", None, {"id": queue_id}
+        )
+        return int(data["recategorized"])
+
+    async def retry_where(self, domain: str = "", link: str = "") -> int:
+        if link:
+            data = await asyncio.to_thread(self._request, "POST", f"/api/links/{_q(link)}/retry")
+            return int(data["messages"])
+        data = await asyncio.to_thread(self._request, "POST", "/api/queue/retry", None, {"domain": domain})
+        return int(data["retried"])
+
+    async def freeze_link(self, link: str) -> int:
+        data = await asyncio.to_thread(self._request, "POST", f"/api/links/{_q(link)}/freeze")
+        return int(data["messages"])
+
+    async def thaw_link(self, link: str) -> int:
+        data = await asyncio.to_thread(self._request, "POST", f"/api/links/{_q(link)}/thaw")
+        return int(data["messages"])
+
+    # -- HTTP ----------------------------------------------------------------------------------------
+    async def _change_message(self, queue_id: str, action: str) -> Envelope:
+        await asyncio.to_thread(self._request, "POST", f"/api/queue/{_q(queue_id)}/{action}")
+        return await asyncio.to_thread(self.get, queue_id)
+
+    def _message(self, queue_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = self._request("GET", f"/api/queue/{_q(queue_id)}")
+        return data
+
+    def _request(
+        self, method: str, path: str, query: dict[str, str] | None = None, body: dict[str, Any] | None = None
+    ) -> Any:
+        url = self.base_url + path + (("?" + urllib.parse.urlencode(query)) if query else "")
+        payload = json.dumps(body).encode() if body is not None else (b"" if method != "GET" else None)
+        request = urllib.request.Request(url, data=payload, method=method)
+        request.add_header("Accept", "application/json")
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        if self.token:
+            request.add_header("Authorization", f"Bearer {self.token}")
+        try:
+            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise AdminError(_error_text(exc)) from None
+        except (urllib.error.URLError, OSError) as exc:
+            reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            raise AdminError(
+                f"the service holds the queue but its admin API at {self.base_url} does not answer "
+                f"({reason}); is admin.listen the same in this config as in the running service's?"
+            ) from None
+
+
+def _error_text(exc: urllib.error.HTTPError) -> str:
+    try:
+        message = str(json.loads(exc.read()).get("error", ""))
+    except (ValueError, AttributeError, OSError):
+        message = ""
+    if exc.code in (401, 403) and not message:
+        message = "the admin API refused the request"
+    if exc.code in (401, 403):
+        message += " (the CLI sends the token from admin.token_file, or <root>/admin.token)"
+    return message or f"the admin API answered HTTP {exc.code}"
+
+
+def _q(text: str) -> str:
+    return urllib.parse.quote(text, safe="")
+
+
+@contextmanager
+def open_admin(config: Config) -> Iterator[QueueAdmin | RemoteAdmin]:
+    """The queue of a stopped service (its files, under its lock) or of a running one (its admin API)."""
+    with ExitStack() as stack:
+        admin: QueueAdmin | RemoteAdmin
+        try:
+            admin = stack.enter_context(QueueAdmin.offline(config))
+        except ServiceRunning:
+            admin = RemoteAdmin.for_config(config)
+        yield admin

@@ -1,0 +1,355 @@
+"""The admin HTTP API (JSON) and the web queue viewer (server-rendered HTML), SPEC 1.5.
+
+A Starlette application over the one admin service layer (`QueueAdmin`), so the CLI, the API and the page
+can never disagree. Every change needs the token (Authorization: Bearer, or the viewer's login cookie);
+without it loopback clients may read. The viewer works without JavaScript; a small inline script only
+refreshes the event tail.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, quote, urlencode, urlsplit
+
+import jinja2
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import Route
+from starlette.templating import Jinja2Templates
+
+from smtpsvc import __version__
+from smtpsvc.admin import badmail as badmail_admin
+from smtpsvc.admin import eventview
+from smtpsvc.admin.access import COOKIE, Level, level_of
+from smtpsvc.admin.service import AdminError, QueueAdmin
+from smtpsvc.dsn import split_headers
+from smtpsvc.model import rfc5322_date
+
+Endpoint = Callable[[Request], Awaitable[Response]]
+
+
+@dataclass(slots=True)
+class AdminContext:
+    """What the web layer needs from the running service."""
+
+    admin: QueueAdmin
+    token: str
+    badmail_dir: Path
+    pickup_dir: Path
+    events_path: Path
+    flush_events: Callable[[], None]
+    metrics: Callable[[], tuple[bytes, str]] | None
+    health: Callable[[], dict[str, Any]]
+
+
+def build_app(ctx: AdminContext) -> Starlette:
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("smtpsvc.admin", "templates"),
+        autoescape=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    env.filters["age"] = _age
+    env.filters["when"] = _when
+    env.filters["date"] = rfc5322_date
+    env.filters["q"] = lambda text: quote(str(text), safe="")
+    templates = Jinja2Templates(env=env)
+
+    def level(request: Request) -> Level:
+        return level_of(
+            ctx.token,
+            request.client.host if request.client else None,
+            request.headers.get("authorization", ""),
+            request.cookies.get(COOKIE, ""),
+        )
+
+    def guard(needed: Level, endpoint: Endpoint, html: bool = False) -> Endpoint:
+        async def guarded(request: Request) -> Response:
+            have = level(request)
+            if have < needed:
+                if html:
+                    return RedirectResponse("/login?" + urlencode({"note": _why(have, needed)}), 303)
+                return _error(401 if have is Level.NONE else 403, _why(have, needed))
+            if html and needed is Level.WRITE and not _same_origin(request):
+                return _error(403, "cross-site form post refused")
+            try:
+                return await endpoint(request)
+            except AdminError as exc:
+                if html:
+                    return _back(request, str(exc))
+                return _error(404 if str(exc).startswith("no ") else 409, str(exc))
+
+        return guarded
+
+    # -- JSON API ------------------------------------------------------------------------------------
+    async def api_queue(request: Request) -> Response:
+        q = request.query_params
+        now = time.time()
+        entries = ctx.admin.entries(
+            q.get("state", ""), q.get("to", ""), q.get("domain", ""), q.get("link", "")
+        )
+        return JSONResponse(
+            {
+                "where": ctx.admin.where,
+                "frozen_links": sorted(ctx.admin.spool.frozen_links),
+                "messages": [
+                    {
+                        **e.to_json(now),
+                        "in_flight": ctx.admin.in_flight(e.envelope.id),
+                        "envelope": e.envelope.to_json(),
+                    }
+                    for e in entries
+                ],
+            }
+        )
+
+    async def api_summary(request: Request) -> Response:
+        return JSONResponse([asdict(s) for s in ctx.admin.summary(time.time())])
+
+    async def api_message(request: Request) -> Response:
+        queue_id = request.path_params["id"]
+        envelope = ctx.admin.get(queue_id)
+        return JSONResponse(
+            {
+                "envelope": envelope.to_json(),
+                "in_flight": ctx.admin.in_flight(queue_id),
+                "headers": ctx.admin.headers(queue_id).decode("utf-8", "replace"),
+            }
+        )
+
+    async def api_message_action(request: Request) -> Response:
+        queue_id, action = request.path_params["id"], request.path_params["action"]
+        operations = {"retry": ctx.admin.retry, "freeze": ctx.admin.freeze, "thaw": ctx.admin.thaw}
+        if action not in operations:
+            return _error(404, f"unknown action {action!r}: retry, freeze or thaw")
+        envelope = await operations[action](queue_id)
+        return JSONResponse(
+            {"id": envelope.id, "frozen": envelope.frozen, "in_flight": ctx.admin.in_flight(envelope.id)}
+        )
+
+    async def api_delete(request: Request) -> Response:
+        ndr = request.query_params.get("ndr", "").lower() in ("1", "true", "yes")
+        envelope = await ctx.admin.delete(request.path_params["id"], ndr=ndr)
+        return JSONResponse({"id": envelope.id, "deleted": True, "ndr": ndr})
+
+    async def api_recategorize(request: Request) -> Response:
+        body = await _json_body(request)
+        count = await ctx.admin.recategorize(str(body.get("id", "") or request.query_params.get("id", "")))
+        return JSONResponse({"recategorized": count})
+
+    async def api_retry_many(request: Request) -> Response:
+        body = await _json_body(request)
+        domain = str(body.get("domain", "") or request.query_params.get("domain", ""))
+        count = await ctx.admin.retry_where(domain=domain)
+        return JSONResponse({"retried": count})
+
+    async def api_link_action(request: Request) -> Response:
+        link, action = request.path_params["link"], request.path_params["action"]
+        if action == "freeze":
+            count = await ctx.admin.freeze_link(link)
+        elif action == "thaw":
+            count = await ctx.admin.thaw_link(link)
+        elif action == "retry":
+            count = await ctx.admin.retry_where(link=link)
+        else:
+            return _error(404, f"unknown action {action!r}: retry, freeze or thaw")
+        return JSONResponse({"link": link, "action": action, "messages": count})
+
+    async def api_badmail(request: Request) -> Response:
+        return JSONResponse([asdict(i) for i in badmail_admin.items(ctx.badmail_dir)])
+
+    async def api_badmail_item(request: Request) -> Response:
+        item, envelope, content = badmail_admin.show(ctx.badmail_dir, request.path_params["name"])
+        return JSONResponse({**asdict(item), "envelope": envelope, "headers": _headers_text(content)})
+
+    async def api_badmail_replay(request: Request) -> Response:
+        target = badmail_admin.replay(ctx.badmail_dir, ctx.pickup_dir, request.path_params["name"])
+        ctx.admin.log_action(f"Badmail {request.path_params['name']} replayed through Pickup")
+        return JSONResponse({"name": request.path_params["name"], "pickup_file": target.name})
+
+    async def api_events(request: Request) -> Response:
+        q = request.query_params
+        try:
+            event_id = int(q["id"]) if q.get("id") else None
+            limit = min(int(q.get("limit", "100")), 1000)
+        except ValueError:
+            return _error(400, "id and limit must be numbers")
+        ctx.flush_events()
+        return JSONResponse(eventview.tail(ctx.events_path, limit, q.get("since", ""), event_id))
+
+    async def metrics(request: Request) -> Response:
+        if ctx.metrics is None:
+            return _error(404, "metrics are not enabled in this build")
+        body, content_type = ctx.metrics()
+        return Response(body, media_type=content_type)
+
+    async def healthz(request: Request) -> Response:
+        report = ctx.health()
+        return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
+
+    # -- web viewer ----------------------------------------------------------------------------------
+    async def page_queue(request: Request) -> Response:
+        now = time.time()
+        entries = ctx.admin.entries()
+        ctx.flush_events()
+        return templates.TemplateResponse(
+            request,
+            "queue.html",
+            {
+                "now": now,
+                "links": ctx.admin.summary(now),
+                "by_id": {e.envelope.id: e for e in entries},
+                "in_flight": ctx.admin.spool.leased,
+                "badmail": badmail_admin.items(ctx.badmail_dir),
+                "events": eventview.tail(ctx.events_path, 20),
+                **_page(request, level(request)),
+            },
+        )
+
+    async def page_message(request: Request) -> Response:
+        queue_id = request.path_params["id"]
+        envelope = ctx.admin.get(queue_id)
+        return templates.TemplateResponse(
+            request,
+            "message.html",
+            {
+                "now": time.time(),
+                "env": envelope,
+                "in_flight": ctx.admin.in_flight(queue_id),
+                "headers": ctx.admin.headers(queue_id).decode("utf-8", "replace"),
+                **_page(request, level(request)),
+            },
+        )
+
+    async def page_login(request: Request) -> Response:
+        return templates.TemplateResponse(request, "login.html", _page(request, level(request)))
+
+    async def login(request: Request) -> Response:
+        form = parse_qs((await request.body()).decode("utf-8", "replace"))
+        token = form.get("token", [""])[0].strip()
+        if level_of(ctx.token, None, f"Bearer {token}", "") is not Level.WRITE:
+            return RedirectResponse("/login?" + urlencode({"note": "That token is not right."}), 303)
+        response = RedirectResponse("/", 303)
+        response.set_cookie(COOKIE, token, httponly=True, samesite="strict", path="/")
+        return response
+
+    async def logout(request: Request) -> Response:
+        response = RedirectResponse("/", 303)
+        response.delete_cookie(COOKIE, path="/")
+        return response
+
+    async def ui_message_action(request: Request) -> Response:
+        queue_id, action = request.path_params["id"], request.path_params["action"]
+        if action == "delete":
+            await ctx.admin.delete(queue_id)
+            return _back(request, f"{queue_id} deleted", "/")
+        if action == "delete-ndr":
+            await ctx.admin.delete(queue_id, ndr=True)
+            return _back(request, f"{queue_id} deleted; an NDR goes to the sender", "/")
+        await api_message_action(request)
+        return _back(request, f"{queue_id}: {action} done")
+
+    async def ui_link_action(request: Request) -> Response:
+        await api_link_action(request)
+        return _back(request, f"link {request.path_params['link']}: {request.path_params['action']} done")
+
+    async def ui_badmail_replay(request: Request) -> Response:
+        await api_badmail_replay(request)
+        return _back(request, f"Badmail {request.path_params['name']} replayed through Pickup")
+
+    read, write = Level.READ, Level.WRITE
+    routes = [
+        Route("/api/queue", guard(read, api_queue)),
+        Route("/api/queue/summary", guard(read, api_summary)),
+        Route("/api/queue/recategorize", guard(write, api_recategorize), methods=["POST"]),
+        Route("/api/queue/retry", guard(write, api_retry_many), methods=["POST"]),
+        Route("/api/queue/{id}", guard(read, api_message)),
+        Route("/api/queue/{id}", guard(write, api_delete), methods=["DELETE"]),
+        Route("/api/queue/{id}/{action}", guard(write, api_message_action), methods=["POST"]),
+        Route("/api/links/{link}/{action}", guard(write, api_link_action), methods=["POST"]),
+        Route("/api/badmail", guard(read, api_badmail)),
+        Route("/api/badmail/{name}", guard(read, api_badmail_item)),
+        Route("/api/badmail/{name}/replay", guard(write, api_badmail_replay), methods=["POST"]),
+        Route("/api/events", guard(read, api_events)),
+        Route("/metrics", guard(read, metrics)),
+        Route("/healthz", healthz),
+        Route("/", guard(read, page_queue, html=True)),
+        Route("/message/{id}", guard(read, page_message, html=True)),
+        Route("/login", page_login),
+        Route("/login", login, methods=["POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/ui/queue/{id}/{action}", guard(write, ui_message_action, html=True), methods=["POST"]),
+        Route("/ui/links/{link}/{action}", guard(write, ui_link_action, html=True), methods=["POST"]),
+        Route("/ui/badmail/{name}/replay", guard(write, ui_badmail_replay, html=True), methods=["POST"]),
+    ]
+    return Starlette(routes=routes)
+
+
+def _page(request: Request, have: Level) -> dict[str, Any]:
+    return {
+        "can_change": have is Level.WRITE,
+        "note": request.query_params.get("note", ""),
+        "version": __version__,
+    }
+
+
+def _why(have: Level, needed: Level) -> str:
+    if have is Level.NONE:
+        return "This client is not on loopback: present the admin token (Authorization: Bearer …)."
+    return "Changes need the admin token (admin.token_file, or <root>/admin.token when none is configured)."
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _back(request: Request, note: str, default: str = "") -> Response:
+    """After a form post, back to the page it came from, with a one-line note."""
+    referer = urlsplit(request.headers.get("referer", ""))
+    path = default or referer.path or "/"
+    if not path.startswith("/") or path.startswith("//"):
+        path = "/"
+    return RedirectResponse(f"{path}?{urlencode({'note': note})}", 303)
+
+
+def _same_origin(request: Request) -> bool:
+    """Form posts must come from our own pages (the cookie is SameSite=Strict too: belt and braces)."""
+    origin = request.headers.get("origin") or request.headers.get("referer")
+    if not origin:
+        return True  # non-browser clients send neither, and they carry the token themselves
+    return urlsplit(origin).netloc == request.headers.get("host", "")
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        raise AdminError("the request body is not JSON") from None
+    if not isinstance(data, dict):
+        raise AdminError("the request body must be a JSON object")
+    return data
+
+
+def _headers_text(content: bytes) -> str:
+    return split_headers(content[:65536]).decode("utf-8", "replace")
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def _when(due: float | None, now: float) -> str:
+    if due is None:
+        return "-"
+    return "now" if due <= now else "in " + _age(due - now)

@@ -1,0 +1,368 @@
+"""Prometheus metrics (`GET /metrics`, SPEC 1.5), kept apart from the mail pipeline.
+
+Most counters are derived from the event log: `Metrics.on_event` subscribes to `EventLog` and counts what
+the pipeline already reports (messages queued by source with their size, reports, Badmail, expiries, every
+event id). What the events do not carry comes through three small hooks, each optional for the pipeline:
+
+- `SessionContext.metrics` (the `SessionObserver` protocol of `server/session.py`): connections, open
+  sessions, commands by verb, replies by class, the end-of-data → `250` time;
+- `Scheduler.delivery_observer`: the result of every recipient's attempt (a deferral logs no per-recipient
+  event) and how long each route group's attempt took;
+- `queue_snapshot`: the queued envelopes, read at scrape time by a custom collector, so the queue gauges are
+  always the truth of the moment rather than something kept in step by hand.
+
+Every `Metrics` has its own `CollectorRegistry` (never the process-wide default), so several services can
+run in one process (the tests do) without their series colliding.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from smtpsvc import events
+from smtpsvc.model import QUEUE_STATES, DeliveryResult, Envelope, Source, pending_by_link, queue_state
+from smtpsvc.protocol import VERBS, Rejected
+
+PREFIX = "smtpsvc_"
+OTHER = "other"  # the label value for anything outside a bounded label set
+OTHER_LINKS = "(other)"  # the links beyond `max_links`, together (parentheses: never a domain name)
+
+# A label set must stay bounded whatever a client sends: known verbs, else "other".
+KNOWN_VERBS = frozenset(VERBS)
+_VERB_OF_EVENT: dict[type, str] = {spec.event: verb for verb, spec in VERBS.items()}
+SOURCES = tuple(s.value for s in Source)
+DSN_KINDS = ("failure", "delay", "success")
+RESULTS = ("delivered", "deferred", "failed")
+TRANSPORTS = ("drop", "smtp")
+REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
+BADMAIL_REASONS = ("undeliverable-report", "pickup-invalid")
+
+# End of DATA → 250 is an fsync (group commit): milliseconds normally, seconds on a struggling disk.
+ACCEPT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+# A route group's attempt: a Drop write (ms) up to an SMTP conversation with failover (delivery.timeout).
+DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+# Event 3001's Postfix-shaped track line: "from=<a@b>, size=123, nrcpt=1, source=smtp[, sasl_username=u]".
+_TRACK_SIZE = re.compile(r"(?:^|, )size=(\d+)(?:,|$)")
+_TRACK_SOURCE = re.compile(r"(?:^|, )source=([a-z]+)(?:,|$)")
+
+
+class Metrics:
+    """The service's metrics. Wire it with `EventLog.subscribe(metrics.on_event)`, `SessionContext.metrics =
+    metrics`, `Scheduler.delivery_observer = metrics.delivery_group`, and serve `render()`.
+
+    `queue_snapshot` returns the queued envelopes (`LocalSpool.list`); call `render()` from the event loop
+    thread, where the queue's in-memory index is changed. `queue_lookup` (`LocalSpool.get`) tells the kind
+    of a report just queued (event 3001 does not say it); without it the kind is counted as "unknown".
+    `frozen_links` (`LocalSpool.frozen_links`) makes a message waiting only on frozen links count as frozen,
+    as `smtpsvc queue` shows it.
+    """
+
+    def __init__(
+        self,
+        queue_snapshot: Callable[[], Iterable[Envelope]] | None = None,
+        queue_lookup: Callable[[str], Envelope | None] | None = None,
+        frozen_links: Callable[[], frozenset[str]] | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_links: int = 100,
+    ) -> None:
+        self.registry = CollectorRegistry()
+        self._lookup = queue_lookup
+        r = self.registry
+
+        # -- inbound SMTP (session hook) --
+        self.connections = Counter(
+            PREFIX + "smtp_connections_total",
+            "Inbound SMTP connections accepted (sessions started).",
+            registry=r,
+        )
+        self.sessions = Gauge(PREFIX + "smtp_sessions", "Inbound SMTP sessions open now.", registry=r)
+        self.commands = Counter(
+            PREFIX + "smtp_commands_total",
+            "SMTP commands received, by verb (known verbs, else other), refused ones included.",
+            ["verb"],
+            registry=r,
+        )
+        self.replies = Counter(
+            PREFIX + "smtp_replies_total", "Replies sent to SMTP commands, by class.", ["class"], registry=r
+        )
+        self.accept_seconds = Histogram(
+            PREFIX + "smtp_accept_duration_seconds",
+            "From the end of DATA (or BDAT LAST) to the 250 reply, the durable queueing (fsync) included.",
+            buckets=ACCEPT_BUCKETS,
+            registry=r,
+        )
+        # -- submission (events) --
+        self.received = Counter(
+            PREFIX + "messages_received_total",
+            "Messages queued (event 3001), by source: smtp, pickup, dsn (our reports), replay.",
+            ["source"],
+            registry=r,
+        )
+        self.received_bytes = Counter(
+            PREFIX + "received_bytes_total",
+            "Bytes of the messages queued, by source.",
+            ["source"],
+            registry=r,
+        )
+        self.pickup_files = Counter(
+            PREFIX + "pickup_files_total",
+            "Pickup files taken: queued, or invalid (moved to Badmail).",
+            ["result"],
+            registry=r,
+        )
+        # -- delivery (scheduler hook and events) --
+        self.attempts = Counter(
+            PREFIX + "delivery_attempts_total",
+            "Delivery attempts per recipient, by result (delivered, deferred: will retry, failed: permanent) "
+            "and transport (drop, smtp).",
+            ["result", "transport"],
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            PREFIX + "delivery_duration_seconds",
+            "Duration of one delivery attempt of a route group (Drop write, or SMTP with host failover).",
+            ["transport"],
+            buckets=DELIVERY_BUCKETS,
+            registry=r,
+        )
+        self.expired = Counter(
+            PREFIX + "recipients_expired_total",
+            "Recipients that failed because delivery.expiration passed (event 3004, cause expired).",
+            registry=r,
+        )
+        self.dsn_sent = Counter(
+            PREFIX + "dsn_sent_total",
+            "Delivery status notifications queued, by kind (failure = NDR, delay, success).",
+            ["kind"],
+            registry=r,
+        )
+        self.badmail = Counter(
+            PREFIX + "badmail_writes_total",
+            "Badmail items written (or discarded under badmail.max_size = 0), by reason (event 3005).",
+            ["reason"],
+            registry=r,
+        )
+        self.badmail_trimmed = Counter(
+            PREFIX + "badmail_trims_total",
+            "Times the Badmail folder was trimmed to badmail.max_size (event 3005, cause badmail-cap).",
+            registry=r,
+        )
+        self.event_count = Counter(
+            PREFIX + "events_total", "Events written to the event log, by event id.", ["id"], registry=r
+        )
+        if queue_snapshot is not None:
+            r.register(_QueueCollector(queue_snapshot, frozen_links, clock, max_links))
+
+        # Known label values start at 0, so a rate() or an alert sees the series before the first increment.
+        for verb in (*sorted(KNOWN_VERBS), OTHER):
+            self.commands.labels(verb)
+        for cls in REPLY_CLASSES:
+            self.replies.labels(cls)
+        for source in SOURCES:
+            self.received.labels(source)
+            self.received_bytes.labels(source)
+        for result in ("queued", "invalid"):
+            self.pickup_files.labels(result)
+        for result in RESULTS:
+            for transport in TRANSPORTS:
+                self.attempts.labels(result, transport)
+        for transport in TRANSPORTS:
+            self.delivery_seconds.labels(transport)
+        for kind in DSN_KINDS:
+            self.dsn_sent.labels(kind)
+        for reason in BADMAIL_REASONS:
+            self.badmail.labels(reason)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition (body, Content-Type) for `GET /metrics`."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    # -- the event log subscriber ---------------------------------------------------------------------
+    def on_event(self, event: events.Event) -> None:
+        self.event_count.labels(str(event.id)).inc()
+        if event.id == events.MESSAGE_QUEUED:
+            self._queued(event)
+        elif event.id == events.NDR_SENT and event.cause == "expired":
+            self.expired.inc()
+        elif event.id == events.BADMAIL_WRITTEN:
+            if event.cause == "badmail-cap":
+                self.badmail_trimmed.inc()
+            elif event.cause == "pickup-invalid":
+                self.badmail.labels("pickup-invalid").inc()
+                self.pickup_files.labels("invalid").inc()
+            else:
+                self.badmail.labels("undeliverable-report").inc()  # a report to <> that failed
+
+    def _queued(self, event: events.Event) -> None:
+        found = _TRACK_SOURCE.search(event.track)
+        source = found.group(1) if found and found.group(1) in SOURCES else OTHER
+        size = _TRACK_SIZE.search(event.track)
+        self.received.labels(source).inc()
+        if size:
+            self.received_bytes.labels(source).inc(int(size.group(1)))
+        if source == Source.PICKUP:
+            self.pickup_files.labels("queued").inc()
+        elif source == Source.DSN:
+            # The envelope is indexed before event 3001 is emitted, so the lookup finds the report here.
+            envelope = self._lookup(event.queue_id) if self._lookup is not None else None
+            kind = envelope.dsn_kind if envelope is not None else ""
+            self.dsn_sent.labels(kind if kind in DSN_KINDS else "unknown").inc()
+
+    # -- the session hook (server.session.SessionObserver) -------------------------------------------
+    def session_opened(self) -> None:
+        self.connections.inc()
+        self.sessions.inc()
+
+    def session_closed(self) -> None:
+        self.sessions.dec()
+
+    def protocol_event(self, event: object) -> None:
+        """A protocol core event: commands are counted by verb; data, AUTH continuation lines and the like
+        are not commands and are ignored."""
+        if isinstance(event, Rejected):
+            verb: str | None = event.verb if event.verb in KNOWN_VERBS else OTHER
+        else:
+            verb = _VERB_OF_EVENT.get(type(event))
+        if verb is not None:
+            self.commands.labels(verb).inc()
+
+    def reply(self, code: int) -> None:
+        cls = f"{code // 100}xx"
+        self.replies.labels(cls if cls in REPLY_CLASSES else OTHER).inc()
+
+    def message_accepted(self, seconds: float) -> None:
+        self.accept_seconds.observe(seconds)
+
+    # -- the scheduler hook --------------------------------------------------------------------------
+    def delivery_group(self, kind: str, results: Sequence[DeliveryResult], seconds: float) -> None:
+        """One route group's attempt: its transport ("drop" or "smtp"), each recipient's result, duration."""
+        transport = kind if kind in TRANSPORTS else OTHER
+        for result in results:
+            outcome = "delivered" if result.ok else ("failed" if result.permanent else "deferred")
+            self.attempts.labels(outcome, transport).inc()
+        self.delivery_seconds.labels(transport).observe(seconds)
+
+
+@dataclass(slots=True)
+class _LinkStats:
+    messages: int = 0
+    recipients: int = 0
+    oldest: float = 0.0  # the earliest received_at among its messages
+
+
+class _QueueCollector:
+    """Queue gauges computed from the queued envelopes at each scrape (states and links as `smtpsvc queue`
+    shows them: `model.queue_state`, `model.pending_by_link`)."""
+
+    def __init__(
+        self,
+        snapshot: Callable[[], Iterable[Envelope]],
+        frozen_links: Callable[[], frozenset[str]] | None,
+        clock: Callable[[], float],
+        max_links: int,
+    ):
+        self._snapshot = snapshot
+        self._frozen_links = frozen_links
+        self._clock = clock
+        self._max_links = max_links
+
+    def describe(self) -> Iterator[Metric]:
+        # The names only: the registry checks them for duplicates without reading the queue at registration.
+        yield from _queue_families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            envelopes = list(self._snapshot())
+            frozen = self._frozen_links() if self._frozen_links is not None else frozenset()
+        except Exception:
+            return  # the queue cannot be read now: the scrape shows no queue series rather than failing
+        now = self._clock()
+        counts = dict.fromkeys(QUEUE_STATES, 0)
+        links: dict[str, _LinkStats] = {}
+        oldest_at = min((e.received_at for e in envelopes), default=None)
+        for envelope in envelopes:
+            state = queue_state(envelope, frozen)
+            counts[state] = counts.get(state, 0) + 1
+            for link, n in pending_by_link(envelope).items():
+                stats = links.setdefault(link, _LinkStats(oldest=envelope.received_at))
+                stats.messages += 1
+                stats.recipients += n
+                stats.oldest = min(stats.oldest, envelope.received_at)
+        f = _queue_families()
+        for state, n in counts.items():
+            f["messages"].add_metric([state], n)
+        for link, stats in self._bounded(links, envelopes):
+            f["link_messages"].add_metric([link], stats.messages)
+            f["link_recipients"].add_metric([link], stats.recipients)
+            f["link_oldest"].add_metric([link], max(0.0, now - stats.oldest))
+        f["oldest"].add_metric([], max(0.0, now - oldest_at) if oldest_at is not None else 0.0)
+        f["bytes"].add_metric([], sum(e.size for e in envelopes))
+        f["frozen_links"].add_metric([], len(frozen))
+        yield from f.values()
+
+    def _bounded(
+        self, links: dict[str, _LinkStats], envelopes: list[Envelope]
+    ) -> list[tuple[str, _LinkStats]]:
+        """The busiest `max_links` links, the rest summed as one "(other)" link: MX routing makes a link per
+        recipient domain, and a queue full of distinct domains must not make a series each."""
+        ranked = sorted(links.items(), key=lambda item: (-item[1].messages, item[0]))
+        if len(ranked) <= self._max_links:
+            return ranked
+        kept, rest = ranked[: self._max_links], {link for link, _ in ranked[self._max_links :]}
+        other = _LinkStats(oldest=float("inf"))
+        for envelope in envelopes:  # a message counts once in "(other)" even with several of those links
+            waiting = [n for link, n in pending_by_link(envelope).items() if link in rest]
+            if waiting:
+                other.messages += 1
+                other.recipients += sum(waiting)
+                other.oldest = min(other.oldest, envelope.received_at)
+        return [*kept, (OTHER_LINKS, other)]
+
+
+def _queue_families() -> dict[str, GaugeMetricFamily]:
+    """Fresh, empty queue gauge families (a custom collector builds new ones at every scrape)."""
+    return {
+        "messages": GaugeMetricFamily(
+            PREFIX + "queue_messages",
+            "Queued messages by state: ready (not tried yet), retry (failed before, waiting), frozen (the "
+            "message, or every link it waits for).",
+            labels=["state"],
+        ),
+        "link_messages": GaugeMetricFamily(
+            PREFIX + "queue_link_messages",
+            "Queued messages with pending recipients for this link (next hop: drop, a connector, smarthost, "
+            "or the recipient domain).",
+            labels=["link"],
+        ),
+        "link_recipients": GaugeMetricFamily(
+            PREFIX + "queue_link_recipients", "Pending recipients for this link.", labels=["link"]
+        ),
+        "link_oldest": GaugeMetricFamily(
+            PREFIX + "queue_link_oldest_age_seconds",
+            "Age of the oldest message with pending recipients for this link.",
+            labels=["link"],
+        ),
+        "oldest": GaugeMetricFamily(
+            PREFIX + "queue_oldest_message_age_seconds",
+            "Age of the oldest message in the queue (0 when the queue is empty).",
+        ),
+        "bytes": GaugeMetricFamily(PREFIX + "queue_bytes", "Bytes of the messages in the queue."),
+        "frozen_links": GaugeMetricFamily(
+            PREFIX + "queue_frozen_links", "Links (next hops) frozen by the operator."
+        ),
+    }

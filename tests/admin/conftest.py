@@ -1,0 +1,36 @@
+"""A running service with its admin API on 127.0.0.1:0 and a smart host (the sink) that can be "down"."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from smtpsvc.app import Service
+from tests.conftest import StartService
+from tests.sink import Sink
+
+
+@dataclass
+class Admin:
+    service: Service
+    sink: Sink
+    url: str
+    token: str
+
+    def client(self, token: bool = True) -> httpx.AsyncClient:
+        headers = {"Authorization": f"Bearer {self.token}"} if token else {}
+        return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=30)
+
+
+@pytest.fixture
+async def admin(start_service: StartService, sink: Sink) -> AsyncIterator[Admin]:
+    service = await start_service(
+        admin={"listen": "127.0.0.1:0"},
+        delivery={"smart_host": f"[127.0.0.1]:{sink.port}", "retry": ["1h"]},
+    )
+    assert service.admin is not None and service.admin_context is not None
+    host, port = service.admin.address
+    yield Admin(service, sink, f"http://{host}:{port}", service.admin_context.token)
