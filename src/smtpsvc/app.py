@@ -97,6 +97,15 @@ class Service:
             self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="queue-unusable"))
             self.events.close()
             raise MailrootError(str(exc)) from exc
+        if self.queue.adopted:
+            self.events.emit(
+                events.Event(
+                    events.RECATEGORIZED,
+                    f"{len(self.queue.adopted)} message(s) copied in from another server's queue were "
+                    "adopted and are due now (KB306043 Queue to Queue), routed by this server's config",
+                    cause="queue-adopted",
+                )
+            )
         cfg = self.config
         self.metrics = Metrics(self.queue.list, self.queue.get, lambda: self.queue.frozen_links)
         self.events.subscribe(self.metrics.on_event)

@@ -88,6 +88,7 @@ class Envelope:
     delay_notified: bool = False
     dsn_kind: str = ""  # for reports we made: "failure" | "delay"; "" for ordinary mail
     original_id: str = ""  # for reports: the queue id of the message reported on
+    spool: str = ""  # id of the spool that last wrote it: another spool's message is adopted (KB306043)
     transcripts: list[list[str]] = field(
         default_factory=list
     )  # last SMTP conversations (no bodies, no secrets)
@@ -166,6 +167,7 @@ class Envelope:
             delay_notified=bool(data.get("delay_notified", False)),
             dsn_kind=str(data.get("dsn_kind", "")),
             original_id=str(data.get("original_id", "")),
+            spool=str(data.get("spool", "")),
             transcripts=[[str(line) for line in t] for t in data.get("transcripts", [])],
         )
 

@@ -14,6 +14,11 @@ that never finished or a completion that did, so it is removed; a .env that does
 Frozen links (the operator's "freeze this next hop") are queue state too: `queue/links.json`, written
 atomically; a recipient on a frozen link is not due until the link is thawed (its message still accepts).
 
+Each spool has an id (`queue/spool.id`, made at first open) that it stamps on every envelope it writes. An
+envelope that carries another id was copied in from another server's queue (KB306043 "Queue to Queue"): at
+open it is adopted, its pending recipients due at once (their retry times were the other server's), and
+listed in `adopted`.
+
 One process owns a spool at a time (an exclusive lock on queue/.lock); the in-memory index of due times is
 rebuilt from the .env files at every start, so the files stay the single truth.
 """
@@ -25,13 +30,15 @@ import heapq
 import json
 import os
 import shutil
+import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, BinaryIO
 
 from smtpsvc.model import Envelope, new_queue_id
 from smtpsvc.queue.base import MessageWriter, QueueError
-from smtpsvc.queue.commit import GroupCommitter
+from smtpsvc.queue.commit import GroupCommitter, fsync_dir
 
 try:  # POSIX advisory locking; Windows gets msvcrt below
     import fcntl
@@ -110,6 +117,8 @@ class LocalSpool:
         self._leased: set[str] = set()
         self._lock_file: IO[bytes] | None = None
         self._frozen_links: frozenset[str] = frozenset()
+        self.spool_id = ""
+        self.adopted: list[str] = []  # ids copied in from another spool, found at open
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -118,6 +127,7 @@ class LocalSpool:
             d.mkdir(parents=True, exist_ok=True)
         self._lock()
         self._frozen_links = self._read_links()
+        self.spool_id = self._read_or_make_id()
         for leftover in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
@@ -126,10 +136,40 @@ class LocalSpool:
             if orphan.stem not in envs:
                 with contextlib.suppress(OSError):
                     orphan.unlink()
+        now = time.time()
         for stem in sorted(envs):
             envelope = self._load(stem)
-            if envelope is not None:
-                self._index(envelope)
+            if envelope is None:
+                continue
+            if envelope.spool != self.spool_id:
+                self._adopt(envelope, now)
+            self._index(envelope)
+        if self.adopted:
+            fsync_dir(self.dir)
+
+    def _adopt(self, envelope: Envelope, now: float) -> None:
+        for rcpt in envelope.pending:
+            rcpt.next_attempt = min(rcpt.next_attempt, now)
+        envelope.spool = self.spool_id
+        tmp = self.tmp_dir / f"{envelope.id}.env.adopt"
+        _write_synced(tmp, _encode(envelope))
+        os.replace(tmp, self.dir / f"{envelope.id}.env")
+        self.adopted.append(envelope.id)
+
+    def _read_or_make_id(self) -> str:
+        path = self.dir / "spool.id"
+        try:
+            text = path.read_text(encoding="ascii").strip()
+        except FileNotFoundError:
+            text = ""
+        if text:
+            return text
+        text = uuid.uuid4().hex
+        tmp = self.tmp_dir / "spool.id"
+        _write_synced(tmp, text.encode() + b"\n")
+        os.replace(tmp, path)
+        fsync_dir(self.dir)
+        return text
 
     def close(self) -> None:
         if self._lock_file is not None:
@@ -187,6 +227,7 @@ class LocalSpool:
         if not isinstance(writer, SpoolWriter) or envelope.id != writer.id:
             raise ValueError("envelope and writer ids differ")
         envelope.size = writer.size
+        envelope.spool = self.spool_id
         handle = writer._flush_and_detach()
         payload = _encode(envelope)
         eml_tmp = writer.path
@@ -223,6 +264,7 @@ class LocalSpool:
         self._index(envelope)
 
     async def save(self, envelope: Envelope) -> None:
+        envelope.spool = self.spool_id
         payload = _encode(envelope)
         tmp = self.tmp_dir / f"{envelope.id}.env.new"
         final = self.dir / f"{envelope.id}.env"
@@ -247,6 +289,7 @@ class LocalSpool:
             return  # completed meanwhile (delivered, or deleted by another request)
         if envelope.id not in self._leased:
             self._index(envelope)
+        envelope.spool = self.spool_id
         payload = _encode(envelope)
         tmp = self.tmp_dir / f"{envelope.id}.env.admin"
         final = self.dir / f"{envelope.id}.env"
