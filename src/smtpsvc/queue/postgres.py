@@ -1,0 +1,751 @@
+"""The PostgreSQL queue (`queue.backend = "postgres"`): several nodes share one queue (SPEC 2.8).
+
+The database is the only truth: every change that matters is one SQL statement or one transaction, and a
+node keeps nothing in memory but the tokens of the leases it holds. docs/cluster.md has the design.
+
+  put(w, env)        message row (body, envelope, XEXCH50 blob) + recipient rows + NOTIFY in one transaction;
+                     returns after COMMIT (the 250 waits for it), raises QueueError on any database failure.
+  claim/lease(n)     due, unfrozen messages nobody holds (or whose lease expired) are taken with
+                     `FOR UPDATE SKIP LOCKED` and leased to this node for `lease_seconds` (database clock).
+  renew(ids)         push the leases of messages still being delivered further out (also done every
+                     lease_seconds/3 by a background task unless auto_renew=False).
+  save(env)          write delivery state and release the lease, only while this claim still holds it:
+                     a lease that expired and was claimed by another node raises LeaseLost.
+  release(id)        give a lease back without changes (a cancelled delivery).
+  complete(id)       the message is done: its rows are deleted.
+  freeze/thaw/retry/recategorize/delete   operator verbs, as SQL updates every node sees.
+  wait_for_work(t)   LISTEN/NOTIFY wake-ups (put, release, thaw, retry) plus a periodic poll, because a
+                     notification sent while a listener was reconnecting is lost.
+
+Everything here is async, unlike the local spool's in-memory index: reads go to the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from smtpsvc.model import Envelope, domain_of, new_queue_id
+from smtpsvc.queue import pgschema
+from smtpsvc.queue.base import MessageWriter, QueueError
+
+try:  # an optional dependency: pip install 'smtpsvc[postgres]'
+    import asyncpg
+
+    # What a lost server, a broken connection or a refused statement raises; all become QueueError.
+    _DB_ERRORS: tuple[type[BaseException], ...] = (
+        asyncpg.PostgresError,
+        asyncpg.InterfaceError,
+        asyncpg.InternalClientError,
+        OSError,
+        TimeoutError,
+    )
+except ImportError:  # pragma: no cover - the local backend does not need it
+    asyncpg = None
+    _DB_ERRORS = (OSError, TimeoutError)
+
+CHANNEL = "smtpsvc_queue"  # LISTEN/NOTIFY channel: the payload is the queue id that became due
+IN_MEMORY_BODY = 1024 * 1024  # a message being received stays in memory up to this size, then a temp file
+RECONNECT_DELAY = 1.0  # seconds between attempts to get the LISTEN connection back
+
+# The envelope fields that live in columns of `messages`; the rest goes to its `envelope` JSON.
+_MESSAGE_COLUMNS = ("id", "sender", "received_at", "size", "frozen")
+# The recipient fields that live in columns of `recipients`; the rest goes to its `data` JSON.
+_RECIPIENT_COLUMNS = (
+    "address", "state", "notified", "next_attempt", "attempts", "route", "last_reply", "status", "remote_mta",
+)  # fmt: skip
+
+_SELECT_MESSAGE = "m.id, m.sender, m.received_at, m.size, m.frozen, m.envelope"
+_SELECT_RECIPIENTS = (
+    "SELECT message_id, " + ", ".join(_RECIPIENT_COLUMNS) + ", data FROM recipients"
+    " WHERE message_id = ANY($1::text[]) ORDER BY message_id, idx"
+)
+_INSERT_RECIPIENTS = """
+    INSERT INTO recipients (message_id, idx, address, domain, state, notified, next_attempt, attempts,
+                            route, last_reply, status, remote_mta, data)
+    SELECT $1, * FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::boolean[],
+                             $7::double precision[], $8::integer[], $9::text[], $10::text[], $11::text[],
+                             $12::text[], $13::jsonb[])
+"""
+# The claim: the earliest due messages that are not frozen and not validly leased, locked with SKIP LOCKED
+# so that concurrent claims by other nodes pass over them instead of waiting; `previous` is the holder of
+# an expired lease (a dead or stalled node), NULL for a message nobody held, and `previous_token` tells
+# whether that expired lease is one this very node still works on.
+_CLAIM = f"""
+    WITH due AS (
+        SELECT id, leased_by AS previous, lease_token AS previous_token, rerun AS previous_rerun
+        FROM messages
+        WHERE NOT frozen AND next_due <= $1
+          AND (lease_until IS NULL OR lease_until < clock_timestamp())
+        ORDER BY next_due
+        LIMIT $2
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE messages m
+    SET leased_by = $3, lease_token = $4, rerun = false,
+        lease_until = clock_timestamp() + make_interval(secs => $5)
+    FROM due WHERE m.id = due.id
+    RETURNING due.previous, due.previous_token, due.previous_rerun, {_SELECT_MESSAGE}
+"""
+_RENEW = """
+    UPDATE messages m SET lease_until = clock_timestamp() + make_interval(secs => $3)
+    FROM unnest($1::text[], $2::uuid[]) AS held(id, token)
+    WHERE m.id = held.id AND m.lease_token = held.token
+    RETURNING m.id
+"""
+_RELEASE_COLUMNS = "leased_by = NULL, lease_token = NULL, lease_until = NULL"
+
+
+class LeaseLost(QueueError):
+    """This node's lease on a message expired and another node claimed it (or it was never leased here):
+    the other node now owns the delivery state, so ours is not written. Drop the envelope; the message
+    may be delivered twice (at-least-once), never lost."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A leased message. `taken_over_from` names the node whose lease had expired (it died or stalled
+    mid-delivery): re-run categorization before delivering, as Exchange cluster failover does. "" for a
+    message nobody held."""
+
+    envelope: Envelope
+    taken_over_from: str = ""
+
+    @property
+    def taken_over(self) -> bool:
+        return self.taken_over_from != ""
+
+
+@dataclass(slots=True)
+class _Held:
+    """A lease this node holds: the claim's token, and the envelope object claim() handed out (save()
+    accepts that object only, so an envelope from an older claim of the same message cannot overwrite a
+    newer state)."""
+
+    token: uuid.UUID
+    envelope: Envelope
+
+
+class PostgresWriter:
+    """A message being received: bytes buffered in a SpooledTemporaryFile (memory up to IN_MEMORY_BODY,
+    then a temporary file), uploaded by put() in one parameter."""
+
+    def __init__(self, queue_id: str, tmp_dir: Path | None) -> None:
+        self._id = queue_id
+        # Closed by take_body() or abort(), like the local spool's writer file.
+        self._file: tempfile.SpooledTemporaryFile[bytes] | None = tempfile.SpooledTemporaryFile(  # noqa: SIM115
+            max_size=IN_MEMORY_BODY, dir=None if tmp_dir is None else str(tmp_dir)
+        )
+        self._size = 0
+        self.blob: bytes | None = None
+
+    @property
+    def id(self) -> str:
+        return self._id
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def write(self, data: bytes) -> None:
+        if self._file is None:
+            raise QueueError("message writer already closed")
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            self.abort()
+            raise QueueError(f"cannot buffer the message: {exc.strerror}") from exc
+        self._size += len(data)
+
+    def attach_xexch50(self, blob: bytes) -> None:
+        self.blob = bytes(blob)
+
+    def abort(self) -> None:
+        if self._file is not None:
+            with contextlib.suppress(OSError):
+                self._file.close()
+            self._file = None
+
+    def take_body(self) -> bytes:
+        """The whole message, once; the buffer is closed."""
+        if self._file is None:
+            raise QueueError("message writer already closed")
+        try:
+            self._file.seek(0)
+            return self._file.read()
+        except OSError as exc:
+            raise QueueError(f"cannot read back the buffered message: {exc.strerror}") from exc
+        finally:
+            self.abort()
+
+
+class PostgresQueue:
+    """The shared queue of a cluster node. `open()` before use, `close()` after (leases are not given back:
+    release or save first, or let them expire)."""
+
+    def __init__(
+        self,
+        dsn: str,
+        node_id: str,
+        lease_seconds: float = 30.0,
+        *,
+        pool_size: int = 10,
+        poll_interval: float = 5.0,
+        connect_timeout: float = 5.0,
+        command_timeout: float = 15.0,
+        auto_renew: bool = True,
+        tmp_dir: Path | None = None,
+        on_corrupt: Callable[[str, str], None] | None = None,
+    ) -> None:
+        if lease_seconds <= 0:
+            raise ValueError("lease_seconds must be positive")
+        self.dsn = dsn
+        self.node_id = node_id
+        self.lease_seconds = lease_seconds
+        self.poll_interval = poll_interval
+        self._pool_size = pool_size
+        self._connect_timeout = connect_timeout
+        self._command_timeout = command_timeout
+        self._auto_renew = auto_renew
+        self._tmp_dir = tmp_dir
+        self._on_corrupt = on_corrupt or (lambda queue_id, reason: None)
+        self._pool: Any = None
+        self._held: dict[str, _Held] = {}  # queue id -> the lease this node holds on it
+        self._work = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -----------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Connect (a pool, plus one connection that LISTENs), check the schema version, start renewing.
+        Raises QueueError when the database cannot be used, saying what to do."""
+        if asyncpg is None:
+            raise QueueError("the PostgreSQL driver is not installed: pip install 'smtpsvc[postgres]'")
+        try:
+            self._pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=self._pool_size,
+                timeout=self._connect_timeout,
+                command_timeout=self._command_timeout,
+                server_settings={"application_name": f"smtpsvc {self.node_id}"[:63]},
+            )
+        except Exception as exc:
+            raise pgschema.explain(exc, self.dsn) from exc
+        try:
+            await self._check_schema()
+            listener = await self._listen()
+        except BaseException:
+            await self._close_pool()
+            raise
+        loop = asyncio.get_running_loop()
+        self._tasks.append(loop.create_task(self._keep_listening(listener)))
+        if self._auto_renew:
+            self._tasks.append(loop.create_task(self._renew_forever()))
+
+    async def close(self) -> None:
+        """Stop listening and renewing, close the connections. Held leases stay in the database and
+        expire after lease_seconds (which is what a node that dies leaves behind, too)."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        self._held.clear()
+        await self._close_pool()
+
+    async def _close_pool(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        try:
+            await asyncio.wait_for(pool.close(), self._command_timeout)
+        except _DB_ERRORS:  # TimeoutError included
+            pool.terminate()
+
+    async def _check_schema(self) -> None:
+        async with self._connection("read the schema version") as conn:
+            version = await pgschema.current_version(conn)
+        if version == 0:
+            raise QueueError(
+                f"the database at {pgschema.describe(self.dsn)} has no smtpsvc queue schema: "
+                "run `smtpsvc db init`"
+            )
+        if version > pgschema.LATEST:
+            raise QueueError(pgschema.too_new(version))
+        if version < pgschema.LATEST:
+            raise QueueError(
+                f"the database's smtpsvc queue schema is version {version}, this smtpsvc needs "
+                f"{pgschema.LATEST}: run `smtpsvc db migrate`"
+            )
+
+    @contextlib.asynccontextmanager
+    async def _connection(self, what: str) -> AsyncIterator[Any]:
+        """A pooled connection; any database or network failure inside the block becomes a QueueError
+        that says what could not be done. Connect and statements are bounded by the timeouts."""
+        if self._pool is None:
+            raise QueueError("the PostgreSQL queue is not open")
+        try:
+            async with self._pool.acquire(timeout=self._connect_timeout + self._command_timeout) as conn:
+                yield conn
+        except QueueError:
+            raise
+        except _DB_ERRORS as exc:
+            raise QueueError(f"PostgreSQL queue: cannot {what}: {_reason(exc)}") from exc
+
+    # -- writing -------------------------------------------------------------------------------------
+    def create_writer(self) -> PostgresWriter:
+        try:
+            return PostgresWriter(new_queue_id(), self._tmp_dir)
+        except OSError as exc:
+            raise QueueError(f"cannot buffer a new message: {exc.strerror}") from exc
+
+    async def put(self, writer: MessageWriter, envelope: Envelope) -> None:
+        """Message, XEXCH50 blob, envelope and recipients in one transaction; returns after COMMIT."""
+        if not isinstance(writer, PostgresWriter) or envelope.id != writer.id:
+            raise ValueError("envelope and writer ids differ")
+        envelope.size = writer.size
+        body = writer.take_body()
+        extra, recipients = _encode(envelope)
+        async with self._connection("queue the message") as conn, conn.transaction():
+            await conn.execute(
+                "INSERT INTO messages (id, sender, received_at, size, envelope, body, xexch50, next_due,"
+                " frozen) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)",
+                envelope.id,
+                _text(envelope.sender),
+                envelope.received_at,
+                envelope.size,
+                extra,
+                body,
+                writer.blob,
+                envelope.next_due(),
+                envelope.frozen,
+            )
+            await conn.execute(_INSERT_RECIPIENTS, envelope.id, *recipients)
+            # Sent at COMMIT, and only if it commits: idle nodes wake for the new message.
+            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, envelope.id)
+
+    async def save(self, envelope: Envelope) -> None:
+        """Persist the delivery state of every recipient and release the lease, in one transaction.
+        Raises LeaseLost when this node no longer holds the lease (another node took it over after it
+        expired): nothing is written then. A retry asked while the message was leased (retry(),
+        recategorize()) makes its pending recipients due now. `envelope` must be the object claim()
+        returned."""
+        held = self._held.get(envelope.id)
+        if held is None or held.envelope is not envelope:
+            raise LeaseLost(
+                f"{envelope.id}: this envelope is not under a lease of this node ({self.node_id})"
+            )
+        token = held.token
+        async with self._connection("save the delivery state") as conn, conn.transaction():
+            rerun = await conn.fetchval(
+                "SELECT rerun FROM messages WHERE id = $1 AND lease_token = $2 FOR UPDATE", envelope.id, token
+            )
+            if rerun is None:
+                self._forget(envelope.id, token)
+                raise LeaseLost(
+                    f"{envelope.id}: the lease expired and another node took the message over"
+                    " (or it was deleted)"
+                )
+            now = time.time()
+            if rerun:
+                for rcpt in envelope.pending:
+                    rcpt.next_attempt = min(rcpt.next_attempt, now)
+            extra, recipients = _encode(envelope)
+            due = envelope.next_due()
+            await conn.execute("DELETE FROM recipients WHERE message_id = $1", envelope.id)
+            await conn.execute(_INSERT_RECIPIENTS, envelope.id, *recipients)
+            await conn.execute(
+                f"UPDATE messages SET envelope = $2::jsonb, size = $3, next_due = $4, rerun = false,"
+                f" {_RELEASE_COLUMNS} WHERE id = $1",
+                envelope.id,
+                extra,
+                envelope.size,
+                due,
+            )
+            if due is not None and due <= now:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, envelope.id)
+        self._forget(envelope.id, token)
+
+    async def complete(self, queue_id: str) -> None:
+        """Every recipient is final: the message leaves the queue (its rows are deleted, whoever holds the
+        lease: a node that finished a message has nothing left for anyone to do)."""
+        async with self._connection("remove the message") as conn:
+            await conn.execute("DELETE FROM messages WHERE id = $1", queue_id)
+        self._held.pop(queue_id, None)
+
+    # -- leases --------------------------------------------------------------------------------------
+    async def claim(self, now: float, limit: int) -> list[Claim]:
+        """Lease up to `limit` messages due at `now` (epoch seconds). A message whose previous lease expired
+        without a save comes back with `taken_over_from` set. One whose lease this node let expire (the
+        database was unreachable longer than lease_seconds) while still delivering it, and that nobody
+        took meanwhile, is leased again for that delivery and not handed out a second time."""
+        if limit <= 0:
+            return []
+        token = uuid.uuid4()
+        claims: list[Claim] = []
+        resumed: list[_Held] = []
+        async with self._connection("claim due messages") as conn, conn.transaction():
+            rows = await conn.fetch(_CLAIM, now, limit, self.node_id, token, self.lease_seconds)
+            if not rows:
+                return []
+            by_id = await self._recipient_rows(conn, [row["id"] for row in rows])
+            for row in sorted(rows, key=lambda r: r["id"]):
+                mine = self._held.get(row["id"])
+                if mine is not None and mine.token == row["previous_token"]:
+                    resumed.append(mine)
+                    if row["previous_rerun"]:  # a retry asked meanwhile is still for our save to honour
+                        await conn.execute("UPDATE messages SET rerun = true WHERE id = $1", row["id"])
+                    continue
+                try:
+                    envelope = _decode(row, by_id.get(row["id"], []))
+                except (ValueError, KeyError, TypeError) as exc:
+                    await self._set_aside(conn, row["id"], str(exc) or type(exc).__name__)
+                    continue
+                claims.append(Claim(envelope, row["previous"] or ""))
+        for held in resumed:  # only now that the claim is committed
+            held.token = token
+        for claim in claims:
+            self._held[claim.envelope.id] = _Held(token, claim.envelope)
+        return claims
+
+    async def lease(self, now: float, limit: int) -> list[Envelope]:
+        """claim() without the takeover flag (the Queue contract's shape)."""
+        return [claim.envelope for claim in await self.claim(now, limit)]
+
+    async def renew(self, queue_ids: Iterable[str] | None = None) -> set[str]:
+        """Extend by lease_seconds the leases this node holds on `queue_ids` (default: all it holds).
+        Returns the ids still held; a lease found taken over is forgotten (its save would be refused)."""
+        wanted = self._held if queue_ids is None else queue_ids
+        held = {q: self._held[q].token for q in wanted if q in self._held}
+        if not held:
+            return set()
+        ids, tokens = list(held), list(held.values())
+        async with self._connection("renew leases") as conn:
+            rows = await conn.fetch(_RENEW, ids, tokens, self.lease_seconds)
+        kept = {row["id"] for row in rows}
+        for queue_id in held.keys() - kept:
+            self._forget(queue_id, held[queue_id])
+        return kept
+
+    async def release(self, queue_id: str) -> bool:
+        """Give the lease back unchanged (a delivery that was cancelled). Best effort: False when this node
+        did not hold it or the database could not be told; the lease then expires by itself."""
+        held = self._held.pop(queue_id, None)
+        if held is None:
+            return False
+        token = held.token
+        try:
+            async with self._connection("release the lease") as conn, conn.transaction():
+                released = await conn.fetchval(
+                    f"UPDATE messages SET {_RELEASE_COLUMNS} WHERE id = $1 AND lease_token = $2 RETURNING id",
+                    queue_id,
+                    token,
+                )
+                if released is not None:
+                    await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, queue_id)
+        except QueueError:
+            return False
+        return released is not None
+
+    @property
+    def held(self) -> frozenset[str]:
+        """The ids this node holds leases on (claimed, not yet saved, released or completed)."""
+        return frozenset(self._held)
+
+    def _forget(self, queue_id: str, token: uuid.UUID) -> None:
+        held = self._held.get(queue_id)
+        if held is not None and held.token == token:  # not a newer claim of the same message
+            del self._held[queue_id]
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            with contextlib.suppress(QueueError):  # the database is away: the next round tries again
+                await self.renew()
+
+    # -- operator verbs (every node sees them at once) ----------------------------------------------
+    async def freeze(self, queue_id: str) -> bool:
+        """Hold a message: not claimed until thawed. A delivery under way finishes. False: no such message."""
+        return await self._set_frozen(queue_id, True)
+
+    async def thaw(self, queue_id: str) -> bool:
+        return await self._set_frozen(queue_id, False)
+
+    async def _set_frozen(self, queue_id: str, frozen: bool) -> bool:
+        async with self._connection("freeze or thaw the message") as conn, conn.transaction():
+            found = await conn.fetchval(
+                "UPDATE messages SET frozen = $2, corrupt = CASE WHEN $2 THEN corrupt END"
+                " WHERE id = $1 RETURNING id",
+                queue_id,
+                frozen,
+            )
+            if found is not None and not frozen:
+                await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, queue_id)
+        return found is not None
+
+    async def retry(self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False) -> int:
+        """Force Connection / ETRN: the pending recipients of one message (`queue_id`), of every message
+        (neither given), or at `domain` (and its subdomains) are due at `now`. A message being delivered
+        gets its rerun flag: its next save makes them due now, as the delivery overwrites them. Returns
+        how many messages changed."""
+        domain = domain.rstrip(".").lower()
+        async with self._connection("reschedule") as conn, conn.transaction():
+            rows = await conn.fetch(
+                "UPDATE recipients SET next_attempt = $1 WHERE state = 'pending'"
+                " AND ($2 = '' OR message_id = $2)"
+                " AND ($3 = '' OR domain = $3 OR ($4 AND right(domain, length($3) + 1) = '.' || $3))"
+                " RETURNING message_id",
+                now,
+                queue_id,
+                domain,
+                subdomains,
+            )
+            return await self._made_due(conn, {row["message_id"] for row in rows}, now)
+
+    async def recategorize(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
+        """ResetMessageStatus for one message: the routes computed by the caller (address -> link name)
+        are recorded for its pending recipients, which are due at `now`. False: no such message."""
+        async with self._connection("recategorize") as conn, conn.transaction():
+            rows = await conn.fetch(
+                "UPDATE recipients r SET route = new.route, next_attempt = $2"
+                " FROM unnest($3::text[], $4::text[]) AS new(address, route)"
+                " WHERE r.message_id = $1 AND r.state = 'pending' AND r.address = new.address"
+                " RETURNING r.message_id",
+                queue_id,
+                now,
+                list(routes),
+                [_text(link) for link in routes.values()],
+            )
+            return await self._made_due(conn, {row["message_id"] for row in rows}, now) > 0
+
+    async def _made_due(self, conn: Any, ids: set[str], now: float) -> int:
+        """After recipients of `ids` were made due at `now`: move the messages' due time, flag those
+        under a lease for a rerun at save, wake the nodes."""
+        if not ids:
+            return 0
+        changed = await conn.fetchval(
+            "WITH c AS (UPDATE messages SET next_due = LEAST(next_due, $2),"
+            " rerun = rerun OR lease_token IS NOT NULL WHERE id = ANY($1::text[]) RETURNING id)"
+            " SELECT count(*) FROM c",
+            list(ids),
+            now,
+        )
+        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+        return int(changed)
+
+    async def delete(self, queue_id: str) -> bool:
+        """Remove a message without a report (the operator's decision). False: no such message."""
+        async with self._connection("delete the message") as conn:
+            found = await conn.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", queue_id)
+        self._held.pop(queue_id, None)
+        return found is not None
+
+    async def _set_aside(self, conn: Any, queue_id: str, reason: str) -> None:
+        """An unreadable row (a newer envelope version, a hand edit) is frozen with the reason, never
+        dropped and never claimed again in a loop; on_corrupt tells the event log."""
+        await conn.execute(
+            f"UPDATE messages SET frozen = true, corrupt = $2, {_RELEASE_COLUMNS} WHERE id = $1",
+            queue_id,
+            _text(reason),
+        )
+        self._on_corrupt(queue_id, reason)
+
+    # -- waiting for work ----------------------------------------------------------------------------
+    async def wait_for_work(self, timeout: float | None) -> bool:
+        """Sleep until a NOTIFY says a message may be due (True), or `timeout` seconds, at most
+        poll_interval, pass (False): another node's NOTIFY can be missed while our listener reconnects,
+        and a lease that expires sends none, so the caller looks at the queue at least that often."""
+        limit = self.poll_interval if timeout is None else max(0.0, min(timeout, self.poll_interval))
+        try:
+            await asyncio.wait_for(self._work.wait(), limit)
+        except TimeoutError:
+            return False
+        self._work.clear()
+        return True
+
+    def _notified(self, *_: object) -> None:
+        self._work.set()
+
+    async def _listen(self) -> Any:
+        assert asyncpg is not None
+        try:
+            conn = await asyncpg.connect(
+                self.dsn, timeout=self._connect_timeout, command_timeout=self._command_timeout
+            )
+        except Exception as exc:
+            raise pgschema.explain(exc, self.dsn) from exc
+        try:
+            await conn.add_listener(CHANNEL, self._notified)
+        except BaseException:
+            conn.terminate()
+            raise
+        return conn
+
+    async def _keep_listening(self, conn: Any) -> None:
+        """Hold the LISTEN connection; when it is lost, reconnect (every RECONNECT_DELAY) and wake the
+        caller once, for what was sent meanwhile."""
+        try:
+            while True:
+                if conn is not None:
+                    with contextlib.suppress(*_DB_ERRORS):
+                        await self._watch(conn)
+                    conn.terminate()
+                    conn = None
+                await asyncio.sleep(min(RECONNECT_DELAY, self.poll_interval))
+                try:
+                    conn = await self._listen()
+                except QueueError:
+                    continue
+                self._work.set()
+        finally:
+            if conn is not None:
+                conn.terminate()
+
+    async def _watch(self, conn: Any) -> None:
+        """Return when the connection is gone: closed by the server, or silent to a ping (no FIN)."""
+        lost = asyncio.Event()
+        conn.add_termination_listener(lambda _conn: lost.set())
+        while not conn.is_closed():
+            try:
+                await asyncio.wait_for(lost.wait(), self.poll_interval)
+                return
+            except TimeoutError:
+                await conn.execute("SELECT 1", timeout=self._command_timeout)
+
+    # -- reading -------------------------------------------------------------------------------------
+    async def get(self, queue_id: str) -> Envelope | None:
+        """The stored envelope (for a leased message: as of its last save), or None."""
+        async with self._connection("read the message") as conn:
+            row = await conn.fetchrow(f"SELECT {_SELECT_MESSAGE} FROM messages m WHERE m.id = $1", queue_id)
+            if row is None:
+                return None
+            by_id = await self._recipient_rows(conn, [queue_id])
+        return self._decode_or_report(row, by_id.get(queue_id, []))
+
+    async def open_message(self, queue_id: str) -> BinaryIO:
+        """The message bytes, in memory. Raises KeyError when there is no such message."""
+        async with self._connection("read the message") as conn:
+            body = await conn.fetchval("SELECT body FROM messages WHERE id = $1", queue_id)
+        if body is None:
+            raise KeyError(queue_id)
+        return io.BytesIO(body)
+
+    async def xexch50_blob(self, queue_id: str) -> bytes | None:
+        """The XEXCH50 blob received with the message, or None."""
+        async with self._connection("read the message") as conn:
+            blob = await conn.fetchval("SELECT xexch50 FROM messages WHERE id = $1", queue_id)
+        return bytes(blob) if blob is not None else None
+
+    async def next_due(self) -> float | None:
+        """When a claim may next find work: the earliest due time of an unfrozen message, or for one under
+        another claim, the end of that lease if later. Leases this node holds are left out (they come
+        back through save). None: nothing to wait for."""
+        async with self._connection("read the due times") as conn:
+            due = await conn.fetchval(
+                "SELECT min(GREATEST(next_due, coalesce(extract(epoch FROM lease_until)::float8, 0)))"
+                " FROM messages WHERE NOT frozen AND next_due IS NOT NULL"
+                " AND (lease_token IS NULL OR NOT (lease_token = ANY($1::uuid[])))",
+                list({held.token for held in self._held.values()}),
+            )
+        return float(due) if due is not None else None
+
+    async def _recipient_rows(self, conn: Any, ids: list[str]) -> dict[str, list[Any]]:
+        by_id: dict[str, list[Any]] = {}
+        for row in await conn.fetch(_SELECT_RECIPIENTS, ids):
+            by_id.setdefault(row["message_id"], []).append(row)
+        return by_id
+
+    def _decode_or_report(self, row: Any, recipients: list[Any]) -> Envelope | None:
+        try:
+            return _decode(row, recipients)
+        except (ValueError, KeyError, TypeError) as exc:
+            self._on_corrupt(row["id"], str(exc) or type(exc).__name__)
+            return None
+
+    async def list(self) -> list[Envelope]:
+        """Every queued message, by id, as stored (one consistent snapshot). Unreadable rows are reported
+        to on_corrupt and left out."""
+        snapshot = {"isolation": "repeatable_read", "readonly": True}
+        async with self._connection("list the queue") as conn, conn.transaction(**snapshot):
+            rows = await conn.fetch(f"SELECT {_SELECT_MESSAGE} FROM messages m ORDER BY m.id")
+            by_id = await self._recipient_rows(conn, [row["id"] for row in rows])
+        decoded = (self._decode_or_report(row, by_id.get(row["id"], [])) for row in rows)
+        return [envelope for envelope in decoded if envelope is not None]
+
+
+# -- the row <-> envelope mapping ------------------------------------------------------------------------
+def _encode(envelope: Envelope) -> tuple[str, tuple[Any, ...]]:
+    """The envelope's JSON for `messages.envelope` (fields without a column), and the recipients as
+    column arrays for _INSERT_RECIPIENTS ($2...$13)."""
+    data = _without_nul(envelope.to_json())
+    recipients: list[dict[str, Any]] = data.pop("recipients")
+    for key in _MESSAGE_COLUMNS:
+        data.pop(key)
+    columns: dict[str, list[Any]] = {key: [] for key in _RECIPIENT_COLUMNS}
+    rest: list[str] = []
+    for rcpt in recipients:
+        for key in _RECIPIENT_COLUMNS:
+            columns[key].append(rcpt.pop(key))
+        rest.append(_json(rcpt))
+    arrays = (
+        list(range(len(recipients))),
+        columns["address"],
+        [domain_of(address) for address in columns["address"]],
+        columns["state"],
+        columns["notified"],
+        [float(t) for t in columns["next_attempt"]],
+        columns["attempts"],
+        columns["route"],
+        columns["last_reply"],
+        columns["status"],
+        columns["remote_mta"],
+        rest,
+    )
+    return _json(data), arrays
+
+
+def _decode(row: Any, recipients: list[Any]) -> Envelope:
+    """Rebuild the envelope from its rows (raises ValueError/KeyError/TypeError when malformed)."""
+    data: dict[str, Any] = json.loads(row["envelope"])
+    for key in _MESSAGE_COLUMNS:
+        data[key] = row[key]
+    rcpts = []
+    for r in recipients:
+        rcpt: dict[str, Any] = json.loads(r["data"])
+        for key in _RECIPIENT_COLUMNS:
+            rcpt[key] = r[key]
+        rcpts.append(rcpt)
+    data["recipients"] = rcpts
+    return Envelope.from_json(data)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL; a reply text with one (a broken peer) must not make save fail
+    forever, so it becomes U+FFFD."""
+    return value.replace("\x00", "\ufffd")
+
+
+def _without_nul(value: Any) -> Any:
+    if isinstance(value, str):
+        return _text(value)
+    if isinstance(value, dict):
+        return {_text(k): _without_nul(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_without_nul(v) for v in value]
+    return value
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
