@@ -176,3 +176,48 @@ async def test_queue_summary_groups_pending_recipients_by_link(start_service: St
     assert line.split()[1:3] == ["1", "2"] and "retry" in line
     [entry] = json.loads((await run("queue", "summary", "-c", str(service.config_path), "--json"))[1])
     assert entry["link"] == "smarthost" and entry["recipients"] == 2 and entry["state"] == "retry"
+
+
+async def test_link_and_domain_commands_on_a_stopped_service(start_service: StartService) -> None:
+    service, queue_id = await queued_then_stopped(start_service)
+    config = str(service.config_path)
+    code, out, _ = await run("queue", "freeze", "-c", config, "--domain", "remote.test")
+    assert code == 0
+    assert out.startswith("link smarthost: freeze done (1 message(s) wait on it) on the queue files")
+    links = json.loads((Path(service.folders["queue"]) / "links.json").read_text())
+    assert links == {"frozen": ["smarthost"]}
+    code, out, _ = await run("queue", "summary", "-c", config)
+    assert "frozen" in out.splitlines()[1]
+    code, _, err = await run("queue", "retry", "-c", config, "--link", "smarthost")
+    assert code == 1 and "thaw it first" in err
+    assert (await run("queue", "thaw", "-c", config, "--link", "smarthost"))[0] == 0
+    code, out, _ = await run("queue", "retry", "-c", config, "--domain", "other.test")
+    assert code == 0 and out.startswith("1 message(s) due now on the queue files")
+    code, out, _ = await run("queue", "retry", "-c", config, "--all")
+    assert code == 0 and out.startswith("1 message(s) due now")
+    assert (await run("queue", "retry", "-c", config, queue_id, "--all"))[0] == 2  # one target only
+    events = (service.folders["log"] / "events.jsonl").read_text()
+    assert "Queue administration: link smarthost frozen" in events
+
+
+async def test_badmail_commands_on_a_stopped_service(start_service: StartService) -> None:
+    service = await start_service()
+    await service.stop()
+    bad = service.folders["badmail"]
+    (bad / "S1.bad").write_bytes(
+        b"From: <postmaster@relay.test>\r\nTo: bob@local.test\r\nSubject: stopped\r\n\r\nx\r\n"
+    )
+    (bad / "S1.bdr").write_text("Unable to deliver the report. 5.1.1\r\n")
+    config = str(service.config_path)
+    code, out, _ = await run("badmail", "list", "-c", config)
+    assert code == 0 and out.startswith("S1 ") and "5.1.1" in out
+    code, out, _ = await run("badmail", "show", "-c", config, "S1")
+    assert code == 0 and "Subject: stopped" in out
+    code, out, _ = await run("badmail", "replay", "-c", config, "S1")
+    assert code == 0 and (service.folders["pickup"] / "replay-S1.eml").exists()
+    again = await start_service(server={"root": str(service.root)})
+    [dropped] = await wait_until(  # no .bdp: the envelope comes from the headers, as for any Pickup file
+        lambda: list(again.folders["drop"].glob("*.eml")), what="the replayed file delivered through Pickup"
+    )
+    content = dropped.read_bytes()
+    assert b"X-Receiver: <bob@local.test>" in content and b"Subject: stopped" in content
