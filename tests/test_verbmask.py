@@ -136,3 +136,11 @@ def test_render_has_a_line_per_extension_plus_turn() -> None:
     table = render(DEFAULT_MASK, {})
     for keyword in [*verbmask.EHLO_KEYWORDS.values(), "TURN"]:
         assert re.search(rf"^\s*{re.escape(keyword)}\s+(on|off)\s", table, re.M), keyword
+
+
+def test_keywords_that_need_another_are_shown_off_without_it() -> None:
+    found = verbmask.effective_extensions(3503297, {})  # KB286673: 8BITMIME off
+    assert found["smtputf8"][0] is False and "8BITMIME is off" in found["smtputf8"][1]
+    found = verbmask.effective_extensions(7697601, {"chunking": False})
+    assert found["binarymime"][0] is False and "CHUNKING is off" in found["binarymime"][1]
+    assert verbmask.effective_extensions(7697601, {})["smtputf8"][0] is True

@@ -151,6 +151,11 @@ def effective_extensions(mask: int, overrides: Mapping[str, bool]) -> dict[str, 
             result[name] = (bool(mask & verb.bit), verb.why(mask))
         else:
             result[name] = (default, "default")
+    # What the EHLO reply really says: these keywords are never advertised without the one they build on.
+    for name, needs, rfc in (("smtputf8", "8bitmime", "RFC 6531"), ("binarymime", "chunking", "RFC 3030")):
+        if result[name][0] and not result[needs][0]:
+            was = result[name][1]
+            result[name] = (False, f"off because {EHLO_KEYWORDS[needs]} is off ({rfc}); would be: {was}")
     return result
 
 
