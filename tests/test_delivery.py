@@ -465,3 +465,11 @@ async def test_a_remote_reply_with_a_percent_sign_is_logged_and_reported(
     [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
     assert b"reject%s%d@remote.test" in ndr.read_bytes()
     assert any("status=bounced" in str(e.get("track")) for e in events_of(service, 3004))
+
+
+async def test_a_smart_host_failure_logs_event_4000_per_remote_domain(start_service: StartService) -> None:
+    service = await start_service(delivery={"smart_host": "[127.0.0.1]:9", "retry": ["1h"]})
+    await send(service, "alice@local.test", ["x@remote.test", "y@partner.test"])
+    found = await wait_until(lambda: events_of(service, 4000), what="the failed attempt")
+    assert sorted(e["domain"] for e in found) == ["partner.test", "remote.test"]
+    assert {e["cause"] for e in found} == {"connection-failed"}

@@ -494,16 +494,18 @@ class Scheduler:
                 return await self._deliver_smtp(envelope, backup[0], rcpts, backup[1:])
         if outcome.results and all(not r.ok and not r.permanent for r in outcome.results):
             reason = outcome.host_failures[-1].reason if outcome.host_failures else outcome.results[0].reply
-            self.events.emit(
-                events.Event(
-                    events.REMOTE_DOMAIN_FAILED,
-                    events.remote_domain_failed_text(domain, reason),
-                    queue_id=envelope.id,
-                    domain=domain,
-                    status=outcome.results[0].status,
-                    cause=diagnosis if diagnosis and reason == smtp.DROPPED else _cause(reason),
+            # One 4000 per remote domain, as IIS logs it, also when a smart host carries several domains.
+            for failed_domain in [route.mx_domain] if route.mx_domain else sorted({r.domain for r in rcpts}):
+                self.events.emit(
+                    events.Event(
+                        events.REMOTE_DOMAIN_FAILED,
+                        events.remote_domain_failed_text(failed_domain, reason),
+                        queue_id=envelope.id,
+                        domain=failed_domain,
+                        status=outcome.results[0].status,
+                        cause=diagnosis if diagnosis and reason == smtp.DROPPED else _cause(reason),
+                    )
                 )
-            )
         return outcome.results
 
     def _xexch50_allowed(self, choice: RouteChoice, domains: set[str]) -> bool:
