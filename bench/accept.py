@@ -43,7 +43,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 HOSTNAME = "bench.test"
 LOCAL_DOMAIN = "local.test"
@@ -100,6 +100,7 @@ def config_text(root: Path, no_delivery: bool) -> str:
     ]
     if no_delivery:
         lines.append(f'smart_host = "[127.0.0.1]:{CLOSED_PORT}"')
+    lines += ["", "[admin]", 'listen = ""  # no admin HTTP API: it would bind 127.0.0.1:8025']
     return "\n".join(lines) + "\n"
 
 
@@ -109,6 +110,10 @@ def proc_cpu_ticks(pid: int) -> tuple[int, int]:
         stat = fh.read()
     fields = stat[stat.rindex(b")") + 2 :].split()
     return int(fields[11]), int(fields[12])  # fields 14 and 15 of proc(5), counted from "state" = 3
+
+
+def server_ticks(pid: int | None) -> tuple[int, int]:
+    return proc_cpu_ticks(pid) if pid is not None else (0, 0)
 
 
 def count_drop_files(drop: Path) -> int:
@@ -268,7 +273,8 @@ class RunStats:
     target: int = 0  # messages the run was asked to send
     accepted: int = 0
     failed: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    latencies_ms: list[float] = field(default_factory=list)  # end of DATA -> 250
+    transactions_ms: list[float] = field(default_factory=list)  # MAIL FROM written -> 250 after DATA
     errors: Counter[str] = field(default_factory=Counter)
     elapsed: float = 0.0
     server_cpu: float = 0.0  # seconds, user + system
@@ -370,6 +376,7 @@ class Client:
 
     async def send(self, msg: Message, number: int, stats: RunStats) -> None:
         """One transaction. Counts it accepted only on a 250 after the final dot; else failed."""
+        began = time.perf_counter()
         if self.pipelining:
             self.writer.write(msg.envelope)
             codes = [(await self.reply())[0] for _ in range(3)]
@@ -397,7 +404,9 @@ class Client:
         self.writer.write(b".\r\n")
         code, lines = await self.reply()
         if code == 250:
-            stats.latencies_ms.append((time.perf_counter() - sent) * 1000.0)
+            done = time.perf_counter()
+            stats.latencies_ms.append((done - sent) * 1000.0)
+            stats.transactions_ms.append((done - began) * 1000.0)
             stats.accepted += 1
             return
         stats.failed += 1
@@ -442,9 +451,19 @@ async def session_loop(client: Client, msg: Message, shared: Shared, hard_deadli
 
 
 async def run_load(
-    port: int, sessions: int, messages: int, max_seconds: float, msg: Message, pid: int, drop: Path | None
+    port: int,
+    sessions: int,
+    messages: int,
+    max_seconds: float,
+    msg: Message,
+    pid: int | None,
+    drop: Path | None,
 ) -> RunStats:
-    """Connect `sessions` clients, then send `messages` in all (or stop after `max_seconds`), then QUIT."""
+    """Connect `sessions` clients, then send `messages` in all (or stop after `max_seconds`), then QUIT.
+
+    `pid`: the server process whose CPU time to measure; None measures none (bench/compare.py uses this
+    client against Postfix too, whose work is spread over several processes).
+    """
     loop = asyncio.get_running_loop()
     stats = RunStats(target=messages)
     clients: list[Client] = []
@@ -467,13 +486,13 @@ async def run_load(
         raise BenchError(f"no session could connect to 127.0.0.1:{port}: {reasons}")
     try:
         drop_before = count_drop_files(drop) if drop is not None else 0
-        (user0, sys0), client0, t0 = proc_cpu_ticks(pid), time.process_time(), time.perf_counter()
+        (user0, sys0), client0, t0 = server_ticks(pid), time.process_time(), time.perf_counter()
         soft = loop.time() + max_seconds
         shared = Shared(remaining=messages, soft_deadline=soft, stats=stats)
         await asyncio.gather(*(session_loop(c, msg, shared, soft + REPLY_GRACE) for c in clients))
         stats.elapsed = time.perf_counter() - t0
         stats.client_cpu = time.process_time() - client0
-        user1, sys1 = proc_cpu_ticks(pid)
+        user1, sys1 = server_ticks(pid)
         stats.server_cpu = (user1 + sys1 - user0 - sys0) / CLK_TCK
         stats.server_sys = (sys1 - sys0) / CLK_TCK
         if drop is not None:
@@ -700,6 +719,7 @@ def check_closed_port() -> None:
 
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+T = TypeVar("T")
 
 
 def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -707,7 +727,7 @@ def on_signal(signum: int, frame: FrameType | None) -> None:
     raise Stop(signal.Signals(signum).name)
 
 
-async def interruptible(work: Coroutine[Any, Any, RunStats]) -> RunStats:
+async def interruptible(work: Coroutine[Any, Any, T]) -> T:
     """Inside the event loop a Python signal handler's exception would be logged and lost (uvloop), so
     SIGTERM/SIGHUP cancel the load instead and surface as Stop; SIGINT is the runner's KeyboardInterrupt."""
     loop = asyncio.get_running_loop()

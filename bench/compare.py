@@ -11,6 +11,9 @@ For each case (message size, concurrent sessions) and each run, three targets ge
 
 Both relays forward to one ``smtp-sink -c`` whose running counter gives the end-to-end count.
 
+Then, unless --no-latency, the end-of-DATA -> ``250`` latency of all three at 1, 10 and 50 concurrent
+sessions, timed by bench/accept.py's asyncio client (1 KiB, MAIL/RCPT/DATA pipelined, sessions kept open).
+
 - accept msgs/s = N / wall time of ``smtp-source`` (every message got its ``250``, else the run fails);
 - relay msgs/s = N / time from the start of ``smtp-source`` until the sink has counted N more messages;
 - CPU ms/msg = server CPU (user + system) over that same window / N. smtpsvc: its process from
@@ -21,16 +24,20 @@ Run as root (Postfix and smtp-sink need it; the Debian ``postfix`` package provi
 Everything on 127.0.0.1; every run bounded by message count and by RUN_TIMEOUT; every process started here
 is stopped by PID, also on an error, Ctrl-C, SIGTERM or SIGHUP.
 
-    .venv/bin/python bench/compare.py [--quick] [--runs N] [--reuse] [--keep]
+    .venv/bin/python bench/compare.py [--quick] [--runs N] [--reuse] [--no-latency] [--keep]
+                                      [--no-write | --markdown FILE]
 
-Writes the table to bench/results/<YYYY-MM-DD>.md. See docs/performance.md.
+Appends the tables to bench/results/<YYYY-MM-DD>.md (or writes them to FILE: bench/suite.py assembles one
+results file from its parts). See docs/performance.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -45,11 +52,13 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
+
+import accept  # bench/accept.py: its asyncio SMTP client times end-of-DATA -> 250
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -63,6 +72,7 @@ RECIPIENT = "x@remote.test"
 RUN_TIMEOUT = 120.0  # one run: smtp-source plus the wait for the sink to count every message
 STARTUP_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+PORT_ATTEMPTS = 3  # free_port() then bind is racy against other processes: try another port
 SETTLE_TIMEOUT = 30.0  # between runs: wait (bounded) for the server to go idle
 IDLE_WINDOW = 0.5
 IDLE_TICKS = 2
@@ -70,9 +80,21 @@ TICK = os.sysconf("SC_CLK_TCK")
 LISTENING_RE = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 # (size in bytes, sessions, messages per run)
-CASES_FULL = [(1024, 1, 500), (1024, 10, 2000), (1024, 50, 2000), (102400, 10, 400), (102400, 50, 400)]
+CASES_FULL = [
+    (1024, 1, 500),
+    (1024, 10, 2000),
+    (1024, 50, 2000),
+    (102400, 1, 200),
+    (102400, 10, 400),
+    (102400, 50, 400),
+]
 CASES_QUICK = [(1024, 10, 1000), (1024, 50, 1000)]
 WARMUP_MESSAGES = 200
+# latency phase: (sessions, messages per run) with 1 KiB messages; --quick: 1 run of 500 each
+LATENCY_FULL = [(1, 500), (10, 2000), (50, 2000)]
+LATENCY_QUICK = [(1, 500), (10, 500), (50, 500)]
+LATENCY_SIZE = 1024
+LATENCY_MAX_SECONDS = 60.0
 
 
 class BenchError(Exception):
@@ -168,24 +190,35 @@ class Sink:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
-        argv = [SMTP_SINK, "-c", "-m", "1000"]
-        if os.geteuid() == 0:
-            argv += ["-u", "nobody"]
-        argv += [f"127.0.0.1:{self.port}", "1000"]
-        with open(self.stderr_path, "wb") as err:
-            self.proc = subprocess.Popen(
-                argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
-            )
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            if attempt > 1:  # the port free_port() found was taken before smtp-sink could bind it
+                self.port = free_port()
+            argv = [SMTP_SINK, "-c", "-m", "1000"]
+            if os.geteuid() == 0:
+                argv += ["-u", "nobody"]
+            argv += [f"127.0.0.1:{self.port}", "1000"]
+            with open(self.stderr_path, "wb") as err:
+                self.proc = subprocess.Popen(
+                    argv, stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
+                )
+            try:
+                wait_port(
+                    self.port, STARTUP_TIMEOUT, lambda: self.proc is not None and self.proc.poll() is None
+                )
+                break
+            except BenchError:
+                stop_popen(self.proc, "smtp-sink")
+                if attempt == PORT_ATTEMPTS:
+                    raise
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
-        wait_port(self.port, STARTUP_TIMEOUT, lambda: self.proc is not None and self.proc.poll() is None)
 
     def _read(self) -> None:
         assert self.proc is not None and self.proc.stdout is not None
         buf = b""
         pattern = re.compile(rb"mesg=(\d+)")
         while True:
-            chunk = self.proc.stdout.read1(65536)
+            chunk = os.read(self.proc.stdout.fileno(), 65536)  # whatever is there, as it comes
             if not chunk:
                 return
             buf += chunk
@@ -264,6 +297,9 @@ class Smtpsvc(Server):
                 f'smart_host = "[127.0.0.1]:{self.sink_port}"',
                 "max_messages_per_connection = 1000",
                 'tls = "none"',
+                "",
+                "[admin]",
+                'listen = ""',
                 "",
             ]
         )
@@ -347,16 +383,17 @@ class Postfix(Server):
 
     name = "postfix"
 
-    def __init__(self, workdir: Path, sink_port: int) -> None:
+    def __init__(self, workdir: Path, sink_port: int, extra: Sequence[str] = ()) -> None:
         self.dir = workdir / "postfix"
         self.etc = self.dir / "etc"
         self.spool = self.dir / "spool"
         self.data = self.dir / "data"
         self.maillog = self.dir / "maillog"
         self.sink_port = sink_port
-        self.port = free_port()
+        self.port = 0  # picked in start()
         self.master_pid = 0
         self.started = False
+        self.extra = list(extra)  # --postfix-conf: main.cf lines appended after the defaults
 
     def main_cf(self) -> str:
         return "\n".join(
@@ -386,6 +423,7 @@ class Postfix(Server):
                 "message_size_limit = 0",
                 f"maillog_file = {self.maillog}",
                 f"maillog_file_prefixes = {self.dir}",
+                *self.extra,
                 "",
             ]
         )
@@ -406,14 +444,24 @@ class Postfix(Server):
             d.mkdir(parents=True)
         shutil.chown(self.data, "postfix", "postfix")
         (self.etc / "main.cf").write_text(self.main_cf(), encoding="utf-8")
-        (self.etc / "master.cf").write_text(MASTER_CF.format(port=self.port), encoding="utf-8")
-        check = self.postfix("check")
-        if check.returncode != 0:
-            raise BenchError(f"postfix check failed: {check.stdout}{check.stderr}{self.log_tail()}")
-        self.started = True  # from here on, stop() runs `postfix stop`
-        res = self.postfix("start")
-        if res.returncode != 0:
-            raise BenchError(f"postfix start failed: {res.stdout}{res.stderr}{self.log_tail()}")
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            # The port is picked now, not in __init__: smtpsvc (port 0) starts in between and the kernel
+            # may hand it the very port free_port() had just released. Another process on the machine can
+            # still take it before the master binds it, hence the retry.
+            self.port = free_port()
+            (self.etc / "master.cf").write_text(MASTER_CF.format(port=self.port), encoding="utf-8")
+            check = self.postfix("check")
+            if check.returncode != 0:
+                raise BenchError(f"postfix check failed: {check.stdout}{check.stderr}{self.log_tail()}")
+            self.started = True  # from here on, stop() runs `postfix stop`
+            (self.spool / "pid" / "master.pid").unlink(missing_ok=True)  # none left by a failed attempt
+            res = self.postfix("start")
+            if res.returncode == 0:
+                break
+            in_use = "Address already in use" in self.log_tail()
+            if not in_use or attempt == PORT_ATTEMPTS:
+                raise BenchError(f"postfix start failed: {res.stdout}{res.stderr}{self.log_tail()}")
+            print(f"  postfix: 127.0.0.1:{self.port} was taken meanwhile; another port", file=sys.stderr)
         pidfile = self.spool / "pid" / "master.pid"
         deadline = time.monotonic() + STARTUP_TIMEOUT
         while time.monotonic() < deadline and not self.master_pid:
@@ -542,6 +590,91 @@ def one_run(server: Server, sink: Sink, size: int, sessions: int, messages: int,
     return Run(accept, messages / (relayed_at - start), (cpu1 - cpu0) / TICK * 1000 / messages)
 
 
+# ------------------------------------------------------------------------------------------- latency
+
+Runner = Callable[[Coroutine[Any, Any, accept.RunStats]], accept.RunStats]
+
+
+def client_runner() -> tuple[Runner, str]:
+    """uvloop for the load generator when it is importable (as in bench/accept.py), else asyncio."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run, "no (asyncio)"
+    return uvloop.run, f"yes ({importlib.metadata.version('uvloop')})"
+
+
+@dataclass
+class LatencyRun:
+    stats: accept.RunStats
+    cpu_ms: float | None  # server CPU ms per accepted message, accept + relay; None for the ceiling
+
+
+def latency_run(runner: Runner, server: Server, sink: Sink, sessions: int, messages: int) -> LatencyRun:
+    """One run of accept.py's client: `sessions` open sessions send `messages` 1 KiB messages in all."""
+    settle(server)
+    with sink.cond:
+        before = sink.count
+    msg = accept.Message(LATENCY_SIZE, RECIPIENT)
+    cpu0 = server.cpu()
+    load = accept.run_load(server.port, sessions, messages, LATENCY_MAX_SECONDS, msg, None, None)
+    try:
+        stats = runner(accept.interruptible(load))
+    except accept.BenchError as exc:
+        raise BenchError(f"{server.name}: {exc}") from exc
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # accept.interruptible installed its own handler
+            signal.signal(sig, on_signal)
+    if stats.failed or not stats.accepted:
+        reasons = "; ".join(f"{n} x {why}" for why, n in stats.errors.most_common(3))
+        raise BenchError(f"{server.name}: {stats.failed} of {messages} messages failed: {reasons}")
+    if sink.wait_for(before + stats.accepted, time.monotonic() + RUN_TIMEOUT) is None:
+        raise BenchError(
+            f"{server.name}: the sink did not count {stats.accepted} messages in {RUN_TIMEOUT:g}s"
+        )
+    if isinstance(server, Ceiling):
+        return LatencyRun(stats, None)
+    return LatencyRun(stats, (server.cpu() - cpu0) / TICK * 1000 / stats.accepted)
+
+
+LATENCY_HEADER = [
+    "sessions",
+    "server",
+    "messages",
+    "msgs/s",
+    "end-of-DATA p50 ms",
+    "end-of-DATA p99 ms",
+    "transaction p50 ms",
+    "transaction p99 ms",
+    "CPU ms/msg",
+]
+LATENCY_NAMES = {"smtpsvc": "smtpsvc", "postfix": "Postfix", "ceiling": "ceiling (smtp-sink)"}
+
+
+def latency_rows(results: dict[int, dict[str, list[LatencyRun]]]) -> list[list[str]]:
+    rows = []
+    for sessions, cells in results.items():
+        for name in ("smtpsvc", "postfix", "ceiling"):
+            runs = cells[name]
+            lat = sorted(x for r in runs for x in r.stats.latencies_ms)
+            txn = sorted(x for r in runs for x in r.stats.transactions_ms)
+            cpus = [r.cpu_ms for r in runs if r.cpu_ms is not None]
+            rows.append(
+                [
+                    str(sessions),
+                    LATENCY_NAMES[name],
+                    str(sum(r.stats.accepted for r in runs)),
+                    fmt_rate([r.stats.rate for r in runs]),
+                    accept.fmt_ms(accept.percentile(lat, 50)),
+                    accept.fmt_ms(accept.percentile(lat, 99)),
+                    accept.fmt_ms(accept.percentile(txn, 50)),
+                    accept.fmt_ms(accept.percentile(txn, 99)),
+                    f"{med(cpus):.2f}" if cpus else "-",
+                ]
+            )
+    return rows
+
+
 # ----------------------------------------------------------------------------------------------- report
 
 
@@ -607,20 +740,20 @@ def table_rows(results: dict[tuple[int, int], dict[str, Cell]]) -> list[list[str
     return rows
 
 
-def markdown(rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def plain(rows: list[list[str]]) -> str:
-    widths = [max(len(x) for x in col) for col in zip(HEADER, *rows, strict=False)]
-    out = ["  ".join(h.rjust(w) for h, w in zip(HEADER, widths, strict=True))]
+def plain(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows, strict=False)]
+    out = ["  ".join(h.rjust(w) for h, w in zip(header, widths, strict=True))]
     out += ["  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)) for r in rows]
     return "\n".join(out)
 
 
-def machine_facts(postfix_version: str, tmp: Path) -> list[str]:
+def machine_facts(postfix_version: str, tmp: Path, client_uvloop: str) -> list[str]:
     cpu = "?"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -642,6 +775,7 @@ def machine_facts(postfix_version: str, tmp: Path) -> list[str]:
         f"python: {platform.python_version()} ({sys.executable})",
         f"postfix: {postfix_version}",
         f"temp dir filesystem: {fs}",
+        f"latency client on uvloop: {client_uvloop}",
     ]
 
 
@@ -659,13 +793,31 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--reuse", action="store_true", help="smtp-source -d: many messages per connection instead of one"
     )
+    p.add_argument("--no-latency", action="store_true", help="skip the end-of-DATA -> 250 latency phase")
+    p.add_argument(
+        "--postfix-conf",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a main.cf setting for the private Postfix, after the defaults (repeatable): in_flow_delay=0",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    p.add_argument("--no-write", action="store_true", help="do not write bench/results/<date>.md")
+    out = p.add_mutually_exclusive_group()
+    out.add_argument("--no-write", action="store_true", help="do not write bench/results/<date>.md")
+    out.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE",
+        help="write the Markdown section to FILE instead of appending it to bench/results/<date>.md",
+    )
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = 1 if args.quick else 3
     if not 1 <= args.runs <= 10:
         p.error("--runs must be 1 to 10")
+    if any("=" not in item or "\n" in item for item in args.postfix_conf):
+        p.error("--postfix-conf takes NAME=VALUE")
+    args.postfix_conf = [" = ".join(x.strip() for x in item.split("=", 1)) for item in args.postfix_conf]
     return args
 
 
@@ -673,23 +825,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     for tool in (SMTP_SOURCE, SMTP_SINK, POSTFIX):
         if not Path(tool).exists():
-            print(f"{tool} missing: apt-get install postfix", file=sys.stderr)
+            print(f"{tool} missing: apt-get install postfix (or run bench/run.sh)", file=sys.stderr)
             return 1
     cases = CASES_QUICK if args.quick else CASES_FULL
+    latency_cases = [] if args.no_latency else LATENCY_QUICK if args.quick else LATENCY_FULL
     exe = os.path.relpath(sys.executable)
     command = shlex.join(
         [exe if not exe.startswith("..") else sys.executable, "bench/compare.py", *sys.argv[1:]]
     )
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, on_signal)
+    runner, client_uvloop = client_runner()
 
     tmp = Path(tempfile.mkdtemp(prefix="smtpsvc-compare-"))
     os.chmod(tmp, 0o755)  # Postfix's unprivileged daemons must reach their queue below it
     sink = Sink(tmp)
     svc = Smtpsvc(tmp, sink.port)
-    pfx = Postfix(tmp, sink.port)
+    pfx = Postfix(tmp, sink.port, args.postfix_conf)
     ceiling = Ceiling(sink)
     results: dict[tuple[int, int], dict[str, Cell]] = {}
+    latency: dict[int, dict[str, list[LatencyRun]]] = {}
+    facts: list[str] = []
     began = time.monotonic()
     load_start = load_average()
     status = 0
@@ -698,15 +854,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         ceiling.port = sink.port
         svc.start()
         pfx.start()
-        facts = machine_facts(pfx.version(), tmp)
+        facts = machine_facts(pfx.version(), tmp, client_uvloop)
+        if args.postfix_conf:
+            facts.append(f"Postfix main.cf changed from the defaults: {'; '.join(args.postfix_conf)}")
         print(f"$ {command}")
         for fact in facts:
             print(f"  {fact}")
         print(f"  {svc.describe()}; {pfx.describe()}; smtp-sink on 127.0.0.1:{sink.port}")
         print(f"  load average at start: {load_start}")
         servers: list[Server] = [ceiling, svc, pfx]
-        for server in (svc, pfx):  # warm-up, not counted
-            one_run(server, sink, 1024, 10, WARMUP_MESSAGES, args.reuse)
+        for relay_server in (svc, pfx):  # warm-up, not counted
+            one_run(relay_server, sink, 1024, 10, WARMUP_MESSAGES, args.reuse)
         for size, sessions, messages in cases:
             cells = {s.name: Cell() for s in servers}
             results[(size, sessions)] = cells
@@ -721,12 +879,34 @@ def main(argv: Sequence[str] | None = None) -> int:
                         f"{server.name:8} accept {r.accept:7.0f}/s  relay {relay}/s  cpu {cpu} ms/msg",
                         flush=True,
                     )
-    except (BenchError, Interrupted, KeyboardInterrupt) as exc:
+        if latency_cases:
+            print("  latency: bench/accept.py's client, 1 KiB, pipelined MAIL/RCPT/DATA, sessions kept open")
+        for sessions, messages in latency_cases:
+            lat_cells: dict[str, list[LatencyRun]] = {s.name: [] for s in servers}
+            latency[sessions] = lat_cells
+            for run in range(1, args.runs + 1):
+                for server in servers:
+                    lr = latency_run(runner, server, sink, sessions, messages)
+                    lat_cells[server.name].append(lr)
+                    eod, txn = (
+                        "/".join(accept.fmt_ms(accept.percentile(sorted(v), q)) for q in (50, 99))
+                        for v in (lr.stats.latencies_ms, lr.stats.transactions_ms)
+                    )
+                    cpu = f"{lr.cpu_ms:.2f}" if lr.cpu_ms is not None else "-"
+                    print(
+                        f"  latency x{messages:<5} s={sessions:<3} run {run}  {server.name:8} "
+                        f"{lr.stats.rate:7.0f}/s  end-of-DATA p50/p99 {eod} ms  "
+                        f"transaction p50/p99 {txn} ms  cpu {cpu} ms/msg",
+                        flush=True,
+                    )
+    except (BenchError, Interrupted, KeyboardInterrupt, accept.Stop) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         if isinstance(exc, BenchError):
             print(f"smtpsvc stderr:\n{svc.tail()}", file=sys.stderr)
         status = 130 if not isinstance(exc, BenchError) else 1
     finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not skip this
+            signal.signal(sig, signal.SIG_IGN)
         for stopper in (svc.stop, pfx.stop, sink.stop):
             try:
                 stopper()
@@ -736,19 +916,58 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"  kept {tmp}")
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_DFL)
 
     if not results or status:
         return status or 1
     rows = table_rows(results)
+    lat_rows = latency_rows(latency)
     load_end = load_average()
     wall = time.monotonic() - began
     print()
-    print(plain(rows))
+    print(plain(HEADER, rows))
+    if lat_rows:
+        print("\nend-of-DATA -> 250 latency (bench/accept.py's client, 1 KiB, sessions kept open)")
+        print(plain(LATENCY_HEADER, lat_rows))
     print(f"\nload average: {load_start} at start, {load_end} at end; wall time {wall:.0f} s")
-    if not args.no_write:
+    mode = "-d, many messages per connection" if args.reuse else "one connection per message"
+    body = [
+        f"- load average: {load_start} at start, {load_end} at end; wall time {wall:.0f} s",
+        f"- smtp-source: {mode}",
+        "",
+        "Rates: median over the runs (min-max). CPU: median of the per-run server CPU ms per message.",
+        "",
+        markdown(HEADER, rows),
+        "",
+    ]
+    if lat_rows:
+        body += [
+            "Latency: bench/accept.py's asyncio client, 1 KiB messages (headers included), MAIL/RCPT/DATA",
+            "pipelined in one write, sessions kept open. End-of-DATA: from writing the final `.` to reading",
+            "the `250`. Transaction: from writing MAIL FROM to that `250` (envelope replies, body transfer,",
+            f"end of DATA). p50/p99 over all messages of {args.runs} run(s) (nearest rank); msgs/s: median",
+            "(min-max) of this client's runs; CPU: median per-run server CPU per message (accept and relay).",
+            "",
+            markdown(LATENCY_HEADER, lat_rows),
+            "",
+        ]
+    if args.markdown is not None:
+        text = [
+            "## Throughput and latency: smtpsvc, Postfix and the ceiling (bench/compare.py)",
+            "",
+            "```",
+            f"$ {command}",
+            "```",
+            "",
+            *[f"- {fact}" for fact in facts[4:]],  # the suite's header has the machine itself
+            *body,
+        ]
+        args.markdown.write_text("\n".join(text) + "\n", encoding="utf-8")
+    elif not args.no_write:
         RESULTS_DIR.mkdir(exist_ok=True)
         out = RESULTS_DIR / f"{datetime.date.today().isoformat()}.md"
-        mode = "-d, many messages per connection" if args.reuse else "one connection per message"
         text = [
             f"# smtpsvc vs Postfix, {datetime.datetime.now().isoformat(timespec='seconds')}",
             "",
@@ -757,13 +976,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "```",
             "",
             *[f"- {fact}" for fact in facts],
-            f"- load average: {load_start} at start, {load_end} at end; wall time {wall:.0f} s",
-            f"- smtp-source: {mode}",
-            "",
-            "Rates: median over the runs (min-max). CPU: median of the per-run server CPU ms per message.",
-            "",
-            markdown(rows),
-            "",
+            *body,
         ]
         with open(out, "a", encoding="utf-8") as fh:  # several invocations on one day are all kept
             fh.write("\n".join(text) + "\n")
