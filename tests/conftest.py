@@ -1,19 +1,28 @@
-"""Shared fixtures: a config writer, the service running in-process on 127.0.0.1:0, a sink, a DNS server."""
+"""Shared fixtures: a config writer, the service running in-process on 127.0.0.1:0, a sink, a DNS server, and
+a throwaway PostgreSQL cluster with a fresh database per test (tests/queue, tests/cluster).
+
+Without PostgreSQL (server binaries or the asyncpg driver) its tests are skipped on a developer's machine
+and FAIL in CI (CI=true), where .ci/run installs both.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 
 from smtpsvc.app import Service
 from smtpsvc.config import Config, load_config
+from smtpsvc.queue import pgschema
 from tests.dnsserver import DnsServer
+from tests.pg import PgCluster, find_bindir
 from tests.sink import Sink
 
 
@@ -121,3 +130,55 @@ def events_of(service: Service, event_id: int) -> list[dict[str, Any]]:
 
 def smtp_port(service: Service) -> int:
     return service.smtp.sockets[0][1]
+
+
+# -- PostgreSQL -----------------------------------------------------------------------------------------
+def _missing(what: str) -> NoReturn:
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is missing: .ci/run installs it")
+    pytest.skip(f"{what} is not installed here (CI installs it)")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    try:
+        import asyncpg  # noqa: F401
+    except ImportError:
+        _missing("the asyncpg driver (pip install -e '.[test]')")
+    bindir = find_bindir()
+    if bindir is None:
+        _missing("PostgreSQL (apt-get install postgresql)")
+    cluster = PgCluster(bindir)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+@pytest.fixture
+async def pg_dsn(pg_cluster: PgCluster) -> AsyncIterator[str]:
+    """A DSN for a new, empty database, dropped after the test."""
+    import asyncpg
+
+    name = f"test_{uuid.uuid4().hex[:16]}"
+    admin = await asyncpg.connect(pg_cluster.dsn(), timeout=10)
+    try:
+        await admin.execute(f"CREATE DATABASE {name}")
+    finally:
+        await admin.close()
+    yield pg_cluster.dsn(name)
+    if pg_cluster.pid() is None:  # a test stopped the server and failed before starting it again
+        pg_cluster.start()
+    admin = await asyncpg.connect(pg_cluster.dsn(), timeout=10)
+    try:
+        await admin.execute(f"DROP DATABASE {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def queue_dsn(pg_dsn: str) -> str:
+    """A DSN for a new database with the queue schema in it."""
+    await pgschema.migrate_dsn(pg_dsn)
+    return pg_dsn

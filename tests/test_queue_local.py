@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from smtpsvc.model import Envelope, Recipient, RecipientState
 from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.local import LocalSpool
+from smtpsvc.queue.local import LocalSpool, LocalStore
 
 
 def make_envelope(queue_id: str, due: float = 0.0) -> Envelope:
@@ -160,3 +161,39 @@ def test_envelope_json_round_trip() -> None:
     envelope.recipients[0].state = RecipientState.FAILED
     envelope.recipients[0].notify = ("FAILURE", "DELAY")
     assert Envelope.from_json(json.loads(json.dumps(envelope.to_json()))) == envelope
+
+
+# -- LocalStore: the spool behind the async QueueStore interface ------------------------------------------
+async def test_the_store_claims_what_the_spool_leases_and_names_this_node_as_holder(
+    spool: LocalSpool,
+) -> None:
+    store = LocalStore(spool, "mx1")
+    envelope = await put(spool)
+    [claim] = await store.claim(time.time(), 10)
+    assert claim.envelope is envelope and not claim.taken_over
+    assert await store.holders() == {envelope.id: "mx1"}
+    assert await store.next_due() is None
+    with await store.open_message(envelope.id) as fh:
+        assert fh.read() == b"Subject: x\r\n\r\nbody\r\n"
+
+
+async def test_a_retry_during_a_delivery_makes_the_message_due_when_that_delivery_saves(
+    spool: LocalSpool,
+) -> None:
+    store = LocalStore(spool, "mx1")
+    envelope = await put(spool)
+    [claim] = await store.claim(time.time(), 10)
+    assert (await store.make_due(time.time(), queue_id=envelope.id)).messages == 1
+    claim.envelope.recipients[0].next_attempt = time.time() + 3600  # the delivery deferred it
+    await store.save(claim.envelope)
+    assert [c.envelope.id for c in await store.claim(time.time(), 10)] == [envelope.id]
+
+
+async def test_a_frozen_message_is_not_made_due_and_set_frozen_is_persisted(spool: LocalSpool) -> None:
+    store = LocalStore(spool, "mx1")
+    envelope = await put(spool, due=time.time() + 3600)
+    frozen = await store.set_frozen(envelope.id, True)
+    assert frozen is not None and frozen.frozen
+    assert json.loads((spool.dir / f"{envelope.id}.env").read_bytes())["frozen"] is True
+    assert (await store.make_due(time.time())).messages == 0
+    assert await store.set_frozen("nope", True) is None

@@ -1,10 +1,16 @@
 """The composition root: builds the service from a Config, starts and stops its parts in order.
 
-Start: mailroot folders → event log → queue (crash recovery) → scheduler → Pickup → SMTP listeners → admin
-HTTP API (`admin.listen`). Stop (SIGTERM/SIGINT): the admin API closes; listeners close and idle sessions
-get 421; Pickup stops; in-flight deliveries get a bounded grace period; the queue's pending commits finish;
-the event log is flushed. SIGHUP reloads the
-configuration file (listener addresses excepted: they need a restart).
+Start: mailroot folders → event log → queue (crash recovery; or the PostgreSQL queue of a cluster) →
+scheduler → Pickup → SMTP listeners → admin HTTP API (`admin.listen`). A PostgreSQL queue that cannot be
+used at start (server down, wrong DSN or password, no schema) stops the start with event 429 and exit 1, as
+a locked or unwritable spool does: a node without its queue should not take connections (clients go to
+another MX at once), and systemd's Restart=on-failure tries again. Once running, an outage of the database
+only makes SMTP answer 4xx and delivery wait until it is back.
+
+Stop (SIGTERM/SIGINT): the admin API closes; listeners close and idle sessions get 421; Pickup stops;
+in-flight deliveries get a bounded grace period; the queue's pending commits finish (PostgreSQL: its
+connections close, and the leases of deliveries cut short expire); the event log is flushed. SIGHUP reloads
+the configuration file (listener addresses excepted: they need a restart).
 """
 
 from __future__ import annotations
@@ -30,9 +36,11 @@ from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.events import EventLog
 from smtpsvc.folders.pickup import PickupScanner
 from smtpsvc.ingest import Ingest
-from smtpsvc.metrics import Metrics
-from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.local import LocalSpool
+from smtpsvc.metrics import Metrics, QueueView
+from smtpsvc.queue import pgschema
+from smtpsvc.queue.base import QueueError, QueueStore
+from smtpsvc.queue.local import LocalSpool, LocalStore
+from smtpsvc.queue.postgres import PostgresQueue
 from smtpsvc.routing.mx import MxResolver
 from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
@@ -62,9 +70,12 @@ class Service:
         self._log_stream = log_stream
         self._pickup_interval = pickup_interval
         self._tasks: list[asyncio.Task[None]] = []
+        self._reroutes: set[asyncio.Task[None]] = set()  # re-categorization after a reload
         self._stopped = asyncio.Event()
         self.events: EventLog
-        self.queue: LocalSpool
+        # The backend: the LocalSpool (whose synchronous API the tests read) or the PostgresQueue.
+        self.queue: LocalSpool | PostgresQueue
+        self.store: QueueStore  # the same queue behind the async interface every part uses
         self.ingest: Ingest
         self.scheduler: Scheduler
         self.pickup: PickupScanner
@@ -90,30 +101,24 @@ class Service:
     async def start(self) -> None:
         self._prepare_mailroot()
         self.events = EventLog(self.folders["log"] / "events.jsonl", stream=self._log_stream)
-        self.queue = LocalSpool(self.folders["queue"], on_corrupt=self._corrupt)
         try:
-            self.queue.open()
+            self.store = await self._open_queue()
         except (QueueError, OSError) as exc:
             self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="queue-unusable"))
             self.events.close()
             raise MailrootError(str(exc)) from exc
-        if self.queue.adopted:
-            self.events.emit(
-                events.Event(
-                    events.RECATEGORIZED,
-                    f"{len(self.queue.adopted)} message(s) copied in from another server's queue were "
-                    "adopted and are due now (KB306043 Queue to Queue), routed by this server's config",
-                    cause="queue-adopted",
-                )
-            )
         cfg = self.config
-        self.metrics = Metrics(self.queue.list, self.queue.get, lambda: self.queue.frozen_links)
+        self.queue_view = QueueView(self.store)
+        self.metrics = Metrics(self.queue_view.envelopes, self.store.recent, self.queue_view.frozen_links)
         self.events.subscribe(self.metrics.on_event)
-        self.ingest = Ingest(self.queue, cfg, self.events, on_queued=lambda: self.scheduler.wake())
+        self.ingest = Ingest(self.store, cfg, self.events, on_queued=lambda: self.scheduler.wake())
         resolver = MxResolver(cfg.resolver.nameservers, timeout=min(cfg.delivery.timeout, 30.0))
         self.scheduler = Scheduler(
-            self.queue, cfg, self.ingest, self.events, resolver, self.folders["drop"], self.folders["badmail"]
+            self.store, cfg, self.ingest, self.events, resolver, self.folders["drop"], self.folders["badmail"]
         )
+        if isinstance(self.queue, PostgresQueue):
+            # Another node's ETRN or `queue retry` lifts this node's per-destination backoff too.
+            self.queue.on_forced_retry = self.scheduler.forget_backoff
         self.scheduler.delivery_observer = self.metrics.delivery_group
         self.pickup = PickupScanner(
             self.folders["pickup"],
@@ -130,7 +135,7 @@ class Service:
         except (TlsError, UsersFileError) as exc:
             self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="config-unusable"))
             self.events.close()
-            self.queue.close()
+            await self.store.close()
             raise MailrootError(str(exc)) from exc
         self.smtp = SmtpServer(
             SessionContext(
@@ -158,8 +163,7 @@ class Service:
             )
             self.events.emit(events.Event(events.MAILROOT_UNUSABLE, text, cause="config-unusable"))
             self.events.close()
-            await self.queue.drain()
-            self.queue.close()
+            await self.store.close()
             raise MailrootError(text) from exc
         loop = asyncio.get_running_loop()
         self._tasks = [
@@ -168,12 +172,13 @@ class Service:
             loop.create_task(self._flush_events(), name="event-log-flush"),
         ]
         if cfg.categorizer.reset_message_status:
-            count = self.scheduler.recategorize()
+            try:
+                text = f"{await self.scheduler.recategorize()} queued message(s) re-categorized and re-routed"
+            except QueueError as exc:  # the database went away since the start: routing runs per attempt
+                text = f"queued mail could not be re-categorized ({exc})"
             self.events.emit(
                 events.Event(
-                    events.RECATEGORIZED,
-                    f"ResetMessageStatus: {count} queued message(s) re-categorized and re-routed at start",
-                    cause="reset-message-status",
+                    events.RECATEGORIZED, f"ResetMessageStatus: {text} at start", cause="reset-message-status"
                 )
             )
         self._started_at = time.time()
@@ -184,11 +189,56 @@ class Service:
             events.Event(
                 events.SERVICE_STARTED,
                 f"smtpsvc started; root {self.root.resolve()}; listening on {listening}; "
-                f"{len(self.queue.list())} message(s) in the queue",
+                f"{await self._queue_size()} message(s) in the queue{self._queue_words()}",
             )
         )
         self.events.flush()
         notify(f"READY=1\nSTATUS=listening on {listening}")
+
+    async def _open_queue(self) -> QueueStore:
+        """The queue `queue.backend` names, opened: the spool under mailroot/queue (crash recovery, the
+        lock), or the cluster's PostgreSQL queue (schema checked, LISTEN, lease renewal)."""
+        cfg = self.config.queue
+        if cfg.backend == "postgres":
+            pg = PostgresQueue(
+                cfg.dsn,
+                cfg.node_id,
+                cfg.lease,
+                tmp_dir=self.folders["queue"],  # a message over 1 MiB is buffered here until its commit
+                on_corrupt=self._corrupt_row,
+            )
+            await pg.open()
+            self.queue = pg
+            return pg
+        spool = LocalSpool(self.folders["queue"], on_corrupt=self._corrupt)
+        spool.open()
+        self.queue = spool
+        if spool.adopted:
+            self.events.emit(
+                events.Event(
+                    events.RECATEGORIZED,
+                    f"{len(spool.adopted)} message(s) copied in from another server's queue were "
+                    "adopted and are due now (KB306043 Queue to Queue), routed by this server's config",
+                    cause="queue-adopted",
+                )
+            )
+        return LocalStore(spool, cfg.node_id)
+
+    async def _queue_size(self) -> str:
+        try:
+            return str(await self.store.count())
+        except QueueError:
+            return "an unknown number of"
+
+    def _queue_words(self) -> str:
+        if not self.store.shared:
+            return ""
+        where = pgschema.describe(self.config.queue.dsn)
+        return f" (the cluster queue in PostgreSQL at {where}, node {self.store.node_id})"
+
+    async def _render_metrics(self) -> tuple[bytes, str]:
+        await self.queue_view.refresh()
+        return self.metrics.render()
 
     async def _start_admin(self, config: Config) -> None:
         if config.admin.listen is None:
@@ -200,7 +250,7 @@ class Service:
             pickup_dir=self.folders["pickup"],
             events_path=self.folders["log"] / "events.jsonl",
             flush_events=self.events.flush,
-            metrics=self.metrics.render,
+            metrics=self._render_metrics,
             health=self._health,
         )
         host, port = config.admin.listen
@@ -212,13 +262,19 @@ class Service:
         tmp.write_text(format_listen(self.admin.address) + "\n", encoding="utf-8")
         os.replace(tmp, runtime)
 
-    def _health(self) -> dict[str, object]:
-        """/healthz: ok while the service accepts and delivers; 503 once it is stopping."""
+    async def _health(self) -> dict[str, object]:
+        """/healthz: ok while the service accepts and delivers; 503 once it is stopping, or while its
+        queue (a PostgreSQL server) cannot be reached: SMTP then answers 4xx."""
+        status = "stopping" if self._stopped.is_set() else "ok"
+        try:
+            queued: int | None = await self.store.count()
+        except QueueError:
+            queued, status = None, "queue-unavailable" if status == "ok" else status
         return {
-            "status": "stopping" if self._stopped.is_set() else "ok",
+            "status": status,
             "version": __version__,
             "uptime_seconds": round(time.time() - self._started_at, 1),
-            "queue": len(self.queue.list()),
+            "queue": queued,
             "in_flight": self.scheduler.inflight,
             "smtp": [f"{h}:{p}" for h, p in self.smtp.sockets],
         }
@@ -234,6 +290,16 @@ class Service:
                 events.QUEUE_FILE_CORRUPT,
                 f"Queue file {name} is unreadable and was moved to queue/corrupt: {reason}",
                 queue_id=name,
+                cause="queue-file-corrupt",
+            )
+        )
+
+    def _corrupt_row(self, queue_id: str, reason: str) -> None:
+        self.events.emit(
+            events.Event(
+                events.QUEUE_FILE_CORRUPT,
+                f"Queued message {queue_id} is unreadable and was frozen and set aside: {reason}",
+                queue_id=queue_id,
                 cause="queue-file-corrupt",
             )
         )
@@ -258,9 +324,10 @@ class Service:
         await self.scheduler.stop(grace=STOP_GRACE)
         self._tasks[0].cancel()
         flush_task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.queue.drain()
-        self.queue.close()
+        for reroute in self._reroutes:
+            reroute.cancel()
+        await asyncio.gather(*self._tasks, *self._reroutes, return_exceptions=True)
+        await self.store.close()
         self.events.emit(events.Event(events.SERVICE_STOPPED, "smtpsvc stopped"))
         self.events.close()
 
@@ -316,11 +383,28 @@ class Service:
         if self.admin_context is not None:
             self.admin_context.admin.config = config
             self.admin_context.token = token
-        rerouted = self.scheduler.recategorize(previous)
         self.scheduler.wake()
         self.events.emit(
             events.Event(events.SERVICE_STARTED, "Configuration reloaded", cause="config-reload")
         )
+        task = asyncio.get_running_loop().create_task(self._reroute(previous))
+        self._reroutes.add(task)
+        task.add_done_callback(self._reroutes.discard)
+
+    async def _reroute(self, previous: Config) -> None:
+        """After a reload: queued mail whose route changed is re-categorized and tried now."""
+        try:
+            rerouted = await self.scheduler.recategorize(previous)
+        except QueueError as exc:
+            self.events.emit(
+                events.Event(
+                    events.RECATEGORIZED,
+                    f"Queued mail could not be re-routed after the reload ({exc}); it follows the new "
+                    "routes at its next attempt",
+                    cause="no-route",
+                )
+            )
+            return
         if rerouted:
             self.events.emit(
                 events.Event(
@@ -358,8 +442,7 @@ def run_service(config: Config, config_path: str | None) -> int:
                 f"{exc.strerror or exc}",
                 file=sys.stderr,
             )
-            await service.queue.drain()
-            service.queue.close()
+            await service.store.close()
             return 1
         await service.run_until_signalled()
         return 0

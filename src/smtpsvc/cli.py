@@ -1,4 +1,5 @@
-"""The `smtpsvc` command line: `serve` and `config check|show|example` (more verbs arrive with the admin API).
+"""The `smtpsvc` command line: `serve`, `config`, `users`, `relay check`, `queue`, `db`, `badmail`,
+`sendmail`, `events`, `probe`.
 
 Thin by design: it finds and loads the configuration, then hands over to the service or prints. Exit codes:
 0 ok, 1 the operation failed (the message says why), 2 usage or configuration error.
@@ -7,17 +8,16 @@ Thin by design: it finds and loads the configuration, then hands over to the ser
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import ipaddress
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import click
 
@@ -37,8 +37,10 @@ from smtpsvc.config import (
     render_example,
 )
 from smtpsvc.dsn import split_headers
-from smtpsvc.model import rfc5322_date
+from smtpsvc.model import Envelope, rfc5322_date
 from smtpsvc.protocol import AddressError, parse_path
+from smtpsvc.queue import pgschema
+from smtpsvc.queue.pgschema import DatabaseError
 from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address, route_for
 from smtpsvc.units import parse_duration
 
@@ -260,17 +262,27 @@ def relay_check(config_file: str | None, client_ip: str, rcpt: str, auth_user: s
 @main.group()
 def queue() -> None:
     """Inspect and repair the queue: through the running service's admin API, or on the files of a stopped
-    one (with its lock). Each command says which."""
+    one (with its lock); with queue.backend = "postgres", on the cluster's database from any node. Each
+    command says which."""
 
 
-@contextlib.contextmanager
-def _admin(config_file: str | None, quiet: bool = False) -> Iterator[QueueAdmin | RemoteAdmin]:
-    """The queue, and a note on stderr saying whether it is the running service's or the files'."""
-    try:
-        with open_admin(_load(_config_path(config_file))) as admin:
+Admin = QueueAdmin | RemoteAdmin
+T = TypeVar("T")
+
+
+def _with_admin(config_file: str | None, work: Callable[[Admin], Awaitable[T]], quiet: bool = False) -> T:
+    """Open the queue (its files, the running service's API, or the cluster's database), say which on
+    stderr unless `quiet`, run `work` on it in one event loop, and turn an AdminError into exit 1."""
+    config = _load(_config_path(config_file))
+
+    async def main() -> T:
+        async with open_admin(config) as admin:
             if not quiet:
                 click.echo(f"smtpsvc: working on {admin.where}", err=True)
-            yield admin
+            return await work(admin)
+
+    try:
+        return asyncio.run(main())
     except AdminError as exc:
         _fail(exc)
 
@@ -302,9 +314,11 @@ def queue_list(
     domain: str | None,
     link: str | None,
 ) -> None:
-    """List queued messages: id, state, age, size, sender, recipients, next attempt, last error."""
-    with _admin(config_file) as admin:
-        entries = admin.entries(state or "", to or "", domain or "", link or "")
+    """List queued messages: id, state, age, size, sender, recipients, next attempt, last error, and the
+    node delivering it right now (in a cluster)."""
+    entries = _with_admin(
+        config_file, lambda admin: admin.entries(state or "", to or "", domain or "", link or "")
+    )
     now = time.time()
     if as_json:
         click.echo(json.dumps([e.to_json(now) for e in entries], indent=2))
@@ -317,9 +331,10 @@ def queue_list(
         env = entry.envelope
         due = env.next_due(entry.frozen_links)
         when = "now" if due is not None and due <= now else (_age(due - now) if due else "-")
+        held = f"  leased by {entry.leased_by}" if entry.leased_by else ""
         click.echo(
             f"{env.id}  {entry.state:<6} age {_age(now - env.received_at):>4}  {env.size:>8} B  "
-            f"from <{env.sender}>  next {when}"
+            f"from <{env.sender}>  next {when}{held}"
         )
         for r in env.recipients:
             last = f"  last: {r.last_reply}" if r.last_reply and r.pending else ""
@@ -334,8 +349,7 @@ def queue_list(
 def queue_summary(config_file: str | None, as_json: bool) -> None:
     """Per next hop (link): messages, recipients, oldest age, state, next retry (like qshape)."""
     now = time.time()
-    with _admin(config_file) as admin:
-        links = admin.summary(now)
+    links = _with_admin(config_file, lambda admin: admin.summary(now))
     if as_json:
         click.echo(json.dumps([dataclasses.asdict(link) for link in links], indent=2))
         return
@@ -358,12 +372,11 @@ def queue_summary(config_file: str | None, as_json: bool) -> None:
 @click.option("--transcript", is_flag=True, help="Also print the last SMTP conversations.")
 def queue_show(config_file: str | None, queue_id: str, transcript: bool) -> None:
     """Envelope, headers, per-recipient history and (with --transcript) the delivery transcripts."""
-    with _admin(config_file) as admin:
-        try:
-            env = admin.get(queue_id)
-            headers = admin.headers(queue_id)
-        except AdminError as exc:
-            _fail(exc)
+
+    async def read(admin: Admin) -> tuple[Envelope, bytes, str]:
+        return await admin.get(queue_id), await admin.headers(queue_id), await admin.leased_by(queue_id)
+
+    env, headers, leased_by = _with_admin(config_file, read)
     click.echo(f"id:        {env.id}")
     click.echo(
         f"received:  {rfc5322_date(env.received_at)} from {env.source.value} "
@@ -371,6 +384,8 @@ def queue_show(config_file: str | None, queue_id: str, transcript: bool) -> None
     )
     click.echo(f"sender:    <{env.sender}>{'  authenticated as ' + env.auth_user if env.auth_user else ''}")
     click.echo(f"size:      {env.size} bytes{'  frozen' if env.frozen else ''}")
+    if leased_by:
+        click.echo(f"leased by: {leased_by} (being delivered now)")
     for r in env.recipients:
         click.echo(f"recipient: {r.address}  {r.state.value}  route {r.route or '-'}  attempts {r.attempts}")
         for attempt in r.history:
@@ -412,17 +427,16 @@ def _freeze_or_thaw(verb: str, doc: str) -> None:
         _one_target(queue_id, link=link, domain=domain)
         if domain:
             link = _link_of_domain(config_file, domain)
-        with _admin(config_file, quiet=True) as admin:
-            try:
-                if link:
-                    method = admin.freeze_link if verb == "freeze" else admin.thaw_link
-                    count = asyncio.run(method(link))
-                    click.echo(f"link {link}: {verb} done ({count} message(s) wait on it) on {admin.where}")
-                    return
-                envelope = asyncio.run((admin.freeze if verb == "freeze" else admin.thaw)(str(queue_id)))
-            except AdminError as exc:
-                _fail(exc)
-            click.echo(f"{envelope.id}: {verb} done on {admin.where}")
+
+        async def act(admin: Admin) -> str:
+            if link:
+                method = admin.freeze_link if verb == "freeze" else admin.thaw_link
+                count = await method(link)
+                return f"link {link}: {verb} done ({count} message(s) wait on it) on {admin.where}"
+            envelope = await (admin.freeze if verb == "freeze" else admin.thaw)(str(queue_id))
+            return f"{envelope.id}: {verb} done on {admin.where}"
+
+        click.echo(_with_admin(config_file, act, quiet=True))
 
 
 _freeze_or_thaw(
@@ -444,16 +458,15 @@ def queue_retry(
 ) -> None:
     """Force Connection: attempt now (on a stopped service: as soon as it starts)."""
     _one_target(queue_id, all=every, domain=domain, link=link)
-    with _admin(config_file, quiet=True) as admin:
-        try:
-            if queue_id:
-                asyncio.run(admin.retry(queue_id))
-                click.echo(f"{queue_id}: retry done on {admin.where}")
-                return
-            count = asyncio.run(admin.retry_where(domain=domain or "", link=link or ""))
-        except AdminError as exc:
-            _fail(exc)
-        click.echo(f"{count} message(s) due now on {admin.where}")
+
+    async def act(admin: Admin) -> str:
+        if queue_id:
+            await admin.retry(queue_id)
+            return f"{queue_id}: retry done on {admin.where}"
+        count = await admin.retry_where(domain=domain or "", link=link or "")
+        return f"{count} message(s) due now on {admin.where}"
+
+    click.echo(_with_admin(config_file, act, quiet=True))
 
 
 @queue.command("recategorize")
@@ -463,12 +476,12 @@ def queue_retry(
 def queue_recategorize(config_file: str | None, queue_id: str | None, every: bool) -> None:
     """Re-run categorizer and router (ResetMessageStatus, KB279616) on one message or --all."""
     _one_target(queue_id, all=every)
-    with _admin(config_file, quiet=True) as admin:
-        try:
-            count = asyncio.run(admin.recategorize(queue_id or ""))
-        except AdminError as exc:
-            _fail(exc)
-        click.echo(f"{count} message(s) re-categorized on {admin.where}; they are due now")
+
+    async def act(admin: Admin) -> str:
+        count = await admin.recategorize(queue_id or "")
+        return f"{count} message(s) re-categorized on {admin.where}; they are due now"
+
+    click.echo(_with_admin(config_file, act, quiet=True))
 
 
 @queue.command("delete")
@@ -477,12 +490,43 @@ def queue_recategorize(config_file: str | None, queue_id: str | None, every: boo
 @click.option("--ndr", is_flag=True, help="Return it to the sender first, with status 4.3.2.")
 def queue_delete(config_file: str | None, queue_id: str, ndr: bool) -> None:
     """Delete a message, without a report (the default) or with an NDR to its sender (--ndr)."""
-    with _admin(config_file, quiet=True) as admin:
-        try:
-            asyncio.run(admin.delete(queue_id, ndr=ndr))
-        except AdminError as exc:
-            _fail(exc)
-        click.echo(f"{queue_id}: deleted{' with an NDR to the sender' if ndr else ''} on {admin.where}")
+
+    async def act(admin: Admin) -> str:
+        await admin.delete(queue_id, ndr=ndr)
+        return f"{queue_id}: deleted{' with an NDR to the sender' if ndr else ''} on {admin.where}"
+
+    click.echo(_with_admin(config_file, act, quiet=True))
+
+
+# ------------------------------------------------------------------------------------------------ db
+
+
+@main.group()
+def db() -> None:
+    """Create or upgrade the PostgreSQL queue schema (queue.backend = "postgres", queue.dsn)."""
+
+
+def _schema_command(config_file: str | None, step: Callable[[str], Coroutine[Any, Any, str]]) -> None:
+    cfg = _load(_config_path(config_file))
+    try:
+        click.echo(asyncio.run(step(cfg.queue.dsn)))
+    except DatabaseError as exc:
+        click.echo(f"smtpsvc: {exc}", err=True)
+        raise SystemExit(1) from None
+
+
+@db.command("init")
+@config_option
+def db_init(config_file: str | None) -> None:
+    """Create the schema in the empty database queue.dsn names (an initialised one is left as it is)."""
+    _schema_command(config_file, pgschema.init)
+
+
+@db.command("migrate")
+@config_option
+def db_migrate(config_file: str | None) -> None:
+    """Upgrade the schema to this version of smtpsvc (safe to run from several nodes at once)."""
+    _schema_command(config_file, pgschema.migrate_dsn)
 
 
 # --------------------------------------------------------------------------------------------- badmail

@@ -27,14 +27,9 @@ from smtpsvc import verbmask
 from smtpsvc.units import format_duration, format_size, parse_duration, parse_size
 
 # Dotted keys (fnmatch patterns) that are parsed and validated but whose feature is not built yet.
-# `config check` warns when the file or environment sets one. Trim this set as features land.
-NOT_YET_EFFECTIVE: frozenset[str] = frozenset(
-    {
-        "queue.dsn",
-        "queue.lease",
-        "queue.node_id",
-    }
-)
+# `config check` warns when the file or environment sets one. Empty now that every key is in effect; kept
+# so that a key can be announced before its feature lands.
+NOT_YET_EFFECTIVE: frozenset[str] = frozenset()
 
 __all__ = [
     "NOT_YET_EFFECTIVE",
@@ -932,11 +927,20 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _k("token_file", "", _str, "bearer token required for changes; without it: loopback, read-only"),
     ),
     "queue": (
-        _k("backend", "local", _backend, '"local" (files under root/queue) | "postgres"'),
-        _k("dsn", "", _str, 'postgresql://... when backend = "postgres"'),
-        _k("node_id", _COMPUTED, _connector_name, "this node's name in a cluster; default: server.hostname"),
+        _k("backend", "local", _backend, '"local" (files under root/queue) | "postgres" (a cluster)'),
+        _k("dsn", "", _str, 'postgresql://USER:PASSWORD@HOST:5432/DATABASE, needed by backend = "postgres"'),
         _k(
-            "lease", "30s", _duration, "how long a claimed delivery stays with one node", show=format_duration
+            "node_id",
+            _COMPUTED,
+            _connector_name,
+            "this node's name in a cluster, unique per node; default: server.hostname",
+        ),
+        _k(
+            "lease",
+            "30s",
+            _duration,
+            "how long a claimed delivery stays with one node: a dead node's mail waits this long",
+            show=format_duration,
         ),
     ),
 }
@@ -1216,9 +1220,12 @@ def _connectors(loader: _Loader, value: object) -> tuple[ConnectorConfig, ...]:
 
 
 def _cross_checks(loader: _Loader, cfg: Config) -> None:
-    if cfg.queue.backend == "postgres":
+    if cfg.queue.backend == "postgres" and not cfg.queue.dsn:
         loader.report(
-            "queue", "backend", 'queue.backend = "postgres" is not available in this version; use "local"'
+            "queue",
+            "dsn",
+            'queue.backend = "postgres" needs queue.dsn, e.g. "postgresql://smtpsvc:PASSWORD@db.example:5432/smtpsvc"'
+            " (or SMTPSVC__QUEUE__DSN)",
         )
     if cfg.tls.require and not cfg.tls.cert:
         loader.report(

@@ -13,7 +13,7 @@ from smtpsvc import events
 from smtpsvc.config import Config
 from smtpsvc.events import EventLog
 from smtpsvc.model import Envelope, Recipient, Source, rfc5322_date
-from smtpsvc.queue.base import MessageWriter, Queue
+from smtpsvc.queue.base import Intake, MessageWriter
 from smtpsvc.routing.categorizer import route_for
 
 
@@ -46,7 +46,7 @@ def _clean(text: str) -> str:
 
 class Ingest:
     def __init__(
-        self, queue: Queue, config: Config, event_log: EventLog, on_queued: Callable[[], None] = lambda: None
+        self, queue: Intake, config: Config, event_log: EventLog, on_queued: Callable[[], None] = lambda: None
     ) -> None:
         self.queue = queue
         self.config = config

@@ -9,7 +9,9 @@ event id). What the events do not carry comes through three small hooks, each op
 - `Scheduler.delivery_observer`: the result of every recipient's attempt (a deferral logs no per-recipient
   event) and how long each route group's attempt took;
 - `queue_snapshot`: the queued envelopes, read at scrape time by a custom collector, so the queue gauges are
-  always the truth of the moment rather than something kept in step by hand.
+  always the truth of the moment rather than something kept in step by hand. The service feeds it from a
+  `QueueView`, refreshed from the queue (`QueueStore`, async: with PostgreSQL the whole cluster's queue)
+  just before each scrape.
 
 Every `Metrics` has its own `CollectorRegistry` (never the process-wide default), so several services can
 run in one process (the tests do) without their series colliding.
@@ -35,6 +37,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from smtpsvc import events
 from smtpsvc.model import QUEUE_STATES, DeliveryResult, Envelope, Source, pending_by_link, queue_state
 from smtpsvc.protocol import VERBS, Rejected
+from smtpsvc.queue.base import QueueError, QueueStore
 
 PREFIX = "smtpsvc_"
 OTHER = "other"  # the label value for anything outside a bounded label set
@@ -64,11 +67,11 @@ class Metrics:
     """The service's metrics. Wire it with `EventLog.subscribe(metrics.on_event)`, `SessionContext.metrics =
     metrics`, `Scheduler.delivery_observer = metrics.delivery_group`, and serve `render()`.
 
-    `queue_snapshot` returns the queued envelopes (`LocalSpool.list`); call `render()` from the event loop
-    thread, where the queue's in-memory index is changed. `queue_lookup` (`LocalSpool.get`) tells the kind
-    of a report just queued (event 3001 does not say it); without it the kind is counted as "unknown".
-    `frozen_links` (`LocalSpool.frozen_links`) makes a message waiting only on frozen links count as frozen,
-    as `smtpsvc queue` shows it.
+    `queue_snapshot` returns the queued envelopes (`QueueView.envelopes`, or `LocalSpool.list`); call
+    `render()` from the event loop thread, where the queue's in-memory index is changed. `queue_lookup`
+    (`QueueStore.recent`, `LocalSpool.get`) tells the kind of a report just queued (event 3001 does not say
+    it); without it the kind is counted as "unknown". `frozen_links` makes a message waiting only on frozen
+    links count as frozen, as `smtpsvc queue` shows it.
     """
 
     def __init__(
@@ -256,6 +259,33 @@ class Metrics:
             outcome = "delivered" if result.ok else ("failed" if result.permanent else "deferred")
             self.attempts.labels(outcome, transport).inc()
         self.delivery_seconds.labels(transport).observe(seconds)
+
+
+class QueueView:
+    """The queue as the gauges read it (synchronously, inside `render()`): refreshed from the store, which
+    may need a database round trip, by `await refresh()` right before the scrape."""
+
+    def __init__(self, store: QueueStore) -> None:
+        self._store = store
+        self._envelopes: list[Envelope] = []
+        self._frozen_links: frozenset[str] = frozenset()
+        self._error: QueueError | None = None
+
+    async def refresh(self) -> None:
+        try:
+            self._envelopes = await self._store.list()
+            self._frozen_links = await self._store.frozen_links()
+            self._error = None
+        except QueueError as exc:
+            self._error = exc  # the scrape then shows no queue series rather than stale ones
+
+    def envelopes(self) -> list[Envelope]:
+        if self._error is not None:
+            raise self._error
+        return self._envelopes
+
+    def frozen_links(self) -> frozenset[str]:
+        return self._frozen_links
 
 
 @dataclass(slots=True)

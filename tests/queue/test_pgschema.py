@@ -39,6 +39,37 @@ async def test_concurrent_migrations_apply_each_step_once(pg_dsn: str) -> None:
     assert await versions(pg_dsn) == [m.version for m in pgschema.MIGRATIONS]
 
 
+async def test_a_version_1_database_is_upgraded_with_the_frozen_links_and_keeps_its_mail(pg_dsn: str) -> None:
+    first = pgschema.MIGRATIONS[0]
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        async with conn.transaction():  # what smtpsvc 0.1 (schema version 1) left behind
+            await conn.execute(
+                "CREATE TABLE schema_version (version integer PRIMARY KEY, description text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            await conn.execute(first.sql)
+            await conn.execute("INSERT INTO schema_version VALUES (1, $1)", first.description)
+            await conn.execute(
+                "INSERT INTO messages (id, sender, received_at, size, envelope, body, next_due)"
+                " VALUES ('Q1', '', 1.0, 1, '{}', 'x', 0)"
+            )
+    finally:
+        await conn.close()
+    with pytest.raises(QueueError, match="run `smtpsvc db migrate`"):
+        await PostgresQueue(pg_dsn, "node-a").open()
+    assert (
+        await pgschema.migrate_dsn(pg_dsn)
+        == f"upgraded the smtpsvc queue schema from version 1 to {pgschema.LATEST}"
+    )
+    conn = await asyncpg.connect(pg_dsn)
+    try:
+        assert await conn.fetchval("SELECT count(*) FROM links") == 0
+        assert await conn.fetchval("SELECT id FROM messages") == "Q1"
+    finally:
+        await conn.close()
+
+
 async def test_init_creates_then_reports_nothing_to_do(pg_dsn: str) -> None:
     assert await pgschema.init(pg_dsn) == f"created the smtpsvc queue schema, version {pgschema.LATEST}"
     assert "nothing to do" in await pgschema.init(pg_dsn)

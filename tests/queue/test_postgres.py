@@ -460,6 +460,43 @@ async def test_recategorize_records_new_routes_and_makes_the_message_due(open_qu
     assert not await a.recategorize("nope", {"b@remote.test": "x"}, now)
 
 
+async def test_a_frozen_link_holds_its_mail_on_every_node_until_thawed(open_queue: OpenQueue) -> None:
+    a, b = await open_queue("node-a"), await open_queue("node-b")
+    envelope = await put(a)
+    [leased] = await a.lease(time.time(), 10)
+    leased.recipients[0].route = "partners"
+    await b.set_link_frozen("partners", True)  # while node-a delivers it: its save sees the freeze
+    await a.save(leased)
+    assert await a.frozen_links() == frozenset({"partners"})
+    assert await b.lease(time.time(), 10) == []
+    assert await b.next_due() is None
+    await a.set_link_frozen("partners", False)
+    assert [e.id for e in await b.lease(time.time(), 10)] == [envelope.id]
+    assert await a.frozen_links() == frozenset()
+
+
+async def test_holders_name_the_node_of_each_valid_lease(open_queue: OpenQueue) -> None:
+    a, b = await open_queue("node-a"), await open_queue("node-b")
+    first, _ = await put(a), await put(a)
+    await a.lease(time.time(), 1)
+    assert await b.holders() == {first.id: "node-a"}
+    assert await b.count() == 2
+
+
+async def test_a_forced_retry_tells_every_node_which_links_to_try_now(open_queue: OpenQueue) -> None:
+    a, b = await open_queue("node-a"), await open_queue("node-b")
+    heard: list[frozenset[str] | None] = []
+    b.on_forced_retry = heard.append
+    envelope = await put(a, due=time.time() + 3600)
+    [leased] = await a.lease(time.time() + 7200, 1)
+    leased.recipients[0].route = "smarthost"
+    await a.save(leased)
+    done = await a.make_due(time.time(), queue_id=envelope.id)
+    assert (done.messages, done.links) == (1, frozenset({"smarthost"}))
+    await eventually(lambda: asyncio.sleep(0, heard), what="node-b to hear of the retry")
+    assert heard == [frozenset({"smarthost"})]
+
+
 # -- waking up --------------------------------------------------------------------------------------------
 async def test_a_put_on_one_node_wakes_a_node_waiting_for_work(open_queue: OpenQueue) -> None:
     a = await open_queue("node-a")

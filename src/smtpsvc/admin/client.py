@@ -1,9 +1,12 @@
-"""The CLI's way to the queue: the files of a stopped service, or the admin API of a running one.
+"""The CLI's way to the queue: the files of a stopped service, the admin API of a running one, or the
+PostgreSQL queue of a cluster.
 
-`open_admin` tries the spool lock first: if it is free the service is stopped and the CLI works on the files
-(`QueueAdmin.offline`); if the service holds it, the same operations go to its admin HTTP API, with the token
-this machine's files give (`admin.token_file`, or `<root>/admin.token`). Both return the same objects, so
-the CLI prints them the same way and says which path it took.
+`open_admin` with the local backend tries the spool lock first: if it is free the service is stopped and the
+CLI works on the files (`QueueAdmin.offline`); if the service holds it, the same operations go to its admin
+HTTP API, with the token this machine's files give (`admin.token_file`, or `<root>/admin.token`). With the
+PostgreSQL backend the CLI works on the database directly, from any node, whether the nodes run or not: the
+database is the arbiter, and every node sees the change. All return the same objects, so the CLI prints them
+the same way and says which path it took.
 """
 
 from __future__ import annotations
@@ -14,8 +17,8 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -52,23 +55,29 @@ class RemoteAdmin:
         return cls(f"http://{shown}:{port}", read_token(config))
 
     # -- reading -------------------------------------------------------------------------------------
-    def entries(self, state: str = "", to: str = "", domain: str = "", link: str = "") -> list[QueueEntry]:
+    async def entries(
+        self, state: str = "", to: str = "", domain: str = "", link: str = ""
+    ) -> list[QueueEntry]:
         query = {k: v for k, v in {"state": state, "to": to, "domain": domain, "link": link}.items() if v}
-        data = self._request("GET", "/api/queue", query)
+        data = await asyncio.to_thread(self._request, "GET", "/api/queue", query)
         frozen = frozenset(str(link) for link in data.get("frozen_links", []))
-        return [QueueEntry(Envelope.from_json(m["envelope"]), frozen) for m in data["messages"]]
-
-    def summary(self, now: float) -> list[LinkSummary]:
         return [
-            LinkSummary(**{**item, "ids": tuple(item.get("ids", ()))})
-            for item in self._request("GET", "/api/queue/summary")
+            QueueEntry(Envelope.from_json(m["envelope"]), frozen, str(m.get("leased_by", "")))
+            for m in data["messages"]
         ]
 
-    def get(self, queue_id: str) -> Envelope:
-        return Envelope.from_json(self._message(queue_id)["envelope"])
+    async def summary(self, now: float) -> list[LinkSummary]:
+        data = await asyncio.to_thread(self._request, "GET", "/api/queue/summary")
+        return [LinkSummary(**{**item, "ids": tuple(item.get("ids", ()))}) for item in data]
 
-    def headers(self, queue_id: str) -> bytes:
-        return str(self._message(queue_id)["headers"]).encode("utf-8")
+    async def get(self, queue_id: str) -> Envelope:
+        return Envelope.from_json((await self._message(queue_id))["envelope"])
+
+    async def headers(self, queue_id: str) -> bytes:
+        return str((await self._message(queue_id))["headers"]).encode("utf-8")
+
+    async def leased_by(self, queue_id: str) -> str:
+        return str((await self._message(queue_id)).get("leased_by", ""))
 
     # -- changes -------------------------------------------------------------------------------------
     async def freeze(self, queue_id: str) -> Envelope:
@@ -108,10 +117,10 @@ class RemoteAdmin:
     # -- HTTP ----------------------------------------------------------------------------------------
     async def _change_message(self, queue_id: str, action: str) -> Envelope:
         await asyncio.to_thread(self._request, "POST", f"/api/queue/{_q(queue_id)}/{action}")
-        return await asyncio.to_thread(self.get, queue_id)
+        return await self.get(queue_id)
 
-    def _message(self, queue_id: str) -> dict[str, Any]:
-        data: dict[str, Any] = self._request("GET", f"/api/queue/{_q(queue_id)}")
+    async def _message(self, queue_id: str) -> dict[str, Any]:
+        data: dict[str, Any] = await asyncio.to_thread(self._request, "GET", f"/api/queue/{_q(queue_id)}")
         return data
 
     def _request(
@@ -154,13 +163,14 @@ def _q(text: str) -> str:
     return urllib.parse.quote(text, safe="")
 
 
-@contextmanager
-def open_admin(config: Config) -> Iterator[QueueAdmin | RemoteAdmin]:
-    """The queue of a stopped service (its files, under its lock) or of a running one (its admin API)."""
-    with ExitStack() as stack:
+@asynccontextmanager
+async def open_admin(config: Config) -> AsyncIterator[QueueAdmin | RemoteAdmin]:
+    """The queue of a stopped service (its files, under its lock), of a running one (its admin API), or
+    of a cluster (the PostgreSQL database, directly)."""
+    async with AsyncExitStack() as stack:
         admin: QueueAdmin | RemoteAdmin
         try:
-            admin = stack.enter_context(QueueAdmin.offline(config))
+            admin = await stack.enter_async_context(QueueAdmin.offline(config))
         except ServiceRunning:
             admin = RemoteAdmin.for_config(config)
         yield admin

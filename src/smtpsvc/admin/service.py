@@ -1,25 +1,28 @@
 """The admin service layer for the queue: list, summary, show, freeze, thaw, retry (Force Connection),
 delete (with or without an NDR), recategorize; per message and per link (next hop).
 
-One implementation, two places it runs:
+One implementation over the queue interface (`QueueStore`), three places it runs:
   - inside the running service (`QueueAdmin.attach`), behind the admin HTTP API and the web viewer, where it
-    works on the live spool and wakes the scheduler;
-  - on the spool files of a STOPPED service (`QueueAdmin.offline`), taking the same lock the service holds,
-    so the two can never change the queue at the same time.
-The CLI reaches the first through `smtpsvc.admin.client` and opens the second itself; nothing here prints.
+    works on the live queue and wakes the scheduler;
+  - on the spool files of a STOPPED service (`QueueAdmin.offline`, local backend), taking the same lock the
+    service holds, so the two can never change the queue at the same time;
+  - on the PostgreSQL queue of a cluster (`QueueAdmin.offline`, postgres backend), from any machine whether
+    the nodes run or not: the database is the arbiter, and every node sees a change at once.
+The CLI reaches the first through `smtpsvc.admin.client` and opens the others itself; nothing here prints.
 
-A message being delivered right now (leased by the scheduler) is never rewritten under the delivery: a freeze
-is recorded on it and takes effect when the attempt ends; a delete is refused until it has.
+A message being delivered right now (leased) is never rewritten under the delivery: a freeze or a retry
+is recorded on it and takes effect when the attempt ends; a delete is refused until it has. With a shared
+queue the lease holder may be another node; `QueueEntry.leased_by` names it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from smtpsvc import events
 from smtpsvc.config import Config
@@ -29,9 +32,13 @@ from smtpsvc.dsn import split_headers
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
 from smtpsvc.model import Envelope, RecipientState, pending_by_link, queue_state
-from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.local import LocalSpool
+from smtpsvc.queue import pgschema
+from smtpsvc.queue.base import QueueError, QueueStore
+from smtpsvc.queue.local import LocalSpool, LocalStore
+from smtpsvc.queue.postgres import PostgresQueue
 from smtpsvc.routing.categorizer import route_for
+
+T = TypeVar("T")
 
 HEADER_LIMIT = 64 * 1024
 DELETED_STATUS = "4.3.2"  # Exchange's status for a message deleted by the administrator with an NDR
@@ -46,6 +53,7 @@ class AdminError(Exception):
 class QueueEntry:
     envelope: Envelope
     frozen_links: frozenset[str] = frozenset()
+    leased_by: str = ""  # the node delivering it right now ("" when nobody is)
 
     @property
     def state(self) -> str:
@@ -63,6 +71,7 @@ class QueueEntry:
             "sender": env.sender,
             "source": env.source.value,
             "next_attempt": due,
+            "leased_by": self.leased_by,
             "recipients": [
                 {
                     "address": r.address,
@@ -130,69 +139,61 @@ def summarize(
 class QueueAdmin:
     def __init__(
         self,
-        spool: LocalSpool,
+        store: QueueStore,
         config: Config,
         event_log: EventLog,
         reporter: Reporter,
         scheduler: Scheduler | None = None,
+        where: str = "",
     ) -> None:
-        self.spool = spool
+        self.store = store
         self.config = config
         self.events = event_log
         self.reporter = reporter
-        self.scheduler = scheduler  # None: the service is stopped, we work on its files
+        self.scheduler = scheduler  # None: no service in this process (its files, or the database)
+        self._where = where
 
     @property
     def where(self) -> str:
+        if self._where:
+            return self._where
         return "the running service" if self.scheduler is not None else "the queue files (service stopped)"
 
     @classmethod
     def attach(cls, scheduler: Scheduler) -> QueueAdmin:
-        """The admin layer of a running service: the live spool, its scheduler and its reporter."""
-        return cls(scheduler.queue, scheduler.config, scheduler.events, scheduler.reports, scheduler)
+        """The admin layer of a running service: the live queue, its scheduler and its reporter."""
+        where = ""
+        if scheduler.queue.shared:
+            where = f"the cluster queue through node {scheduler.queue.node_id}"
+        return cls(scheduler.queue, scheduler.config, scheduler.events, scheduler.reports, scheduler, where)
 
     @classmethod
-    @contextmanager
-    def offline(cls, config: Config) -> Iterator[QueueAdmin]:
-        """Open the queue of a stopped service (with its lock) for the duration of the block. Raises
-        ServiceRunning when the service holds the lock (reach it through its admin API instead)."""
+    @asynccontextmanager
+    async def offline(cls, config: Config) -> AsyncIterator[QueueAdmin]:
+        """Open the queue without a service in this process, for the duration of the block: the files of a
+        stopped service (with its lock; raises ServiceRunning when the service holds it: reach it through
+        its admin API instead), or the PostgreSQL queue of a cluster (no lock: the database decides)."""
         root = Path(config.server.root)
         event_log = EventLog(root / "log" / "events.jsonl", stream=None)
-
-        def corrupt(name: str, reason: str) -> None:
-            event_log.emit(
-                events.Event(
-                    events.QUEUE_FILE_CORRUPT,
-                    f"Queue file {name} is unreadable and was moved to queue/corrupt: {reason}",
-                    queue_id=name,
-                    cause="queue-file-corrupt",
-                )
-            )
-
-        spool = LocalSpool(root / "queue", on_corrupt=corrupt)
         try:
-            try:
-                spool.open()
-            except QueueError as exc:
-                raise ServiceRunning(str(exc)) from None
-            except OSError as exc:
-                raise AdminError(f"cannot open the queue folder {spool.dir}: {exc.strerror or exc}") from None
-            ingest = Ingest(spool, config, event_log)
-            reporter = Reporter(spool, config, ingest, event_log, root / "badmail")
-            try:
-                yield cls(spool, config, event_log, reporter)
-            finally:
-                spool.close()
+            async with _open_store(config, event_log) as (store, where):
+                ingest = Ingest(store, config, event_log)
+                reporter = Reporter(store, config, ingest, event_log, root / "badmail")
+                yield cls(store, config, event_log, reporter, where=where)
         finally:
             event_log.close()
 
     # -- reading -------------------------------------------------------------------------------------
-    def entries(self, state: str = "", to: str = "", domain: str = "", link: str = "") -> list[QueueEntry]:
+    async def entries(
+        self, state: str = "", to: str = "", domain: str = "", link: str = ""
+    ) -> list[QueueEntry]:
         """Queued messages, oldest first, filtered by state, recipient address, domain or link."""
         out = []
-        frozen_links = self.spool.frozen_links
-        for envelope in self.spool.list():
-            entry = QueueEntry(envelope, frozen_links)
+        envelopes = await self.store.list()
+        frozen_links = await self.store.frozen_links()
+        holders = await self.store.holders()
+        for envelope in envelopes:
+            entry = QueueEntry(envelope, frozen_links, holders.get(envelope.id, ""))
             if state and entry.state != state:
                 continue
             if to and not any(r.address.lower() == to.lower() for r in envelope.recipients):
@@ -204,87 +205,118 @@ class QueueAdmin:
             out.append(entry)
         return sorted(out, key=lambda e: e.envelope.received_at)
 
-    def summary(self, now: float) -> list[LinkSummary]:
-        return summarize(self.entries(), now, self.spool.frozen_links)
+    async def summary(self, now: float) -> list[LinkSummary]:
+        return summarize(await self.entries(), now, await self.store.frozen_links())
 
-    def get(self, queue_id: str) -> Envelope:
-        envelope = self.spool.get(queue_id)
+    async def frozen_links(self) -> frozenset[str]:
+        return await self.store.frozen_links()
+
+    async def holders(self) -> dict[str, str]:
+        """Queue id -> the node delivering it now."""
+        return await self.store.holders()
+
+    async def get(self, queue_id: str) -> Envelope:
+        envelope = await self._read(self.store.get(queue_id))
         if envelope is None:
             raise AdminError(f"no message {queue_id!r} in the queue (see `smtpsvc queue list`)")
         return envelope
 
-    def headers(self, queue_id: str) -> bytes:
-        self.get(queue_id)
-        with self.spool.open_message(queue_id) as fh:
-            return split_headers(fh.read(HEADER_LIMIT))
+    async def headers(self, queue_id: str) -> bytes:
+        await self.get(queue_id)
+        try:
+            with await self.store.open_message(queue_id) as fh:
+                return split_headers(fh.read(HEADER_LIMIT))
+        except (QueueError, KeyError) as exc:
+            raise AdminError(f"cannot read message {queue_id}: {exc}") from None
 
-    def in_flight(self, queue_id: str) -> bool:
-        return queue_id in self.spool.leased
+    async def leased_by(self, queue_id: str) -> str:
+        """The node delivering the message right now, or ""."""
+        return (await self._read(self.store.holders())).get(queue_id, "")
+
+    async def in_flight(self, queue_id: str) -> bool:
+        return bool(await self.leased_by(queue_id))
+
+    @staticmethod
+    async def _read(step: Awaitable[T]) -> T:
+        try:
+            return await step
+        except QueueError as exc:
+            raise AdminError(str(exc)) from None
 
     # -- one message ---------------------------------------------------------------------------------
     async def freeze(self, queue_id: str) -> Envelope:
         """Hold a message: it is kept, and not delivered, until thawed (Exchange Queue Viewer Freeze)."""
-        envelope = self.get(queue_id)
-        envelope.frozen = True
-        await self._persist(envelope, "frozen")
-        return envelope
+        return await self._set_frozen(queue_id, True, "frozen")
 
     async def thaw(self, queue_id: str) -> Envelope:
-        envelope = self.get(queue_id)
-        envelope.frozen = False
-        await self._persist(envelope, "thawed")
+        return await self._set_frozen(queue_id, False, "thawed")
+
+    async def _set_frozen(self, queue_id: str, frozen: bool, action: str) -> Envelope:
+        await self.get(queue_id)
+        envelope = await self._read(self.store.set_frozen(queue_id, frozen))
+        if envelope is None:
+            raise AdminError(f"no message {queue_id!r} in the queue (see `smtpsvc queue list`)")
+        await self._changed(envelope, action)
         return envelope
 
     async def retry(self, queue_id: str) -> Envelope:
         """Force Connection: every pending recipient is due now (at the next start for a stopped service)."""
-        envelope = self.get(queue_id)
+        envelope = await self.get(queue_id)
         if envelope.frozen:
             raise AdminError(f"{queue_id} is frozen; thaw it first (`smtpsvc queue thaw {queue_id}`)")
-        self._make_due(envelope, time.time())
-        await self._persist(envelope, "retry forced")
-        return envelope
+        await self._make_due(envelope, time.time())
+        await self._changed(envelope, "retry forced")
+        return await self.get(queue_id)
 
     async def delete(self, queue_id: str, ndr: bool = False) -> Envelope:
         """Remove a message; with `ndr`, its undelivered recipients are reported to the sender first
         (status 4.3.2, or Badmail for a null sender), and the NDR is queued before the message goes."""
-        envelope = self.get(queue_id)
-        if self.in_flight(queue_id):
+        envelope = await self.get(queue_id)
+        holder = await self.leased_by(queue_id)
+        if holder:
+            on = f" by node {holder}" if self.store.shared else ""
             raise AdminError(
-                f"{queue_id} is being delivered right now; freeze it and delete it when the attempt ends"
+                f"{queue_id} is being delivered right now{on}; freeze it and delete it when the attempt ends"
             )
         if ndr:
-            was_frozen, envelope.frozen = envelope.frozen, True  # nobody delivers it while the NDR is made
-            failed = [r for r in envelope.recipients if r.outstanding]
-            for rcpt in envelope.pending:
-                rcpt.state, rcpt.status, rcpt.last_reply = RecipientState.FAILED, DELETED_STATUS, DELETED_TEXT
-            try:
-                await self.reporter.failure(envelope, failed)
-            except (QueueError, OSError) as exc:
-                envelope.frozen = was_frozen
-                raise AdminError(
-                    f"cannot queue the NDR for {queue_id} ({exc}); the message is kept"
-                ) from None
-        await self.spool.complete(queue_id)
+            await self._report_deleted(envelope)
+        await self._read(self.store.delete(queue_id))
         self._log(envelope, "deleted with an NDR to the sender" if ndr else "deleted without a report")
         return envelope
+
+    async def _report_deleted(self, envelope: Envelope) -> None:
+        """The NDR of a delete: the message is frozen meanwhile, so no node delivers it while it is made."""
+        was_frozen = envelope.frozen
+        if not was_frozen:
+            await self._read(self.store.set_frozen(envelope.id, True))
+        failed = [r for r in envelope.recipients if r.outstanding]
+        for rcpt in envelope.pending:
+            rcpt.state, rcpt.status, rcpt.last_reply = RecipientState.FAILED, DELETED_STATUS, DELETED_TEXT
+        try:
+            await self.reporter.failure(envelope, failed)
+        except (QueueError, OSError) as exc:
+            if not was_frozen:
+                await self._read(self.store.set_frozen(envelope.id, False))
+            raise AdminError(f"cannot queue the NDR for {envelope.id} ({exc}); the message is kept") from None
 
     async def recategorize(self, queue_id: str = "") -> int:
         """ResetMessageStatus by hand: recompute every pending recipient's route from the config and make the
         message due now (one message, or all). Returns how many messages were re-routed."""
         if self.scheduler is not None and not queue_id:
-            count = self.scheduler.recategorize()
+            count = await self._read(self.scheduler.recategorize())
         else:
-            envelopes = [self.get(queue_id)] if queue_id else self.spool.list()
+            envelopes = [await self.get(queue_id)] if queue_id else await self._read(self.store.list())
             now = time.time()
             count = 0
             for envelope in envelopes:
                 if not envelope.pending:
                     continue
-                for rcpt in envelope.pending:
-                    rcpt.route = route_for(rcpt.address, self.config).link
-                self._make_due(envelope, now)
-                await self._persist(envelope, "", log=False)
-                count += 1
+                routes = {r.address: route_for(r.address, self.config).link for r in envelope.pending}
+                if await self._read(self.store.reroute(envelope.id, routes, now)):
+                    self._forget_backoff(set(routes.values()))
+                    count += 1
+            if count and self.scheduler is not None:
+                self.scheduler.wake()
         self.events.emit(
             events.Event(
                 events.RECATEGORIZED,
@@ -299,56 +331,55 @@ class QueueAdmin:
     async def retry_where(self, domain: str = "", link: str = "") -> int:
         """Force Connection for every message with a pending recipient at `domain`, or on `link`, or (with
         neither) every message. Frozen messages and links are left alone. Returns how many."""
-        frozen_links = self.spool.frozen_links
+        frozen_links = await self.frozen_links()
         if link in frozen_links:
             raise AdminError(f"link {link!r} is frozen; thaw it first (`smtpsvc queue thaw --link {link}`)")
         now = time.time()
         count = 0
-        for entry in self.entries(domain=domain, link=link):
+        for entry in await self.entries(domain=domain, link=link):
             envelope = entry.envelope
             if envelope.frozen or entry.state == "frozen":
                 continue
-            self._make_due(envelope, now)
-            await self._persist(envelope, "", log=False)
+            await self._make_due(envelope, now)
             count += 1
+        if count and self.scheduler is not None:
+            self.scheduler.wake()
         what = f"link {link}" if link else (f"domain {domain}" if domain else "every link")
         self._log(None, f"retry forced for {what}: {count} message(s)")
         return count
 
     async def freeze_link(self, link: str) -> int:
         """Freeze a next hop: its mail stays queued (and new mail for it is still accepted) until thawed."""
-        await self.spool.set_link_frozen(link, True)
+        await self._read(self.store.set_link_frozen(link, True))
         self._log(None, f"link {link} frozen")
-        return sum(1 for e in self.entries(link=link))
+        return len(await self.entries(link=link))
 
     async def thaw_link(self, link: str) -> int:
-        if link not in self.spool.frozen_links:
+        if link not in await self.frozen_links():
             raise AdminError(f"link {link!r} is not frozen (see `smtpsvc queue summary`)")
-        await self.spool.set_link_frozen(link, False)
+        await self._read(self.store.set_link_frozen(link, False))
         if self.scheduler is not None:
             self.scheduler.wake()
         self._log(None, f"link {link} thawed")
-        return sum(1 for e in self.entries(link=link))
+        return len(await self.entries(link=link))
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _make_due(self, envelope: Envelope, now: float) -> None:
-        for rcpt in envelope.pending:
-            rcpt.next_attempt = now
-        if self.scheduler is not None:
-            self.scheduler.forget_backoff({r.route for r in envelope.pending})
-            if self.in_flight(envelope.id):
-                self.scheduler.rerun_after_attempt(envelope.id)
+    async def _make_due(self, envelope: Envelope, now: float) -> None:
+        """Every pending recipient due now; a delivery under way makes them due again when it ends."""
+        await self._read(self.store.make_due(now, queue_id=envelope.id))
+        self._forget_backoff({r.route for r in envelope.pending})
 
-    async def _persist(self, envelope: Envelope, action: str, log: bool = True) -> None:
-        try:
-            await self.spool.update(envelope)
-        except QueueError as exc:
-            raise AdminError(str(exc)) from None
+    def _forget_backoff(self, links: set[str]) -> None:
+        if self.scheduler is not None:
+            self.scheduler.forget_backoff(links)
+
+    async def _changed(self, envelope: Envelope, action: str) -> None:
+        """After a change to one message: wake the scheduler and log it (event 9006)."""
         if self.scheduler is not None:
             self.scheduler.wake()
-        if log:
-            suffix = " (it is being delivered now; this applies when the attempt ends)"
-            self._log(envelope, action + (suffix if self.in_flight(envelope.id) else ""))
+        holder = await self.leased_by(envelope.id)
+        suffix = " (it is being delivered now; this applies when the attempt ends)" if holder else ""
+        self._log(envelope, action + suffix)
 
     def log_action(self, text: str) -> None:
         """An operator action outside the queue (a Badmail replay) in the same event stream."""
@@ -363,6 +394,63 @@ class QueueAdmin:
                 cause="queue-admin",
             )
         )
+
+
+@asynccontextmanager
+async def _open_store(config: Config, event_log: EventLog) -> AsyncIterator[tuple[QueueStore, str]]:
+    """The queue of this configuration, opened for an admin tool, and the words saying which it is."""
+    if config.queue.backend == "postgres":
+        async with _open_postgres(config, event_log) as store:
+            yield store, f"the cluster queue in PostgreSQL at {pgschema.describe(config.queue.dsn)}"
+        return
+    spool = LocalSpool(Path(config.server.root) / "queue", on_corrupt=_corrupt_reporter(event_log))
+    try:
+        spool.open()
+    except QueueError as exc:
+        raise ServiceRunning(str(exc)) from None
+    except OSError as exc:
+        raise AdminError(f"cannot open the queue folder {spool.dir}: {exc.strerror or exc}") from None
+    local = LocalStore(spool, config.queue.node_id)
+    try:
+        yield local, "the queue files (service stopped)"
+    finally:
+        await local.close()
+
+
+@asynccontextmanager
+async def _open_postgres(config: Config, event_log: EventLog) -> AsyncIterator[PostgresQueue]:
+    queue = PostgresQueue(
+        config.queue.dsn,
+        config.queue.node_id,
+        config.queue.lease,
+        listen=False,  # a tool: it claims nothing, so it neither listens nor renews
+        pool_size=2,
+        on_corrupt=_corrupt_reporter(event_log, moved=False),
+    )
+    try:
+        await queue.open()
+    except QueueError as exc:
+        raise AdminError(str(exc)) from None
+    try:
+        yield queue
+    finally:
+        await queue.close()
+
+
+def _corrupt_reporter(event_log: EventLog, moved: bool = True) -> Callable[[str, str], None]:
+    where = "was moved to queue/corrupt" if moved else "was frozen and set aside"
+
+    def corrupt(name: str, reason: str) -> None:
+        event_log.emit(
+            events.Event(
+                events.QUEUE_FILE_CORRUPT,
+                f"Queue file {name} is unreadable and {where}: {reason}",
+                queue_id=name,
+                cause="queue-file-corrupt",
+            )
+        )
+
+    return corrupt
 
 
 class ServiceRunning(AdminError):

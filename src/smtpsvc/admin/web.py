@@ -27,7 +27,7 @@ from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin import eventview
 from smtpsvc.admin.access import COOKIE, Level, level_of
-from smtpsvc.admin.service import AdminError, QueueAdmin
+from smtpsvc.admin.service import AdminError, QueueAdmin, summarize
 from smtpsvc.dsn import split_headers
 from smtpsvc.model import rfc5322_date
 
@@ -44,8 +44,8 @@ class AdminContext:
     pickup_dir: Path
     events_path: Path
     flush_events: Callable[[], None]
-    metrics: Callable[[], tuple[bytes, str]] | None
-    health: Callable[[], dict[str, Any]]
+    metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None
+    health: Callable[[], Awaitable[dict[str, Any]]]
 
 
 def build_app(ctx: AdminContext) -> Starlette:
@@ -90,17 +90,17 @@ def build_app(ctx: AdminContext) -> Starlette:
     async def api_queue(request: Request) -> Response:
         q = request.query_params
         now = time.time()
-        entries = ctx.admin.entries(
+        entries = await ctx.admin.entries(
             q.get("state", ""), q.get("to", ""), q.get("domain", ""), q.get("link", "")
         )
         return JSONResponse(
             {
                 "where": ctx.admin.where,
-                "frozen_links": sorted(ctx.admin.spool.frozen_links),
+                "frozen_links": sorted(await ctx.admin.frozen_links()),
                 "messages": [
                     {
                         **e.to_json(now),
-                        "in_flight": ctx.admin.in_flight(e.envelope.id),
+                        "in_flight": bool(e.leased_by),
                         "envelope": e.envelope.to_json(),
                     }
                     for e in entries
@@ -109,16 +109,18 @@ def build_app(ctx: AdminContext) -> Starlette:
         )
 
     async def api_summary(request: Request) -> Response:
-        return JSONResponse([asdict(s) for s in ctx.admin.summary(time.time())])
+        return JSONResponse([asdict(s) for s in await ctx.admin.summary(time.time())])
 
     async def api_message(request: Request) -> Response:
         queue_id = request.path_params["id"]
-        envelope = ctx.admin.get(queue_id)
+        envelope = await ctx.admin.get(queue_id)
+        leased_by = await ctx.admin.leased_by(queue_id)
         return JSONResponse(
             {
                 "envelope": envelope.to_json(),
-                "in_flight": ctx.admin.in_flight(queue_id),
-                "headers": ctx.admin.headers(queue_id).decode("utf-8", "replace"),
+                "in_flight": bool(leased_by),
+                "leased_by": leased_by,
+                "headers": (await ctx.admin.headers(queue_id)).decode("utf-8", "replace"),
             }
         )
 
@@ -129,7 +131,11 @@ def build_app(ctx: AdminContext) -> Starlette:
             return _error(404, f"unknown action {action!r}: retry, freeze or thaw")
         envelope = await operations[action](queue_id)
         return JSONResponse(
-            {"id": envelope.id, "frozen": envelope.frozen, "in_flight": ctx.admin.in_flight(envelope.id)}
+            {
+                "id": envelope.id,
+                "frozen": envelope.frozen,
+                "in_flight": await ctx.admin.in_flight(envelope.id),
+            }
         )
 
     async def api_delete(request: Request) -> Response:
@@ -185,26 +191,27 @@ def build_app(ctx: AdminContext) -> Starlette:
     async def metrics(request: Request) -> Response:
         if ctx.metrics is None:
             return _error(404, "metrics are not enabled in this build")
-        body, content_type = ctx.metrics()
+        body, content_type = await ctx.metrics()
         return Response(body, media_type=content_type)
 
     async def healthz(request: Request) -> Response:
-        report = ctx.health()
+        report = await ctx.health()
         return JSONResponse(report, status_code=200 if report.get("status") == "ok" else 503)
 
     # -- web viewer ----------------------------------------------------------------------------------
     async def page_queue(request: Request) -> Response:
         now = time.time()
-        entries = ctx.admin.entries()
+        entries = await ctx.admin.entries()
         ctx.flush_events()
         return templates.TemplateResponse(
             request,
             "queue.html",
             {
                 "now": now,
-                "links": ctx.admin.summary(now),
+                "links": summarize(entries, now, await ctx.admin.frozen_links()),
                 "by_id": {e.envelope.id: e for e in entries},
-                "in_flight": ctx.admin.spool.leased,
+                "in_flight": {e.envelope.id: e.leased_by for e in entries if e.leased_by},
+                "shared": ctx.admin.store.shared,
                 "badmail": badmail_admin.items(ctx.badmail_dir),
                 "events": eventview.tail(ctx.events_path, 20),
                 **_page(request, level(request)),
@@ -213,15 +220,16 @@ def build_app(ctx: AdminContext) -> Starlette:
 
     async def page_message(request: Request) -> Response:
         queue_id = request.path_params["id"]
-        envelope = ctx.admin.get(queue_id)
+        envelope = await ctx.admin.get(queue_id)
         return templates.TemplateResponse(
             request,
             "message.html",
             {
                 "now": time.time(),
                 "env": envelope,
-                "in_flight": ctx.admin.in_flight(queue_id),
-                "headers": ctx.admin.headers(queue_id).decode("utf-8", "replace"),
+                "in_flight": await ctx.admin.leased_by(queue_id),
+                "shared": ctx.admin.store.shared,
+                "headers": (await ctx.admin.headers(queue_id)).decode("utf-8", "replace"),
                 **_page(request, level(request)),
             },
         )

@@ -1,6 +1,7 @@
 """Reports to senders: failure NDRs, delay and success DSNs (RFC 3464, built by `smtpsvc.dsn`), and Badmail
 for what cannot be reported. Every report is queued through `ingest` like any message, with the null
-sender, so a report about a report never happens.
+sender, so a report about a report never happens. In a cluster, the node that makes the report writes the
+Badmail item into its own badmail/ folder.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from smtpsvc import dsn, events
 from smtpsvc.config import Config
@@ -16,15 +18,14 @@ from smtpsvc.events import EventLog
 from smtpsvc.folders.badmail import put_badmail
 from smtpsvc.ingest import EnvelopeFields, Ingest
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, Source
-from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.local import LocalSpool
+from smtpsvc.queue.base import QueueError, QueueStore
 
 HEADER_READ_LIMIT = 256 * 1024  # how much of a message we read to find its header block for a report
 
 
 class Reporter:
     def __init__(
-        self, queue: LocalSpool, config: Config, ingest: Ingest, event_log: EventLog, badmail_dir: Path
+        self, queue: QueueStore, config: Config, ingest: Ingest, event_log: EventLog, badmail_dir: Path
     ) -> None:
         self.queue = queue
         self.config = config
@@ -109,7 +110,8 @@ class Reporter:
     async def _queue(
         self, envelope: Envelope, items: list[dsn.ReportedRecipient], kind: str, copies: Sequence[str] = ()
     ) -> Envelope:
-        message = await asyncio.to_thread(self._build, envelope, items, kind)
+        with await self.queue.open_message(envelope.id) as original:
+            message = await asyncio.to_thread(self._build, envelope, items, kind, original)
         return await self.ingest.submit_bytes(
             message,
             EnvelopeFields(
@@ -121,17 +123,18 @@ class Reporter:
             ),
         )
 
-    def _build(self, envelope: Envelope, items: list[dsn.ReportedRecipient], kind: str) -> bytes:
+    def _build(
+        self, envelope: Envelope, items: list[dsn.ReportedRecipient], kind: str, original: BinaryIO
+    ) -> bytes:
         """Worker thread: read the original's headers (the whole message for RET=FULL failures), build."""
-        path = self.queue.message_path(envelope.id)
         body: bytes | None = None
+        original.seek(0)
         if envelope.ret == "FULL" and kind == "failure":
-            whole = path.read_bytes()
+            whole = original.read()
             end = dsn.header_block_end(whole)
             headers, body = (whole[:end], whole[end:]) if end is not None else (whole, b"")
         else:
-            with open(path, "rb") as fh:
-                headers = dsn.split_headers(fh.read(HEADER_READ_LIMIT))
+            headers = dsn.split_headers(original.read(HEADER_READ_LIMIT))
         hostname = self.config.server.hostname
         return dsn.build_report(
             reporting_mta=hostname,
@@ -152,15 +155,16 @@ class Reporter:
             f"Recipient {r.address}: {r.status} {r.last_reply}"
             for r in failed
         ]
-        path = await put_badmail(
-            self.events,
-            self.badmail_dir,
-            envelope.id,
-            self.queue.message_path(envelope.id),
-            reasons,
-            envelope.to_json(),
-            self.config.badmail.max_size,
-        )
+        with await self.queue.open_message(envelope.id) as original:
+            path = await put_badmail(
+                self.events,
+                self.badmail_dir,
+                envelope.id,
+                original,
+                reasons,
+                envelope.to_json(),
+                self.config.badmail.max_size,
+            )
         where = f"written to Badmail as {path.name}" if path else "discarded (badmail.max_size = 0)"
         self.events.emit(
             events.Event(

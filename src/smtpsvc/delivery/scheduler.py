@@ -4,6 +4,12 @@ retry on the schedule, expiry (4.4.7), an NDR to the sender, or Badmail when eve
 
 Routing is re-run at every attempt from the current config, so a config change re-routes queued mail.
 One message is one task; at most `delivery.max_connections` messages are in flight.
+
+The queue is a `QueueStore`: the local spool, or PostgreSQL shared by several nodes. With PostgreSQL a
+message may come back "taken over" (the node that held it died or stalled): it is re-categorized from this
+node's configuration and logged (event 9005, cause `lease-taken-over`), as Exchange cluster failover does.
+A save refused because another node took the message over meanwhile (LeaseLost) drops this node's copy of
+the state, quietly but logged (cause `lease-lost`): the other node's delivery counts.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from smtpsvc import events
 from smtpsvc.config import Config
@@ -33,8 +40,8 @@ from smtpsvc.model import (
     Route,
     rfc5322_date,
 )
-from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.local import LocalSpool
+from smtpsvc.queue.base import Claim, LeaseLost, QueueError, QueueStore
+from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.routing.categorizer import choices_for, route_for
 from smtpsvc.routing.connectors import RouteChoice
 from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
@@ -45,12 +52,15 @@ EXPIRED_TEXT = (
     "Could not deliver the message in the time limit specified. Please retry or contact your administrator."
 )
 INTERNAL_RETRY = 300.0  # back-off after an unexpected internal error
+QUEUE_RETRY = 1.0  # the queue (a database) cannot be reached: look again this soon
+SAVE_RETRY_MAX = 5.0  # longest pause between tries of a save to a shared queue that cannot be reached
+REROUTE_BATCH = 64  # re-categorized messages written at once (one group commit, or a few connections)
 
 
 class Scheduler:
     def __init__(
         self,
-        queue: LocalSpool,
+        queue: QueueStore,
         config: Config,
         ingest: Ingest,
         event_log: EventLog,
@@ -67,12 +77,12 @@ class Scheduler:
         self.drop_dir = drop_dir
         self.badmail_dir = badmail_dir
         self.rng = rng or random.Random()
-        self._wake = asyncio.Event()
         self._inflight: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[int]] = set()  # ETRN on a shared queue (see flush)
         self._stopping = False
+        self._queue_down = False  # the last claim failed: logged once until it works again
         self.transcripts: dict[str, list[str]] = {}  # last SMTP transcript per queue id (in memory for now)
         self._connector_down: dict[str, float] = {}  # connector name -> unavailable until
-        self._rerun_after_attempt: set[str] = set()  # re-categorized while being delivered
         self._link_down: dict[str, float] = {}  # link -> not tried before (every host just failed to connect)
         self.pool = smtp.ConnectionPool(config.delivery.max_messages_per_connection)
         self.memory = PeerMemory()  # self-healing facts per next hop (SPEC 2.9)
@@ -82,16 +92,43 @@ class Scheduler:
         self.delivery_observer: Callable[[str, Sequence[DeliveryResult], float], None] | None = None
 
     def wake(self) -> None:
-        self._wake.set()
+        self.queue.wake()
 
     def flush(self, domain: str, subdomains: bool = False) -> int:
-        """ETRN / Force Connection: make every pending recipient at `domain` due now. Returns how many
-        messages were rescheduled (messages being delivered right now are not counted)."""
+        """ETRN, as the SMTP session calls it (synchronously): make every pending recipient at `domain` due
+        now. With the local spool the answer comes from memory, exact: how many messages were rescheduled
+        (messages being delivered right now are not counted). A shared queue needs a database round trip,
+        so the work runs in the background (`etrn`) and the answer is a best-effort 1 ("queuing started"),
+        even when nothing turns out to be waiting."""
+        if isinstance(self.queue, LocalStore):
+            return self._flush_local(self.queue.spool, domain, subdomains)
+        task = asyncio.get_running_loop().create_task(self._etrn_quietly(domain, subdomains))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return 1
+
+    async def etrn(self, domain: str, subdomains: bool = False) -> int:
+        """ETRN / Force Connection for a domain, on either backend; returns how many messages changed."""
+        if isinstance(self.queue, LocalStore):
+            return self._flush_local(self.queue.spool, domain, subdomains)
+        done = await self.queue.make_due(time.time(), domain=domain, subdomains=subdomains)
+        self.forget_backoff(done.links)
+        if done.messages:
+            self.wake()
+        return done.messages
+
+    async def _etrn_quietly(self, domain: str, subdomains: bool) -> int:
+        try:
+            return await self.etrn(domain, subdomains)
+        except QueueError:
+            return 0  # the database is away: the client may ETRN again; the mail is retried anyway
+
+    def _flush_local(self, spool: LocalSpool, domain: str, subdomains: bool) -> int:
         domain = domain.rstrip(".").lower()
         now = time.time()
         count = 0
-        for envelope in self.queue.list():
-            if envelope.id in self.queue.leased or envelope.frozen:
+        for envelope in spool.list():
+            if envelope.id in spool.leased or envelope.frozen:
                 continue
             touched = False
             for rcpt in envelope.pending:
@@ -102,49 +139,43 @@ class Scheduler:
             if touched:
                 for rcpt in envelope.pending:
                     self._link_down.pop(rcpt.route, None)  # the operator asked: try it now
-                self.queue.reschedule(envelope.id)
+                spool.reschedule(envelope.id)
                 count += 1
         if count:
             self.wake()
         return count
 
-    def forget_backoff(self, links: set[str]) -> None:
-        """The operator forced a retry: try these links now even if they just failed for another message."""
+    def forget_backoff(self, links: set[str] | frozenset[str] | None) -> None:
+        """The operator forced a retry: try these links (None: every link) now even if they just failed
+        for another message."""
+        if links is None:
+            self._link_down.clear()
+            return
         for link in links:
             self._link_down.pop(link, None)
 
-    def rerun_after_attempt(self, queue_id: str) -> None:
-        """A message changed while it is being delivered: make it due again as soon as the attempt ends."""
-        self._rerun_after_attempt.add(queue_id)
-
-    def recategorize(self, previous: Config | None = None) -> int:
+    async def recategorize(self, previous: Config | None = None) -> int:
         """Run the categorizer and router again on queued mail (ResetMessageStatus, config reload). Every
         pending recipient's route is recomputed from the current config; the messages affected are due now:
         all of them, or, given the `previous` config (a reload), those whose route differs under the two
-        (a connector, smart host or local domain changed or vanished). Returns their count."""
+        (a connector, smart host or local domain changed or vanished). A message being delivered is due
+        again when that attempt ends. Returns their count."""
         now = time.time()
-        count = 0
         # What we learned about destinations (backoff, unavailable connectors) was about the old routes.
         self._link_down.clear()
         self._connector_down.clear()
-        for envelope in self.queue.list():
+        changes: list[tuple[str, dict[str, str]]] = []
+        for envelope in await self.queue.list():
             if envelope.frozen or not envelope.pending:
                 continue
-            if envelope.id in self.queue.leased:
-                self._rerun_after_attempt.add(envelope.id)  # being delivered now: due again right after
-                count += 1
-                continue
-            changed = previous is None
-            for rcpt in envelope.pending:
-                route = route_for(rcpt.address, self.config)
-                if previous is not None and route != route_for(rcpt.address, previous):
-                    changed = True
-                rcpt.route = route.link
-            if changed:
-                for rcpt in envelope.pending:
-                    rcpt.next_attempt = now
-                self.queue.reschedule(envelope.id)
-                count += 1
+            routes = {r.address: route_for(r.address, self.config) for r in envelope.pending}
+            if previous is None or any(route != route_for(a, previous) for a, route in routes.items()):
+                changes.append((envelope.id, {address: route.link for address, route in routes.items()}))
+        count = 0
+        for start in range(0, len(changes), REROUTE_BATCH):  # concurrent writes share commits
+            batch = changes[start : start + REROUTE_BATCH]
+            done = await asyncio.gather(*(self.queue.reroute(qid, links, now) for qid, links in batch))
+            count += sum(done)
         if count:
             self.wake()
         return count
@@ -156,27 +187,85 @@ class Scheduler:
     async def run(self) -> None:
         limit = max(1, self.config.delivery.max_connections)
         while not self._stopping:
-            self._wake.clear()
-            now = time.time()
-            free = limit - len(self._inflight)
-            if free > 0:
-                for envelope in self.queue.lease(now, free):
-                    task = asyncio.get_running_loop().create_task(self._process_guarded(envelope))
-                    self._inflight.add(task)
-                    task.add_done_callback(self._done)
-            due = self.queue.next_due()
-            timeout = None if due is None or free <= 0 else max(0.0, due - time.time())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            try:
+                timeout = await self._start_due(limit)
+            except QueueError as exc:
+                self._queue_unreachable(exc)
+                timeout = QUEUE_RETRY
+            else:
+                self._queue_reachable()
+            # Woken by new mail, a finished delivery, an operator, or (PostgreSQL) another node's NOTIFY.
+            await self.queue.wait_for_work(timeout)
+
+    async def _start_due(self, limit: int) -> float | None:
+        """Lease what is due (one task per message, at most `limit` in flight); returns how long to wait
+        before looking again (None: until woken)."""
+        free = limit - len(self._inflight)
+        if free > 0:
+            for claim in await self.queue.claim(time.time(), free):
+                self._start(claim)
+        due = await self.queue.next_due()
+        return None if due is None or free <= 0 else max(0.0, due - time.time())
+
+    def _start(self, claim: Claim) -> None:
+        if claim.taken_over:
+            self._take_over(claim)
+        task = asyncio.get_running_loop().create_task(self._process_or_recover(claim.envelope))
+        self._inflight.add(task)
+        task.add_done_callback(self._done)
+
+    def _take_over(self, claim: Claim) -> None:
+        """Exchange cluster failover: the node that held this message died or stalled mid-delivery and its
+        lease expired. Its routing decisions were made with its configuration: route every pending
+        recipient again with ours (categorization is a pure function of address and config)."""
+        envelope = claim.envelope
+        for rcpt in envelope.pending:
+            rcpt.route = route_for(rcpt.address, self.config).link
+        self.events.emit(
+            events.Event(
+                events.RECATEGORIZED,
+                f"Message {envelope.id} was held by node {claim.taken_over_from}, whose lease expired "
+                f"(it stopped or died mid-delivery); node {self.queue.node_id} took it over, re-categorized "
+                "it and delivers it (recipients the other node had already delivered may receive it twice)",
+                queue_id=envelope.id,
+                cause="lease-taken-over",
+            )
+        )
+
+    def _queue_unreachable(self, exc: QueueError) -> None:
+        if self._queue_down:
+            return
+        self._queue_down = True
+        self.events.emit(
+            events.Event(
+                events.MAILROOT_UNUSABLE,
+                f"The queue cannot be reached ({exc}); delivery waits, and SMTP clients get 4xx until it "
+                "is back",
+                cause="queue-unavailable",
+            )
+        )
+
+    def _queue_reachable(self) -> None:
+        if self._queue_down:
+            self._queue_down = False
+            self.events.emit(
+                events.Event(
+                    events.SERVICE_STARTED,
+                    "The queue can be reached again; delivery resumes",
+                    cause="queue-available",
+                )
+            )
 
     def _done(self, task: asyncio.Task[None]) -> None:
         self._inflight.discard(task)
-        self._wake.set()
+        self.queue.wake()
 
     async def stop(self, grace: float) -> None:
         """Stop leasing; give in-flight deliveries `grace` seconds, then cancel (they are retried later)."""
         self._stopping = True
-        self._wake.set()
+        self.queue.wake()
+        for background in list(self._background):
+            background.cancel()
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in pending:
@@ -185,22 +274,15 @@ class Scheduler:
                 await asyncio.gather(*pending, return_exceptions=True)
         await self.pool.close()
 
-    async def _process_guarded(self, envelope: Envelope) -> None:
-        try:
-            await self._process_or_recover(envelope)
-        finally:
-            if envelope.id in self._rerun_after_attempt:
-                self._rerun_after_attempt.discard(envelope.id)
-                for rcpt in envelope.pending:
-                    rcpt.next_attempt = time.time()
-                self.queue.reschedule(envelope.id)
-
     async def _process_or_recover(self, envelope: Envelope) -> None:
         try:
             await self.process(envelope)
         except asyncio.CancelledError:
-            self.queue.release(envelope.id)
+            with contextlib.suppress(QueueError):  # a lease that cannot be given back expires
+                await self.queue.release(envelope.id)
             raise
+        except LeaseLost as exc:
+            self._lease_lost(envelope, exc)
         except Exception as exc:  # one bad message must not stop delivery of the rest
             now = time.time()
             expiry = envelope.received_at + self.config.delivery.expiration
@@ -220,9 +302,52 @@ class Scheduler:
                     cause="internal-error",
                 )
             )
-            with contextlib.suppress(QueueError):
+            try:
                 await self.queue.save(envelope)
-            self.queue.release(envelope.id)
+            except QueueError:
+                # Its state cannot be written either. Let go of it without making it due: with the local
+                # spool the index takes the new times above; in a cluster the lease expires first.
+                self.queue.abandon(envelope.id)
+
+    def _lease_lost(self, envelope: Envelope, exc: LeaseLost) -> None:
+        """Another node owns the message now: our results are dropped, never written over its state.
+        Nothing is redelivered on purpose; what this attempt delivered may go twice (at-least-once)."""
+        self.transcripts.pop(envelope.id, None)
+        self.events.emit(
+            events.Event(
+                events.RECATEGORIZED,
+                f"This node's delivery state for {envelope.id} was dropped: {exc}",
+                queue_id=envelope.id,
+                cause="lease-lost",
+            )
+        )
+
+    async def _durably(self, step: Callable[[], Awaitable[None]]) -> None:
+        """Run a save or complete. With a shared queue whose database is away for a moment it is tried
+        again until it works (the results of the attempt exist only in memory: giving up would deliver
+        the message again), or until another node took the message over (LeaseLost), or the task is
+        cancelled at stop. The local spool's errors (disk full) go to the caller at once, as before."""
+        pause = QUEUE_RETRY / 2
+        while True:
+            try:
+                await step()
+                return
+            except LeaseLost:
+                raise
+            except QueueError:
+                if not self.queue.shared:
+                    raise
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, SAVE_RETRY_MAX)
+
+    @contextlib.asynccontextmanager
+    async def _message(self, queue_id: str) -> AsyncIterator[BinaryIO]:
+        """The queued message, one handle per reader (route groups are delivered concurrently)."""
+        handle = await self.queue.open_message(queue_id)
+        try:
+            yield handle
+        finally:
+            handle.close()
 
     # -- one message ---------------------------------------------------------------------------------
     async def process(self, envelope: Envelope) -> None:
@@ -230,12 +355,13 @@ class Scheduler:
         groups: dict[RouteChoice, list[Recipient]] = {}
         fallbacks: dict[RouteChoice, list[RouteChoice]] = {}
         unavailable = self._unavailable_connectors(started)
+        frozen_links = await self.queue.frozen_links()
         for rcpt in envelope.pending:
             if rcpt.next_attempt > started:
                 continue  # this recipient's retry time has not come (another one made the message due)
             first, *rest = choices_for(rcpt.address, self.config, unavailable)
             rcpt.route = first.route.link
-            if rcpt.route in self.queue.frozen_links:
+            if rcpt.route in frozen_links:
                 continue  # the operator froze this next hop: it keeps its mail until thawed
             down_until = self._link_down.get(first.route.link, 0.0)
             if down_until > started:
@@ -289,9 +415,9 @@ class Scheduler:
         if self._delay_due(envelope, now):
             await self._send_delay_report(envelope)
         if envelope.outstanding:
-            await self.queue.save(envelope)
+            await self._durably(lambda: self.queue.save(envelope))
         else:
-            await self.queue.complete(envelope.id)
+            await self._durably(lambda: self.queue.complete(envelope.id))
             self.transcripts.pop(envelope.id, None)
 
     def _record(self, envelope: Envelope, rcpt: Recipient, result: DeliveryResult, now: float) -> None:
@@ -357,19 +483,19 @@ class Scheduler:
     async def _deliver_drop(self, envelope: Envelope, rcpts: list[Recipient]) -> list[DeliveryResult]:
         addresses = [r.address for r in rcpts]
         try:
-            path = await asyncio.to_thread(
-                write_drop_file,
-                self.drop_dir,
-                envelope.id,
-                envelope.sender,
-                addresses,
-                self.queue.message_path(envelope.id),
-            )
-        except OSError as exc:
-            # Disk full and the like: a transient local failure, never a loss (SPEC 2.6).
-            reply = f"451 4.3.1 Cannot write to the Drop folder: {exc.strerror or exc}"
+            async with self._message(envelope.id) as message:
+                path = await asyncio.to_thread(
+                    write_drop_file, self.drop_dir, envelope.id, envelope.sender, addresses, message
+                )
+        except (OSError, QueueError) as exc:
+            # Disk full, or the queue cannot be read now: a transient failure, never a loss (SPEC 2.6).
+            if isinstance(exc, OSError):
+                reply = f"451 4.3.1 Cannot write to the Drop folder: {exc.strerror or exc}"
+            else:
+                reply = f"451 4.3.0 Cannot read the message from the queue: {exc}"
+            status = reply.split(" ", 2)[1]
             return [
-                DeliveryResult(a, ok=False, permanent=False, reply=reply, status="4.3.1", remote_mta="drop")
+                DeliveryResult(a, ok=False, permanent=False, reply=reply, status=status, remote_mta="drop")
                 for a in addresses
             ]
         reply = f"250 2.0.0 Delivered to the Drop folder as {path.name}"
@@ -430,8 +556,13 @@ class Scheduler:
         slots = self._link_slots.setdefault(
             route.link, asyncio.Semaphore(max(1, cfg.max_connections_per_domain))
         )
-        async with slots:
-            outcome = await self._smtp_deliver(hops, envelope, rcpts, policy)
+        # The node's own limit first, then (a cluster) the link's slot shared by every node.
+        async with (
+            slots,
+            self.queue.link_slot(route.link, cfg.max_connections_per_domain),
+            self._message(envelope.id) as message,
+        ):
+            outcome = await self._smtp_deliver(hops, envelope, rcpts, policy, message)
         self.transcripts[envelope.id] = outcome.transcript
         envelope.transcripts = [*envelope.transcripts, _stamped(outcome.transcript)][-TRANSCRIPTS_KEPT:]
         if (
@@ -519,21 +650,27 @@ class Scheduler:
         return domains <= internal  # every recipient of this transaction is internal
 
     async def _smtp_deliver(
-        self, hops: list[NextHop], envelope: Envelope, rcpts: list[Recipient], policy: smtp.HopPolicy
+        self,
+        hops: list[NextHop],
+        envelope: Envelope,
+        rcpts: list[Recipient],
+        policy: smtp.HopPolicy,
+        message: BinaryIO,
     ) -> smtp.SmtpOutcome:
         cfg = self.config.delivery
+        blob = await self.queue.xexch50_blob(envelope.id) if envelope.xexch50 and policy.xexch50 else None
         return await smtp.deliver(
             hops,
             envelope,
             rcpts,
-            self.queue.message_path(envelope.id),
+            message,
             hostname=self.config.server.hostname,
             timeout=cfg.timeout,
             connect_timeout=min(cfg.timeout, 30.0),
             policy=policy,
             pool=self.pool,
             memory=self.memory,
-            xexch50=self.queue.xexch50_blob(envelope.id) if envelope.xexch50 and policy.xexch50 else None,
+            xexch50=blob,
         )
 
     async def _next_hops(self, route: Route) -> list[NextHop]:

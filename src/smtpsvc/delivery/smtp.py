@@ -2,7 +2,8 @@
 
 Drives the sans-I/O `ClientConnection` over asyncio streams: greeting, EHLO (HELO when EHLO is refused),
 MAIL and RCPT pipelined when the peer offers PIPELINING, one reply per RCPT tracked, DATA streamed from the
-spool file with dot-stuffing, QUIT. Hosts are tried in order; a host that cannot be reached, or greets with
+queued message (an open, seekable handle from the queue: the spool file, or PostgreSQL's bytes) with
+dot-stuffing, QUIT. Hosts are tried in order; a host that cannot be reached, or greets with
 an error, passes the attempt to the next one. Every recipient ends with a DeliveryResult whose `permanent`
 bit is what the scheduler acts on. The conversation is kept as a transcript for diagnosis.
 """
@@ -11,12 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import ipaddress
 import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import BinaryIO
 
 from smtpsvc.delivery.downgrade import DowngradeError, downgrade_to_7bit, needs_downgrade
 from smtpsvc.delivery.healing import PEER_LACKS_8BITMIME, PEER_REJECTS_EHLO, XEXCH50_BLOCKED, PeerMemory
@@ -249,7 +251,7 @@ async def deliver(
     hops: Sequence[NextHop],
     envelope: Envelope,
     recipients: Sequence[Recipient],
-    message_path: Path,
+    message: BinaryIO,
     *,
     hostname: str,
     timeout: float,
@@ -259,14 +261,15 @@ async def deliver(
     memory: PeerMemory | None = None,
     xexch50: bytes | None = None,
 ) -> SmtpOutcome:
-    """Try each next hop in turn until one gives per-recipient answers; else every recipient is transient."""
+    """Try each next hop in turn until one gives per-recipient answers; else every recipient is transient.
+    `message` is read from its start at each try; it must not be shared with another delivery meanwhile."""
     outcome = SmtpOutcome()
     for hop in hops:
         result = await _attempt(
             hop,
             envelope,
             recipients,
-            message_path,
+            message,
             hostname,
             timeout,
             connect_timeout,
@@ -306,7 +309,7 @@ async def _attempt(
     hop: NextHop,
     envelope: Envelope,
     recipients: Sequence[Recipient],
-    message_path: Path,
+    message: BinaryIO,
     hostname: str,
     timeout: float,
     connect_timeout: float,
@@ -328,7 +331,7 @@ async def _attempt(
         reused.rejections, reused.learned = outcome.rejections, outcome.learned
         try:
             blob = _blob_for(reused, policy, memory, xexch50)
-            results = await _send_message(reused, label, envelope, recipients, message_path, memory, blob)
+            results = await _send_message(reused, label, envelope, recipients, message, memory, blob)
         except _Dropped:
             await reused.close()  # the idle connection went stale, or the peer choked: start afresh below
             _diagnose_drop(reused)
@@ -357,7 +360,7 @@ async def _attempt(
             await peer.quit()
             return failure
         results = await _send_message(
-            peer, label, envelope, recipients, message_path, memory, _blob_for(peer, policy, memory, xexch50)
+            peer, label, envelope, recipients, message, memory, _blob_for(peer, policy, memory, xexch50)
         )
     except _Dropped:
         await peer.close()
@@ -425,7 +428,7 @@ async def _send_message(
     label: str,
     envelope: Envelope,
     recipients: Sequence[Recipient],
-    message_path: Path,
+    message: BinaryIO,
     memory: PeerMemory | None = None,
     xexch50: bytes | None = None,
 ) -> list[DeliveryResult]:
@@ -433,11 +436,11 @@ async def _send_message(
     ends cleanly (a final reply to the data, or a successful RSET)."""
     caps = peer.caps
     peer.reusable = False
-    content = _content_for(peer, envelope, message_path, memory)
+    content = _content_for(peer, envelope, message, memory)
     if isinstance(content, str):  # the peer cannot take this message in any form
         peer.reusable = True
         return [_result(r.address, content, label, permanent=True) for r in recipients]
-    size = len(content) if isinstance(content, bytes) else message_path.stat().st_size
+    size = len(content) if isinstance(content, bytes) else _size_of(content)
     params: dict[str, str | None] = {}
     dsn = caps is not None and caps.has("DSN")
     if envelope.smtputf8 and caps is not None and caps.has("SMTPUTF8"):
@@ -507,7 +510,7 @@ async def _send_message(
     if accepted and xexch50 and caps is not None and caps.has("XEXCH50"):
         await _send_xexch50(peer, xexch50)
     if accepted:
-        if envelope.body == "BINARYMIME" and isinstance(content, Path):
+        if envelope.body == "BINARYMIME" and not isinstance(content, bytes):
             final = await _send_bdat(peer, content)
         else:
             final = await _send_data(peer, content)
@@ -535,7 +538,7 @@ async def _reset(peer: _Peer) -> None:
     peer.reusable = answer.is_positive
 
 
-async def _send_data(peer: _Peer, content: Path | bytes) -> Reply:
+async def _send_data(peer: _Peer, content: BinaryIO | bytes) -> Reply:
     peer.command("DATA")
     go_ahead = await peer.reply()
     if go_ahead.code != 354:
@@ -546,10 +549,10 @@ async def _send_data(peer: _Peer, content: Path | bytes) -> Reply:
             peer.writer.write(stuffer.feed(content[start : start + BODY_CHUNK]))
             await peer.writer.drain()
     else:
-        with open(content, "rb") as body:
-            while chunk := body.read(BODY_CHUNK):
-                peer.writer.write(stuffer.feed(chunk))
-                await peer.writer.drain()
+        content.seek(0)
+        while chunk := content.read(BODY_CHUNK):
+            peer.writer.write(stuffer.feed(chunk))
+            await peer.writer.drain()
     peer.writer.write(peer.conn.end_data(stuffer))
     peer.log(">", "<message body> .")
     return await peer.reply()
@@ -580,45 +583,51 @@ def _blob_for(peer: _Peer, policy: HopPolicy, memory: PeerMemory | None, blob: b
     return blob
 
 
-async def _send_bdat(peer: _Peer, content: Path) -> Reply:
+async def _send_bdat(peer: _Peer, content: BinaryIO) -> Reply:
     """RFC 3030: the message in BDAT chunks, unmodified (binary-safe); the LAST chunk's reply is final."""
-    size = content.stat().st_size
+    size = _size_of(content)
     sent = 0
-    with open(content, "rb") as body:
-        while True:
-            chunk = body.read(BODY_CHUNK)
-            sent += len(chunk)
-            last = sent >= size or not chunk
-            peer.writer.write(peer.conn.send_bdat(chunk, last=last))
-            await peer.writer.drain()
-            reply = await peer.reply()
-            if last or not reply.is_positive:
-                peer.log(">", f"<message body in BDAT chunks, {sent} octets>")
-                return reply
+    content.seek(0)
+    while True:
+        chunk = content.read(BODY_CHUNK)
+        sent += len(chunk)
+        last = sent >= size or not chunk
+        peer.writer.write(peer.conn.send_bdat(chunk, last=last))
+        await peer.writer.drain()
+        reply = await peer.reply()
+        if last or not reply.is_positive:
+            peer.log(">", f"<message body in BDAT chunks, {sent} octets>")
+            return reply
+
+
+def _size_of(message: BinaryIO) -> int:
+    """Octets in a seekable message handle (a file or BytesIO)."""
+    return message.seek(0, io.SEEK_END)
 
 
 def _content_for(
-    peer: _Peer, envelope: Envelope, message_path: Path, memory: PeerMemory | None = None
-) -> Path | bytes | str:
-    """What to send: the spool file as it is; a 7-bit conversion for a peer without 8BITMIME (RFC 6152,
-    KB286673: sending 8-bit data anyway is what made Exchange 5.5 drop the connection); or, as a str, the
-    permanent failure when the peer cannot take the message at all."""
+    peer: _Peer, envelope: Envelope, message: BinaryIO, memory: PeerMemory | None = None
+) -> BinaryIO | bytes | str:
+    """What to send: the queued message as it is (the handle); a 7-bit conversion (bytes) for a peer
+    without 8BITMIME (RFC 6152, KB286673: sending 8-bit data anyway is what made Exchange 5.5 drop the
+    connection); or, as a str, the permanent failure when the peer cannot take the message at all."""
     caps = peer.caps
     if envelope.smtputf8 and (caps is None or not caps.has("SMTPUTF8")):
         return "553 5.6.7 The message needs SMTPUTF8 and the remote server does not support it"
     if envelope.body == "BINARYMIME":
         if caps is not None and caps.has("BINARYMIME") and caps.has("CHUNKING"):
-            return message_path  # sent with BDAT, byte for byte
+            return message  # sent with BDAT, byte for byte
         return "554 5.6.3 The message is binary (BINARYMIME) and the remote server does not accept it"
-    with open(message_path, "rb") as fh:
-        if not needs_downgrade(fh):
-            return message_path
+    message.seek(0)
+    if not needs_downgrade(message):
+        return message
     distrusted = memory is not None and memory.knows(peer.memory_key, PEER_LACKS_8BITMIME, now())
     if caps is not None and caps.has("8BITMIME") and not distrusted:
         peer.sent_8bit = True
-        return message_path
+        return message
     try:
-        converted = downgrade_to_7bit(message_path.read_bytes())
+        message.seek(0)
+        converted = downgrade_to_7bit(message.read())
     except DowngradeError as exc:
         return f"554 {exc.status} The message cannot be converted to 7-bit for this server: {exc}"
     peer.log("=", "message converted to 7-bit MIME (the peer does not offer 8BITMIME)")

@@ -16,7 +16,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from smtpsvc import events
 from smtpsvc.events import EventLog
@@ -26,12 +26,13 @@ from smtpsvc.queue.commit import fsync_dir
 def write_badmail(
     badmail_dir: Path,
     name: str,
-    message: Path | bytes,
+    message: Path | bytes | BinaryIO,
     reasons: Sequence[str],
     envelope: dict[str, Any] | None,
     max_size: int,
 ) -> Path | None:
     """Write one Badmail item; returns the .bad path, or None when Badmail is disabled (max_size 0).
+    `message` is a file name, the bytes, or a seekable handle read from its start (the caller closes it).
 
     Runs in a worker thread. Raises OSError when the folder cannot be written.
     """
@@ -49,9 +50,12 @@ def write_badmail(
         with open(tmp, "wb") as out:
             if isinstance(message, bytes):
                 out.write(message)
-            else:
+            elif isinstance(message, Path):
                 with open(message, "rb") as src:
                     shutil.copyfileobj(src, out, 1024 * 1024)
+            else:
+                message.seek(0)
+                shutil.copyfileobj(message, out, 1024 * 1024)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, bad)
@@ -108,7 +112,7 @@ async def put_badmail(
     event_log: EventLog,
     badmail_dir: Path,
     name: str,
-    message: Path | bytes,
+    message: Path | bytes | BinaryIO,
     reasons: Sequence[str],
     envelope: dict[str, Any] | None,
     max_size: int,

@@ -1,23 +1,64 @@
-"""The queue interface every backend implements (the local file spool now, PostgreSQL later).
+"""The queue interface every backend implements: the local file spool (`queue/local.py`, one node) and
+PostgreSQL (`queue/postgres.py`, a cluster of nodes sharing one queue).
 
 The contract, in the order a message lives through it:
   create_writer()  a message being received; bytes are streamed into it (bounded memory)
   put(w, env)      make message + envelope durable; returns only when they survive a crash (the 250 waits)
-  lease(now, n)    hand out messages due for delivery; a leased message is nobody else's until released
-  save(env)        persist changed delivery state (attempts, next attempt, results) and release the lease
+  claim(now, n)    hand out messages due for delivery; a claimed (leased) message is nobody else's until
+                   it is saved, released or completed, or (in a cluster) until its lease expires
+  save(env)        persist changed delivery state (attempts, next attempt, results) and release the lease;
+                   raises LeaseLost when another node took the message over meanwhile
   complete(id)     every recipient is final: remove the message
-Reading (`get`, `list`, `open_message`) never changes state.
+Reading (`get`, `list`, `open_message`, ...) never changes state. Operator verbs (`set_frozen`,
+`make_due`, `reroute`, `delete`, `set_link_frozen`) work on a message whether or not it is being
+delivered: a change to a leased message is honoured when its delivery saves.
+
+`QueueStore` is the async interface the pipeline (scheduler, reports, admin, metrics) uses; `Intake` is the
+part ingest needs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import BinaryIO, Protocol
 
 from smtpsvc.model import Envelope
 
 
 class QueueError(Exception):
-    """The queue could not do what was asked (disk full, permissions): the caller answers 4xx."""
+    """The queue could not do what was asked (disk full, permissions, database down): the caller answers
+    4xx."""
+
+
+class LeaseLost(QueueError):
+    """This node's lease on a message expired and another node claimed it (or the message was deleted):
+    the other node now owns the delivery state, so ours is not written. Drop the envelope; the message
+    may be delivered twice (at-least-once), never lost."""
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A leased message. `taken_over_from` names the node whose lease had expired (it died or stalled
+    mid-delivery): re-run categorization before delivering, as Exchange cluster failover does. "" for a
+    message nobody held (always "" with the local spool)."""
+
+    envelope: Envelope
+    taken_over_from: str = ""
+
+    @property
+    def taken_over(self) -> bool:
+        return self.taken_over_from != ""
+
+
+@dataclass(frozen=True, slots=True)
+class Rescheduled:
+    """What `make_due` changed: how many messages, and the links (route names) of the recipients made
+    due, so the caller can lift its per-destination backoff for them."""
+
+    messages: int = 0
+    links: frozenset[str] = frozenset()
 
 
 class MessageWriter(Protocol):
@@ -34,23 +75,104 @@ class MessageWriter(Protocol):
     def abort(self) -> None: ...
 
 
-class Queue(Protocol):
+class Intake(Protocol):
+    """What ingest needs: a writer for a message being received, and the durable commit."""
+
     def create_writer(self) -> MessageWriter: ...
 
     async def put(self, writer: MessageWriter, envelope: Envelope) -> None: ...
 
-    def lease(self, now: float, limit: int) -> list[Envelope]: ...
 
-    def release(self, queue_id: str) -> None: ...
+class QueueStore(Intake, Protocol):
+    """The queue as the service uses it, whatever the backend. Every call may raise QueueError."""
+
+    @property
+    def node_id(self) -> str:
+        """This node's name (`queue.node_id`): who holds a lease."""
+        ...
+
+    @property
+    def shared(self) -> bool:
+        """True when other nodes work on the same queue (PostgreSQL)."""
+        ...
+
+    async def close(self) -> None: ...
+
+    # -- delivery ------------------------------------------------------------------------------------
+    async def claim(self, now: float, limit: int) -> list[Claim]: ...
+
+    async def next_due(self) -> float | None:
+        """When a claim may next find work; None: nothing to wait for."""
+        ...
+
+    def wake(self) -> None:
+        """Make a pending `wait_for_work` return now (new mail, a finished delivery)."""
+        ...
+
+    async def wait_for_work(self, timeout: float | None) -> bool:
+        """Sleep until woken (True) or `timeout` seconds pass (False)."""
+        ...
 
     async def save(self, envelope: Envelope) -> None: ...
 
+    async def release(self, queue_id: str) -> bool: ...
+
+    def abandon(self, queue_id: str) -> None:
+        """Stop holding a lease without giving it back (a delivery whose state could not be written): in a
+        cluster it expires, so the message is tried again, by any node, only after the lease time, never
+        in a tight loop. The local spool has no lease time: it releases."""
+        ...
+
     async def complete(self, queue_id: str) -> None: ...
 
-    def get(self, queue_id: str) -> Envelope | None: ...
+    async def open_message(self, queue_id: str) -> BinaryIO:
+        """The message bytes, seekable; the caller closes it. One handle per reader."""
+        ...
 
-    def list(self) -> list[Envelope]: ...
+    async def xexch50_blob(self, queue_id: str) -> bytes | None: ...
 
-    def open_message(self, queue_id: str) -> BinaryIO: ...
+    def link_slot(self, link: str, limit: int) -> AbstractAsyncContextManager[None]:
+        """Hold one of `limit` connection slots of `link` shared by every node of the queue (a no-op for
+        one node: the scheduler's own per-link limit is the whole story there)."""
+        ...
 
-    def next_due(self) -> float | None: ...
+    # -- reading -------------------------------------------------------------------------------------
+    async def get(self, queue_id: str) -> Envelope | None: ...
+
+    async def list(self) -> list[Envelope]: ...
+
+    async def count(self) -> int: ...
+
+    async def holders(self) -> dict[str, str]:
+        """Queue id -> the node holding a valid lease on it (being delivered right now)."""
+        ...
+
+    def recent(self, queue_id: str) -> Envelope | None:
+        """A message this node has just queued, without a round trip (metrics: the kind of a report)."""
+        ...
+
+    async def frozen_links(self) -> frozenset[str]: ...
+
+    # -- operator verbs ------------------------------------------------------------------------------
+    async def set_frozen(self, queue_id: str, frozen: bool) -> Envelope | None:
+        """Freeze or thaw a message; the envelope after the change, None when there is no such message."""
+        ...
+
+    async def make_due(
+        self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False
+    ) -> Rescheduled:
+        """Force Connection / ETRN: the pending recipients of one message (`queue_id`), or at `domain` (and
+        its subdomains), or of every message, are due at `now`. Frozen messages are left alone. A message
+        being delivered is due again when that delivery saves."""
+        ...
+
+    async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
+        """ResetMessageStatus for one message: record the routes (address -> link) computed by the caller
+        for its pending recipients and make them due at `now`. False: no such message."""
+        ...
+
+    async def delete(self, queue_id: str) -> bool:
+        """Remove a message without a report. False: no such message."""
+        ...
+
+    async def set_link_frozen(self, link: str, frozen: bool) -> None: ...

@@ -21,10 +21,14 @@ listed in `adopted`.
 
 One process owns a spool at a time (an exclusive lock on queue/.lock); the in-memory index of due times is
 rebuilt from the .env files at every start, so the files stay the single truth.
+
+`LocalSpool` keeps its synchronous, in-memory reading API (`lease`, `get`, `list`, `next_due`); `LocalStore`
+adapts it to the async `QueueStore` interface the pipeline uses (thin wrappers: no thread hop, no copy).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import heapq
 import json
@@ -32,12 +36,12 @@ import os
 import shutil
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, BinaryIO
 
 from smtpsvc.model import Envelope, new_queue_id
-from smtpsvc.queue.base import MessageWriter, QueueError
+from smtpsvc.queue.base import Claim, MessageWriter, QueueError, Rescheduled
 from smtpsvc.queue.commit import GroupCommitter, fsync_dir
 
 try:  # POSIX advisory locking; Windows gets msvcrt below
@@ -407,6 +411,9 @@ class LocalSpool:
     def list(self) -> list[Envelope]:
         return sorted(self._envelopes.values(), key=lambda e: e.id)
 
+    def count(self) -> int:
+        return len(self._envelopes)
+
     def open_message(self, queue_id: str) -> BinaryIO:
         return open(self.dir / f"{queue_id}.eml", "rb")
 
@@ -427,6 +434,170 @@ class LocalSpool:
     @property
     def commit_stats(self) -> tuple[int, int]:
         return self._committer.batches, self._committer.jobs
+
+
+class LocalStore:
+    """The local spool as a `QueueStore`: one node, no lease expiry, the in-memory index answers reads.
+
+    An operator's change to a message being delivered (Force Connection, ResetMessageStatus) is remembered
+    and applied when the delivery saves or releases it (the PostgreSQL backend's `rerun` flag): the
+    delivery overwrites the recipients' next attempts with its own results, so the change must come after.
+    """
+
+    shared = False
+
+    def __init__(self, spool: LocalSpool, node_id: str = "") -> None:
+        self.spool = spool
+        self._node_id = node_id
+        self._wake = asyncio.Event()
+        self._rerun: set[str] = set()  # changed by an operator while leased: due again at save/release
+
+    @property
+    def node_id(self) -> str:
+        return self._node_id
+
+    async def close(self) -> None:
+        await self.spool.drain()
+        self.spool.close()
+
+    # -- intake --------------------------------------------------------------------------------------
+    def create_writer(self) -> MessageWriter:
+        return self.spool.create_writer()
+
+    async def put(self, writer: MessageWriter, envelope: Envelope) -> None:
+        await self.spool.put(writer, envelope)
+
+    # -- delivery ------------------------------------------------------------------------------------
+    async def claim(self, now: float, limit: int) -> list[Claim]:
+        return [Claim(envelope) for envelope in self.spool.lease(now, limit)]
+
+    async def next_due(self) -> float | None:
+        return self.spool.next_due()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def wait_for_work(self, timeout: float | None) -> bool:
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout)
+        except TimeoutError:
+            return False
+        finally:
+            self._wake.clear()
+        return True
+
+    async def save(self, envelope: Envelope) -> None:
+        self._apply_rerun(envelope)
+        await self.spool.save(envelope)
+
+    async def release(self, queue_id: str) -> bool:
+        envelope = self.spool.get(queue_id)
+        if envelope is not None:
+            self._apply_rerun(envelope)
+        self.spool.release(queue_id)
+        return envelope is not None
+
+    def abandon(self, queue_id: str) -> None:
+        # The envelope in memory carries the caller's new next attempts; releasing re-indexes by them.
+        self.spool.release(queue_id)
+
+    def _apply_rerun(self, envelope: Envelope) -> None:
+        if envelope.id in self._rerun:
+            self._rerun.discard(envelope.id)
+            now = time.time()
+            for rcpt in envelope.pending:
+                rcpt.next_attempt = min(rcpt.next_attempt, now)
+
+    async def complete(self, queue_id: str) -> None:
+        self._rerun.discard(queue_id)
+        await self.spool.complete(queue_id)
+
+    async def open_message(self, queue_id: str) -> BinaryIO:
+        try:
+            return self.spool.open_message(queue_id)
+        except OSError as exc:
+            raise QueueError(f"cannot read the queued message {queue_id}: {exc.strerror or exc}") from exc
+
+    async def xexch50_blob(self, queue_id: str) -> bytes | None:
+        return self.spool.xexch50_blob(queue_id)
+
+    def link_slot(self, link: str, limit: int) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()  # one node: the scheduler's per-link semaphore is the limit
+
+    # -- reading -------------------------------------------------------------------------------------
+    async def get(self, queue_id: str) -> Envelope | None:
+        return self.spool.get(queue_id)
+
+    async def list(self) -> list[Envelope]:
+        return self.spool.list()
+
+    async def count(self) -> int:
+        return self.spool.count()
+
+    async def holders(self) -> dict[str, str]:
+        return dict.fromkeys(self.spool.leased, self._node_id)
+
+    def recent(self, queue_id: str) -> Envelope | None:
+        return self.spool.get(queue_id)
+
+    async def frozen_links(self) -> frozenset[str]:
+        return self.spool.frozen_links
+
+    # -- operator verbs ------------------------------------------------------------------------------
+    async def set_frozen(self, queue_id: str, frozen: bool) -> Envelope | None:
+        envelope = self.spool.get(queue_id)
+        if envelope is None:
+            return None
+        envelope.frozen = frozen  # a leased message: its delivery's save writes it too (the same object)
+        await self.spool.update(envelope)
+        return envelope
+
+    async def make_due(
+        self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False
+    ) -> Rescheduled:
+        domain = domain.rstrip(".").lower()
+        chosen = [self.spool.get(queue_id)] if queue_id else self.spool.list()
+        count, links = 0, set()
+        for envelope in chosen:
+            if envelope is None or envelope.frozen:
+                continue
+            touched = [
+                r
+                for r in envelope.pending
+                if not domain or r.domain == domain or (subdomains and r.domain.endswith("." + domain))
+            ]
+            if not touched:
+                continue
+            for rcpt in touched:
+                rcpt.next_attempt = now
+                links.add(rcpt.route)
+            await self._changed(envelope)
+            count += 1
+        return Rescheduled(count, frozenset(links))
+
+    async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
+        envelope = self.spool.get(queue_id)
+        if envelope is None:
+            return False
+        for rcpt in envelope.pending:
+            rcpt.route = routes.get(rcpt.address, rcpt.route)
+            rcpt.next_attempt = now
+        await self._changed(envelope)
+        return True
+
+    async def _changed(self, envelope: Envelope) -> None:
+        if envelope.id in self.spool.leased:
+            self._rerun.add(envelope.id)
+        await self.spool.update(envelope)
+
+    async def delete(self, queue_id: str) -> bool:
+        if self.spool.get(queue_id) is None:
+            return False
+        await self.complete(queue_id)
+        return True
+
+    async def set_link_frozen(self, link: str, frozen: bool) -> None:
+        await self.spool.set_link_frozen(link, frozen)
 
 
 def _encode(envelope: Envelope) -> bytes:

@@ -18,6 +18,9 @@ The tables (docs/cluster.md explains the claim query and the leases):
               `lease_token`, `lease_until`).
   recipients  one row per recipient, in envelope order (`idx`): delivery state as columns, the rest
               (NOTIFY, ORCPT, history) as JSON (`data`).
+  links       (version 2) the next hops an operator froze for the whole cluster.
+  link_slots  (version 2) the connection slots of each link, leased by the deliveries of every node, so
+              delivery.max_connections_per_domain holds for the cluster.
 """
 
 from __future__ import annotations
@@ -78,6 +81,29 @@ MIGRATIONS: tuple[Migration, ...] = (
             PRIMARY KEY (message_id, idx)
         );
         CREATE INDEX recipients_pending_domain ON recipients (domain) WHERE state = 'pending';
+        """,
+    ),
+    Migration(
+        2,
+        "frozen links, connection slots per link",
+        """
+        CREATE TABLE links (
+            link          text PRIMARY KEY,              -- a next hop frozen by an operator (route name)
+            frozen_by     text NOT NULL DEFAULT '',      -- node_id of the node (or CLI) that froze it
+            frozen_at     timestamptz NOT NULL DEFAULT now()
+        );
+        -- A link freeze or thaw recomputes the due time of the messages waiting for that link.
+        CREATE INDEX recipients_pending_route ON recipients (route) WHERE state = 'pending';
+        -- Connection slots per link for the whole cluster (delivery.max_connections_per_domain): slot
+        -- rows 0..limit-1 of a link, each leased by one delivery at a time, like a message.
+        CREATE TABLE link_slots (
+            link          text NOT NULL,
+            slot          integer NOT NULL,
+            leased_by     text,                          -- node_id of the holder (for people)
+            token         uuid,                          -- the delivery that holds it
+            lease_until   timestamptz,                   -- database clock
+            PRIMARY KEY (link, slot)
+        );
         """,
     ),
 )

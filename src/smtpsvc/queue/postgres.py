@@ -13,11 +13,15 @@ node keeps nothing in memory but the tokens of the leases it holds. docs/cluster
                      a lease that expired and was claimed by another node raises LeaseLost.
   release(id)        give a lease back without changes (a cancelled delivery).
   complete(id)       the message is done: its rows are deleted.
-  freeze/thaw/retry/recategorize/delete   operator verbs, as SQL updates every node sees.
+  freeze/thaw/retry/recategorize/delete   operator verbs, as SQL updates every node sees; a forced
+                     retry also tells every node which links to take out of their backoff.
+  set_link_frozen    a next hop frozen for the whole cluster (`links`); `next_due` leaves it out.
+  link_slot(l, n)    one of n connection slots of a link for the whole cluster (`link_slots`, leased).
   wait_for_work(t)   LISTEN/NOTIFY wake-ups (put, release, thaw, retry) plus a periodic poll, because a
                      notification sent while a listener was reconnecting is lost.
 
-Everything here is async, unlike the local spool's in-memory index: reads go to the database.
+Everything here is async, unlike the local spool's in-memory index: reads go to the database. The class
+implements `QueueStore` (queue/base.py), the interface the scheduler, reports, admin and metrics use.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import json
 import tempfile
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +41,9 @@ from typing import Any, BinaryIO
 
 from smtpsvc.model import Envelope, domain_of, new_queue_id
 from smtpsvc.queue import pgschema
-from smtpsvc.queue.base import MessageWriter, QueueError
+from smtpsvc.queue.base import Claim, LeaseLost, MessageWriter, QueueError, Rescheduled
+
+__all__ = ["CHANNEL", "Claim", "LeaseLost", "PostgresQueue", "PostgresWriter"]
 
 try:  # an optional dependency: pip install 'smtpsvc[postgres]'
     import asyncpg
@@ -56,6 +63,18 @@ except ImportError:  # pragma: no cover - the local backend does not need it
 CHANNEL = "smtpsvc_queue"  # LISTEN/NOTIFY channel: the payload is the queue id that became due
 IN_MEMORY_BODY = 1024 * 1024  # a message being received stays in memory up to this size, then a temp file
 RECONNECT_DELAY = 1.0  # seconds between attempts to get the LISTEN connection back
+RECENT_KEPT = 256  # envelopes this node just queued, kept for recent() (metrics)
+# NOTIFY payload of a forced retry: "retry:" + the links made due as JSON, or "retry:*" (every link) when
+# they would not fit in a notification (8000 bytes): the nodes lift their per-destination backoff for them.
+RETRY_PREFIX = "retry:"
+RETRY_PAYLOAD_MAX = 7000
+# pg_advisory_xact_lock key of the frozen links: a save reads them under the shared lock, a link freeze or
+# thaw takes it exclusively, so `next_due` is never computed from a set of frozen links that just changed.
+LINKS_LOCK = 0x736D7470736C6E6B  # "smtpslnk"
+# Connection slots per link for the whole cluster (delivery.max_connections_per_domain): a slot is a row of
+# `link_slots` leased like a message; a node that gives one back notifies the nodes waiting for one.
+SLOT_CHANNEL = "smtpsvc_slots"
+SLOT_POLL = 1.0  # a waiter looks again this often (a notification may be lost while a listener reconnects)
 
 # The envelope fields that live in columns of `messages`; the rest goes to its `envelope` JSON.
 _MESSAGE_COLUMNS = ("id", "sender", "received_at", "size", "frozen")
@@ -75,6 +94,17 @@ _INSERT_RECIPIENTS = """
     SELECT $1, * FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::boolean[],
                              $7::double precision[], $8::integer[], $9::text[], $10::text[], $11::text[],
                              $12::text[], $13::jsonb[])
+"""
+# put in one statement (one round trip, atomic without an explicit transaction): the message row, its
+# recipient rows ($1...$13 as in _INSERT_RECIPIENTS), and the NOTIFY, which goes out only if it commits.
+# The recipients' foreign key is checked at the end of the statement, when the message row exists.
+_PUT = f"""
+    WITH message AS (
+        INSERT INTO messages (id, sender, received_at, size, envelope, body, xexch50, next_due, frozen)
+        VALUES ($1, $14, $15, $16, $17::jsonb, $18, $19, $20, $21)
+        RETURNING id
+    ), recipient_rows AS ({_INSERT_RECIPIENTS})
+    SELECT pg_notify('{CHANNEL}', id) FROM message
 """
 # The claim: the earliest due messages that are not frozen and not validly leased, locked with SKIP LOCKED
 # so that concurrent claims by other nodes pass over them instead of waiting; `previous` is the holder of
@@ -103,26 +133,29 @@ _RENEW = """
     RETURNING m.id
 """
 _RELEASE_COLUMNS = "leased_by = NULL, lease_token = NULL, lease_until = NULL"
-
-
-class LeaseLost(QueueError):
-    """This node's lease on a message expired and another node claimed it (or it was never leased here):
-    the other node now owns the delivery state, so ours is not written. Drop the envelope; the message
-    may be delivered twice (at-least-once), never lost."""
-
-
-@dataclass(frozen=True, slots=True)
-class Claim:
-    """A leased message. `taken_over_from` names the node whose lease had expired (it died or stalled
-    mid-delivery): re-run categorization before delivering, as Exchange cluster failover does. "" for a
-    message nobody held."""
-
-    envelope: Envelope
-    taken_over_from: str = ""
-
-    @property
-    def taken_over(self) -> bool:
-        return self.taken_over_from != ""
+_TAKE_SLOT = """
+    WITH free AS (
+        SELECT link, slot FROM link_slots
+        WHERE link = $1 AND slot < $2 AND (lease_until IS NULL OR lease_until < clock_timestamp())
+        ORDER BY slot LIMIT 1
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE link_slots s SET leased_by = $3, token = $4,
+        lease_until = clock_timestamp() + make_interval(secs => $5)
+    FROM free WHERE s.link = free.link AND s.slot = free.slot
+    RETURNING s.slot
+"""
+# After a link was frozen or thawed: the due time of every message with a pending recipient on it, as
+# Envelope.next_due(frozen_links) computes it (outstanding recipients, minus the pending ones on a frozen
+# link), so a message that only waits on a frozen link is not claimed again and again.
+_RECOMPUTE_DUE = """
+    UPDATE messages m SET next_due = (
+        SELECT min(r.next_attempt) FROM recipients r
+        WHERE r.message_id = m.id
+          AND ((r.state = 'failed' AND NOT r.notified)
+               OR (r.state = 'pending' AND r.route NOT IN (SELECT link FROM links))))
+    WHERE m.id IN (SELECT message_id FROM recipients WHERE state = 'pending' AND route = $1)
+"""
 
 
 @dataclass(slots=True)
@@ -190,7 +223,13 @@ class PostgresWriter:
 
 class PostgresQueue:
     """The shared queue of a cluster node. `open()` before use, `close()` after (leases are not given back:
-    release or save first, or let them expire)."""
+    release or save first, or let them expire). It implements `QueueStore` (queue/base.py).
+
+    `listen=False` (the `smtpsvc queue` commands) opens no LISTEN connection and renews nothing: a tool that
+    only reads and changes rows. `on_forced_retry(links)` is called when any node forced a retry (ETRN,
+    `queue retry`), with the links made due (None: all), so the scheduler lifts its backoff for them."""
+
+    shared = True
 
     def __init__(
         self,
@@ -203,6 +242,7 @@ class PostgresQueue:
         connect_timeout: float = 5.0,
         command_timeout: float = 15.0,
         auto_renew: bool = True,
+        listen: bool = True,
         tmp_dir: Path | None = None,
         on_corrupt: Callable[[str, str], None] | None = None,
     ) -> None:
@@ -215,13 +255,19 @@ class PostgresQueue:
         self._pool_size = pool_size
         self._connect_timeout = connect_timeout
         self._command_timeout = command_timeout
-        self._auto_renew = auto_renew
+        self._auto_renew = auto_renew and listen
+        self._listen_enabled = listen
         self._tmp_dir = tmp_dir
         self._on_corrupt = on_corrupt or (lambda queue_id, reason: None)
         self._pool: Any = None
         self._held: dict[str, _Held] = {}  # queue id -> the lease this node holds on it
         self._work = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._recent: OrderedDict[str, Envelope] = OrderedDict()  # what this node just queued
+        self._slots: dict[uuid.UUID, str] = {}  # connection slots this node holds: token -> link
+        self._slot_rows: dict[str, int] = {}  # link -> how many slot rows this node made sure exist
+        self._slot_freed = asyncio.Event()
+        self.on_forced_retry: Callable[[frozenset[str] | None], None] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------------
     async def open(self) -> None:
@@ -242,12 +288,13 @@ class PostgresQueue:
             raise pgschema.explain(exc, self.dsn) from exc
         try:
             await self._check_schema()
-            listener = await self._listen()
+            listener = await self._listen() if self._listen_enabled else None
         except BaseException:
             await self._close_pool()
             raise
         loop = asyncio.get_running_loop()
-        self._tasks.append(loop.create_task(self._keep_listening(listener)))
+        if listener is not None:
+            self._tasks.append(loop.create_task(self._keep_listening(listener)))
         if self._auto_renew:
             self._tasks.append(loop.create_task(self._renew_forever()))
 
@@ -259,6 +306,7 @@ class PostgresQueue:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
         self._held.clear()
+        self._slots.clear()
         await self._close_pool()
 
     async def _close_pool(self) -> None:
@@ -314,11 +362,12 @@ class PostgresQueue:
         envelope.size = writer.size
         body = writer.take_body()
         extra, recipients = _encode(envelope)
-        async with self._connection("queue the message") as conn, conn.transaction():
+        async with self._connection("queue the message") as conn:
+            # One statement, so one round trip; idle nodes wake (NOTIFY) for the new message.
             await conn.execute(
-                "INSERT INTO messages (id, sender, received_at, size, envelope, body, xexch50, next_due,"
-                " frozen) VALUES ($1, $2, $3, $4, $5::jsonb, $6, $7, $8, $9)",
+                _PUT,
                 envelope.id,
+                *recipients,
                 _text(envelope.sender),
                 envelope.received_at,
                 envelope.size,
@@ -328,9 +377,11 @@ class PostgresQueue:
                 envelope.next_due(),
                 envelope.frozen,
             )
-            await conn.execute(_INSERT_RECIPIENTS, envelope.id, *recipients)
-            # Sent at COMMIT, and only if it commits: idle nodes wake for the new message.
-            await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, envelope.id)
+        # next_due ignored the frozen links (reading them would cost every put a round trip): a new
+        # message that only waits on a frozen link is claimed once, skipped, and saved with the right one.
+        self._recent[envelope.id] = envelope
+        while len(self._recent) > RECENT_KEPT:
+            self._recent.popitem(last=False)
 
     async def save(self, envelope: Envelope) -> None:
         """Persist the delivery state of every recipient and release the lease, in one transaction.
@@ -345,21 +396,25 @@ class PostgresQueue:
             )
         token = held.token
         async with self._connection("save the delivery state") as conn, conn.transaction():
-            rerun = await conn.fetchval(
-                "SELECT rerun FROM messages WHERE id = $1 AND lease_token = $2 FOR UPDATE", envelope.id, token
+            await conn.execute("SELECT pg_advisory_xact_lock_shared($1)", LINKS_LOCK)
+            row = await conn.fetchrow(
+                "SELECT rerun, array(SELECT link FROM links) AS frozen_links FROM messages"
+                " WHERE id = $1 AND lease_token = $2 FOR UPDATE",
+                envelope.id,
+                token,
             )
-            if rerun is None:
+            if row is None:
                 self._forget(envelope.id, token)
                 raise LeaseLost(
                     f"{envelope.id}: the lease expired and another node took the message over"
                     " (or it was deleted)"
                 )
             now = time.time()
-            if rerun:
+            if row["rerun"]:
                 for rcpt in envelope.pending:
                     rcpt.next_attempt = min(rcpt.next_attempt, now)
             extra, recipients = _encode(envelope)
-            due = envelope.next_due()
+            due = envelope.next_due(frozenset(row["frozen_links"]))
             await conn.execute("DELETE FROM recipients WHERE message_id = $1", envelope.id)
             await conn.execute(_INSERT_RECIPIENTS, envelope.id, *recipients)
             await conn.execute(
@@ -455,6 +510,11 @@ class PostgresQueue:
             return False
         return released is not None
 
+    def abandon(self, queue_id: str) -> None:
+        """Stop renewing this lease and let it expire (nothing is written): after lease_seconds any node
+        may claim the message again, flagged as taken over."""
+        self._held.pop(queue_id, None)
+
     @property
     def held(self) -> frozenset[str]:
         """The ids this node holds leases on (claimed, not yet saved, released or completed)."""
@@ -470,6 +530,72 @@ class PostgresQueue:
             await asyncio.sleep(self.lease_seconds / 3)
             with contextlib.suppress(QueueError):  # the database is away: the next round tries again
                 await self.renew()
+                await self._renew_slots()
+
+    # -- connection slots per link (the whole cluster) -----------------------------------------------
+    @contextlib.asynccontextmanager
+    async def link_slot(self, link: str, limit: int) -> AsyncIterator[None]:
+        """Hold one of `limit` connection slots of `link` for the whole cluster while the block runs
+        (delivery.max_connections_per_domain across nodes); waits while all are taken. A slot is leased
+        like a message: renewed while held, and a dead node's slots expire after lease_seconds. When the
+        database cannot be reached the block runs anyway: the node's own limit still holds, and a stalled
+        delivery is worse than a connection too many."""
+        token = await self._take_slot(link, max(1, limit))
+        try:
+            yield
+        finally:
+            if token is not None:
+                await self._give_slot(link, token)
+
+    async def _take_slot(self, link: str, limit: int) -> uuid.UUID | None:
+        token = uuid.uuid4()
+        while True:
+            self._slot_freed.clear()
+            try:
+                async with self._connection("take a connection slot") as conn:
+                    if self._slot_rows.get(link, 0) < limit:
+                        await conn.execute(
+                            "INSERT INTO link_slots (link, slot) SELECT $1, generate_series(0, $2 - 1)"
+                            " ON CONFLICT DO NOTHING",
+                            _text(link),
+                            limit,
+                        )
+                        self._slot_rows[link] = limit
+                    slot = await conn.fetchval(
+                        _TAKE_SLOT, _text(link), limit, self.node_id, token, self.lease_seconds
+                    )
+            except QueueError:
+                return None
+            if slot is not None:
+                self._slots[token] = link
+                return token
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._slot_freed.wait(), SLOT_POLL)
+
+    async def _give_slot(self, link: str, token: uuid.UUID) -> None:
+        """Best effort: a slot that cannot be given back expires."""
+        self._slots.pop(token, None)
+        with contextlib.suppress(QueueError):
+            async with self._connection("give a connection slot back") as conn:
+                await conn.execute(
+                    "WITH given AS (UPDATE link_slots SET leased_by = NULL, token = NULL, lease_until = NULL"
+                    " WHERE link = $1 AND token = $2 RETURNING link)"
+                    " SELECT pg_notify($3, '') FROM given",
+                    _text(link),
+                    token,
+                    SLOT_CHANNEL,
+                )
+
+    async def _renew_slots(self) -> None:
+        if not self._slots:
+            return
+        async with self._connection("renew connection slots") as conn:
+            await conn.execute(
+                "UPDATE link_slots SET lease_until = clock_timestamp() + make_interval(secs => $2)"
+                " WHERE token = ANY($1::uuid[])",
+                list(self._slots),
+                self.lease_seconds,
+            )
 
     # -- operator verbs (every node sees them at once) ----------------------------------------------
     async def freeze(self, queue_id: str) -> bool:
@@ -493,22 +619,32 @@ class PostgresQueue:
 
     async def retry(self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False) -> int:
         """Force Connection / ETRN: the pending recipients of one message (`queue_id`), of every message
-        (neither given), or at `domain` (and its subdomains) are due at `now`. A message being delivered
-        gets its rerun flag: its next save makes them due now, as the delivery overwrites them. Returns
-        how many messages changed."""
+        (neither given), or at `domain` (and its subdomains) are due at `now`. Frozen messages are left
+        alone. A message being delivered gets its rerun flag: its next save makes them due now, as the
+        delivery overwrites them. Returns how many messages changed."""
+        return (await self.make_due(now, queue_id, domain, subdomains)).messages
+
+    async def make_due(
+        self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False
+    ) -> Rescheduled:
+        """retry(), also telling which links were made due; every node (this one included) hears of them
+        through NOTIFY and lifts its per-destination backoff for them (on_forced_retry)."""
         domain = domain.rstrip(".").lower()
         async with self._connection("reschedule") as conn, conn.transaction():
             rows = await conn.fetch(
                 "UPDATE recipients SET next_attempt = $1 WHERE state = 'pending'"
                 " AND ($2 = '' OR message_id = $2)"
                 " AND ($3 = '' OR domain = $3 OR ($4 AND right(domain, length($3) + 1) = '.' || $3))"
-                " RETURNING message_id",
+                " AND message_id IN (SELECT id FROM messages WHERE NOT frozen)"
+                " RETURNING message_id, route",
                 now,
                 queue_id,
                 domain,
                 subdomains,
             )
-            return await self._made_due(conn, {row["message_id"] for row in rows}, now)
+            links = frozenset(row["route"] for row in rows)
+            count = await self._made_due(conn, {row["message_id"] for row in rows}, now, links)
+        return Rescheduled(count, links)
 
     async def recategorize(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
         """ResetMessageStatus for one message: the routes computed by the caller (address -> link name)
@@ -526,9 +662,15 @@ class PostgresQueue:
             )
             return await self._made_due(conn, {row["message_id"] for row in rows}, now) > 0
 
-    async def _made_due(self, conn: Any, ids: set[str], now: float) -> int:
+    async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
+        """QueueStore's name for recategorize()."""
+        return await self.recategorize(queue_id, routes, now)
+
+    async def _made_due(
+        self, conn: Any, ids: set[str], now: float, forced: frozenset[str] | None = None
+    ) -> int:
         """After recipients of `ids` were made due at `now`: move the messages' due time, flag those
-        under a lease for a rerun at save, wake the nodes."""
+        under a lease for a rerun at save, wake the nodes (telling them the `forced` links, when given)."""
         if not ids:
             return 0
         changed = await conn.fetchval(
@@ -538,7 +680,7 @@ class PostgresQueue:
             list(ids),
             now,
         )
-        await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+        await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, _retry_payload(forced))
         return int(changed)
 
     async def delete(self, queue_id: str) -> bool:
@@ -547,6 +689,35 @@ class PostgresQueue:
             found = await conn.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", queue_id)
         self._held.pop(queue_id, None)
         return found is not None
+
+    async def set_frozen(self, queue_id: str, frozen: bool) -> Envelope | None:
+        """freeze() or thaw(), then the envelope as stored (None: no such message)."""
+        if not await self._set_frozen(queue_id, frozen):
+            return None
+        return await self.get(queue_id)
+
+    async def set_link_frozen(self, link: str, frozen: bool) -> None:
+        """Freeze or thaw a next hop for the whole cluster: a pending recipient routed to a frozen link is
+        not delivered by any node until the link is thawed (its message still accepts mail). Taken under
+        the links lock, so a save in progress either finishes first or sees the change."""
+        async with self._connection("freeze or thaw the link") as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock($1)", LINKS_LOCK)
+            if frozen:
+                await conn.execute(
+                    "INSERT INTO links (link, frozen_by) VALUES ($1, $2) ON CONFLICT (link) DO NOTHING",
+                    _text(link),
+                    _text(self.node_id),
+                )
+            else:
+                await conn.execute("DELETE FROM links WHERE link = $1", _text(link))
+            await conn.execute(_RECOMPUTE_DUE, _text(link))
+            if not frozen:
+                await conn.execute("SELECT pg_notify($1, '')", CHANNEL)
+
+    async def frozen_links(self) -> frozenset[str]:
+        async with self._connection("read the frozen links") as conn:
+            rows = await conn.fetch("SELECT link FROM links")
+        return frozenset(row["link"] for row in rows)
 
     async def _set_aside(self, conn: Any, queue_id: str, reason: str) -> None:
         """An unreadable row (a newer envelope version, a hand edit) is frozen with the reason, never
@@ -571,8 +742,17 @@ class PostgresQueue:
         self._work.clear()
         return True
 
-    def _notified(self, *_: object) -> None:
+    def wake(self) -> None:
+        """Make a pending wait_for_work() return now (this node queued mail or finished a delivery)."""
         self._work.set()
+
+    def _notified(self, _conn: object, _pid: object, _channel: object, payload: object) -> None:
+        self._work.set()
+        if self.on_forced_retry is not None and isinstance(payload, str) and payload.startswith(RETRY_PREFIX):
+            links = payload.removeprefix(RETRY_PREFIX)
+            # A malformed payload is not ours to fail on: the wake-up itself went through.
+            with contextlib.suppress(ValueError, TypeError):
+                self.on_forced_retry(None if links == "*" else frozenset(json.loads(links)))
 
     async def _listen(self) -> Any:
         assert asyncpg is not None
@@ -584,6 +764,7 @@ class PostgresQueue:
             raise pgschema.explain(exc, self.dsn) from exc
         try:
             await conn.add_listener(CHANNEL, self._notified)
+            await conn.add_listener(SLOT_CHANNEL, lambda *_: self._slot_freed.set())
         except BaseException:
             conn.terminate()
             raise
@@ -605,6 +786,7 @@ class PostgresQueue:
                 except QueueError:
                     continue
                 self._work.set()
+                self._slot_freed.set()
         finally:
             if conn is not None:
                 conn.terminate()
@@ -670,6 +852,23 @@ class PostgresQueue:
             self._on_corrupt(row["id"], str(exc) or type(exc).__name__)
             return None
 
+    async def count(self) -> int:
+        async with self._connection("count the queue") as conn:
+            return int(await conn.fetchval("SELECT count(*) FROM messages"))
+
+    async def holders(self) -> dict[str, str]:
+        """Queue id -> the node that holds a lease on it that has not expired (delivering it now)."""
+        async with self._connection("read the leases") as conn:
+            rows = await conn.fetch(
+                "SELECT id, leased_by FROM messages WHERE lease_token IS NOT NULL"
+                " AND lease_until > clock_timestamp()"
+            )
+        return {row["id"]: row["leased_by"] or "" for row in rows}
+
+    def recent(self, queue_id: str) -> Envelope | None:
+        """An envelope this node queued lately (the last RECENT_KEPT), or None; no database round trip."""
+        return self._recent.get(queue_id)
+
     async def list(self) -> list[Envelope]:
         """Every queued message, by id, as stored (one consistent snapshot). Unreadable rows are reported
         to on_corrupt and left out."""
@@ -725,6 +924,14 @@ def _decode(row: Any, recipients: list[Any]) -> Envelope:
         rcpts.append(rcpt)
     data["recipients"] = rcpts
     return Envelope.from_json(data)
+
+
+def _retry_payload(links: frozenset[str] | None) -> str:
+    """The NOTIFY payload: "" (just wake up), or the forced links for the nodes' backoff."""
+    if links is None:
+        return ""
+    text = RETRY_PREFIX + _json(sorted(_text(link) for link in links))
+    return text if len(text.encode()) <= RETRY_PAYLOAD_MAX else RETRY_PREFIX + "*"
 
 
 def _json(value: Any) -> str:
