@@ -12,7 +12,7 @@ import pytest
 
 from smtpsvc.model import Envelope, Recipient, RecipientState
 from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.local import LocalSpool, LocalStore
+from smtpsvc.queue.local import MEMORY_LIMIT, LocalSpool, LocalStore
 
 
 def make_envelope(queue_id: str, due: float = 0.0) -> Envelope:
@@ -89,8 +89,8 @@ async def test_recovery_discards_unacknowledged_writes_and_keeps_committed_mail(
     spool.open()
     committed = await put(spool)
     half = spool.create_writer()
-    half.write(b"never acknowledged")
-    half._flush_and_detach().close()  # crash while receiving: left in tmp/
+    half.write(b"x" * (MEMORY_LIMIT + 1))  # past the memory limit: streamed to tmp/
+    assert list(spool.tmp_dir.iterdir())  # then a crash while receiving leaves it there
     (spool.dir / "0000ORPHAN.eml").write_bytes(b"no envelope")  # crash between the two renames
     spool.close()
 

@@ -93,9 +93,9 @@ class Service:
                 probe.unlink()
             except OSError as exc:
                 text = f"The {name} folder {path} cannot be used: {exc.strerror or exc}"
-                EventLog(None, stream=self._log_stream).emit(
-                    events.Event(events.MAILROOT_UNUSABLE, text, cause="mailroot-unusable")
-                )
+                early = EventLog(None, stream=self._log_stream)  # no log folder to write to: stderr only
+                early.emit(events.Event(events.MAILROOT_UNUSABLE, text, cause="mailroot-unusable"))
+                early.close()
                 raise MailrootError(text) from exc
 
     async def start(self) -> None:
@@ -145,7 +145,7 @@ class Service:
                 certificate=certificate,
                 users=users,
                 limiter=AuthLimiter(),
-                etrn=self.scheduler.flush,
+                etrn=self.scheduler.etrn,
                 resolver=resolver,
                 metrics=self.metrics,
             )

@@ -119,6 +119,10 @@ class EventLog:
         self._flush_bytes = flush_bytes
         self._buffer: list[str] = []
         self._buffered = 0
+        # The text copy for the stream: written at once to a terminal (someone is watching), else with the
+        # file's flushes (journald or a log file gets the lines within a second, not one write() per event).
+        self._stream_lines: list[str] = []
+        self._stream_now = _is_terminal(stream)
         self._lock = threading.Lock()
         self._file: Any = None
         # Observers (metrics): a tuple replaced on subscribe, so emit reads it without taking the lock.
@@ -138,11 +142,13 @@ class EventLog:
                 self._flush_locked()
         if self._stream is not None:
             extra = " ".join(f"{k}={record[k]}" for k in ("queue_id", "cause", "status") if k in record)
-            with contextlib.suppress(OSError, ValueError):  # a closed stderr must never stop mail flow
-                self._stream.write(
-                    f"{record['time']} {record['level']} {event.id} {event.text}"
-                    f"{' ' + extra if extra else ''}\n"
-                )
+            text = f"{record['time']} {record['level']} {event.id} {event.text}"
+            text += f" {extra}\n" if extra else "\n"
+            if self._stream_now:
+                self._write_stream(text)
+            else:
+                with self._lock:
+                    self._stream_lines.append(text)
         for callback in self._subscribers:  # observer hook (metrics)
             with contextlib.suppress(Exception):  # an observer's bug must never stop logging or mail flow
                 callback(event)
@@ -163,7 +169,16 @@ class EventLog:
         with self._lock:
             self._flush_locked()
 
+    def _write_stream(self, text: str) -> None:
+        if self._stream is not None:
+            with contextlib.suppress(OSError, ValueError):  # a closed stderr must never stop mail flow
+                self._stream.write(text)
+                self._stream.flush()
+
     def _flush_locked(self) -> None:
+        if self._stream_lines:
+            self._write_stream("".join(self._stream_lines))
+            self._stream_lines.clear()
         if self._file is not None and self._buffer:
             try:
                 self._file.write("".join(self._buffer))
@@ -179,6 +194,13 @@ class EventLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _is_terminal(stream: TextIO | None) -> bool:
+    try:
+        return stream is not None and stream.isatty()
+    except (AttributeError, ValueError, OSError):
+        return False
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

@@ -172,10 +172,9 @@ class Metrics:
             r.register(_QueueCollector(queue_snapshot, frozen_links, clock, max_links))
 
         # Known label values start at 0, so a rate() or an alert sees the series before the first increment.
-        for verb in (*sorted(KNOWN_VERBS), OTHER):
-            self.commands.labels(verb)
-        for cls in REPLY_CLASSES:
-            self.replies.labels(cls)
+        # The per-command and per-reply children are kept: labels() on every command was a visible cost.
+        self._command_child = {verb: self.commands.labels(verb) for verb in (*sorted(KNOWN_VERBS), OTHER)}
+        self._reply_child = {int(cls[0]): self.replies.labels(cls) for cls in REPLY_CLASSES}
         for source in SOURCES:
             self.received.labels(source)
             self.received_bytes.labels(source)
@@ -242,11 +241,12 @@ class Metrics:
         else:
             verb = _VERB_OF_EVENT.get(type(event))
         if verb is not None:
-            self.commands.labels(verb).inc()
+            child = self._command_child.get(verb)
+            (child if child is not None else self.commands.labels(verb)).inc()
 
     def reply(self, code: int) -> None:
-        cls = f"{code // 100}xx"
-        self.replies.labels(cls if cls in REPLY_CLASSES else OTHER).inc()
+        child = self._reply_child.get(code // 100)
+        (child if child is not None else self.replies.labels(OTHER)).inc()
 
     def message_accepted(self, seconds: float) -> None:
         self.accept_seconds.observe(seconds)

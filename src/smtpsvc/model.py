@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from enum import StrEnum
@@ -54,6 +54,12 @@ class Recipient:
     @property
     def domain(self) -> str:
         return domain_of(self.address)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {name: getattr(self, name) for name in _RECIPIENT_FIELDS}
+        data["notify"] = list(self.notify)
+        data["history"] = [{"time": a.time, "reply": a.reply, "host": a.host} for a in self.history]
+        return data
 
     @property
     def pending(self) -> bool:
@@ -116,7 +122,11 @@ class Envelope:
         return min(times) if times else None
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
+        """What `asdict` gives (same keys, same order), built by hand: it runs for every queue write, and
+        `asdict`'s generic deep copy was a tenth of the event loop's time under load."""
+        data = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        data["recipients"] = [r.to_json() for r in self.recipients]
+        data["transcripts"] = [list(t) for t in self.transcripts]
         data["version"] = 1
         return data
 
@@ -170,6 +180,10 @@ class Envelope:
             spool=str(data.get("spool", "")),
             transcripts=[[str(line) for line in t] for t in data.get("transcripts", [])],
         )
+
+
+_RECIPIENT_FIELDS = tuple(f.name for f in fields(Recipient))
+_ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 
 
 @dataclass(frozen=True, slots=True)

@@ -129,6 +129,7 @@ async def test_etrn_through_one_node_makes_mail_another_node_tried_due_now(
     await tried_once(observer, 1)
     cluster.sink.handler.defer_everything = False
     client = await greeted(b)
+    assert (await client.command("ETRN nothing-queued.test")).startswith("251")  # exact on the database too
     assert (await client.command("ETRN remote.test")).startswith("250")
     await client.close()
     await wait_until(lambda: subjects(cluster.sink) == ["etrn"], what="delivery after ETRN")

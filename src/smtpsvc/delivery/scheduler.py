@@ -78,7 +78,6 @@ class Scheduler:
         self.badmail_dir = badmail_dir
         self.rng = rng or random.Random()
         self._inflight: set[asyncio.Task[None]] = set()
-        self._background: set[asyncio.Task[int]] = set()  # ETRN on a shared queue (see flush)
         self._stopping = False
         self._queue_down = False  # the last claim failed: logged once until it works again
         self.transcripts: dict[str, list[str]] = {}  # last SMTP transcript per queue id (in memory for now)
@@ -94,19 +93,6 @@ class Scheduler:
     def wake(self) -> None:
         self.queue.wake()
 
-    def flush(self, domain: str, subdomains: bool = False) -> int:
-        """ETRN, as the SMTP session calls it (synchronously): make every pending recipient at `domain` due
-        now. With the local spool the answer comes from memory, exact: how many messages were rescheduled
-        (messages being delivered right now are not counted). A shared queue needs a database round trip,
-        so the work runs in the background (`etrn`) and the answer is a best-effort 1 ("queuing started"),
-        even when nothing turns out to be waiting."""
-        if isinstance(self.queue, LocalStore):
-            return self._flush_local(self.queue.spool, domain, subdomains)
-        task = asyncio.get_running_loop().create_task(self._etrn_quietly(domain, subdomains))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return 1
-
     async def etrn(self, domain: str, subdomains: bool = False) -> int:
         """ETRN / Force Connection for a domain, on either backend; returns how many messages changed."""
         if isinstance(self.queue, LocalStore):
@@ -116,12 +102,6 @@ class Scheduler:
         if done.messages:
             self.wake()
         return done.messages
-
-    async def _etrn_quietly(self, domain: str, subdomains: bool) -> int:
-        try:
-            return await self.etrn(domain, subdomains)
-        except QueueError:
-            return 0  # the database is away: the client may ETRN again; the mail is retried anyway
 
     def _flush_local(self, spool: LocalSpool, domain: str, subdomains: bool) -> int:
         domain = domain.rstrip(".").lower()
@@ -264,8 +244,6 @@ class Scheduler:
         """Stop leasing; give in-flight deliveries `grace` seconds, then cancel (they are retried later)."""
         self._stopping = True
         self.queue.wake()
-        for background in list(self._background):
-            background.cancel()
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in pending:

@@ -1,28 +1,46 @@
-"""Group commit: file-system changes that must be durable, batched so concurrent callers share fsyncs.
+"""Group commit: file-system changes that must be durable, batched so concurrent callers share the waits.
 
-Each caller hands in a small synchronous job (write + fsync a file, rename, unlink) and awaits its future.
-Jobs that arrive while a batch is being written wait for the next batch; a batch runs in one worker thread
-(one thread hop per batch, not per message), ends with a single fsync of each directory the jobs touched,
-and only then are the callers' futures resolved. So the 250 after DATA still waits for its own fsync, but
-fifty sessions finishing at the same moment pay for about one directory sync, not fifty.
+A caller has already written its files (page-cache writes on the event loop take microseconds) and hands
+in a `Commit`: the file descriptors whose contents must reach the disk, the renames or unlinks to do once
+they have (`then`, run on the event loop), and the directories whose entries must be durable afterwards.
+The batch that takes it goes through three steps and resolves every caller's future only at the end:
+
+  1. fsync every file of the batch, side by side in worker threads: fsyncs in flight at the same moment
+     share journal commits (ext4, xfs), where one after the other each pays for its own;
+  2. on the event loop, each caller's `then` (the renames that publish the files);
+  3. fsync each touched directory once, in a worker thread.
+
+So the 250 after DATA still waits for its own fsyncs, fifty sessions finishing together pay for about one
+journal commit and one directory sync, and the worker threads do nothing but fsync: they hardly ever need
+the GIL, which kept the event loop and a busy worker thread handing it back and forth (futex storms) when
+the whole job, every open, write and rename included, ran in the thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-Job = Callable[[], None]
+FSYNC_THREADS = 8  # fsyncs in flight at once
+
+
+@dataclass(slots=True)
+class Commit:
+    fds: Sequence[int] = ()  # made durable, then closed by the committer (whatever happens)
+    then: Callable[[], None] | None = None  # on the event loop, after the fsyncs: renames, unlinks
+    dirs: Sequence[Path] = ()  # fsynced once per batch after every `then`
 
 
 @dataclass(slots=True)
 class _Pending:
-    job: Job
-    dirs: tuple[Path, ...]
+    commit: Commit
     future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    error: BaseException | None = None
 
 
 def fsync_dir(path: Path) -> None:
@@ -41,56 +59,96 @@ class GroupCommitter:
         self._pending: list[_Pending] = []
         self._running: asyncio.Task[None] | None = None
         self._max_batch = max_batch
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first parallel fsync
         self.batches = 0  # statistics: how many batches ran
-        self.jobs = 0  # and how many jobs they carried
+        self.jobs = 0  # and how many commits they carried
 
-    async def run(self, job: Job, *dirs: Path) -> None:
-        """Run `job` in the next batch; return once it and the directory syncs are durable."""
-        item = _Pending(job, dirs)
+    async def run(self, commit: Commit) -> None:
+        """Make `commit` durable in the next batch; raises the OSError of its fsync, `then` or dir sync."""
+        item = _Pending(commit)
         self._pending.append(item)
         if self._running is None:
             self._running = asyncio.get_running_loop().create_task(self._drain())
         await asyncio.shield(item.future)
 
     async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
         try:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                errors = await asyncio.to_thread(_execute, batch)
+                await self._commit(loop, batch)
                 self.batches += 1
                 self.jobs += len(batch)
-                for item, error in zip(batch, errors, strict=True):
+                for item in batch:
                     if item.future.done():
                         continue
-                    if error is None:
+                    if item.error is None:
                         item.future.set_result(None)
                     else:
-                        item.future.set_exception(error)
+                        item.future.set_exception(item.error)
         finally:
             self._running = None
+
+    async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        fds = [(item, fd) for item in batch for fd in item.commit.fds]
+        if fds:
+            errors = await loop.run_in_executor(None, self._sync_files, [fd for _, fd in fds])
+            for (item, _), error in zip(fds, errors, strict=True):
+                if error is not None and item.error is None:
+                    item.error = error
+        dirs: dict[Path, list[_Pending]] = {}
+        for item in batch:
+            if item.error is not None:
+                continue
+            if item.commit.then is not None:
+                try:
+                    item.commit.then()
+                except OSError as exc:
+                    item.error = exc
+                    continue
+            for directory in item.commit.dirs:
+                dirs.setdefault(directory, []).append(item)
+        if dirs:
+            errors = await loop.run_in_executor(None, _sync_dirs, list(dirs))
+            for members, error in zip(dirs.values(), errors, strict=True):
+                for item in members:
+                    if error is not None and item.error is None:
+                        item.error = error
+
+    def _sync_files(self, fds: list[int]) -> list[BaseException | None]:
+        """Worker thread: fsync (and close) each fd, the fsyncs side by side."""
+        if len(fds) == 1:
+            return [_fsync_and_close(fds[0])]
+        if self._pool is None:  # only one batch runs at a time, so only one thread gets here at once
+            self._pool = concurrent.futures.ThreadPoolExecutor(FSYNC_THREADS, "smtpsvc-fsync")
+        return list(self._pool.map(_fsync_and_close, fds))
 
     async def close(self) -> None:
         if self._running is not None:
             await self._running
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
 
 
-def _execute(batch: list[_Pending]) -> list[BaseException | None]:
-    """Worker thread: run every job, then sync each touched directory once. Errors stay per job."""
+def _fsync_and_close(fd: int) -> BaseException | None:
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        return exc
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return None
+
+
+def _sync_dirs(dirs: list[Path]) -> list[BaseException | None]:
     errors: list[BaseException | None] = []
-    dirs: dict[Path, list[int]] = {}
-    for index, item in enumerate(batch):
-        try:
-            item.job()
-            errors.append(None)
-            for d in item.dirs:
-                dirs.setdefault(d, []).append(index)
-        except BaseException as exc:  # handed to the waiting caller
-            errors.append(exc)
-    for directory, indexes in dirs.items():
+    for directory in dirs:
         try:
             fsync_dir(directory)
+            errors.append(None)
         except OSError as exc:
-            for index in indexes:
-                errors[index] = exc
+            errors.append(exc)
     return errors

@@ -42,7 +42,7 @@ from typing import IO, BinaryIO
 
 from smtpsvc.model import Envelope, new_queue_id
 from smtpsvc.queue.base import Claim, MessageWriter, QueueError, Rescheduled
-from smtpsvc.queue.commit import GroupCommitter, fsync_dir
+from smtpsvc.queue.commit import Commit, GroupCommitter, fsync_dir
 
 try:  # POSIX advisory locking; Windows gets msvcrt below
     import fcntl
@@ -50,10 +50,13 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 WRITE_BUFFER = 256 * 1024
+MEMORY_LIMIT = 256 * 1024  # a message up to this size is held in memory until its commit
 
 
 class SpoolWriter:
-    """A message being received into tmp/. Plain buffered writes: page-cache speed, fsync at commit."""
+    """A message being received. Small messages stay in memory and are written, fsynced and renamed by the
+    commit job in a worker thread (no file system call on the event loop); past MEMORY_LIMIT the bytes go
+    to tmp/<id>.eml through plain buffered writes (page-cache speed), fsynced at commit."""
 
     def __init__(self, spool: LocalSpool, queue_id: str) -> None:
         self._spool = spool
@@ -61,7 +64,9 @@ class SpoolWriter:
         self.path = spool.tmp_dir / f"{queue_id}.eml"
         self.blob_path = spool.tmp_dir / f"{queue_id}.x50"
         self.has_blob = False
-        self._file: IO[bytes] | None = open(self.path, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115
+        self._memory: bytearray | None = bytearray()
+        self._file: IO[bytes] | None = None
+        self._closed = False
         self._size = 0
 
     @property
@@ -73,9 +78,18 @@ class SpoolWriter:
         return self._size
 
     def write(self, data: bytes) -> None:
-        if self._file is None:
+        if self._closed:
             raise QueueError("message writer already closed")
         try:
+            if self._memory is not None:
+                if len(self._memory) + len(data) <= MEMORY_LIMIT:
+                    self._memory += data
+                    self._size += len(data)
+                    return
+                self._file = open(self.path, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115
+                self._file.write(self._memory)
+                self._memory = None
+            assert self._file is not None
             self._file.write(data)
         except OSError as exc:
             self.abort()
@@ -92,6 +106,8 @@ class SpoolWriter:
         self.has_blob = True
 
     def abort(self) -> None:
+        self._closed = True
+        self._memory = None
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
@@ -100,9 +116,15 @@ class SpoolWriter:
             with contextlib.suppress(OSError):
                 path.unlink()
 
-    def _flush_and_detach(self) -> IO[bytes]:
-        if self._file is None:
+    def _detach(self) -> IO[bytes] | bytes:
+        """For the commit: the open file (flushed), or the bytes still in memory."""
+        if self._closed:
             raise QueueError("message writer already closed")
+        self._closed = True
+        if self._memory is not None:
+            data, self._memory = bytes(self._memory), None
+            return data
+        assert self._file is not None
         self._file.flush()
         handle, self._file = self._file, None
         return handle
@@ -232,58 +254,85 @@ class LocalSpool:
             raise ValueError("envelope and writer ids differ")
         envelope.size = writer.size
         envelope.spool = self.spool_id
-        handle = writer._flush_and_detach()
+        body = writer._detach()
         payload = _encode(envelope)
         eml_tmp = writer.path
         env_tmp = self.tmp_dir / f"{envelope.id}.env"
-
         blob_tmp = writer.blob_path if writer.has_blob else None
-
-        def job() -> None:
-            try:
-                os.fsync(handle.fileno())
-            finally:
-                handle.close()
+        fds: list[int] = []
+        try:
+            # The writes go to the page cache here, on the loop; the committer fsyncs them in threads.
+            if isinstance(body, bytes):
+                fds.append(_write_file(eml_tmp, body))
+            else:
+                body.close()  # flushed by _detach; an fd of our own is enough to fsync it
+                fds.append(os.open(eml_tmp, os.O_RDONLY))
             if blob_tmp is not None:
-                _fsync_file(blob_tmp)
+                fds.append(os.open(blob_tmp, os.O_RDONLY))
+            fds.append(_write_file(env_tmp, payload))
+        except OSError as exc:
+            for fd in fds:
+                os.close(fd)
+            self._discard(writer, env_tmp)
+            raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
+
+        def publish() -> None:  # the .env last: its appearance is the commit
+            if blob_tmp is not None:
                 os.replace(blob_tmp, self.dir / blob_tmp.name)
-            _write_synced(env_tmp, payload)
             os.replace(eml_tmp, self.dir / eml_tmp.name)
             os.replace(env_tmp, self.dir / env_tmp.name)
 
         try:
-            await self._committer.run(job, self.dir)
+            await self._committer.run(Commit(fds, publish, (self.dir,)))
         except OSError as exc:
-            for p in (
-                eml_tmp,
-                env_tmp,
-                writer.blob_path,
-                self.dir / eml_tmp.name,
-                self.dir / env_tmp.name,
-                self.dir / writer.blob_path.name,
-            ):
-                with contextlib.suppress(OSError):
-                    p.unlink()
+            self._discard(writer, env_tmp)
             raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
         self._index(envelope)
 
+    def _discard(self, writer: SpoolWriter, env_tmp: Path) -> None:
+        """A put that failed leaves nothing behind, in tmp/ or in queue/."""
+        for p in (
+            writer.path,
+            env_tmp,
+            writer.blob_path,
+            self.dir / writer.path.name,
+            self.dir / env_tmp.name,
+            self.dir / writer.blob_path.name,
+        ):
+            with contextlib.suppress(OSError):
+                p.unlink()
+
     async def save(self, envelope: Envelope) -> None:
         envelope.spool = self.spool_id
-        payload = _encode(envelope)
-        tmp = self.tmp_dir / f"{envelope.id}.env.new"
-        final = self.dir / f"{envelope.id}.env"
-
-        def job() -> None:
-            _write_synced(tmp, payload)
-            os.replace(tmp, final)
-
         try:
-            await self._committer.run(job, self.dir)
-        except OSError as exc:
-            raise QueueError(f"cannot update queue file: {exc.strerror}") from exc
+            await self._replace(self.dir / f"{envelope.id}.env", _encode(envelope), f"{envelope.id}.env.new")
         finally:
             self._leased.discard(envelope.id)
         self._index(envelope)
+
+    async def _replace(
+        self, final: Path, payload: bytes, tmp_name: str, unless: Callable[[], bool] | None = None
+    ) -> None:
+        """Atomically replace `final` with `payload` (write, fsync, rename, directory fsync). With `unless`,
+        the rename is skipped when it says so at that moment."""
+        tmp = self.tmp_dir / tmp_name
+        try:
+            fd = _write_file(tmp, payload)
+        except OSError as exc:
+            raise QueueError(f"cannot update {final.name}: {exc.strerror}") from exc
+
+        def publish() -> None:
+            if unless is not None and unless():
+                os.unlink(tmp)
+                return
+            os.replace(tmp, final)
+
+        try:
+            await self._committer.run(Commit([fd], publish, (self.dir,)))
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise QueueError(f"cannot update {final.name}: {exc.strerror}") from exc
 
     async def update(self, envelope: Envelope) -> None:
         """Persist an operator's change (freeze, thaw, retry) without touching the lease: a message being
@@ -294,31 +343,22 @@ class LocalSpool:
         if envelope.id not in self._leased:
             self._index(envelope)
         envelope.spool = self.spool_id
-        payload = _encode(envelope)
-        tmp = self.tmp_dir / f"{envelope.id}.env.admin"
         final = self.dir / f"{envelope.id}.env"
-
-        def job() -> None:
-            if not final.exists():
-                return  # completed meanwhile: a stale write must not bring it back
-            _write_synced(tmp, payload)
-            os.replace(tmp, final)
-
-        try:
-            await self._committer.run(job, self.dir)
-        except OSError as exc:
-            raise QueueError(f"cannot update queue file: {exc.strerror}") from exc
+        payload = _encode(envelope)
+        # completed meanwhile: a stale write must not bring it back
+        await self._replace(final, payload, f"{envelope.id}.env.admin", unless=lambda: not final.exists())
 
     async def complete(self, queue_id: str) -> None:
-        def job() -> None:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(self.dir / f"{queue_id}.env")
-            for suffix in (".eml", ".x50"):
+        known = self._envelopes.get(queue_id)
+        suffixes = (".eml",) if known is not None and not known.xexch50 else (".eml", ".x50")
+
+        def unlink() -> None:  # the .env first: once it is gone the message no longer exists
+            for suffix in (".env", *suffixes):
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.dir / f"{queue_id}{suffix}")
 
         self._forget(queue_id)
-        await self._committer.run(job, self.dir)
+        await self._committer.run(Commit((), unlink, (self.dir,)))
 
     # -- scheduling ----------------------------------------------------------------------------------
     def _index(self, envelope: Envelope) -> None:
@@ -379,16 +419,7 @@ class LocalSpool:
         """Freeze or thaw a next hop for every message queued for it, now and later (persisted)."""
         links = self._frozen_links | {link} if frozen else self._frozen_links - {link}
         payload = json.dumps({"frozen": sorted(links)}).encode()
-        tmp, final = self.tmp_dir / "links.json.new", self.dir / "links.json"
-
-        def job() -> None:
-            _write_synced(tmp, payload)
-            os.replace(tmp, final)
-
-        try:
-            await self._committer.run(job, self.dir)
-        except OSError as exc:
-            raise QueueError(f"cannot update {final}: {exc.strerror}") from exc
+        await self._replace(self.dir / "links.json", payload, "links.json.new")
         self._frozen_links = frozenset(links)
         for queue_id, envelope in self._envelopes.items():
             if queue_id not in self._leased:
@@ -610,6 +641,19 @@ def _fsync_file(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _write_file(path: Path, payload: bytes) -> int:
+    """Write `payload` to a new or truncated file; returns the open fd for the committer to fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        view = memoryview(payload)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _write_synced(path: Path, payload: bytes) -> None:

@@ -12,7 +12,7 @@ import contextlib
 import ipaddress
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -90,7 +90,7 @@ class SessionContext:
     certificate: ServerCertificate
     users: UserStore
     limiter: AuthLimiter
-    etrn: Callable[[str, bool], int]  # flush(domain, subdomains) -> messages rescheduled
+    etrn: Callable[[str, bool], Awaitable[int]]  # (domain, subdomains) -> messages made due now
     resolver: MxResolver | None = None  # for server.reverse_dns
     metrics: SessionObserver | None = None  # metrics hook; None: no metrics
 
@@ -173,6 +173,7 @@ class Session:
         self.txn = Transaction()
         self.idle = False  # waiting for the client's next command (safe to interrupt)
         self._deadline = 0.0
+        self._out: list[bytes] = []  # replies not written yet: pipelined replies leave in one send()
         self.metrics = context.metrics  # metrics hook: the same observer sees this session open and close
 
     @property
@@ -205,6 +206,7 @@ class Session:
         sends for a moment, so that a client that pipelined ahead reads our 421 instead of a TCP reset."""
         with contextlib.suppress(ConnectionError, OSError, RuntimeError, TimeoutError):
             if not self.writer.is_closing():
+                self._flush_out()
                 await asyncio.wait_for(self.writer.drain(), 5)
                 if self.writer.can_write_eof():
                     self.writer.write_eof()
@@ -218,11 +220,13 @@ class Session:
         self._deadline = time.monotonic() + seconds
 
     async def _read(self) -> bytes:
+        self._flush_out()  # RFC 2920 §3.1: every pending reply goes out before we wait for the client
         await self.writer.drain()
         remaining = self._deadline - time.monotonic()
         if remaining <= 0:
             raise TimeoutError
-        return await asyncio.wait_for(self.reader.read(READ_SIZE), remaining)
+        async with asyncio.timeout(remaining):  # no task per read, unlike wait_for on Python 3.11
+            return await self.reader.read(READ_SIZE)
 
     async def _loop(self) -> None:
         self._reset_deadline(self.config.server.connection_timeout)
@@ -257,15 +261,22 @@ class Session:
             if reply.code == 221 or reply.code == 421:
                 raise SessionClosed
             if isinstance(event, StartTls) and reply.code == 220:
+                self._flush_out()
                 await self._start_tls()
 
     def _send(self, reply: Reply) -> None:
-        self.writer.write(self.conn.send(reply))
+        self._out.append(self.conn.send(reply))
         if self.metrics is not None:  # metrics hook: replies by class
             self.metrics.reply(reply.code)
 
+    def _flush_out(self) -> None:
+        if self._out:
+            self.writer.write(self._out[0] if len(self._out) == 1 else b"".join(self._out))
+            self._out.clear()
+
     def _send_unsolicited(self, reply: Reply) -> None:
         """A 421 the server may send at any time (RFC 5321 §3.8): timeout, shutdown."""
+        self._flush_out()
         self.writer.write(reply.to_bytes(self.config.extensions.enabled("enhancedstatuscodes")))
 
     def _store(self, data: bytes) -> None:
@@ -336,7 +347,7 @@ class Session:
             case AuthResponse(data=data):
                 return await self._auth(self.sasl.respond(data))
             case Etrn(arg=arg):
-                return self._etrn(arg)
+                return await self._etrn(arg)
             case Xexch50():
                 if not self.conn.authenticated:
                     return self._refuse_logged(
@@ -443,7 +454,7 @@ class Session:
             return self._refuse_logged("AUTH", replies.AUTH_TOO_MANY_FAILURES, "auth-rate-limited")
         return self._refuse_logged("AUTH", replies.AUTH_FAILED, "auth-failed")
 
-    def _etrn(self, arg: str) -> Reply:
+    async def _etrn(self, arg: str) -> Reply:
         node = arg.lstrip("@#")
         if arg.startswith("#"):
             return replies.ETRN_UNKNOWN(arg)  # named queues are not offered
@@ -451,7 +462,10 @@ class Session:
             self.client_ip, f"postmaster@{node}", self.config, authenticated=bool(self.auth_user)
         ).allowed:
             return self._refuse_logged("ETRN", replies.ETRN_NOT_ALLOWED(arg), "etrn-not-allowed")
-        count = self.context.etrn(node, arg.startswith("@"))
+        try:
+            count = await self.context.etrn(node, arg.startswith("@"))
+        except QueueError:
+            return replies.ETRN_UNKNOWN(arg)  # the shared queue is unreachable: 458, the client may retry
         return replies.ETRN_OK(arg) if count else replies.ETRN_NOTHING(arg)
 
     async def _helo_matches_ptr(self, name: str) -> bool:
