@@ -8,7 +8,10 @@ Runs, one after another, each as its own process (so one failing step does not s
    then the end-of-DATA -> 250 latency of all three at 1, 10 and 50 sessions;
 2. ``idle``: bench/idle.py, RSS per idle session and with --idle-sessions (10 000) held;
 3. ``big``: bench/bigmessage.py, a --big-mb (1024 MiB) message streamed in and relayed, RSS sampled;
-4. ``profile`` (only with --profile): bench/profiling.py, py-spy under the accept, relay, 100 KiB relay and
+4. ``cluster`` (unless --no-cluster): bench/cluster.py, 1, 2 and 3 nodes sharing one throwaway PostgreSQL
+   under the same smtp-source load, and the local spool as a reference (end-to-end and accept msgs/s, CPU
+   per message of the nodes, PostgreSQL, smtp-source and smtp-sink);
+5. ``profile`` (only with --profile): bench/profiling.py, py-spy under the accept, relay, 100 KiB relay and
    big-message loads; flame graphs under 1 MB are kept in bench/results/.
 
 Then appends one section to bench/results/<date>.md: the command, the machine (cores, CPU, kernel, Python,
@@ -16,8 +19,8 @@ uvloop, smtpsvc revision, Postfix version, filesystem, fd limit), the load avera
 bench/run.sh sets the machine up (Postfix tools, venv, fd limit) and then runs this; ``python -m bench``
 runs this on a machine that is already set up.
 
-    .venv/bin/python bench/suite.py [--quick] [--runs N] [--only compare,idle,big] [--profile]
-                                    [--idle-sessions N] [--big-mb N] [--no-write]
+    .venv/bin/python bench/suite.py [--quick] [--runs N] [--only compare,idle,big,cluster] [--profile]
+                                    [--no-cluster] [--idle-sessions N] [--big-mb N] [--no-write]
 """
 
 from __future__ import annotations
@@ -44,9 +47,9 @@ import common
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-STEPS = ("compare", "idle", "big", "profile")
+STEPS = ("compare", "idle", "big", "cluster", "profile")
 # a bound for each step's process, far above its normal duration; the steps bound their own phases too
-STEP_TIMEOUT = {"compare": 3600.0, "idle": 1200.0, "big": 1800.0, "profile": 1800.0}
+STEP_TIMEOUT = {"compare": 3600.0, "idle": 1200.0, "big": 1800.0, "cluster": 1200.0, "profile": 1800.0}
 STOP_TIMEOUT = 60.0  # a step's own cleanup (stopping its servers) after SIGTERM
 
 
@@ -88,6 +91,13 @@ def step_argv(name: str, args: argparse.Namespace, out: Path) -> list[str]:
         return [py, str(BENCH_DIR / "idle.py"), "--sessions", str(args.idle_sessions), "--markdown", str(out)]
     if name == "big":
         return [py, str(BENCH_DIR / "bigmessage.py"), "--mb", str(args.big_mb), "--markdown", str(out)]
+    if name == "cluster":
+        argv = [py, str(BENCH_DIR / "cluster.py"), "--markdown", str(out)]
+        if args.quick:
+            argv.append("--quick")
+        if args.runs is not None:
+            argv += ["--runs", str(args.runs)]
+        return argv
     return [
         py,
         str(BENCH_DIR / "profiling.py"),
@@ -163,11 +173,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="a short look: compare.py --quick, 2000 idle sessions, a 128 MiB message (unless given)",
+        help="a short look: compare.py and cluster.py --quick, 2000 idle sessions, a 128 MiB message "
+        "(unless given)",
     )
-    p.add_argument("--runs", type=int, help="compare.py runs per case (default 3; --quick 1)")
-    p.add_argument("--only", default="compare,idle,big", help=f"steps to run, of {', '.join(STEPS)}")
+    p.add_argument("--runs", type=int, help="compare.py and cluster.py runs per case (default 3; --quick 1)")
+    p.add_argument("--only", default="compare,idle,big,cluster", help=f"steps to run, of {', '.join(STEPS)}")
     p.add_argument("--profile", action="store_true", help="also the py-spy profiles (run.sh installs py-spy)")
+    p.add_argument(
+        "--no-cluster",
+        action="store_true",
+        help="skip bench/cluster.py (nodes sharing PostgreSQL; run.sh then does not install PostgreSQL)",
+    )
     p.add_argument("--idle-sessions", type=int, help="idle.py --sessions (default 10000; --quick 2000)")
     p.add_argument("--big-mb", type=int, help="bigmessage.py --mb (default 1024; --quick 128)")
     p.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/<date>.md")
@@ -181,6 +197,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     if args.profile and "profile" not in args.only:
         args.only.append("profile")
+    if args.no_cluster:
+        args.only = [s for s in args.only if s != "cluster"]
     if not args.only or any(s not in STEPS for s in args.only):
         p.error(f"--only: choose from {', '.join(STEPS)}")
     if args.idle_sessions is None:
