@@ -269,7 +269,8 @@ class Server:
 class Smtpsvc(Server):
     name = "smtpsvc"
 
-    def __init__(self, workdir: Path, sink_port: int) -> None:
+    def __init__(self, workdir: Path, sink_port: int, workers: int = 1) -> None:
+        self.workers = workers  # server.workers: SMTP worker processes besides the main one
         self.dir = workdir / "smtpsvc"
         self.root = self.dir / "mailroot"
         self.config = self.dir / "smtpsvc.toml"
@@ -287,6 +288,7 @@ class Smtpsvc(Server):
                 f"root = {json.dumps(str(self.root))}",
                 'listen = ["127.0.0.1:0"]',
                 "max_connections = 2000",
+                f"workers = {self.workers}",
                 'max_session_size = "1GB"',
                 'max_message_size = "64MB"',
                 "",
@@ -341,8 +343,8 @@ class Smtpsvc(Server):
             return "(no stderr)"
 
     def cpu(self) -> int:
-        assert self.proc is not None
-        return cpu_ticks(self.proc.pid)
+        assert self.proc is not None  # with server.workers, the worker processes count too
+        return cpu_ticks(self.proc.pid, children_of=self.proc.pid if self.workers > 1 else None)
 
     def stop(self) -> None:
         stop_popen(self.proc, "smtpsvc")
@@ -801,6 +803,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="a main.cf setting for the private Postfix, after the defaults (repeatable): in_flow_delay=0",
     )
+    p.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="smtpsvc's server.workers (default 1)"
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--no-write", action="store_true", help="do not write bench/results/<date>.md")
@@ -840,7 +845,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     tmp = Path(tempfile.mkdtemp(prefix="smtpsvc-compare-"))
     os.chmod(tmp, 0o755)  # Postfix's unprivileged daemons must reach their queue below it
     sink = Sink(tmp)
-    svc = Smtpsvc(tmp, sink.port)
+    svc = Smtpsvc(tmp, sink.port, args.workers)
     pfx = Postfix(tmp, sink.port, args.postfix_conf)
     ceiling = Ceiling(sink)
     results: dict[tuple[int, int], dict[str, Cell]] = {}
@@ -936,6 +941,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     body = [
         f"- load average: {load_start} at start, {load_end} at end; wall time {wall:.0f} s",
         f"- smtp-source: {mode}",
+        f"- smtpsvc server.workers: {args.workers}"
+        + (" (CPU counts the worker processes too)" if args.workers > 1 else ""),
         "",
         "Rates: median over the runs (min-max). CPU: median of the per-run server CPU ms per message.",
         "",

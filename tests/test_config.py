@@ -632,7 +632,7 @@ def test_example_with_every_setting_uncommented_is_the_defaults_plus_one_connect
 SPEC_KEYS = {
     "server": "hostname root listen max_connections connection_timeout data_timeout max_message_size "
     "max_session_size max_recipients max_hop_count max_errors reverse_dns masquerade_domain "
-    "inbound_command_support_options",
+    "inbound_command_support_options workers",  # workers: ours, beyond SPEC 1.3 (SMTP worker processes)
     "extensions": "pipelining 8bitmime smtputf8 chunking binarymime dsn enhancedstatuscodes etrn vrfy "
     "xexch50 x_link2state",
     "domains": "local remote",
@@ -784,3 +784,12 @@ def test_lines_stay_right_after_a_multiline_string(tmp_path: Path) -> None:
 def test_a_connector_user_without_a_password_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="password_file"):
         load(tmp_path, '[[connector]]\nname = "c"\naddress_spaces = ["*"]\nauth = { user = "u" }\n')
+
+
+def test_workers_is_checked(tmp_path: Path) -> None:
+    assert load(tmp_path, "[server]\nworkers = 2\n").server.workers == 2
+    assert load(tmp_path, "").server.workers == 1
+    with_postgres = '[server]\nworkers = 2\n[queue]\nbackend = "postgres"\ndsn = "postgresql://x@h/db"\n'
+    problem = only_problem(tmp_path, with_postgres)
+    assert problem.key == "server.workers" and "needs the local queue" in problem.problem
+    assert only_problem(tmp_path, "[server]\nworkers = 0\n").key == "server.workers"

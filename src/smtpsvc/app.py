@@ -46,6 +46,7 @@ from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.server.session import SessionContext
 from smtpsvc.tls import ServerCertificate, TlsError
+from smtpsvc.workers import WorkerPool
 
 FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
 STOP_GRACE = 10.0
@@ -81,6 +82,7 @@ class Service:
         self.pickup: PickupScanner
         self.smtp: SmtpServer
         self.admin: AdminServer | None = None
+        self.workers: WorkerPool | None = None  # server.workers > 1: SMTP worker processes
         self.admin_context: AdminContext | None = None
         self._started_at = 0.0
 
@@ -148,7 +150,8 @@ class Service:
                 etrn=self.scheduler.etrn,
                 resolver=resolver,
                 metrics=self.metrics,
-            )
+            ),
+            reuse_port=cfg.server.workers > 1,
         )
         await self.smtp.start()
         try:
@@ -165,6 +168,17 @@ class Service:
             self.events.close()
             await self.store.close()
             raise MailrootError(text) from exc
+        if cfg.server.workers > 1 and isinstance(self.queue, LocalSpool):
+            self.workers = WorkerPool(
+                cfg.server.workers - 1,
+                self.config_path,
+                self.root,
+                self.queue,
+                self.events,
+                self.scheduler.wake,
+                self.scheduler.etrn,
+            )
+            await self.workers.start(self.smtp.sockets)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.scheduler.run(), name="scheduler"),
@@ -277,6 +291,7 @@ class Service:
             "queue": queued,
             "in_flight": self.scheduler.inflight,
             "smtp": [f"{h}:{p}" for h, p in self.smtp.sockets],
+            "workers": self.workers.status() if self.workers is not None else [],
         }
 
     def _load_users(self, config: Config) -> UserStore:
@@ -314,6 +329,8 @@ class Service:
             return
         self._stopped.set()
         notify("STOPPING=1")
+        if self.workers is not None:
+            await self.workers.stop()  # they answer 421 and finish their commits, like our listeners
         if self.admin is not None:
             await self.admin.stop()
             with contextlib.suppress(OSError):
@@ -336,6 +353,8 @@ class Service:
         notify("RELOADING=1")
         try:
             self._reload()
+            if self.workers is not None:
+                self.workers.reload()
         finally:
             notify("READY=1")
 

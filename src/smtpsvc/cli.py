@@ -82,12 +82,17 @@ def main() -> None:
 @click.option(
     "--listen", metavar="HOST:PORT", multiple=True, help="Listen address (overrides server.listen)."
 )
-def serve(config_file: str | None, root: str | None, listen: tuple[str, ...]) -> None:
+@click.option("--worker-fd", type=int, hidden=True, help="Run as an SMTP worker of the main process.")
+def serve(config_file: str | None, root: str | None, listen: tuple[str, ...], worker_fd: int | None) -> None:
     """Run the service in the foreground until SIGTERM or Ctrl-C."""
     from smtpsvc.app import run_service  # imported here so `config` commands stay light
 
     path = _config_path(config_file)
     config = _load(path, root, listen)
+    if worker_fd is not None:
+        from smtpsvc.workers import run_worker
+
+        raise SystemExit(run_worker(config, path, worker_fd))
     raise SystemExit(run_service(config, path))
 
 

@@ -103,6 +103,7 @@ class ServerConfig:
     root: Path
     listen: tuple[tuple[str, int], ...]
     max_connections: int
+    workers: int
     connection_timeout: float
     data_timeout: float
     max_message_size: int
@@ -716,6 +717,12 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         ),
         _k("max_connections", 1000, _int(1), "inbound sessions at once; past it: 421 4.7.0 and event 402"),
         _k(
+            "workers",
+            1,
+            _int(1, 64),
+            "processes accepting SMTP on the listen addresses (SO_REUSEPORT); 2 uses two cores",
+        ),
+        _k(
             "connection_timeout",
             "10m",
             _duration,
@@ -1227,6 +1234,14 @@ def _cross_checks(loader: _Loader, cfg: Config) -> None:
             'queue.backend = "postgres" needs queue.dsn, e.g. "postgresql://smtpsvc:PASSWORD@db.example:5432/smtpsvc"'
             " (or SMTPSVC__QUEUE__DSN)",
         )
+    if cfg.server.workers > 1 and cfg.queue.backend == "postgres":
+        loader.report(
+            "server",
+            "workers",
+            "server.workers > 1 needs the local queue; with PostgreSQL, run one node per core instead",
+        )
+    if cfg.server.workers > 1 and os.name == "nt":
+        loader.report("server", "workers", "server.workers > 1 needs SO_REUSEPORT (Linux, BSD), not Windows")
     if cfg.tls.require and not cfg.tls.cert:
         loader.report(
             "tls", "require", "tls.require = true needs tls.cert (STARTTLS cannot be offered without it)"

@@ -145,6 +145,10 @@ class LocalSpool:
         self._frozen_links: frozenset[str] = frozenset()
         self.spool_id = ""
         self.adopted: list[str] = []  # ids copied in from another spool, found at open
+        # Ids whose files exist but must not be (re)indexed from disk by `rescan`: being put by this
+        # process, or being completed (forgotten, files not yet unlinked).
+        self._putting: set[str] = set()
+        self._completing: set[str] = set()
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -250,6 +254,13 @@ class LocalSpool:
             raise QueueError(f"cannot create queue file: {exc.strerror}") from exc
 
     async def put(self, writer: MessageWriter, envelope: Envelope) -> None:
+        self._putting.add(envelope.id)  # its .env appears before it is indexed: rescan must not take it
+        try:
+            await self._put(writer, envelope)
+        finally:
+            self._putting.discard(envelope.id)
+
+    async def _put(self, writer: MessageWriter, envelope: Envelope) -> None:
         if not isinstance(writer, SpoolWriter) or envelope.id != writer.id:
             raise ValueError("envelope and writer ids differ")
         envelope.size = writer.size
@@ -357,8 +368,32 @@ class LocalSpool:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.dir / f"{queue_id}{suffix}")
 
+        self._completing.add(queue_id)
         self._forget(queue_id)
-        await self._committer.run(Commit((), unlink, (self.dir,)))
+        try:
+            await self._committer.run(Commit((), unlink, (self.dir,)))
+        finally:
+            self._completing.discard(queue_id)
+
+    # -- messages committed by the SMTP worker processes (server.workers) ----------------------------
+    def adopt_new(self, queue_id: str) -> Envelope | None:
+        """Index a message another process of this service committed into queue/ (an SMTP worker tells
+        us its id after its commit). Unknown, unreadable or already indexed ids are ignored."""
+        if queue_id in self._envelopes or queue_id in self._completing or queue_id in self._putting:
+            return None
+        if "/" in queue_id or not (self.dir / f"{queue_id}.env").exists():
+            return None
+        envelope = self._load(queue_id)
+        if envelope is not None:
+            self._index(envelope)
+        return envelope
+
+    def rescan(self) -> list[str]:
+        """Index the .env files nobody told us about (a worker that died between its commit and its
+        notice); returns their ids."""
+        return [
+            path.stem for path in self.dir.glob("*.env") if self.adopt_new(path.stem) is not None
+        ]
 
     # -- scheduling ----------------------------------------------------------------------------------
     def _index(self, envelope: Envelope) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
 
 from smtpsvc import events
 from smtpsvc.config import Config
@@ -15,8 +16,9 @@ from smtpsvc.server.session import Session, SessionContext
 
 
 class SmtpServer:
-    def __init__(self, context: SessionContext) -> None:
+    def __init__(self, context: SessionContext, reuse_port: bool = False) -> None:
         self.context = context
+        self.reuse_port = reuse_port  # server.workers: several processes accept on the same addresses
         self._servers: list[asyncio.Server] = []
         self._sessions: dict[asyncio.Task[None], Session] = {}
         self._last_limit_event = 0.0
@@ -40,10 +42,17 @@ class SmtpServer:
     def active_sessions(self) -> int:
         return len(self._sessions)
 
-    async def start(self) -> None:
-        for host, port in self.config.server.listen:
+    async def start(self, listen: Sequence[tuple[str, int]] | None = None) -> None:
+        """Listen on `server.listen`, or on `listen` (a worker: the main process's real addresses)."""
+        for host, port in self.config.server.listen if listen is None else listen:
             server = await asyncio.start_server(
-                self._accept, host, port, reuse_address=True, backlog=1024, limit=64 * 1024
+                self._accept,
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=self.reuse_port or None,
+                backlog=1024,
+                limit=64 * 1024,
             )
             self._servers.append(server)
 

@@ -1,0 +1,318 @@
+"""SMTP worker processes (`server.workers` > 1): more cores for receiving mail.
+
+One Python process runs one event loop, so one core. With `server.workers = N` the service starts N - 1
+worker processes that accept SMTP on the same addresses as the main process (SO_REUSEPORT: the kernel
+spreads new connections over the listeners) and commit each message into the shared `queue/` with the
+spool's own protocol (`queue/intake.py`): the 250 still means "fsynced". The main process keeps everything
+else: the spool lock and index, delivery, Pickup, the admin API. A worker tells it each new message's id
+over a socket pair (`Q <id>`; `READY` once it listens), and asks it for ETRN (`E <n> <domain> <0|1>`,
+answered `R <n> <count>`).
+
+A worker that dies is restarted after a second; what it had committed is found by the main process's
+periodic rescan. The main process stops its workers with SIGTERM (they give 421 and finish what they were
+committing) and passes SIGHUP on. Limits of this first version: each worker has its own AUTH failure
+limiter and its own share of `server.max_connections` (the limit applies per process), and /metrics counts
+the SMTP sessions of the main process only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+
+from smtpsvc import events
+from smtpsvc.auth.limiter import AuthLimiter
+from smtpsvc.auth.users import UsersFileError, UserStore, users_path
+from smtpsvc.config import Config, ConfigError, format_listen, load_config
+from smtpsvc.events import EventLog
+from smtpsvc.ingest import Ingest
+from smtpsvc.queue.base import QueueError
+from smtpsvc.queue.intake import IntakeSpool
+from smtpsvc.queue.local import LocalSpool, LocalStore
+from smtpsvc.routing.mx import MxResolver
+from smtpsvc.server.listener import SmtpServer
+from smtpsvc.server.session import SessionContext
+from smtpsvc.tls import ServerCertificate, TlsError
+
+RESTART_DELAY = 1.0
+RESCAN_INTERVAL = 30.0
+ETRN_TIMEOUT = 30.0
+STOP_GRACE = 10.0
+
+
+# --------------------------------------------------------------------------------------- main process
+
+
+class WorkerPool:
+    """The main process's side: starts, watches, restarts, reloads and stops the workers."""
+
+    def __init__(
+        self,
+        count: int,
+        config_path: str | None,
+        root: Path,
+        spool: LocalSpool,
+        event_log: EventLog,
+        wake: Callable[[], None],
+        etrn: Callable[[str, bool], Awaitable[int]],
+    ) -> None:
+        self.count = count
+        self.config_path = config_path
+        self.root = root
+        self.spool = spool
+        self.events = event_log
+        self._wake = wake
+        self._etrn = etrn
+        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._received: dict[int, int] = {}  # slot -> messages its workers committed (for /healthz)
+        self._ready: set[int] = set()  # slots whose current worker listens
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
+        loop = asyncio.get_running_loop()
+        for slot in range(1, self.count + 1):
+            task = loop.create_task(self._keep(slot, list(addresses)), name=f"smtp-worker-{slot}")
+            self._tasks.append(task)
+        self._tasks.append(loop.create_task(self._rescan(), name="worker-rescan"))
+
+    def status(self) -> list[dict[str, int]]:
+        """Per worker: its pid and how many messages it committed (since the main process started)."""
+        return [
+            {
+                "slot": slot,
+                "pid": proc.pid,
+                "ready": int(slot in self._ready),
+                "messages": self._received.get(slot, 0),
+            }
+            for slot, proc in sorted(self._procs.items())
+        ]
+
+    async def _keep(self, slot: int, addresses: list[tuple[str, int]]) -> None:
+        """Run worker `slot` until the pool stops, restarting it when it dies."""
+        while not self._stopping:
+            try:
+                proc, channel = await self._spawn(slot, addresses)
+            except OSError as exc:
+                self._event(f"SMTP worker {slot} cannot be started: {exc}", "worker-failed")
+                await asyncio.sleep(RESTART_DELAY)
+                continue
+            self._procs[slot] = proc
+            code = await proc.wait()
+            channel.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await channel
+            self._procs.pop(slot, None)
+            self._ready.discard(slot)
+            self.spool.rescan()  # what it committed before its notice was lost
+            self._wake()
+            if self._stopping:
+                return
+            self._event(f"SMTP worker {slot} (pid {proc.pid}) exited with {code}; restarting", "worker-exit")
+            await asyncio.sleep(RESTART_DELAY)
+
+    async def _spawn(
+        self, slot: int, addresses: list[tuple[str, int]]
+    ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+        ours, theirs = socket.socketpair()
+        args = [sys.executable, "-m", "smtpsvc", "serve", "--worker-fd", str(theirs.fileno())]
+        args += ["--root", str(self.root)]
+        if self.config_path:
+            args += ["-c", self.config_path]
+        for address in addresses:
+            args += ["--listen", format_listen(address)]
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *args, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),)
+            )
+        finally:
+            theirs.close()
+        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        channel = asyncio.get_running_loop().create_task(self._serve(slot, reader, writer))
+        return proc, channel
+
+    async def _serve(self, slot: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One worker's notices and requests."""
+        try:
+            while line := await reader.readline():
+                parts = line.decode("ascii", "replace").split()
+                if parts == ["READY"]:
+                    self._ready.add(slot)
+                elif len(parts) == 2 and parts[0] == "Q":
+                    self._received[slot] = self._received.get(slot, 0) + 1
+                    if self.spool.adopt_new(parts[1]) is not None:
+                        self._wake()
+                elif len(parts) == 4 and parts[0] == "E":
+                    count = await self._etrn_count(parts[2], parts[3] == "1")
+                    writer.write(f"R {parts[1]} {count}\n".encode())
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def _etrn_count(self, domain: str, subdomains: bool) -> int:
+        try:
+            return await self._etrn(domain, subdomains)
+        except QueueError:
+            return -1
+
+    async def _rescan(self) -> None:
+        while True:
+            await asyncio.sleep(RESCAN_INTERVAL)
+            if self.spool.rescan():
+                self._wake()
+
+    def reload(self) -> None:
+        for proc in self._procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGHUP)
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for proc in list(self._procs.values()):
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        for proc in list(self._procs.values()):
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE + 5)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.spool.rescan()
+
+    def _event(self, text: str, cause: str) -> None:
+        self.events.emit(events.Event(events.SERVICE_STARTED, text, cause=cause))
+
+
+# ------------------------------------------------------------------------------------- worker process
+
+
+class MasterChannel:
+    """The worker's side of the socket pair."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+        self._numbers = itertools.count(1)
+        self._waiting: dict[int, asyncio.Future[int]] = {}
+
+    def ready(self) -> None:
+        self._writer.write(b"READY\n")
+
+    def queued(self, queue_id: str) -> None:
+        self._writer.write(f"Q {queue_id}\n".encode("ascii"))
+
+    async def etrn(self, domain: str, subdomains: bool) -> int:
+        number = next(self._numbers)
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting[number] = answer
+        self._writer.write(f"E {number} {domain} {int(subdomains)}\n".encode("ascii", "replace"))
+        try:
+            count = await asyncio.wait_for(answer, ETRN_TIMEOUT)
+        except TimeoutError:
+            raise QueueError("the main process did not answer the ETRN") from None
+        finally:
+            self._waiting.pop(number, None)
+        if count < 0:
+            raise QueueError("the queue could not be searched")
+        return count
+
+    async def run(self) -> None:
+        """Read answers until the main process goes away."""
+        with contextlib.suppress(ConnectionError, OSError):
+            while line := await self._reader.readline():
+                parts = line.decode("ascii", "replace").split()
+                if len(parts) == 3 and parts[0] == "R":
+                    waiting = self._waiting.get(int(parts[1]))
+                    if waiting is not None and not waiting.done():
+                        waiting.set_result(int(parts[2]))
+
+
+def run_worker(config: Config, config_path: str | None, fd: int) -> int:
+    """`smtpsvc serve --worker-fd N` (started by the main process, never by hand)."""
+
+    async def main() -> int:
+        root = Path(config.server.root)
+        log = EventLog(root / "log" / "events.jsonl", stream=sys.stderr)
+        reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
+        channel = MasterChannel(reader, writer)
+        spool = IntakeSpool(root / "queue", channel.queued)
+        try:
+            spool.open()
+            certificate = ServerCertificate(config.tls.cert, config.tls.key)
+            users = _users(config, config_path)
+        except (QueueError, TlsError, UsersFileError) as exc:
+            log.emit(events.Event(events.MAILROOT_UNUSABLE, f"SMTP worker: {exc}", cause="worker-failed"))
+            log.close()
+            return 1
+        ingest = Ingest(LocalStore(spool), config, log)
+        context = SessionContext(
+            config=config,
+            ingest=ingest,
+            events=log,
+            certificate=certificate,
+            users=users,
+            limiter=AuthLimiter(),
+            etrn=channel.etrn,
+            resolver=MxResolver(config.resolver.nameservers, timeout=min(config.delivery.timeout, 30.0)),
+        )
+        smtp = SmtpServer(context, reuse_port=True)
+        await smtp.start(config.server.listen)
+        channel.ready()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(context, ingest, log, config_path, root))
+        listener = loop.create_task(channel.run())
+        listener.add_done_callback(lambda _: stop.set())  # the main process is gone: so are we
+        flusher = loop.create_task(_flush_every_second(log))
+        await stop.wait()
+        await smtp.stop(grace=STOP_GRACE)
+        await spool.drain()
+        flusher.cancel()
+        listener.cancel()
+        log.close()
+        return 0
+
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())
+
+
+def _users(config: Config, config_path: str | None) -> UserStore:
+    return UserStore.load(users_path(config, config_path)) if config.auth.users_file else UserStore()
+
+
+def _reload(
+    context: SessionContext, ingest: Ingest, log: EventLog, config_path: str | None, root: Path
+) -> None:
+    """SIGHUP, passed on by the main process: the same reload as the main process's SMTP side."""
+    try:
+        config = load_config(config_path, os.environ, root_override=str(root))
+        context.certificate.reload(config.tls.cert, config.tls.key)
+        context.users = _users(config, config_path)
+    except (ConfigError, TlsError, UsersFileError) as exc:
+        log.emit(events.Event(events.SERVICE_STARTED, f"SMTP worker keeps its configuration: {exc}"))
+        return
+    context.config = ingest.config = config
+
+
+async def _flush_every_second(log: EventLog) -> None:
+    while True:
+        await asyncio.sleep(1.0)
+        log.flush()

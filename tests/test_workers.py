@@ -1,0 +1,134 @@
+"""server.workers = 2: a second process accepts SMTP on the same port (SO_REUSEPORT) and commits into the
+shared queue; the main process delivers. Real processes, real sockets, a real sink."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import base_sections, write_config
+from tests.process import ServiceProcess
+from tests.sink import Sink
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="SO_REUSEPORT: Linux")
+
+
+def wait_for(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
+    """Poll until truthy (bounded; these tests drive real processes from plain threads)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def started(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
+    procs: list[ServiceProcess] = []
+    yield procs
+    for proc in procs:
+        proc.kill()  # a worker whose main process is gone stops by itself (its socket pair closes)
+
+
+def start(tmp_path: Path, procs: list[ServiceProcess], smart_host: str, **delivery: Any) -> ServiceProcess:
+    root = tmp_path / "mailroot"
+    sections = base_sections(
+        root,
+        server={"workers": 2},
+        delivery={"smart_host": smart_host, **delivery},
+        admin={"listen": "127.0.0.1:0"},
+    )
+    proc = ServiceProcess(write_config(tmp_path / "smtpsvc.toml", sections), root).start()
+    procs.append(proc)
+    return proc
+
+
+def health(proc: ServiceProcess) -> dict[str, Any]:
+    address = (proc.root / "admin.address").read_text().strip()
+    with urllib.request.urlopen(f"http://{address}/healthz", timeout=10) as reply:
+        data: dict[str, Any] = json.loads(reply.read())
+        return data
+
+
+def ready_workers(proc: ServiceProcess) -> list[dict[str, Any]]:
+    return [w for w in health(proc)["workers"] if w["ready"]]
+
+
+def send_one(port: int, seq: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.sendmail("load@local.test", ["r@remote.test"], f"Subject: m{seq}\r\nX-Seq: {seq}\r\n\r\nx\r\n")
+
+
+def seqs(sink: Sink) -> list[str]:
+    return sorted(m.content.split(b"X-Seq: ", 1)[1].split(b"\r\n", 1)[0].decode() for m in sink.messages)
+
+
+def test_both_processes_accept_and_every_message_is_delivered_once(
+    tmp_path: Path, sink: Sink, started: list[ServiceProcess]
+) -> None:
+    proc = start(tmp_path, started, f"[127.0.0.1]:{sink.port}")
+    [worker] = wait_for(lambda: ready_workers(proc), "the worker to listen")
+    with ThreadPoolExecutor(6) as pool:  # one connection per message: the kernel spreads them
+        list(pool.map(lambda seq: send_one(proc.port, seq), range(60)))
+    wait_for(lambda: len(sink.messages) >= 60, "60 deliveries")
+    assert seqs(sink) == sorted(str(n) for n in range(60))  # each exactly once
+    [worker] = health(proc)["workers"]
+    assert worker["messages"] > 0  # the worker took some of them (all 60 on one listener: p = 2**-59)
+    assert proc.terminate() == 0
+    wait_for(lambda: not Path(f"/proc/{worker['pid']}").exists(), "the worker to stop with the service")
+
+
+def test_a_killed_worker_is_restarted_and_loses_nothing_acknowledged(
+    tmp_path: Path, sink: Sink, started: list[ServiceProcess]
+) -> None:
+    proc = start(tmp_path, started, f"[127.0.0.1]:{sink.port}")
+    [worker] = wait_for(lambda: ready_workers(proc), "the worker to listen")
+    acked: list[int] = []
+    with ThreadPoolExecutor(4) as pool:
+
+        def attempt(seq: int) -> None:
+            if seq == 20:
+                os.kill(worker["pid"], signal.SIGKILL)  # mid-load
+            try:
+                send_one(proc.port, seq)
+            except (smtplib.SMTPException, OSError):
+                return  # cut by the kill: never acknowledged, the client would retry
+            acked.append(seq)
+
+        list(pool.map(attempt, range(60)))
+    wait_for(lambda: set(map(str, acked)) <= set(seqs(sink)), "every acknowledged message delivered")
+    restarted = wait_for(
+        lambda: [w for w in ready_workers(proc) if w["pid"] != worker["pid"]], "a new worker listening"
+    )
+    assert restarted[0]["slot"] == worker["slot"]
+    log = (proc.root / "log" / "events.jsonl").read_text()
+    assert '"cause":"worker-exit"' in log
+    send_one(proc.port, 1000)  # and the service goes on taking mail
+    wait_for(lambda: "1000" in seqs(sink), "delivery after the restart")
+
+
+def test_etrn_is_answered_the_same_by_either_process(tmp_path: Path, started: list[ServiceProcess]) -> None:
+    proc = start(tmp_path, started, "[127.0.0.1]:9", retry=["1h"])  # nothing listens: the mail waits
+    wait_for(lambda: ready_workers(proc), "the worker to listen")
+    send_one(proc.port, 1)
+    wait_for(lambda: health(proc)["queue"] == 1, "the message queued")
+    answers = set()
+    for _ in range(12):  # separate connections, so both listeners answer some
+        with smtplib.SMTP("127.0.0.1", proc.port, timeout=30) as smtp:
+            smtp.ehlo("client.test")
+            answers.add(smtp.docmd("ETRN", "remote.test")[0])
+            answers.add(smtp.docmd("ETRN", "nothing-here.test")[0])
+    assert answers == {250, 251}
