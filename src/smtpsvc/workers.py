@@ -273,8 +273,10 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         channel.ready()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        # Ctrl-C reaches the whole process group; the main process stops us in order (SIGTERM), and a
+        # worker leaving on its own would look like a crash to be restarted.
+        loop.add_signal_handler(signal.SIGINT, lambda: None)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(context, ingest, log, config_path, root))
         listener = loop.create_task(channel.run())
         listener.add_done_callback(lambda _: stop.set())  # the main process is gone: so are we
