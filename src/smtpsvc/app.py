@@ -359,22 +359,15 @@ class Service:
             notify("READY=1")
 
     def _reload(self) -> None:
+        context = self.smtp.context
+        token = self.admin_context.token if self.admin_context else ""
         try:
             config = load_config(self.config_path, os.environ, root_override=str(self.root))
-        except ConfigError as exc:
-            self.events.emit(
-                events.Event(
-                    events.SERVICE_STARTED,
-                    f"Configuration reload failed; keeping the old one: {exc}",
-                    cause="config-reload-failed",
-                )
-            )
-            return
-        context = self.smtp.context
-        try:
             context.certificate.reload(config.tls.cert, config.tls.key)
-            context.users = self._load_users(config)
-        except (TlsError, UsersFileError) as exc:
+            users = self._load_users(config)
+            if self.admin_context is not None and config.admin.token_file:
+                token = service_token(config)
+        except (ConfigError, TlsError, UsersFileError, AccessError) as exc:
             self.events.emit(
                 events.Event(
                     events.SERVICE_STARTED,
@@ -383,19 +376,7 @@ class Service:
                 )
             )
             return
-        token = self.admin_context.token if self.admin_context else ""
-        if self.admin_context is not None and config.admin.token_file:
-            try:
-                token = service_token(config)
-            except AccessError as exc:
-                self.events.emit(
-                    events.Event(
-                        events.SERVICE_STARTED,
-                        f"Configuration reload failed; keeping the old one: {exc}",
-                        cause="config-reload-failed",
-                    )
-                )
-                return
+        context.users = users
         previous, self.config = self.config, config
         for part in (self.ingest, self.scheduler, self.scheduler.reports, self.pickup, context):
             part.config = config
