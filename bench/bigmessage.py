@@ -431,19 +431,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name.ljust(width)}  {value}")
     print(f"\nwall time {time.monotonic() - began:.0f} s; load average at the end {common.load_average()}")
     if args.markdown is not None:
-        text = [
-            "## One big message (bench/bigmessage.py)",
-            "",
-            "```",
-            f"$ {command}",
-            "```",
-            "",
-            "| measure | value |",
-            "|---|---|",
-            *[f"| {name} | {value} |" for name, value in rows],
-            "",
-        ]
-        args.markdown.write_text("\n".join(text) + "\n", encoding="utf-8")
+        args.markdown.write_text(
+            common.table_section("## One big message (bench/bigmessage.py)", command, rows), encoding="utf-8"
+        )
     return 0 if result.deliver == "none" or (result.delivered and result.queue_left == 0) else 1
 
 

@@ -742,34 +742,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     ]
     if status:
         body.append(f"**Incomplete: the benchmark stopped with status {status}.**\n")
-    if args.markdown is not None:
-        text = [
-            "## Cluster scaling: nodes sharing one PostgreSQL (bench/cluster.py)",
-            "",
-            "```",
-            f"$ {command}",
-            "```",
-            "",
-            *[f"- {fact}" for fact in facts[6:]],  # the suite's header has the machine itself
-            *body,
-        ]
-        args.markdown.write_text("\n".join(text) + "\n", encoding="utf-8")
-    elif not args.no_write:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        out = RESULTS_DIR / f"{datetime.date.today().isoformat()}.md"
-        text = [
-            f"# Cluster scaling, {datetime.datetime.now().isoformat(timespec='seconds')}",
-            "",
-            "```",
-            f"$ {command}",
-            "```",
-            "",
-            *[f"- {fact}" for fact in facts],
-            *body,
-        ]
-        with open(out, "a", encoding="utf-8") as fh:
-            fh.write("\n".join(text) + "\n")
-        print(f"written to {out.relative_to(REPO)}")
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    common.write_results(
+        args.markdown,
+        args.no_write,
+        ("## Cluster scaling: nodes sharing one PostgreSQL (bench/cluster.py)", f"# Cluster scaling, {now}"),
+        command,
+        (facts[6:], facts),  # the suite's header has the machine itself
+        body,
+    )
     return status
 
 

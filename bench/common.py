@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import importlib.metadata
 import importlib.util
 import os
@@ -16,7 +17,7 @@ import resource
 import subprocess
 import sys
 import tempfile
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -208,3 +209,43 @@ def machine_facts(repo: Path) -> list[str]:
         f"temp dir: {tempfile.gettempdir()} on {filesystem(Path(tempfile.gettempdir()))}",
         f"open files limit: soft {soft}, hard {hard}",
     ]
+
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def section(heading: str, command: str, lines: Sequence[str]) -> str:
+    """A results section: its heading, the command that produced it, then `lines`."""
+    return "\n".join([heading, "", "```", f"$ {command}", "```", "", *lines]) + "\n"
+
+
+def table_section(heading: str, command: str, rows: Sequence[Sequence[str]]) -> str:
+    """A section holding one two-column table of measures."""
+    lines = [
+        "| measure | value |",
+        "|---|---|",
+        *[f"| {name.strip()} | {value} |" for name, value in rows],
+        "",
+    ]
+    return section(heading, command, lines)
+
+
+def write_results(
+    markdown: Path | None,
+    no_write: bool,
+    headings: tuple[str, str],
+    command: str,
+    facts: tuple[Sequence[str], Sequence[str]],
+    body: Sequence[str],
+) -> None:
+    """With --markdown (inside the suite, whose header has the machine): the `##` section with the facts
+    of this run only, into that file. Alone: a `#` section with every fact, appended to
+    bench/results/<date>.md (several runs on one day are all kept). `headings` and `facts`: (suite, alone)."""
+    if markdown is not None:
+        markdown.write_text(section(headings[0], command, [*[f"- {f}" for f in facts[0]], *body]), "utf-8")
+    elif not no_write:
+        RESULTS_DIR.mkdir(exist_ok=True)
+        out = RESULTS_DIR / f"{datetime.date.today().isoformat()}.md"
+        with open(out, "a", encoding="utf-8") as fh:
+            fh.write(section(headings[1], command, [*[f"- {f}" for f in facts[1]], *body]))
+        print(f"written to {out.relative_to(RESULTS_DIR.parent.parent)}")

@@ -59,6 +59,7 @@ from types import FrameType
 from typing import Any, TextIO
 
 import accept  # bench/accept.py: its asyncio SMTP client times end-of-DATA -> 250
+import common
 
 BENCH_DIR = Path(__file__).resolve().parent
 RESULTS_DIR = BENCH_DIR / "results"
@@ -803,9 +804,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="a main.cf setting for the private Postfix, after the defaults (repeatable): in_flow_delay=0",
     )
-    p.add_argument(
-        "--workers", type=int, default=1, metavar="N", help="smtpsvc's server.workers (default 1)"
-    )
+    p.add_argument("--workers", type=int, default=1, metavar="N", help="smtpsvc's server.workers (default 1)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--no-write", action="store_true", help="do not write bench/results/<date>.md")
@@ -960,34 +959,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             markdown(LATENCY_HEADER, lat_rows),
             "",
         ]
-    if args.markdown is not None:
-        text = [
+    now = datetime.datetime.now().isoformat(timespec="seconds")
+    common.write_results(
+        args.markdown,
+        args.no_write,
+        (
             "## Throughput and latency: smtpsvc, Postfix and the ceiling (bench/compare.py)",
-            "",
-            "```",
-            f"$ {command}",
-            "```",
-            "",
-            *[f"- {fact}" for fact in facts[4:]],  # the suite's header has the machine itself
-            *body,
-        ]
-        args.markdown.write_text("\n".join(text) + "\n", encoding="utf-8")
-    elif not args.no_write:
-        RESULTS_DIR.mkdir(exist_ok=True)
-        out = RESULTS_DIR / f"{datetime.date.today().isoformat()}.md"
-        text = [
-            f"# smtpsvc vs Postfix, {datetime.datetime.now().isoformat(timespec='seconds')}",
-            "",
-            "```",
-            f"$ {command}",
-            "```",
-            "",
-            *[f"- {fact}" for fact in facts],
-            *body,
-        ]
-        with open(out, "a", encoding="utf-8") as fh:  # several invocations on one day are all kept
-            fh.write("\n".join(text) + "\n")
-        print(f"written to {out.relative_to(BENCH_DIR.parent)}")
+            f"# smtpsvc vs Postfix, {now}",
+        ),
+        command,
+        (facts[4:], facts),  # the suite's header has the machine itself
+        body,
+    )
     return 0
 
 

@@ -381,19 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{name.ljust(width)}  {value}")
     print(f"\nwall time {time.monotonic() - began:.0f} s; load average at the end {common.load_average()}")
     if args.markdown is not None:
-        text = [
-            "## Idle sessions (bench/idle.py)",
-            "",
-            "```",
-            f"$ {command}",
-            "```",
-            "",
-            "| measure | value |",
-            "|---|---|",
-            *[f"| {name.strip()} | {value} |" for name, value in rows],
-            "",
-        ]
-        args.markdown.write_text("\n".join(text) + "\n", encoding="utf-8")
+        args.markdown.write_text(
+            common.table_section("## Idle sessions (bench/idle.py)", command, rows), encoding="utf-8"
+        )
     failed = result.opened != args.sessions or not result.probe_ok or result.noop_ok != result.opened
     return 1 if failed else 0
 
