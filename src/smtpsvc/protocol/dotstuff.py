@@ -118,7 +118,6 @@ class DotUnstuffer:
 
     __slots__ = (
         "_line",
-        "_long_line",
         "_pending",
         "_virtual",
         "done",
@@ -138,8 +137,6 @@ class DotUnstuffer:
         self._pending = b"\r\n"
         self._virtual = True
         self._line = 0  # content octets of the current, unfinished output line
-        # A line start followed by this many non-EOL octets makes a line too long (content + CRLF > max_line).
-        self._long_line = re.compile(rb"(?<=\n)[^\r\n]{%d}" % (max_line - 1)) if max_line > 1 else None
 
     def feed(self, data: bytes) -> tuple[bytes, int]:
         if self.done:
@@ -182,8 +179,11 @@ class DotUnstuffer:
         else:
             last = text.rfind(b"\r\n")
             too_long = self._line + first + 2 > self.max_line
-            if not too_long and last > first and self._long_line is not None:
-                too_long = self._long_line.search(text, first + 2, last) is not None
+            if not too_long and last > first:
+                # The lines between the first and the last line end. split() and len() run at C speed: a
+                # regex over every line here was 29% of the event loop's time on 100 KiB messages.
+                longest = max(map(len, text[first + 2 : last].split(b"\r\n")))
+                too_long = longest + 2 > self.max_line
             if too_long:
                 self._fail("line")
             self._line = len(text) - last - 2
