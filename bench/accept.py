@@ -45,6 +45,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, TextIO, TypeVar
 
+import common
+
 HOSTNAME = "bench.test"
 LOCAL_DOMAIN = "local.test"
 REMOTE_DOMAIN = "remote.test"
@@ -862,17 +864,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted ({type(exc).__name__} {exc}); stopping", file=sys.stderr)
         status = 130
     finally:
-        for sig in (signal.SIGINT, *STOP_SIGNALS):  # a second Ctrl-C must not skip the cleanup
-            signal.signal(sig, signal.SIG_IGN)
-        if service is not None:
-            service.stop()
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        with common.shielded():  # a second Ctrl-C must not skip the cleanup
+            if service is not None:
+                service.stop()
+            if args.keep:
+                print(f"kept {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     if results:
         print(f"\nload average at the end {load_average()}")

@@ -409,26 +409,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted ({type(exc).__name__} {exc}); stopping", file=sys.stderr)
         status = 130
     finally:
-        for sig in (signal.SIGINT, *accept.STOP_SIGNALS):  # a second Ctrl-C must not skip the cleanup
-            signal.signal(sig, signal.SIG_IGN)
-        server.stop()
-        if sink is not None:
-            sink.stop()
-        if args.keep:
-            print(f"  kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-            print(f"  removed {tmp} (mailroot and spooled message): {'FAILED' if tmp.exists() else 'done'}")
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in accept.STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        with common.shielded():  # a second Ctrl-C must not skip the cleanup
+            server.stop()
+            if sink is not None:
+                sink.stop()
+            if args.keep:
+                print(f"  kept {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+                print(
+                    f"  removed {tmp} (mailroot and spooled message): {'FAILED' if tmp.exists() else 'done'}"
+                )
     if status or not result.phases:
         return status or 1
     rows = table(result)
-    width = max(len(r[0]) for r in rows)
-    print()
-    for name, value in rows:
-        print(f"{name.ljust(width)}  {value}")
+    common.print_rows(rows)
     print(f"\nwall time {time.monotonic() - began:.0f} s; load average at the end {common.load_average()}")
     if args.markdown is not None:
         args.markdown.write_text(

@@ -114,26 +114,7 @@ class Node:
         self._events_offset = 0
 
     def config_text(self) -> str:
-        lines = [
-            "[server]",
-            f'hostname = "{self.name}.bench.test"',
-            f"root = {json.dumps(str(self.root))}",
-            'listen = ["127.0.0.1:0"]',
-            "max_connections = 2000",
-            'max_message_size = "64MB"',
-            "",
-            "[relay]",
-            'allow = ["127.0.0.0/8"]',
-            "",
-            "[delivery]",
-            f'smart_host = "[127.0.0.1]:{self.sink_port}"',
-            "max_messages_per_connection = 1000",
-            'tls = "none"',
-            "",
-            "[admin]",
-            'listen = ""',
-            "",
-        ]
+        lines = common.relay_config(f"{self.name}.bench.test", self.root, self.sink_port)
         if self.dsn is not None:
             lines += [
                 "[queue]",
@@ -681,20 +662,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         status = 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not skip this
-            signal.signal(sig, signal.SIG_IGN)
-        for stopper in (sink.stop, db.destroy):
-            try:
-                stopper()
-            except Exception as exc:  # keep stopping the others
-                print(f"  while stopping: {exc!r}", file=sys.stderr)
-        if args.keep:
-            print(f"  kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
+        with common.shielded():  # a second Ctrl-C must not skip the cleanup
+            for stopper in (sink.stop, db.destroy):
+                try:
+                    stopper()
+                except Exception as exc:  # keep stopping the others
+                    print(f"  while stopping: {exc!r}", file=sys.stderr)
+            if args.keep:
+                print(f"  kept {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     rows = table_rows(cases)
     if not rows:

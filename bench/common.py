@@ -11,13 +11,15 @@ import contextlib
 import datetime
 import importlib.metadata
 import importlib.util
+import json
 import os
 import platform
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -249,3 +251,54 @@ def write_results(
         with open(out, "a", encoding="utf-8") as fh:
             fh.write(section(headings[1], command, [*[f"- {f}" for f in facts[1]], *body]))
         print(f"written to {out.relative_to(RESULTS_DIR.parent.parent)}")
+
+
+SHIELDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextlib.contextmanager
+def shielded() -> Iterator[None]:
+    """Around a benchmark's cleanup: a second Ctrl-C (or SIGTERM/SIGHUP) must not skip stopping what it
+    started. Afterwards the default handlers are back."""
+    for sig in SHIELDED_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig in SHIELDED_SIGNALS[1:]:
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def relay_config(hostname: str, root: Path, sink_port: int, server_extra: Sequence[str] = ()) -> list[str]:
+    """The smtpsvc configuration every benchmark relays with: loopback, relay allowed from 127.0.0.0/8,
+    the smart host = the smtp-sink, connections reused, no TLS, no admin API."""
+    return [
+        "[server]",
+        f'hostname = "{hostname}"',
+        f"root = {json.dumps(str(root))}",
+        'listen = ["127.0.0.1:0"]',
+        "max_connections = 2000",
+        *server_extra,
+        'max_message_size = "64MB"',
+        "",
+        "[relay]",
+        'allow = ["127.0.0.0/8"]',
+        "",
+        "[delivery]",
+        f'smart_host = "[127.0.0.1]:{sink_port}"',
+        "max_messages_per_connection = 1000",
+        'tls = "none"',
+        "",
+        "[admin]",
+        'listen = ""',
+        "",
+    ]
+
+
+def print_rows(rows: Sequence[Sequence[str]]) -> None:
+    """A two-column table of measures on the terminal."""
+    width = max(len(row[0]) for row in rows)
+    print()
+    for row in rows:
+        print(f"{row[0].ljust(width)}  {row[1]}")

@@ -282,30 +282,8 @@ class Smtpsvc(Server):
         self._stderr: TextIO | None = None
 
     def config_text(self) -> str:
-        return "\n".join(
-            [
-                "[server]",
-                'hostname = "bench.test"',
-                f"root = {json.dumps(str(self.root))}",
-                'listen = ["127.0.0.1:0"]',
-                "max_connections = 2000",
-                f"workers = {self.workers}",
-                'max_session_size = "1GB"',
-                'max_message_size = "64MB"',
-                "",
-                "[relay]",
-                'allow = ["127.0.0.0/8"]',
-                "",
-                "[delivery]",
-                f'smart_host = "[127.0.0.1]:{self.sink_port}"',
-                "max_messages_per_connection = 1000",
-                'tls = "none"',
-                "",
-                "[admin]",
-                'listen = ""',
-                "",
-            ]
-        )
+        extra = [f"workers = {self.workers}", 'max_session_size = "1GB"']
+        return "\n".join(common.relay_config("bench.test", self.root, self.sink_port, extra))
 
     def start(self) -> None:
         self.dir.mkdir(parents=True)
@@ -909,20 +887,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"smtpsvc stderr:\n{svc.tail()}", file=sys.stderr)
         status = 130 if not isinstance(exc, BenchError) else 1
     finally:
-        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # a second Ctrl-C must not skip this
-            signal.signal(sig, signal.SIG_IGN)
-        for stopper in (svc.stop, pfx.stop, sink.stop):
-            try:
-                stopper()
-            except Exception as exc:  # keep stopping the others
-                print(f"  while stopping: {exc!r}", file=sys.stderr)
-        if args.keep:
-            print(f"  kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in (signal.SIGTERM, signal.SIGHUP):
-            signal.signal(sig, signal.SIG_DFL)
+        with common.shielded():  # a second Ctrl-C must not skip the cleanup
+            for stopper in (svc.stop, pfx.stop, sink.stop):
+                try:
+                    stopper()
+                except Exception as exc:  # keep stopping the others
+                    print(f"  while stopping: {exc!r}", file=sys.stderr)
+            if args.keep:
+                print(f"  kept {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
 
     if not results or status:
         return status or 1

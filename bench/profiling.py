@@ -354,22 +354,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"\ninterrupted ({type(exc).__name__}); stopping", file=sys.stderr)
         status = 130
     finally:
-        for sig in (signal.SIGINT, *accept.STOP_SIGNALS):
-            signal.signal(sig, signal.SIG_IGN)
-        sink.stop()
-        if args.keep:
-            print(f"kept {tmp}")
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        for sig in accept.STOP_SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
-    lines = ["## Profiles (bench/profiling.py)", "", "```", f"$ {command}", "```", ""]
-    for profile in profiles:
-        lines += report(profile, args.top)
-    print("\n" + "\n".join(lines))
+        with common.shielded():  # a second Ctrl-C must not skip the cleanup
+            sink.stop()
+            if args.keep:
+                print(f"kept {tmp}")
+            else:
+                shutil.rmtree(tmp, ignore_errors=True)
+    text = common.section(
+        "## Profiles (bench/profiling.py)", command, [line for p in profiles for line in report(p, args.top)]
+    )
+    print("\n" + text, end="")
     if args.markdown is not None and profiles:
-        args.markdown.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        args.markdown.write_text(text, encoding="utf-8")
     return status
 
 
