@@ -50,6 +50,7 @@ from smtpsvc.workers import WorkerPool
 
 FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
 STOP_GRACE = 10.0
+WORKERS_READY_TIMEOUT = 30.0  # server.workers: how long the start waits for every worker to listen
 
 
 class MailrootError(Exception):
@@ -153,7 +154,10 @@ class Service:
             ),
             reuse_port=cfg.server.workers > 1,
         )
-        await self.smtp.start()
+        if cfg.server.workers > 1:
+            self.smtp.reserve()  # the workers receive; this process delivers (docs/architecture.md)
+        else:
+            await self.smtp.start()
         try:
             await self._start_admin(cfg)
         except (AccessError, OSError) as exc:
@@ -170,7 +174,7 @@ class Service:
             raise MailrootError(text) from exc
         if cfg.server.workers > 1 and isinstance(self.queue, LocalSpool):
             self.workers = WorkerPool(
-                cfg.server.workers - 1,
+                cfg.server.workers,
                 self.config_path,
                 self.root,
                 self.queue,
@@ -179,6 +183,15 @@ class Service:
                 self.scheduler.etrn,
             )
             await self.workers.start(self.smtp.sockets)
+            if not await self.workers.wait_ready(WORKERS_READY_TIMEOUT):
+                self.events.emit(
+                    events.Event(
+                        events.SERVICE_STARTED,
+                        f"not every SMTP worker listens after {WORKERS_READY_TIMEOUT:g}s; "
+                        "starting with those that do (see the events before this one)",
+                        cause="worker-failed",
+                    )
+                )
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self.scheduler.run(), name="scheduler"),

@@ -1,18 +1,20 @@
 """SMTP worker processes (`server.workers` > 1): more cores for receiving mail.
 
-One Python process runs one event loop, so one core. With `server.workers = N` the service starts N - 1
-worker processes that accept SMTP on the same addresses as the main process (SO_REUSEPORT: the kernel
-spreads new connections over the listeners) and commit each message into the shared `queue/` with the
-spool's own protocol (`queue/intake.py`): the 250 still means "fsynced". The main process keeps everything
-else: the spool lock and index, delivery, Pickup, the admin API. A worker tells it each new message's id
+One Python process runs one event loop, so one core. With `server.workers = N` the service starts N
+worker processes that accept SMTP on the `server.listen` addresses (SO_REUSEPORT: the kernel spreads new
+connections over the listeners) and commit each message into the shared `queue/` with the spool's own
+protocol (`queue/intake.py`): the 250 still means "fsynced". The main process binds those addresses too,
+so that they stay reserved while workers come and go, but never listens on them: it keeps everything else,
+the spool lock and index, delivery, Pickup, the admin API, a core's worth of work of its own under load
+(measured in docs/performance.md). A worker tells it each new message's id
 over a socket pair (`Q <id>`; `READY` once it listens), and asks it for ETRN (`E <n> <domain> <0|1>`,
 answered `R <n> <count>`).
 
 A worker that dies is restarted after a second; what it had committed is found by the main process's
 periodic rescan. The main process stops its workers with SIGTERM (they give 421 and finish what they were
 committing) and passes SIGHUP on. Limits of this first version: each worker has its own AUTH failure
-limiter and its own share of `server.max_connections` (the limit applies per process), and /metrics counts
-the SMTP sessions of the main process only.
+limiter and its own share of `server.max_connections` (the limit applies per process), and the main
+process's /metrics has no SMTP session counters (the sessions are the workers').
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class WorkerPool:
         self._procs: dict[int, asyncio.subprocess.Process] = {}
         self._received: dict[int, int] = {}  # slot -> messages its workers committed (for /healthz)
         self._ready: set[int] = set()  # slots whose current worker listens
+        self._all_ready = asyncio.Event()  # set once every slot has had a worker listening
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
 
@@ -83,6 +86,14 @@ class WorkerPool:
             task = loop.create_task(self._keep(slot, list(addresses)), name=f"smtp-worker-{slot}")
             self._tasks.append(task)
         self._tasks.append(loop.create_task(self._rescan(), name="worker-rescan"))
+
+    async def wait_ready(self, timeout: float) -> bool:
+        """Whether every worker listens within `timeout` seconds (the service announces its start after)."""
+        try:
+            await asyncio.wait_for(self._all_ready.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
     def status(self) -> list[dict[str, int]]:
         """Per worker: its pid and how many messages it committed (since the main process started)."""
@@ -146,6 +157,8 @@ class WorkerPool:
                 parts = line.decode("ascii", "replace").split()
                 if parts == ["READY"]:
                     self._ready.add(slot)
+                    if len(self._ready) == self.count:
+                        self._all_ready.set()
                 elif len(parts) == 2 and parts[0] == "Q":
                     self._received[slot] = self._received.get(slot, 0) + 1
                     if self.spool.adopt_new(parts[1]) is not None:

@@ -391,9 +391,7 @@ class LocalSpool:
     def rescan(self) -> list[str]:
         """Index the .env files nobody told us about (a worker that died between its commit and its
         notice); returns their ids."""
-        return [
-            path.stem for path in self.dir.glob("*.env") if self.adopt_new(path.stem) is not None
-        ]
+        return [path.stem for path in self.dir.glob("*.env") if self.adopt_new(path.stem) is not None]
 
     # -- scheduling ----------------------------------------------------------------------------------
     def _index(self, envelope: Envelope) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import time
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ class SmtpServer:
         self.context = context
         self.reuse_port = reuse_port  # server.workers: several processes accept on the same addresses
         self._servers: list[asyncio.Server] = []
+        self._reserved: list[socket.socket] = []  # bound, never listening: see reserve()
         self._sessions: dict[asyncio.Task[None], Session] = {}
         self._last_limit_event = 0.0
         self.accepted = 0
@@ -32,10 +34,9 @@ class SmtpServer:
     def sockets(self) -> list[tuple[str, int]]:
         """The bound (host, port) pairs; with port 0 in the config this tells the real port."""
         out = []
-        for server in self._servers:
-            for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                out.append((host, port))
+        for sock in [*self._reserved, *(s for server in self._servers for s in server.sockets)]:
+            host, port = sock.getsockname()[:2]
+            out.append((host, port))
         return out
 
     @property
@@ -55,6 +56,32 @@ class SmtpServer:
                 limit=64 * 1024,
             )
             self._servers.append(server)
+
+    def reserve(self) -> None:
+        """Bind `server.listen` with SO_REUSEPORT but never listen (the main process with `server.workers`
+        > 1): the ports are ours (a port 0 gets its number here) and stay ours while workers come and go,
+        yet the kernel hands connections only to listening sockets, so the workers receive every one."""
+        try:
+            for host, port in self.config.server.listen:
+                infos = socket.getaddrinfo(
+                    host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+                )
+                for family, kind, proto, _, address in dict.fromkeys(infos):
+                    sock = socket.socket(family, kind, proto)
+                    self._reserved.append(sock)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                    if family == socket.AF_INET6:  # as asyncio.start_server: one family per socket
+                        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                    sock.bind(address)
+        except OSError:
+            self._close_reserved()
+            raise
+
+    def _close_reserved(self) -> None:
+        for sock in self._reserved:
+            sock.close()
+        self._reserved.clear()
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         limit = self.config.server.max_connections
@@ -85,6 +112,7 @@ class SmtpServer:
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; idle sessions get 421 at once, busy ones `grace` seconds to finish."""
+        self._close_reserved()
         for server in self._servers:
             server.close()
         deadline = time.monotonic() + grace
