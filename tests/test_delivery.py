@@ -38,11 +38,13 @@ class ScriptedServer(LoopbackPeer):
     """A minimal SMTP peer that is not our code. `ehlo` is its EHLO reply, or None to refuse EHLO with 502
     like an old server (KB818222 method 2). It records each TCP read, so a test can see what was pipelined."""
 
-    def __init__(self, ehlo: bytes | None) -> None:
+    def __init__(self, ehlo: bytes | None, rcpt_reply: bytes = b"250 ok\r\n") -> None:
         super().__init__()
         self.ehlo = ehlo
+        self.rcpt_reply = rcpt_reply
         self.lines: list[str] = []
         self.reads: list[bytes] = []
+        self.empty_data = 0  # data phases ended at once (".") after a 354
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 old.test SMTP ready\r\n")
@@ -57,10 +59,18 @@ class ScriptedServer(LoopbackPeer):
                 self.lines.append(line.decode())
                 if verb == "EHLO":
                     writer.write(self.ehlo or b"502 5.5.1 Command not implemented\r\n")
+                elif verb == "RCPT":
+                    writer.write(self.rcpt_reply)
                 elif verb == "DATA":
+                    # 354 whatever the recipients got, as RFC 2920 section 3.1 allows a server to
                     writer.write(b"354 go ahead\r\n")
-                    while b"\r\n.\r\n" not in buffer:
+                    while not buffer.startswith(b".\r\n") and b"\r\n.\r\n" not in buffer:
                         buffer += await reader.read(65536)
+                    if buffer.startswith(b".\r\n"):
+                        buffer = buffer[3:]
+                        self.empty_data += 1
+                        writer.write(b"554 5.5.1 no valid recipients\r\n")
+                        continue
                     message, buffer = buffer.split(b"\r\n.\r\n", 1)
                     self.messages.append(message + b"\r\n.\r\n")
                     writer.write(b"250 queued\r\n")
@@ -95,7 +105,27 @@ async def test_mail_and_rcpts_are_pipelined_when_the_peer_offers_it(
     await send(service, "alice@local.test", ["x@remote.test", "y@remote.test"])
     await wait_until(lambda: pipelining_peer.messages, what="delivery")
     [batch] = [r for r in pipelining_peer.reads if b"MAIL FROM" in r]
-    assert batch.count(b"RCPT TO") == 2  # MAIL and both RCPTs in one write
+    assert batch.count(b"RCPT TO") == 2  # MAIL, both RCPTs and DATA in one write (RFC 2920)
+    assert batch.endswith(b"DATA\r\n")
+    assert pipelining_peer.messages[0].endswith(b"last line\r\n.\r\n")
+
+
+async def test_a_pipelined_data_that_gets_354_with_no_recipient_is_closed_empty(
+    start_service: StartService,
+) -> None:
+    peer = ScriptedServer(
+        ehlo=b"250-picky.test\r\n250 PIPELINING\r\n", rcpt_reply=b"550 5.1.1 no such user\r\n"
+    )
+    await peer.start()
+    try:
+        service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}"})
+        await send(service, "alice@local.test", ["x@remote.test"])
+        [ndr] = await wait_until(lambda: drop_files(service), what="the NDR")
+        assert parsed_status(ndr.read_bytes()) == [("x@remote.test", "failed")]
+        assert peer.empty_data == 1 and not peer.messages  # the void data phase carried nothing
+        assert peer.commands[:5] == ["EHLO", "MAIL", "RCPT", "DATA", "RSET"]  # and the session was reset
+    finally:
+        await peer.stop()
 
 
 async def test_without_pipelining_each_rcpt_waits_for_its_reply(
