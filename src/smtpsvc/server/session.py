@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import ssl
 import time
@@ -96,6 +97,28 @@ class SessionContext:
 
 
 def server_options(context: SessionContext, client_ip: str) -> ServerOptions:
+    """The protocol core's options for a session: computed once per configuration (and for the few facts
+    that vary per client), as every session of a busy server would otherwise build the same object."""
+    key = (
+        id(context.config),
+        context.users.has_users,
+        context.certificate.context is not None,
+        _is_loopback(client_ip),
+    )
+    cached = _OPTIONS.get(key)
+    if cached is not None and cached[0] is context.config:
+        return cached[1]
+    options = _server_options(context, client_ip)
+    if len(_OPTIONS) >= 64:  # reloads: old configurations' entries go
+        _OPTIONS.clear()
+    _OPTIONS[key] = (context.config, options)
+    return options
+
+
+_OPTIONS: dict[tuple[int, bool, bool, bool], tuple[Config, ServerOptions]] = {}
+
+
+def _server_options(context: SessionContext, client_ip: str) -> ServerOptions:
     config = context.config
     ext = config.extensions
     return ServerOptions(
@@ -122,6 +145,7 @@ def server_options(context: SessionContext, client_ip: str) -> ServerOptions:
     )
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_loopback(ip: str) -> bool:
     try:
         return ipaddress.ip_address(ip.split("%", 1)[0]).is_loopback
@@ -172,7 +196,14 @@ class Session:
         self.session_bytes = 0  # accepted message bytes so far (max_session_size)
         self.txn = Transaction()
         self.idle = False  # waiting for the client's next command (safe to interrupt)
+        # Read deadline (loop clock). One lazy timer per session instead of a timeout per read: it is armed
+        # by a read and, when it fires early (the deadline moved on), re-armed for the new deadline.
+        self._event_loop = asyncio.get_running_loop()
         self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._reading = False  # inside reader.read(): the timer may interrupt it
+        self._timed_out = False  # the timer cancelled the read
+        self._task: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # replies not written yet: pipelined replies leave in one send()
         self.metrics = context.metrics  # metrics hook: the same observer sees this session open and close
 
@@ -183,6 +214,7 @@ class Session:
     async def run(self) -> None:
         if self.metrics is not None:  # metrics hook
             self.metrics.session_opened()
+        self._task = asyncio.current_task()
         try:
             self.writer.write(self.conn.greeting(replies.GREETING(self.hostname)))
             await self._loop()
@@ -196,6 +228,9 @@ class Session:
             with contextlib.suppress(ConnectionError, OSError, RuntimeError):
                 self._send_unsolicited(replies.SHUTTING_DOWN)
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             self.txn.abort()
             if self.metrics is not None:  # metrics hook; before the close, which a stop may cancel
                 self.metrics.session_closed()
@@ -207,26 +242,52 @@ class Session:
         with contextlib.suppress(ConnectionError, OSError, RuntimeError, TimeoutError):
             if not self.writer.is_closing():
                 self._flush_out()
-                await asyncio.wait_for(self.writer.drain(), 5)
+                if self.writer.transport.get_write_buffer_size():
+                    async with asyncio.timeout(5):
+                        await self.writer.drain()
                 if self.writer.can_write_eof():
                     self.writer.write_eof()
-                    deadline = time.monotonic() + LINGER_SECONDS
-                    while (remaining := deadline - time.monotonic()) > 0:
-                        if not await asyncio.wait_for(self.reader.read(READ_SIZE), remaining):
-                            break
+                    async with asyncio.timeout(LINGER_SECONDS):
+                        while await self.reader.read(READ_SIZE):
+                            pass
         self.writer.close()
 
     def _reset_deadline(self, seconds: float) -> None:
-        self._deadline = time.monotonic() + seconds
+        self._deadline = self._event_loop.time() + seconds
+        if self._timer is not None and self._timer.when() > self._deadline:
+            self._timer.cancel()  # the new deadline is sooner (data_timeout < connection_timeout)
+            self._timer = None
+
+    def _on_deadline(self) -> None:
+        self._timer = None
+        if not self._reading:
+            return  # the next read re-arms it (a commit or an AUTH check is not cut by the read deadline)
+        if self._event_loop.time() < self._deadline:
+            self._timer = self._event_loop.call_at(self._deadline, self._on_deadline)
+            return
+        self._timed_out = True
+        assert self._task is not None
+        self._task.cancel()
 
     async def _read(self) -> bytes:
         self._flush_out()  # RFC 2920 §3.1: every pending reply goes out before we wait for the client
         await self.writer.drain()
-        remaining = self._deadline - time.monotonic()
-        if remaining <= 0:
+        if self._event_loop.time() >= self._deadline:
             raise TimeoutError
-        async with asyncio.timeout(remaining):  # no task per read, unlike wait_for on Python 3.11
+        if self._timer is None:
+            self._timer = self._event_loop.call_at(self._deadline, self._on_deadline)
+        self._reading = True
+        try:
             return await self.reader.read(READ_SIZE)
+        except asyncio.CancelledError:
+            if not self._timed_out:
+                raise  # the service is stopping
+            self._timed_out = False
+            assert self._task is not None
+            self._task.uncancel()
+            raise TimeoutError from None
+        finally:
+            self._reading = False
 
     async def _loop(self) -> None:
         self._reset_deadline(self.config.server.connection_timeout)
