@@ -19,9 +19,10 @@ the whole job, every open, write and rename included, ran in the thread.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import os
+import queue
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,7 +60,7 @@ class GroupCommitter:
         self._pending: list[_Pending] = []
         self._running: asyncio.Task[None] | None = None
         self._max_batch = max_batch
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # made at the first parallel fsync
+        self._fsyncs: _FsyncThreads | None = None  # started at the first commit
         self.batches = 0  # statistics: how many batches ran
         self.jobs = 0  # and how many commits they carried
 
@@ -69,7 +70,9 @@ class GroupCommitter:
         self._pending.append(item)
         if self._running is None:
             self._running = asyncio.get_running_loop().create_task(self._drain())
-        await asyncio.shield(item.future)
+        # Not shielded: a caller cancelled meanwhile cancels only its own future, which the batch then
+        # skips; the batch itself (a separate task) runs to its end either way.
+        await item.future
 
     async def _drain(self) -> None:
         loop = asyncio.get_running_loop()
@@ -91,9 +94,11 @@ class GroupCommitter:
             self._running = None
 
     async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+        if self._fsyncs is None:
+            self._fsyncs = _FsyncThreads(FSYNC_THREADS)
         fds = [(item, fd) for item in batch for fd in item.commit.fds]
         if fds:
-            errors = await loop.run_in_executor(None, self._sync_files, [fd for _, fd in fds])
+            errors = await self._fsyncs.run(loop, [fd for _, fd in fds])
             for (item, _), error in zip(fds, errors, strict=True):
                 if error is not None and item.error is None:
                     item.error = error
@@ -109,27 +114,88 @@ class GroupCommitter:
                     continue
             for directory in item.commit.dirs:
                 dirs.setdefault(directory, []).append(item)
-        if dirs:
-            errors = await loop.run_in_executor(None, _sync_dirs, list(dirs))
+        if dirs and os.name != "nt":  # Windows cannot open a directory; NTFS metadata is journalled
+            opened: list[int] = []
+            errors = []
+            for directory in dirs:
+                try:
+                    opened.append(os.open(directory, os.O_RDONLY))
+                    errors.append(None)
+                except OSError as exc:
+                    errors.append(exc)
+            synced = iter(await self._fsyncs.run(loop, opened))
+            errors = [error if error is not None else next(synced) for error in errors]
             for members, error in zip(dirs.values(), errors, strict=True):
                 for item in members:
                     if error is not None and item.error is None:
                         item.error = error
 
-    def _sync_files(self, fds: list[int]) -> list[BaseException | None]:
-        """Worker thread: fsync (and close) each fd, the fsyncs side by side."""
-        if len(fds) == 1:
-            return [_fsync_and_close(fds[0])]
-        if self._pool is None:  # only one batch runs at a time, so only one thread gets here at once
-            self._pool = concurrent.futures.ThreadPoolExecutor(FSYNC_THREADS, "smtpsvc-fsync")
-        return list(self._pool.map(_fsync_and_close, fds))
-
     async def close(self) -> None:
         if self._running is not None:
             await self._running
-        if self._pool is not None:
-            self._pool.shutdown(wait=False)
-            self._pool = None
+        if self._fsyncs is not None:
+            self._fsyncs.stop()
+            self._fsyncs = None
+
+
+class _FsyncThreads:
+    """A fixed set of threads that only fsync and close file descriptors handed to them.
+
+    The event loop puts one item per descriptor into a C-level SimpleQueue and awaits one future, which the
+    thread finishing the last descriptor of the call resolves: no executor machinery (a concurrent Future,
+    a work item and a condition per call) and one wake-up of the loop per call, not one per descriptor.
+    """
+
+    def __init__(self, count: int) -> None:
+        self._queue: queue.SimpleQueue[tuple[_Call, int, int] | None] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._work, name=f"smtpsvc-fsync_{n}", daemon=True) for n in range(count)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    async def run(self, loop: asyncio.AbstractEventLoop, fds: list[int]) -> list[BaseException | None]:
+        """fsync and close each of `fds`, side by side; each one's error or None, in order."""
+        if not fds:
+            return []
+        call = _Call(loop, len(fds))
+        for index, fd in enumerate(fds):
+            self._queue.put((call, index, fd))
+        return await call.future
+
+    def _work(self) -> None:
+        while (item := self._queue.get()) is not None:
+            call, index, fd = item
+            call.finished(index, _fsync_and_close(fd))
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._queue.put(None)
+
+
+class _Call:
+    """One `_FsyncThreads.run`: its results, filled in by the threads, and the future they resolve."""
+
+    __slots__ = ("_left", "_lock", "_loop", "errors", "future")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+        self._loop = loop
+        self._left = count
+        self._lock = threading.Lock()
+        self.errors: list[BaseException | None] = [None] * count
+        self.future: asyncio.Future[list[BaseException | None]] = loop.create_future()
+
+    def finished(self, index: int, error: BaseException | None) -> None:
+        self.errors[index] = error
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._loop.call_soon_threadsafe(self._resolve)
+
+    def _resolve(self) -> None:
+        if not self.future.done():
+            self.future.set_result(self.errors)
 
 
 def _fsync_and_close(fd: int) -> BaseException | None:
@@ -141,14 +207,3 @@ def _fsync_and_close(fd: int) -> BaseException | None:
         with contextlib.suppress(OSError):
             os.close(fd)
     return None
-
-
-def _sync_dirs(dirs: list[Path]) -> list[BaseException | None]:
-    errors: list[BaseException | None] = []
-    for directory in dirs:
-        try:
-            fsync_dir(directory)
-            errors.append(None)
-        except OSError as exc:
-            errors.append(exc)
-    return errors

@@ -1,0 +1,94 @@
+"""The group committer on its own: batches share fsyncs, and a failure fails only the commits it concerns."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from smtpsvc.queue.commit import Commit, GroupCommitter
+
+
+def written(path: Path, data: bytes = b"x") -> int:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    os.write(fd, data)
+    return fd
+
+
+def is_open(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return False
+    return True
+
+
+async def test_concurrent_commits_share_one_batch_and_every_fd_is_closed(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    fds = [written(tmp_path / f"f{n}") for n in range(20)]
+    renamed: list[int] = []
+    await asyncio.gather(
+        *(
+            committer.run(Commit([fd], lambda n=n: renamed.append(n), (tmp_path,)))  # type: ignore[misc]
+            for n, fd in enumerate(fds)
+        )
+    )
+    assert committer.jobs == 20 and committer.batches <= 2  # the first may start alone, the rest wait
+    assert sorted(renamed) == list(range(20))  # each `then` ran once, after its fsync
+    assert not any(is_open(fd) for fd in fds)
+    await committer.close()
+
+
+async def test_a_failing_fsync_fails_its_own_commit_only(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    good = written(tmp_path / "good")
+    bad = os.open(tmp_path, os.O_RDONLY)
+    os.close(bad)  # a descriptor that no longer exists: fsync says EBADF
+    ran: list[str] = []
+    results = await asyncio.gather(
+        committer.run(Commit([good], lambda: ran.append("good"), (tmp_path,))),
+        committer.run(Commit([bad], lambda: ran.append("bad"), (tmp_path,))),
+        return_exceptions=True,
+    )
+    assert results[0] is None
+    assert isinstance(results[1], OSError)
+    assert ran == ["good"]  # the failed commit published nothing
+    await committer.close()
+
+
+async def test_a_failing_then_and_an_unopenable_directory_fail_their_commits(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+
+    def refuse() -> None:
+        raise PermissionError("rename refused")
+
+    results = await asyncio.gather(
+        committer.run(Commit([written(tmp_path / "a")], refuse, (tmp_path,))),
+        committer.run(Commit([written(tmp_path / "b")], None, (tmp_path / "missing",))),
+        committer.run(Commit([written(tmp_path / "c")], None, (tmp_path,))),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], PermissionError)
+    assert isinstance(results[1], FileNotFoundError)
+    assert results[2] is None
+    await committer.close()
+
+
+async def test_a_cancelled_caller_does_not_stop_the_batch(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    published: list[str] = []
+
+    def commit(name: str) -> asyncio.Task[None]:
+        job = Commit([written(tmp_path / name)], lambda: published.append(name))
+        return asyncio.create_task(committer.run(job))
+
+    first, second = commit("a"), commit("b")
+    await asyncio.sleep(0)
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    await second
+    await committer.close()
+    assert published == ["a", "b"]  # the batch went on: "a" is on disk even though its caller left
