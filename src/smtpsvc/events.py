@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sys
 import threading
 import time
@@ -97,7 +98,7 @@ class Event:
 
     def to_json(self, now: float) -> dict[str, Any]:
         record: dict[str, Any] = {
-            "time": datetime.fromtimestamp(now, UTC).isoformat(timespec="milliseconds"),
+            "time": _iso_time(now),
             "id": self.id,
             "level": LEVELS.get(self.id, "info"),
             "source": "smtpsvc",
@@ -108,6 +109,24 @@ class Event:
             if value:
                 record[key] = value
         return record
+
+
+_last_second: tuple[int, str] = (-1, "")
+
+
+def _iso_time(epoch: float) -> str:
+    """`datetime.fromtimestamp(epoch, UTC).isoformat(timespec="milliseconds")`, with the date and time of
+    day formatted once per second (a busy server writes many events a second)."""
+    global _last_second
+    fraction, whole = math.modf(epoch)  # the rounding datetime.fromtimestamp does
+    second, micros = int(whole), round(fraction * 1_000_000)
+    if micros >= 1_000_000:
+        second, micros = second + 1, micros - 1_000_000
+    elif micros < 0:
+        second, micros = second - 1, micros + 1_000_000
+    if _last_second[0] != second:
+        _last_second = (second, datetime.fromtimestamp(second, UTC).isoformat(timespec="seconds")[:-6])
+    return f"{_last_second[1]}.{micros // 1000:03d}+00:00"
 
 
 class EventLog:

@@ -6,6 +6,7 @@ The envelope is what the queue's `<id>.env` file holds (as JSON); every stage re
 from __future__ import annotations
 
 import os
+import random
 import time
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
@@ -242,6 +243,10 @@ def domain_of(address: str) -> str:
 
 
 _counter = 0
+# The random suffix keeps ids of different processes (SMTP workers, a spool copied from another server)
+# apart; it needs to be unpredictable to no one, so a generator seeded from the OS once per process does,
+# instead of a getrandom() system call per message.
+_suffix = random.Random(os.urandom(16))
 
 
 def new_queue_id(now: float | None = None) -> str:
@@ -249,9 +254,16 @@ def new_queue_id(now: float | None = None) -> str:
     global _counter
     _counter = (_counter + 1) & 0xFFFF
     stamp = int((time.time() if now is None else now) * 1_000_000)
-    return f"{stamp:014X}{_counter:04X}{os.urandom(3).hex().upper()}"
+    return f"{stamp:014X}{_counter:04X}{_suffix.getrandbits(24):06X}"
+
+
+_last_date: tuple[int, str] = (-1, "")
 
 
 def rfc5322_date(epoch: float) -> str:
     """A Date/Received timestamp in UTC with "+0000" (RFC 5322 reads "-0000" as "zone unknown")."""
-    return format_datetime(datetime.fromtimestamp(epoch, UTC))
+    global _last_date
+    second = int(epoch)
+    if _last_date[0] != second:  # one Received header per message: format each second once
+        _last_date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _last_date[1]

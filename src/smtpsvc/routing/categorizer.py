@@ -7,6 +7,7 @@ the delivery stage resolves it.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from dataclasses import dataclass
 
@@ -116,6 +117,7 @@ def route_for(recipient: str, config: Config) -> Route:
     return choices_for(recipient, config)[0].route
 
 
+@functools.lru_cache(maxsize=4096)  # every RCPT asks about its client's address; the answer never changes
 def _parse_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
     try:
         address = ipaddress.ip_address(text.split("%", 1)[0])
