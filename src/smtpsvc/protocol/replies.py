@@ -13,6 +13,11 @@ from dataclasses import dataclass
 
 # RFC 3463 §2: class "." subject "." detail; class 2, 4 or 5; subject and detail 1 to 3 digits.
 _ENHANCED = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+# (code, enhanced) pairs that passed Reply._check_codes. Bounded: the client side builds Replies from what
+# remote servers send, so a hostile one must not grow it without end (past the bound, pairs are just checked
+# every time).
+_CHECKED: set[tuple[int, str]] = set()
+_CHECKED_MAX = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,6 +31,21 @@ class Reply:
 
     def __post_init__(self) -> None:
         # Validated on construction (h11 habit): a bad Reply fails where it is made, not when written out.
+        code, enhanced = self.code, self.enhanced
+        # Speed: a session builds several Replies, so a (code, enhanced) pair is checked once, then found in
+        # _CHECKED. Exact types only: a float 250.0 equals (and hashes as) 250 but must still be refused.
+        if type(code) is not int or type(enhanced) is not str or (code, enhanced) not in _CHECKED:
+            self._check_codes()
+        text, more = self.text, self.more
+        if more == ():  # speed: the usual one-line reply, without building a tuple of lines
+            if "\r" in text or "\n" in text:
+                raise ValueError(f"CR or LF inside reply text: {text!r}")
+            return
+        for line in (text, *more):
+            if "\r" in line or "\n" in line:
+                raise ValueError(f"CR or LF inside reply text: {line!r}")
+
+    def _check_codes(self) -> None:
         if not isinstance(self.code, int) or not 200 <= self.code <= 599:
             raise ValueError(f"reply code out of range 200..599: {self.code!r}")
         if self.enhanced:
@@ -33,9 +53,8 @@ class Reply:
                 raise ValueError(f"malformed enhanced status code: {self.enhanced!r}")
             if self.enhanced[0] != str(self.code)[0]:
                 raise ValueError(f"enhanced code {self.enhanced} does not match the class of {self.code}")
-        for line in (self.text, *self.more):
-            if "\r" in line or "\n" in line:
-                raise ValueError(f"CR or LF inside reply text: {line!r}")
+        if type(self.code) is int and type(self.enhanced) is str and len(_CHECKED) < _CHECKED_MAX:
+            _CHECKED.add((self.code, self.enhanced))
 
     @property
     def lines(self) -> tuple[str, ...]:
@@ -52,7 +71,13 @@ class Reply:
     def to_bytes(self, enhanced_codes: bool = True) -> bytes:
         """The reply as written on the wire, CRLF after every line."""
         # Text is UTF-8: an SMTPUTF8 address may be echoed back (RFC 6531 §3.7.4.2 allows it).
-        return "".join(line + "\r\n" for line in self._render(enhanced_codes)).encode("utf-8")
+        # The same lines as _render(), built directly (speed: this runs for every reply of every session).
+        prefix = f"{self.enhanced} " if self.enhanced and enhanced_codes else ""
+        if not self.more:
+            return f"{self.code} {prefix}{self.text}\r\n".encode()
+        *first, last = self.lines
+        head = "".join([f"{self.code}-{prefix}{line}\r\n" for line in first])
+        return f"{head}{self.code} {prefix}{last}\r\n".encode()
 
     def __str__(self) -> str:
         return "\n".join(self._render(True))

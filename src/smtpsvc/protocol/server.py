@@ -134,6 +134,10 @@ class ServerState(enum.Enum):
     REFUSED = "REFUSED"  # banner was 554: only QUIT is allowed (RFC 5321 §3.1)
     CLOSED = "CLOSED"  # QUIT answered, 421 sent, or EOF: input is ignored
 
+    # Speed: Enum.__hash__ is a Python function (hash of the name), run for every TRANSITIONS lookup. Members
+    # are singletons that compare by identity, so the identity hash is equivalent, and runs in C.
+    __hash__ = object.__hash__
+
 
 S = ServerState
 
@@ -239,6 +243,14 @@ SEQUENCE_ERRORS: Final[Mapping[tuple[ServerState, type[Event]], Reply]] = {
 
 # States without a mail transaction: entering one forgets the recipients and the per-transaction flags.
 _NO_TRANSACTION: Final = frozenset({S.READY, S.GREETED})
+# The states in which the input is read as command lines (see ServerConnection._read_event).
+_COMMAND_STATES: Final = frozenset(S) - {S.DATA, S.BDAT, S.XEXCH50, S.AUTH, S.TLS}
+# The state the banner's code moves to (greeting()).
+_GREETING_STATES: Final[Mapping[int, ServerState]] = {220: S.READY, 421: S.CLOSED, 554: S.REFUSED}
+# Events that are owed no reply (next_event()).
+_UNANSWERED: Final = frozenset({ConnectionClosed, Bdat, DataChunk})
+# The reply a DataEnd carries for the limit the DotUnstuffer reports.
+_DATA_ERRORS: Final[Mapping[str, Reply]] = {"line": replies.LINE_TOO_LONG, "size": replies.TOO_BIG}
 
 
 def _key_name(key: TransitionKey) -> str:
@@ -255,10 +267,7 @@ def render_transitions() -> str:
     return "\n".join(lines)
 
 
-def _refined_key(event: Event) -> TransitionKey | None:
-    if isinstance(event, BdatEnd) and event.last:
-        return (BdatEnd, LAST)
-    return None
+_BDAT_LAST: Final = (BdatEnd, LAST)  # the refined key of a BdatEnd of the LAST chunk
 
 
 # --- Command parsing ---------------------------------------------------------------------------------------
@@ -290,6 +299,10 @@ def _verb_of(line: bytes | bytearray) -> str:
     """The first word, upper-cased, for Rejected.verb and logs; "?" when it is not a plausible verb, so that
     no control character or binary junk reaches a log line."""
     word = bytes(line[:17]).split(b" ", 1)[0]
+    # Speed: a known verb as clients send it (upper case) needs neither the regex nor the decoding.
+    known = _UPPER_VERBS.get(word)
+    if known is not None:
+        return known
     return word.decode("ascii").upper() if _VERB_CHARS.fullmatch(word) else "?"
 
 
@@ -327,25 +340,27 @@ def _parse_mail(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Even
     path_text, tail = split
     if utf8 and not tail.isascii():
         return Rejected(replies.BAD_CHARS, verb)
+    # Speed: the usual MAIL has no parameters, so nothing to parse (parse_params("") is {}) or check.
     try:
-        params = parse_params(tail)
+        params = parse_params(tail) if tail else {}
     except ParamError as exc:
         return Rejected(exc.reply, verb)
     # UTF-8 is allowed in the address only, and only with the SMTPUTF8 parameter (RFC 6531 §3.4).
     if utf8 and "SMTPUTF8" not in params:
         return Rejected(replies.BAD_CHARS, verb)
-    opts = conn.options
-    refusal = check_mail_params(
-        params,
-        esmtp=conn.esmtp,
-        max_message_size=opts.max_message_size,
-        eightbitmime=opts.eightbitmime,
-        smtputf8=opts.smtputf8_in_force,
-        dsn=opts.dsn,
-        binarymime=opts.binarymime_in_force,
-    )
-    if refusal is not None:
-        return Rejected(refusal, verb)
+    if params:
+        opts = conn.options
+        refusal = check_mail_params(
+            params,
+            esmtp=conn.esmtp,
+            max_message_size=opts.max_message_size,
+            eightbitmime=opts.eightbitmime,
+            smtputf8=opts.smtputf8_in_force,
+            dsn=opts.dsn,
+            binarymime=opts.binarymime_in_force,
+        )
+        if refusal is not None:
+            return Rejected(refusal, verb)
     try:
         path = parse_path(path_text, allow_null=True, utf8=utf8)
     except AddressError:
@@ -360,11 +375,12 @@ def _parse_rcpt(conn: ServerConnection, verb: str, arg: str, utf8: bool) -> Even
     path_text, tail = split
     if utf8 and (not conn.transaction_smtputf8 or not tail.isascii()):
         return Rejected(replies.BAD_CHARS, verb)
+    # Speed: as in _parse_mail, a RCPT without parameters skips parsing and checking them.
     try:
-        params = parse_params(tail)
+        params = parse_params(tail) if tail else {}
     except ParamError as exc:
         return Rejected(exc.reply, verb)
-    refusal = check_rcpt_params(params, esmtp=conn.esmtp, dsn=conn.options.dsn)
+    refusal = check_rcpt_params(params, esmtp=conn.esmtp, dsn=conn.options.dsn) if params else None
     if refusal is not None:
         return Rejected(refusal, verb)
     try:
@@ -495,6 +511,8 @@ VERBS: Final[Mapping[str, _Verb]] = {
     "X-LINK2STATE": _Verb(XLink2State, _parse_xlink2state, lambda o: o.x_link2state, replies.UNRECOGNIZED),
 }
 _LONG_VERBS: Final = frozenset({b"MAIL", b"RCPT"})
+# What _verb_of() makes of each verb written in upper case: itself.
+_UPPER_VERBS: Final[Mapping[bytes, str]] = {verb.encode("ascii"): verb for verb in VERBS}
 
 
 class ServerConnection:
@@ -638,21 +656,24 @@ class ServerConnection:
         self._buf += data
 
     def next_event(self) -> Event | NeedData:
-        if self._state is S.GREETING:
+        state = self._state
+        if state is S.GREETING:
             raise LocalProtocolError("call greeting() before next_event()")
         if self._owed is not None:
             raise LocalProtocolError(f"a reply is still owed for {self._owed!r}")
-        if self._state is S.CLOSED:
+        if state is S.CLOSED:
             return ConnectionClosed()
-        event = self._read_event()
+        # Speed: command lines, the usual input, skip _read_event's dispatch.
+        event = self._next_command_event() if state in _COMMAND_STATES else self._read_event()
         if event is NEED_DATA:
             return event
-        if isinstance(event, ConnectionClosed):
+        # Speed: one set lookup (events are exact types) for the usual case, an event owed a reply.
+        if type(event) not in _UNANSWERED:
+            self._owed = event
+        elif isinstance(event, ConnectionClosed):
             self._enter(S.CLOSED)
         elif isinstance(event, Bdat):
             self._start_chunk(event)
-        elif not isinstance(event, DataChunk):
-            self._owed = event
         return event
 
     def tls_established(self) -> None:
@@ -677,7 +698,7 @@ class ServerConnection:
         QUIT (RFC 5321 §3.1)."""
         if self._state is not S.GREETING:
             raise LocalProtocolError("greeting() sent twice")
-        new_state = {220: S.READY, 421: S.CLOSED, 554: S.REFUSED}.get(reply.code)
+        new_state = _GREETING_STATES.get(reply.code)
         if new_state is None:
             raise LocalProtocolError(f"a greeting must be 220, 421 or 554, not {reply.code}")
         self._enter(new_state)
@@ -699,30 +720,39 @@ class ServerConnection:
     # --- internals ---
 
     def _apply(self, event: Event, reply: Reply) -> None:
-        if isinstance(event, Rejected) and event.close:
+        # Speed: dispatch on `kind` with `is` (events are exact types, see events.py) rather than a chain of
+        # isinstance() calls; `type(event) is X` where mypy must narrow `event`.
+        kind = type(event)
+        if type(event) is Rejected and event.close:
             self._enter(S.CLOSED)
             return
+        code = reply.code
         # Effects that do not depend on a transition.
-        if isinstance(event, Auth | AuthResponse) and reply.code == 235:
+        if (kind is Auth or kind is AuthResponse) and code == 235:
             self._authenticated = True
-        elif isinstance(event, BdatEnd) and not reply.is_positive and self._bdat_error is None:
+        elif kind is BdatEnd and not 200 <= code < 300 and self._bdat_error is None:
             self._bdat_error = reply  # RFC 3030 §2: a refused chunk fails the message; drain the rest of it
         row = TRANSITIONS[self._state]
-        refined = _refined_key(event)
-        new_state = row.get(refined) if refined is not None else None
+        new_state = None
+        if type(event) is BdatEnd and event.last:  # a refined key first
+            new_state = row.get(_BDAT_LAST)
         if new_state is None:
-            new_state = row.get(type(event))
-        accepts = ACCEPTED_BY.get(type(event), _is_positive)
-        if new_state is None or not accepts(reply):
+            new_state = row.get(kind)
+        if new_state is None:
             return
-        if isinstance(event, Helo | Ehlo):
-            self._esmtp = isinstance(event, Ehlo)
-        elif isinstance(event, Mail):
+        accepts = ACCEPTED_BY.get(kind)
+        if not (200 <= code < 300 if accepts is None else accepts(reply)):  # default: Reply.is_positive
+            return
+        if kind is Ehlo:
+            self._esmtp = True
+        elif kind is Helo:
+            self._esmtp = False
+        elif type(event) is Mail:
             self._txn_smtputf8 = "SMTPUTF8" in event.params
             self._txn_binarymime = (event.params.get("BODY") or "").upper() == "BINARYMIME"
-        elif isinstance(event, Rcpt):
+        elif kind is Rcpt:
             self._recipients += 1
-        elif isinstance(event, Xexch50):
+        elif type(event) is Xexch50:
             self._blob_size = event.size
         self._enter(new_state)
 
@@ -738,7 +768,7 @@ class ServerConnection:
             self._unstuffer = DotUnstuffer(opts.max_text_line, opts.max_message_size)
         else:
             self._unstuffer = None
-        if state is not S.XEXCH50:
+        if state is not S.XEXCH50 and self._blob:  # an empty one stays (speed: no new object per state)
             self._blob = bytearray()
         if state is S.CLOSED or state is S.TLS:
             # TLS: what the client sent after STARTTLS, in plaintext, must never be taken as commands.
@@ -798,8 +828,7 @@ class ServerConnection:
             if content:
                 return DataChunk(content)
         if unstuffer.done:
-            error = {"line": replies.LINE_TOO_LONG, "size": replies.TOO_BIG}.get(unstuffer.error or "")
-            return DataEnd(error)
+            return DataEnd(_DATA_ERRORS.get(unstuffer.error or ""))
         if self._eof:
             return ConnectionClosed()
         return NEED_DATA
@@ -842,7 +871,9 @@ class ServerConnection:
                     return ConnectionClosed() if self._eof else NEED_DATA
                 refusal, self._skip_then = self._skip_then, None
                 return refusal
-            line = self._take_line()
+            # Speed: with nothing buffered (after every command of a session without pipelining) _take_line()
+            # would find no line and change nothing.
+            line = self._take_line() if self._pos < len(self._buf) else None
             if line is None:
                 return ConnectionClosed() if self._eof else NEED_DATA
             if isinstance(line, _TooLong):
@@ -880,7 +911,9 @@ class ServerConnection:
             verb, self._draining = self._draining, None
             return _TooLong(verb)
         if lf < 0:
-            if len(buf) - pos >= self._line_limit(buf[pos : pos + 4]):
+            held = len(buf) - pos
+            # Speed: nothing held (the usual case) is never over a limit; skip computing it.
+            if held and held >= self._line_limit(buf[pos : pos + 4]):
                 self._draining = "AUTH" if self._state is S.AUTH else _verb_of(buf[pos : pos + 17])
                 self._pos = len(buf)
             return None
@@ -888,7 +921,10 @@ class ServerConnection:
         end = lf - 1 if lf > pos and buf[lf - 1] == 0x0D else lf
         line = bytes(buf[pos:end])
         self._pos = lf + 1
-        if len(line) + 2 > self._line_limit(line):
+        octets = end - pos + 2  # the line with its CRLF
+        # Speed: outside AUTH no limit is below max_command_line, so a line within it needs no _line_limit().
+        may_be_over = octets > self.options.max_command_line or self._state is S.AUTH
+        if may_be_over and octets > self._line_limit(line):
             return _TooLong("AUTH" if self._state is S.AUTH else _verb_of(line))
         return line
 
@@ -911,7 +947,8 @@ class ServerConnection:
     def _command_event(self, line: bytes, verb: str) -> Event:
         if _CONTROL.search(line):
             return Rejected(replies.BAD_CHARS, verb)
-        if _HTTP.match(line):
+        # `verb` is the line's first word: one of VERBS is no HTTP method, so the line cannot match _HTTP.
+        if verb not in VERBS and _HTTP.match(line):
             return Rejected(replies.UNRECOGNIZED, verb, close=True)
         utf8 = not line.isascii()
         if utf8:
@@ -924,8 +961,10 @@ class ServerConnection:
                 return Rejected(replies.BAD_CHARS, verb)
         else:
             text = line.decode("ascii")
-        word, _, arg = text.partition(" ")
-        spec = VERBS.get(word.upper()) if word.isascii() else None
+        # `verb` (_verb_of) is the first word upper-cased when it can be a verb, so VERBS.get(verb) is the
+        # lookup of the word before the first space, upper-cased (and None for a word that is not ASCII).
+        _, _, arg = text.partition(" ")
+        spec = VERBS.get(verb)
         if spec is None:
             return Rejected(replies.UNRECOGNIZED, verb)
         opts = self.options
@@ -937,7 +976,3 @@ class ServerConnection:
         if spec.event not in TRANSITIONS[self._state]:
             return Rejected(SEQUENCE_ERRORS.get((self._state, spec.event), replies.BAD_SEQUENCE), verb)
         return spec.parse(self, verb, arg.strip(" "), utf8)
-
-
-def _is_positive(reply: Reply) -> bool:
-    return reply.is_positive
