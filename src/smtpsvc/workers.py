@@ -220,12 +220,28 @@ class MasterChannel:
         self._writer = writer
         self._numbers = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._notices: list[bytes] = []  # Q lines not written yet
 
     def ready(self) -> None:
         self._writer.write(b"READY\n")
 
     def queued(self, queue_id: str) -> None:
-        self._writer.write(f"Q {queue_id}\n".encode("ascii"))
+        # The messages of one group commit are announced in one write (one wake-up of the main process),
+        # at the end of this turn of the event loop.
+        if not self._notices:
+            asyncio.get_running_loop().call_soon(self._send_notices)
+        self._notices.append(f"Q {queue_id}\n".encode("ascii"))
+
+    def _send_notices(self) -> None:
+        if self._notices:
+            self._writer.write(b"".join(self._notices))
+            self._notices.clear()
+
+    async def close(self) -> None:
+        """At the stop: the last notices out (the main process rescans anyway when we exit)."""
+        self._send_notices()
+        with contextlib.suppress(ConnectionError, OSError):
+            await self._writer.drain()
 
     async def etrn(self, domain: str, subdomains: bool) -> int:
         number = next(self._numbers)
@@ -297,6 +313,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         await stop.wait()
         await smtp.stop(grace=STOP_GRACE)
         await spool.drain()
+        await channel.close()
         flusher.cancel()
         listener.cancel()
         log.close()
