@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import TextIO
 
-from smtpsvc import __version__, events
+from smtpsvc import __version__, events, gctune
 from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, AccessError, service_token
 from smtpsvc.admin.httpserver import AdminServer
 from smtpsvc.admin.service import QueueAdmin
@@ -457,6 +457,7 @@ def run_service(config: Config, config_path: str | None) -> int:
             )
             await service.store.close()
             return 1
+        gctune.after_start()
         await service.run_until_signalled()
         return 0
 

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-from smtpsvc import events
+from smtpsvc import events, gctune
 from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.auth.users import UsersFileError, UserStore, users_path
 from smtpsvc.config import Config, ConfigError, format_listen, load_config
@@ -299,6 +299,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         )
         smtp = SmtpServer(context, reuse_port=True)
         await smtp.start(config.server.listen)
+        gctune.after_start()
         channel.ready()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
