@@ -14,6 +14,10 @@ So the 250 after DATA still waits for its own fsyncs, fifty sessions finishing t
 journal commit and one directory sync, and the worker threads do nothing but fsync: they hardly ever need
 the GIL, which kept the event loop and a busy worker thread handing it back and forth (futex storms) when
 the whole job, every open, write and rename included, ran in the thread.
+
+While a batch is in step 3, the next batch (the commits that arrived meanwhile) already starts step 1, so
+a commit waits for at most the file sync of the batch before it, not the whole of it. Steps 2 run in batch
+order on the loop; each batch syncs the directories after its own renames.
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ class GroupCommitter:
         self._running: asyncio.Task[None] | None = None
         self._max_batch = max_batch
         self._fsyncs: _FsyncThreads | None = None  # started at the first commit
+        self._finishing: set[asyncio.Task[None]] = set()  # batches in their directory sync
         self.batches = 0  # statistics: how many batches ran
         self.jobs = 0  # and how many commits they carried
 
@@ -80,20 +85,26 @@ class GroupCommitter:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                await self._commit(loop, batch)
+                dirs = await self._sync_and_publish(loop, batch)
                 self.batches += 1
                 self.jobs += len(batch)
-                for item in batch:
-                    if item.future.done():
-                        continue
-                    if item.error is None:
-                        item.future.set_result(None)
-                    else:
-                        item.future.set_exception(item.error)
+                if not dirs:
+                    _resolve(batch)
+                    continue
+                # The directory sync of this batch runs while the next batch (whoever arrived meanwhile)
+                # already syncs its files: a commit no longer waits for the whole of the previous batch.
+                # Each batch still syncs the directories after its own renames.
+                finishing = loop.create_task(self._sync_dirs(loop, batch, dirs))
+                self._finishing.add(finishing)
+                finishing.add_done_callback(self._finishing.discard)
         finally:
             self._running = None
 
-    async def _commit(self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]) -> None:
+    async def _sync_and_publish(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending]
+    ) -> dict[Path, list[_Pending]]:
+        """Steps 1 and 2: fsync the batch's files, then run each caller's `then`; returns the directories
+        to sync with the commits that touched them."""
         if self._fsyncs is None:
             self._fsyncs = _FsyncThreads(FSYNC_THREADS)
         fds = [(item, fd) for item in batch for fd in item.commit.fds]
@@ -112,38 +123,60 @@ class GroupCommitter:
                 except OSError as exc:
                     item.error = exc
                     continue
-            for directory in item.commit.dirs:
-                dirs.setdefault(directory, []).append(item)
-        if dirs and os.name != "nt":  # Windows cannot open a directory; NTFS metadata is journalled
-            opened: list[int] = []
-            errors = []
-            for directory in dirs:
-                try:
-                    opened.append(os.open(directory, os.O_RDONLY))
-                    errors.append(None)
-                except OSError as exc:
-                    errors.append(exc)
-            synced = iter(await self._fsyncs.run(loop, opened))
-            errors = [error if error is not None else next(synced) for error in errors]
-            for members, error in zip(dirs.values(), errors, strict=True):
-                for item in members:
-                    if error is not None and item.error is None:
-                        item.error = error
+            if os.name != "nt":  # Windows cannot open a directory; NTFS metadata is journalled
+                for directory in item.commit.dirs:
+                    dirs.setdefault(directory, []).append(item)
+        return dirs
+
+    async def _sync_dirs(
+        self, loop: asyncio.AbstractEventLoop, batch: list[_Pending], dirs: dict[Path, list[_Pending]]
+    ) -> None:
+        """Step 3, then the callers' answers."""
+        assert self._fsyncs is not None
+        opened: list[int] = []
+        errors: list[BaseException | None] = []
+        for directory in dirs:
+            try:
+                opened.append(os.open(directory, os.O_RDONLY))
+                errors.append(None)
+            except OSError as exc:
+                errors.append(exc)
+        synced = iter(await self._fsyncs.run(loop, opened))
+        errors = [error if error is not None else next(synced) for error in errors]
+        for members, error in zip(dirs.values(), errors, strict=True):
+            for item in members:
+                if error is not None and item.error is None:
+                    item.error = error
+        _resolve(batch)
 
     async def close(self) -> None:
         if self._running is not None:
             await self._running
+        if self._finishing:
+            await asyncio.gather(*self._finishing)
         if self._fsyncs is not None:
             self._fsyncs.stop()
             self._fsyncs = None
 
 
+def _resolve(batch: list[_Pending]) -> None:
+    for item in batch:
+        if item.future.done():
+            continue  # its caller was cancelled
+        if item.error is None:
+            item.future.set_result(None)
+        else:
+            item.future.set_exception(item.error)
+
+
 class _FsyncThreads:
-    """A fixed set of threads that only fsync and close file descriptors handed to them.
+    """A fixed set of threads that only fsync the file descriptors handed to them.
 
     The event loop puts one item per descriptor into a C-level SimpleQueue and awaits one future, which the
     thread finishing the last descriptor of the call resolves: no executor machinery (a concurrent Future,
     a work item and a condition per call) and one wake-up of the loop per call, not one per descriptor.
+    The descriptors are closed back on the loop: each step a thread takes after a system call must first
+    win the GIL back from the busy event loop, so the threads take as few as they can.
     """
 
     def __init__(self, count: int) -> None:
@@ -158,7 +191,7 @@ class _FsyncThreads:
         """fsync and close each of `fds`, side by side; each one's error or None, in order."""
         if not fds:
             return []
-        call = _Call(loop, len(fds))
+        call = _Call(loop, fds)
         for index, fd in enumerate(fds):
             self._queue.put((call, index, fd))
         return await call.future
@@ -166,7 +199,7 @@ class _FsyncThreads:
     def _work(self) -> None:
         while (item := self._queue.get()) is not None:
             call, index, fd = item
-            call.finished(index, _fsync_and_close(fd))
+            call.finished(index, _fsync(fd))
 
     def stop(self) -> None:
         for _ in self._threads:
@@ -176,13 +209,14 @@ class _FsyncThreads:
 class _Call:
     """One `_FsyncThreads.run`: its results, filled in by the threads, and the future they resolve."""
 
-    __slots__ = ("_left", "_lock", "_loop", "errors", "future")
+    __slots__ = ("_fds", "_left", "_lock", "_loop", "errors", "future")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, count: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, fds: list[int]) -> None:
         self._loop = loop
-        self._left = count
+        self._fds = fds
+        self._left = len(fds)
         self._lock = threading.Lock()
-        self.errors: list[BaseException | None] = [None] * count
+        self.errors: list[BaseException | None] = [None] * len(fds)
         self.future: asyncio.Future[list[BaseException | None]] = loop.create_future()
 
     def finished(self, index: int, error: BaseException | None) -> None:
@@ -194,16 +228,17 @@ class _Call:
             self._loop.call_soon_threadsafe(self._resolve)
 
     def _resolve(self) -> None:
+        """On the loop, once every thread is done with the descriptors (also when the caller left)."""
+        for fd in self._fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
         if not self.future.done():
             self.future.set_result(self.errors)
 
 
-def _fsync_and_close(fd: int) -> BaseException | None:
+def _fsync(fd: int) -> BaseException | None:
     try:
         os.fsync(fd)
     except OSError as exc:
         return exc
-    finally:
-        with contextlib.suppress(OSError):
-            os.close(fd)
     return None
