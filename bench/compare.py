@@ -91,6 +91,9 @@ CASES_FULL = [
 ]
 CASES_QUICK = [(1024, 10, 1000), (1024, 50, 1000)]
 WARMUP_MESSAGES = 200
+# smtpsvc as docs/performance.md recommends running it: one SMTP worker process per core (server.workers),
+# the main process delivering; Postfix likewise runs as many processes as it likes.
+DEFAULT_WORKERS = max(1, min(os.cpu_count() or 1, 8))
 # latency phase: (sessions, messages per run) with 1 KiB messages; --quick: 1 run of 500 each
 LATENCY_FULL = [(1, 500), (10, 2000), (50, 2000)]
 LATENCY_QUICK = [(1, 500), (10, 500), (50, 500)]
@@ -782,7 +785,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="NAME=VALUE",
         help="a main.cf setting for the private Postfix, after the defaults (repeatable): in_flow_delay=0",
     )
-    p.add_argument("--workers", type=int, default=1, metavar="N", help="smtpsvc's server.workers (default 1)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=DEFAULT_WORKERS,
+        metavar="N",
+        help=f"smtpsvc's server.workers (default: one per core, here {DEFAULT_WORKERS}; 1: a single process)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     out = p.add_mutually_exclusive_group()
     out.add_argument("--no-write", action="store_true", help="do not write bench/results/<date>.md")
