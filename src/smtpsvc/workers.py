@@ -5,8 +5,8 @@ worker processes that accept SMTP on the `server.listen` addresses (SO_REUSEPORT
 connections over the listeners) and commit each message into the shared `queue/` with the spool's own
 protocol (`queue/intake.py`): the 250 still means "fsynced". The main process binds those addresses too,
 so that they stay reserved while workers come and go, but never listens on them: it keeps everything else,
-the spool lock and index, delivery, Pickup, the admin API, a core's worth of work of its own under load
-(measured in docs/performance.md). A worker tells it each new message's id
+the spool lock and index, delivery, Pickup, the admin API (delivery alone is about a third of the CPU a
+message costs, docs/performance.md). A worker tells it each new message's id
 over a socket pair (`Q <id>`; `READY` once it listens), and asks it for ETRN (`E <n> <domain> <0|1>`,
 answered `R <n> <count>`).
 
