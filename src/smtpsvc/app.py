@@ -427,7 +427,11 @@ class Service:
                 )
             )
 
-    async def run_until_signalled(self) -> None:
+    def handle_signals(self) -> asyncio.Event:
+        """SIGTERM and SIGINT set the returned event; SIGHUP reloads once the service has started (before,
+        there is nothing to reload). Installed before `start`: the start announces READY=1 and event 9002,
+        and a supervisor or a test may send SIGTERM the moment it reads them, which without a handler
+        would kill the process instead of stopping it in order."""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -435,8 +439,11 @@ class Service:
                 loop.add_signal_handler(sig, stop.set)
         if hasattr(signal, "SIGHUP"):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(signal.SIGHUP, self.reload)
-        await stop.wait()
+                loop.add_signal_handler(signal.SIGHUP, lambda: self.reload() if self._started_at else None)
+        return stop
+
+    async def run_until_signalled(self, stop: asyncio.Event | None = None) -> None:
+        await (stop or self.handle_signals()).wait()
         await self.stop()
 
 
@@ -445,6 +452,7 @@ def run_service(config: Config, config_path: str | None) -> int:
 
     async def main() -> int:
         service = Service(config, config_path)
+        stop = service.handle_signals()
         try:
             await service.start()
         except MailrootError:
@@ -458,7 +466,7 @@ def run_service(config: Config, config_path: str | None) -> int:
             await service.store.close()
             return 1
         gctune.after_start()
-        await service.run_until_signalled()
+        await service.run_until_signalled(stop)
         return 0
 
     try:

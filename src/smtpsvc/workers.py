@@ -297,17 +297,18 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
             etrn=channel.etrn,
             resolver=MxResolver(config.resolver.nameservers, timeout=min(config.delivery.timeout, 30.0)),
         )
-        smtp = SmtpServer(context, reuse_port=True)
-        await smtp.start(config.server.listen)
-        gctune.after_start()
-        channel.ready()
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
+        # Before READY: the main process may stop us the moment it reads it.
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         # Ctrl-C reaches the whole process group; the main process stops us in order (SIGTERM), and a
         # worker leaving on its own would look like a crash to be restarted.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(context, ingest, log, config_path, root))
+        smtp = SmtpServer(context, reuse_port=True)
+        await smtp.start(config.server.listen)
+        gctune.after_start()
+        channel.ready()
         listener = loop.create_task(channel.run())
         listener.add_done_callback(lambda _: stop.set())  # the main process is gone: so are we
         flusher = loop.create_task(_flush_every_second(log))
