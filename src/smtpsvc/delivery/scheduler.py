@@ -38,6 +38,7 @@ from smtpsvc.model import (
     Recipient,
     RecipientState,
     Route,
+    domain_of,
     rfc5322_date,
 )
 from smtpsvc.queue.base import Claim, LeaseLost, QueueError, QueueStore
@@ -87,6 +88,11 @@ class Scheduler:
         self.memory = PeerMemory()  # self-healing facts per next hop (SPEC 2.9)
         self.reports = Reporter(queue, config, ingest, event_log, badmail_dir)
         self._link_slots: dict[str, asyncio.Semaphore] = {}  # max_connections_per_domain, per link
+        # Smart hosts given as address literals -> their next hops (see _next_hops). Bounded.
+        self._literal_hops: dict[tuple[tuple[str, int], ...], list[NextHop]] = {}
+        # Routing answers of self._routes_config, per (domain, unavailable connectors) (see _choices).
+        self._routes: dict[tuple[str, frozenset[str]], tuple[RouteChoice, ...]] = {}
+        self._routes_config: Config | None = None
         # metrics hook: (route kind "drop"|"smtp", the group's results, seconds the attempt took)
         self.delivery_observer: Callable[[str, Sequence[DeliveryResult], float], None] | None = None
 
@@ -337,7 +343,7 @@ class Scheduler:
         for rcpt in envelope.pending:
             if rcpt.next_attempt > started:
                 continue  # this recipient's retry time has not come (another one made the message due)
-            first, *rest = choices_for(rcpt.address, self.config, unavailable)
+            first, *rest = self._choices(rcpt.address, unavailable)
             rcpt.route = first.route.link
             if rcpt.route in frozen_links:
                 continue  # the operator froze this next hop: it keeps its mail until thawed
@@ -348,12 +354,16 @@ class Scheduler:
                 continue
             groups.setdefault(first, []).append(rcpt)
             fallbacks[first] = rest
-        outcomes = await asyncio.gather(
-            *(
-                self._deliver_group(envelope, choice, rcpts, fallbacks[choice])
-                for choice, rcpts in groups.items()
+        if len(groups) == 1:  # the usual case: awaited directly, without gather's task (speed)
+            [(choice, rcpts)] = groups.items()
+            outcomes = [await self._deliver_group(envelope, choice, rcpts, fallbacks[choice])]
+        else:
+            outcomes = await asyncio.gather(
+                *(
+                    self._deliver_group(envelope, choice, rcpts, fallbacks[choice])
+                    for choice, rcpts in groups.items()
+                )
             )
-        )
         now = time.time()
         by_address = {r.address: r for r in envelope.pending}
         succeeded: list[tuple[Recipient, DeliveryResult]] = []
@@ -366,8 +376,8 @@ class Scheduler:
         if succeeded and envelope.sender:
             await self.reports.success(envelope, succeeded)
         cfg = self.config.delivery
-        for rcpt in envelope.pending:
-            if expired(now, envelope.received_at, cfg.expiration):
+        if expired(now, envelope.received_at, cfg.expiration):  # the same for every recipient: asked once
+            for rcpt in envelope.pending:
                 rcpt.state = RecipientState.FAILED
                 rcpt.status = "4.4.7"
                 rcpt.last_reply = (
@@ -397,6 +407,24 @@ class Scheduler:
         else:
             await self._durably(lambda: self.queue.complete(envelope.id))
             self.transcripts.pop(envelope.id, None)
+
+    def _choices(self, address: str, unavailable: frozenset[str]) -> tuple[RouteChoice, ...]:
+        """`choices_for(address, self.config, unavailable)`, remembered per domain.
+
+        Speed: routing is a pure function of the recipient's domain, the (frozen) config and the unavailable
+        connectors (routing.categorizer), and it ran for every recipient of every attempt. The answers are
+        kept for as long as `self.config` is the same object: a reload replaces it, and that empties them.
+        Bounded: emptied when full."""
+        if self._routes_config is not self.config:
+            self._routes.clear()
+            self._routes_config = self.config
+        key = (domain_of(address), unavailable)
+        choices = self._routes.get(key)
+        if choices is None:
+            if len(self._routes) >= ROUTES_KEPT:
+                self._routes.clear()
+            choices = self._routes[key] = tuple(choices_for(address, self.config, unavailable))
+        return choices
 
     def _record(self, envelope: Envelope, rcpt: Recipient, result: DeliveryResult, now: float) -> None:
         rcpt.attempts += 1
@@ -453,6 +481,8 @@ class Scheduler:
 
     def _unavailable_connectors(self, now: float) -> frozenset[str]:
         """Connectors whose every smart host failed lately: the next cost takes over until they heal."""
+        if not self._connector_down:  # the usual case, without copying an empty dict (speed)
+            return _NO_CONNECTORS
         for name, until in list(self._connector_down.items()):
             if until <= now:
                 del self._connector_down[name]
@@ -513,7 +543,7 @@ class Scheduler:
                 for r in rcpts
             ]
         try:
-            policy = _hop_policy(choice, self._xexch50_allowed(choice, {r.domain for r in rcpts}))
+            policy = _hop_policy(choice, self._xexch50_allowed(choice, rcpts))
         except OSError as exc:
             reply = f"451 4.7.0 Cannot read auth.password_file of connector {choice.connector!r}: {exc}"
             self.events.emit(
@@ -531,16 +561,18 @@ class Scheduler:
                 for r in rcpts
             ]
         cfg = self.config.delivery
-        slots = self._link_slots.setdefault(
-            route.link, asyncio.Semaphore(max(1, cfg.max_connections_per_domain))
-        )
+        slots = self._link_slots.get(route.link)
+        if slots is None:  # not setdefault(): that would make a Semaphore per message
+            slots = self._link_slots[route.link] = asyncio.Semaphore(max(1, cfg.max_connections_per_domain))
         # The node's own limit first, then (a cluster) the link's slot shared by every node.
-        async with (
-            slots,
-            self.queue.link_slot(route.link, cfg.max_connections_per_domain),
-            self._message(envelope.id) as message,
-        ):
-            outcome = await self._smtp_deliver(hops, envelope, rcpts, policy, message)
+        async with slots, self.queue.link_slot(route.link, cfg.max_connections_per_domain):
+            # The handle by hand, not with `async with self._message()`: a generator-based context manager
+            # costs several µs per message on this path.
+            message = await self.queue.open_message(envelope.id)
+            try:
+                outcome = await self._smtp_deliver(hops, envelope, rcpts, policy, message)
+            finally:
+                message.close()
         self.transcripts[envelope.id] = outcome.transcript
         envelope.transcripts = [*envelope.transcripts, _stamped(outcome.transcript)][-TRANSCRIPTS_KEPT:]
         if (
@@ -617,7 +649,7 @@ class Scheduler:
                 )
         return outcome.results
 
-    def _xexch50_allowed(self, choice: RouteChoice, domains: set[str]) -> bool:
+    def _xexch50_allowed(self, choice: RouteChoice, rcpts: list[Recipient]) -> bool:
         """SPEC 2.5: only on routes with xexch50 = true and, with suppress_xexch50_external
         (SuppressExternal), only to internal domains: our local domains and the domains.remote entries."""
         if not choice.xexch50:
@@ -625,7 +657,7 @@ class Scheduler:
         if not self.config.delivery.suppress_xexch50_external:
             return True
         internal = set(self.config.local_domains) | {r.name for r in self.config.domains.remote}
-        return domains <= internal  # every recipient of this transaction is internal
+        return {r.domain for r in rcpts} <= internal  # every recipient of this transaction is internal
 
     async def _smtp_deliver(
         self,
@@ -653,6 +685,9 @@ class Scheduler:
 
     async def _next_hops(self, route: Route) -> list[NextHop]:
         if route.hosts:
+            known = self._literal_hops.get(route.hosts)
+            if known is not None:
+                return list(known)
             hops: list[NextHop] = []
             last_error: DnsError | None = None
             for host, port in route.hosts:
@@ -662,6 +697,14 @@ class Scheduler:
                     last_error = exc
             if not hops and last_error is not None:
                 raise last_error
+            if last_error is None and all(hop.host == hop.address for hop in hops):
+                # Speed: every host is an address literal (such as "[127.0.0.1]"), whose one hop, named
+                # after the address, resolve_host() makes without DNS, the same every time: kept instead
+                # of parsing the address again for every message. A name's hops are named after the name
+                # and are always looked up afresh.
+                if len(self._literal_hops) >= LITERAL_HOPS_KEPT:
+                    self._literal_hops.clear()
+                self._literal_hops[route.hosts] = list(hops)
             return hops
         return await self.resolver.resolve_mx(route.mx_domain, route.port)
 
@@ -689,11 +732,11 @@ class Scheduler:
 
     def _delay_due(self, envelope: Envelope, now: float) -> bool:
         delay = self.config.delivery.delay_notification
-        return (
-            not envelope.delay_notified
+        return (  # the cheap test that is usually false first: envelope.pending builds a list
+            now - envelope.received_at >= delay
+            and not envelope.delay_notified
             and bool(envelope.sender)
             and bool(envelope.pending)
-            and now - envelope.received_at >= delay
         )
 
     async def _send_delay_report(self, envelope: Envelope) -> None:
@@ -711,6 +754,9 @@ def _cause(reason: str) -> str:
 
 
 DNS_NOT_FOUND = frozenset({"dns-nxdomain", "dns-no-address"})
+_NO_CONNECTORS: frozenset[str] = frozenset()
+LITERAL_HOPS_KEPT = 256  # entries of Scheduler._literal_hops
+ROUTES_KEPT = 4096  # entries of Scheduler._routes
 
 
 def _hop_policy(choice: RouteChoice, xexch50: bool = False) -> smtp.HopPolicy:

@@ -31,6 +31,13 @@ _REPLY_LINE = re.compile(r"([2-5][0-9][0-9])([ -]|$)(.*)", re.S)
 _ENHANCED_PREFIX = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?: |$)")
 _VERB = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
 
+# Speed: a peer answers message after message with the same few one-line replies ("250 2.0.0 Ok"). The Reply
+# parsed from such a line is kept here, keyed by the line, so the regular expressions and Reply's checks run
+# once per distinct line instead of once per reply (a Reply is immutable: sharing it is safe). Bounded, since
+# the lines come from remote servers: emptied when full.
+_ONE_LINE_REPLIES: dict[str, Reply] = {}
+_ONE_LINE_REPLIES_MAX = 256
+
 
 def _strip_enhanced(text: str, enhanced: str) -> str:
     m = _ENHANCED_PREFIX.match(text)
@@ -115,32 +122,37 @@ class ClientConnection:
         if self._broken is not None:
             raise self._broken
         try:
-            return self._next_event()
+            while True:
+                if self._tls_pending:
+                    return ConnectionClosed() if self._eof else NEED_DATA
+                line = self._take_line()
+                if line is None:
+                    return ConnectionClosed() if self._eof else NEED_DATA
+                if not self._lines:
+                    known = _ONE_LINE_REPLIES.get(line)
+                    if known is not None:
+                        return self._match(known)
+                m = _REPLY_LINE.fullmatch(line)
+                if m is None:
+                    raise RemoteProtocolError(f"malformed reply line: {line[:80]!r}")
+                code = int(m.group(1))
+                if self._lines and code != self._lines[0][0]:
+                    raise RemoteProtocolError(f"reply code changed inside a multi-line reply: {line[:80]!r}")
+                self._lines.append((code, m.group(3)))
+                if m.group(2) == "-":
+                    if len(self._lines) >= self._max_lines:
+                        raise RemoteProtocolError(f"reply longer than {self._max_lines} lines")
+                    continue
+                reply = _parse_reply(self._lines)
+                if len(self._lines) == 1:
+                    if len(_ONE_LINE_REPLIES) >= _ONE_LINE_REPLIES_MAX:
+                        _ONE_LINE_REPLIES.clear()
+                    _ONE_LINE_REPLIES[line] = reply
+                self._lines = []
+                return self._match(reply)
         except RemoteProtocolError as exc:
             self._broken = exc
             raise
-
-    def _next_event(self) -> ServerReply | ConnectionClosed | NeedData:
-        while True:
-            if self._tls_pending:
-                return ConnectionClosed() if self._eof else NEED_DATA
-            line = self._take_line()
-            if line is None:
-                return ConnectionClosed() if self._eof else NEED_DATA
-            m = _REPLY_LINE.fullmatch(line)
-            if m is None:
-                raise RemoteProtocolError(f"malformed reply line: {line[:80]!r}")
-            code = int(m.group(1))
-            if self._lines and code != self._lines[0][0]:
-                raise RemoteProtocolError(f"reply code changed inside a multi-line reply: {line[:80]!r}")
-            self._lines.append((code, m.group(3)))
-            if m.group(2) == "-":
-                if len(self._lines) >= self._max_lines:
-                    raise RemoteProtocolError(f"reply longer than {self._max_lines} lines")
-                continue
-            reply = _parse_reply(self._lines)
-            self._lines = []
-            return self._match(reply)
 
     def _match(self, reply: Reply) -> ServerReply:
         if not self._expect:
@@ -184,7 +196,7 @@ class ClientConnection:
         """The bytes of `VERB arg` CRLF; records that its reply is expected."""
         if not _VERB.fullmatch(verb):
             raise ValueError(f"bad SMTP verb: {verb!r}")
-        if any(c in arg for c in "\r\n\0"):
+        if "\r" in arg or "\n" in arg or "\0" in arg:  # not any() over a generator: this runs per command
             raise ValueError("CR, LF or NUL in a command argument")
         verb = verb.upper()
         self._check_can_send("send_command()", verb)
