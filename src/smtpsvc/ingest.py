@@ -41,6 +41,8 @@ def received_header(
 
 def _clean(text: str) -> str:
     """A HELO argument is client-controlled: keep it printable and short before it goes into a header."""
+    if text.isascii() and text.isprintable() and " " not in text and "(" not in text and ")" not in text:
+        return text[:255]  # the usual name: every character is kept (printable ASCII is 32..126)
     return "".join(c for c in text if 32 < ord(c) < 127 and c not in "()")[:255]
 
 
@@ -60,13 +62,15 @@ class Ingest:
     async def commit(self, writer: MessageWriter, envelope_fields: EnvelopeFields) -> Envelope:
         """Categorize, make durable, log, wake delivery. Raises QueueError (the caller answers 4xx)."""
         now = time.time()
+        config = self.config
         recipients = []
         seen: set[str] = set()
         for rcpt in envelope_fields.recipients:
-            if rcpt.address.lower() in seen:
+            key = rcpt.address.lower()
+            if key in seen:
                 continue  # the same recipient twice (RCPT repeated, To and Cc) gets one copy
-            seen.add(rcpt.address.lower())
-            rcpt.route = route_for(rcpt.address, self.config).link
+            seen.add(key)
+            rcpt.route = route_for(rcpt.address, config).link
             recipients.append(rcpt)
         envelope = Envelope(
             id=writer.id,
@@ -88,15 +92,16 @@ class Ingest:
         if envelope_fields.xexch50:
             writer.attach_xexch50(envelope_fields.xexch50)
         await self.queue.put(writer, envelope)
+        source = envelope.source.value
         self.events.emit(
             events.Event(
                 events.MESSAGE_QUEUED,
-                f"Message queued from {envelope.source.value}"
+                f"Message queued from {source}"
                 f"{' client ' + envelope.client_ip if envelope.client_ip else ''}",
                 queue_id=envelope.id,
                 track=(
                     f"from=<{envelope.sender}>, size={envelope.size}, nrcpt={len(recipients)}, "
-                    f"source={envelope.source.value}"
+                    f"source={source}"
                     + (f", sasl_username={envelope.auth_user}" if envelope.auth_user else "")
                 ),
             )

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from smtpsvc import events
 from smtpsvc.config import Config
 from smtpsvc.protocol import replies
-from smtpsvc.server.session import Session, SessionContext
+from smtpsvc.server.session import Session, SessionContext, SmtpStream
 
 
 class SmtpServer:
@@ -45,15 +45,16 @@ class SmtpServer:
 
     async def start(self, listen: Sequence[tuple[str, int]] | None = None) -> None:
         """Listen on `server.listen`, or on `listen` (a worker: the main process's real addresses)."""
+        loop = asyncio.get_running_loop()
         for host, port in self.config.server.listen if listen is None else listen:
-            server = await asyncio.start_server(
-                self._accept,
+            # SmtpStream: asyncio.start_server's reader/writer semantics (64 KiB buffer limit) in one object
+            server = await loop.create_server(
+                lambda: SmtpStream(self._accept),
                 host,
                 port,
                 reuse_address=True,
                 reuse_port=self.reuse_port or None,
                 backlog=1024,
-                limit=64 * 1024,
             )
             self._servers.append(server)
 
@@ -83,22 +84,38 @@ class SmtpServer:
             sock.close()
         self._reserved.clear()
 
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _accept(self, stream: SmtpStream) -> None:
+        """A new connection (SmtpStream.connection_made): its session, or the refusal, runs as a task of its
+        own, as asyncio.start_server's callback would (without a coroutine layer around Session.run)."""
+        loop = asyncio.get_running_loop()
         limit = self.config.server.max_connections
         if len(self._sessions) >= limit:
-            await self._refuse(writer, limit)
-            return
-        self.accepted += 1
-        session = Session(reader, writer, self.context)
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions[task] = session
-        try:
-            await session.run()
-        finally:
-            self._sessions.pop(task, None)
+            task = loop.create_task(self._refuse(stream, limit))
+        else:
+            self.accepted += 1
+            session = Session(stream, self.context)
+            task = loop.create_task(session.run())
+            self._sessions[task] = session
+        transport = stream.transport
 
-    async def _refuse(self, writer: asyncio.StreamWriter, limit: int) -> None:
+        def done(task: asyncio.Task[None]) -> None:
+            self._sessions.pop(task, None)
+            if not stream.transport.is_closing():  # cancelled (stop) before it ever ran: nothing closed it
+                stream.transport.close()
+            exc = None if task.cancelled() else task.exception()  # as asyncio.start_server's callback
+            if exc is not None:
+                loop.call_exception_handler(
+                    {
+                        "message": "Unhandled exception in client_connected_cb",
+                        "exception": exc,
+                        "transport": transport,
+                    }
+                )
+                transport.close()
+
+        task.add_done_callback(done)
+
+    async def _refuse(self, stream: SmtpStream, limit: int) -> None:
         now = time.monotonic()
         if now - self._last_limit_event > 60:  # one event a minute, not one per refused connection
             self._last_limit_event = now
@@ -106,9 +123,9 @@ class SmtpServer:
                 events.Event(events.CONNECTION_LIMIT, events.connection_limit_text(limit))
             )
         with contextlib.suppress(ConnectionError, OSError):
-            writer.write(replies.TOO_MANY_CONNECTIONS.to_bytes())
-            await asyncio.wait_for(writer.drain(), 5)
-        writer.close()
+            stream.transport.write(replies.TOO_MANY_CONNECTIONS.to_bytes())
+            await asyncio.wait_for(stream.drain(), 5)
+        stream.transport.close()
 
     async def stop(self, grace: float = 10.0) -> None:
         """Stop accepting; idle sessions get 421 at once, busy ones `grace` seconds to finish."""

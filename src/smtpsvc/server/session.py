@@ -1,4 +1,4 @@
-"""One inbound SMTP session: drives the sans-I/O `ServerConnection` over an asyncio stream.
+"""One inbound SMTP session: drives the sans-I/O `ServerConnection` over an asyncio connection.
 
 The protocol core decides syntax, sequencing and limits; this adapter supplies the policy answers (relay,
 queueing) and the I/O: reads with timeouts, streams DATA chunks into the spool, and sends `250 2.6.0`
@@ -15,7 +15,7 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 from smtpsvc import events
 from smtpsvc.auth.limiter import AuthLimiter
@@ -65,6 +65,7 @@ from smtpsvc.server.sasl_exchange import Credentials, SaslExchange
 from smtpsvc.tls import ServerCertificate
 
 READ_SIZE = 64 * 1024
+BUFFER_LIMIT = 64 * 1024  # reading pauses above twice this much unread input, resumes at or below it
 SESSION_TOO_BIG = Reply(552, "5.3.4", "Session size limit exceeded (max_session_size); send the rest anew")
 LINGER_SECONDS = 1.0
 TLS_HANDSHAKE_TIMEOUT = 30.0
@@ -153,6 +154,184 @@ def _is_loopback(ip: str) -> bool:
         return False
 
 
+class SmtpStream(asyncio.Protocol):
+    """The connection under one session: an `asyncio.Protocol` with the reading, flow-control and STARTTLS
+    semantics of asyncio's StreamReader/StreamWriter pair that `asyncio.start_server` would give the session,
+    at a fraction of the calls per read (no StreamReader, StreamWriter, weak references or bytearray copies).
+
+    Input is buffered as received (reading pauses above 2 x BUFFER_LIMIT unread bytes and resumes at or below
+    BUFFER_LIMIT, as StreamReader does with `limit=64 KiB`); the session waits on a future only when nothing
+    is buffered. `drain()` waits while the transport has paused writing, as StreamWriter.drain does.
+    """
+
+    def __init__(self, on_connect: Callable[[SmtpStream], None]) -> None:
+        self._on_connect = on_connect  # told in connection_made; starts the session's task
+        self._loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # set by connection_made
+        self._chunks: list[bytes] = []  # received, not read yet
+        self._buffered = 0
+        self._eof = False
+        self.readable = False  # take() has something to return: data, or b"" at EOF
+        self.exception: BaseException | None = None  # the connection was lost with this error
+        self._waiter: asyncio.Future[None] | None = None  # the session waits for data
+        self._read_paused = False
+        self.write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self.lost = False
+        self._over_ssl = False
+
+    # -- asyncio.Protocol --------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]  # a stream transport (create_server)
+        self._over_ssl = transport.get_extra_info("sslcontext") is not None
+        self._on_connect(self)
+
+    def data_received(self, data: bytes) -> None:
+        if not data:
+            return
+        if type(data) is not bytes:
+            data = bytes(data)
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self.readable = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if not self._read_paused and self._buffered > 2 * BUFFER_LIMIT:
+            try:
+                self.transport.pause_reading()
+            except NotImplementedError:
+                pass  # the transport cannot pause: everything is buffered
+            else:
+                self._read_paused = True
+
+    def eof_received(self) -> bool:
+        self._eof = self.readable = True
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        # True keeps a plain TCP connection open for our replies (half-close); with TLS it has no effect
+        return not self._over_ssl
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        waiter = self._waiter
+        self._waiter = None
+        if exc is None:
+            self._eof = self.readable = True
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+        else:
+            self.exception = exc
+            if waiter is not None and not waiter.done():
+                waiter.set_exception(exc)
+        self.lost = True
+        if self.write_paused:
+            for drain in self._drain_waiters:
+                if not drain.done():
+                    if exc is None:
+                        drain.set_result(None)
+                    else:
+                        drain.set_exception(exc)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        for drain in self._drain_waiters:
+            if not drain.done():
+                drain.set_result(None)
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def wait_data(self) -> asyncio.Future[None]:
+        """A future done when data, EOF or an error arrives (then call `take`); one waiter at a time."""
+        if self._waiter is not None and not self._waiter.done():
+            raise RuntimeError("read() called while another coroutine is already waiting for incoming data")
+        if self._read_paused:  # waiting while paused would never end
+            self._read_paused = False
+            self.transport.resume_reading()
+        waiter = self._waiter = self._loop.create_future()
+        return waiter
+
+    def take(self, limit: int) -> bytes:
+        """Up to `limit` buffered bytes (b"" when none: EOF)."""
+        chunks = self._chunks
+        if not chunks:
+            return b""
+        if self._buffered <= limit:
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            chunks.clear()
+            self._buffered = 0
+            self.readable = self._eof
+        else:
+            joined = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            data, rest = joined[:limit], joined[limit:]
+            chunks[:] = [rest]
+            self._buffered = len(rest)
+        if self._read_paused and self._buffered <= BUFFER_LIMIT:
+            self._read_paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def read(self, limit: int) -> bytes:
+        """StreamReader.read(limit): raise the connection's error, else wait for data or EOF, then take."""
+        if self.exception is not None:
+            raise self.exception
+        if not self.readable:
+            await self.wait_data()
+        return self.take(limit)
+
+    def discard_buffered(self) -> None:
+        """Forget every byte received and not read yet (plaintext before a TLS switch)."""
+        self._chunks.clear()
+        self._buffered = 0
+        self.readable = self._eof
+        if self._read_paused:
+            self._read_paused = False
+            self.transport.resume_reading()
+
+    # -- writing -----------------------------------------------------------------------------------------
+    def drain_needed(self) -> bool:
+        """False when `drain()` would return at once without yielding."""
+        return self.exception is not None or self.lost or self.write_paused or self.transport.is_closing()
+
+    async def drain(self) -> None:
+        """StreamWriter.drain: raise the connection's error, else wait while writing is paused."""
+        if self.exception is not None:
+            raise self.exception
+        if self.transport.is_closing():
+            await asyncio.sleep(0)  # let connection_lost() run, so that the loss is seen below
+        if self.lost:
+            raise ConnectionResetError("Connection lost")
+        if not self.write_paused:
+            return
+        waiter = self._loop.create_future()
+        self._drain_waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            self._drain_waiters.remove(waiter)
+
+    async def start_tls(self, context: ssl.SSLContext, handshake_timeout: float) -> None:
+        """Switch to TLS (server side). Plaintext the client sent after STARTTLS may already be buffered; it
+        must never be read as if it had come through TLS (CVE-2011-0411 class): it is discarded right before
+        the switch, with no yield in between (loop.start_tls pauses the socket before it first yields)."""
+        if self.drain_needed():
+            await self.drain()
+        self.discard_buffered()
+        transport = await self._loop.start_tls(
+            self.transport, self, context, server_side=True, ssl_handshake_timeout=handshake_timeout
+        )
+        if transport is None:  # typeshed: None when the transport was closed meanwhile
+            raise ConnectionResetError("Connection lost")
+        self.transport = transport
+        self._over_ssl = transport.get_extra_info("sslcontext") is not None
+
+
 @dataclass(slots=True)
 class Transaction:
     sender: str = ""
@@ -175,16 +354,14 @@ class SessionClosed(Exception):
 
 
 class Session:
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, context: SessionContext
-    ) -> None:
-        self.reader = reader
-        self.writer = writer
+    def __init__(self, stream: SmtpStream, context: SessionContext) -> None:
+        self.stream = stream
         self.context = context
         self.config = context.config  # one config for the whole session, even across a reload
+        self.hostname = self.config.server.hostname
         self.ingest = context.ingest
         self.events = context.events
-        peer = writer.get_extra_info("peername")
+        peer = stream.transport.get_extra_info("peername")
         self.client_ip: str = peer[0] if isinstance(peer, tuple) else ""
         self.conn = ServerConnection(server_options(context, self.client_ip))
         self.helo = ""
@@ -201,22 +378,18 @@ class Session:
         self._event_loop = asyncio.get_running_loop()
         self._deadline = 0.0
         self._timer: asyncio.TimerHandle | None = None
-        self._reading = False  # inside reader.read(): the timer may interrupt it
+        self._reading = False  # waiting for the client's data: the timer may interrupt it
         self._timed_out = False  # the timer cancelled the read
         self._task: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # replies not written yet: pipelined replies leave in one send()
         self.metrics = context.metrics  # metrics hook: the same observer sees this session open and close
-
-    @property
-    def hostname(self) -> str:
-        return self.config.server.hostname
 
     async def run(self) -> None:
         if self.metrics is not None:  # metrics hook
             self.metrics.session_opened()
         self._task = asyncio.current_task()
         try:
-            self.writer.write(self.conn.greeting(replies.GREETING(self.hostname)))
+            self.stream.transport.write(self.conn.greeting(replies.GREETING(self.hostname)))
             await self._loop()
         except SessionClosed:
             pass
@@ -239,18 +412,23 @@ class Session:
     async def _close(self) -> None:
         """Flush our last reply, then a short lingering close: half-close and discard what the client still
         sends for a moment, so that a client that pipelined ahead reads our 421 instead of a TCP reset."""
-        with contextlib.suppress(ConnectionError, OSError, RuntimeError, TimeoutError):
-            if not self.writer.is_closing():
+        stream = self.stream
+        try:
+            transport = stream.transport
+            if not transport.is_closing():
                 self._flush_out()
-                if self.writer.transport.get_write_buffer_size():
+                if transport.get_write_buffer_size():
                     async with asyncio.timeout(5):
-                        await self.writer.drain()
-                if self.writer.can_write_eof():
-                    self.writer.write_eof()
+                        await stream.drain()
+                if transport.can_write_eof():
+                    transport.write_eof()
                     async with asyncio.timeout(LINGER_SECONDS):
-                        while await self.reader.read(READ_SIZE):
+                        while await stream.read(READ_SIZE):
                             pass
-        self.writer.close()
+        except (ConnectionError, OSError, RuntimeError, TimeoutError):
+            pass
+        finally:
+            stream.transport.close()
 
     def _reset_deadline(self, seconds: float) -> None:
         self._deadline = self._event_loop.time() + seconds
@@ -269,59 +447,76 @@ class Session:
         assert self._task is not None
         self._task.cancel()
 
-    async def _read(self) -> bytes:
-        self._flush_out()  # RFC 2920 §3.1: every pending reply goes out before we wait for the client
-        await self.writer.drain()
-        if self._event_loop.time() >= self._deadline:
-            raise TimeoutError
-        if self._timer is None:
-            self._timer = self._event_loop.call_at(self._deadline, self._on_deadline)
-        self._reading = True
-        try:
-            return await self.reader.read(READ_SIZE)
-        except asyncio.CancelledError:
-            if not self._timed_out:
-                raise  # the service is stopping
-            self._timed_out = False
-            assert self._task is not None
-            self._task.uncancel()
-            raise TimeoutError from None
-        finally:
-            self._reading = False
-
     async def _loop(self) -> None:
-        self._reset_deadline(self.config.server.connection_timeout)
+        conn = self.conn
+        metrics = self.metrics
+        out = self._out
+        stream = self.stream
+        loop = self._event_loop
+        connection_timeout = self.config.server.connection_timeout  # one config for the whole session
+        self._reset_deadline(connection_timeout)
         while True:
-            event = self.conn.next_event()
+            event = conn.next_event()
             if event is NEED_DATA:
+                # Read (inline: this runs for every command): reply, wait for the client, with a deadline.
                 self.idle = self.txn.writer is None
                 try:
-                    data = await self._read()
+                    if out:  # RFC 2920 §3.1: every pending reply goes out before we wait for the client
+                        stream.transport.write(out[0] if len(out) == 1 else b"".join(out))
+                        out.clear()
+                    if stream.drain_needed():
+                        await stream.drain()
+                    if loop.time() >= self._deadline:
+                        raise TimeoutError
+                    if self._timer is None:
+                        self._timer = loop.call_at(self._deadline, self._on_deadline)
+                    if stream.exception is not None:
+                        raise stream.exception  # the connection was lost with an error
+                    if not stream.readable:
+                        self._reading = True  # the timer may interrupt this wait
+                        try:
+                            await stream.wait_data()
+                        except asyncio.CancelledError:
+                            if not self._timed_out:
+                                raise  # the service is stopping
+                            self._timed_out = False
+                            assert self._task is not None
+                            self._task.uncancel()
+                            raise TimeoutError from None
+                        finally:
+                            self._reading = False
+                    data = stream.take(READ_SIZE)
                 except TimeoutError:
                     self._send_unsolicited(replies.SERVICE_CLOSING_TIMEOUT)
                     raise SessionClosed from None
                 finally:
                     self.idle = False
-                self.conn.receive_data(data)
+                conn.receive_data(data)
                 continue
-            if isinstance(event, DataChunk):
-                self._store(event.data)
+            kind = type(event)  # the core's events are final classes: dispatch on the exact type
+            if kind is DataChunk:
+                self._store(event.data)  # type: ignore[union-attr, arg-type]
                 continue
-            if self.metrics is not None:  # metrics hook: commands by verb
-                self.metrics.protocol_event(event)
-            if isinstance(event, Bdat):
+            if metrics is not None:  # metrics hook: commands by verb
+                metrics.protocol_event(event)
+            if kind is Bdat:
                 self._bdat_chunk_starts()
                 continue
-            if isinstance(event, ConnectionClosed):
+            if kind is ConnectionClosed:
                 raise SessionClosed
-            if not isinstance(event, Data | BdatEnd):
+            if kind is not Data and kind is not BdatEnd:
                 # a complete command arrived: the next one gets a fresh idle allowance
-                self._reset_deadline(self.config.server.connection_timeout)
-            reply = await self._answer(event)
-            self._send(reply)
+                self._reset_deadline(connection_timeout)
+            answer = _ANSWER_NOW.get(kind)
+            reply = answer(self, event) if answer is not None else None
+            if reply is None:  # an answer that waits (commit, AUTH check, reverse DNS, ETRN)
+                reply = await self._answer(event)
+            out.append(conn.send(reply))
+            if metrics is not None:  # metrics hook: replies by class
+                metrics.reply(reply.code)
             if reply.code == 221 or reply.code == 421:
                 raise SessionClosed
-            if isinstance(event, StartTls) and reply.code == 220:
+            if kind is StartTls and reply.code == 220:
                 self._flush_out()
                 await self._start_tls()
 
@@ -332,13 +527,13 @@ class Session:
 
     def _flush_out(self) -> None:
         if self._out:
-            self.writer.write(self._out[0] if len(self._out) == 1 else b"".join(self._out))
+            self.stream.transport.write(self._out[0] if len(self._out) == 1 else b"".join(self._out))
             self._out.clear()
 
     def _send_unsolicited(self, reply: Reply) -> None:
         """A 421 the server may send at any time (RFC 5321 §3.8): timeout, shutdown."""
         self._flush_out()
-        self.writer.write(reply.to_bytes(self.config.extensions.enabled("enhancedstatuscodes")))
+        self.stream.transport.write(reply.to_bytes(self.config.extensions.enabled("enhancedstatuscodes")))
 
     def _store(self, data: bytes) -> None:
         """Client message data: counted for hops and session size, streamed to the spool."""
@@ -363,17 +558,48 @@ class Session:
         except QueueError:
             self.txn.write_failed = True  # keep draining; the end of DATA gets a 451
 
+    # -- answers -----------------------------------------------------------------------------------------
+    # The answers that never wait are plain methods, found by the event's type in _ANSWER_NOW (below the
+    # class); they return None when this case needs to wait after all. `_answer` handles every event.
+    def _hello_now(self, event: Ehlo | Helo) -> Reply | None:
+        if self._ptr_check_needed():
+            return None
+        self.txn.abort()
+        self.txn = Transaction()
+        return self._hello(event, True)
+
+    def _hello(self, event: Ehlo | Helo, matches_ptr: bool) -> Reply:
+        self.helo = event.name
+        self.esmtp = type(event) is Ehlo
+        self.helo_unverified = not matches_ptr
+        if self.esmtp:
+            return replies.EHLO_REPLY(self.hostname, self.client_ip, self.conn.ehlo_keywords())
+        return replies.HELO_REPLY(self.hostname, self.client_ip)
+
+    def _mail(self, event: Mail) -> Reply:
+        self.txn = Transaction(sender=event.address, params=event.params)
+        return replies.SENDER_OK(event.address)
+
+    def _data(self, event: Data) -> Reply:
+        return self._start_data()
+
+    def _rset(self, event: Rset) -> Reply:
+        self.txn.abort()
+        self.txn = Transaction()
+        return replies.RESET
+
+    def _noop(self, event: Noop) -> Reply:
+        return replies.OK
+
+    def _quit(self, event: Quit) -> Reply:
+        return replies.QUIT_REPLY(self.hostname)
+
     async def _answer(self, event: object) -> Reply:
         match event:
-            case Ehlo(name=name) | Helo(name=name):
+            case Ehlo() | Helo():
                 self.txn.abort()
                 self.txn = Transaction()
-                self.helo = name
-                self.esmtp = isinstance(event, Ehlo)
-                self.helo_unverified = not await self._helo_matches_ptr(name)
-                if self.esmtp:
-                    return replies.EHLO_REPLY(self.hostname, self.client_ip, self.conn.ehlo_keywords())
-                return replies.HELO_REPLY(self.hostname, self.client_ip)
+                return self._hello(event, await self._helo_matches_ptr(event.name))
             case Mail():
                 self.txn = Transaction(sender=event.address, params=event.params)
                 return replies.SENDER_OK(event.address)
@@ -475,16 +701,15 @@ class Session:
     async def _start_tls(self) -> None:
         context = self.context.certificate.context
         assert context is not None
-        await self.writer.drain()
+        await self.stream.drain()
         # Plaintext the client sent after STARTTLS may already sit in the stream's buffer; it must never be
-        # read as if it had come through TLS (CVE-2011-0411 class). Discard it now, right before the switch
-        # (nothing can arrive in between: start_tls pauses the socket before it next yields); whatever
-        # the client sends after the handshake is TLS. The protocol core drops what it had buffered.
-        _discard_buffered(self.reader)
+        # read as if it had come through TLS (CVE-2011-0411 class). SmtpStream.start_tls discards it right
+        # before the switch (nothing can arrive in between: start_tls pauses the socket before it next
+        # yields); whatever the client sends after the handshake is TLS. The protocol core drops what it
+        # had buffered.
         try:
-            await self.writer.start_tls(
-                context,
-                ssl_handshake_timeout=min(TLS_HANDSHAKE_TIMEOUT, self.config.server.connection_timeout),
+            await self.stream.start_tls(
+                context, min(TLS_HANDSHAKE_TIMEOUT, self.config.server.connection_timeout)
             )
         except (ssl.SSLError, ConnectionError, OSError, TimeoutError) as exc:
             raise SessionClosed from exc
@@ -528,6 +753,9 @@ class Session:
         except QueueError:
             return replies.ETRN_UNKNOWN(arg)  # the shared queue is unreachable: 458, the client may retry
         return replies.ETRN_OK(arg) if count else replies.ETRN_NOTHING(arg)
+
+    def _ptr_check_needed(self) -> bool:
+        return bool(self.config.server.reverse_dns and self.context.resolver is not None and self.client_ip)
 
     async def _helo_matches_ptr(self, name: str) -> bool:
         """KB303734 reverse lookup: does a PTR name of the client's address equal its HELO/EHLO name?
@@ -632,6 +860,8 @@ class Session:
     def _masquerade(self, sender: str) -> str:
         """MasqueradeDomain: a local domain in MAIL FROM is replaced, on this first hop only."""
         masquerade = self.config.server.masquerade_domain
+        if not masquerade:
+            return sender
         local, domain = split_address(sender) if sender else ("", "")
         if masquerade and domain and domain.rstrip(".").lower() in self.config.local_domains:
             return f"{local}@{masquerade}"
@@ -648,7 +878,14 @@ def _xtext(value: str | None) -> str:
         return value
 
 
-def _discard_buffered(reader: asyncio.StreamReader) -> None:
-    buffered = getattr(reader, "_buffer", None)  # asyncio offers no public way to discard it
-    if isinstance(buffered, bytearray):
-        buffered.clear()
+# The answers that never wait, by event type (see Session._answer for every event).
+_ANSWER_NOW: dict[type, Callable[[Session, Any], Reply | None]] = {
+    Ehlo: Session._hello_now,
+    Helo: Session._hello_now,
+    Mail: Session._mail,
+    Rcpt: Session._rcpt,
+    Data: Session._data,
+    Rset: Session._rset,
+    Noop: Session._noop,
+    Quit: Session._quit,
+}
