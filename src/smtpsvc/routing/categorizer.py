@@ -80,10 +80,10 @@ def relay_decision(
     if address is not None:
         for net in config.relay.deny:
             if address.version == net.version and address in net:
-                return RelayDecision(False, f"deny-list:{net}")
+                return RelayDecision(False, _rule("deny-list", net))
         for net in config.relay.allow:
             if address.version == net.version and address in net:
-                return RelayDecision(True, f"allow-list:{net}")
+                return RelayDecision(True, _rule("allow-list", net))
     if authenticated and config.relay.allow_authenticated:
         return RelayDecision(True, "authenticated")
     return RelayDecision(False, "default-deny")
@@ -115,6 +115,11 @@ def choices_for(
 def route_for(recipient: str, config: Config) -> Route:
     """The next hop for one recipient (the first of `choices_for`)."""
     return choices_for(recipient, config)[0].route
+
+
+@functools.lru_cache(maxsize=1024)  # every allowed RCPT names its rule: str() of a network is not cheap
+def _rule(kind: str, net: ipaddress.IPv4Network | ipaddress.IPv6Network) -> str:
+    return f"{kind}:{net}"
 
 
 @functools.lru_cache(maxsize=4096)  # every RCPT asks about its client's address; the answer never changes
