@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 
 from smtpsvc.app import Service
 from tests.conftest import StartService, events_of, smtp_port, wait_until
@@ -145,6 +146,32 @@ async def test_a_client_trickling_one_command_is_cut_at_the_deadline(start_servi
         await client.send(bytes([byte]))
         await asyncio.sleep(0.1)  # the trickle itself, not a wait for a condition
     assert (await answer).startswith("421 4.4.2")
+
+
+async def test_a_client_that_stops_reading_our_replies_is_cut_at_the_deadline(
+    start_service: StartService,
+) -> None:
+    """A client pipelines NOOPs and never reads a reply: once our replies fill the socket and the
+    transport's buffer, the session waits to write, and that wait ends at the deadline too (no session
+    held forever by a client that only sends)."""
+    service = await start_service(server={"connection_timeout": "1s"})
+    loop = asyncio.get_running_loop()
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: our replies back up soon
+    sock.setblocking(False)
+    try:
+        await loop.sock_connect(sock, ("127.0.0.1", smtp_port(service)))
+        await wait_until(lambda: service.smtp.active_sessions == 1, what="the session")
+        flood = b"EHLO client.test\r\n" + b"NOOP\r\n" * 700_000  # 4.2 MB in, 9.8 MB of replies out
+        sent, stop_at = 0, loop.time() + 10
+        while sent < len(flood) and loop.time() < stop_at:  # bounded: what the server takes in 10 s
+            try:
+                sent += sock.send(flood[sent : sent + 65536])
+            except BlockingIOError:
+                await asyncio.sleep(0.01)  # the server's receive window is full: it is writing, not reading
+        await wait_until(lambda: service.smtp.active_sessions == 0, timeout=30, what="the session to end")
+    finally:
+        sock.close()
 
 
 async def test_too_many_bad_commands_end_the_session(start_service: StartService) -> None:

@@ -464,18 +464,19 @@ class Session:
                     if out:  # RFC 2920 §3.1: every pending reply goes out before we wait for the client
                         stream.transport.write(out[0] if len(out) == 1 else b"".join(out))
                         out.clear()
-                    if stream.drain_needed():
-                        await stream.drain()
                     if loop.time() >= self._deadline:
                         raise TimeoutError
                     if self._timer is None:
                         self._timer = loop.call_at(self._deadline, self._on_deadline)
-                    if stream.exception is not None:
-                        raise stream.exception  # the connection was lost with an error
-                    if not stream.readable:
-                        self._reading = True  # the timer may interrupt this wait
+                    if stream.drain_needed() or not stream.readable:
+                        # The timer may interrupt both waits: a client that stops reading our replies
+                        # (writing paused) is cut at the deadline like one that stops sending.
+                        self._reading = True
                         try:
-                            await stream.wait_data()
+                            if stream.drain_needed():
+                                await stream.drain()
+                            if stream.exception is None and not stream.readable:
+                                await stream.wait_data()
                         except asyncio.CancelledError:
                             if not self._timed_out:
                                 raise  # the service is stopping
@@ -485,6 +486,8 @@ class Session:
                             raise TimeoutError from None
                         finally:
                             self._reading = False
+                    if stream.exception is not None:
+                        raise stream.exception  # the connection was lost with an error
                     data = stream.take(READ_SIZE)
                 except TimeoutError:
                     self._send_unsolicited(replies.SERVICE_CLOSING_TIMEOUT)
@@ -595,28 +598,15 @@ class Session:
         return replies.QUIT_REPLY(self.hostname)
 
     async def _answer(self, event: object) -> Reply:
+        """The answer to every event `_ANSWER_NOW` has no method for, and to EHLO/HELO when the reverse DNS
+        check must wait for a lookup."""
         match event:
             case Ehlo() | Helo():
                 self.txn.abort()
                 self.txn = Transaction()
                 return self._hello(event, await self._helo_matches_ptr(event.name))
-            case Mail():
-                self.txn = Transaction(sender=event.address, params=event.params)
-                return replies.SENDER_OK(event.address)
-            case Rcpt():
-                return self._rcpt(event)
-            case Data():
-                return self._start_data()
             case DataEnd(error=error):
                 return await self._end_data(error)
-            case Rset():
-                self.txn.abort()
-                self.txn = Transaction()
-                return replies.RESET
-            case Noop():
-                return replies.OK
-            case Quit():
-                return replies.QUIT_REPLY(self.hostname)
             case Help():
                 return replies.HELP_REPLY
             case Vrfy():
