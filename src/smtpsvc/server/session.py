@@ -393,7 +393,7 @@ class Session:
             await self._loop()
         except SessionClosed:
             pass
-        except (ConnectionError, asyncio.IncompleteReadError, OSError):
+        except (ConnectionError, OSError):
             pass
         except asyncio.CancelledError:
             # Service stop (the server cancels only idle sessions, or busy ones after a grace period). The
@@ -461,9 +461,7 @@ class Session:
                 # Read (inline: this runs for every command): reply, wait for the client, with a deadline.
                 self.idle = self.txn.writer is None
                 try:
-                    if out:  # RFC 2920 §3.1: every pending reply goes out before we wait for the client
-                        stream.transport.write(out[0] if len(out) == 1 else b"".join(out))
-                        out.clear()
+                    self._flush_out()  # RFC 2920 §3.1: every pending reply goes out before we wait
                     if loop.time() >= self._deadline:
                         raise TimeoutError
                     if self._timer is None:
@@ -522,11 +520,6 @@ class Session:
             if kind is StartTls and reply.code == 220:
                 self._flush_out()
                 await self._start_tls()
-
-    def _send(self, reply: Reply) -> None:
-        self._out.append(self.conn.send(reply))
-        if self.metrics is not None:  # metrics hook: replies by class
-            self.metrics.reply(reply.code)
 
     def _flush_out(self) -> None:
         if self._out:
