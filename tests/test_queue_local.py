@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
+import os
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -99,6 +102,120 @@ async def test_recovery_discards_unacknowledged_writes_and_keeps_committed_mail(
     assert [e.id for e in again.list()] == [committed.id]
     assert list(again.tmp_dir.iterdir()) == []
     assert not (again.dir / "0000ORPHAN.eml").exists()
+    again.close()
+
+
+async def test_put_records_size_and_crc32_and_leaves_no_pending_file(spool: LocalSpool) -> None:
+    body = b"Subject: x\r\n\r\nbody\r\n"
+    envelope = await put(spool, body)
+    saved = json.loads((spool.dir / f"{envelope.id}.env").read_bytes())
+    assert (saved["size"], saved["crc32"]) == (len(body), zlib.crc32(body))
+    assert list(spool.dir.glob("*.pending")) == []
+
+
+@pytest.mark.parametrize("size", [100, MEMORY_LIMIT + 10])
+async def test_a_failed_commit_raises_and_leaves_no_file(
+    spool: LocalSpool, monkeypatch: pytest.MonkeyPatch, size: int
+) -> None:
+    def failing_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    writer = spool.create_writer()
+    writer.write(b"x" * size)
+    with pytest.raises(QueueError, match="Input/output error"):
+        await spool.put(writer, make_envelope(writer.id))
+    assert [p.name for p in spool.dir.iterdir() if p.is_file() and p.name != "spool.id"] == [".lock"]
+    assert list(spool.tmp_dir.iterdir()) == [] and spool.list() == []
+
+
+def crashed_in_commit(spool: LocalSpool, envelope: Envelope) -> Path:
+    """The state a crash leaves after the commit's fsync round and before its rename: the .pending."""
+    pending = spool.dir / f"{envelope.id}.pending"
+    (spool.dir / f"{envelope.id}.env").rename(pending)
+    return pending
+
+
+async def test_a_whole_pending_commit_whose_files_match_is_queued_at_recovery(tmp_path: Path) -> None:
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    small = await put(spool)
+    streamed = await put(spool, b"y" * (MEMORY_LIMIT + 10))  # its CRC was computed while streaming
+    for envelope in (small, streamed):
+        crashed_in_commit(spool, envelope)
+    spool.close()
+
+    reports: list[str] = []
+    again = LocalSpool(tmp_path / "queue", on_corrupt=lambda name, reason: reports.append(name))
+    again.open()
+    assert sorted(e.id for e in again.list()) == sorted([small.id, streamed.id])
+    assert list(again.dir.glob("*.pending")) == []
+    assert (again.dir / f"{small.id}.env").exists() and reports == []
+    again.close()
+
+
+async def test_a_pending_commit_cut_short_was_never_acknowledged_and_is_removed(tmp_path: Path) -> None:
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    torn, empty = await put(spool), await put(spool)
+    pending = crashed_in_commit(spool, torn)
+    pending.write_bytes(pending.read_bytes()[:40])  # written only in part when the power went
+    crashed_in_commit(spool, empty).write_bytes(b"")  # created, nothing written yet (kill -9)
+    spool.close()
+
+    reports: list[str] = []
+    again = LocalSpool(tmp_path / "queue", on_corrupt=lambda name, reason: reports.append(name))
+    again.open()
+    assert again.list() == []
+    assert [p.name for p in again.dir.iterdir() if p.suffix in (".eml", ".pending", ".env")] == []
+    assert reports == [] and list(again.corrupt_dir.iterdir()) == []
+    again.close()
+
+
+async def test_a_pending_commit_whose_files_do_not_match_is_moved_aside(tmp_path: Path) -> None:
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    changed, missing = await put(spool, b"Subject: a\r\n\r\nabc\r\n"), await put(spool)
+    crashed_in_commit(spool, changed)
+    crashed_in_commit(spool, missing)
+    (spool.dir / f"{changed.id}.eml").write_bytes(b"Subject: a\r\n\r\nabd\r\n")  # same size, other bytes
+    (spool.dir / f"{missing.id}.eml").unlink()
+    spool.close()
+
+    reports: dict[str, str] = {}
+    again = LocalSpool(tmp_path / "queue", on_corrupt=lambda name, reason: reports.update({name: reason}))
+    again.open()
+    assert again.list() == []
+    assert "CRC-32" in reports[changed.id] and "missing" in reports[missing.id]
+    assert sorted(p.name for p in again.corrupt_dir.iterdir()) == sorted(
+        [f"{changed.id}.eml", f"{changed.id}.pending", f"{missing.id}.pending"]
+    )
+    again.close()
+
+
+async def test_a_pending_commit_checks_the_xexch50_blob_too(tmp_path: Path) -> None:
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    envelopes = []
+    for _ in range(2):
+        writer = spool.create_writer()
+        writer.write(b"Subject: x\r\n\r\nbody\r\n")
+        writer.attach_xexch50(b"opaque")
+        envelope = make_envelope(writer.id)
+        envelope.xexch50 = 6
+        await spool.put(writer, envelope)
+        crashed_in_commit(spool, envelope)
+        envelopes.append(envelope)
+    kept, damaged = envelopes
+    (spool.dir / f"{damaged.id}.x50").write_bytes(b"OPAQUE")
+    spool.close()
+
+    reports: list[str] = []
+    again = LocalSpool(tmp_path / "queue", on_corrupt=lambda name, reason: reports.append(name))
+    again.open()
+    assert [e.id for e in again.list()] == [kept.id]
+    assert again.xexch50_blob(kept.id) == b"opaque"
+    assert reports == [damaged.id]
     again.close()
 
 

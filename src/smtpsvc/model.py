@@ -87,6 +87,7 @@ class Envelope:
     auth_user: str = ""  # the SMTP AUTH identity of the submitting client, "" when none
     body: str = ""  # BODY= parameter as given ("7BIT", "8BITMIME") or ""
     size: int = 0  # bytes of the stored message file
+    crc32: int = 0  # CRC-32 of that file, then of the XEXCH50 blob: recovery checks a commit cut short
     ret: str = ""  # RFC 3461 RET (FULL|HDRS) or ""
     envid: str = ""  # RFC 3461 ENVID or ""
     smtputf8: bool = False
@@ -170,6 +171,7 @@ class Envelope:
             auth_user=str(data.get("auth_user", "")),
             body=str(data.get("body", "")),
             size=int(data.get("size", 0)),
+            crc32=int(data.get("crc32", 0)),
             ret=str(data.get("ret", "")),
             envid=str(data.get("envid", "")),
             smtputf8=bool(data.get("smtputf8", False)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -92,3 +93,50 @@ async def test_a_cancelled_caller_does_not_stop_the_batch(tmp_path: Path) -> Non
     await second
     await committer.close()
     assert published == ["a", "b"]  # the batch went on: "a" is on disk even though its caller left
+
+
+async def test_new_entries_are_synced_with_the_files_one_directory_fsync_for_the_batch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    committer = GroupCommitter()
+    published: list[int] = []
+    fds = [written(tmp_path / f"f{n}") for n in range(5)]
+    gate = asyncio.Event()  # hold the first batch until all five wait, so they share the next one
+
+    async def commit(n: int, fd: int) -> None:
+        await gate.wait()
+        await committer.run(Commit([fd], lambda: published.append(n), created_in=(tmp_path,)))
+
+    tasks = [asyncio.create_task(commit(n, fd)) for n, fd in enumerate(fds)]
+    await asyncio.sleep(0)
+    gate.set()
+    await asyncio.gather(*tasks)
+    await committer.close()
+    assert sorted(published) == list(range(5))
+    assert synced.count("file") == 5
+    assert synced.count("dir") == committer.batches  # one per batch, in step 1; no step 3 was asked for
+    assert committer.batches <= 2
+
+
+async def test_an_unopenable_created_in_directory_fails_only_its_commits(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    ran: list[str] = []
+    results = await asyncio.gather(
+        committer.run(
+            Commit([written(tmp_path / "a")], lambda: ran.append("a"), created_in=(tmp_path / "gone",))
+        ),
+        committer.run(Commit([written(tmp_path / "b")], lambda: ran.append("b"), created_in=(tmp_path,))),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], FileNotFoundError)
+    assert results[1] is None
+    assert ran == ["b"]  # the failed commit published nothing
+    await committer.close()

@@ -1,19 +1,21 @@
 """Group commit: file-system changes that must be durable, batched so concurrent callers share the waits.
 
 A caller has already written its files (page-cache writes on the event loop take microseconds) and hands
-in a `Commit`: the file descriptors whose contents must reach the disk, the renames or unlinks to do once
-they have (`then`, run on the event loop), and the directories whose entries must be durable afterwards.
-The batch that takes it goes through three steps and resolves every caller's future only at the end:
+in a `Commit`: the file descriptors whose contents must reach the disk, the directories whose new entries
+(made before the commit, like those files) must reach it too, the renames or unlinks to do once they have
+(`then`, run on the event loop), and the directories whose entries must be durable after those. The batch
+that takes it goes through up to three steps and resolves every caller's future only at the end:
 
-  1. fsync every file of the batch, side by side in worker threads: fsyncs in flight at the same moment
-     share journal commits (ext4, xfs), where one after the other each pays for its own;
+  1. fsync every file of the batch and every directory it was `created_in`, side by side in worker
+     threads: fsyncs in flight at the same moment share journal commits (ext4, xfs), where one after the
+     other each pays for its own;
   2. on the event loop, each caller's `then` (the renames that publish the files);
-  3. fsync each touched directory once, in a worker thread.
+  3. fsync each directory named in `dirs` once, in a worker thread (no step 3 when no commit names one).
 
 So the 250 after DATA still waits for its own fsyncs, fifty sessions finishing together pay for about one
-journal commit and one directory sync, and the worker threads do nothing but fsync: they hardly ever need
-the GIL, which kept the event loop and a busy worker thread handing it back and forth (futex storms) when
-the whole job, every open, write and rename included, ran in the thread.
+journal commit, and the worker threads do nothing but fsync: they hardly ever need the GIL, which kept the
+event loop and a busy worker thread handing it back and forth (futex storms) when the whole job, every
+open, write and rename included, ran in the thread. A new message needs step 1 only (queue/local.py).
 
 While a batch is in step 3, the next batch (the commits that arrived meanwhile) already starts step 1, so
 a commit waits for at most the file sync of the batch before it, not the whole of it. Steps 2 run in batch
@@ -39,6 +41,7 @@ class Commit:
     fds: Sequence[int] = ()  # made durable, then closed by the committer (whatever happens)
     then: Callable[[], None] | None = None  # on the event loop, after the fsyncs: renames, unlinks
     dirs: Sequence[Path] = ()  # fsynced once per batch after every `then`
+    created_in: Sequence[Path] = ()  # directories with new entries already made: fsynced with the files
 
 
 @dataclass(slots=True)
@@ -107,12 +110,22 @@ class GroupCommitter:
         to sync with the commits that touched them."""
         if self._fsyncs is None:
             self._fsyncs = _FsyncThreads(FSYNC_THREADS)
-        fds = [(item, fd) for item in batch for fd in item.commit.fds]
-        if fds:
-            errors = await self._fsyncs.run(loop, [fd for _, fd in fds])
-            for (item, _), error in zip(fds, errors, strict=True):
-                if error is not None and item.error is None:
-                    item.error = error
+        files = [(item, fd) for item in batch for fd in item.commit.fds]
+        folders: list[tuple[list[_Pending], int]] = []  # one fsync per directory serves all its commits
+        if os.name != "nt":
+            for directory, members in _created_in(batch).items():
+                try:
+                    folders.append((members, os.open(directory, os.O_RDONLY)))
+                except OSError as exc:
+                    _fail(members, exc)
+        if files or folders:
+            errors = await self._fsyncs.run(loop, [fd for _, fd in files] + [fd for _, fd in folders])
+            for (item, _), error in zip(files, errors, strict=False):
+                if error is not None:
+                    _fail((item,), error)
+            for (members, _), error in zip(folders, errors[len(files) :], strict=True):
+                if error is not None:
+                    _fail(members, error)
         dirs: dict[Path, list[_Pending]] = {}
         for item in batch:
             if item.error is not None:
@@ -144,9 +157,8 @@ class GroupCommitter:
         synced = iter(await self._fsyncs.run(loop, opened))
         errors = [error if error is not None else next(synced) for error in errors]
         for members, error in zip(dirs.values(), errors, strict=True):
-            for item in members:
-                if error is not None and item.error is None:
-                    item.error = error
+            if error is not None:
+                _fail(members, error)
         _resolve(batch)
 
     async def close(self) -> None:
@@ -157,6 +169,22 @@ class GroupCommitter:
         if self._fsyncs is not None:
             self._fsyncs.stop()
             self._fsyncs = None
+
+
+def _created_in(batch: list[_Pending]) -> dict[Path, list[_Pending]]:
+    """The directories whose new entries the batch makes durable in step 1, with the commits in each."""
+    folders: dict[Path, list[_Pending]] = {}
+    for item in batch:
+        for directory in item.commit.created_in:
+            folders.setdefault(directory, []).append(item)
+    return folders
+
+
+def _fail(items: Sequence[_Pending], error: BaseException) -> None:
+    """Record `error` for each commit that has none yet (the first error is the one its caller sees)."""
+    for item in items:
+        if item.error is None:
+            item.error = error
 
 
 def _resolve(batch: list[_Pending]) -> None:

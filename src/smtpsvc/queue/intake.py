@@ -1,7 +1,7 @@
 """The spool as an SMTP worker process sees it (`server.workers` > 1).
 
 A worker commits each message into the shared `queue/` exactly as the service does (the same files, the same
-fsync-then-rename protocol, the same spool id), then tells the main process its id; the main process owns
+commit protocol, the same spool id), then tells the main process its id; the main process owns
 the lock, the index and delivery, and adopts the message (`LocalSpool.adopt_new`). A notice lost with a
 dying worker is made good by the main process's periodic `rescan`, and at the latest by the next start.
 """

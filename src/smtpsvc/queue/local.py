@@ -1,15 +1,19 @@
 """The local file spool: `queue/<id>.eml` (the message) + `queue/<id>.env` (the JSON envelope).
 
 Commit protocol (the durability argument, see docs/architecture.md):
-  put:      body streamed to tmp/<id>.eml; at commit fsync it, write+fsync tmp/<id>.env, rename the .eml
-            into queue/, then the .env, then fsync queue/. The .env is the commit mark: a message exists
-            when, and only when, its .env exists in queue/.
+  put:      the .eml written into queue/ (a large one was streamed to tmp/ and is renamed in), then the
+            envelope as queue/<id>.pending, carrying the size and CRC-32 of what it commits; one round
+            fsyncs the files and queue/ side by side; then the .pending is renamed to .env (for the
+            running service: that rename needs no sync of its own, recovery redoes it). A message exists
+            when its .env exists, or its .pending is whole and the files match its checksum.
   save:     write+fsync tmp/<id>.env, rename over queue/<id>.env, fsync queue/.
   complete: unlink queue/<id>.env first (the message ceases to exist), then the .eml, fsync queue/.
-An Exchange XEXCH50 blob, when one came with the message, is `<id>.x50`, committed before the .env.
-Recovery at open: tmp/ is emptied (nothing there was acknowledged); a .eml or .x50 without .env is a put
-that never finished or a completion that did, so it is removed; a .env that does not parse, or lacks its
-.eml, is moved to corrupt/ with an event, never dropped silently and never blocking the rest.
+An Exchange XEXCH50 blob, when one came with the message, is `<id>.x50`, written and synced with the .eml.
+Recovery at open: tmp/ is emptied (nothing there was acknowledged); a .pending that does not parse was cut
+short before its sync, so it was never acknowledged: removed; a whole .pending whose files match is
+renamed to .env, one whose files do not is moved to corrupt/ with an event; then a .eml or .x50 without
+.env is a put that never finished or a completion that did, so it is removed; a .env that does not parse,
+or lacks its .eml, is moved to corrupt/ with an event, never dropped silently and never blocking the rest.
 
 Frozen links (the operator's "freeze this next hop") are queue state too: `queue/links.json`, written
 atomically; a recipient on a frozen link is not due until the link is thawed (its message still accepts).
@@ -36,6 +40,7 @@ import os
 import shutil
 import time
 import uuid
+import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -54,16 +59,18 @@ MEMORY_LIMIT = 256 * 1024  # a message up to this size is held in memory until i
 
 
 class SpoolWriter:
-    """A message being received. Small messages stay in memory and are written, fsynced and renamed by the
-    commit job in a worker thread (no file system call on the event loop); past MEMORY_LIMIT the bytes go
-    to tmp/<id>.eml through plain buffered writes (page-cache speed), fsynced at commit."""
+    """A message being received. Small messages stay in memory and are written straight into queue/ at
+    their commit; past MEMORY_LIMIT the bytes go to tmp/<id>.eml through plain buffered writes
+    (page-cache speed), renamed into queue/ and fsynced at commit. The CRC-32 the commit records is
+    computed on the way."""
 
     def __init__(self, spool: LocalSpool, queue_id: str) -> None:
         self._spool = spool
         self._id = queue_id
-        self.has_blob = False
         self._memory: bytearray | None = bytearray()
         self._file: IO[bytes] | None = None
+        self._crc = 0  # of the bytes already in the file (a streamed message)
+        self._blob = b""
         self._closed = False
         self._size = 0
 
@@ -71,18 +78,18 @@ class SpoolWriter:
     def id(self) -> str:
         return self._id
 
-    # Paths made when needed: a small message never touches them before its commit, which uses strings.
     @property
     def path(self) -> Path:
+        """Where a streamed message is written until its commit (made when needed)."""
         return self._spool.tmp_dir / f"{self._id}.eml"
-
-    @property
-    def blob_path(self) -> Path:
-        return self._spool.tmp_dir / f"{self._id}.x50"
 
     @property
     def size(self) -> int:
         return self._size
+
+    @property
+    def has_blob(self) -> bool:
+        return bool(self._blob)
 
     def write(self, data: bytes) -> None:
         if self._closed:
@@ -95,46 +102,46 @@ class SpoolWriter:
                     return
                 self._file = open(self.path, "xb", buffering=WRITE_BUFFER)  # noqa: SIM115
                 self._file.write(self._memory)
+                self._crc = zlib.crc32(self._memory)
                 self._memory = None
             assert self._file is not None
             self._file.write(data)
         except OSError as exc:
             self.abort()
             raise QueueError(f"cannot write queue file: {exc.strerror}") from exc
+        self._crc = zlib.crc32(data, self._crc)
         self._size += len(data)
 
     def attach_xexch50(self, blob: bytes) -> None:
-        """Keep an Exchange XEXCH50 blob with the message: tmp/<id>.x50, committed with it."""
-        try:
-            self.blob_path.write_bytes(blob)
-        except OSError as exc:
-            self.abort()
-            raise QueueError(f"cannot write queue file: {exc.strerror}") from exc
-        self.has_blob = True
+        """Keep an Exchange XEXCH50 blob with the message: queue/<id>.x50, committed with it."""
+        if self._closed:
+            raise QueueError("message writer already closed")
+        self._blob = bytes(blob)
 
     def abort(self) -> None:
         self._closed = True
         self._memory = None
+        self._blob = b""
         if self._file is not None:
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None
-        for path in (self.path, self.blob_path):
             with contextlib.suppress(OSError):
-                path.unlink()
+                self.path.unlink()
 
-    def _detach(self) -> IO[bytes] | bytes:
-        """For the commit: the open file (flushed), or the bytes still in memory."""
+    def _detach(self) -> tuple[IO[bytes] | bytes, int]:
+        """For the commit: the open file (flushed), or the bytes still in memory, and the CRC-32 of the
+        message followed by the XEXCH50 blob."""
         if self._closed:
             raise QueueError("message writer already closed")
         self._closed = True
         if self._memory is not None:
             data, self._memory = bytes(self._memory), None
-            return data
+            return data, zlib.crc32(self._blob, zlib.crc32(data))
         assert self._file is not None
         self._file.flush()
         handle, self._file = self._file, None
-        return handle
+        return handle, zlib.crc32(self._blob, self._crc)
 
 
 class LocalSpool:
@@ -170,6 +177,7 @@ class LocalSpool:
         for leftover in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        promoted = self._settle_pending()
         envs = {p.stem for p in self.dir.glob("*.env")}
         for orphan in [*self.dir.glob("*.eml"), *self.dir.glob("*.x50")]:
             if orphan.stem not in envs:
@@ -183,8 +191,52 @@ class LocalSpool:
             if envelope.spool != self.spool_id:
                 self._adopt(envelope, now)
             self._index(envelope)
-        if self.adopted:
+        if self.adopted or promoted:
             fsync_dir(self.dir)
+
+    def _settle_pending(self) -> bool:
+        """Settle the puts a crash caught in their commit: True when one of them became a queued message."""
+        promoted = False
+        for path in sorted(self.dir.glob("*.pending")):
+            stem = path.stem
+            if (self.dir / f"{stem}.env").exists():
+                path.unlink()  # cannot happen (the rename is atomic); the .env is the later word
+                continue
+            try:
+                envelope = Envelope.from_json(json.loads(path.read_bytes()))
+                if envelope.id != stem:
+                    raise ValueError("another id")
+            except (ValueError, KeyError, TypeError):
+                # Not whole, so its fsync never finished and no 250 was sent: as if it were in tmp/.
+                # Its .eml and .x50 are orphans now, removed with the others.
+                path.unlink()
+                continue
+            problem = self._mismatch(envelope)
+            if problem:
+                # Whole yet not matching its files: a commit cut off by a power loss (its 250 was never
+                # sent, but the service cannot prove it) or a damaged disk; the operator decides.
+                self._move_aside(stem, f"{problem} (a commit interrupted by a crash, or disk damage)")
+                continue
+            os.replace(path, self.dir / f"{stem}.env")  # synced, and might have been acknowledged
+            promoted = True
+        return promoted
+
+    def _mismatch(self, envelope: Envelope) -> str:
+        """What is wrong with the files a .pending commits, or "" when their size and CRC-32 match it."""
+        crc, size = 0, 0
+        try:
+            with open(self.dir / f"{envelope.id}.eml", "rb") as message:
+                while chunk := message.read(WRITE_BUFFER):
+                    crc = zlib.crc32(chunk, crc)
+                    size += len(chunk)
+            blob = (self.dir / f"{envelope.id}.x50").read_bytes() if envelope.xexch50 else b""
+        except FileNotFoundError as exc:
+            return f"{Path(str(exc.filename)).name} is missing"
+        if size != envelope.size:
+            return f"the message file has {size} bytes, its envelope says {envelope.size}"
+        if len(blob) != envelope.xexch50 or zlib.crc32(blob, crc) != envelope.crc32:
+            return "the message files do not match the envelope's CRC-32"
+        return ""
 
     def _adopt(self, envelope: Envelope, now: float) -> None:
         for rcpt in envelope.pending:
@@ -248,7 +300,7 @@ class LocalSpool:
         return envelope
 
     def _move_aside(self, stem: str, reason: str) -> None:
-        for suffix in (".env", ".eml", ".x50"):
+        for suffix in (".env", ".pending", ".eml", ".x50"):
             src = self.dir / f"{stem}{suffix}"
             if src.exists():
                 with contextlib.suppress(OSError):
@@ -272,39 +324,38 @@ class LocalSpool:
     async def _put(self, writer: MessageWriter, envelope: Envelope) -> None:
         if not isinstance(writer, SpoolWriter) or envelope.id != writer.id:
             raise ValueError("envelope and writer ids differ")
+        blob = writer._blob
+        body, envelope.crc32 = writer._detach()
         envelope.size = writer.size
         envelope.spool = self.spool_id
-        body = writer._detach()
         payload = _encode(envelope)
         # Plain strings on this path, every message takes it (pathlib costs a few microseconds a join).
-        tmp, final, stem = self._tmp_str, self._dir_str, envelope.id
-        eml_tmp, env_tmp = f"{tmp}{stem}.eml", f"{tmp}{stem}.env"
-        blob_tmp = f"{tmp}{stem}.x50" if writer.has_blob else None
+        final, stem = self._dir_str, envelope.id
+        eml, pending = f"{final}{stem}.eml", f"{final}{stem}.pending"
         fds: list[int] = []
         try:
             # The writes go to the page cache here, on the loop; the committer fsyncs them in threads.
+            # The .pending last: once whole, it vouches for the files before it (recovery checks them).
             if isinstance(body, bytes):
-                fds.append(_write_file(eml_tmp, body))
+                fds.append(_write_file(eml, body))
             else:
                 body.close()  # flushed by _detach; an fd of our own is enough to fsync it
-                fds.append(os.open(eml_tmp, os.O_RDONLY))
-            if blob_tmp is not None:
-                fds.append(os.open(blob_tmp, os.O_RDONLY))
-            fds.append(_write_file(env_tmp, payload))
+                os.replace(writer.path, eml)
+                fds.append(os.open(eml, os.O_RDONLY))
+            if blob:
+                fds.append(_write_file(f"{final}{stem}.x50", blob))
+            fds.append(_write_file(pending, payload))
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
             self._discard(writer)
             raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
 
-        def publish() -> None:  # the .env last: its appearance is the commit
-            if blob_tmp is not None:
-                os.replace(blob_tmp, f"{final}{stem}.x50")
-            os.replace(eml_tmp, f"{final}{stem}.eml")
-            os.replace(env_tmp, f"{final}{stem}.env")
+        def publish() -> None:  # durable already (see open): the .env is the name the service works with
+            os.replace(pending, f"{final}{stem}.env")
 
         try:
-            await self._committer.run(Commit(fds, publish, (self.dir,)))
+            await self._committer.run(Commit(fds, publish, created_in=(self.dir,)))
         except OSError as exc:
             self._discard(writer)
             raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
@@ -312,10 +363,10 @@ class LocalSpool:
 
     def _discard(self, writer: SpoolWriter) -> None:
         """A put that failed leaves nothing behind, in tmp/ or in queue/."""
-        for folder in (self.tmp_dir, self.dir):
-            for suffix in (".eml", ".env", ".x50"):
-                with contextlib.suppress(OSError):
-                    (folder / f"{writer.id}{suffix}").unlink()
+        queued = [self.dir / f"{writer.id}{suffix}" for suffix in (".pending", ".env", ".x50", ".eml")]
+        for path in (writer.path, *queued):
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     async def save(self, envelope: Envelope) -> None:
         envelope.spool = self.spool_id
