@@ -48,6 +48,7 @@ from typing import IO, BinaryIO
 from smtpsvc.model import Envelope, new_queue_id
 from smtpsvc.queue.base import Claim, MessageWriter, QueueError, Rescheduled
 from smtpsvc.queue.commit import Commit, GroupCommitter, fsync_dir
+from smtpsvc.queue.spares import SparePool
 
 try:  # POSIX advisory locking; Windows gets msvcrt below
     import fcntl
@@ -151,6 +152,7 @@ class LocalSpool:
         self._dir_str = f"{root}{os.sep}"  # for the per-message commit path, which joins strings
         self._tmp_str = f"{self.tmp_dir}{os.sep}"
         self.corrupt_dir = root / "corrupt"
+        self.spares = SparePool(root / "spare")
         self._on_corrupt = on_corrupt or (lambda name, reason: None)
         self._committer = GroupCommitter()
         self._envelopes: dict[str, Envelope] = {}
@@ -177,6 +179,7 @@ class LocalSpool:
         for leftover in self.tmp_dir.iterdir():
             with contextlib.suppress(OSError):
                 leftover.unlink()
+        self.spares.clear()
         promoted = self._settle_pending()
         envs = {p.stem for p in self.dir.glob("*.env")}
         for orphan in [*self.dir.glob("*.eml"), *self.dir.glob("*.x50")]:
@@ -337,14 +340,14 @@ class LocalSpool:
             # The writes go to the page cache here, on the loop; the committer fsyncs them in threads.
             # The .pending last: once whole, it vouches for the files before it (recovery checks them).
             if isinstance(body, bytes):
-                fds.append(_write_file(eml, body))
+                fds.append(self.spares.write(eml, body))
             else:
                 body.close()  # flushed by _detach; an fd of our own is enough to fsync it
                 os.replace(writer.path, eml)
                 fds.append(os.open(eml, os.O_RDONLY))
             if blob:
                 fds.append(_write_file(f"{final}{stem}.x50", blob))
-            fds.append(_write_file(pending, payload))
+            fds.append(self.spares.write(pending, payload))
         except OSError as exc:
             for fd in fds:
                 os.close(fd)
@@ -416,19 +419,27 @@ class LocalSpool:
 
     async def complete(self, queue_id: str) -> None:
         known = self._envelopes.get(queue_id)
-        suffixes = (".eml",) if known is not None and not known.xexch50 else (".eml", ".x50")
+        stem = f"{self._dir_str}{queue_id}"
+        # The .env first: once it is gone the message no longer exists. The files go to the spare pool.
+        paths: list[tuple[str, int | None]] = [(f"{stem}.env", None)]
+        if known is None:
+            paths += [(f"{stem}.eml", None), (f"{stem}.x50", None)]
+        else:
+            paths.append((f"{stem}.eml", known.size))
+            if known.xexch50:
+                paths.append((f"{stem}.x50", known.xexch50))
+        retired: list[str] = []
 
-        def unlink() -> None:  # the .env first: once it is gone the message no longer exists
-            for suffix in (".env", *suffixes):
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self.dir / f"{queue_id}{suffix}")
+        def retire() -> None:
+            retired.extend(self.spares.retire(paths))
 
         self._completing.add(queue_id)
         self._forget(queue_id)
         try:
-            await self._committer.run(Commit((), unlink, (self.dir,)))
+            await self._committer.run(Commit((), retire, (self.dir,)))
         finally:
             self._completing.discard(queue_id)
+        self.spares.release(retired)  # their removal from queue/ is durable now: they may be reused
 
     # -- messages committed by the SMTP worker processes (server.workers) ----------------------------
     def adopt_new(self, queue_id: str) -> Envelope | None:
