@@ -31,7 +31,7 @@ from pathlib import Path
 
 SPARE_LIMIT = 512  # files kept at most
 SPARE_MAX_SIZE = 128 * 1024  # a larger file is removed, not kept
-LIST_INTERVAL = 0.02  # seconds between two listings of an empty (for us) pool
+LIST_INTERVAL = 0.005  # seconds between two listings of an empty (for us) pool
 COUNT_INTERVAL = 1.0  # seconds between two recounts of the pool by a retiring process
 
 
