@@ -7,7 +7,8 @@ Commit protocol (the durability argument, see docs/architecture.md):
             running service: that rename needs no sync of its own, recovery redoes it). A message exists
             when its .env exists, or its .pending is whole and the files match its checksum.
   save:     write+fsync tmp/<id>.env, rename over queue/<id>.env, fsync queue/.
-  complete: unlink queue/<id>.env first (the message ceases to exist), then the .eml, fsync queue/.
+  complete: move queue/<id>.env out first (the message ceases to exist), then the .eml, fsync queue/.
+            "Out" is into spare/, where new messages take their files from (queue/spares.py).
 An Exchange XEXCH50 blob, when one came with the message, is `<id>.x50`, written and synced with the .eml.
 Recovery at open: tmp/ is emptied (nothing there was acknowledged); a .pending that does not parse was cut
 short before its sync, so it was never acknowledged: removed; a whole .pending whose files match is
@@ -48,7 +49,7 @@ from typing import IO, BinaryIO
 from smtpsvc.model import Envelope, new_queue_id
 from smtpsvc.queue.base import Claim, MessageWriter, QueueError, Rescheduled
 from smtpsvc.queue.commit import Commit, GroupCommitter, fsync_dir
-from smtpsvc.queue.spares import SparePool
+from smtpsvc.queue.spares import SparePool, write_new
 
 try:  # POSIX advisory locking; Windows gets msvcrt below
     import fcntl
@@ -150,7 +151,6 @@ class LocalSpool:
         self.dir = root
         self.tmp_dir = root / "tmp"
         self._dir_str = f"{root}{os.sep}"  # for the per-message commit path, which joins strings
-        self._tmp_str = f"{self.tmp_dir}{os.sep}"
         self.corrupt_dir = root / "corrupt"
         self.spares = SparePool(root / "spare")
         self._on_corrupt = on_corrupt or (lambda name, reason: None)
@@ -209,6 +209,9 @@ class LocalSpool:
                 envelope = Envelope.from_json(json.loads(path.read_bytes()))
                 if envelope.id != stem:
                     raise ValueError("another id")
+            except OSError as exc:
+                self._move_aside(stem, f"{path.name} is unreadable: {exc.strerror or exc}")
+                continue
             except (ValueError, KeyError, TypeError):
                 # Not whole, so its fsync never finished and no 250 was sent: as if it were in tmp/.
                 # Its .eml and .x50 are orphans now, removed with the others.
@@ -235,6 +238,8 @@ class LocalSpool:
             blob = (self.dir / f"{envelope.id}.x50").read_bytes() if envelope.xexch50 else b""
         except FileNotFoundError as exc:
             return f"{Path(str(exc.filename)).name} is missing"
+        except OSError as exc:
+            return f"{Path(str(exc.filename)).name} is unreadable: {exc.strerror or exc}"
         if size != envelope.size:
             return f"the message file has {size} bytes, its envelope says {envelope.size}"
         if len(blob) != envelope.xexch50 or zlib.crc32(blob, crc) != envelope.crc32:
@@ -346,7 +351,7 @@ class LocalSpool:
                 os.replace(writer.path, eml)
                 fds.append(os.open(eml, os.O_RDONLY))
             if blob:
-                fds.append(_write_file(f"{final}{stem}.x50", blob))
+                fds.append(write_new(f"{final}{stem}.x50", blob))
             fds.append(self.spares.write(pending, payload))
         except OSError as exc:
             for fd in fds:
@@ -386,7 +391,7 @@ class LocalSpool:
         the rename is skipped when it says so at that moment."""
         tmp = self.tmp_dir / tmp_name
         try:
-            fd = _write_file(tmp, payload)
+            fd = write_new(tmp, payload)
         except OSError as exc:
             raise QueueError(f"cannot update {final.name}: {exc.strerror}") from exc
 
@@ -734,33 +739,9 @@ def _encode(envelope: Envelope) -> bytes:
     return json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: str | Path, payload: bytes) -> int:
-    """Write `payload` to a new or truncated file; returns the open fd for the committer to fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _write_synced(path: Path, payload: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    fd = write_new(path, payload)
     try:
-        view = memoryview(payload)
-        while view:
-            view = view[os.write(fd, view) :]
         os.fsync(fd)
     finally:
         os.close(fd)

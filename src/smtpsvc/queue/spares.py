@@ -65,13 +65,7 @@ class SparePool:
                 os.close(fd)
                 raise
             return fd
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-        try:
-            _write_all(fd, payload)
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return write_new(path, payload)
 
     def _take(self, path: str) -> bool:
         while True:
@@ -131,6 +125,17 @@ class SparePool:
             self._counted = now
             with contextlib.suppress(OSError):
                 self._kept = len(os.listdir(self.dir))
+
+
+def write_new(path: str | Path, payload: bytes) -> int:
+    """Write `payload` to a new or truncated file; returns the open fd for the committer to fsync."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    try:
+        _write_all(fd, payload)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _write_all(fd: int, payload: bytes) -> None:
