@@ -632,7 +632,7 @@ def test_example_with_every_setting_uncommented_is_the_defaults_plus_one_connect
 SPEC_KEYS = {
     "server": "hostname root listen max_connections connection_timeout data_timeout max_message_size "
     "max_session_size max_recipients max_hop_count max_errors reverse_dns masquerade_domain "
-    "inbound_command_support_options workers",  # workers: ours, beyond SPEC 1.3 (SMTP worker processes)
+    "inbound_command_support_options workers delivery_nice",  # the last two: ours, beyond SPEC 1.3
     "extensions": "pipelining 8bitmime smtputf8 chunking binarymime dsn enhancedstatuscodes etrn vrfy "
     "xexch50 x_link2state",
     "domains": "local remote",

@@ -137,3 +137,33 @@ def test_etrn_is_answered_the_same_by_either_process(tmp_path: Path, started: li
             answers.add(smtp.docmd("ETRN", "remote.test")[0])
             answers.add(smtp.docmd("ETRN", "nothing-here.test")[0])
     assert answers == {250, 251}
+
+
+def nice_of(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rindex(b")") + 2 :].split()[16])  # field 19 of proc(5), "nice"
+
+
+def test_delivery_runs_below_the_workers_priority_and_a_restarted_worker_keeps_the_workers(
+    tmp_path: Path, sink: Sink, started: list[ServiceProcess]
+) -> None:
+    proc = start(tmp_path, started, f"[127.0.0.1]:{sink.port}")
+    main_pid = proc.pid
+    workers = ready_workers(proc)
+    assert nice_of(main_pid) == nice_of(os.getpid()) + 10  # server.delivery_nice, by default
+    assert [nice_of(w["pid"]) for w in workers] == [nice_of(os.getpid())] * 2
+    # A worker started after the main process lowered its own priority still gets the workers' one:
+    # it is forked from a thread that kept it.
+    os.kill(workers[0]["pid"], signal.SIGKILL)
+    [restarted] = wait_for(
+        lambda: [
+            w
+            for w in ready_workers(proc)
+            if w["slot"] == workers[0]["slot"] and w["pid"] != workers[0]["pid"]
+        ],
+        "a new worker in the killed one's slot",
+    )
+    assert nice_of(restarted["pid"]) == nice_of(os.getpid())
+    send_one(proc.port, 1)
+    wait_for(lambda: seqs(sink) == ["1"], "the delivery")
+    assert proc.terminate() == 0

@@ -183,6 +183,9 @@ class Service:
                 self.scheduler.etrn,
             )
             await self.workers.start(self.smtp.sockets)
+            # Receiving before delivering when the CPU is short: clients wait for their 250, and the
+            # queue is durable (Postfix's queue manager lags its smtpd the same way under load).
+            self.workers.lower_delivery_priority(cfg.server.delivery_nice)
             if not await self.workers.wait_ready(WORKERS_READY_TIMEOUT):
                 self.events.emit(
                     events.Event(

@@ -104,6 +104,7 @@ class ServerConfig:
     listen: tuple[tuple[str, int], ...]
     max_connections: int
     workers: int
+    delivery_nice: int
     connection_timeout: float
     data_timeout: float
     max_message_size: int
@@ -721,6 +722,13 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
             1,
             _int(1, 64),
             "processes accepting SMTP on the listen addresses (SO_REUSEPORT); 2 uses two cores",
+        ),
+        _k(
+            "delivery_nice",
+            10,
+            _int(0, 19),
+            "with workers > 1 (Linux): how much lower the delivering main process's CPU priority is than "
+            "the workers'; when the CPU is short, mail being received goes first; 0: the same",
         ),
         _k(
             "connection_timeout",

@@ -20,6 +20,7 @@ process's /metrics has no SMTP session counters (the sessions are the workers').
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import os
@@ -27,6 +28,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
@@ -73,12 +75,17 @@ class WorkerPool:
         self.events = event_log
         self._wake = wake
         self._etrn = etrn
-        self._procs: dict[int, asyncio.subprocess.Process] = {}
+        self._procs: dict[int, WorkerProcess] = {}
         self._received: dict[int, int] = {}  # slot -> messages its workers committed (for /healthz)
         self._ready: set[int] = set()  # slots whose current worker listens
         self._all_ready = asyncio.Event()  # set once every slot has had a worker listening
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        # Workers are started from this thread, made now, while the main thread still has the priority
+        # they must have: a child takes the nice value of the thread that forks it, and the main thread
+        # lowers its own afterwards (`lower_delivery_priority`), which a process cannot undo unprivileged.
+        self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smtpsvc-spawner")
+        self._spawner.submit(lambda: None).result()
 
     async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
         loop = asyncio.get_running_loop()
@@ -132,7 +139,7 @@ class WorkerPool:
 
     async def _spawn(
         self, slot: int, addresses: list[tuple[str, int]]
-    ) -> tuple[asyncio.subprocess.Process, asyncio.Task[None]]:
+    ) -> tuple[WorkerProcess, asyncio.Task[None]]:
         ours, theirs = socket.socketpair()
         args = [sys.executable, "-m", "smtpsvc", "serve", "--worker-fd", str(theirs.fileno())]
         args += ["--root", str(self.root)]
@@ -140,15 +147,35 @@ class WorkerPool:
             args += ["-c", self.config_path]
         for address in addresses:
             args += ["--listen", format_listen(address)]
+
+        def start() -> subprocess.Popen[bytes]:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
+
+        spawned = asyncio.get_running_loop().run_in_executor(self._spawner, start)
         try:
-            proc = await asyncio.create_subprocess_exec(
-                *args, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),)
-            )
+            popen = await asyncio.shield(spawned)
+        except asyncio.CancelledError:  # stopped meanwhile: what the thread starts is stopped again
+            spawned.add_done_callback(_kill_started)
+            raise
         finally:
-            theirs.close()
+            spawned.add_done_callback(lambda f: theirs.close())  # once Popen has passed it on
+        proc = WorkerProcess(popen)
         reader, writer = await asyncio.open_unix_connection(sock=ours)
         channel = asyncio.get_running_loop().create_task(self._serve(slot, reader, writer))
         return proc, channel
+
+    def lower_delivery_priority(self, steps: int) -> bool:
+        """Lower the CPU priority (raise the nice value) of the calling thread, the main process's event
+        loop that delivers, by `steps` below the workers'; threads it starts afterwards inherit it. True
+        when done (Linux, where a thread has a nice value of its own)."""
+        if steps <= 0 or not sys.platform.startswith("linux"):
+            return False
+        thread = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + steps))
+        except OSError:
+            return False
+        return True
 
     async def _serve(self, slot: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One worker's notices and requests."""
@@ -203,10 +230,54 @@ class WorkerPool:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._spawner.shutdown(wait=False)
         self.spool.rescan()
 
     def _event(self, text: str, cause: str) -> None:
         self.events.emit(events.Event(events.SERVICE_STARTED, text, cause=cause))
+
+
+def _kill_started(spawned: asyncio.Future[subprocess.Popen[bytes]]) -> None:
+    if not spawned.cancelled() and spawned.exception() is None:
+        spawned.result().kill()
+
+
+class WorkerProcess:
+    """A worker process as the pool sees it: its pid, signals, and an awaitable exit (a pidfd watched by
+    the event loop where the system has them, else a thread blocked in waitpid)."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+
+    def send_signal(self, sig: int) -> None:
+        if self._popen.returncode is None:
+            self._popen.send_signal(sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    async def wait(self) -> int:
+        if self._popen.returncode is not None:
+            return self._popen.returncode
+        loop = asyncio.get_running_loop()
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except (AttributeError, OSError):  # not Linux 5.3+, or the process is gone already
+            return await loop.run_in_executor(None, self._popen.wait)
+        exited: asyncio.Future[None] = loop.create_future()
+
+        def readable() -> None:  # a pidfd becomes readable when its process exits
+            if not exited.done():
+                exited.set_result(None)
+
+        loop.add_reader(pidfd, readable)
+        try:
+            await exited
+        finally:
+            loop.remove_reader(pidfd)
+            os.close(pidfd)
+        return self._popen.wait()  # it has exited: this only reaps it
 
 
 # ------------------------------------------------------------------------------------- worker process
