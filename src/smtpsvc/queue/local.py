@@ -292,15 +292,17 @@ class LocalSpool:
             self._lock_file = None
             raise QueueError(f"the queue folder {self.dir} is in use by another smtpsvc process") from exc
 
-    def _load(self, stem: str) -> Envelope | None:
-        env_path = self.dir / f"{stem}.env"
-        eml_path = self.dir / f"{stem}.eml"
+    def _load(self, stem: str, payload: bytes | None = None) -> Envelope | None:
+        """The envelope of queue/<stem>.env (its bytes in `payload` when the caller read them), or None
+        when it is unusable: then its files are moved aside and reported."""
+        # Strings, not Path objects: every message a worker commits comes through here.
         try:
-            data = json.loads(env_path.read_bytes())
-            envelope = Envelope.from_json(data)
+            if payload is None:
+                payload = _read(f"{self._dir_str}{stem}.env")
+            envelope = Envelope.from_json(json.loads(payload))
             if envelope.id != stem:
                 raise ValueError(f"envelope id {envelope.id!r} does not match its file name")
-            if not eml_path.exists():
+            if not os.path.exists(f"{self._dir_str}{stem}.eml"):
                 raise ValueError("message file (.eml) is missing")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             self._move_aside(stem, str(exc) or type(exc).__name__)
@@ -452,9 +454,15 @@ class LocalSpool:
         us its id after its commit). Unknown, unreadable or already indexed ids are ignored."""
         if queue_id in self._envelopes or queue_id in self._completing or queue_id in self._putting:
             return None
-        if "/" in queue_id or not (self.dir / f"{queue_id}.env").exists():
+        if "/" in queue_id:
             return None
-        envelope = self._load(queue_id)
+        try:
+            payload = _read(f"{self._dir_str}{queue_id}.env")
+        except FileNotFoundError:
+            return None  # completed meanwhile, or a notice for nothing
+        except OSError:
+            payload = None  # unreadable: _load reads it again and reports it
+        envelope = self._load(queue_id, payload)
         if envelope is not None:
             self._index(envelope)
         return envelope
@@ -550,7 +558,7 @@ class LocalSpool:
         return len(self._envelopes)
 
     def open_message(self, queue_id: str) -> BinaryIO:
-        return open(self.dir / f"{queue_id}.eml", "rb")
+        return open(f"{self._dir_str}{queue_id}.eml", "rb")
 
     def xexch50_blob(self, queue_id: str) -> bytes | None:
         """The XEXCH50 blob received with the message, or None."""
@@ -733,6 +741,11 @@ class LocalStore:
 
     async def set_link_frozen(self, link: str, frozen: bool) -> None:
         await self.spool.set_link_frozen(link, frozen)
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb", buffering=0) as file:
+        return file.read()
 
 
 def _encode(envelope: Envelope) -> bytes:
