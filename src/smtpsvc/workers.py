@@ -11,7 +11,9 @@ over a socket pair (`Q <id>`; `READY` once it listens), and asks it for ETRN (`E
 answered `R <n> <count>`).
 
 A worker that dies is restarted after a second; what it had committed is found by the main process's
-periodic rescan. The main process stops its workers with SIGTERM (they give 421 and finish what they were
+periodic rescan. Once the workers run, the main process's event loop lowers its CPU priority by
+`server.delivery_nice`: when the CPU is short, receiving goes first. Workers are forked from a thread made
+before that, so a restarted one keeps the receiving priority. The main process stops its workers with SIGTERM (they give 421 and finish what they were
 committing) and passes SIGHUP on. Limits of this first version: each worker has its own AUTH failure
 limiter and its own share of `server.max_connections` (the limit applies per process), and the main
 process's /metrics has no SMTP session counters (the sessions are the workers').
@@ -155,7 +157,11 @@ class WorkerPool:
         try:
             popen = await asyncio.shield(spawned)
         except asyncio.CancelledError:  # stopped meanwhile: what the thread starts is stopped again
+            ours.close()
             spawned.add_done_callback(_kill_started)
+            raise
+        except OSError:
+            ours.close()
             raise
         finally:
             spawned.add_done_callback(lambda f: theirs.close())  # once Popen has passed it on
