@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import fcntl
 import json
 import os
+import threading
 import time
 import zlib
 from collections.abc import Iterator
@@ -14,8 +16,10 @@ from pathlib import Path
 import pytest
 
 from smtpsvc.model import Envelope, Recipient, RecipientState
+from smtpsvc.queue import local
 from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.local import MEMORY_LIMIT, LocalSpool, LocalStore
+from smtpsvc.queue.intake import IntakeSpool
+from smtpsvc.queue.local import MEMORY_LIMIT, WORKERS_LOCK, LocalSpool, LocalStore
 
 
 def make_envelope(queue_id: str, due: float = 0.0) -> Envelope:
@@ -125,7 +129,10 @@ async def test_a_failed_commit_raises_and_leaves_no_file(
     writer.write(b"x" * size)
     with pytest.raises(QueueError, match="Input/output error"):
         await spool.put(writer, make_envelope(writer.id))
-    assert [p.name for p in spool.dir.iterdir() if p.is_file() and p.name != "spool.id"] == [".lock"]
+    assert sorted(p.name for p in spool.dir.iterdir() if p.is_file() and p.name != "spool.id") == [
+        ".lock",
+        ".workers.lock",
+    ]
     assert list(spool.tmp_dir.iterdir()) == [] and spool.list() == []
 
 
@@ -314,3 +321,33 @@ async def test_a_frozen_message_is_not_made_due_and_set_frozen_is_persisted(spoo
     assert json.loads((spool.dir / f"{envelope.id}.env").read_bytes())["frozen"] is True
     assert (await store.make_due(time.time())).messages == 0
     assert await store.set_frozen("nope", True) is None
+
+
+def test_recovery_waits_for_smtp_workers_of_an_earlier_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An earlier run's worker, still committing after its main process died, holds the shared lock.
+    (tmp_path / "queue").mkdir()
+    worker = open(tmp_path / "queue" / WORKERS_LOCK, "a+b")  # noqa: SIM115
+    fcntl.flock(worker.fileno(), fcntl.LOCK_SH)
+    monkeypatch.setattr(local, "WORKERS_GONE_TIMEOUT", 0.2)
+    with pytest.raises(QueueError, match="earlier run still use"):
+        LocalSpool(tmp_path / "queue").open()
+    again = LocalSpool(tmp_path / "queue")  # the failed start let go of the spool lock too
+    threading.Timer(0.1, worker.close).start()  # the worker exits: its lock goes with it
+    monkeypatch.setattr(local, "WORKERS_GONE_TIMEOUT", 30.0)
+    again.open()
+    again.close()
+
+
+async def test_a_worker_cannot_join_during_recovery_and_holds_its_share_for_its_life(tmp_path: Path) -> None:
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    intake = IntakeSpool(tmp_path / "queue", lambda queue_id: None)
+    intake.open()
+    spool.close()
+    probe = open(tmp_path / "queue" / WORKERS_LOCK, "a+b")  # noqa: SIM115
+    with pytest.raises(BlockingIOError):
+        fcntl.flock(probe.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # what a new start would wait for
+    fcntl.flock(probe.fileno(), fcntl.LOCK_SH)  # another worker may share it
+    probe.close()

@@ -13,7 +13,12 @@ from pathlib import Path
 
 from smtpsvc.model import Envelope
 from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.local import LocalSpool
+from smtpsvc.queue.local import WORKERS_LOCK, LocalSpool
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows has no SMTP workers
+    fcntl = None  # type: ignore[assignment]
 
 
 class IntakeSpool(LocalSpool):
@@ -22,11 +27,20 @@ class IntakeSpool(LocalSpool):
         self._notify = notify
 
     def open(self) -> None:
-        """No lock and no recovery (the main process did both before starting us): the spool id only."""
+        """No recovery (the main process did it before starting us): the spool id, and a shared hold on
+        queue/.workers.lock for this process's life, so that no later start recovers the queue while we
+        may still commit into it (LocalSpool._wait_for_old_workers)."""
         try:
             self.spool_id = (self.dir / "spool.id").read_text(encoding="ascii").strip()
+            self._workers_lock = open(self.dir / WORKERS_LOCK, "a+b")  # noqa: SIM115 - held until we exit
         except OSError as exc:
-            raise QueueError(f"cannot read {self.dir / 'spool.id'}: {exc.strerror or exc}") from exc
+            raise QueueError(f"cannot open the queue in {self.dir}: {exc.strerror or exc}") from exc
+        if fcntl is not None:
+            try:
+                fcntl.flock(self._workers_lock.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                self._workers_lock.close()
+                raise QueueError(f"the queue in {self.dir} is being recovered; try again") from exc
 
     def _index(self, envelope: Envelope) -> None:
         self._notify(envelope.id)  # committed: the main process takes it from here

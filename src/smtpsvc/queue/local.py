@@ -58,6 +58,8 @@ except ImportError:  # pragma: no cover - Windows
 
 WRITE_BUFFER = 256 * 1024
 MEMORY_LIMIT = 256 * 1024  # a message up to this size is held in memory until its commit
+WORKERS_LOCK = ".workers.lock"  # shared by the running SMTP workers; exclusive during recovery
+WORKERS_GONE_TIMEOUT = 30.0  # how long a start waits for an earlier run's SMTP workers to finish
 
 
 class SpoolWriter:
@@ -174,6 +176,41 @@ class LocalSpool:
         for d in (self.dir, self.tmp_dir, self.corrupt_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock()
+        try:
+            workers_gone = self._wait_for_old_workers()
+        except QueueError:
+            self.close()
+            raise
+        try:
+            self._recover()
+        finally:
+            if workers_gone is not None:
+                workers_gone.close()
+
+    def _wait_for_old_workers(self) -> IO[bytes] | None:
+        """Recovery must not run while SMTP workers of an earlier run still commit into this queue: when
+        their main process dies, they finish the transactions under way (and acknowledge them) before
+        they stop. Each worker holds a shared lock on queue/.workers.lock for its life; recovery takes it
+        exclusively, waiting for them to be gone. Returns the held lock, to release after recovery."""
+        if fcntl is None:  # pragma: no cover - Windows has no SMTP workers
+            return None
+        handle = open(self.dir / WORKERS_LOCK, "a+b")  # noqa: SIM115 - closed by open() after recovery
+        deadline = time.monotonic() + WORKERS_GONE_TIMEOUT
+        while True:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    handle.close()
+                    raise QueueError(
+                        f"SMTP worker processes of an earlier run still use {self.dir} after "
+                        f"{WORKERS_GONE_TIMEOUT:g}s; stop them (pgrep -af 'smtpsvc serve --worker-fd') "
+                        "and start again"
+                    ) from None
+                time.sleep(0.05)  # they stop within server's stop grace period once their parent is gone
+
+    def _recover(self) -> None:
         self._frozen_links = self._read_links()
         self.spool_id = self._read_or_make_id()
         for leftover in self.tmp_dir.iterdir():
