@@ -259,8 +259,7 @@ class WorkerProcess:
         self.pid = popen.pid
 
     def send_signal(self, sig: int) -> None:
-        if self._popen.returncode is None:
-            self._popen.send_signal(sig)
+        self._popen.send_signal(sig)  # a no-op once it has exited (Popen polls first)
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
