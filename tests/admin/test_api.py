@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from smtpsvc.admin.access import Level, level_of
+from smtpsvc.queue.local import LocalSpool
 from tests.admin.conftest import Admin
 from tests.conftest import events_of, wait_until
 from tests.test_relay import send
@@ -140,7 +142,8 @@ async def test_recategorize_and_retry_by_domain(admin: Admin) -> None:
         )
         admin.sink.handler.defer_everything = False
         assert (await http.post("/api/queue/retry", json={"domain": "remote.test"})).json() == {"retried": 1}
-        assert (await http.post("/api/queue/retry", content=b"not json")).status_code == 409
+        malformed = await http.post("/api/queue/retry", content=b"not json")
+        assert malformed.status_code == 400 and "not JSON" in malformed.json()["error"]
     await wait_until(lambda: admin.sink.messages, what="delivery after retry by domain")
     assert events_of(admin.service, 9005)
 
@@ -215,3 +218,21 @@ async def test_viewer_login_cookie_and_cross_site_posts(admin: Admin) -> None:
         message_page = await http.get(f"/message/{queue_id}")
         assert "frozen" in message_page.text and "450 4.3.2" in message_page.text
     assert admin.service.queue.get(queue_id).frozen  # type: ignore[union-attr]
+
+
+async def test_a_queue_that_cannot_be_written_answers_503_and_changes_nothing(admin: Admin) -> None:
+    queue_id = await deferred(admin)
+    spool = admin.service.queue
+    assert isinstance(spool, LocalSpool)
+    shutil.rmtree(spool.tmp_dir)
+    spool.tmp_dir.write_bytes(b"")  # a file where the folder was: every envelope update fails (ENOTDIR)
+    try:
+        async with admin.client() as http:
+            refused = await http.post(f"/api/queue/{queue_id}/freeze")
+        assert refused.status_code == 503 and "cannot update" in refused.json()["error"]
+    finally:
+        spool.tmp_dir.unlink()
+        spool.tmp_dir.mkdir()
+    saved = json.loads((spool.dir / f"{queue_id}.env").read_bytes())
+    assert saved["frozen"] is False  # the file on disk was not changed
+    assert spool.get(queue_id).frozen is False  # type: ignore[union-attr]  # nor the service's view of it

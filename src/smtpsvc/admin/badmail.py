@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from smtpsvc.admin.service import AdminError
+from smtpsvc.admin.service import BadRequest, NotFound
 from smtpsvc.delivery.drop import envelope_lines
 
 
@@ -75,10 +75,10 @@ def replay(badmail_dir: Path, pickup_dir: Path, name: str) -> Path:
 
 def _bad(badmail_dir: Path, name: str) -> Path:
     if "/" in name or "\\" in name or name.startswith("."):
-        raise AdminError(f"{name!r} is not a Badmail item name (see `smtpsvc badmail list`)")
+        raise BadRequest(f"{name!r} is not a Badmail item name (see `smtpsvc badmail list`)")
     bad = badmail_dir / f"{name.removesuffix('.bad')}.bad"
     if not bad.is_file():
-        raise AdminError(f"no Badmail item {name!r} in {badmail_dir} (see `smtpsvc badmail list`)")
+        raise NotFound(f"no Badmail item {name!r} in {badmail_dir} (see `smtpsvc badmail list`)")
     return bad
 
 

@@ -33,7 +33,7 @@ from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
 from smtpsvc.model import Envelope, RecipientState, pending_by_link, queue_state
 from smtpsvc.queue import pgschema
-from smtpsvc.queue.base import QueueError, QueueStore
+from smtpsvc.queue.base import QueueError, QueueLocked, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.queue.postgres import PostgresQueue
 from smtpsvc.routing.categorizer import route_for
@@ -46,7 +46,29 @@ DELETED_TEXT = "Deleted by the administrator of this relay (the message was not 
 
 
 class AdminError(Exception):
-    """The operation cannot be done; the message says why and what to do."""
+    """The operation cannot be done; the message says why and what to do. `status` is the admin API's
+    HTTP answer: 409, the request conflicts with the state of the queue (a frozen message, one being
+    delivered)."""
+
+    status = 409
+
+
+class NotFound(AdminError):
+    """No such message, link or Badmail item."""
+
+    status = 404
+
+
+class BadRequest(AdminError):
+    """The request itself is malformed (a body that is not JSON, a name that cannot be one)."""
+
+    status = 400
+
+
+class QueueUnavailable(AdminError):
+    """The queue's storage failed (the database is down, a disk error): nothing was changed; try again."""
+
+    status = 503
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,7 +240,7 @@ class QueueAdmin:
     async def get(self, queue_id: str) -> Envelope:
         envelope = await self._read(self.store.get(queue_id))
         if envelope is None:
-            raise AdminError(f"no message {queue_id!r} in the queue (see `smtpsvc queue list`)")
+            raise NotFound(f"no message {queue_id!r} in the queue (see `smtpsvc queue list`)")
         return envelope
 
     async def headers(self, queue_id: str) -> bytes:
@@ -227,7 +249,7 @@ class QueueAdmin:
             with await self.store.open_message(queue_id) as fh:
                 return split_headers(fh.read(HEADER_LIMIT))
         except (QueueError, KeyError) as exc:
-            raise AdminError(f"cannot read message {queue_id}: {exc}") from None
+            raise QueueUnavailable(f"cannot read message {queue_id}: {exc}") from None
 
     async def leased_by(self, queue_id: str) -> str:
         """The node delivering the message right now, or ""."""
@@ -241,7 +263,7 @@ class QueueAdmin:
         try:
             return await step
         except QueueError as exc:
-            raise AdminError(str(exc)) from None
+            raise QueueUnavailable(str(exc)) from None
 
     # -- one message ---------------------------------------------------------------------------------
     async def freeze(self, queue_id: str) -> Envelope:
@@ -255,7 +277,7 @@ class QueueAdmin:
         await self.get(queue_id)
         envelope = await self._read(self.store.set_frozen(queue_id, frozen))
         if envelope is None:
-            raise AdminError(f"no message {queue_id!r} in the queue (see `smtpsvc queue list`)")
+            raise NotFound(f"no message {queue_id!r} in the queue (see `smtpsvc queue list`)")
         await self._changed(envelope, action)
         return envelope
 
@@ -297,7 +319,9 @@ class QueueAdmin:
         except (QueueError, OSError) as exc:
             if not was_frozen:
                 await self._read(self.store.set_frozen(envelope.id, False))
-            raise AdminError(f"cannot queue the NDR for {envelope.id} ({exc}); the message is kept") from None
+            raise QueueUnavailable(
+                f"cannot queue the NDR for {envelope.id} ({exc}); the message is kept"
+            ) from None
 
     async def recategorize(self, queue_id: str = "") -> int:
         """ResetMessageStatus by hand: recompute every pending recipient's route from the config and make the
@@ -406,10 +430,12 @@ async def _open_store(config: Config, event_log: EventLog) -> AsyncIterator[tupl
     spool = LocalSpool(Path(config.server.root) / "queue", on_corrupt=_corrupt_reporter(event_log))
     try:
         spool.open()
-    except QueueError as exc:
+    except QueueLocked as exc:
         raise ServiceRunning(str(exc)) from None
+    except QueueError as exc:
+        raise QueueUnavailable(str(exc)) from None
     except OSError as exc:
-        raise AdminError(f"cannot open the queue folder {spool.dir}: {exc.strerror or exc}") from None
+        raise QueueUnavailable(f"cannot open the queue folder {spool.dir}: {exc.strerror or exc}") from None
     local = LocalStore(spool, config.queue.node_id)
     try:
         yield local, "the queue files (service stopped)"
@@ -430,7 +456,7 @@ async def _open_postgres(config: Config, event_log: EventLog) -> AsyncIterator[P
     try:
         await queue.open()
     except QueueError as exc:
-        raise AdminError(str(exc)) from None
+        raise QueueUnavailable(str(exc)) from None
     try:
         yield queue
     finally:

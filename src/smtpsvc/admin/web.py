@@ -27,7 +27,7 @@ from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin import eventview
 from smtpsvc.admin.access import COOKIE, Level, level_of
-from smtpsvc.admin.service import AdminError, QueueAdmin, summarize
+from smtpsvc.admin.service import AdminError, BadRequest, QueueAdmin, summarize
 from smtpsvc.dsn import split_headers
 from smtpsvc.model import rfc5322_date
 
@@ -82,7 +82,7 @@ def build_app(ctx: AdminContext) -> Starlette:
             except AdminError as exc:
                 if html:
                     return _back(request, str(exc))
-                return _error(404 if str(exc).startswith("no ") else 409, str(exc))
+                return _error(exc.status, str(exc))
 
         return guarded
 
@@ -340,9 +340,9 @@ async def _json_body(request: Request) -> dict[str, Any]:
     try:
         data = json.loads(raw)
     except ValueError:
-        raise AdminError("the request body is not JSON") from None
+        raise BadRequest("the request body is not JSON") from None
     if not isinstance(data, dict):
-        raise AdminError("the request body must be a JSON object")
+        raise BadRequest("the request body must be a JSON object")
     return data
 
 

@@ -32,6 +32,11 @@ class QueueError(Exception):
     4xx."""
 
 
+class QueueLocked(QueueError):
+    """Another process holds the local queue (the running service, or another admin tool): reach the
+    service through its admin API instead."""
+
+
 class LeaseLost(QueueError):
     """This node's lease on a message expired and another node claimed it (or the message was deleted):
     the other node now owns the delivery state, so ours is not written. Drop the envelope; the message

@@ -47,7 +47,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from smtpsvc.model import Envelope, new_queue_id
-from smtpsvc.queue.base import Claim, MessageWriter, QueueError, Rescheduled
+from smtpsvc.queue.base import Claim, MessageWriter, QueueError, QueueLocked, Rescheduled
 from smtpsvc.queue.commit import Commit, GroupCommitter, fsync_dir
 from smtpsvc.queue.spares import SparePool, write_new
 
@@ -327,7 +327,7 @@ class LocalSpool:
         except OSError as exc:
             self._lock_file.close()
             self._lock_file = None
-            raise QueueError(f"the queue folder {self.dir} is in use by another smtpsvc process") from exc
+            raise QueueLocked(f"the queue folder {self.dir} is in use by another smtpsvc process") from exc
 
     def _load(self, stem: str, payload: bytes | None = None) -> Envelope | None:
         """The envelope of queue/<stem>.env (its bytes in `payload` when the caller read them), or None
@@ -728,8 +728,14 @@ class LocalStore:
         envelope = self.spool.get(queue_id)
         if envelope is None:
             return None
-        envelope.frozen = frozen  # a leased message: its delivery's save writes it too (the same object)
-        await self.spool.update(envelope)
+        # A leased message: its delivery's save writes the change too (the same object).
+        previous, envelope.frozen = envelope.frozen, frozen
+        try:
+            await self.spool.update(envelope)
+        except QueueError:
+            envelope.frozen = previous  # not written: as it was, in memory too
+            self.spool.reschedule(envelope.id)
+            raise
         return envelope
 
     async def make_due(
