@@ -226,6 +226,27 @@ async def test_a_pending_commit_checks_the_xexch50_blob_too(tmp_path: Path) -> N
     again.close()
 
 
+async def test_a_lone_surrogate_in_an_envelope_is_written_and_read_back_as_it_was(tmp_path: Path) -> None:
+    # UTF-8 cannot hold one: it is kept as the JSON escape \\udXXX, not a UnicodeEncodeError at the commit.
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    writer = spool.create_writer()
+    writer.write(b"Subject: x\r\n\r\nx\r\n")
+    envelope = make_envelope(writer.id)
+    envelope.sender = "a\\\udc80@local.test"
+    envelope.recipients[0].last_reply = "451 odd \ud800 peer"
+    await spool.put(writer, envelope)
+    spool.close()
+    again = LocalSpool(tmp_path / "queue")
+    again.open()
+    [loaded] = again.list()
+    assert (loaded.sender, loaded.recipients[0].last_reply) == (
+        envelope.sender,
+        envelope.recipients[0].last_reply,
+    )
+    again.close()
+
+
 async def test_corrupt_envelope_is_moved_aside_with_a_report_and_others_still_load(tmp_path: Path) -> None:
     spool = LocalSpool(tmp_path / "queue")
     spool.open()

@@ -188,6 +188,21 @@ async def test_a_nul_in_a_reply_text_does_not_make_save_fail(open_queue: OpenQue
     assert stored is not None and stored.recipients[0].last_reply == "550 bad\ufffdpeer"
 
 
+async def test_a_lone_surrogate_in_a_text_does_not_make_put_or_save_fail(open_queue: OpenQueue) -> None:
+    # UTF-8 cannot hold one (the driver raises UnicodeEncodeError, which is no QueueError): U+FFFD instead.
+    queue = await open_queue()
+    await put(queue, rcpt="b\udc80@remote.test")
+    [envelope] = await queue.lease(time.time(), 10)
+    envelope.recipients[0].last_reply = "451 odd \ud800 peer"
+    await queue.save(envelope)
+    stored = await queue.get(envelope.id)
+    assert stored is not None
+    assert (stored.recipients[0].address, stored.recipients[0].last_reply) == (
+        "b\ufffd@remote.test",
+        "451 odd \ufffd peer",
+    )
+
+
 # -- leases -----------------------------------------------------------------------------------------------
 async def test_lease_takes_due_unfrozen_messages_once(open_queue: OpenQueue) -> None:
     queue = await open_queue()

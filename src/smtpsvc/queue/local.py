@@ -792,7 +792,10 @@ def _read(path: str) -> bytes:
 
 
 def _encode(envelope: Envelope) -> bytes:
-    return json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":")).encode()
+    # "backslashreplace" writes a lone surrogate (which UTF-8 cannot hold) as the JSON escape \udXXX,
+    # so json.loads gives it back as it was, instead of the write failing with a UnicodeEncodeError.
+    text = json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":"))
+    return text.encode("utf-8", "backslashreplace")
 
 
 def _write_synced(path: Path, payload: bytes) -> None:

@@ -939,9 +939,16 @@ def _json(value: Any) -> str:
 
 
 def _text(value: str) -> str:
-    """PostgreSQL text cannot hold NUL; a reply text with one (a broken peer) must not make save fail
-    forever, so it becomes U+FFFD."""
-    return value.replace("\x00", "\ufffd")
+    """PostgreSQL text cannot hold NUL, nor UTF-8 a lone surrogate; a text with one must not make put or
+    save fail forever (the driver's UnicodeEncodeError is no QueueError), so each becomes U+FFFD."""
+    value = value.replace("\x00", "\ufffd")
+    if value.isascii():
+        return value
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in value)
+    return value
 
 
 def _without_nul(value: Any) -> Any:
