@@ -178,7 +178,7 @@ class LocalSpool:
         self._lock()
         try:
             workers_gone = self._wait_for_old_workers()
-        except QueueError:
+        except (QueueError, OSError):
             self.close()
             raise
         try:
@@ -208,9 +208,10 @@ class LocalSpool:
                         f"{WORKERS_GONE_TIMEOUT:g}s; stop them (pgrep -af 'smtpsvc serve --worker-fd') "
                         "and start again"
                     ) from None
-                time.sleep(0.05)  # they stop within server's stop grace period once their parent is gone
+                time.sleep(0.05)  # they stop within their grace period (10 s) once their parent is gone
 
     def _recover(self) -> None:
+        """What a crash left is settled (module docstring), then the queue indexed; both locks held."""
         self._frozen_links = self._read_links()
         self.spool_id = self._read_or_make_id()
         for leftover in self.tmp_dir.iterdir():
