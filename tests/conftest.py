@@ -21,6 +21,7 @@ import pytest
 from smtpsvc.app import Service
 from smtpsvc.config import Config, load_config
 from smtpsvc.queue import pgschema
+from smtpsvc.queue.local import LocalSpool
 from tests.dnsserver import DnsServer
 from tests.pg import PgCluster, find_bindir
 from tests.sink import Sink
@@ -82,6 +83,15 @@ async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: 
 
 
 StartService = Callable[..., Awaitable[Service]]
+
+
+@pytest.fixture
+def spool(tmp_path: Path) -> Iterator[LocalSpool]:
+    """An opened local spool in tmp_path/queue (the spool's and the spare pool's tests)."""
+    s = LocalSpool(tmp_path / "queue")
+    s.open()
+    yield s
+    s.close()
 
 
 @pytest.fixture

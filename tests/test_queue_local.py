@@ -10,7 +10,6 @@ import os
 import threading
 import time
 import zlib
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,14 +36,6 @@ async def put(spool: LocalSpool, body: bytes = b"Subject: x\r\n\r\nbody\r\n", du
     envelope = make_envelope(writer.id, due)
     await spool.put(writer, envelope)
     return envelope
-
-
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[LocalSpool]:
-    s = LocalSpool(tmp_path / "queue")
-    s.open()
-    yield s
-    s.close()
 
 
 async def test_put_makes_body_and_envelope_files_and_nothing_in_tmp(spool: LocalSpool) -> None:

@@ -6,15 +6,14 @@ from __future__ import annotations
 import errno
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from smtpsvc.model import Envelope, Recipient
 from smtpsvc.queue import spares
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.queue.spares import SparePool
+from tests.test_queue_local import put
 
 
 @pytest.fixture(autouse=True)
@@ -96,23 +95,7 @@ def test_clear_empties_the_pool(pool: SparePool) -> None:
     assert list(pool.dir.iterdir()) == []
 
 
-# -- in the spool ---------------------------------------------------------------------------------------
-@pytest.fixture
-def spool(tmp_path: Path) -> Iterator[LocalSpool]:
-    s = LocalSpool(tmp_path / "queue")
-    s.open()
-    yield s
-    s.close()
-
-
-async def put(spool: LocalSpool, body: bytes) -> Envelope:
-    writer = spool.create_writer()
-    writer.write(body)
-    envelope = Envelope(
-        id=writer.id, sender="a@local.test", received_at=1.0, recipients=[Recipient("b@x.test")]
-    )
-    await spool.put(writer, envelope)
-    return envelope
+# -- in the spool (`spool`: tests/conftest.py; `put`: the spool's own tests) ---------------------------
 
 
 async def test_a_delivered_message_s_files_carry_the_next_message(spool: LocalSpool) -> None:
