@@ -172,18 +172,15 @@ class WorkerPool:
         channel = asyncio.get_running_loop().create_task(self._serve(slot, reader, writer))
         return proc, channel
 
-    def lower_delivery_priority(self, steps: int) -> bool:
+    def lower_delivery_priority(self, steps: int) -> None:
         """Lower the CPU priority (raise the nice value) of the calling thread, the main process's event
-        loop that delivers, by `steps` below the workers'; threads it starts afterwards inherit it. True
-        when done (Linux, where a thread has a nice value of its own)."""
+        loop that delivers, by `steps` below the workers'; threads it starts afterwards inherit it. Only
+        on Linux, where a thread has a nice value of its own; a refusal leaves the priority as it was."""
         if steps <= 0 or not sys.platform.startswith("linux"):
-            return False
+            return
         thread = threading.get_native_id()
-        try:
+        with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, thread, min(19, os.getpriority(os.PRIO_PROCESS, thread) + steps))
-        except OSError:
-            return False
-        return True
 
     async def _serve(self, slot: int, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One worker's notices and requests."""

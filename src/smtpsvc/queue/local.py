@@ -91,10 +91,6 @@ class SpoolWriter:
     def size(self) -> int:
         return self._size
 
-    @property
-    def has_blob(self) -> bool:
-        return bool(self._blob)
-
     def write(self, data: bytes) -> None:
         if self._closed:
             raise QueueError("message writer already closed")
