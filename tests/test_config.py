@@ -641,7 +641,10 @@ SPEC_KEYS = {
     "tls": "cert key require",
     "delivery": "smart_host smart_host_type remote_port retry delay_notification expiration "
     "max_messages_per_connection max_connections max_connections_per_domain timeout tls send_ndr_copy_to "
-    "suppress_xexch50_external",
+    "suppress_xexch50_external "
+    # ours, beyond SPEC 1.3: slow start and the RFC 5321 section 4.5.3.2 deadlines
+    "initial_connections_per_domain connect_timeout greeting_timeout mail_timeout rcpt_timeout data_timeout "
+    "data_block_timeout final_timeout",
     "resolver": "nameservers",
     "connector": "name address_spaces cost smart_hosts use_helo tls auth xexch50",
     "categorizer": "reset_message_status",

@@ -177,7 +177,15 @@ class DeliveryConfig:
     max_messages_per_connection: int
     max_connections: int
     max_connections_per_domain: int
+    initial_connections_per_domain: int
     timeout: float
+    connect_timeout: float
+    greeting_timeout: float
+    mail_timeout: float
+    rcpt_timeout: float
+    data_timeout: float
+    data_block_timeout: float
+    final_timeout: float
     tls: str
     send_ndr_copy_to: str
     suppress_xexch50_external: bool
@@ -263,6 +271,16 @@ class Config:
     def warnings(self) -> list[str]:
         """`config check` warnings: keys set here whose feature is not built yet (see NOT_YET_EFFECTIVE)."""
         return warnings_for(self.explicit_keys)
+
+
+class LiveConfig:
+    """The configuration in force. Every running part reads it through one shared LiveConfig; a reload
+    swaps `current` here, once, so no part can be left on the old configuration."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, config: Config) -> None:
+        self.current = config
 
 
 # --------------------------------------------------------------------------------------------- errors
@@ -880,12 +898,47 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
             "MaxOutConnectionsPerDomain",
         ),
         _k(
+            "initial_connections_per_domain",
+            2,
+            _int(1),
+            "slow start: connections a destination gets at first; each one that greets adds one, up to "
+            "max_connections_per_domain, and each that fails takes one away",
+        ),
+        _k(
             "timeout",
             "10m",
             _duration,
-            "limit for each outbound command's reply",
+            "limit for the replies without a limit of their own (EHLO, STARTTLS, AUTH, RSET, XEXCH50) "
+            "and the TLS handshake",
             "RemoteTimeout",
             show=format_duration,
+        ),
+        _k(
+            "connect_timeout",
+            "30s",
+            _duration,
+            "TCP connect to one host, then the next",
+            show=format_duration,
+        ),
+        _k(
+            "greeting_timeout",
+            "5m",
+            _duration,
+            "the 220 greeting (RFC 5321 4.5.3.2); none in time: the next host",
+            show=format_duration,
+        ),
+        _k("mail_timeout", "5m", _duration, "the reply to MAIL FROM", show=format_duration),
+        _k("rcpt_timeout", "5m", _duration, "the reply to each RCPT TO", show=format_duration),
+        _k("data_timeout", "2m", _duration, "the 354 reply to DATA", show=format_duration),
+        _k(
+            "data_block_timeout",
+            "3m",
+            _duration,
+            "sending each block of the message (the peer must keep reading)",
+            show=format_duration,
+        ),
+        _k(
+            "final_timeout", "10m", _duration, "the reply after the message's final dot", show=format_duration
         ),
         _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required"'),
         _k(
