@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """CPU per delivered message of the outbound delivery path, in process, against a fake smtp-sink.
 
-Two cases, each over one connection reused through `smtp.ConnectionPool` (as the service's main process
-delivers to its smart host):
+Two cases, each over one connection that the smart host's destination hands from message to message (as
+the service's main process delivers to its smart host):
 
-- ``deliver``: `smtp.deliver()` of one 1 KiB message to one recipient, N times in a row (pool take, MAIL,
-  RCPT and DATA pipelined, the dot-stuffed body, the final reply, the results, the transcript, pool give);
+- ``deliver``: `SmtpTransport.deliver()` of one 1 KiB message to one recipient, N times in a row (the
+  cached session, MAIL, RCPT and DATA pipelined, the dot-stuffed body, the final reply, the results, the
+  transcript, the session back to its destination);
 - ``process``: `Scheduler.process()` of N fresh envelopes (routing to the smart host, the delivery above,
   the per-recipient results and events, completion). The queue is the local spool's `LocalStore` with its
   I/O taken out (the message comes from memory; save and complete do nothing), the event log writes
@@ -37,14 +38,17 @@ from pathlib import Path
 from typing import BinaryIO
 
 import common
-from smtpsvc.config import Config, load_config
-from smtpsvc.delivery import smtp
+from smtpsvc.config import Config, LiveConfig, load_config
+from smtpsvc.delivery.drop import DropTransport
+from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
+from smtpsvc.delivery.smtp import SmtpTransport
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
 from smtpsvc.model import Envelope, Recipient
 from smtpsvc.queue.local import LocalSpool, LocalStore
-from smtpsvc.routing.mx import MxResolver, NextHop
+from smtpsvc.routing.categorizer import choices_for
+from smtpsvc.routing.mx import MxResolver
 
 CASES = ("deliver", "process")
 MESSAGE_SIZE = 1024
@@ -127,27 +131,34 @@ class FakeSink:
             writer.close()
 
 
+class MemoryMessage:
+    """The message as a transport reads it (`MessageSource`), from memory."""
+
+    def __init__(self, message: bytes) -> None:
+        self.message = message
+
+    async def open(self) -> BinaryIO:
+        return io.BytesIO(self.message)
+
+    async def xexch50(self) -> bytes | None:
+        return None
+
+
 async def bench_deliver(port: int, message: bytes, count: int) -> None:
-    """`count` deliveries of `message` over one pooled connection (opened before the first one counts)."""
-    pool = smtp.ConnectionPool(max_messages=count + 1, idle=60.0)
-    hops = [NextHop("127.0.0.1", "127.0.0.1", port, 0)]
-    envelope = Envelope("bench", SENDER, [Recipient(RECIPIENT)], time.time(), size=len(message))
-    handle = io.BytesIO(message)
-    try:
-        for _ in range(count):
-            outcome = await smtp.deliver(
-                hops,
-                envelope,
-                envelope.recipients,
-                handle,
-                hostname="client.bench.test",
-                timeout=DELIVER_TIMEOUT,
-                pool=pool,
-            )
-            if not outcome.results[0].ok:
-                raise RuntimeError(f"delivery failed: {outcome.results[0].reply}")
-    finally:
-        await pool.close()
+    """`count` deliveries of `message` over one cached connection (opened before the first one counts)."""
+    with tempfile.TemporaryDirectory(prefix="bench-client-") as tmp:
+        config = bench_config(Path(tmp), port)
+        transport = SmtpTransport(LiveConfig(config), MxResolver(), EventLog(None, stream=None))
+        route = choices_for(RECIPIENT, config)[0]
+        envelope = Envelope("bench", SENDER, [Recipient(RECIPIENT)], time.time(), size=len(message))
+        source = MemoryMessage(message)
+        try:
+            for _ in range(count):
+                outcome = await transport.deliver(route, envelope, envelope.recipients, source)
+                if not outcome.results[0].ok:
+                    raise RuntimeError(f"delivery failed: {outcome.results[0].reply}")
+        finally:
+            await transport.close()
 
 
 class MemoryStore(LocalStore):
@@ -188,15 +199,13 @@ async def bench_process(port: int, message: bytes, count: int) -> None:
         config = bench_config(root, port)
         store = MemoryStore(root / "queue", message)
         event_log = EventLog(None, stream=None)
-        scheduler = Scheduler(
-            store,
-            config,
-            Ingest(store, config, event_log),
-            event_log,
-            MxResolver(),
-            root / "drop",
-            root / "badmail",
-        )
+        live = LiveConfig(config)
+        reports = Reporter(store, config, Ingest(store, config, event_log), event_log, root / "badmail")
+        transports = {
+            "drop": DropTransport(root / "drop"),
+            "smtp": SmtpTransport(live, MxResolver(), event_log),
+        }
+        scheduler = Scheduler(store, live, reports, event_log, transports)
         now = time.time()
         envelopes = [
             Envelope(f"bench{i}", SENDER, [Recipient(RECIPIENT)], now, size=len(message))
@@ -206,7 +215,8 @@ async def bench_process(port: int, message: bytes, count: int) -> None:
             for envelope in envelopes:
                 await scheduler.process(envelope)
         finally:
-            await scheduler.pool.close()
+            for transport in transports.values():
+                await transport.close()
         if store.completed != count:
             raise RuntimeError(f"{store.completed} of {count} messages completed")
 

@@ -4,6 +4,7 @@ listen on port 0, record commands and messages, stop. Subclasses write `_session
 from __future__ import annotations
 
 import asyncio
+import typing
 
 
 class LoopbackPeer:
@@ -23,3 +24,91 @@ class LoopbackPeer:
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         raise NotImplementedError
+
+
+class SmallBacklogPeer:
+    """An SMTP server that is not our code and behaves like a modest real one: Python's
+    `socketserver.ThreadingTCPServer`, a listen backlog of 5 (with Linux SYN cookies, connections past the
+    backlog are "connected" on our side but never accepted, so they never see a greeting), one thread per
+    session. While `down` it answers every RCPT with 451. It records, for each accepted connection, how many
+    of its connections were open and how many had finished EHLO before it: what a slow start must respect.
+    """
+
+    def __init__(self, backlog: int = 5, host: str = "127.0.0.1", port: int = 0) -> None:
+        import socketserver
+        import threading
+
+        peer = self
+        self.down = True
+        self.messages = 0
+        self.connections = 0
+        self.open = 0
+        self.most_open = 0
+        self.greeted = 0  # connections that finished EHLO
+        self.accepts: list[tuple[int, int]] = []  # (open including this one, greeted before it)
+        self._lock = threading.Lock()
+
+        class Handler(socketserver.StreamRequestHandler):
+            def handle(self) -> None:
+                with peer._lock:
+                    peer.connections += 1
+                    peer.open += 1
+                    peer.most_open = max(peer.most_open, peer.open)
+                    peer.accepts.append((peer.open, peer.greeted))
+                try:
+                    peer._session(self.rfile, self.wfile)
+                except OSError:
+                    pass
+                finally:
+                    with peer._lock:
+                        peer.open -= 1
+
+        class Server(socketserver.ThreadingTCPServer):
+            request_queue_size = backlog
+            daemon_threads = True
+            allow_reuse_address = True
+
+        self._server = Server((host, port), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def start(self) -> SmallBacklogPeer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(10)
+
+    def _session(self, rfile: typing.BinaryIO, wfile: typing.BinaryIO) -> None:
+        wfile.write(b"220 backlog.test ESMTP\r\n")
+        accepted = 0  # recipients of the transaction under way
+        while line := rfile.readline():
+            verb = line[:4].upper()
+            if verb == b"MAIL":
+                accepted = 0
+                wfile.write(b"250 2.1.0 ok\r\n")
+            elif verb == b"EHLO":
+                wfile.write(b"250-backlog.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
+                with self._lock:
+                    self.greeted += 1
+            elif verb == b"RCPT":
+                accepted += 0 if self.down else 1
+                wfile.write(b"451 4.3.2 try again later\r\n" if self.down else b"250 2.1.5 ok\r\n")
+            elif verb == b"DATA" and not accepted:
+                wfile.write(b"554 5.5.1 no valid recipients\r\n")
+            elif verb == b"DATA":
+                wfile.write(b"354 go ahead\r\n")
+                wfile.flush()
+                while (data := rfile.readline()) and data != b".\r\n":
+                    pass
+                with self._lock:
+                    self.messages += 1
+                wfile.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                wfile.write(b"221 bye\r\n")
+                return
+            else:
+                wfile.write(b"250 ok\r\n")
+            wfile.flush()

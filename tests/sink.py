@@ -57,7 +57,8 @@ class Sink:
         self._server: asyncio.AbstractServer | None = None
         self._sessions: list[SMTP] = []
 
-    def start(self) -> Sink:
+    def start(self, port: int = 0) -> Sink:
+        """Listen on 127.0.0.1:`port` (0: any free port; `self.port` tells)."""
         self._thread.start()
 
         def protocol() -> SMTP:
@@ -66,7 +67,7 @@ class Sink:
             return session
 
         async def serve() -> asyncio.AbstractServer:
-            return await self._loop.create_server(protocol, "127.0.0.1", 0)
+            return await self._loop.create_server(protocol, "127.0.0.1", port)
 
         self._server = asyncio.run_coroutine_threadsafe(serve(), self._loop).result(10)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -14,7 +14,7 @@ import trustme
 
 from smtpsvc.app import Service
 from smtpsvc.auth.users import UserStore
-from smtpsvc.delivery.smtp import client_tls_context
+from smtpsvc.delivery.smtp_session import client_tls_context
 from tests.conftest import StartService, smtp_port, wait_until
 from tests.dnsserver import DnsServer
 from tests.sink import Sink
@@ -192,7 +192,7 @@ async def test_25_messages_to_one_host_use_two_connections_of_20_and_5(
         await client.sendmail("alice@local.test", [f"r{n}@remote.test"], MESSAGE)
     await client.quit()
     await wait_until(lambda: len(sink.messages) == 25, timeout=60, what="25 deliveries")
-    assert service.scheduler.pool.opened == 2
+    assert service.smtp_transport.connections_opened == 2
     assert sink.connections == 2
 
 
@@ -218,7 +218,7 @@ async def test_smart_host_auth_login_when_the_peer_offers_only_login(
     [file] = await wait_until(lambda: drop_files(receiver), what="delivery after AUTH LOGIN")
     assert b"(Authenticated sender: relayuser)" in file.read_bytes()
     # the finished message's transcript lives on in the pooled connection for a few seconds
-    idle = [peer for entries in relay.scheduler.pool._idle.values() for peer, _ in entries]
-    transcript = "\n".join(line for peer in idle for line in peer.transcript)
+    idle = relay.smtp_transport.idle_sessions()
+    transcript = "\n".join(line for session in idle for line in session.transcript)
     assert "AUTH LOGIN" in transcript and "<AUTH response redacted>" in transcript
     assert "cGErNS93PXJk" not in transcript and "cmVsYXl1c2Vy" not in transcript  # base64 password and user

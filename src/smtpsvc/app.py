@@ -31,8 +31,11 @@ from smtpsvc.admin.service import QueueAdmin
 from smtpsvc.admin.web import AdminContext, build_app
 from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.auth.users import UsersFileError, UserStore, users_path
-from smtpsvc.config import Config, ConfigError, format_listen, load_config
+from smtpsvc.config import Config, ConfigError, LiveConfig, format_listen, load_config
+from smtpsvc.delivery.drop import DropTransport
+from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
+from smtpsvc.delivery.smtp import SmtpTransport
 from smtpsvc.events import EventLog
 from smtpsvc.folders.pickup import PickupScanner
 from smtpsvc.ingest import Ingest
@@ -66,6 +69,7 @@ class Service:
         pickup_interval: float = 1.0,
     ) -> None:
         self.config = config
+        self.live = LiveConfig(config)  # what the running parts read; a reload swaps it
         self.config_path = config_path
         self.root = Path(config.server.root)
         self.folders = {name: self.root / name for name in FOLDERS}
@@ -116,8 +120,16 @@ class Service:
         self.events.subscribe(self.metrics.on_event)
         self.ingest = Ingest(self.store, cfg, self.events, on_queued=lambda: self.scheduler.wake())
         resolver = MxResolver(cfg.resolver.nameservers, timeout=min(cfg.delivery.timeout, 30.0))
+        self.smtp_transport = SmtpTransport(
+            self.live, resolver, self.events, link_slot=self.store.link_slot if self.store.shared else None
+        )
+        reports = Reporter(self.store, cfg, self.ingest, self.events, self.folders["badmail"])
         self.scheduler = Scheduler(
-            self.store, cfg, self.ingest, self.events, resolver, self.folders["drop"], self.folders["badmail"]
+            self.store,
+            self.live,
+            reports,
+            self.events,
+            {"drop": DropTransport(self.folders["drop"]), "smtp": self.smtp_transport},
         )
         if isinstance(self.queue, PostgresQueue):
             # Another node's ETRN or `queue retry` lifts this node's per-destination backoff too.
@@ -394,7 +406,8 @@ class Service:
             return
         context.users = users
         previous, self.config = self.config, config
-        for part in (self.ingest, self.scheduler, self.scheduler.reports, self.pickup, context):
+        self.live.current = config
+        for part in (self.ingest, self.scheduler.reports, self.pickup, context):
             part.config = config
         if self.admin_context is not None:
             self.admin_context.admin.config = config

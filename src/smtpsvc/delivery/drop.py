@@ -4,13 +4,14 @@ The file starts with `X-Sender: <addr>` and one `X-Receiver: <addr>` per local r
 message byte for byte, so copying it into Pickup replays it with the same envelope (KB306043). Written to a
 temporary name, fsynced and renamed: a reader of drop/ never sees half a file. Runs in a worker thread.
 
-The message comes from the queue as an open handle (`QueueStore.open_message`: the spool file, or the
-bytes PostgreSQL returned), so Drop works the same with either backend; in a cluster the node that
-delivers writes into its own drop/ folder.
+`DropTransport` is the Drop folder as a `Transport` (delivery/transport.py). The message comes from the
+queue as an open handle (`QueueStore.open_message`: the spool file, or the bytes PostgreSQL returned), so
+Drop works the same with either backend; in a cluster the node that delivers writes into its own drop/.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -18,7 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from smtpsvc.delivery.transport import MessageSource, Outcome
+from smtpsvc.model import DeliveryResult, Envelope, Recipient
+from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.commit import fsync_dir
+from smtpsvc.routing.connectors import RouteChoice
 
 COPY_CHUNK = 1024 * 1024
 
@@ -67,3 +72,48 @@ def _free_name(drop_dir: Path, queue_id: str) -> Path:
         candidate = drop_dir / f"{queue_id}-{n}.eml"
         n += 1
     return candidate
+
+
+class DropTransport:
+    """Local delivery: one Drop file per route group. A write error (disk full) or a queue that cannot be
+    read defers the recipients (451): never a loss (SPEC 2.6)."""
+
+    def __init__(self, drop_dir: Path) -> None:
+        self.drop_dir = drop_dir
+
+    async def deliver(
+        self, route: RouteChoice, envelope: Envelope, recipients: Sequence[Recipient], message: MessageSource
+    ) -> Outcome:
+        addresses = [r.address for r in recipients]
+        try:
+            handle = await message.open()
+            try:
+                path = await asyncio.to_thread(
+                    write_drop_file, self.drop_dir, envelope.id, envelope.sender, addresses, handle
+                )
+            finally:
+                handle.close()
+        except (OSError, QueueError) as exc:
+            if isinstance(exc, OSError):
+                reply = f"451 4.3.1 Cannot write to the Drop folder: {exc.strerror or exc}"
+            else:
+                reply = f"451 4.3.0 Cannot read the message from the queue: {exc}"
+            status = reply.split(" ", 2)[1]
+            deferred = [
+                DeliveryResult(a, ok=False, permanent=False, reply=reply, status=status, remote_mta="drop")
+                for a in addresses
+            ]
+            return Outcome(deferred)
+        reply = f"250 2.0.0 Delivered to the Drop folder as {path.name}"
+        return Outcome(
+            [
+                DeliveryResult(a, ok=True, permanent=False, reply=reply, status="2.0.0", remote_mta="drop")
+                for a in addresses
+            ]
+        )
+
+    def revive(self, links: set[str] | frozenset[str] | None) -> None:
+        """Nothing to forget: the Drop folder has no backoff."""
+
+    async def close(self) -> None:
+        return None

@@ -1,6 +1,8 @@
-"""The scheduler ("qmgr"): takes due messages from the queue, routes each pending recipient afresh,
-delivers each route group (Drop or SMTP), records per-recipient results, and decides what follows:
-retry on the schedule, expiry (4.4.7), an NDR to the sender, or Badmail when even the NDR cannot go.
+"""The scheduler ("qmgr"): decides what is delivered and when. It takes due messages from the queue, routes
+each due recipient afresh, hands each route group to its transport (`delivery/transport.py`: Drop or SMTP),
+settles the results (`delivery/settle.py`: retry, expiry 4.4.7, delivered, failed), writes the events,
+makes the reports (NDR, delay, success; Badmail when even the NDR cannot go) and saves or completes the
+message. How a group is delivered (connections, hosts, slow start) is the transport's business.
 
 Routing is re-run at every attempt from the current config, so a config change re-routes queued mail.
 One message is one task; at most `delivery.max_connections` messages are in flight.
@@ -18,83 +20,59 @@ import asyncio
 import contextlib
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from pathlib import Path
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import BinaryIO
 
 from smtpsvc import events
-from smtpsvc.config import Config
-from smtpsvc.delivery import smtp
-from smtpsvc.delivery.drop import write_drop_file
-from smtpsvc.delivery.healing import ACTIONS, PeerMemory
+from smtpsvc.config import Config, LiveConfig
 from smtpsvc.delivery.reports import Reporter
-from smtpsvc.delivery.schedule import expired, next_attempt_time, retry_delay
+from smtpsvc.delivery.settle import Settlement, apply, report_retry_time, settle
+from smtpsvc.delivery.transport import Outcome, Transport
 from smtpsvc.events import EventLog
-from smtpsvc.ingest import Ingest
-from smtpsvc.model import (
-    Attempt,
-    DeliveryResult,
-    Envelope,
-    Recipient,
-    RecipientState,
-    Route,
-    domain_of,
-    rfc5322_date,
-)
+from smtpsvc.model import DeliveryResult, Envelope, Recipient, RecipientState, domain_of, rfc5322_date
 from smtpsvc.queue.base import Claim, LeaseLost, QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.routing.categorizer import choices_for, route_for
 from smtpsvc.routing.connectors import RouteChoice
-from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
 
 TRANSCRIPTS_KEPT = 3  # SMTP conversations kept in the envelope, newest last
-HISTORY_KEPT = 20  # attempts remembered per recipient
-EXPIRED_TEXT = (
-    "Could not deliver the message in the time limit specified. Please retry or contact your administrator."
-)
 INTERNAL_RETRY = 300.0  # back-off after an unexpected internal error
 QUEUE_RETRY = 1.0  # the queue (a database) cannot be reached: look again this soon
 SAVE_RETRY_MAX = 5.0  # longest pause between tries of a save to a shared queue that cannot be reached
 REROUTE_BATCH = 64  # re-categorized messages written at once (one group commit, or a few connections)
+POSTPONE_SPREAD = 0.1  # recipients postponed for a dead destination come due over this share of the wait
 
 
 class Scheduler:
     def __init__(
         self,
         queue: QueueStore,
-        config: Config,
-        ingest: Ingest,
+        live: LiveConfig,
+        reports: Reporter,
         event_log: EventLog,
-        resolver: MxResolver,
-        drop_dir: Path,
-        badmail_dir: Path,
+        transports: Mapping[str, Transport],
         rng: random.Random | None = None,
     ) -> None:
         self.queue = queue
-        self.config = config
-        self.ingest = ingest
+        self.live = live
+        self.reports = reports
         self.events = event_log
-        self.resolver = resolver
-        self.drop_dir = drop_dir
-        self.badmail_dir = badmail_dir
+        self.transports = transports  # by route kind: "drop", "smtp"
         self.rng = rng or random.Random()
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
         self._queue_down = False  # the last claim failed: logged once until it works again
         self.transcripts: dict[str, list[str]] = {}  # last SMTP transcript per queue id (in memory for now)
         self._connector_down: dict[str, float] = {}  # connector name -> unavailable until
-        self._link_down: dict[str, float] = {}  # link -> not tried before (every host just failed to connect)
-        self.pool = smtp.ConnectionPool(config.delivery.max_messages_per_connection)
-        self.memory = PeerMemory()  # self-healing facts per next hop (SPEC 2.9)
-        self.reports = Reporter(queue, config, ingest, event_log, badmail_dir)
-        self._link_slots: dict[str, asyncio.Semaphore] = {}  # max_connections_per_domain, per link
-        # Smart hosts given as address literals -> their next hops (see _next_hops). Bounded.
-        self._literal_hops: dict[tuple[tuple[str, int], ...], list[NextHop]] = {}
         # Routing answers of self._routes_config, per (domain, unavailable connectors) (see _choices).
         self._routes: dict[tuple[str, frozenset[str]], tuple[RouteChoice, ...]] = {}
         self._routes_config: Config | None = None
         # metrics hook: (route kind "drop"|"smtp", the group's results, seconds the attempt took)
         self.delivery_observer: Callable[[str, Sequence[DeliveryResult], float], None] | None = None
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
 
     def wake(self) -> None:
         self.queue.wake()
@@ -123,8 +101,7 @@ class Scheduler:
                     rcpt.next_attempt = now
                     touched = True
             if touched:
-                for rcpt in envelope.pending:
-                    self._link_down.pop(rcpt.route, None)  # the operator asked: try it now
+                self.forget_backoff({rcpt.route for rcpt in envelope.pending})  # the operator asked: now
                 spool.reschedule(envelope.id)
                 count += 1
         if count:
@@ -134,11 +111,8 @@ class Scheduler:
     def forget_backoff(self, links: set[str] | frozenset[str] | None) -> None:
         """The operator forced a retry: try these links (None: every link) now even if they just failed
         for another message."""
-        if links is None:
-            self._link_down.clear()
-            return
-        for link in links:
-            self._link_down.pop(link, None)
+        for transport in self.transports.values():
+            transport.revive(links)
 
     async def recategorize(self, previous: Config | None = None) -> int:
         """Run the categorizer and router again on queued mail (ResetMessageStatus, config reload). Every
@@ -148,7 +122,7 @@ class Scheduler:
         again when that attempt ends. Returns their count."""
         now = time.time()
         # What we learned about destinations (backoff, unavailable connectors) was about the old routes.
-        self._link_down.clear()
+        self.forget_backoff(None)
         self._connector_down.clear()
         changes: list[tuple[str, dict[str, str]]] = []
         for envelope in await self.queue.list():
@@ -256,7 +230,8 @@ class Scheduler:
                 task.cancel()
             if pending:
                 await asyncio.gather(*pending, return_exceptions=True)
-        await self.pool.close()
+        for transport in self.transports.values():
+            await transport.close()
 
     async def _process_or_recover(self, envelope: Envelope) -> None:
         try:
@@ -324,15 +299,6 @@ class Scheduler:
             await asyncio.sleep(pause)
             pause = min(pause * 2, SAVE_RETRY_MAX)
 
-    @contextlib.asynccontextmanager
-    async def _message(self, queue_id: str) -> AsyncIterator[BinaryIO]:
-        """The queued message, one handle per reader (route groups are delivered concurrently)."""
-        handle = await self.queue.open_message(queue_id)
-        try:
-            yield handle
-        finally:
-            handle.close()
-
     # -- one message ---------------------------------------------------------------------------------
     async def process(self, envelope: Envelope) -> None:
         started = time.time()
@@ -347,137 +313,169 @@ class Scheduler:
             rcpt.route = first.route.link
             if rcpt.route in frozen_links:
                 continue  # the operator froze this next hop: it keeps its mail until thawed
-            down_until = self._link_down.get(first.route.link, 0.0)
-            if down_until > started:
-                # The destination just failed for another message: wait with it instead of hammering it.
-                rcpt.next_attempt = down_until
-                continue
             groups.setdefault(first, []).append(rcpt)
             fallbacks[first] = rest
+        message = _QueuedMessage(self.queue, envelope.id)
         if len(groups) == 1:  # the usual case: awaited directly, without gather's task (speed)
             [(choice, rcpts)] = groups.items()
-            outcomes = [await self._deliver_group(envelope, choice, rcpts, fallbacks[choice])]
+            outcomes = [await self._deliver_group(envelope, choice, rcpts, fallbacks[choice], message)]
         else:
             outcomes = await asyncio.gather(
                 *(
-                    self._deliver_group(envelope, choice, rcpts, fallbacks[choice])
+                    self._deliver_group(envelope, choice, rcpts, fallbacks[choice], message)
                     for choice, rcpts in groups.items()
                 )
             )
         now = time.time()
-        by_address = {r.address: r for r in envelope.pending}
-        succeeded: list[tuple[Recipient, DeliveryResult]] = []
-        for results in outcomes:
-            for result in results:
-                rcpt = by_address[result.address]
-                self._record(envelope, rcpt, result, now)
-                if result.ok and "SUCCESS" in rcpt.notify and not result.dsn_passed_on:
-                    succeeded.append((rcpt, result))
-        if succeeded and envelope.sender:
-            await self.reports.success(envelope, succeeded)
-        cfg = self.config.delivery
-        if expired(now, envelope.received_at, cfg.expiration):  # the same for every recipient: asked once
-            for rcpt in envelope.pending:
-                rcpt.state = RecipientState.FAILED
-                rcpt.status = "4.4.7"
-                rcpt.last_reply = (
-                    f"{EXPIRED_TEXT} Last error: {rcpt.last_reply}" if rcpt.last_reply else EXPIRED_TEXT
-                )
-                self.events.emit(
-                    events.Event(
-                        events.NDR_SENT,
-                        f"Message to {rcpt.address} expired after {rcpt.attempts} attempts",
-                        queue_id=envelope.id,
-                        domain=rcpt.domain,
-                        status="4.4.7",
-                        cause="expired",
-                        track=(
-                            f"to=<{rcpt.address}>, relay=none, delay={now - envelope.received_at:.2f}, "
-                            f"dsn=4.4.7, status=expired ({rcpt.last_reply})"
-                        ),
+        results: list[DeliveryResult] = []
+        postponed: dict[str, float] = {}
+        for (choice, rcpts), outcome in zip(groups.items(), outcomes, strict=True):
+            results.extend(outcome.results)
+            if outcome.postponed_until:
+                # The destination failed moments ago for another message: wait with it, without an attempt
+                # on the count; spread a little, so its mail does not all come due at one instant.
+                wait = max(0.0, outcome.postponed_until - now)
+                for rcpt in rcpts:
+                    postponed[rcpt.address] = outcome.postponed_until + self.rng.uniform(
+                        0, POSTPONE_SPREAD * wait
                     )
-                )
-        unreported = [r for r in envelope.recipients if r.state is RecipientState.FAILED and not r.notified]
-        if unreported:
-            await self._report(envelope, unreported, now)
-        if self._delay_due(envelope, now):
-            await self._send_delay_report(envelope)
+            elif choice.route.kind == "smtp":
+                self._keep_transcript(envelope, outcome.transcript, started)
+        settlement = settle(envelope, results, now, self.config.delivery, self.rng, postponed)
+        apply(envelope, settlement)
+        self._log_settlement(envelope, settlement, now)
+        if settlement.report_success:
+            await self.reports.success(envelope, list(settlement.report_success))
+        if settlement.report_failure:
+            await self._report(envelope, settlement.report_failure, now)
+        if settlement.report_delay and await self.reports.delay(envelope):
+            envelope.delay_notified = True
         if envelope.outstanding:
             await self._durably(lambda: self.queue.save(envelope))
         else:
             await self._durably(lambda: self.queue.complete(envelope.id))
             self.transcripts.pop(envelope.id, None)
 
+    def _keep_transcript(self, envelope: Envelope, transcript: list[str], started: float) -> None:
+        self.transcripts[envelope.id] = transcript
+        stamped = [f"attempt at {rfc5322_date(started)}", *transcript]  # when the attempt began
+        envelope.transcripts = [*envelope.transcripts, stamped][-TRANSCRIPTS_KEPT:]
+
+    def _log_settlement(self, envelope: Envelope, settlement: Settlement, now: float) -> None:
+        """Events 3002 and 3004 with their Postfix-shaped tracking lines (the reply may contain any text)."""
+        delay = now - envelope.received_at
+        for rcpt, result in settlement.delivered:
+            self.events.emit(
+                events.Event(
+                    events.MESSAGE_DELIVERED,
+                    f"Message delivered to {rcpt.address}",
+                    queue_id=envelope.id,
+                    domain=rcpt.domain,
+                    host=result.remote_mta,
+                    status=result.status,
+                    track=_track(rcpt, result, delay, "sent"),
+                )
+            )
+        for rcpt, result in settlement.bounced:
+            self.events.emit(
+                events.Event(
+                    events.NDR_SENT,
+                    f"Delivery to {rcpt.address} failed permanently: {result.reply}",
+                    queue_id=envelope.id,
+                    domain=rcpt.domain,
+                    host=result.remote_mta,
+                    status=result.status,
+                    track=_track(rcpt, result, delay, "bounced"),
+                )
+            )
+        for rcpt in settlement.expired:
+            self.events.emit(
+                events.Event(
+                    events.NDR_SENT,
+                    f"Message to {rcpt.address} expired after {rcpt.attempts} attempts",
+                    queue_id=envelope.id,
+                    domain=rcpt.domain,
+                    status=rcpt.status,
+                    cause="expired",
+                    track=(
+                        f"to=<{rcpt.address}>, relay=none, delay={delay:.2f}, "
+                        f"dsn={rcpt.status}, status=expired ({rcpt.last_reply})"
+                    ),
+                )
+            )
+
     def _choices(self, address: str, unavailable: frozenset[str]) -> tuple[RouteChoice, ...]:
         """`choices_for(address, self.config, unavailable)`, remembered per domain.
 
         Speed: routing is a pure function of the recipient's domain, the (frozen) config and the unavailable
         connectors (routing.categorizer), and it ran for every recipient of every attempt. The answers are
-        kept for as long as `self.config` is the same object: a reload replaces it, and that empties them.
-        Bounded: emptied when full."""
-        if self._routes_config is not self.config:
+        kept for as long as the config in force is the same object: a reload replaces it, and that empties
+        them. Bounded: emptied when full."""
+        config = self.config
+        if self._routes_config is not config:
             self._routes.clear()
-            self._routes_config = self.config
+            self._routes_config = config
         key = (domain_of(address), unavailable)
         choices = self._routes.get(key)
         if choices is None:
             if len(self._routes) >= ROUTES_KEPT:
                 self._routes.clear()
-            choices = self._routes[key] = tuple(choices_for(address, self.config, unavailable))
+            choices = self._routes[key] = tuple(choices_for(address, config, unavailable))
         return choices
-
-    def _record(self, envelope: Envelope, rcpt: Recipient, result: DeliveryResult, now: float) -> None:
-        rcpt.attempts += 1
-        rcpt.last_reply = result.reply
-        rcpt.status = result.status
-        rcpt.remote_mta = result.remote_mta
-        rcpt.history.append(Attempt(now, result.reply, result.remote_mta))
-        del rcpt.history[:-HISTORY_KEPT]
-        delay = now - envelope.received_at
-
-        def track(outcome: str) -> str:  # the Postfix-shaped tracking line (the reply may contain any text)
-            return (
-                f"to=<{rcpt.address}>, relay={result.remote_mta or 'none'}, delay={delay:.2f}, "
-                f"dsn={result.status}, status={outcome} ({result.reply})"
-            )
-
-        if result.ok or result.permanent:
-            rcpt.state = RecipientState.DELIVERED if result.ok else RecipientState.FAILED
-            self.events.emit(
-                events.Event(
-                    events.MESSAGE_DELIVERED if result.ok else events.NDR_SENT,
-                    f"Message delivered to {rcpt.address}"
-                    if result.ok
-                    else f"Delivery to {rcpt.address} failed permanently: {result.reply}",
-                    queue_id=envelope.id,
-                    domain=rcpt.domain,
-                    host=result.remote_mta,
-                    status=result.status,
-                    track=track("sent" if result.ok else "bounced"),
-                )
-            )
-        else:
-            cfg = self.config.delivery
-            rcpt.next_attempt = next_attempt_time(
-                now, rcpt.attempts, envelope.received_at, cfg.expiration, cfg.retry, self.rng
-            )
-            delay_at = envelope.received_at + cfg.delay_notification
-            if not envelope.delay_notified and envelope.sender and now < delay_at < rcpt.next_attempt:
-                rcpt.next_attempt = delay_at  # be awake when the delay notification falls due
 
     # -- delivery per route --------------------------------------------------------------------------
     async def _deliver_group(
-        self, envelope: Envelope, choice: RouteChoice, rcpts: list[Recipient], fallbacks: list[RouteChoice]
-    ) -> list[DeliveryResult]:
+        self,
+        envelope: Envelope,
+        choice: RouteChoice,
+        rcpts: list[Recipient],
+        fallbacks: list[RouteChoice],
+        message: _QueuedMessage,
+    ) -> Outcome:
         started = time.monotonic()  # metrics hook: how long this group's attempt takes
-        if choice.route.kind == "drop":
-            results = await self._deliver_drop(envelope, rcpts)
-        else:
-            results = await self._deliver_smtp(envelope, choice, rcpts, fallbacks)
-        if self.delivery_observer is not None:  # metrics hook
+        outcome = await self.transports[choice.route.kind].deliver(choice, envelope, rcpts, message)
+        if outcome.not_found and fallbacks:
+            # smart_host_type = "after_direct", or connectors of equal specificity: DNS cannot find the
+            # destination, so the next candidate takes the mail in this same attempt.
+            return await self._deliver_group(envelope, fallbacks[0], rcpts, fallbacks[1:], message)
+        if outcome.unreachable and choice.connector:
+            # Every host of this connector failed: it is unavailable (the Exchange link in retry state) for
+            # the longest retry interval, and the next cost takes the mail now, in this same attempt.
+            self._connector_down[choice.connector] = time.time() + max(self.config.delivery.retry)
+            backup = [c for c in fallbacks if c.connector and c.connector != choice.connector]
+            if backup:
+                return await self._deliver_group(envelope, backup[0], rcpts, backup[1:], message)
+        self._log_deferral(envelope, choice, rcpts, outcome)
+        if self.delivery_observer is not None and not outcome.postponed_until:  # metrics hook
             with contextlib.suppress(Exception):  # counting must never fail a delivery
-                self.delivery_observer(choice.route.kind, results, time.monotonic() - started)
-        return results
+                self.delivery_observer(choice.route.kind, outcome.results, time.monotonic() - started)
+        return outcome
+
+    def _log_deferral(
+        self, envelope: Envelope, choice: RouteChoice, rcpts: list[Recipient], outcome: Outcome
+    ) -> None:
+        """Event 4000: DNS failed (even for good), or the whole group was deferred; one per remote domain,
+        as IIS logs it, also when a smart host carries several domains."""
+        if not outcome.reason or not outcome.results or outcome.postponed_until:
+            return
+        route = choice.route
+        if outcome.dns:
+            domains = [route.mx_domain or rcpts[0].domain]
+        elif all(not r.ok and not r.permanent for r in outcome.results):
+            domains = [route.mx_domain] if route.mx_domain else sorted({r.domain for r in rcpts})
+        else:
+            return
+        for domain in domains:
+            self.events.emit(
+                events.Event(
+                    events.REMOTE_DOMAIN_FAILED,
+                    events.remote_domain_failed_text(domain, outcome.reason),
+                    queue_id=envelope.id,
+                    domain=domain,
+                    status=outcome.results[0].status,
+                    cause=outcome.cause,
+                )
+            )
 
     def _unavailable_connectors(self, now: float) -> frozenset[str]:
         """Connectors whose every smart host failed lately: the next cost takes over until they heal."""
@@ -488,226 +486,6 @@ class Scheduler:
                 del self._connector_down[name]
         return frozenset(self._connector_down)
 
-    async def _deliver_drop(self, envelope: Envelope, rcpts: list[Recipient]) -> list[DeliveryResult]:
-        addresses = [r.address for r in rcpts]
-        try:
-            async with self._message(envelope.id) as message:
-                path = await asyncio.to_thread(
-                    write_drop_file, self.drop_dir, envelope.id, envelope.sender, addresses, message
-                )
-        except (OSError, QueueError) as exc:
-            # Disk full, or the queue cannot be read now: a transient failure, never a loss (SPEC 2.6).
-            if isinstance(exc, OSError):
-                reply = f"451 4.3.1 Cannot write to the Drop folder: {exc.strerror or exc}"
-            else:
-                reply = f"451 4.3.0 Cannot read the message from the queue: {exc}"
-            status = reply.split(" ", 2)[1]
-            return [
-                DeliveryResult(a, ok=False, permanent=False, reply=reply, status=status, remote_mta="drop")
-                for a in addresses
-            ]
-        reply = f"250 2.0.0 Delivered to the Drop folder as {path.name}"
-        return [
-            DeliveryResult(a, ok=True, permanent=False, reply=reply, status="2.0.0", remote_mta="drop")
-            for a in addresses
-        ]
-
-    async def _deliver_smtp(
-        self, envelope: Envelope, choice: RouteChoice, rcpts: list[Recipient], fallbacks: list[RouteChoice]
-    ) -> list[DeliveryResult]:
-        route = choice.route
-        domain = route.mx_domain or rcpts[0].domain
-        try:
-            hops = await self._next_hops(route)
-        except DnsError as exc:
-            if fallbacks and exc.cause in DNS_NOT_FOUND:
-                # smart_host_type = "after_direct": DNS cannot find the domain, so the smart host takes it.
-                return await self._deliver_smtp(envelope, fallbacks[0], rcpts, fallbacks[1:])
-            # A smart host that DNS cannot find is our configuration mistake, not the recipient's:
-            # retry (and let the operator fix it) rather than bounce everything at once.
-            permanent = exc.permanent and not route.hosts
-            status = exc.status if permanent or not exc.permanent else "4.4.9"
-            self.events.emit(
-                events.Event(
-                    events.REMOTE_DOMAIN_FAILED,
-                    events.remote_domain_failed_text(domain, exc.text),
-                    queue_id=envelope.id,
-                    domain=domain,
-                    status=status,
-                    cause=exc.cause,
-                )
-            )
-            reply = f"{'550' if permanent else '451'} {status} {exc.text} ({exc})"
-            return [
-                DeliveryResult(r.address, ok=False, permanent=permanent, reply=reply, status=status)
-                for r in rcpts
-            ]
-        try:
-            policy = _hop_policy(choice, self._xexch50_allowed(choice, rcpts))
-        except OSError as exc:
-            reply = f"451 4.7.0 Cannot read auth.password_file of connector {choice.connector!r}: {exc}"
-            self.events.emit(
-                events.Event(
-                    events.REMOTE_DOMAIN_FAILED,
-                    events.remote_domain_failed_text(domain, reply),
-                    queue_id=envelope.id,
-                    domain=domain,
-                    status="4.7.0",
-                    cause="auth-config",
-                )
-            )
-            return [
-                DeliveryResult(r.address, ok=False, permanent=False, reply=reply, status="4.7.0")
-                for r in rcpts
-            ]
-        cfg = self.config.delivery
-        slots = self._link_slots.get(route.link)
-        if slots is None:  # not setdefault(): that would make a Semaphore per message
-            slots = self._link_slots[route.link] = asyncio.Semaphore(max(1, cfg.max_connections_per_domain))
-        # The node's own limit first, then (a cluster) the link's slot shared by every node.
-        async with slots, self.queue.link_slot(route.link, cfg.max_connections_per_domain):
-            # The handle by hand, not with `async with self._message()`: a generator-based context manager
-            # costs several µs per message on this path.
-            message = await self.queue.open_message(envelope.id)
-            try:
-                outcome = await self._smtp_deliver(hops, envelope, rcpts, policy, message)
-            finally:
-                message.close()
-        self.transcripts[envelope.id] = outcome.transcript
-        envelope.transcripts = [*envelope.transcripts, _stamped(outcome.transcript)][-TRANSCRIPTS_KEPT:]
-        if (
-            hops
-            and len(outcome.host_failures) >= len(hops)
-            and not any(f.permanent for f in outcome.host_failures)
-        ):
-            # No host of this destination took a connection: other messages to it wait for one interval.
-            self._link_down[route.link] = time.time() + retry_delay(1, cfg.retry, self.rng)
-        else:
-            self._link_down.pop(route.link, None)
-        for host, cause in outcome.learned:
-            if self.memory.learn(host, cause, time.time()):
-                self.events.emit(
-                    events.Event(
-                        events.SELF_HEALING,
-                        f"Self-healing for host {host}: {ACTIONS[cause]} from now on ({cause}); "
-                        "the message is retried",
-                        queue_id=envelope.id,
-                        domain=domain,
-                        host=host,
-                        cause=cause,
-                    )
-                )
-        for rejection in outcome.rejections:
-            self.events.emit(
-                events.Event(
-                    events.REMOTE_REJECTED_COMMAND,
-                    events.remote_rejected_text(
-                        rejection.host, rejection.verb, rejection.reply, rejection.command
-                    ),
-                    queue_id=envelope.id,
-                    domain=domain,
-                    host=rejection.host,
-                    status=_status_of(rejection.reply),
-                    cause=f"remote-rejected-{rejection.verb.lower()}",
-                )
-            )
-        diagnosis = outcome.learned[-1][1] if outcome.learned else ""  # what the drop was about, if known
-        for failure in outcome.host_failures:
-            self.events.emit(
-                events.Event(
-                    events.REMOTE_HOST_FAILED,
-                    events.remote_host_failed_text(failure.host, domain, failure.reason),
-                    queue_id=envelope.id,
-                    domain=domain,
-                    host=failure.host,
-                    cause=diagnosis
-                    if diagnosis and failure.reason == smtp.DROPPED
-                    else _cause(failure.reason),
-                )
-            )
-        every_host_failed = hops and len(outcome.host_failures) >= len(hops)
-        if choice.connector and every_host_failed and not any(f.permanent for f in outcome.host_failures):
-            # Every smart host of this connector failed: it is unavailable (the Exchange link in retry state)
-            # for the longest retry interval, and the next cost takes the mail now, in this same attempt.
-            self._connector_down[choice.connector] = time.time() + max(cfg.retry)
-            backup = [c for c in fallbacks if c.connector and c.connector != choice.connector]
-            if backup:
-                return await self._deliver_smtp(envelope, backup[0], rcpts, backup[1:])
-        if outcome.results and all(not r.ok and not r.permanent for r in outcome.results):
-            reason = outcome.host_failures[-1].reason if outcome.host_failures else outcome.results[0].reply
-            # One 4000 per remote domain, as IIS logs it, also when a smart host carries several domains.
-            for failed_domain in [route.mx_domain] if route.mx_domain else sorted({r.domain for r in rcpts}):
-                self.events.emit(
-                    events.Event(
-                        events.REMOTE_DOMAIN_FAILED,
-                        events.remote_domain_failed_text(failed_domain, reason),
-                        queue_id=envelope.id,
-                        domain=failed_domain,
-                        status=outcome.results[0].status,
-                        cause=diagnosis if diagnosis and reason == smtp.DROPPED else _cause(reason),
-                    )
-                )
-        return outcome.results
-
-    def _xexch50_allowed(self, choice: RouteChoice, rcpts: list[Recipient]) -> bool:
-        """SPEC 2.5: only on routes with xexch50 = true and, with suppress_xexch50_external
-        (SuppressExternal), only to internal domains: our local domains and the domains.remote entries."""
-        if not choice.xexch50:
-            return False
-        if not self.config.delivery.suppress_xexch50_external:
-            return True
-        internal = set(self.config.local_domains) | {r.name for r in self.config.domains.remote}
-        return {r.domain for r in rcpts} <= internal  # every recipient of this transaction is internal
-
-    async def _smtp_deliver(
-        self,
-        hops: list[NextHop],
-        envelope: Envelope,
-        rcpts: list[Recipient],
-        policy: smtp.HopPolicy,
-        message: BinaryIO,
-    ) -> smtp.SmtpOutcome:
-        cfg = self.config.delivery
-        blob = await self.queue.xexch50_blob(envelope.id) if envelope.xexch50 and policy.xexch50 else None
-        return await smtp.deliver(
-            hops,
-            envelope,
-            rcpts,
-            message,
-            hostname=self.config.server.hostname,
-            timeout=cfg.timeout,
-            connect_timeout=min(cfg.timeout, 30.0),
-            policy=policy,
-            pool=self.pool,
-            memory=self.memory,
-            xexch50=blob,
-        )
-
-    async def _next_hops(self, route: Route) -> list[NextHop]:
-        if route.hosts:
-            known = self._literal_hops.get(route.hosts)
-            if known is not None:
-                return list(known)
-            hops: list[NextHop] = []
-            last_error: DnsError | None = None
-            for host, port in route.hosts:
-                try:
-                    hops.extend(await self.resolver.resolve_host(host, port))
-                except DnsError as exc:
-                    last_error = exc
-            if not hops and last_error is not None:
-                raise last_error
-            if last_error is None and all(hop.host == hop.address for hop in hops):
-                # Speed: every host is an address literal (such as "[127.0.0.1]"), whose one hop, named
-                # after the address, resolve_host() makes without DNS, the same every time: kept instead
-                # of parsing the address again for every message. A name's hops are named after the name
-                # and are always looked up afresh.
-                if len(self._literal_hops) >= LITERAL_HOPS_KEPT:
-                    self._literal_hops.clear()
-                self._literal_hops[route.hosts] = list(hops)
-            return hops
-        return await self.resolver.resolve_mx(route.mx_domain, route.port)
-
     # -- reports -------------------------------------------------------------------------------------
     async def _report(self, envelope: Envelope, failed: Sequence[Recipient], now: float) -> None:
         """Tell the sender (NDR) or, for a null sender, write Badmail. Only when that is durable are the
@@ -715,7 +493,7 @@ class Scheduler:
         try:
             await self.reports.failure(envelope, failed)
         except (QueueError, OSError) as exc:
-            retry_at = now + retry_delay(1, self.config.delivery.retry, self.rng)  # e.g. disk full
+            retry_at = report_retry_time(now, self.config.delivery, self.rng)  # e.g. disk full
             for rcpt in failed:
                 rcpt.next_attempt = retry_at
             self.events.emit(
@@ -730,53 +508,30 @@ class Scheduler:
         for rcpt in failed:
             rcpt.notified = True
 
-    def _delay_due(self, envelope: Envelope, now: float) -> bool:
-        delay = self.config.delivery.delay_notification
-        return (  # the cheap test that is usually false first: envelope.pending builds a list
-            now - envelope.received_at >= delay
-            and not envelope.delay_notified
-            and bool(envelope.sender)
-            and bool(envelope.pending)
-        )
 
-    async def _send_delay_report(self, envelope: Envelope) -> None:
-        if await self.reports.delay(envelope):
-            envelope.delay_notified = True
+class _QueuedMessage:
+    """The queued message as a transport reads it (`MessageSource`): opened only when it is sent."""
 
+    __slots__ = ("queue", "queue_id")
 
-def _cause(reason: str) -> str:
-    """Name the failure for the event's `cause` (SPEC 2.9)."""
-    if reason == smtp.DROPPED:
-        return "connection-dropped"
-    if reason == smtp.CANNOT_CONNECT:
-        return "connection-failed"
-    return "transient-reply"
+    def __init__(self, queue: QueueStore, queue_id: str) -> None:
+        self.queue = queue
+        self.queue_id = queue_id
+
+    async def open(self) -> BinaryIO:
+        return await self.queue.open_message(self.queue_id)
+
+    async def xexch50(self) -> bytes | None:
+        return await self.queue.xexch50_blob(self.queue_id)
 
 
-DNS_NOT_FOUND = frozenset({"dns-nxdomain", "dns-no-address"})
-_NO_CONNECTORS: frozenset[str] = frozenset()
-LITERAL_HOPS_KEPT = 256  # entries of Scheduler._literal_hops
-ROUTES_KEPT = 4096  # entries of Scheduler._routes
-
-
-def _hop_policy(choice: RouteChoice, xexch50: bool = False) -> smtp.HopPolicy:
-    password = ""
-    if choice.auth_user and choice.auth_password_file:
-        password = Path(choice.auth_password_file).read_text(encoding="utf-8").strip()
-    return smtp.HopPolicy(
-        tls=choice.tls,
-        auth_user=choice.auth_user,
-        auth_password=password,
-        use_helo=choice.use_helo,
-        xexch50=xexch50,
+def _track(rcpt: Recipient, result: DeliveryResult, delay: float, outcome: str) -> str:
+    """The Postfix-shaped tracking line of one recipient's result."""
+    return (
+        f"to=<{rcpt.address}>, relay={result.remote_mta or 'none'}, delay={delay:.2f}, "
+        f"dsn={result.status}, status={outcome} ({result.reply})"
     )
 
 
-def _status_of(reply: str) -> str:
-    parts = reply.split(" ", 2)
-    return parts[1] if len(parts) > 1 and parts[1][:1] in "245" and parts[1].count(".") == 2 else ""
-
-
-def _stamped(transcript: list[str]) -> list[str]:
-    """A transcript with the wall-clock time of the attempt on its first line."""
-    return [f"attempt at {rfc5322_date(time.time())}", *transcript]
+_NO_CONNECTORS: frozenset[str] = frozenset()
+ROUTES_KEPT = 4096  # entries of Scheduler._routes
