@@ -6,6 +6,9 @@ async tests can both use it. Answers are built with dnspython's own message code
 * a name with records of the asked type → those records (AA set);
 * a known name without records of that type → NOERROR, empty answer, SOA in authority (NODATA);
 * an unknown name → NXDOMAIN with SOA (so negative answers are cached by their SOA minimum, as in real DNS);
+* the SOA of those negative answers has MINIMUM ``negative_ttl`` and record TTL ``soa_ttl`` (by default the
+  same); with ``negative_soa = False`` NXDOMAIN and NODATA come without any SOA (RFC 2308 §5: not cacheable).
+  All three are attributes a test may change while the server runs;
 * ``set_servfail(name)`` → SERVFAIL for every type; ``set_timeout(name)`` → no answer at all;
 * an answer larger than the client's UDP size (512, or its EDNS payload) is truncated (TC), and the client
   retries over TCP, where the full answer is sent.
@@ -13,7 +16,7 @@ async tests can both use it. Answers are built with dnspython's own message code
 Names are case-insensitive and the trailing dot is optional. "Known" means the name itself has a record (or
 a servfail/timeout setting); an empty non-terminal counts as unknown. Every query is recorded in
 ``queries`` as ``(qname, qtype)``, e.g. ``("example.test", "MX")`` (lower case, no trailing dot); the TCP ones
-are also in ``tcp_queries``.
+are also in ``tcp_queries``. ``query_count(name, qtype)`` counts those of one name and type.
 
     with DnsServer() as dns_server:
         dns_server.add_mx("example.test", 10, "mx.example.test")
@@ -58,9 +61,18 @@ def _label(name: dns.name.Name) -> str:
 class DnsServer:
     """An in-process authoritative DNS server for tests; see the module docstring."""
 
-    def __init__(self, *, ttl: int = 300, negative_ttl: int = 300) -> None:
+    def __init__(
+        self,
+        *,
+        ttl: int = 300,
+        negative_ttl: int = 300,
+        soa_ttl: int | None = None,
+        negative_soa: bool = True,
+    ) -> None:
         self.ttl = ttl  # default TTL of added records
-        self.negative_ttl = negative_ttl  # SOA minimum: how long NXDOMAIN/NODATA answers are cached
+        self.negative_ttl = negative_ttl  # SOA MINIMUM: how long NXDOMAIN/NODATA answers are cached
+        self.soa_ttl = soa_ttl  # TTL of the SOA record itself; None = negative_ttl (RFC 2308 §3 caps by both)
+        self.negative_soa = negative_soa  # False: negative answers carry no SOA at all
         self.queries: list[tuple[str, str]] = []
         self.tcp_queries: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -127,6 +139,10 @@ class DnsServer:
     def nameserver(self) -> str:
         host, port = self.address
         return f"{host}:{port}"
+
+    def query_count(self, name: str, qtype: str) -> int:
+        """The number of queries received for `name` (any case, trailing dot optional) and `qtype` ("MX")."""
+        return self.queries.count((_label(_name(name)), qtype.upper()))
 
     # ---- zone content ----------------------------------------------------------------------------
 
@@ -275,14 +291,15 @@ class DnsServer:
                 response.set_rcode(dns.rcode.REFUSED)
             elif qname not in self._records:
                 response.set_rcode(dns.rcode.NXDOMAIN)
-                response.authority.append(self._soa(qname))
+                if self.negative_soa:
+                    response.authority.append(self._soa(qname))
             else:
                 by_type = self._records[qname]
                 if question.rdtype == dns.rdatatype.ANY:
                     response.answer.extend(by_type.values())
                 elif question.rdtype in by_type:
                     response.answer.append(by_type[question.rdtype])
-                else:
+                elif self.negative_soa:
                     response.authority.append(self._soa(qname))
         max_size = 65535 if tcp else (max(512, query.payload) if query.edns >= 0 else 512)
         return response.to_wire(max_size=max_size, prefer_truncation=True)
@@ -295,5 +312,5 @@ class DnsServer:
             _IN, dns.rdatatype.SOA, f"ns.{zone} hostmaster.{zone} 1 3600 600 86400 {self.negative_ttl}"
         )
         rrset = dns.rrset.RRset(apex, _IN, dns.rdatatype.SOA)
-        rrset.add(soa, self.negative_ttl)
+        rrset.add(soa, self.negative_ttl if self.soa_ttl is None else self.soa_ttl)
         return rrset

@@ -107,7 +107,7 @@ def test_defaults_equal_spec_1_3() -> None:
         "",
         True,
     )
-    assert cfg.resolver.nameservers == ()
+    assert (cfg.resolver.nameservers, cfg.resolver.negative_cache_max) == ((), 300.0)
     assert cfg.connectors == ()
     assert cfg.categorizer.reset_message_status is False
     assert cfg.badmail.max_size == 100 * 1024 * 1024
@@ -172,6 +172,7 @@ def test_file_values_become_typed_fields(tmp_path: Path) -> None:
         tls = "Required"
         [resolver]
         nameservers = ["127.0.0.1:5353", "::1"]
+        negative_cache_max = "90s"
         [badmail]
         max_size = 0
         [admin]
@@ -189,8 +190,14 @@ def test_file_values_become_typed_fields(tmp_path: Path) -> None:
     assert cfg.delivery.retry == (0.5, 172800.0)
     assert cfg.delivery.tls == "required"
     assert cfg.resolver.nameservers == (("127.0.0.1", 5353), ("::1", 53))
+    assert cfg.resolver.negative_cache_max == 90.0
     assert cfg.badmail.max_size == 0
     assert cfg.admin.listen is None
+
+
+def test_negative_cache_max_of_0s_turns_negative_dns_caching_off(tmp_path: Path) -> None:
+    cfg = load(tmp_path, '[resolver]\nnegative_cache_max = "0s"\n')
+    assert cfg.resolver.negative_cache_max == 0.0  # unlike other durations, where "0s" is refused
 
 
 def test_domains_are_lower_cased_without_trailing_dot(tmp_path: Path) -> None:
@@ -402,6 +409,7 @@ def test_parse_nameserver_refuses(text: str) -> None:
         ),
         ('[delivery]\nsend_ndr_copy_to = "postmaster"', "delivery.send_ndr_copy_to", "user@domain"),
         ('[resolver]\nnameservers = ["dns.example"]', "resolver.nameservers", "invalid nameserver"),
+        ("[resolver]\nnegative_cache_max = 0", "resolver.negative_cache_max", "duration 0 has no unit"),
         ('[badmail]\nmax_size = "lots"', "badmail.max_size", "invalid size"),
         ('[admin]\nlisten = "8025"', "admin.listen", "invalid listen address"),
         ('[queue]\nbackend = "postgres"', "queue.dsn", 'queue.backend = "postgres" needs queue.dsn'),
@@ -645,7 +653,7 @@ SPEC_KEYS = {
     # ours, beyond SPEC 1.3: slow start and the RFC 5321 section 4.5.3.2 deadlines
     "initial_connections_per_domain connect_timeout greeting_timeout mail_timeout rcpt_timeout data_timeout "
     "data_block_timeout final_timeout",
-    "resolver": "nameservers",
+    "resolver": "nameservers negative_cache_max",  # the last: ours, beyond SPEC 1.3 (RFC 2308)
     "connector": "name address_spaces cost smart_hosts use_helo tls auth xexch50",
     "categorizer": "reset_message_status",
     "badmail": "max_size",
@@ -694,6 +702,7 @@ def test_effective_config_loads_back_to_the_same_values(tmp_path: Path) -> None:
         retry = ["500ms", "90s", "2d"]
         [resolver]
         nameservers = ["[::1]:5353", "127.0.0.1"]
+        negative_cache_max = "0s"
         [[connector]]
         name = "partners"
         address_spaces = ["partner.test"]

@@ -119,7 +119,11 @@ class Service:
         self.metrics = Metrics(self.queue_view.envelopes, self.store.recent, self.queue_view.frozen_links)
         self.events.subscribe(self.metrics.on_event)
         self.ingest = Ingest(self.store, cfg, self.events, on_queued=lambda: self.scheduler.wake())
-        resolver = MxResolver(cfg.resolver.nameservers, timeout=min(cfg.delivery.timeout, 30.0))
+        resolver = MxResolver(
+            cfg.resolver.nameservers,
+            timeout=min(cfg.delivery.timeout, 30.0),
+            negative_cache_max=cfg.resolver.negative_cache_max,
+        )
         self.smtp_transport = SmtpTransport(
             self.live, resolver, self.events, link_slot=self.store.link_slot if self.store.shared else None
         )

@@ -194,6 +194,7 @@ class DeliveryConfig:
 @dataclass(frozen=True, slots=True)
 class ResolverConfig:
     nameservers: tuple[tuple[str, int], ...]
+    negative_cache_max: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -542,10 +543,15 @@ def _choice(*options: str) -> Callable[[object], str]:
     return convert
 
 
-def _duration(value: object) -> float:
+def _duration_or_zero(value: object) -> float:
+    """A duration that may be "0s" (for a key where 0 turns something off)."""
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f'expected a duration string like "30s", got {_describe(value)}')
-    seconds = parse_duration(value)
+    return parse_duration(value)
+
+
+def _duration(value: object) -> float:
+    seconds = _duration_or_zero(value)
     if seconds <= 0:
         raise ValueError(f'must be longer than 0, got "{value}"')
     return seconds
@@ -963,6 +969,14 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
             lambda v: _each(v, 'addresses like "127.0.0.1:5353"', parse_nameserver),
             '["127.0.0.1:5353"]; [] = the system resolver',
             show=lambda v: [_format_nameserver(s) for s in v],
+        ),
+        _k(
+            "negative_cache_max",
+            "5m",
+            _duration_or_zero,
+            "longest a negative answer (NXDOMAIN, NODATA) is cached; RFC 2308: min(SOA TTL, MINIMUM), never "
+            'without an SOA; "0s" = never',
+            show=format_duration,
         ),
     ),
     "categorizer": (

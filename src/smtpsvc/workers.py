@@ -370,7 +370,11 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
             users=users,
             limiter=AuthLimiter(),
             etrn=channel.etrn,
-            resolver=MxResolver(config.resolver.nameservers, timeout=min(config.delivery.timeout, 30.0)),
+            resolver=MxResolver(
+                config.resolver.nameservers,
+                timeout=min(config.delivery.timeout, 30.0),
+                negative_cache_max=config.resolver.negative_cache_max,
+            ),
         )
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()

@@ -9,7 +9,13 @@ needs no DNS.
 Every DNS problem comes out as one exception type, `DnsError`, naming its cause (SPEC 2.9: ``dns-nxdomain``,
 ``dns-servfail``, ``dns-timeout``, ``null-mx``, ``dns-no-address``), whether it is permanent, the enhanced
 status for the DSN, and the IIS wording for event 4000. Lookups use dnspython's asyncio resolver with its
-LRU cache (TTLs and negative caching as the answers say) and are bounded by one deadline per call.
+LRU cache and are bounded by one deadline per call.
+
+The cache keeps a positive answer for its TTL. A negative one (NXDOMAIN, or NODATA: the name exists without
+records of that type) is kept per RFC 2308: for min(SOA TTL, SOA MINIMUM) of the SOA in its authority
+section, at most ``negative_cache_max`` (`negative_cache_ttl`), and not at all without an SOA (§5).
+dnspython alone would keep an SOA-less negative answer for 5 minutes (``NEGATIVE_TTL_WITHOUT_SOA``), so a
+domain whose zone was just fixed would go on bouncing mail with 5.4.4 for that long.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import random
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -26,6 +33,7 @@ import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.rdtypes.ANY.MX
+import dns.rdtypes.ANY.SOA
 import dns.resolver
 import dns.reversename
 
@@ -47,6 +55,74 @@ _CAUSES: dict[str, tuple[bool, str, str]] = {
     CAUSE_SERVFAIL: (False, "4.4.3", TEXT_INTERNAL_DNS_ERROR),
     CAUSE_TIMEOUT: (False, "4.4.3", TEXT_INTERNAL_DNS_ERROR),
 }
+
+
+DEFAULT_NEGATIVE_CACHE_MAX = 300.0  # resolver.negative_cache_max's default ("5m")
+
+
+def negative_cache_ttl(soa: tuple[int, int] | None, cap: float) -> float:
+    """Seconds to cache a negative answer (NXDOMAIN or NODATA); 0 means do not cache it.
+
+    `soa` is ``(record TTL, MINIMUM)`` of the SOA in the answer's authority section, or None without one.
+    RFC 2308 §5: without an SOA nothing says how long the answer holds, so it is not cached. §3/§5: with
+    one, the negative TTL is the smaller of the SOA record's TTL and its MINIMUM field. `cap` bounds it (0
+    turns negative caching off), so a zone with a long MINIMUM cannot keep a fixed domain bouncing for hours.
+    """
+    if soa is None or cap <= 0:
+        return 0.0
+    ttl, minimum = soa
+    return float(max(0.0, min(ttl, minimum, cap)))
+
+
+def _negative_soa(answer: dns.resolver.Answer) -> tuple[int, int] | None:
+    """``(record TTL, MINIMUM)`` of the SOA a negative answer carries, or None.
+
+    The same search as dnspython's own (``Message.resolve_chaining``): an SOA in the authority section whose
+    owner is the (last CNAME target of the) query name or one of its parents; any other SOA does not count.
+    """
+    response = answer.response
+    rdclass = response.question[0].rdclass  # an Answer exists only for a response with one question
+    name = answer.chaining_result.canonical_name
+    while True:
+        try:
+            rrset = response.find_rrset(response.authority, name, rdclass, dns.rdatatype.SOA)
+        except KeyError:
+            try:
+                name = name.parent()
+            except dns.name.NoParent:
+                return None
+            continue
+        soa = rrset[0]
+        assert isinstance(soa, dns.rdtypes.ANY.SOA.SOA)
+        return (rrset.ttl, soa.minimum)
+
+
+class _NegativeCache(dns.resolver.LRUCache):
+    """dnspython's LRU cache, with negative answers kept only as RFC 2308 allows (`negative_cache_ttl`).
+
+    dnspython puts every answer it gets through `put`: positive ones and NODATA under (name, type, class),
+    NXDOMAIN under (name, ANY, class), each with an ``expiration`` from its TTLs (an SOA-less negative answer
+    gets 300 s). The answers without an RRset are the negative ones; this trims their expiration, or drops
+    them. Positive answers go in unchanged.
+    """
+
+    def __init__(self, negative_max: float) -> None:
+        super().__init__()
+        self._negative_max = negative_max
+
+    def put(self, key: dns.resolver.CacheKey, value: dns.resolver.Answer) -> None:
+        if value.rrset is not None:
+            super().put(key, value)
+            return
+        ttl = negative_cache_ttl(_negative_soa(value), self._negative_max)
+        if ttl <= 0:
+            # Not cached. An entry a concurrent lookup may have put under this key is older than this
+            # answer, so it goes too: the next lookup asks the server.
+            self.flush(key)
+            return
+        # Only ever shorter: the expiration dnspython set also counts the TTLs of any CNAMEs on the way.
+        value.expiration = min(value.expiration, time.time() + ttl)
+        super().put(key, value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +165,8 @@ class MxResolver:
     ``nameservers`` empty means the system resolver (/etc/resolv.conf); otherwise only the given
     ``(ip, port)`` servers are asked. ``timeout`` bounds each `resolve_mx`/`resolve_host` call as a whole.
     With ``use_ipv6`` the AAAA addresses follow the A addresses of the same host. ``rng`` makes the shuffle
-    of equal MX preferences reproducible in tests.
+    of equal MX preferences reproducible in tests. ``negative_cache_max`` caps how long a negative answer
+    is cached, in seconds (0: never); see the module docstring.
     """
 
     def __init__(
@@ -98,9 +175,12 @@ class MxResolver:
         timeout: float = 10.0,
         use_ipv6: bool = True,
         rng: random.Random | None = None,
+        negative_cache_max: float = DEFAULT_NEGATIVE_CACHE_MAX,
     ) -> None:
         if timeout <= 0:
             raise ValueError(f"DNS timeout must be positive, not {timeout}")
+        if negative_cache_max < 0:
+            raise ValueError(f"negative cache limit must not be negative, not {negative_cache_max}")
         self._timeout = timeout
         self._use_ipv6 = use_ipv6
         self._rng = rng if rng is not None else random.Random()
@@ -116,7 +196,7 @@ class MxResolver:
                 self._config_error = f"no usable system resolver configuration ({e})"
         self._resolver.lifetime = timeout
         self._resolver.use_edns(0, 0, 1232)  # the DNS flag day 2020 size: large answers go to TCP
-        self._resolver.cache = dns.resolver.LRUCache()
+        self._resolver.cache = _NegativeCache(negative_cache_max)
 
     async def resolve_mx(self, domain: str, port: int) -> list[NextHop]:
         """The hosts to try for mail to `domain`, best first; raises `DnsError`."""
