@@ -93,6 +93,11 @@ async def put(
     return envelope
 
 
+async def claimed(queue: PostgresQueue, now: float, limit: int = 10) -> list[Envelope]:
+    """The envelopes of a claim (the takeover flag left aside)."""
+    return [claim.envelope for claim in await queue.claim(now, limit)]
+
+
 async def put_many(queue: PostgresQueue, count: int) -> list[str]:
     return [(await put(queue)).id for _ in range(count)]
 
@@ -181,7 +186,7 @@ async def test_put_refuses_an_envelope_of_another_writer(open_queue: OpenQueue) 
 async def test_a_nul_in_a_reply_text_does_not_make_save_fail(open_queue: OpenQueue) -> None:
     queue = await open_queue()
     await put(queue)
-    [envelope] = await queue.lease(time.time(), 10)
+    [envelope] = await claimed(queue, time.time(), 10)
     envelope.recipients[0].last_reply = "550 bad\x00peer"
     await queue.save(envelope)
     stored = await queue.get(envelope.id)
@@ -192,7 +197,7 @@ async def test_a_lone_surrogate_in_a_text_does_not_make_put_or_save_fail(open_qu
     # UTF-8 cannot hold one (the driver raises UnicodeEncodeError, which is no QueueError): U+FFFD instead.
     queue = await open_queue()
     await put(queue, rcpt="b\udc80@remote.test")
-    [envelope] = await queue.lease(time.time(), 10)
+    [envelope] = await claimed(queue, time.time(), 10)
     envelope.recipients[0].last_reply = "451 odd \ud800 peer"
     await queue.save(envelope)
     stored = await queue.get(envelope.id)
@@ -210,9 +215,9 @@ async def test_lease_takes_due_unfrozen_messages_once(open_queue: OpenQueue) -> 
     due = await put(queue, due=now - 1)
     await put(queue, due=now + 3600)
     frozen = await put(queue, due=now - 1)
-    await queue.freeze(frozen.id)
-    assert [e.id for e in await queue.lease(now, 10)] == [due.id]
-    assert await queue.lease(now, 10) == []
+    await queue.set_frozen(frozen.id, True)
+    assert [e.id for e in await claimed(queue, now, 10)] == [due.id]
+    assert await claimed(queue, now, 10) == []
     assert queue.held == {due.id}
 
 
@@ -222,7 +227,7 @@ async def test_two_nodes_leasing_concurrently_never_get_the_same_message(open_qu
     got: dict[str, list[str]] = {"node-a": [], "node-b": []}
 
     async def drain(queue: PostgresQueue) -> None:
-        while batch := await queue.lease(time.time(), 7):
+        while batch := await claimed(queue, time.time(), 7):
             got[queue.node_id].extend(e.id for e in batch)
             await asyncio.sleep(0)
 
@@ -237,7 +242,7 @@ async def test_a_dead_nodes_leases_expire_and_another_node_takes_over(open_queue
     a = await open_queue("node-a", lease_seconds=1.0)
     b = await open_queue("node-b")
     ids = await put_many(a, 5)
-    assert len(await a.lease(time.time(), 10)) == 5
+    assert len(await claimed(a, time.time(), 10)) == 5
     assert await b.claim(time.time(), 10) == []
     await a.close()  # "dies": no save, no release, no renewal
 
@@ -261,7 +266,7 @@ async def test_save_by_a_node_whose_lease_was_taken_over_is_refused(open_queue: 
     a = await open_queue("node-a", lease_seconds=0.5, auto_renew=False)
     b = await open_queue("node-b")
     await put(a)
-    [stale] = await a.lease(time.time(), 10)
+    [stale] = await claimed(a, time.time(), 10)
     [claim] = await eventually(lambda: b.claim(time.time(), 10), what="the takeover")
     assert claim.taken_over_from == "node-a"
 
@@ -282,7 +287,7 @@ async def test_save_by_a_node_whose_lease_was_taken_over_is_refused(open_queue: 
 async def test_save_takes_only_the_envelope_object_the_claim_returned(open_queue: OpenQueue) -> None:
     a = await open_queue("node-a")
     envelope = await put(a)
-    [leased] = await a.lease(time.time(), 10)
+    [leased] = await claimed(a, time.time(), 10)
     copy = await a.get(envelope.id)
     assert copy is not None
     with pytest.raises(LeaseLost):
@@ -296,15 +301,15 @@ async def test_a_lease_that_ran_out_under_its_own_node_is_resumed_not_handed_out
     a = await open_queue("node-a", lease_seconds=0.5, auto_renew=False)  # renewals "failed"
     b = await open_queue("node-b")
     envelope = await put(a)
-    [leased] = await a.lease(time.time(), 10)
+    [leased] = await claimed(a, time.time(), 10)
     first = (await lease_row(a.dsn, envelope.id))["lease_until"]
 
     async def expired() -> bool:
         return bool((await lease_row(a.dsn, envelope.id))["db_now"] > first)
 
     await eventually(expired, what="the lease to run out")
-    assert await a.lease(time.time(), 10) == []  # still being delivered here: not a second copy
-    assert await b.lease(time.time(), 10) == []  # and leased again, so no other node takes it
+    assert await claimed(a, time.time(), 10) == []  # still being delivered here: not a second copy
+    assert await claimed(b, time.time(), 10) == []  # and leased again, so no other node takes it
     assert a.held == {envelope.id}
     await a.save(leased)
 
@@ -312,7 +317,7 @@ async def test_a_lease_that_ran_out_under_its_own_node_is_resumed_not_handed_out
 async def test_save_records_the_state_and_releases_the_lease(open_queue: OpenQueue) -> None:
     a, b = await open_queue("node-a"), await open_queue("node-b")
     envelope = await put(a)
-    [leased] = await a.lease(time.time(), 10)
+    [leased] = await claimed(a, time.time(), 10)
     retry_at = time.time() + 600
     rcpt = leased.recipients[0]
     rcpt.attempts, rcpt.next_attempt, rcpt.last_reply = 1, retry_at, "451 4.4.1 no answer"
@@ -320,9 +325,9 @@ async def test_save_records_the_state_and_releases_the_lease(open_queue: OpenQue
     assert a.held == set()
     row = await lease_row(a.dsn, envelope.id)
     assert row["leased_by"] is None and row["lease_until"] is None
-    assert await b.lease(time.time(), 10) == []  # not due yet
+    assert await claimed(b, time.time(), 10) == []  # not due yet
     assert await b.next_due() == pytest.approx(retry_at)
-    [again] = await b.lease(retry_at, 10)
+    [again] = await claimed(b, retry_at, 10)
     assert again.recipients[0].last_reply == "451 4.4.1 no answer"
     with pytest.raises(LeaseLost):
         await a.save(leased)  # saved once: the lease is gone
@@ -331,7 +336,7 @@ async def test_save_records_the_state_and_releases_the_lease(open_queue: OpenQue
 async def test_renew_pushes_the_lease_further_out(open_queue: OpenQueue) -> None:
     a = await open_queue("node-a", lease_seconds=5.0, auto_renew=False)
     envelope = await put(a)
-    await a.lease(time.time(), 10)
+    await claimed(a, time.time(), 10)
     before = (await lease_row(a.dsn, envelope.id))["lease_until"]
     assert await a.renew() == {envelope.id}
     after = (await lease_row(a.dsn, envelope.id))["lease_until"]
@@ -343,23 +348,23 @@ async def test_a_live_node_keeps_its_leases_past_lease_seconds(open_queue: OpenQ
     a = await open_queue("node-a", lease_seconds=1.0)  # renewed every 1/3 s in the background
     b = await open_queue("node-b")
     envelope = await put(a)
-    await a.lease(time.time(), 10)
+    await claimed(a, time.time(), 10)
     first = (await lease_row(a.dsn, envelope.id))["lease_until"]
 
     async def past_first_lease() -> bool:
         return bool((await lease_row(a.dsn, envelope.id))["db_now"] > first)
 
     await eventually(past_first_lease, what="the first lease to run out")
-    assert await b.lease(time.time(), 10) == []
+    assert await claimed(b, time.time(), 10) == []
     assert (await lease_row(a.dsn, envelope.id))["leased_by"] == "node-a"
 
 
 async def test_release_makes_the_message_claimable_at_once(open_queue: OpenQueue) -> None:
     a, b = await open_queue("node-a"), await open_queue("node-b")
     envelope = await put(a)
-    await a.lease(time.time(), 10)
+    await claimed(a, time.time(), 10)
     assert await a.release(envelope.id)
-    assert [e.id for e in await b.lease(time.time(), 10)] == [envelope.id]
+    assert [e.id for e in await claimed(b, time.time(), 10)] == [envelope.id]
 
 
 async def test_a_node_killed_with_sigkill_leaves_leases_another_node_takes_over(
@@ -373,7 +378,7 @@ async def test_a_node_killed_with_sigkill_leaves_leases_another_node_takes_over(
         "async def main():\n"
         "    q = PostgresQueue(sys.argv[1], 'doomed', lease_seconds=1.0)\n"
         "    await q.open()\n"
-        "    print(' '.join(e.id for e in await q.lease(time.time(), 10)), flush=True)\n"
+        "    print(' '.join(c.envelope.id for c in await q.claim(time.time(), 10)), flush=True)\n"
         "    await asyncio.sleep(600)\n"
         "asyncio.run(main())\n"
     )
@@ -390,7 +395,7 @@ async def test_a_node_killed_with_sigkill_leaves_leases_another_node_takes_over(
             return bool((await lease_row(queue_dsn, ids[0]))["lease_until"] > first)
 
         await eventually(renewed, what="the live node to renew its leases")
-        assert await b.lease(time.time(), 10) == []
+        assert await claimed(b, time.time(), 10) == []
     finally:
         child.send_signal(signal.SIGKILL)  # by PID: the crash a node must survive
         await asyncio.wait_for(child.wait(), 30)
@@ -403,32 +408,32 @@ async def test_a_node_killed_with_sigkill_leaves_leases_another_node_takes_over(
 async def test_freeze_and_thaw_are_seen_by_the_other_node(open_queue: OpenQueue) -> None:
     a, b = await open_queue("node-a"), await open_queue("node-b")
     envelope = await put(a)
-    assert await a.freeze(envelope.id)
-    assert await b.lease(time.time(), 10) == []
+    assert await a.set_frozen(envelope.id, True)
+    assert await claimed(b, time.time(), 10) == []
     stored = await b.get(envelope.id)
     assert stored is not None and stored.frozen
     assert await b.next_due() is None
-    assert await a.thaw(envelope.id)
-    assert [e.id for e in await b.lease(time.time(), 10)] == [envelope.id]
-    assert not await a.freeze("nope")
+    assert await a.set_frozen(envelope.id, False)
+    assert [e.id for e in await claimed(b, time.time(), 10)] == [envelope.id]
+    assert await a.set_frozen("nope", True) is None
 
 
 async def test_freeze_during_a_delivery_survives_its_save(open_queue: OpenQueue) -> None:
     a, b = await open_queue("node-a"), await open_queue("node-b")
     envelope = await put(a)
-    [leased] = await a.lease(time.time(), 10)
-    assert await b.freeze(envelope.id)
+    [leased] = await claimed(a, time.time(), 10)
+    assert await b.set_frozen(envelope.id, True)
     leased.recipients[0].next_attempt = 0.0
     await a.save(leased)
     stored = await b.get(envelope.id)
     assert stored is not None and stored.frozen
-    assert await b.lease(time.time(), 10) == []
+    assert await claimed(b, time.time(), 10) == []
 
 
 async def test_complete_and_delete_remove_the_message_everywhere(open_queue: OpenQueue) -> None:
     a, b = await open_queue("node-a"), await open_queue("node-b")
     done, unwanted, kept = await put(a), await put(a), await put(a)
-    await a.lease(time.time(), 1)
+    await claimed(a, time.time(), 1)
     await a.complete(done.id)
     assert await b.delete(unwanted.id)
     assert not await b.delete(unwanted.id)
@@ -446,12 +451,13 @@ async def test_retry_by_domain_makes_its_pending_recipients_due_now(open_queue: 
     at_sub = await put(a, due=later, rcpt="y@mx.partner.test")
     elsewhere = await put(a, due=later, rcpt="z@other.test")
     now = time.time()
-    assert await b.retry(now, domain="partner.test.") == 1
-    assert [e.id for e in await a.lease(now, 10)] == [at_domain.id]
-    assert await b.retry(now, domain="partner.test", subdomains=True) == 2  # one of them is leased
-    assert [e.id for e in await a.lease(now, 10)] == [at_sub.id]
-    assert await b.retry(now, queue_id=elsewhere.id) == 1
-    assert [e.id for e in await a.lease(now, 10)] == [elsewhere.id]
+    assert (await b.make_due(now, domain="partner.test.")).messages == 1
+    assert [e.id for e in await claimed(a, now, 10)] == [at_domain.id]
+    # one of them is leased
+    assert (await b.make_due(now, domain="partner.test", subdomains=True)).messages == 2
+    assert [e.id for e in await claimed(a, now, 10)] == [at_sub.id]
+    assert (await b.make_due(now, queue_id=elsewhere.id)).messages == 1
+    assert [e.id for e in await claimed(a, now, 10)] == [elsewhere.id]
 
 
 async def test_a_retry_asked_during_a_delivery_makes_the_message_due_at_its_save(
@@ -459,42 +465,42 @@ async def test_a_retry_asked_during_a_delivery_makes_the_message_due_at_its_save
 ) -> None:
     a, b = await open_queue("node-a"), await open_queue("node-b")
     envelope = await put(a)
-    [leased] = await a.lease(time.time(), 10)
-    assert await b.retry(time.time(), queue_id=envelope.id) == 1
+    [leased] = await claimed(a, time.time(), 10)
+    assert (await b.make_due(time.time(), queue_id=envelope.id)).messages == 1
     leased.recipients[0].next_attempt = time.time() + 3600  # the delivery deferred it
     await a.save(leased)
-    assert [e.id for e in await b.lease(time.time(), 10)] == [envelope.id]
+    assert [e.id for e in await claimed(b, time.time(), 10)] == [envelope.id]
 
 
-async def test_recategorize_records_new_routes_and_makes_the_message_due(open_queue: OpenQueue) -> None:
+async def test_reroute_records_new_routes_and_makes_the_message_due(open_queue: OpenQueue) -> None:
     a = await open_queue()
     envelope = await put(a, due=time.time() + 3600)
     now = time.time()
-    assert await a.recategorize(envelope.id, {"b@remote.test": "partners"}, now)
-    [leased] = await a.lease(now, 10)
+    assert await a.reroute(envelope.id, {"b@remote.test": "partners"}, now)
+    [leased] = await claimed(a, now, 10)
     assert leased.recipients[0].route == "partners"
-    assert not await a.recategorize("nope", {"b@remote.test": "x"}, now)
+    assert not await a.reroute("nope", {"b@remote.test": "x"}, now)
 
 
 async def test_a_frozen_link_holds_its_mail_on_every_node_until_thawed(open_queue: OpenQueue) -> None:
     a, b = await open_queue("node-a"), await open_queue("node-b")
     envelope = await put(a)
-    [leased] = await a.lease(time.time(), 10)
+    [leased] = await claimed(a, time.time(), 10)
     leased.recipients[0].route = "partners"
     await b.set_link_frozen("partners", True)  # while node-a delivers it: its save sees the freeze
     await a.save(leased)
     assert await a.frozen_links() == frozenset({"partners"})
-    assert await b.lease(time.time(), 10) == []
+    assert await claimed(b, time.time(), 10) == []
     assert await b.next_due() is None
     await a.set_link_frozen("partners", False)
-    assert [e.id for e in await b.lease(time.time(), 10)] == [envelope.id]
+    assert [e.id for e in await claimed(b, time.time(), 10)] == [envelope.id]
     assert await a.frozen_links() == frozenset()
 
 
 async def test_holders_name_the_node_of_each_valid_lease(open_queue: OpenQueue) -> None:
     a, b = await open_queue("node-a"), await open_queue("node-b")
     first, _ = await put(a), await put(a)
-    await a.lease(time.time(), 1)
+    await claimed(a, time.time(), 1)
     assert await b.holders() == {first.id: "node-a"}
     assert await b.count() == 2
 
@@ -504,7 +510,7 @@ async def test_a_forced_retry_tells_every_node_which_links_to_try_now(open_queue
     heard: list[frozenset[str] | None] = []
     b.on_forced_retry = heard.append
     envelope = await put(a, due=time.time() + 3600)
-    [leased] = await a.lease(time.time() + 7200, 1)
+    [leased] = await claimed(a, time.time() + 7200, 1)
     leased.recipients[0].route = "smarthost"
     await a.save(leased)
     done = await a.make_due(time.time(), queue_id=envelope.id)

@@ -5,7 +5,7 @@ node keeps nothing in memory but the tokens of the leases it holds. docs/cluster
 
   put(w, env)        message row (body, envelope, XEXCH50 blob) + recipient rows + NOTIFY in one transaction;
                      returns after COMMIT (the 250 waits for it), raises QueueError on any database failure.
-  claim/lease(n)     due, unfrozen messages nobody holds (or whose lease expired) are taken with
+  claim(now, n)      due, unfrozen messages nobody holds (or whose lease expired) are taken with
                      `FOR UPDATE SKIP LOCKED` and leased to this node for `lease_seconds` (database clock).
   renew(ids)         push the leases of messages still being delivered further out (also done every
                      lease_seconds/3 by a background task unless auto_renew=False).
@@ -13,8 +13,8 @@ node keeps nothing in memory but the tokens of the leases it holds. docs/cluster
                      a lease that expired and was claimed by another node raises LeaseLost.
   release(id)        give a lease back without changes (a cancelled delivery).
   complete(id)       the message is done: its rows are deleted.
-  freeze/thaw/retry/recategorize/delete   operator verbs, as SQL updates every node sees; a forced
-                     retry also tells every node which links to take out of their backoff.
+  set_frozen/make_due/reroute/delete   operator verbs, as SQL updates every node sees; a forced
+                     retry (make_due) also tells every node which links to take out of their backoff.
   set_link_frozen    a next hop frozen for the whole cluster (`links`); `next_due` leaves it out.
   link_slot(l, n)    one of n connection slots of a link for the whole cluster (`link_slots`, leased).
   wait_for_work(t)   LISTEN/NOTIFY wake-ups (put, release, thaw, retry) plus a periodic poll, because a
@@ -386,8 +386,8 @@ class PostgresQueue:
     async def save(self, envelope: Envelope) -> None:
         """Persist the delivery state of every recipient and release the lease, in one transaction.
         Raises LeaseLost when this node no longer holds the lease (another node took it over after it
-        expired): nothing is written then. A retry asked while the message was leased (retry(),
-        recategorize()) makes its pending recipients due now. `envelope` must be the object claim()
+        expired): nothing is written then. A retry asked while the message was leased (make_due(),
+        reroute()) makes its pending recipients due now. `envelope` must be the object claim()
         returned."""
         held = self._held.get(envelope.id)
         if held is None or held.envelope is not envelope:
@@ -470,10 +470,6 @@ class PostgresQueue:
         for claim in claims:
             self._held[claim.envelope.id] = _Held(token, claim.envelope)
         return claims
-
-    async def lease(self, now: float, limit: int) -> list[Envelope]:
-        """claim() without the takeover flag (the Queue contract's shape)."""
-        return [claim.envelope for claim in await self.claim(now, limit)]
 
     async def renew(self, queue_ids: Iterable[str] | None = None) -> set[str]:
         """Extend by lease_seconds the leases this node holds on `queue_ids` (default: all it holds).
@@ -598,14 +594,9 @@ class PostgresQueue:
             )
 
     # -- operator verbs (every node sees them at once) ----------------------------------------------
-    async def freeze(self, queue_id: str) -> bool:
-        """Hold a message: not claimed until thawed. A delivery under way finishes. False: no such message."""
-        return await self._set_frozen(queue_id, True)
-
-    async def thaw(self, queue_id: str) -> bool:
-        return await self._set_frozen(queue_id, False)
-
-    async def _set_frozen(self, queue_id: str, frozen: bool) -> bool:
+    async def set_frozen(self, queue_id: str, frozen: bool) -> Envelope | None:
+        """Hold a message (not claimed until thawed; a delivery under way finishes) or thaw it; then the
+        envelope as stored. None: no such message."""
         async with self._connection("freeze or thaw the message") as conn, conn.transaction():
             found = await conn.fetchval(
                 "UPDATE messages SET frozen = $2, corrupt = CASE WHEN $2 THEN corrupt END"
@@ -615,20 +606,18 @@ class PostgresQueue:
             )
             if found is not None and not frozen:
                 await conn.execute("SELECT pg_notify($1, $2)", CHANNEL, queue_id)
-        return found is not None
-
-    async def retry(self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False) -> int:
-        """Force Connection / ETRN: the pending recipients of one message (`queue_id`), of every message
-        (neither given), or at `domain` (and its subdomains) are due at `now`. Frozen messages are left
-        alone. A message being delivered gets its rerun flag: its next save makes them due now, as the
-        delivery overwrites them. Returns how many messages changed."""
-        return (await self.make_due(now, queue_id, domain, subdomains)).messages
+        if found is None:
+            return None
+        return await self.get(queue_id)
 
     async def make_due(
         self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False
     ) -> Rescheduled:
-        """retry(), also telling which links were made due; every node (this one included) hears of them
-        through NOTIFY and lifts its per-destination backoff for them (on_forced_retry)."""
+        """Force Connection / ETRN: the pending recipients of one message (`queue_id`), of every message
+        (neither given), or at `domain` (and its subdomains) are due at `now`. Frozen messages are left
+        alone. A message being delivered gets its rerun flag: its next save makes them due now, as the
+        delivery overwrites them. Every node (this one included) hears of the links made due through
+        NOTIFY and lifts its per-destination backoff for them (on_forced_retry)."""
         domain = domain.rstrip(".").lower()
         async with self._connection("reschedule") as conn, conn.transaction():
             rows = await conn.fetch(
@@ -646,7 +635,7 @@ class PostgresQueue:
             count = await self._made_due(conn, {row["message_id"] for row in rows}, now, links)
         return Rescheduled(count, links)
 
-    async def recategorize(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
+    async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
         """ResetMessageStatus for one message: the routes computed by the caller (address -> link name)
         are recorded for its pending recipients, which are due at `now`. False: no such message."""
         async with self._connection("recategorize") as conn, conn.transaction():
@@ -661,10 +650,6 @@ class PostgresQueue:
                 [_text(link) for link in routes.values()],
             )
             return await self._made_due(conn, {row["message_id"] for row in rows}, now) > 0
-
-    async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
-        """QueueStore's name for recategorize()."""
-        return await self.recategorize(queue_id, routes, now)
 
     async def _made_due(
         self, conn: Any, ids: set[str], now: float, forced: frozenset[str] | None = None
@@ -689,12 +674,6 @@ class PostgresQueue:
             found = await conn.fetchval("DELETE FROM messages WHERE id = $1 RETURNING id", queue_id)
         self._held.pop(queue_id, None)
         return found is not None
-
-    async def set_frozen(self, queue_id: str, frozen: bool) -> Envelope | None:
-        """freeze() or thaw(), then the envelope as stored (None: no such message)."""
-        if not await self._set_frozen(queue_id, frozen):
-            return None
-        return await self.get(queue_id)
 
     async def set_link_frozen(self, link: str, frozen: bool) -> None:
         """Freeze or thaw a next hop for the whole cluster: a pending recipient routed to a frozen link is
