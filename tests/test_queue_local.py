@@ -325,6 +325,15 @@ async def test_a_retry_during_a_delivery_makes_the_message_due_when_that_deliver
     assert [c.envelope.id for c in await store.claim(time.time(), 10)] == [envelope.id]
 
 
+async def test_two_retries_of_one_message_at_once_both_succeed(spool: LocalSpool) -> None:
+    store = LocalStore(spool, "mx1")
+    envelope = await put(spool, due=time.time() + 3600)
+    done = await asyncio.gather(*(store.make_due(time.time(), domain="remote.test") for _ in range(2)))
+    assert [d.messages for d in done] == [1, 1]
+    assert list(spool.tmp_dir.iterdir()) == []
+    assert [c.envelope.id for c in await store.claim(time.time(), 10)] == [envelope.id]
+
+
 async def test_a_frozen_message_is_not_made_due_and_set_frozen_is_persisted(spool: LocalSpool) -> None:
     store = LocalStore(spool, "mx1")
     envelope = await put(spool, due=time.time() + 3600)

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import itertools
 import json
 import os
 import shutil
@@ -165,6 +166,7 @@ class LocalSpool:
         # process, or being completed (forgotten, files not yet unlinked).
         self._putting: set[str] = set()
         self._completing: set[str] = set()
+        self._update_seq = itertools.count()  # tells concurrent updates' temporary files apart
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def open(self) -> None:
@@ -456,7 +458,10 @@ class LocalSpool:
         final = self.dir / f"{envelope.id}.env"
         payload = _encode(envelope)
         # completed meanwhile: a stale write must not bring it back
-        await self._replace(final, payload, f"{envelope.id}.env.admin", unless=lambda: not final.exists())
+        # A temporary name of its own: two changes to one message may be in flight at once (two ETRNs),
+        # and each renames its own file; the later one, encoded later, lands last.
+        tmp_name = f"{envelope.id}.env.admin{next(self._update_seq)}"
+        await self._replace(final, payload, tmp_name, unless=lambda: not final.exists())
 
     async def complete(self, queue_id: str) -> None:
         known = self._envelopes.get(queue_id)
