@@ -449,6 +449,22 @@ async def test_a_destination_that_just_failed_is_not_hammered_by_the_next_messag
     assert first.transcripts and "connect failed" in "\n".join(first.transcripts[-1])  # kept with the message
 
 
+async def test_etrn_makes_a_deferred_message_due_and_lifts_its_destination_s_backoff(
+    start_service: StartService,
+) -> None:
+    service = await start_service(
+        delivery={"smart_host": "[127.0.0.1]:9", "retry": ["1h"]}
+    )  # nothing listens
+    await send(service, "alice@local.test", ["x@remote.test"])
+    [queue_id] = await wait_until(
+        lambda: [e.id for e in service.queue.list() if e.recipients[0].attempts and not service.queue.leased],
+        what="the first failed attempt",
+    )
+    assert await service.scheduler.etrn("Remote.Test.") == 1
+    await wait_until(lambda: service.queue.get(queue_id).recipients[0].attempts == 2, what="the next attempt")
+    assert len(events_of(service, 4006)) == 2  # the link was down for an hour: ETRN lifted that too
+
+
 async def test_null_mx_is_returned_at_once_with_5_1_10(
     start_service: StartService, dns_server: DnsServer
 ) -> None:

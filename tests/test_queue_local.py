@@ -325,6 +325,24 @@ async def test_a_retry_during_a_delivery_makes_the_message_due_when_that_deliver
     assert [c.envelope.id for c in await store.claim(time.time(), 10)] == [envelope.id]
 
 
+async def test_a_retry_while_the_delivery_s_save_is_being_written_still_makes_the_message_due(
+    spool: LocalSpool,
+) -> None:
+    store = LocalStore(spool, "mx1")
+    envelope = await put(spool)
+    [claim] = await store.claim(time.time(), 10)
+    claim.envelope.recipients[0].next_attempt = time.time() + 3600  # the delivery deferred it
+    saving = asyncio.ensure_future(store.save(claim.envelope))
+    await asyncio.sleep(0)  # the save's write is with the committer: the message is still leased
+    assert spool.is_leased(envelope.id)
+    assert (await store.make_due(time.time(), queue_id=envelope.id)).messages == 1
+    await saving
+    assert [c.envelope.id for c in await store.claim(time.time(), 10)] == [envelope.id]
+    assert json.loads((spool.dir / f"{envelope.id}.env").read_bytes())["recipients"][0]["next_attempt"] < (
+        time.time() + 60
+    )
+
+
 async def test_two_retries_of_one_message_at_once_both_succeed(spool: LocalSpool) -> None:
     store = LocalStore(spool, "mx1")
     envelope = await put(spool, due=time.time() + 3600)

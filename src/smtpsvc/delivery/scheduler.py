@@ -31,7 +31,6 @@ from smtpsvc.delivery.transport import Outcome, Transport
 from smtpsvc.events import EventLog
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, RecipientState, domain_of, rfc5322_date
 from smtpsvc.queue.base import Claim, LeaseLost, QueueError, QueueStore
-from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.routing.categorizer import choices_for, route_for
 from smtpsvc.routing.connectors import RouteChoice
 
@@ -78,35 +77,15 @@ class Scheduler:
         self.queue.wake()
 
     async def etrn(self, domain: str, subdomains: bool = False) -> int:
-        """ETRN / Force Connection for a domain, on either backend; returns how many messages changed."""
-        if isinstance(self.queue, LocalStore):
-            return self._flush_local(self.queue.spool, domain, subdomains)
+        """ETRN / Force Connection for a domain, on either backend: `QueueStore.make_due` makes its pending
+        recipients due now and this node lifts its per-destination backoff for their links. A message
+        being delivered counts too: it is due again when that delivery saves. Returns how many messages
+        changed."""
         done = await self.queue.make_due(time.time(), domain=domain, subdomains=subdomains)
         self.forget_backoff(done.links)
         if done.messages:
             self.wake()
         return done.messages
-
-    def _flush_local(self, spool: LocalSpool, domain: str, subdomains: bool) -> int:
-        domain = domain.rstrip(".").lower()
-        now = time.time()
-        count = 0
-        for envelope in spool.list():
-            if envelope.id in spool.leased or envelope.frozen:
-                continue
-            touched = False
-            for rcpt in envelope.pending:
-                d = rcpt.domain
-                if d == domain or (subdomains and d.endswith("." + domain)):
-                    rcpt.next_attempt = now
-                    touched = True
-            if touched:
-                self.forget_backoff({rcpt.route for rcpt in envelope.pending})  # the operator asked: now
-                spool.reschedule(envelope.id)
-                count += 1
-        if count:
-            self.wake()
-        return count
 
     def forget_backoff(self, links: set[str] | frozenset[str] | None) -> None:
         """The operator forced a retry: try these links (None: every link) now even if they just failed

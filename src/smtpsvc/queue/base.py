@@ -167,8 +167,12 @@ class QueueStore(Intake, Protocol):
         self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False
     ) -> Rescheduled:
         """Force Connection / ETRN: the pending recipients of one message (`queue_id`), or at `domain` (and
-        its subdomains), or of every message, are due at `now`. Frozen messages are left alone. A message
-        being delivered is due again when that delivery saves."""
+        its subdomains), or of every message, are due at `now`. Frozen messages are left alone. Returns how
+        many messages changed and the links of the recipients made due (to lift a backoff for).
+
+        A message being delivered (leased) counts among those changed, and its delivery goes on undisturbed:
+        it is flagged (`rerun`), and when that delivery saves or releases it, every pending recipient is
+        due at once, whatever the delivery recorded for it."""
         ...
 
     async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:

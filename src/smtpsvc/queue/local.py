@@ -43,7 +43,7 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -61,6 +61,7 @@ WRITE_BUFFER = 256 * 1024
 MEMORY_LIMIT = 256 * 1024  # a message up to this size is held in memory until its commit
 WORKERS_LOCK = ".workers.lock"  # shared by the running SMTP workers; exclusive during recovery
 WORKERS_GONE_TIMEOUT = 30.0  # how long a start waits for an earlier run's SMTP workers to finish
+UPDATE_BATCH = 256  # operator changes to many messages written at once (the committer's largest batch)
 
 
 class SpoolWriter:
@@ -609,9 +610,16 @@ class LocalSpool:
     def message_path(self, queue_id: str) -> Path:
         return self.dir / f"{queue_id}.eml"
 
+    def envelopes(self) -> Iterable[Envelope]:
+        """Every queued envelope, in no order, without a copy: iterate it without awaiting in between."""
+        return self._envelopes.values()
+
     @property
     def leased(self) -> frozenset[str]:
         return frozenset(self._leased)
+
+    def is_leased(self, queue_id: str) -> bool:
+        return queue_id in self._leased
 
     @property
     def commit_stats(self) -> tuple[int, int]:
@@ -671,6 +679,9 @@ class LocalStore:
     async def save(self, envelope: Envelope) -> None:
         self._apply_rerun(envelope)
         await self.spool.save(envelope)
+        if envelope.id in self._rerun:  # asked while that write was under way: the message is still due
+            self._apply_rerun(envelope)
+            await self.spool.update(envelope)
 
     async def release(self, queue_id: str) -> bool:
         envelope = self.spool.get(queue_id)
@@ -744,23 +755,23 @@ class LocalStore:
         self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False
     ) -> Rescheduled:
         domain = domain.rstrip(".").lower()
-        chosen = [self.spool.get(queue_id)] if queue_id else self.spool.list()
-        count, links = 0, set()
+        chosen = [self.spool.get(queue_id)] if queue_id else list(self.spool.envelopes())
+        count, links, changed = 0, set[str](), list[Envelope]()
         for envelope in chosen:
             if envelope is None or envelope.frozen:
                 continue
-            touched = [
-                r
-                for r in envelope.pending
-                if not domain or r.domain == domain or (subdomains and r.domain.endswith("." + domain))
-            ]
+            touched = [r for r in envelope.pending if _at_domain(r.domain, domain, subdomains)]
             if not touched:
+                continue
+            count += 1
+            links.update(r.route for r in touched)
+            if self.spool.is_leased(envelope.id):
+                self._rerun.add(envelope.id)  # not under its delivery's feet: its save makes them due
                 continue
             for rcpt in touched:
                 rcpt.next_attempt = now
-                links.add(rcpt.route)
-            await self._changed(envelope)
-            count += 1
+            changed.append(envelope)
+        await self._update_many(changed)
         return Rescheduled(count, frozenset(links))
 
     async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
@@ -774,9 +785,15 @@ class LocalStore:
         return True
 
     async def _changed(self, envelope: Envelope) -> None:
-        if envelope.id in self.spool.leased:
+        if self.spool.is_leased(envelope.id):
             self._rerun.add(envelope.id)
         await self.spool.update(envelope)
+
+    async def _update_many(self, envelopes: Sequence[Envelope]) -> None:
+        """Persist an operator's change to many messages, UPDATE_BATCH at a time: updates in flight
+        together share the committer's fsync rounds."""
+        for start in range(0, len(envelopes), UPDATE_BATCH):
+            await asyncio.gather(*(self.spool.update(e) for e in envelopes[start : start + UPDATE_BATCH]))
 
     async def delete(self, queue_id: str) -> bool:
         if self.spool.get(queue_id) is None:
@@ -786,6 +803,11 @@ class LocalStore:
 
     async def set_link_frozen(self, link: str, frozen: bool) -> None:
         await self.spool.set_link_frozen(link, frozen)
+
+
+def _at_domain(rcpt_domain: str, domain: str, subdomains: bool) -> bool:
+    """Is a recipient's domain the one asked ("" = any), or with `subdomains` one of its subdomains?"""
+    return not domain or rcpt_domain == domain or (subdomains and rcpt_domain.endswith("." + domain))
 
 
 def _read(path: str) -> bytes:
