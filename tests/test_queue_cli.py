@@ -167,6 +167,18 @@ async def test_queue_recategorize_all_makes_messages_due_with_their_new_route(
     assert (await run("queue", "recategorize", "-c", str(service.config_path)))[0] == 2
 
 
+async def test_queue_recategorize_leaves_a_frozen_message_alone_and_says_to_thaw_it(
+    start_service: StartService,
+) -> None:
+    service, queue_id = await queued_then_stopped(start_service)
+    config = str(service.config_path)
+    assert (await run("queue", "freeze", "-c", config, queue_id))[0] == 0
+    code, _, err = await run("queue", "recategorize", "-c", config, queue_id)
+    assert code == 1 and "thaw it first" in err
+    code, out, _ = await run("queue", "recategorize", "-c", config, "--all")
+    assert code == 0 and out.startswith("0 message(s) re-categorized")
+
+
 async def test_queue_summary_groups_pending_recipients_by_link(start_service: StartService) -> None:
     service, _ = await queued_then_stopped(start_service)
     code, out, _ = await run("queue", "summary", "-c", str(service.config_path))

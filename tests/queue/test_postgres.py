@@ -17,6 +17,7 @@ import asyncpg
 import pytest
 
 from smtpsvc.model import Attempt, Envelope, Recipient, RecipientState, Source
+from smtpsvc.queue import postgres
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.queue.postgres import Claim, LeaseLost, PostgresQueue
@@ -472,14 +473,19 @@ async def test_a_retry_asked_during_a_delivery_makes_the_message_due_at_its_save
     assert [e.id for e in await claimed(b, time.time(), 10)] == [envelope.id]
 
 
-async def test_reroute_records_new_routes_and_makes_the_message_due(open_queue: OpenQueue) -> None:
+async def test_recategorize_pages_through_the_queue_a_batch_at_a_time(
+    open_queue: OpenQueue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres, "RECATEGORIZE_BATCH", 2)
     a = await open_queue()
-    envelope = await put(a, due=time.time() + 3600)
-    now = time.time()
-    assert await a.reroute(envelope.id, {"b@remote.test": "partners"}, now)
-    [leased] = await claimed(a, now, 10)
-    assert leased.recipients[0].route == "partners"
-    assert not await a.reroute("nope", {"b@remote.test": "x"}, now)
+    ids = sorted([(await put(a, due=time.time() + 3600)).id for _ in range(5)])
+    frozen = await put(a, due=time.time() + 3600)
+    await a.set_frozen(frozen.id, True)
+    seen: list[tuple[int, int]] = []
+    done = await a.recategorize(lambda address: "partners", time.time(), progress=lambda *p: seen.append(p))
+    assert (done.messages, done.links) == (5, frozenset({"partners"}))
+    assert seen == [(2, 5), (4, 5), (5, 5)]  # the frozen message is not even looked at
+    assert sorted(e.id for e in await claimed(a, time.time(), 10)) == ids
 
 
 async def test_a_frozen_link_holds_its_mail_on_every_node_until_thawed(open_queue: OpenQueue) -> None:

@@ -325,20 +325,21 @@ class QueueAdmin:
 
     async def recategorize(self, queue_id: str = "") -> int:
         """ResetMessageStatus by hand: recompute every pending recipient's route from the config and make the
-        message due now (one message, or all). Returns how many messages were re-routed."""
+        message due now (one message, or all; frozen ones are left alone). Returns how many messages were
+        re-routed."""
+        if queue_id and (await self.get(queue_id)).frozen:
+            raise AdminError(f"{queue_id} is frozen; thaw it first (`smtpsvc queue thaw {queue_id}`)")
         if self.scheduler is not None and not queue_id:
             count = await self._read(self.scheduler.recategorize())
         else:
-            envelopes = [await self.get(queue_id)] if queue_id else await self._read(self.store.list())
-            now = time.time()
-            count = 0
-            for envelope in envelopes:
-                if not envelope.pending:
-                    continue
-                routes = {r.address: route_for(r.address, self.config).link for r in envelope.pending}
-                if await self._read(self.store.reroute(envelope.id, routes, now)):
-                    self._forget_backoff(set(routes.values()))
-                    count += 1
+            config = self.config
+            done = await self._read(
+                self.store.recategorize(
+                    lambda address: route_for(address, config).link, time.time(), queue_id=queue_id
+                )
+            )
+            self._forget_backoff(set(done.links))
+            count = done.messages
             if count and self.scheduler is not None:
                 self.scheduler.wake()
         self.events.emit(

@@ -38,7 +38,6 @@ TRANSCRIPTS_KEPT = 3  # SMTP conversations kept in the envelope, newest last
 INTERNAL_RETRY = 300.0  # back-off after an unexpected internal error
 QUEUE_RETRY = 1.0  # the queue (a database) cannot be reached: look again this soon
 SAVE_RETRY_MAX = 5.0  # longest pause between tries of a save to a shared queue that cannot be reached
-REROUTE_BATCH = 64  # re-categorized messages written at once (one group commit, or a few connections)
 POSTPONE_SPREAD = 0.1  # recipients postponed for a dead destination come due over this share of the wait
 
 
@@ -94,30 +93,28 @@ class Scheduler:
             transport.revive(links)
 
     async def recategorize(self, previous: Config | None = None) -> int:
-        """Run the categorizer and router again on queued mail (ResetMessageStatus, config reload). Every
-        pending recipient's route is recomputed from the current config; the messages affected are due now:
-        all of them, or, given the `previous` config (a reload), those whose route differs under the two
+        """Run the categorizer and router again on queued mail (ResetMessageStatus, config reload), through
+        `QueueStore.recategorize`: every pending recipient's route is recomputed from the current config and
+        is due now; or, given the `previous` config (a reload), only those whose route differs under the two
         (a connector, smart host or local domain changed or vanished). A message being delivered is due
-        again when that attempt ends. Returns their count."""
-        now = time.time()
+        again when that attempt ends. Returns how many messages changed."""
+        config = self.config
         # What we learned about destinations (backoff, unavailable connectors) was about the old routes.
         self.forget_backoff(None)
         self._connector_down.clear()
-        changes: list[tuple[str, dict[str, str]]] = []
-        for envelope in await self.queue.list():
-            if envelope.frozen or not envelope.pending:
-                continue
-            routes = {r.address: route_for(r.address, self.config) for r in envelope.pending}
-            if previous is None or any(route != route_for(a, previous) for a, route in routes.items()):
-                changes.append((envelope.id, {address: route.link for address, route in routes.items()}))
-        count = 0
-        for start in range(0, len(changes), REROUTE_BATCH):  # concurrent writes share commits
-            batch = changes[start : start + REROUTE_BATCH]
-            done = await asyncio.gather(*(self.queue.reroute(qid, links, now) for qid, links in batch))
-            count += sum(done)
-        if count:
+
+        def route_of(address: str) -> str:
+            return route_for(address, config).link
+
+        def changed(address: str) -> bool:  # after a reload: does this recipient go elsewhere now?
+            return previous is not None and route_for(address, config) != route_for(address, previous)
+
+        done = await self.queue.recategorize(
+            route_of, time.time(), changed_only=None if previous is None else changed
+        )
+        if done.messages:
             self.wake()
-        return count
+        return done.messages
 
     @property
     def inflight(self) -> int:

@@ -10,7 +10,7 @@ The contract, in the order a message lives through it:
                    raises LeaseLost when another node took the message over meanwhile
   complete(id)     every recipient is final: remove the message
 Reading (`get`, `list`, `open_message`, ...) never changes state. Operator verbs (`set_frozen`,
-`make_due`, `reroute`, `delete`, `set_link_frozen`) work on a message whether or not it is being
+`make_due`, `recategorize`, `delete`, `set_link_frozen`) work on a message whether or not it is being
 delivered: a change to a leased message is honoured when its delivery saves.
 
 `QueueStore` is the async interface the pipeline (scheduler, reports, admin, metrics) uses; `Intake` is the
@@ -19,7 +19,7 @@ part ingest needs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import BinaryIO, Protocol
@@ -175,9 +175,26 @@ class QueueStore(Intake, Protocol):
         due at once, whatever the delivery recorded for it."""
         ...
 
-    async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
-        """ResetMessageStatus for one message: record the routes (address -> link) computed by the caller
-        for its pending recipients and make them due at `now`. False: no such message."""
+    async def recategorize(
+        self,
+        route_of: Callable[[str], str],
+        now: float,
+        *,
+        queue_id: str = "",
+        changed_only: Callable[[str], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Rescheduled:
+        """ResetMessageStatus: categorize queued mail again, one message (`queue_id`) or all of it.
+        `route_of(address)` is a recipient's link under the configuration now in force (routing is a layer
+        above the queue, so the caller supplies it). Each pending recipient gets that link recorded and is
+        due at `now`; given `changed_only(address)`, only the pending recipients for which it says True (a
+        route that changed with a reload). Frozen messages are left alone; a message being delivered counts
+        and gets the rerun, as with `make_due` (its delivery routes every recipient afresh anyway).
+
+        The queue is worked through in batches, so a queue of a million messages takes neither a million
+        envelopes read at once (PostgreSQL reads a page of recipients per transaction) nor an event loop
+        blocked for the whole of it; `progress(looked_at, total)` after each batch, in messages. Returns how
+        many messages changed and the links their re-routed recipients have now."""
         ...
 
     async def delete(self, queue_id: str) -> bool:

@@ -43,7 +43,7 @@ import shutil
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import IO, BinaryIO
 
@@ -774,20 +774,38 @@ class LocalStore:
         await self._update_many(changed)
         return Rescheduled(count, frozenset(links))
 
-    async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
-        envelope = self.spool.get(queue_id)
-        if envelope is None:
-            return False
-        for rcpt in envelope.pending:
-            rcpt.route = routes.get(rcpt.address, rcpt.route)
-            rcpt.next_attempt = now
-        await self._changed(envelope)
-        return True
-
-    async def _changed(self, envelope: Envelope) -> None:
-        if self.spool.is_leased(envelope.id):
-            self._rerun.add(envelope.id)
-        await self.spool.update(envelope)
+    async def recategorize(
+        self,
+        route_of: Callable[[str], str],
+        now: float,
+        *,
+        queue_id: str = "",
+        changed_only: Callable[[str], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Rescheduled:
+        ids = [queue_id] if queue_id else [envelope.id for envelope in self.spool.envelopes()]
+        count, links = 0, set[str]()
+        for start in range(0, len(ids), UPDATE_BATCH):  # routing a batch, then writing it, frees the loop
+            changed: list[Envelope] = []
+            for envelope in filter(None, map(self.spool.get, ids[start : start + UPDATE_BATCH])):
+                if envelope.frozen:
+                    continue
+                touched = [r for r in envelope.pending if changed_only is None or changed_only(r.address)]
+                if not touched:
+                    continue
+                count += 1
+                routes = [route_of(rcpt.address) for rcpt in touched]
+                links.update(routes)
+                if self.spool.is_leased(envelope.id):
+                    self._rerun.add(envelope.id)  # its delivery routes every recipient again anyway
+                    continue
+                for rcpt, link in zip(touched, routes, strict=True):
+                    rcpt.route, rcpt.next_attempt = link, now
+                changed.append(envelope)
+            await self._update_many(changed)
+            if progress is not None:
+                progress(min(start + UPDATE_BATCH, len(ids)), len(ids))
+        return Rescheduled(count, frozenset(links))
 
     async def _update_many(self, envelopes: Sequence[Envelope]) -> None:
         """Persist an operator's change to many messages, UPDATE_BATCH at a time: updates in flight

@@ -13,7 +13,7 @@ node keeps nothing in memory but the tokens of the leases it holds. docs/cluster
                      a lease that expired and was claimed by another node raises LeaseLost.
   release(id)        give a lease back without changes (a cancelled delivery).
   complete(id)       the message is done: its rows are deleted.
-  set_frozen/make_due/reroute/delete   operator verbs, as SQL updates every node sees; a forced
+  set_frozen/make_due/recategorize/delete   operator verbs, as SQL updates every node sees; a forced
                      retry (make_due) also tells every node which links to take out of their backoff.
   set_link_frozen    a next hop frozen for the whole cluster (`links`); `next_due` leaves it out.
   link_slot(l, n)    one of n connection slots of a link for the whole cluster (`link_slots`, leased).
@@ -34,7 +34,7 @@ import tempfile
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -144,6 +144,30 @@ _TAKE_SLOT = """
         lease_until = clock_timestamp() + make_interval(secs => $5)
     FROM free WHERE s.link = free.link AND s.slot = free.slot
     RETURNING s.slot
+"""
+# recategorize() goes through the queue a page of messages at a time (keyset on the id, so a page costs the
+# same at the end of a million messages as at the start): their pending recipients ($1: after this id; $2:
+# one message, or "" for all), a message without one still listed, so the next page starts after it.
+RECATEGORIZE_BATCH = 500
+_RECATEGORIZE_PAGE = """
+    WITH page AS (
+        SELECT id FROM messages
+        WHERE id > $1 AND NOT frozen AND ($2 = '' OR id = $2)
+        ORDER BY id
+        LIMIT $3
+    )
+    SELECT page.id, r.idx, r.address
+    FROM page LEFT JOIN recipients r ON r.message_id = page.id AND r.state = 'pending'
+    ORDER BY page.id, r.idx
+"""
+# The new routes of a page's recipients, due at $4; a message frozen or a recipient finished since the
+# page was read is left alone.
+_REROUTE = """
+    UPDATE recipients r SET route = new.route, next_attempt = $4
+    FROM unnest($1::text[], $2::integer[], $3::text[]) AS new(message_id, idx, route), messages m
+    WHERE r.message_id = new.message_id AND r.idx = new.idx AND r.state = 'pending'
+      AND m.id = r.message_id AND NOT m.frozen
+    RETURNING r.message_id, r.route
 """
 # After a link was frozen or thawed: the due time of every message with a pending recipient on it, as
 # Envelope.next_due(frozen_links) computes it (outstanding recipients, minus the pending ones on a frozen
@@ -387,7 +411,7 @@ class PostgresQueue:
         """Persist the delivery state of every recipient and release the lease, in one transaction.
         Raises LeaseLost when this node no longer holds the lease (another node took it over after it
         expired): nothing is written then. A retry asked while the message was leased (make_due(),
-        reroute()) makes its pending recipients due now. `envelope` must be the object claim()
+        recategorize()) makes its pending recipients due now. `envelope` must be the object claim()
         returned."""
         held = self._held.get(envelope.id)
         if held is None or held.envelope is not envelope:
@@ -635,21 +659,51 @@ class PostgresQueue:
             count = await self._made_due(conn, {row["message_id"] for row in rows}, now, links)
         return Rescheduled(count, links)
 
-    async def reroute(self, queue_id: str, routes: Mapping[str, str], now: float) -> bool:
-        """ResetMessageStatus for one message: the routes computed by the caller (address -> link name)
-        are recorded for its pending recipients, which are due at `now`. False: no such message."""
-        async with self._connection("recategorize") as conn, conn.transaction():
-            rows = await conn.fetch(
-                "UPDATE recipients r SET route = new.route, next_attempt = $2"
-                " FROM unnest($3::text[], $4::text[]) AS new(address, route)"
-                " WHERE r.message_id = $1 AND r.state = 'pending' AND r.address = new.address"
-                " RETURNING r.message_id",
-                queue_id,
-                now,
-                list(routes),
-                [_text(link) for link in routes.values()],
-            )
-            return await self._made_due(conn, {row["message_id"] for row in rows}, now) > 0
+    async def recategorize(
+        self,
+        route_of: Callable[[str], str],
+        now: float,
+        *,
+        queue_id: str = "",
+        changed_only: Callable[[str], bool] | None = None,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> Rescheduled:
+        """ResetMessageStatus (QueueStore.recategorize): a page of RECATEGORIZE_BATCH unfrozen messages at a
+        time, by id, each page read and updated in a transaction of its own; a leased message gets its
+        rerun flag (`_made_due`). The routes are computed here, with the caller's `route_of`."""
+        total = 0
+        if progress is not None:
+            async with self._connection("count the queue") as conn:
+                total = int(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM messages WHERE NOT frozen AND ($1 = '' OR id = $1)", queue_id
+                    )
+                )
+        count, looked_at, links, after = 0, 0, set[str](), ""
+        while True:
+            async with self._connection("recategorize") as conn, conn.transaction():
+                rows = await conn.fetch(_RECATEGORIZE_PAGE, after, queue_id, RECATEGORIZE_BATCH)
+                if not rows:
+                    break
+                wanted = [
+                    row
+                    for row in rows
+                    if row["address"] is not None and (changed_only is None or changed_only(row["address"]))
+                ]
+                updated = await conn.fetch(
+                    _REROUTE,
+                    [row["id"] for row in wanted],
+                    [row["idx"] for row in wanted],
+                    [_text(route_of(row["address"])) for row in wanted],
+                    now,
+                )
+                count += await self._made_due(conn, {row["message_id"] for row in updated}, now)
+            links.update(row["route"] for row in updated)
+            after = rows[-1]["id"]
+            looked_at += len({row["id"] for row in rows})
+            if progress is not None:
+                progress(looked_at, max(total, looked_at))
+        return Rescheduled(count, frozenset(links))
 
     async def _made_due(
         self, conn: Any, ids: set[str], now: float, forced: frozenset[str] | None = None
