@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 import pytest
 
@@ -70,11 +70,26 @@ def base_sections(root: Path, **overrides: dict[str, Any]) -> dict[str, dict[str
     return sections
 
 
+T = TypeVar("T")
+
+
 async def wait_until(predicate: Callable[[], Any], timeout: float = 20.0, what: str = "condition") -> Any:
     """Poll `predicate` until truthy; fail after `timeout` seconds (a bounded wait, never a fixed sleep)."""
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+async def eventually(probe: Callable[[], Awaitable[T]], timeout: float = 20.0, what: str = "condition") -> T:
+    """Await `probe()` until it returns something truthy; fail after `timeout` seconds (bounded polling)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
         if value:
             return value
         if time.monotonic() > deadline:

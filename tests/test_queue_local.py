@@ -1,4 +1,5 @@
-"""The local spool: commit protocol, leasing, crash recovery, corrupt files, group commit."""
+"""The local spool beyond the QueueStore contract (tests/queue/test_contract.py, run on it too): commit
+protocol and its files, leasing, crash recovery, corrupt files, group commit, SMTP workers' lock."""
 
 from __future__ import annotations
 
@@ -53,15 +54,6 @@ async def test_aborted_writer_leaves_no_file(spool: LocalSpool) -> None:
     writer.abort()
     assert list(spool.tmp_dir.iterdir()) == []
     assert spool.list() == []
-
-
-async def test_lease_hands_out_due_messages_once(spool: LocalSpool) -> None:
-    due_now = await put(spool, due=0.0)
-    await put(spool, due=10_000.0)
-    assert [e.id for e in spool.lease(now=100.0, limit=10)] == [due_now.id]
-    assert spool.lease(now=100.0, limit=10) == []  # leased: not handed out twice
-    spool.release(due_now.id)
-    assert [e.id for e in spool.lease(now=100.0, limit=10)] == [due_now.id]
 
 
 async def test_save_persists_state_and_reschedules(spool: LocalSpool) -> None:
@@ -300,31 +292,6 @@ def test_envelope_json_round_trip() -> None:
 
 
 # -- LocalStore: the spool behind the async QueueStore interface ------------------------------------------
-async def test_the_store_claims_what_the_spool_leases_and_names_this_node_as_holder(
-    spool: LocalSpool,
-) -> None:
-    store = LocalStore(spool, "mx1")
-    envelope = await put(spool)
-    [claim] = await store.claim(time.time(), 10)
-    assert claim.envelope is envelope and not claim.taken_over
-    assert await store.holders() == {envelope.id: "mx1"}
-    assert await store.next_due() is None
-    with await store.open_message(envelope.id) as fh:
-        assert fh.read() == b"Subject: x\r\n\r\nbody\r\n"
-
-
-async def test_a_retry_during_a_delivery_makes_the_message_due_when_that_delivery_saves(
-    spool: LocalSpool,
-) -> None:
-    store = LocalStore(spool, "mx1")
-    envelope = await put(spool)
-    [claim] = await store.claim(time.time(), 10)
-    assert (await store.make_due(time.time(), queue_id=envelope.id)).messages == 1
-    claim.envelope.recipients[0].next_attempt = time.time() + 3600  # the delivery deferred it
-    await store.save(claim.envelope)
-    assert [c.envelope.id for c in await store.claim(time.time(), 10)] == [envelope.id]
-
-
 async def test_a_retry_while_the_delivery_s_save_is_being_written_still_makes_the_message_due(
     spool: LocalSpool,
 ) -> None:
@@ -341,25 +308,6 @@ async def test_a_retry_while_the_delivery_s_save_is_being_written_still_makes_th
     assert json.loads((spool.dir / f"{envelope.id}.env").read_bytes())["recipients"][0]["next_attempt"] < (
         time.time() + 60
     )
-
-
-async def test_two_retries_of_one_message_at_once_both_succeed(spool: LocalSpool) -> None:
-    store = LocalStore(spool, "mx1")
-    envelope = await put(spool, due=time.time() + 3600)
-    done = await asyncio.gather(*(store.make_due(time.time(), domain="remote.test") for _ in range(2)))
-    assert [d.messages for d in done] == [1, 1]
-    assert list(spool.tmp_dir.iterdir()) == []
-    assert [c.envelope.id for c in await store.claim(time.time(), 10)] == [envelope.id]
-
-
-async def test_a_frozen_message_is_not_made_due_and_set_frozen_is_persisted(spool: LocalSpool) -> None:
-    store = LocalStore(spool, "mx1")
-    envelope = await put(spool, due=time.time() + 3600)
-    frozen = await store.set_frozen(envelope.id, True)
-    assert frozen is not None and frozen.frozen
-    assert json.loads((spool.dir / f"{envelope.id}.env").read_bytes())["frozen"] is True
-    assert (await store.make_due(time.time())).messages == 0
-    assert await store.set_frozen("nope", True) is None
 
 
 def test_recovery_waits_for_smtp_workers_of_an_earlier_run(

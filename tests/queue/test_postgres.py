@@ -1,17 +1,16 @@
-"""The PostgreSQL queue: round trips, leases shared by two nodes, takeover after a node dies, operator
-verbs seen by every node, NOTIFY wake-ups, and a database restart under load."""
+"""The PostgreSQL queue beyond the QueueStore contract (tests/queue/test_contract.py, run on it too): the
+envelope as stored, leases shared by two nodes, takeover after a node dies, operator verbs seen by every
+node, NOTIFY wake-ups, paging, and a database restart under load."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import asyncpg
 import pytest
@@ -21,23 +20,11 @@ from smtpsvc.queue import postgres
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.queue.postgres import Claim, LeaseLost, PostgresQueue
+from tests.conftest import eventually
 from tests.pg import PgCluster
 from tests.queue.conftest import OpenQueue
 
-T = TypeVar("T")
 BODY = b"Received: from client\r\nSubject: x\r\n\r\nbody \x00\xff\r\n"
-
-
-async def eventually(probe: Callable[[], Awaitable[T]], timeout: float = 20.0, what: str = "condition") -> T:
-    """Await `probe()` until it returns something truthy; fail after `timeout` seconds (bounded polling)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = await probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        await asyncio.sleep(0.05)
 
 
 def rich_envelope(queue_id: str) -> Envelope:
@@ -151,39 +138,6 @@ async def test_put_then_get_and_list_give_the_envelope_as_the_local_spool_encode
     assert await queue.xexch50_blob(writer.id) == b"blob"
 
 
-async def test_a_body_larger_than_the_memory_buffer_is_stored_byte_for_byte(open_queue: OpenQueue) -> None:
-    queue = await open_queue()
-    body = os.urandom(3 * 1024 * 1024 + 7)
-    writer = queue.create_writer()
-    for i in range(0, len(body), 65536):
-        writer.write(body[i : i + 65536])
-    envelope = simple_envelope(writer.id)
-    await queue.put(writer, envelope)
-    assert envelope.size == len(body)
-    with await queue.open_message(envelope.id) as fh:
-        assert fh.read() == body
-    assert await queue.xexch50_blob(envelope.id) is None
-
-
-async def test_unknown_ids_read_as_absent(open_queue: OpenQueue) -> None:
-    queue = await open_queue()
-    assert await queue.get("nope") is None
-    assert await queue.xexch50_blob("nope") is None
-    with pytest.raises(KeyError):
-        await queue.open_message("nope")
-
-
-async def test_put_refuses_an_envelope_of_another_writer(open_queue: OpenQueue) -> None:
-    queue = await open_queue()
-    writer = queue.create_writer()
-    with pytest.raises(ValueError):
-        await queue.put(writer, simple_envelope("other"))
-    writer.abort()
-    with pytest.raises(QueueError):
-        writer.write(b"late")
-    assert await queue.list() == []
-
-
 async def test_a_nul_in_a_reply_text_does_not_make_save_fail(open_queue: OpenQueue) -> None:
     queue = await open_queue()
     await put(queue)
@@ -210,18 +164,6 @@ async def test_a_lone_surrogate_in_a_text_does_not_make_put_or_save_fail(open_qu
 
 
 # -- leases -----------------------------------------------------------------------------------------------
-async def test_lease_takes_due_unfrozen_messages_once(open_queue: OpenQueue) -> None:
-    queue = await open_queue()
-    now = time.time()
-    due = await put(queue, due=now - 1)
-    await put(queue, due=now + 3600)
-    frozen = await put(queue, due=now - 1)
-    await queue.set_frozen(frozen.id, True)
-    assert [e.id for e in await claimed(queue, now, 10)] == [due.id]
-    assert await claimed(queue, now, 10) == []
-    assert queue.held == {due.id}
-
-
 async def test_two_nodes_leasing_concurrently_never_get_the_same_message(open_queue: OpenQueue) -> None:
     a, b = await open_queue("node-a"), await open_queue("node-b")
     ids = await put_many(a, 200)
@@ -440,7 +382,7 @@ async def test_complete_and_delete_remove_the_message_everywhere(open_queue: Ope
     assert not await b.delete(unwanted.id)
     assert [e.id for e in await b.list()] == [kept.id]
     assert await b.get(done.id) is None
-    with pytest.raises(KeyError):
+    with pytest.raises(QueueError):
         await b.open_message(unwanted.id)
     assert done.id not in a.held
 

@@ -248,7 +248,7 @@ class QueueAdmin:
         try:
             with await self.store.open_message(queue_id) as fh:
                 return split_headers(fh.read(HEADER_LIMIT))
-        except (QueueError, KeyError) as exc:
+        except QueueError as exc:
             raise QueueUnavailable(f"cannot read message {queue_id}: {exc}") from None
 
     async def leased_by(self, queue_id: str) -> str:

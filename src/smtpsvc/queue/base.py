@@ -120,7 +120,11 @@ class QueueStore(Intake, Protocol):
 
     async def save(self, envelope: Envelope) -> None: ...
 
-    async def release(self, queue_id: str) -> bool: ...
+    async def release(self, queue_id: str) -> bool:
+        """Give a lease back unchanged (a cancelled delivery). True when this node held it and gave it
+        back; False when it held none (in a cluster, also when the database could not be told: the lease
+        then expires)."""
+        ...
 
     def abandon(self, queue_id: str) -> None:
         """Stop holding a lease without giving it back (a delivery whose state could not be written): in a
@@ -131,7 +135,8 @@ class QueueStore(Intake, Protocol):
     async def complete(self, queue_id: str) -> None: ...
 
     async def open_message(self, queue_id: str) -> BinaryIO:
-        """The message bytes, seekable; the caller closes it. One handle per reader."""
+        """The message bytes, seekable; the caller closes it. One handle per reader. QueueError when it
+        cannot be read, no such message included."""
         ...
 
     async def xexch50_blob(self, queue_id: str) -> bytes | None: ...

@@ -684,11 +684,13 @@ class LocalStore:
             await self.spool.update(envelope)
 
     async def release(self, queue_id: str) -> bool:
+        if not self.spool.is_leased(queue_id):
+            return False
         envelope = self.spool.get(queue_id)
         if envelope is not None:
             self._apply_rerun(envelope)
         self.spool.release(queue_id)
-        return envelope is not None
+        return True
 
     def abandon(self, queue_id: str) -> None:
         # The envelope in memory carries the caller's new next attempts; releasing re-indexes by them.

@@ -846,11 +846,11 @@ class PostgresQueue:
         return self._decode_or_report(row, by_id.get(queue_id, []))
 
     async def open_message(self, queue_id: str) -> BinaryIO:
-        """The message bytes, in memory. Raises KeyError when there is no such message."""
+        """The message bytes, in memory. Raises QueueError when there is no such message."""
         async with self._connection("read the message") as conn:
             body = await conn.fetchval("SELECT body FROM messages WHERE id = $1", queue_id)
         if body is None:
-            raise KeyError(queue_id)
+            raise QueueError(f"cannot read the queued message {queue_id}: there is no such message")
         return io.BytesIO(body)
 
     async def xexch50_blob(self, queue_id: str) -> bytes | None:
