@@ -45,6 +45,7 @@ from smtpsvc.queue.base import QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.queue.postgres import PostgresQueue
 from smtpsvc.routing.mx import MxResolver
+from smtpsvc.safeio import replace_file
 from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.server.session import SessionContext
@@ -303,10 +304,8 @@ class Service:
         self.admin = AdminServer(build_app(self.admin_context), host, port)
         await self.admin.start()
         # Where the API really listens (port 0, or a config edited since the start): the CLI reads it.
-        runtime = self.root / ADMIN_ADDRESS_FILE
-        tmp = runtime.with_name(f".{runtime.name}.tmp")
-        tmp.write_text(format_listen(self.admin.address) + "\n", encoding="utf-8")
-        os.replace(tmp, runtime)
+        address = format_listen(self.admin.address) + "\n"
+        replace_file(self.root / ADMIN_ADDRESS_FILE, address.encode(), durable=False)  # made at every start
 
     async def _health(self) -> dict[str, object]:
         """/healthz: ok while the service accepts and delivers; 503 once it is stopping, or while its

@@ -8,15 +8,14 @@ the queue of the running service; the file's permissions are the authority, as w
 
 from __future__ import annotations
 
-import contextlib
 import hmac
 import ipaddress
-import os
 import secrets
 from enum import IntEnum
 from pathlib import Path
 
 from smtpsvc.config import Config
+from smtpsvc.safeio import PRIVATE, replace_file
 
 COOKIE = "smtpsvc_admin"
 ADMIN_ADDRESS_FILE = "admin.address"  # in the mailroot: where the running service's API really listens
@@ -58,15 +57,10 @@ def service_token(config: Config) -> str:
             raise AccessError(f"admin.token_file {path} holds a token shorter than 16 characters")
         return token
     token = secrets.token_urlsafe(32)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(token + "\n")
-        os.replace(tmp, path)
+        # Made again at every start: atomic for the CLI reading it, not worth an fsync.
+        replace_file(path, (token + "\n").encode(), mode=PRIVATE, durable=False)
     except OSError as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise AccessError(f"cannot write the admin token {path}: {exc.strerror or exc}") from None
     return token
 

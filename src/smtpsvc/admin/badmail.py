@@ -10,12 +10,12 @@ removed from Badmail.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from smtpsvc.admin.service import BadRequest, NotFound
 from smtpsvc.delivery.drop import envelope_lines
+from smtpsvc.safeio import publish, synced_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,13 +61,11 @@ def replay(badmail_dir: Path, pickup_dir: Path, name: str) -> Path:
     pickup_dir.mkdir(parents=True, exist_ok=True)
     target = pickup_dir / f"replay-{name}.eml"
     tmp = pickup_dir / f".replay-{name}.tmp"  # names starting with "." are ignored by the scanner
-    with open(tmp, "wb") as out, open(bad, "rb") as src:
+    with open(bad, "rb") as src, synced_file(tmp) as out:
         out.write(prefix)
         while chunk := src.read(1024 * 1024):
             out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, target)
+    publish(tmp, target)  # durable before the Badmail item goes
     for suffix in (".bad", ".bdr", ".bdp"):
         bad.with_suffix(suffix).unlink(missing_ok=True)
     return target

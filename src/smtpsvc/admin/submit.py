@@ -1,17 +1,18 @@
 """`smtpsvc sendmail`: sendmail-compatible submission into the Pickup folder (works whether or not the
 service runs, like Postfix's postdrop into maildrop). The file is written under a dot name, fsynced and
-renamed, so the Pickup scanner never takes half of it.
+renamed, so the Pickup scanner never takes half of it, and the folder is fsynced, so once the command
+returns the file survives a crash.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
 from smtpsvc.delivery.drop import envelope_lines
 from smtpsvc.model import new_queue_id
+from smtpsvc.safeio import publish, synced_file
 
 
 def write_pickup_file(
@@ -23,14 +24,12 @@ def write_pickup_file(
     name = f"sendmail-{new_queue_id()}.eml"
     tmp = pickup_dir / f".{name}.tmp"
     final = pickup_dir / name
-    with open(tmp, "wb") as out:
+    with synced_file(tmp) as out:
         if recipients:
             out.write(envelope_lines(sender or "", recipients))
         elif sender is not None:
             out.write(f"X-Sender: <{sender}>\r\n".encode())
         while chunk := message.read(1024 * 1024):
             out.write(chunk)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, final)
+    publish(tmp, final)
     return final

@@ -12,7 +12,8 @@ scrypt parameters are read back from each string, so they can be raised later wi
 hashes, and they are capped (``MAX_N``/``MAX_R``/``MAX_P``, ``MAX_MEMORY``) so a tampered file cannot make
 the service burn memory or CPU. ``UserStore`` is the loaded file: ``load`` parses and validates it without
 hashing anything (cheap enough to call again on SIGHUP), ``verify`` checks a password, ``add``/``remove``
-change it and ``save`` writes it atomically (temp file with mode 0600 in the same folder, fsync, rename).
+change it and ``save`` writes it atomically (``safeio.replace_file``: a temp file with mode 0600 in the same
+folder, fsync, rename, fsync of the folder).
 ``users_path`` resolves ``auth.users_file`` against the configuration file's folder.
 
 Note for the session: ``UserStore.verify`` costs about 50 ms of CPU (one scrypt with the default parameters),
@@ -30,7 +31,6 @@ import hmac
 import os
 import re
 import secrets
-import tempfile
 import tomllib
 import unicodedata
 from collections.abc import Mapping
@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpsvc.config import Config
+from smtpsvc.safeio import PRIVATE, replace_file
 
 __all__ = [
     "DEFAULT_N",
@@ -394,18 +395,8 @@ class UserStore:
         folder. Keeps the owner and group of the file it replaces when allowed. Raises OSError."""
         file = Path(path)
         file.parent.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(dir=file.parent, prefix=f".{file.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-                out.write(self.render())
-                out.flush()
-                _keep_owner(out.fileno(), file)
-                os.fsync(out.fileno())
-            os.replace(temp, file)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
-        _fsync_folder(file.parent)
+        payload = self.render().encode("utf-8")
+        replace_file(file, payload, mode=PRIVATE, prepare=lambda fd: _keep_owner(fd, file))
 
     def _refresh_dummy(self) -> None:
         first = next(iter(self._accounts.values()), None)
@@ -468,16 +459,6 @@ def _keep_owner(fd: int, replaced: Path) -> None:
     with contextlib.suppress(OSError):
         st = replaced.stat()
         os.fchown(fd, st.st_uid, st.st_gid)
-
-
-def _fsync_folder(folder: Path) -> None:
-    if os.name != "posix":
-        return
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def users_path(config: Config, config_path: str | os.PathLike[str] | None) -> Path:

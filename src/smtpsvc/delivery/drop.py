@@ -22,8 +22,8 @@ from typing import BinaryIO
 from smtpsvc.delivery.transport import MessageSource, Outcome
 from smtpsvc.model import DeliveryResult, Envelope, Recipient
 from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.commit import fsync_dir
 from smtpsvc.routing.connectors import RouteChoice
+from smtpsvc.safeio import publish, synced_file
 
 COPY_CHUNK = 1024 * 1024
 
@@ -40,20 +40,12 @@ def write_drop_file(
     `message` is a file name or a seekable handle, read from its start (the caller closes a handle)."""
     drop_dir.mkdir(parents=True, exist_ok=True)
     tmp = drop_dir / f".{queue_id}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "wb") as out, _opened(message) as src:
-            out.write(envelope_lines(sender, recipients))
-            src.seek(0)
-            shutil.copyfileobj(src, out, COPY_CHUNK)
-            out.flush()
-            os.fsync(out.fileno())
-        final = _free_name(drop_dir, queue_id)
-        os.replace(tmp, final)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(drop_dir)
+    with _opened(message) as src, synced_file(tmp) as out:
+        out.write(envelope_lines(sender, recipients))
+        src.seek(0)
+        shutil.copyfileobj(src, out, COPY_CHUNK)
+    final = _free_name(drop_dir, queue_id)
+    publish(tmp, final)
     return final
 
 

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from smtpsvc import events
 from smtpsvc.events import EventLog
-from smtpsvc.queue.commit import fsync_dir
+from smtpsvc.safeio import publish, synced_file, write_synced
 
 
 def write_badmail(
@@ -44,26 +44,18 @@ def write_badmail(
     bdp = badmail_dir / f"{name}.bdp"
     bad = badmail_dir / f"{name}.bad"
     tmp = badmail_dir / f".{name}.bad.tmp"
-    _write_synced(bdr, "".join(f"{line}\r\n" for line in reasons).encode("utf-8"))
-    _write_synced(bdp, json.dumps(envelope or {}, indent=2, ensure_ascii=False).encode("utf-8"))
-    try:
-        with open(tmp, "wb") as out:
-            if isinstance(message, bytes):
-                out.write(message)
-            elif isinstance(message, Path):
-                with open(message, "rb") as src:
-                    shutil.copyfileobj(src, out, 1024 * 1024)
-            else:
-                message.seek(0)
-                shutil.copyfileobj(message, out, 1024 * 1024)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, bad)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fsync_dir(badmail_dir)
+    write_synced(bdr, "".join(f"{line}\r\n" for line in reasons).encode("utf-8"))
+    write_synced(bdp, json.dumps(envelope or {}, indent=2, ensure_ascii=False).encode("utf-8"))
+    with synced_file(tmp) as out:
+        if isinstance(message, bytes):
+            out.write(message)
+        elif isinstance(message, Path):
+            with open(message, "rb") as src:
+                shutil.copyfileobj(src, out, 1024 * 1024)
+        else:
+            message.seek(0)
+            shutil.copyfileobj(message, out, 1024 * 1024)
+    publish(tmp, bad)  # the folder's fsync covers the .bdr and .bdp names too
     return bad
 
 
@@ -73,13 +65,6 @@ def _free_name(badmail_dir: Path, name: str) -> str:
         candidate = f"{name}-{n}"
         n += 1
     return candidate
-
-
-def _write_synced(path: Path, payload: bytes) -> None:
-    with open(path, "wb") as out:
-        out.write(payload)
-        out.flush()
-        os.fsync(out.fileno())
 
 
 def enforce_cap(badmail_dir: Path, max_size: int) -> list[str]:

@@ -16,6 +16,8 @@ So the 250 after DATA still waits for its own fsyncs, fifty sessions finishing t
 journal commit, and the worker threads do nothing but fsync: they hardly ever need the GIL, which kept the
 event loop and a busy worker thread handing it back and forth (futex storms) when the whole job, every
 open, write and rename included, ran in the thread. A new message needs step 1 only (queue/local.py).
+The primitives (writing a file for its fsync, whether a folder can be synced) come from smtpsvc.safeio;
+the batching is this module's own.
 
 While a batch is in step 3, the next batch (the commits that arrived meanwhile) already starts step 1, so
 a commit waits for at most the file sync of the batch before it, not the whole of it. Steps 2 run in batch
@@ -33,6 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smtpsvc.safeio import SYNCS_DIRS
+
 FSYNC_THREADS = 8  # fsyncs in flight at once
 
 
@@ -49,17 +53,6 @@ class _Pending:
     commit: Commit
     future: asyncio.Future[None] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     error: BaseException | None = None
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creations, renames, unlinks) durable. A no-op where unsupported."""
-    if os.name == "nt":  # Windows cannot open a directory; NTFS metadata is journalled
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class GroupCommitter:
@@ -112,7 +105,7 @@ class GroupCommitter:
             self._fsyncs = _FsyncThreads(FSYNC_THREADS)
         files = [(item, fd) for item in batch for fd in item.commit.fds]
         folders: list[tuple[list[_Pending], int]] = []  # one fsync per directory serves all its commits
-        if os.name != "nt":
+        if SYNCS_DIRS:
             for directory, members in _created_in(batch).items():
                 try:
                     folders.append((members, os.open(directory, os.O_RDONLY)))
@@ -136,7 +129,7 @@ class GroupCommitter:
                 except OSError as exc:
                     item.error = exc
                     continue
-            if os.name != "nt":  # Windows cannot open a directory; NTFS metadata is journalled
+            if SYNCS_DIRS:
                 for directory in item.commit.dirs:
                     dirs.setdefault(directory, []).append(item)
         return dirs

@@ -49,8 +49,9 @@ from typing import IO, BinaryIO
 
 from smtpsvc.model import Envelope, new_queue_id
 from smtpsvc.queue.base import Claim, MessageWriter, QueueError, QueueLocked, Rescheduled
-from smtpsvc.queue.commit import Commit, GroupCommitter, fsync_dir
-from smtpsvc.queue.spares import SparePool, write_new
+from smtpsvc.queue.commit import Commit, GroupCommitter
+from smtpsvc.queue.spares import FILE_MODE, SparePool
+from smtpsvc.safeio import fsync_dir, publish, write_new, write_synced
 
 try:  # POSIX advisory locking; Windows gets msvcrt below
     import fcntl
@@ -288,7 +289,7 @@ class LocalSpool:
             rcpt.next_attempt = min(rcpt.next_attempt, now)
         envelope.spool = self.spool_id
         tmp = self.tmp_dir / f"{envelope.id}.env.adopt"
-        _write_synced(tmp, _encode(envelope))
+        write_synced(tmp, _encode(envelope), FILE_MODE)
         os.replace(tmp, self.dir / f"{envelope.id}.env")
         self.adopted.append(envelope.id)
 
@@ -302,9 +303,8 @@ class LocalSpool:
             return text
         text = uuid.uuid4().hex
         tmp = self.tmp_dir / "spool.id"
-        _write_synced(tmp, text.encode() + b"\n")
-        os.replace(tmp, path)
-        fsync_dir(self.dir)
+        write_synced(tmp, text.encode() + b"\n", FILE_MODE)
+        publish(tmp, path)
         return text
 
     def close(self) -> None:
@@ -390,7 +390,7 @@ class LocalSpool:
                 os.replace(writer.path, eml)
                 fds.append(os.open(eml, os.O_RDONLY))
             if blob:
-                fds.append(write_new(f"{final}{stem}.x50", blob))
+                fds.append(write_new(f"{final}{stem}.x50", blob, FILE_MODE))
             fds.append(self.spares.write(pending, payload))
         except OSError as exc:
             for fd in fds:
@@ -430,7 +430,7 @@ class LocalSpool:
         the rename is skipped when it says so at that moment."""
         tmp = self.tmp_dir / tmp_name
         try:
-            fd = write_new(tmp, payload)
+            fd = write_new(tmp, payload, FILE_MODE)
         except OSError as exc:
             raise QueueError(f"cannot update {final.name}: {exc.strerror}") from exc
 
@@ -840,11 +840,3 @@ def _encode(envelope: Envelope) -> bytes:
     # so json.loads gives it back as it was, instead of the write failing with a UnicodeEncodeError.
     text = json.dumps(envelope.to_json(), ensure_ascii=False, separators=(",", ":"))
     return text.encode("utf-8", "backslashreplace")
-
-
-def _write_synced(path: Path, payload: bytes) -> None:
-    fd = write_new(path, payload)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -29,6 +29,9 @@ import random
 import time
 from pathlib import Path
 
+from smtpsvc.safeio import write_all, write_new
+
+FILE_MODE = 0o640  # queue files: the service's user and group only
 SPARE_LIMIT = 512  # files kept at most
 SPARE_MAX_SIZE = 128 * 1024  # a larger file is removed, not kept
 LIST_INTERVAL = 0.005  # seconds between two listings of an empty (for us) pool
@@ -59,13 +62,13 @@ class SparePool:
         if self._take(path):
             fd = os.open(path, os.O_WRONLY)
             try:
-                _write_all(fd, payload)
+                write_all(fd, payload)
                 os.ftruncate(fd, len(payload))
             except BaseException:
                 os.close(fd)
                 raise
             return fd
-        return write_new(path, payload)
+        return write_new(path, payload, FILE_MODE)
 
     def _take(self, path: str) -> bool:
         while True:
@@ -125,20 +128,3 @@ class SparePool:
             self._counted = now
             with contextlib.suppress(OSError):
                 self._kept = len(os.listdir(self.dir))
-
-
-def write_new(path: str | Path, payload: bytes) -> int:
-    """Write `payload` to a new or truncated file; returns the open fd for the committer to fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    try:
-        _write_all(fd, payload)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-def _write_all(fd: int, payload: bytes) -> None:
-    view = memoryview(payload)
-    while view:
-        view = view[os.write(fd, view) :]
