@@ -179,6 +179,23 @@ async def test_queue_recategorize_leaves_a_frozen_message_alone_and_says_to_thaw
     assert code == 0 and out.startswith("0 message(s) re-categorized")
 
 
+async def test_a_queue_command_on_a_stopped_service_reports_an_unreadable_envelope_as_event_9001(
+    start_service: StartService,
+) -> None:
+    service, queue_id = await queued_then_stopped(start_service)
+    (service.folders["queue"] / f"{queue_id}.env").write_text("{not json")
+    code, out, _ = await run("queue", "list", "-c", str(service.config_path))
+    assert code == 0 and queue_id not in out
+    [event] = [
+        json.loads(line)
+        for line in (service.folders["log"] / "events.jsonl").read_text().splitlines()
+        if json.loads(line).get("cause") == "queue-file-corrupt"
+    ]
+    assert event["id"] == 9001
+    assert event["text"].startswith(f"Queue file {queue_id} is unreadable and was moved to queue/corrupt: ")
+    assert (service.folders["queue"] / "corrupt" / f"{queue_id}.env").exists()
+
+
 async def test_queue_summary_groups_pending_recipients_by_link(start_service: StartService) -> None:
     service, _ = await queued_then_stopped(start_service)
     code, out, _ = await run("queue", "summary", "-c", str(service.config_path))

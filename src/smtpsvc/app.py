@@ -21,6 +21,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -243,33 +244,10 @@ class Service:
         notify(f"READY=1\nSTATUS=listening on {listening}")
 
     async def _open_queue(self) -> QueueStore:
-        """The queue `queue.backend` names, opened: the spool under mailroot/queue (crash recovery, the
-        lock), or the cluster's PostgreSQL queue (schema checked, LISTEN, lease renewal)."""
-        cfg = self.config.queue
-        if cfg.backend == "postgres":
-            pg = PostgresQueue(
-                cfg.dsn,
-                cfg.node_id,
-                cfg.lease,
-                tmp_dir=self.folders["queue"],  # a message over 1 MiB is buffered here until its commit
-                on_corrupt=self._corrupt_row,
-            )
-            await pg.open()
-            self.queue = pg
-            return pg
-        spool = LocalSpool(self.folders["queue"], on_corrupt=self._corrupt)
-        spool.open()
-        self.queue = spool
-        if spool.adopted:
-            self.events.emit(
-                events.Event(
-                    events.RECATEGORIZED,
-                    f"{len(spool.adopted)} message(s) copied in from another server's queue were "
-                    "adopted and are due now (KB306043 Queue to Queue), routed by this server's config",
-                    cause="queue-adopted",
-                )
-            )
-        return LocalStore(spool, cfg.node_id)
+        """The queue `queue.backend` names, opened by `open_queue`; `self.queue` is its backend."""
+        store = await open_queue(self.config, self.events, for_tool=False)
+        self.queue = store.spool if isinstance(store, LocalStore) else store
+        return store
 
     async def _queue_size(self) -> str:
         try:
@@ -329,26 +307,6 @@ class Service:
         if not config.auth.users_file:
             return UserStore()
         return UserStore.load(users_path(config, self.config_path))
-
-    def _corrupt(self, name: str, reason: str) -> None:
-        self.events.emit(
-            events.Event(
-                events.QUEUE_FILE_CORRUPT,
-                f"Queue file {name} is unreadable and was moved to queue/corrupt: {reason}",
-                queue_id=name,
-                cause="queue-file-corrupt",
-            )
-        )
-
-    def _corrupt_row(self, queue_id: str, reason: str) -> None:
-        self.events.emit(
-            events.Event(
-                events.QUEUE_FILE_CORRUPT,
-                f"Queued message {queue_id} is unreadable and was frozen and set aside: {reason}",
-                queue_id=queue_id,
-                cause="queue-file-corrupt",
-            )
-        )
 
     async def _flush_events(self) -> None:
         while True:
@@ -493,3 +451,55 @@ def run_service(config: Config, config_path: str | None) -> int:
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
+
+
+async def open_queue(config: Config, event_log: EventLog, *, for_tool: bool) -> LocalStore | PostgresQueue:
+    """The queue `queue.backend` names, opened: the one place that builds a queue backend, for the service
+    at its start and (`for_tool`) for the `smtpsvc queue` commands, which get it through admin/client.py.
+    The spool in <root>/queue: its lock, crash recovery, and messages copied in from another server adopted
+    (event 9005). Or the cluster's PostgreSQL queue, its schema checked; the service LISTENs, renews its
+    leases and buffers a large message in <root>/queue, a tool does none of that and keeps two connections.
+    Unreadable messages are reported as event 9001. The caller closes it. Raises QueueLocked (another
+    process holds the spool), QueueError, or OSError (the queue folder)."""
+    cfg = config.queue
+    folder = Path(config.server.root) / "queue"
+    if cfg.backend == "postgres":
+        set_aside = _corrupt_reporter(event_log, "Queued message", "was frozen and set aside")
+        if for_tool:
+            pg = PostgresQueue(
+                cfg.dsn, cfg.node_id, cfg.lease, listen=False, pool_size=2, on_corrupt=set_aside
+            )
+        else:
+            pg = PostgresQueue(cfg.dsn, cfg.node_id, cfg.lease, tmp_dir=folder, on_corrupt=set_aside)
+        await pg.open()
+        return pg
+    spool = LocalSpool(
+        folder, on_corrupt=_corrupt_reporter(event_log, "Queue file", "was moved to queue/corrupt")
+    )
+    spool.open()
+    if spool.adopted:
+        event_log.emit(
+            events.Event(
+                events.RECATEGORIZED,
+                f"{len(spool.adopted)} message(s) copied in from another server's queue were "
+                "adopted and are due now (KB306043 Queue to Queue), routed by this server's config",
+                cause="queue-adopted",
+            )
+        )
+    return LocalStore(spool, cfg.node_id)
+
+
+def _corrupt_reporter(event_log: EventLog, what: str, done: str) -> Callable[[str, str], None]:
+    """on_corrupt for a backend: event 9001 naming the unreadable message and what became of it."""
+
+    def corrupt(name: str, reason: str) -> None:
+        event_log.emit(
+            events.Event(
+                events.QUEUE_FILE_CORRUPT,
+                f"{what} {name} is unreadable and {done}: {reason}",
+                queue_id=name,
+                cause="queue-file-corrupt",
+            )
+        )
+
+    return corrupt

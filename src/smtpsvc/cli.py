@@ -281,7 +281,9 @@ def _with_admin(config_file: str | None, work: Callable[[Admin], Awaitable[T]], 
     config = _load(_config_path(config_file))
 
     async def main() -> T:
-        async with open_admin(config) as admin:
+        from smtpsvc.app import open_queue  # the composition root builds the queue; imported when needed
+
+        async with open_admin(config, open_queue) as admin:
             if not quiet:
                 click.echo(f"smtpsvc: working on {admin.where}", err=True)
             return await work(admin)

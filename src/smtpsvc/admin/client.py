@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, read_token
-from smtpsvc.admin.service import AdminError, LinkSummary, QueueAdmin, QueueEntry, ServiceRunning
+from smtpsvc.admin.service import (
+    AdminError,
+    LinkSummary,
+    QueueAdmin,
+    QueueEntry,
+    QueueOpener,
+    ServiceRunning,
+)
 from smtpsvc.config import Config
 from smtpsvc.model import Envelope
 
@@ -164,13 +171,14 @@ def _q(text: str) -> str:
 
 
 @asynccontextmanager
-async def open_admin(config: Config) -> AsyncIterator[QueueAdmin | RemoteAdmin]:
+async def open_admin(config: Config, open_queue: QueueOpener) -> AsyncIterator[QueueAdmin | RemoteAdmin]:
     """The queue of a stopped service (its files, under its lock), of a running one (its admin API), or
-    of a cluster (the PostgreSQL database, directly)."""
+    of a cluster (the PostgreSQL database, directly). `open_queue` opens the first and the last: the
+    composition root's `app.open_queue`, which the CLI passes in."""
     async with AsyncExitStack() as stack:
         admin: QueueAdmin | RemoteAdmin
         try:
-            admin = await stack.enter_async_context(QueueAdmin.offline(config))
+            admin = await stack.enter_async_context(QueueAdmin.offline(config, open_queue))
         except ServiceRunning:
             admin = RemoteAdmin.for_config(config)
         yield admin

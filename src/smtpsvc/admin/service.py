@@ -8,7 +8,8 @@ One implementation over the queue interface (`QueueStore`), three places it runs
     service holds, so the two can never change the queue at the same time;
   - on the PostgreSQL queue of a cluster (`QueueAdmin.offline`, postgres backend), from any machine whether
     the nodes run or not: the database is the arbiter, and every node sees a change at once.
-The CLI reaches the first through `smtpsvc.admin.client` and opens the others itself; nothing here prints.
+The CLI reaches the first through `smtpsvc.admin.client`, and the others with the queue it opens through
+the composition root (`app.open_queue`, passed in); nothing here prints.
 
 A message being delivered right now (leased) is never rewritten under the delivery: a freeze or a retry
 is recorded on it and takes effect when the attempt ends; a delete is refused until it has. With a shared
@@ -18,11 +19,11 @@ queue the lease holder may be another node; `QueueEntry.leased_by` names it.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from smtpsvc import events
 from smtpsvc.config import Config
@@ -34,8 +35,6 @@ from smtpsvc.ingest import Ingest
 from smtpsvc.model import Envelope, RecipientState, pending_by_link, queue_state
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueLocked, QueueStore
-from smtpsvc.queue.local import LocalSpool, LocalStore
-from smtpsvc.queue.postgres import PostgresQueue
 from smtpsvc.routing.categorizer import route_for
 
 T = TypeVar("T")
@@ -158,6 +157,13 @@ def summarize(
     return sorted(out, key=lambda s: (-s.messages, s.link))
 
 
+class QueueOpener(Protocol):
+    """How an admin tool opens the queue of a configuration: `app.open_queue`, the one place backends are
+    built, passed in by the CLI (admin does not import the composition root above it)."""
+
+    def __call__(self, config: Config, event_log: EventLog, *, for_tool: bool) -> Awaitable[QueueStore]: ...
+
+
 class QueueAdmin:
     def __init__(
         self,
@@ -191,17 +197,24 @@ class QueueAdmin:
 
     @classmethod
     @asynccontextmanager
-    async def offline(cls, config: Config) -> AsyncIterator[QueueAdmin]:
-        """Open the queue without a service in this process, for the duration of the block: the files of a
+    async def offline(cls, config: Config, open_queue: QueueOpener) -> AsyncIterator[QueueAdmin]:
+        """Open the queue without a service in this process, for the duration of the block, with
+        `open_queue` (the composition root's `app.open_queue`, handed over by the CLI): the files of a
         stopped service (with its lock; raises ServiceRunning when the service holds it: reach it through
         its admin API instead), or the PostgreSQL queue of a cluster (no lock: the database decides)."""
         root = Path(config.server.root)
         event_log = EventLog(root / "log" / "events.jsonl", stream=None)
         try:
-            async with _open_store(config, event_log) as (store, where):
+            store = await _opened(open_queue, config, event_log)
+            try:
                 ingest = Ingest(store, config, event_log)
                 reporter = Reporter(store, config, ingest, event_log, root / "badmail")
+                where = "the queue files (service stopped)"
+                if store.shared:
+                    where = f"the cluster queue in PostgreSQL at {pgschema.describe(config.queue.dsn)}"
                 yield cls(store, config, event_log, reporter, where=where)
+            finally:
+                await store.close()
         finally:
             event_log.close()
 
@@ -421,63 +434,17 @@ class QueueAdmin:
         )
 
 
-@asynccontextmanager
-async def _open_store(config: Config, event_log: EventLog) -> AsyncIterator[tuple[QueueStore, str]]:
-    """The queue of this configuration, opened for an admin tool, and the words saying which it is."""
-    if config.queue.backend == "postgres":
-        async with _open_postgres(config, event_log) as store:
-            yield store, f"the cluster queue in PostgreSQL at {pgschema.describe(config.queue.dsn)}"
-        return
-    spool = LocalSpool(Path(config.server.root) / "queue", on_corrupt=_corrupt_reporter(event_log))
+async def _opened(open_queue: QueueOpener, config: Config, event_log: EventLog) -> QueueStore:
+    """The queue for an admin tool, or the AdminError that says why not."""
     try:
-        spool.open()
+        return await open_queue(config, event_log, for_tool=True)
     except QueueLocked as exc:
         raise ServiceRunning(str(exc)) from None
     except QueueError as exc:
         raise QueueUnavailable(str(exc)) from None
     except OSError as exc:
-        raise QueueUnavailable(f"cannot open the queue folder {spool.dir}: {exc.strerror or exc}") from None
-    local = LocalStore(spool, config.queue.node_id)
-    try:
-        yield local, "the queue files (service stopped)"
-    finally:
-        await local.close()
-
-
-@asynccontextmanager
-async def _open_postgres(config: Config, event_log: EventLog) -> AsyncIterator[PostgresQueue]:
-    queue = PostgresQueue(
-        config.queue.dsn,
-        config.queue.node_id,
-        config.queue.lease,
-        listen=False,  # a tool: it claims nothing, so it neither listens nor renews
-        pool_size=2,
-        on_corrupt=_corrupt_reporter(event_log, moved=False),
-    )
-    try:
-        await queue.open()
-    except QueueError as exc:
-        raise QueueUnavailable(str(exc)) from None
-    try:
-        yield queue
-    finally:
-        await queue.close()
-
-
-def _corrupt_reporter(event_log: EventLog, moved: bool = True) -> Callable[[str, str], None]:
-    where = "was moved to queue/corrupt" if moved else "was frozen and set aside"
-
-    def corrupt(name: str, reason: str) -> None:
-        event_log.emit(
-            events.Event(
-                events.QUEUE_FILE_CORRUPT,
-                f"Queue file {name} is unreadable and {where}: {reason}",
-                queue_id=name,
-                cause="queue-file-corrupt",
-            )
-        )
-
-    return corrupt
+        folder = Path(config.server.root) / "queue"
+        raise QueueUnavailable(f"cannot open the queue folder {folder}: {exc.strerror or exc}") from None
 
 
 class ServiceRunning(AdminError):
