@@ -14,7 +14,7 @@ Reading (`get`, `list`, `open_message`, ...) never changes state. Operator verbs
 delivered: a change to a leased message is honoured when its delivery saves.
 
 `QueueStore` is the async interface the pipeline (scheduler, reports, admin, metrics) uses; `Intake` is the
-part ingest needs.
+part ingest needs. tests/queue/test_contract.py runs one suite of this contract against every backend.
 """
 
 from __future__ import annotations

@@ -548,8 +548,8 @@ class LocalSpool:
             self._index(envelope)
 
     def reschedule(self, queue_id: str) -> None:
-        """Re-read the due time of a message whose recipients' next attempts were changed in memory
-        (ETRN, Force Connection). A leased message is left alone: its delivery is under way."""
+        """Re-read the due time of a message changed in memory only (a freeze whose write failed, put back).
+        A leased message is left alone: its delivery is under way."""
         envelope = self._envelopes.get(queue_id)
         if envelope is not None and queue_id not in self._leased:
             self._index(envelope)
