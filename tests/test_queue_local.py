@@ -310,6 +310,22 @@ async def test_a_retry_while_the_delivery_s_save_is_being_written_still_makes_th
     )
 
 
+async def test_a_message_made_due_is_claimable_only_once_make_due_has_returned(spool: LocalSpool) -> None:
+    # ETRN lifts the destination's backoff right after make_due: a delivery pass in between would find the
+    # destination still down and postpone the message again.
+    store = LocalStore(spool, "mx1")
+    envelope = await put(spool, due=time.time() + 3600)
+    making = asyncio.ensure_future(store.make_due(time.time(), domain="remote.test"))
+    for _ in range(1000):  # a few turns of the loop, until make_due is writing the envelope
+        if any(spool.tmp_dir.iterdir()):
+            break
+        await asyncio.sleep(0)
+    assert not making.done()
+    assert await store.claim(time.time(), 10) == []
+    await making
+    assert [c.envelope.id for c in await store.claim(time.time(), 10)] == [envelope.id]
+
+
 def test_recovery_waits_for_smtp_workers_of_an_earlier_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

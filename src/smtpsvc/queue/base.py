@@ -177,7 +177,11 @@ class QueueStore(Intake, Protocol):
 
         A message being delivered (leased) counts among those changed, and its delivery goes on undisturbed:
         it is flagged (`rerun`), and when that delivery saves or releases it, every pending recipient is
-        due at once, whatever the delivery recorded for it."""
+        due at once, whatever the delivery recorded for it.
+
+        The caller lifts its backoff for the returned links: the local spool makes nothing claimable before
+        it returns, so no delivery pass finds those destinations still down meanwhile; PostgreSQL has every
+        node, this one included, lift it on the NOTIFY of its commit (`on_forced_retry`)."""
         ...
 
     async def recategorize(

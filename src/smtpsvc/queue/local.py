@@ -447,13 +447,14 @@ class LocalSpool:
                 tmp.unlink()
             raise QueueError(f"cannot update {final.name}: {exc.strerror}") from exc
 
-    async def update(self, envelope: Envelope) -> None:
+    async def update(self, envelope: Envelope, *, index: bool = True) -> None:
         """Persist an operator's change (freeze, thaw, retry) without touching the lease: a message being
         delivered keeps its lease, and the delivery's own save later carries the change. The due index is
-        updated before the write, so the scheduler never leases a message on the state it had before."""
+        updated before the write, so the scheduler never leases a message on the state it had before;
+        `index=False` leaves that to the caller (`reschedule` once the write is done)."""
         if envelope.id not in self._envelopes:
             return  # completed meanwhile (delivered, or deleted by another request)
-        if envelope.id not in self._leased:
+        if index and envelope.id not in self._leased:
             self._index(envelope)
         envelope.spool = self.spool_id
         final = self.dir / f"{envelope.id}.env"
@@ -548,8 +549,9 @@ class LocalSpool:
             self._index(envelope)
 
     def reschedule(self, queue_id: str) -> None:
-        """Re-read the due time of a message changed in memory only (a freeze whose write failed, put back).
-        A leased message is left alone: its delivery is under way."""
+        """Re-read the due time of a message whose state was changed in memory (an operator's change, once
+        written; a freeze whose write failed, put back). A leased message is left alone: its delivery is
+        under way."""
         envelope = self._envelopes.get(queue_id)
         if envelope is not None and queue_id not in self._leased:
             self._index(envelope)
@@ -810,10 +812,18 @@ class LocalStore:
         return Rescheduled(count, frozenset(links))
 
     async def _update_many(self, envelopes: Sequence[Envelope]) -> None:
-        """Persist an operator's change to many messages, UPDATE_BATCH at a time: updates in flight
-        together share the committer's fsync rounds."""
-        for start in range(0, len(envelopes), UPDATE_BATCH):
-            await asyncio.gather(*(self.spool.update(e) for e in envelopes[start : start + UPDATE_BATCH]))
+        """Persist an operator's change to many messages, UPDATE_BATCH at a time (updates in flight together
+        share the committer's fsync rounds), and only then index their new due times, all at once and
+        without a pause: nothing made due is claimed before the caller gets control back, so a caller
+        that lifts a destination's backoff right after loses no race to a delivery pass that would
+        postpone the message again for the destination it is about to lift."""
+        try:
+            for start in range(0, len(envelopes), UPDATE_BATCH):
+                batch = envelopes[start : start + UPDATE_BATCH]
+                await asyncio.gather(*(self.spool.update(e, index=False) for e in batch))
+        finally:
+            for envelope in envelopes:
+                self.spool.reschedule(envelope.id)
 
     async def delete(self, queue_id: str) -> bool:
         if self.spool.get(queue_id) is None:
