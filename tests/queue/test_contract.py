@@ -408,6 +408,16 @@ async def test_make_due_with_subdomains_takes_the_domain_and_its_subdomains(stor
     assert sorted(await claimed(store)) == sorted([at_domain.id, at_sub.id])
 
 
+async def test_make_due_for_a_link_touches_only_the_recipients_waiting_for_it(store: QueueStore) -> None:
+    envelope = await put(store, "a@one.test", "b@two.test", due=time.time() + LATER)
+    done = await store.make_due(time.time(), link="two.test")
+    assert (done.messages, done.links) == (1, frozenset({"two.test"}))
+    got = await store.get(envelope.id)
+    assert got is not None
+    one, two = got.recipients
+    assert one.next_attempt > time.time() + LATER / 2 and two.next_attempt <= time.time()
+
+
 async def test_make_due_of_every_message(store: QueueStore) -> None:
     ids = [(await put(store, f"x@d{n}.test", due=time.time() + LATER)).id for n in range(3)]
     assert (await store.make_due(time.time())).messages == 3
@@ -551,6 +561,62 @@ async def test_a_frozen_link_is_listed_until_it_is_thawed(store: QueueStore) -> 
     assert await store.frozen_links() == frozenset({"smarthost", "partners"})
     await store.set_link_frozen("smarthost", False)
     assert await store.frozen_links() == frozenset({"partners"})
+
+
+# -- summary -----------------------------------------------------------------------------------------------
+async def test_the_summary_of_an_empty_queue_is_empty(store: QueueStore) -> None:
+    summary = await store.summary()
+    assert (summary.messages, summary.links, summary.oldest, summary.bytes) == (0, {}, None, 0)
+    assert summary.states == {"ready": 0, "retry": 0, "frozen": 0}
+
+
+async def test_the_summary_counts_messages_by_state(store: QueueStore) -> None:
+    ready = await put(store)
+    tried = await put(store)
+    frozen = await put(store, due=time.time() + LATER)
+    [claim] = await store.claim(time.time(), 1)
+    claim.envelope.recipients[0].attempts = 1
+    claim.envelope.recipients[0].next_attempt = time.time() + LATER
+    await store.save(claim.envelope)
+    await store.set_frozen(frozen.id, True)
+    summary = await store.summary()
+    assert summary.messages == 3 and summary.states == {"ready": 1, "retry": 1, "frozen": 1}
+    assert {ready.id, tried.id} >= {claim.envelope.id}
+    assert summary.bytes >= 3 * len(BODY)
+
+
+async def test_the_summary_counts_pending_recipients_per_link_with_the_oldest_messages_first(
+    store: QueueStore,
+) -> None:
+    first = await put(store, "a@one.test", "b@one.test", "c@two.test", due=time.time() + LATER)
+    second = await put(store, "d@one.test", due=time.time() + 2 * LATER)
+    summary = await store.summary()
+    one, two = summary.links["one.test"], summary.links["two.test"]
+    assert (one.messages, one.recipients, one.sample) == (2, 3, (first.id, second.id))
+    assert (two.messages, two.recipients, two.sample) == (1, 1, (first.id,))
+    assert one.states == frozenset({"ready"})
+    assert one.next_due is not None and abs(one.next_due - (time.time() + LATER)) < 60
+    assert abs(one.oldest - first.received_at) < 1 and summary.oldest is not None
+    assert abs(summary.oldest - first.received_at) < 1
+
+
+async def test_a_frozen_link_shows_its_messages_as_frozen_and_none_due(store: QueueStore) -> None:
+    await put(store, "a@one.test", due=time.time() + LATER)
+    await store.set_link_frozen("one.test", True)
+    summary = await store.summary()
+    assert summary.states["frozen"] == 1
+    link = summary.links["one.test"]
+    assert link.states == frozenset({"frozen"}) and link.next_due is None
+
+
+async def test_a_delivered_recipient_leaves_the_summary_of_its_link(store: QueueStore) -> None:
+    await put(store, "a@one.test", "b@two.test")
+    [claim] = await store.claim(time.time(), 1)
+    claim.envelope.recipients[0].state = RecipientState.DELIVERED
+    claim.envelope.recipients[1].next_attempt = time.time() + LATER
+    await store.save(claim.envelope)
+    summary = await store.summary()
+    assert set(summary.links) == {"two.test"} and summary.messages == 1
 
 
 # -- durability ----------------------------------------------------------------------------------------------

@@ -19,12 +19,12 @@ part ingest needs. tests/queue/test_contract.py runs one suite of this contract 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import BinaryIO, Protocol
 
-from smtpsvc.model import Envelope
+from smtpsvc.model import QUEUE_STATES, Envelope, pending_by_link, queue_state
 
 
 class QueueError(Exception):
@@ -64,6 +64,69 @@ class Rescheduled:
 
     messages: int = 0
     links: frozenset[str] = frozenset()
+
+
+SAMPLE_IDS = 100  # message ids a link's summary names (its oldest)
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStats:
+    """One link (next hop) in a queue summary: its messages with pending recipients."""
+
+    messages: int
+    recipients: int  # pending recipients for this link
+    oldest: float  # received_at of its oldest message (epoch seconds)
+    next_due: float | None  # the earliest due time among its messages that wait; None: none waits
+    states: frozenset[str]  # the queue states (ready, retry, frozen) among its messages
+    sample: tuple[str, ...]  # the ids of its oldest messages, at most SAMPLE_IDS, oldest first
+
+
+@dataclass(frozen=True, slots=True)
+class QueueSummary:
+    """The queue in numbers, as `smtpsvc queue summary` and the metrics show it (Postfix's qshape), made
+    without reading every envelope: it costs a pass over the index, not over the files."""
+
+    messages: int = 0
+    states: dict[str, int] = field(default_factory=dict)  # ready, retry, frozen (queue_state) -> messages
+    links: dict[str, LinkStats] = field(default_factory=dict)
+    oldest: float | None = None  # received_at of the oldest message; None when the queue is empty
+    bytes: int = 0
+
+
+def summary_of(envelopes: Iterable[Envelope], frozen_links: frozenset[str] = frozenset()) -> QueueSummary:
+    """The summary of these envelopes (what a backend's `summary` gives for its queue), computed from the
+    envelopes themselves: for a few messages (tools, tests), or as the reference the backends match."""
+    states = dict.fromkeys(QUEUE_STATES, 0)
+    links: dict[str, list[Envelope]] = {}
+    recipients: dict[str, int] = {}
+    listed = sorted(envelopes, key=lambda e: e.id)
+    for envelope in listed:
+        states[queue_state(envelope, frozen_links)] += 1
+        for link, count in pending_by_link(envelope).items():
+            links.setdefault(link, []).append(envelope)
+            recipients[link] = recipients.get(link, 0) + count
+    out = {}
+    for link, members in links.items():
+        dues = [
+            d
+            for e in members
+            if not e.frozen and link not in frozen_links and (d := e.next_due(frozen_links)) is not None
+        ]
+        out[link] = LinkStats(
+            messages=len(members),
+            recipients=recipients[link],
+            oldest=min(e.received_at for e in members),
+            next_due=min(dues) if dues else None,
+            states=frozenset(queue_state(e, frozen_links) for e in members),
+            sample=tuple(e.id for e in members[:SAMPLE_IDS]),
+        )
+    return QueueSummary(
+        messages=len(listed),
+        states=states,
+        links=out,
+        oldest=min((e.received_at for e in listed), default=None),
+        bytes=sum(e.size for e in listed),
+    )
 
 
 class MessageWriter(Protocol):
@@ -153,6 +216,10 @@ class QueueStore(Intake, Protocol):
 
     async def count(self) -> int: ...
 
+    async def summary(self) -> QueueSummary:
+        """Counts by state and by link (see QueueSummary); it may be a few seconds old on a large queue."""
+        ...
+
     async def holders(self) -> dict[str, str]:
         """Queue id -> the node holding a valid lease on it (being delivered right now)."""
         ...
@@ -169,11 +236,12 @@ class QueueStore(Intake, Protocol):
         ...
 
     async def make_due(
-        self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False
+        self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False, link: str = ""
     ) -> Rescheduled:
         """Force Connection / ETRN: the pending recipients of one message (`queue_id`), or at `domain` (and
-        its subdomains), or of every message, are due at `now`. Frozen messages are left alone. Returns how
-        many messages changed and the links of the recipients made due (to lift a backoff for).
+        its subdomains), or waiting for `link`, or of every message, are due at `now`. Frozen messages are
+        left alone. Returns how many messages changed and the links of the recipients made due (to lift a
+        backoff for).
 
         A message being delivered (leased) counts among those changed, and its delivery goes on undisturbed:
         it is flagged (`rerun`), and when that delivery saves or releases it, every pending recipient is

@@ -39,9 +39,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from smtpsvc.model import Envelope, domain_of, new_queue_id
+from smtpsvc.model import NO_LINK, QUEUE_STATES, Envelope, domain_of, new_queue_id
 from smtpsvc.queue import pgschema
-from smtpsvc.queue.base import Claim, LeaseLost, MessageWriter, QueueError, Rescheduled
+from smtpsvc.queue.base import (
+    SAMPLE_IDS,
+    Claim,
+    LeaseLost,
+    LinkStats,
+    MessageWriter,
+    QueueError,
+    QueueSummary,
+    Rescheduled,
+)
 
 __all__ = ["CHANNEL", "Claim", "LeaseLost", "PostgresQueue", "PostgresWriter"]
 
@@ -635,7 +644,7 @@ class PostgresQueue:
         return await self.get(queue_id)
 
     async def make_due(
-        self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False
+        self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False, link: str = ""
     ) -> Rescheduled:
         """Force Connection / ETRN: the pending recipients of one message (`queue_id`), of every message
         (neither given), or at `domain` (and its subdomains) are due at `now`. Frozen messages are left
@@ -648,12 +657,14 @@ class PostgresQueue:
                 "UPDATE recipients SET next_attempt = $1 WHERE state = 'pending'"
                 " AND ($2 = '' OR message_id = $2)"
                 " AND ($3 = '' OR domain = $3 OR ($4 AND right(domain, length($3) + 1) = '.' || $3))"
+                " AND ($5 = '' OR route = $5)"
                 " AND message_id IN (SELECT id FROM messages WHERE NOT frozen)"
                 " RETURNING message_id, route",
                 now,
                 queue_id,
                 domain,
                 subdomains,
+                link,
             )
             links = frozenset(row["route"] for row in rows)
             count = await self._made_due(conn, {row["message_id"] for row in rows}, now, links)
@@ -898,6 +909,57 @@ class PostgresQueue:
             )
         return {row["id"]: row["leased_by"] or "" for row in rows}
 
+    async def summary(self) -> QueueSummary:
+        """Counts by state and link, computed by the database (one consistent snapshot)."""
+        frozen_links = sorted(await self.frozen_links())
+        snapshot = {"isolation": "repeatable_read", "readonly": True}
+        async with self._connection("summarize the queue") as conn, conn.transaction(**snapshot):
+            total = await conn.fetchrow(
+                "SELECT count(*) AS messages, coalesce(sum(size), 0) AS bytes, min(received_at) AS oldest"
+                " FROM messages"
+            )
+            rows = await conn.fetch(_SUMMARY, frozen_links, SAMPLE_IDS)
+        states = dict.fromkeys(QUEUE_STATES, 0)
+        links: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            if row["link"] is None:  # the per-state totals
+                states[row["state"]] += int(row["messages"])
+                continue
+            link = links.setdefault(
+                row["link"] or NO_LINK,
+                {
+                    "messages": 0,
+                    "recipients": 0,
+                    "oldest": None,
+                    "next_due": None,
+                    "states": set(),
+                    "ids": [],
+                },
+            )
+            link["messages"] += int(row["messages"])
+            link["recipients"] += int(row["recipients"])
+            link["oldest"] = _least(link["oldest"], row["oldest"])
+            link["next_due"] = _least(link["next_due"], row["next_due"])
+            link["states"].add(row["state"])
+            link["ids"].extend(row["sample"])
+        return QueueSummary(
+            messages=int(total["messages"]),
+            states=states,
+            links={
+                name: LinkStats(
+                    messages=data["messages"],
+                    recipients=data["recipients"],
+                    oldest=float(data["oldest"] or 0.0),
+                    next_due=data["next_due"],
+                    states=frozenset(data["states"]),
+                    sample=tuple(sorted(data["ids"])[:SAMPLE_IDS]),
+                )
+                for name, data in links.items()
+            },
+            oldest=total["oldest"],
+            bytes=int(total["bytes"]),
+        )
+
     def recent(self, queue_id: str) -> Envelope | None:
         """An envelope this node queued lately (the last RECENT_KEPT), or None; no database round trip."""
         return self._recent.get(queue_id)
@@ -911,6 +973,36 @@ class PostgresQueue:
             by_id = await self._recipient_rows(conn, [row["id"] for row in rows])
         decoded = (self._decode_or_report(row, by_id.get(row["id"], [])) for row in rows)
         return [envelope for envelope in decoded if envelope is not None]
+
+
+# The queue state of each message (model.queue_state: frozen when the message is, or every link it waits
+# for; retry when a pending recipient was tried; else ready), then per state the totals (link NULL) and
+# per (state, link) the messages with recipients pending for that link. $1: the frozen links.
+_SUMMARY = """
+WITH pending AS (
+    SELECT message_id, bool_and(route = ANY($1::text[])) AS on_frozen, bool_or(attempts > 0) AS tried
+    FROM recipients WHERE state = 'pending' GROUP BY message_id
+), state AS (
+    SELECT m.id, m.received_at,
+        CASE WHEN m.frozen OR coalesce(p.on_frozen, false) THEN 'frozen'
+             WHEN coalesce(p.tried, false) THEN 'retry' ELSE 'ready' END AS state,
+        m.frozen OR m.lease_token IS NOT NULL AS waits_not
+    FROM messages m LEFT JOIN pending p ON p.message_id = m.id
+)
+SELECT state, NULL AS link, count(*) AS messages, 0 AS recipients, NULL::float8 AS oldest,
+    NULL::float8 AS next_due, ARRAY[]::text[] AS sample
+FROM state GROUP BY state
+UNION ALL
+SELECT s.state, r.route AS link, count(DISTINCT r.message_id), count(*), min(s.received_at),
+    min(CASE WHEN NOT s.waits_not AND r.route <> ALL($1::text[]) THEN r.next_attempt END),
+    (array_agg(DISTINCT r.message_id ORDER BY r.message_id))[1:$2]
+FROM recipients r JOIN state s ON s.id = r.message_id
+WHERE r.state = 'pending' GROUP BY s.state, r.route
+"""
+
+
+def _least(a: float | None, b: float | None) -> float | None:
+    return b if a is None else a if b is None else min(a, b)
 
 
 # -- the row <-> envelope mapping ------------------------------------------------------------------------
