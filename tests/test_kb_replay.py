@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Any
 import pytest
 
 from smtpsvc.app import Service
+from smtpsvc.queue.local import LocalSpool
 from tests.conftest import StartService, events_of, wait_until
 from tests.sink import Received, Sink, SinkHandler
 from tests.test_queue_cli import run
@@ -135,8 +137,12 @@ async def test_queue_files_moved_to_a_stopped_server_are_delivered_by_it_with_th
         shutil.copy2(path, b.folders["queue"] / path.name)
     # A's retry time (an hour away) travels with the .env, but B adopts the files at start: due at once.
     b_again = await start_service(**b_sections)
+    assert isinstance(b_again.queue, LocalSpool)
+    await asyncio.wait_for(b_again.queue.recovered(), 30)  # B indexes its queue in the background
     assert b_again.queue.adopted == [queue_id]
-    assert any(e.get("cause") == "queue-adopted" for e in events_of(b_again, 9005))
+    await wait_until(
+        lambda: any(e.get("cause") == "queue-adopted" for e in events_of(b_again, 9005)), what="event 9005"
+    )
     [got] = await wait_until(
         lambda: delivered_to(sink, "x@remote.test", "y@other.test"), what="delivery by B"
     )

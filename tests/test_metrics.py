@@ -26,6 +26,8 @@ from smtpsvc.protocol import (
     Rejected,
     replies,
 )
+from smtpsvc.queue.base import QueueSummary, summary_of
+from smtpsvc.queue.local import LocalSpool
 from tests.conftest import StartService, wait_until
 from tests.sink import Sink
 from tests.test_relay import drop_files, queue_is_empty, send
@@ -235,7 +237,7 @@ def test_queue_gauges_by_state_and_link_agree_with_the_queue_summary() -> None:
         envelope("E", NOW - 1, pending("h@held.test", "held.test", attempts=1), size=5000),  # a frozen link
     ]
     frozen = frozenset({"held.test", "idle.test"})
-    metrics = Metrics(lambda: queue, frozen_links=lambda: frozen, clock=lambda: NOW)
+    metrics = Metrics(lambda: summary_of(queue, frozen), frozen_links=lambda: frozen, clock=lambda: NOW)
     s = scrape(metrics)
     assert value(s, "smtpsvc_queue_messages", state="ready") == 2
     assert value(s, "smtpsvc_queue_messages", state="retry") == 1
@@ -269,18 +271,18 @@ def test_queue_links_beyond_the_cap_are_summed_as_other() -> None:
         envelope("B", NOW - 2, pending("a@one.test", "one.test"), pending("b@three.test", "three.test")),
         envelope("C", NOW - 30, pending("a@four.test", "four.test"), pending("b@five.test", "five.test")),
     ]
-    s = scrape(Metrics(lambda: queue, clock=lambda: NOW, max_links=2))
+    s = scrape(Metrics(lambda: summary_of(queue), clock=lambda: NOW, max_links=2))
     links = {dict(labels)["link"] for name, labels in s if name == "smtpsvc_queue_link_messages"}
     assert links == {"one.test", "five.test", "(other)"}  # busiest first, ties by name
-    # A message counts once in "(other)", however many of those links it waits for.
+    # The summary counts per link: "(other)" sums them (three, four, two: one message each).
     assert value(s, "smtpsvc_queue_link_messages", link="(other)") == 3
     assert value(s, "smtpsvc_queue_link_recipients", link="(other)") == 3
     assert value(s, "smtpsvc_queue_link_oldest_age_seconds", link="(other)") == 30
 
 
 def test_a_queue_that_cannot_be_read_leaves_the_rest_of_the_scrape_intact() -> None:
-    def broken() -> list[Envelope]:
-        raise RuntimeError("dictionary changed size during iteration")
+    def broken() -> QueueSummary:
+        raise RuntimeError("the queue cannot be read")
 
     metrics = Metrics(broken)
     metrics.session_opened()
@@ -292,7 +294,11 @@ def test_a_queue_that_cannot_be_read_leaves_the_rest_of_the_scrape_intact() -> N
 # -- end to end ----------------------------------------------------------------------------------------
 def wire(service: Service) -> Metrics:
     """What app.py does: the same four lines."""
-    metrics = Metrics(service.queue.list, service.queue.get, lambda: service.queue.frozen_links)
+    spool = service.queue
+    assert isinstance(spool, LocalSpool)
+    metrics = Metrics(
+        lambda: summary_of(spool.list(), spool.frozen_links), spool.get, lambda: spool.frozen_links
+    )
     service.events.subscribe(metrics.on_event)
     service.smtp.context.metrics = metrics
     service.scheduler.delivery_observer = metrics.delivery_group
@@ -353,7 +359,7 @@ def test_the_queue_state_words_of_a_real_envelope_round_trip() -> None:
     original = envelope("A", time.time() - 60, pending("x@remote.test", "remote.test", attempts=1))
     rebuilt = Envelope.from_json(original.to_json())
     assert rebuilt.source is Source.SMTP
-    s = scrape(Metrics(lambda: [rebuilt]))
+    s = scrape(Metrics(lambda: summary_of([rebuilt])))
     assert value(s, "smtpsvc_queue_messages", state="retry") == 1
     age = value(s, "smtpsvc_queue_oldest_message_age_seconds")
     assert age is not None and 59 <= age < 120

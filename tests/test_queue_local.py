@@ -81,14 +81,29 @@ async def test_recovery_discards_unacknowledged_writes_and_keeps_committed_mail(
     half = spool.create_writer()
     half.write(b"x" * (MEMORY_LIMIT + 1))  # past the memory limit: streamed to tmp/
     assert list(spool.tmp_dir.iterdir())  # then a crash while receiving leaves it there
-    (spool.dir / "0000ORPHAN.eml").write_bytes(b"no envelope")  # crash between the two renames
+    (spool.incoming_dir / "0000TORN.eml").write_bytes(b"no envelope")  # a crash before its .pending
+    orphan = spool.dir / "0000ORPHAN.eml"  # a completion cut short, before this start
+    orphan.write_bytes(b"its envelope is gone")
+    os.utime(orphan, (time.time() - 60, time.time() - 60))
     spool.close()
 
     again = LocalSpool(tmp_path / "queue")
     again.open()
     assert [e.id for e in again.list()] == [committed.id]
-    assert list(again.tmp_dir.iterdir()) == []
-    assert not (again.dir / "0000ORPHAN.eml").exists()
+    assert list(again.tmp_dir.iterdir()) == [] and list(again.incoming_dir.iterdir()) == []
+    assert not orphan.exists()
+    again.close()
+
+
+async def test_a_message_file_without_envelope_newer_than_the_start_is_left_alone(tmp_path: Path) -> None:
+    # It may be an SMTP worker's put between its two renames into queue/, at this very moment.
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    spool.close()
+    (spool.dir / "0000INFLIGHT.eml").write_bytes(b"its .env comes next")
+    again = LocalSpool(tmp_path / "queue")
+    again.open()
+    assert (again.dir / "0000INFLIGHT.eml").exists()
     again.close()
 
 
@@ -119,28 +134,48 @@ async def test_a_failed_commit_raises_and_leaves_no_file(
     assert list(spool.tmp_dir.iterdir()) == [] and spool.list() == []
 
 
-def crashed_in_commit(spool: LocalSpool, envelope: Envelope) -> Path:
-    """The state a crash leaves after the commit's fsync round and before its rename: the .pending."""
-    pending = spool.dir / f"{envelope.id}.pending"
-    (spool.dir / f"{envelope.id}.env").rename(pending)
+def crashed_in_commit(spool: LocalSpool, envelope: Envelope, where: str = "before publishing") -> Path:
+    """The state a crash leaves after the commit's fsync round: everything still in incoming/ (before
+    publishing), the message file published and the .pending not (half published), or an older version's
+    layout, the .pending beside the message in queue/ ("older version")."""
+    stem = envelope.id
+    if where == "older version":
+        pending = spool.dir / f"{stem}.pending"
+    else:
+        pending = spool.incoming_dir / f"{stem}.pending"
+        if where == "before publishing":
+            for suffix in (".eml", ".x50"):
+                if (spool.dir / f"{stem}{suffix}").exists():
+                    (spool.dir / f"{stem}{suffix}").rename(spool.incoming_dir / f"{stem}{suffix}")
+    (spool.dir / f"{stem}.env").rename(pending)
     return pending
 
 
-async def test_a_whole_pending_commit_whose_files_match_is_queued_at_recovery(tmp_path: Path) -> None:
+def file_of(spool: LocalSpool, queue_id: str, suffix: str) -> Path:
+    """Where a crashed commit's file is: still in incoming/, or in queue/."""
+    incoming = spool.incoming_dir / f"{queue_id}{suffix}"
+    return incoming if incoming.exists() else spool.dir / f"{queue_id}{suffix}"
+
+
+@pytest.mark.parametrize("where", ["before publishing", "half published", "older version"])
+async def test_a_whole_pending_commit_whose_files_match_is_queued_at_recovery(
+    tmp_path: Path, where: str
+) -> None:
     spool = LocalSpool(tmp_path / "queue")
     spool.open()
     small = await put(spool)
     streamed = await put(spool, b"y" * (MEMORY_LIMIT + 10))  # its CRC was computed while streaming
     for envelope in (small, streamed):
-        crashed_in_commit(spool, envelope)
+        crashed_in_commit(spool, envelope, where)
     spool.close()
 
     reports: list[str] = []
     again = LocalSpool(tmp_path / "queue", on_corrupt=lambda name, reason: reports.append(name))
     again.open()
     assert sorted(e.id for e in again.list()) == sorted([small.id, streamed.id])
-    assert list(again.dir.glob("*.pending")) == []
+    assert list(again.dir.glob("*.pending")) == [] and list(again.incoming_dir.iterdir()) == []
     assert (again.dir / f"{small.id}.env").exists() and reports == []
+    assert (again.dir / f"{streamed.id}.eml").stat().st_size == MEMORY_LIMIT + 10
     again.close()
 
 
@@ -158,6 +193,7 @@ async def test_a_pending_commit_cut_short_was_never_acknowledged_and_is_removed(
     again.open()
     assert again.list() == []
     assert [p.name for p in again.dir.iterdir() if p.suffix in (".eml", ".pending", ".env")] == []
+    assert list(again.incoming_dir.iterdir()) == []
     assert reports == [] and list(again.corrupt_dir.iterdir()) == []
     again.close()
 
@@ -168,8 +204,8 @@ async def test_a_pending_commit_whose_files_do_not_match_is_moved_aside(tmp_path
     changed, missing = await put(spool, b"Subject: a\r\n\r\nabc\r\n"), await put(spool)
     crashed_in_commit(spool, changed)
     crashed_in_commit(spool, missing)
-    (spool.dir / f"{changed.id}.eml").write_bytes(b"Subject: a\r\n\r\nabd\r\n")  # same size, other bytes
-    (spool.dir / f"{missing.id}.eml").unlink()
+    file_of(spool, changed.id, ".eml").write_bytes(b"Subject: a\r\n\r\nabd\r\n")  # same size, other bytes
+    file_of(spool, missing.id, ".eml").unlink()
     spool.close()
 
     reports: dict[str, str] = {}
@@ -197,7 +233,7 @@ async def test_a_pending_commit_checks_the_xexch50_blob_too(tmp_path: Path) -> N
         crashed_in_commit(spool, envelope)
         envelopes.append(envelope)
     kept, damaged = envelopes
-    (spool.dir / f"{damaged.id}.x50").write_bytes(b"OPAQUE")
+    file_of(spool, damaged.id, ".x50").write_bytes(b"OPAQUE")
     spool.close()
 
     reports: list[str] = []

@@ -79,6 +79,7 @@ class Service:
         self._pickup_interval = pickup_interval
         self._tasks: list[asyncio.Task[None]] = []
         self._reroutes: set[asyncio.Task[None]] = set()  # re-categorization after a reload
+        self._recovery: asyncio.Task[None] | None = None  # the local spool being indexed
         self._stopped = asyncio.Event()
         self.events: EventLog
         # The backend: the LocalSpool (whose synchronous API the tests read) or the PostgresQueue.
@@ -118,7 +119,7 @@ class Service:
             raise MailrootError(str(exc)) from exc
         cfg = self.config
         self.queue_view = QueueView(self.store)
-        self.metrics = Metrics(self.queue_view.envelopes, self.store.recent, self.queue_view.frozen_links)
+        self.metrics = Metrics(self.queue_view.summary, self.store.recent, self.queue_view.frozen_links)
         self.events.subscribe(self.metrics.on_event)
         self.ingest = Ingest(self.store, cfg, self.events, on_queued=lambda: self.scheduler.wake())
         resolver = MxResolver(
@@ -219,16 +220,14 @@ class Service:
             loop.create_task(self.pickup.run(), name="pickup"),
             loop.create_task(self._flush_events(), name="event-log-flush"),
         ]
+        if isinstance(self.queue, LocalSpool):
+            # The queue is indexed while mail is taken: SMTP answers within moments of the start whatever
+            # the size of the queue; what is due is delivered as it is found.
+            self._recovery = loop.create_task(self._recover(self.queue), name="queue-recovery")
         if cfg.categorizer.reset_message_status:
-            try:
-                text = f"{await self.scheduler.recategorize()} queued message(s) re-categorized and re-routed"
-            except QueueError as exc:  # the database went away since the start: routing runs per attempt
-                text = f"queued mail could not be re-categorized ({exc})"
-            self.events.emit(
-                events.Event(
-                    events.RECATEGORIZED, f"ResetMessageStatus: {text} at start", cause="reset-message-status"
-                )
-            )
+            task = loop.create_task(self._reset_message_status(), name="reset-message-status")
+            self._reroutes.add(task)
+            task.add_done_callback(self._reroutes.discard)
         self._started_at = time.time()
         listening = ", ".join(f"{h}:{p}" for h, p in self.smtp.sockets)
         if self.admin is not None:
@@ -237,11 +236,41 @@ class Service:
             events.Event(
                 events.SERVICE_STARTED,
                 f"smtpsvc started; root {self.root.resolve()}; listening on {listening}; "
-                f"{await self._queue_size()} message(s) in the queue{self._queue_words()}",
+                f"{await self._queue_size()}{self._queue_words()}",
             )
         )
         self.events.flush()
         notify(f"READY=1\nSTATUS=listening on {listening}")
+
+    async def _recover(self, spool: LocalSpool) -> None:
+        """Index the spool in the background (LocalSpool.recover), then say what was found (events 9002,
+        9005)."""
+        started = time.monotonic()
+        await spool.recover(progress=lambda _: self.scheduler.wake())
+        self.scheduler.wake()
+        aside = f", {spool.set_aside} unusable file(s) moved to queue/corrupt" if spool.set_aside else ""
+        self.events.emit(
+            events.Event(
+                events.SERVICE_STARTED,
+                f"The queue is recovered: {spool.count()} message(s) indexed in "
+                f"{time.monotonic() - started:.1f}s{aside}",
+                cause="queue-recovered",
+            )
+        )
+        if spool.adopted:
+            self.events.emit(adopted_event(len(spool.adopted)))
+
+    async def _reset_message_status(self) -> None:
+        """ResetMessageStatus at start: every queued message re-categorized, in the background."""
+        try:
+            text = f"{await self.scheduler.recategorize()} queued message(s) re-categorized and re-routed"
+        except QueueError as exc:  # the database went away since the start: routing runs per attempt
+            text = f"queued mail could not be re-categorized ({exc})"
+        self.events.emit(
+            events.Event(
+                events.RECATEGORIZED, f"ResetMessageStatus: {text} at start", cause="reset-message-status"
+            )
+        )
 
     async def _open_queue(self) -> QueueStore:
         """The queue `queue.backend` names, opened by `open_queue`; `self.queue` is its backend."""
@@ -250,10 +279,12 @@ class Service:
         return store
 
     async def _queue_size(self) -> str:
+        if isinstance(self.queue, LocalSpool) and self.queue.recovering:
+            return "the queue is being recovered in the background"
         try:
-            return str(await self.store.count())
+            return f"{await self.store.count()} message(s) in the queue"
         except QueueError:
-            return "an unknown number of"
+            return "an unknown number of message(s) in the queue"
 
     def _queue_words(self) -> str:
         if not self.store.shared:
@@ -298,6 +329,7 @@ class Service:
             "version": __version__,
             "uptime_seconds": round(time.time() - self._started_at, 1),
             "queue": queued,
+            "queue_recovering": isinstance(self.queue, LocalSpool) and self.queue.recovering,
             "in_flight": self.scheduler.inflight,
             "smtp": [f"{h}:{p}" for h, p in self.smtp.sockets],
             "workers": self.workers.status() if self.workers is not None else [],
@@ -327,6 +359,9 @@ class Service:
         await self.smtp.stop(grace=STOP_GRACE)
         pickup_task, flush_task = self._tasks[1], self._tasks[2]
         pickup_task.cancel()
+        if self._recovery is not None:
+            self._recovery.cancel()
+            await asyncio.gather(self._recovery, return_exceptions=True)
         await self.scheduler.stop(grace=STOP_GRACE)
         self._tasks[0].cancel()
         flush_task.cancel()
@@ -476,17 +511,19 @@ async def open_queue(config: Config, event_log: EventLog, *, for_tool: bool) -> 
     spool = LocalSpool(
         folder, on_corrupt=_corrupt_reporter(event_log, "Queue file", "was moved to queue/corrupt")
     )
-    spool.open()
+    spool.open(scan=for_tool)  # the service indexes the queue in the background (Service._recover)
     if spool.adopted:
-        event_log.emit(
-            events.Event(
-                events.RECATEGORIZED,
-                f"{len(spool.adopted)} message(s) copied in from another server's queue were "
-                "adopted and are due now (KB306043 Queue to Queue), routed by this server's config",
-                cause="queue-adopted",
-            )
-        )
+        event_log.emit(adopted_event(len(spool.adopted)))
     return LocalStore(spool, cfg.node_id)
+
+
+def adopted_event(count: int) -> events.Event:
+    return events.Event(
+        events.RECATEGORIZED,
+        f"{count} message(s) copied in from another server's queue were adopted and are due now "
+        "(KB306043 Queue to Queue), routed by this server's config",
+        cause="queue-adopted",
+    )
 
 
 def _corrupt_reporter(event_log: EventLog, what: str, done: str) -> Callable[[str, str], None]:

@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -35,9 +34,9 @@ from prometheus_client import (
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from smtpsvc import events
-from smtpsvc.model import QUEUE_STATES, DeliveryResult, Envelope, Source, pending_by_link, queue_state
+from smtpsvc.model import QUEUE_STATES, DeliveryResult, Envelope, Source
 from smtpsvc.protocol import VERBS, Rejected
-from smtpsvc.queue.base import QueueError, QueueStore
+from smtpsvc.queue.base import LinkStats, QueueError, QueueStore, QueueSummary
 
 PREFIX = "smtpsvc_"
 OTHER = "other"  # the label value for anything outside a bounded label set
@@ -67,8 +66,8 @@ class Metrics:
     """The service's metrics. Wire it with `EventLog.subscribe(metrics.on_event)`, `SessionContext.metrics =
     metrics`, `Scheduler.delivery_observer = metrics.delivery_group`, and serve `render()`.
 
-    `queue_snapshot` returns the queued envelopes (`QueueView.envelopes`, or `LocalSpool.list`); call
-    `render()` from the event loop thread, where the queue's in-memory index is changed. `queue_lookup`
+    `queue_summary` returns the queue's summary (`QueueView.summary`, refreshed before each scrape, or
+    `queue.base.summary_of` over some envelopes). `queue_lookup`
     (`QueueStore.recent`, `LocalSpool.get`) tells the kind of a report just queued (event 3001 does not say
     it); without it the kind is counted as "unknown". `frozen_links` makes a message waiting only on frozen
     links count as frozen, as `smtpsvc queue` shows it.
@@ -76,7 +75,7 @@ class Metrics:
 
     def __init__(
         self,
-        queue_snapshot: Callable[[], Iterable[Envelope]] | None = None,
+        queue_summary: Callable[[], QueueSummary] | None = None,
         queue_lookup: Callable[[str], Envelope | None] | None = None,
         frozen_links: Callable[[], frozenset[str]] | None = None,
         *,
@@ -168,8 +167,8 @@ class Metrics:
         self.event_count = Counter(
             PREFIX + "events_total", "Events written to the event log, by event id.", ["id"], registry=r
         )
-        if queue_snapshot is not None:
-            r.register(_QueueCollector(queue_snapshot, frozen_links, clock, max_links))
+        if queue_summary is not None:
+            r.register(_QueueCollector(queue_summary, frozen_links, clock, max_links))
 
         # Known label values start at 0, so a rate() or an alert sees the series before the first increment.
         # The per-command and per-reply children are kept: labels() on every command was a visible cost.
@@ -262,51 +261,58 @@ class Metrics:
 
 
 class QueueView:
-    """The queue as the gauges read it (synchronously, inside `render()`): refreshed from the store, which
-    may need a database round trip, by `await refresh()` right before the scrape."""
+    """The queue as the gauges read it (synchronously, inside `render()`): its summary, refreshed from the
+    store (a pass over the index, or a database query) by `await refresh()` right before the scrape. On a
+    large queue a summary costs a second of CPU: it is made again only once 20 times the time the last
+    one took has passed, so summaries never take more than 5% of the service's time (a million messages:
+    a fresh one every 20 s or so)."""
 
-    def __init__(self, store: QueueStore) -> None:
+    def __init__(self, store: QueueStore, clock: Callable[[], float] = time.monotonic) -> None:
         self._store = store
-        self._envelopes: list[Envelope] = []
+        self._clock = clock
+        self._summary = QueueSummary()
         self._frozen_links: frozenset[str] = frozenset()
         self._error: QueueError | None = None
+        self._made = -float("inf")
+        self._cost = 0.0
 
     async def refresh(self) -> None:
+        started = self._clock()
+        if started - self._made < SUMMARY_BUDGET * self._cost and self._error is None:
+            return
         try:
-            self._envelopes = await self._store.list()
+            self._summary = await self._store.summary()
             self._frozen_links = await self._store.frozen_links()
             self._error = None
         except QueueError as exc:
             self._error = exc  # the scrape then shows no queue series rather than stale ones
+        self._made = self._clock()
+        self._cost = self._made - started
 
-    def envelopes(self) -> list[Envelope]:
+    def summary(self) -> QueueSummary:
         if self._error is not None:
             raise self._error
-        return self._envelopes
+        return self._summary
 
     def frozen_links(self) -> frozenset[str]:
         return self._frozen_links
 
 
-@dataclass(slots=True)
-class _LinkStats:
-    messages: int = 0
-    recipients: int = 0
-    oldest: float = 0.0  # the earliest received_at among its messages
+SUMMARY_BUDGET = 20  # a queue summary is made again after this many times what the last one took
 
 
 class _QueueCollector:
-    """Queue gauges computed from the queued envelopes at each scrape (states and links as `smtpsvc queue`
-    shows them: `model.queue_state`, `model.pending_by_link`)."""
+    """Queue gauges from the queue's summary at each scrape (states and links as `smtpsvc queue` shows
+    them: `model.queue_state`, `model.pending_by_link`)."""
 
     def __init__(
         self,
-        snapshot: Callable[[], Iterable[Envelope]],
+        summary: Callable[[], QueueSummary],
         frozen_links: Callable[[], frozenset[str]] | None,
         clock: Callable[[], float],
         max_links: int,
     ):
-        self._snapshot = snapshot
+        self._summary = summary
         self._frozen_links = frozen_links
         self._clock = clock
         self._max_links = max_links
@@ -317,50 +323,40 @@ class _QueueCollector:
 
     def collect(self) -> Iterator[Metric]:
         try:
-            envelopes = list(self._snapshot())
+            summary = self._summary()
             frozen = self._frozen_links() if self._frozen_links is not None else frozenset()
         except Exception:
             return  # the queue cannot be read now: the scrape shows no queue series rather than failing
         now = self._clock()
-        counts = dict.fromkeys(QUEUE_STATES, 0)
-        links: dict[str, _LinkStats] = {}
-        oldest_at = min((e.received_at for e in envelopes), default=None)
-        for envelope in envelopes:
-            state = queue_state(envelope, frozen)
-            counts[state] = counts.get(state, 0) + 1
-            for link, n in pending_by_link(envelope).items():
-                stats = links.setdefault(link, _LinkStats(oldest=envelope.received_at))
-                stats.messages += 1
-                stats.recipients += n
-                stats.oldest = min(stats.oldest, envelope.received_at)
         f = _queue_families()
-        for state, n in counts.items():
-            f["messages"].add_metric([state], n)
-        for link, stats in self._bounded(links, envelopes):
+        for state in QUEUE_STATES:
+            f["messages"].add_metric([state], summary.states.get(state, 0))
+        for link, stats in self._bounded(summary.links):
             f["link_messages"].add_metric([link], stats.messages)
             f["link_recipients"].add_metric([link], stats.recipients)
             f["link_oldest"].add_metric([link], max(0.0, now - stats.oldest))
-        f["oldest"].add_metric([], max(0.0, now - oldest_at) if oldest_at is not None else 0.0)
-        f["bytes"].add_metric([], sum(e.size for e in envelopes))
+        oldest = summary.oldest
+        f["oldest"].add_metric([], max(0.0, now - oldest) if oldest is not None else 0.0)
+        f["bytes"].add_metric([], summary.bytes)
         f["frozen_links"].add_metric([], len(frozen))
         yield from f.values()
 
-    def _bounded(
-        self, links: dict[str, _LinkStats], envelopes: list[Envelope]
-    ) -> list[tuple[str, _LinkStats]]:
+    def _bounded(self, links: dict[str, LinkStats]) -> list[tuple[str, LinkStats]]:
         """The busiest `max_links` links, the rest summed as one "(other)" link: MX routing makes a link per
-        recipient domain, and a queue full of distinct domains must not make a series each."""
+        recipient domain, and a queue full of distinct domains must not make a series each. A message
+        waiting for two of those links counts in "(other)" twice (the summary counts per link)."""
         ranked = sorted(links.items(), key=lambda item: (-item[1].messages, item[0]))
         if len(ranked) <= self._max_links:
             return ranked
-        kept, rest = ranked[: self._max_links], {link for link, _ in ranked[self._max_links :]}
-        other = _LinkStats(oldest=float("inf"))
-        for envelope in envelopes:  # a message counts once in "(other)" even with several of those links
-            waiting = [n for link, n in pending_by_link(envelope).items() if link in rest]
-            if waiting:
-                other.messages += 1
-                other.recipients += sum(waiting)
-                other.oldest = min(other.oldest, envelope.received_at)
+        kept, rest = ranked[: self._max_links], [stats for _, stats in ranked[self._max_links :]]
+        other = LinkStats(
+            messages=sum(s.messages for s in rest),
+            recipients=sum(s.recipients for s in rest),
+            oldest=min(s.oldest for s in rest),
+            next_due=None,
+            states=frozenset(),
+            sample=(),
+        )
         return [*kept, (OTHER_LINKS, other)]
 
 

@@ -134,7 +134,7 @@ class WorkerPool:
                 await channel
             self._procs.pop(slot, None)
             self._ready.discard(slot)
-            self.spool.rescan()  # what it committed before its notice was lost
+            await self.spool.rescan()  # what it committed before its notice was lost
             self._wake()
             if self._stopping:
                 return
@@ -212,7 +212,7 @@ class WorkerPool:
     async def _rescan(self) -> None:
         while True:
             await asyncio.sleep(RESCAN_INTERVAL)
-            if self.spool.rescan():
+            if await self.spool.rescan():
                 self._wake()
 
     def reload(self) -> None:
@@ -236,7 +236,7 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._spawner.shutdown(wait=False)
-        self.spool.rescan()
+        await self.spool.rescan()
 
     def _event(self, text: str, cause: str) -> None:
         self.events.emit(events.Event(events.SERVICE_STARTED, text, cause=cause))

@@ -372,14 +372,11 @@ class QueueAdmin:
         frozen_links = await self.frozen_links()
         if link in frozen_links:
             raise AdminError(f"link {link!r} is frozen; thaw it first (`smtpsvc queue thaw --link {link}`)")
-        now = time.time()
-        count = 0
-        for entry in await self.entries(domain=domain, link=link):
-            envelope = entry.envelope
-            if envelope.frozen or entry.state == "frozen":
-                continue
-            await self._make_due(envelope, now)
-            count += 1
+        # One queue operation, whatever the size of the queue (it works in batches, and on a spool still
+        # being recovered it waits for the whole queue to be known).
+        done = await self._read(self.store.make_due(time.time(), domain=domain, link=link))
+        count = done.messages
+        self._forget_backoff(set(done.links))
         if count and self.scheduler is not None:
             self.scheduler.wake()
         what = f"link {link}" if link else (f"domain {domain}" if domain else "every link")

@@ -230,21 +230,7 @@ class _Attempt:
         grant is then ours to open a new connection)."""
         session.attach(self.transcript)
         self.transcript.append(f"--- {session.label} (connection reused, message {session.messages})")
-        try:
-            results = await self._transaction(session)
-        except Dropped:
-            diagnose_drop(session)  # an idle connection that went stale, or a peer that choked
-            self._collect(session)
-            destination.stale(session)
-            return None
-        except BaseException:
-            session.reusable = False
-            self._collect(session)
-            destination.release(session)
-            raise
-        self._collect(session)
-        destination.release(session)
-        return results
+        return await self._carry(destination, session, slot=None)
 
     async def on_new_connection(self, destination: Destination[SmtpSession]) -> Outcome | None:
         """With a grant: resolve, then try each host until one carries the transaction. The grant is used up
@@ -317,16 +303,18 @@ class _Attempt:
         return session
 
     async def _carry(
-        self, destination: Destination[SmtpSession], session: SmtpSession, slot: AsyncExitStack
+        self, destination: Destination[SmtpSession], session: SmtpSession, slot: AsyncExitStack | None
     ) -> list[DeliveryResult] | None:
-        """The transaction on a session just opened; None when the connection broke (the host failure is
-        recorded, and the grant is the caller's again)."""
+        """The transaction on a session: one just opened (`slot`: its cluster connection slot, handed to it),
+        or a cached one (None). None when the connection broke: the grant is the caller's again, to open a
+        new one; for a new connection that is a host failure, for a cached one only a stale connection."""
         try:
             results = await self._transaction(session)
         except Dropped as exc:
-            diagnose_drop(session)
+            diagnose_drop(session)  # a peer that choked (or an idle connection that went stale)
             self._collect(session)
-            self.failures.append(self._broken(session, exc))
+            if slot is not None:
+                self.failures.append(self._broken(session, exc))
             destination.stale(session)
             return None
         except BaseException:
@@ -335,8 +323,8 @@ class _Attempt:
             destination.release(session)
             raise
         self._collect(session)
-        # The cluster slot (if any) lives as long as the connection, which the destination may keep.
-        session.on_close = slot.pop_all().aclose
+        if slot is not None:  # the cluster slot (if any) lives as long as the connection, which may be kept
+            session.on_close = slot.pop_all().aclose
         destination.release(session)
         return results
 

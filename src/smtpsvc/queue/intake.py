@@ -26,7 +26,7 @@ class IntakeSpool(LocalSpool):
         super().__init__(root)
         self._notify = notify
 
-    def open(self) -> None:
+    def open(self, *, scan: bool = False) -> None:
         """No recovery (the main process did it before starting us): the spool id, and a shared hold on
         queue/.workers.lock for this process's life, so that no later start recovers the queue while we
         may still commit into it (LocalSpool._wait_for_old_workers)."""
@@ -42,5 +42,5 @@ class IntakeSpool(LocalSpool):
                 self._workers_lock.close()
                 raise QueueError(f"the queue in {self.dir} is being recovered; try again") from exc
 
-    def _index(self, envelope: Envelope) -> None:
+    def _index(self, envelope: Envelope, *, cache: bool = True) -> None:
         self._notify(envelope.id)  # committed: the main process takes it from here

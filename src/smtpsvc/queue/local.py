@@ -1,20 +1,31 @@
 """The local file spool: `queue/<id>.eml` (the message) + `queue/<id>.env` (the JSON envelope).
 
 Commit protocol (the durability argument, see docs/architecture.md):
-  put:      the .eml written into queue/ (a large one was streamed to tmp/ and is renamed in), then the
-            envelope as queue/<id>.pending, carrying the size and CRC-32 of what it commits; one round
-            fsyncs the files and queue/ side by side; then the .pending is renamed to .env (for the
-            running service: that rename needs no sync of its own, recovery redoes it). A message exists
-            when its .env exists, or its .pending is whole and the files match its checksum.
+  put:      the .eml written into queue/incoming/ (a large one was streamed to tmp/ and is renamed in),
+            then the envelope as incoming/<id>.pending, carrying the size and CRC-32 of what it commits;
+            one round fsyncs the files and incoming/ side by side; then the files are renamed into queue/,
+            the .pending last, as <id>.env (for the running service: those renames need no sync of their
+            own, recovery redoes them). A message exists when its .env exists, or its .pending is whole and
+            the files match its checksum.
   save:     write+fsync tmp/<id>.env, rename over queue/<id>.env, fsync queue/.
   complete: move queue/<id>.env out first (the message ceases to exist), then the .eml, fsync queue/.
             "Out" is into spare/, where new messages take their files from (queue/spares.py).
 An Exchange XEXCH50 blob, when one came with the message, is `<id>.x50`, written and synced with the .eml.
-Recovery at open: tmp/ is emptied (nothing there was acknowledged); a .pending that does not parse was cut
-short before its sync, so it was never acknowledged: removed; a whole .pending whose files match is
-renamed to .env, one whose files do not is moved to corrupt/ with an event; then a .eml or .x50 without
-.env is a put that never finished or a completion that did, so it is removed; a .env that does not parse,
-or lacks its .eml, is moved to corrupt/ with an event, never dropped silently and never blocking the rest.
+
+Recovery at open, before anything else writes: tmp/ is emptied (nothing there was acknowledged); in
+incoming/ (only what was in flight: small), a .pending that does not parse was cut short before its sync,
+so it was never acknowledged: removed with its files; a whole .pending whose files match is published, one
+whose files do not is moved to corrupt/ with an event; files without a .pending are finished (their .env is
+in queue/) or removed (a put that never got that far). Then the queue is indexed: at once for a tool, in
+the background for the service (`recover`), which takes mail meanwhile. The .env files are read in a
+thread; one that does not parse (not an object, nested too deep, ...) or lacks its .eml is moved to
+corrupt/ with an event, never dropped silently and never blocking the rest; a .eml or .x50 without .env
+(a completion a crash cut short) is removed.
+
+Memory does not grow with the size of the envelopes: per queued message the spool keeps its id, its due
+time (`queue/index.py`) and its shape (frozen, tried, pending recipients per link: what the summaries
+count, shared by the many messages that look alike), about 250 bytes. Envelopes stay on disk and are read
+when needed; those in use (leased, being changed) and the CACHE_LIMIT most recently used are in memory.
 
 Frozen links (the operator's "freeze this next hop") are queue state too: `queue/links.json`, written
 atomically; a recipient on a frozen link is not due until the link is thawed (its message still accepts).
@@ -40,18 +51,30 @@ import itertools
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, BinaryIO
+from typing import IO, Any, BinaryIO
 
-from smtpsvc.model import Envelope, new_queue_id
-from smtpsvc.queue.base import Claim, MessageWriter, QueueError, QueueLocked, Rescheduled
+from smtpsvc.model import NO_LINK, QUEUE_STATES, Envelope, RecipientState, new_queue_id
+from smtpsvc.queue.base import (
+    SAMPLE_IDS,
+    Claim,
+    LinkStats,
+    MessageWriter,
+    QueueError,
+    QueueLocked,
+    QueueSummary,
+    Rescheduled,
+)
 from smtpsvc.queue.commit import Commit, GroupCommitter
+from smtpsvc.queue.index import DueIndex
 from smtpsvc.queue.spares import FILE_MODE, SparePool
-from smtpsvc.safeio import fsync_dir, publish, write_new, write_synced
+from smtpsvc.safeio import publish, write_new, write_synced
 
 try:  # POSIX advisory locking; Windows gets msvcrt below
     import fcntl
@@ -63,6 +86,44 @@ MEMORY_LIMIT = 256 * 1024  # a message up to this size is held in memory until i
 WORKERS_LOCK = ".workers.lock"  # shared by the running SMTP workers; exclusive during recovery
 WORKERS_GONE_TIMEOUT = 30.0  # how long a start waits for an earlier run's SMTP workers to finish
 UPDATE_BATCH = 256  # operator changes to many messages written at once (the committer's largest batch)
+INCOMING = "incoming"  # queue/incoming/: the files of puts being committed
+CACHE_LIMIT = 20_000  # envelopes kept in memory besides those in use (Postfix's active queue limit)
+RECOVERY_BATCH = 1000  # envelopes read by the recovery thread per batch handed to the loop
+RECOVERY_AHEAD = 4  # batches the recovery thread may read ahead of the loop
+ORPHAN_MARGIN = 5.0  # a file without .env newer than the start minus this may be a put of this run
+
+# What the summaries count of a message: (frozen, tried before, ((link, pending recipients), ...), a
+# report still to make for a failed recipient).
+Shape = tuple[bool, bool, tuple[tuple[str, int], ...], bool]
+
+
+@dataclass(slots=True)
+class _ShapeStats:
+    ids: list[str] = field(default_factory=list)
+    next_due: float = float("inf")
+
+
+@dataclass(slots=True)
+class _LinkTotals:
+    messages: int = 0
+    recipients: int = 0
+    next_due: float = float("inf")
+    states: set[str] = field(default_factory=set)
+    ids: list[list[str]] = field(default_factory=list)
+
+
+INFINITY = float("inf")
+HEX_DIGITS = frozenset("0123456789ABCDEFabcdef")
+SUMMARY_CHUNK = 20_000  # index entries looked at between two yields to the loop
+
+
+@dataclass(frozen=True, slots=True)
+class _Found:
+    """A .env the recovery read: its envelope, or why it cannot be used."""
+
+    id: str
+    envelope: Envelope | None
+    problem: str = ""
 
 
 class SpoolWriter:
@@ -151,29 +212,46 @@ class LocalSpool:
     def __init__(self, root: Path, on_corrupt: Callable[[str, str], None] | None = None) -> None:
         self.dir = root
         self.tmp_dir = root / "tmp"
+        self.incoming_dir = root / INCOMING
         self._dir_str = f"{root}{os.sep}"  # for the per-message commit path, which joins strings
+        self._incoming_str = f"{self.incoming_dir}{os.sep}"
         self.corrupt_dir = root / "corrupt"
         self.spares = SparePool(root / "spare")
         self._on_corrupt = on_corrupt or (lambda name, reason: None)
         self._committer = GroupCommitter()
-        self._envelopes: dict[str, Envelope] = {}
-        self._due: dict[str, float] = {}
-        self._heap: list[tuple[float, str]] = []
+        # Every queued message by id, with its shape (what the summaries count); its envelope stays on disk.
+        self._known: dict[str, Shape] = {}
+        self._shapes: dict[Shape, Shape] = {}  # interned: a queue of a million messages has a few shapes
+        self._due = DueIndex()  # the messages with a due time: not frozen, not leased, not parked
+        self._parked: set[str] = set()  # outstanding only on frozen links: indexed again at a thaw
         self._leased: set[str] = set()
+        # Envelopes in memory: the ones in use (leased, being put or changed) and the most recent others,
+        # at most CACHE_LIMIT of those (the active window), oldest use first.
+        self._cache: dict[str, Envelope] = {}
+        self._pinned: dict[str, Envelope] = {}
+        self._pins: dict[str, int] = {}
+        self._bytes = 0
         self._lock_file: IO[bytes] | None = None
         self._frozen_links: frozenset[str] = frozenset()
         self.spool_id = ""
-        self.adopted: list[str] = []  # ids copied in from another spool, found at open
-        # Ids whose files exist but must not be (re)indexed from disk by `rescan`: being put by this
-        # process, or being completed (forgotten, files not yet unlinked).
+        self.adopted: list[str] = []  # ids copied in from another spool, found at recovery
+        self.set_aside = 0  # unusable files moved to corrupt/ at recovery
+        # Ids whose files exist but must not be (re)indexed from disk: being put by this process, or
+        # being completed (forgotten, files not yet gone), or gone during a background recovery.
         self._putting: set[str] = set()
         self._completing: set[str] = set()
+        self._gone: set[str] | None = None  # while a background recovery runs
+        self._started = 0.0  # when open() began: files newer than this may be another process's puts
+        self._recovered: asyncio.Event | None = None  # set when the background recovery is over
         self._update_seq = itertools.count()  # tells concurrent updates' temporary files apart
 
     # -- lifecycle -----------------------------------------------------------------------------------
-    def open(self) -> None:
-        """Create folders, take the spool lock, recover from any crash and index what is queued."""
-        for d in (self.dir, self.tmp_dir, self.corrupt_dir):
+    def open(self, *, scan: bool = True) -> None:
+        """Create folders, take the spool lock, settle what a crash left in incoming/ and index the queue.
+        `scan=False` leaves the indexing to `recover()` in the background (the service: it takes mail at
+        once, whatever the size of the queue)."""
+        self._started = time.time()
+        for d in (self.dir, self.tmp_dir, self.corrupt_dir, self.incoming_dir):
             d.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
@@ -182,10 +260,65 @@ class LocalSpool:
             self.close()
             raise
         try:
-            self._recover()
+            self._frozen_links = self._read_links()
+            self.spool_id = self._read_or_make_id()
+            for leftover in self.tmp_dir.iterdir():
+                with contextlib.suppress(OSError):
+                    leftover.unlink()
+            self.spares.clear()
+            self._settle_incoming()
+            if scan:
+                for batch in self._scan():
+                    self._take_batch(batch)
+            else:  # recover() indexes the queue; what is put or completed meanwhile is known from now
+                self._recovered = asyncio.Event()
+                self._gone = set()
         finally:
             if workers_gone is not None:
                 workers_gone.close()
+
+    @property
+    def recovering(self) -> bool:
+        return self._recovered is not None and not self._recovered.is_set()
+
+    async def recover(self, progress: Callable[[int], None] | None = None) -> None:
+        """Index the queue in the background (after `open(scan=False)`): the .env files are read in a
+        thread and indexed here, a batch at a time, while mail is taken and delivered; what is due
+        is delivered as soon as it is indexed. `progress(messages indexed so far)` after each batch."""
+        if self._recovered is None or self._gone is None:
+            raise QueueError("recover() needs open(scan=False) first")
+        loop = asyncio.get_running_loop()
+        batches: asyncio.Queue[list[_Found] | None] = asyncio.Queue()
+        room = threading.Semaphore(RECOVERY_AHEAD)  # batches read ahead of the loop, at most
+        stop = threading.Event()
+
+        def scan() -> None:
+            try:
+                for batch in self._scan(stop):
+                    room.acquire()
+                    loop.call_soon_threadsafe(batches.put_nowait, batch)
+            finally:
+                loop.call_soon_threadsafe(batches.put_nowait, None)
+
+        thread = loop.run_in_executor(None, scan)
+        try:
+            while (batch := await batches.get()) is not None:
+                room.release()
+                self._take_batch(batch)
+                if progress is not None:
+                    progress(len(self._known))
+            await thread
+        finally:
+            stop.set()
+            for _ in range(RECOVERY_AHEAD):
+                room.release()  # a scan waiting for room sees the stop
+            self._gone = None
+            self._recovered.set()
+
+    async def recovered(self) -> None:
+        """Return once the queue is fully indexed (at once when it is)."""
+        if self._recovered is not None:
+            await self._recovered.wait()
 
     def _wait_for_old_workers(self) -> IO[bytes] | None:
         """Recovery must not run while SMTP workers of an earlier run still commit into this queue: when
@@ -210,70 +343,76 @@ class LocalSpool:
                     ) from None
                 time.sleep(0.05)  # they stop within their grace period (10 s) once their parent is gone
 
-    def _recover(self) -> None:
-        """What a crash left is settled (module docstring), then the queue indexed; both locks held."""
-        self._frozen_links = self._read_links()
-        self.spool_id = self._read_or_make_id()
-        for leftover in self.tmp_dir.iterdir():
-            with contextlib.suppress(OSError):
-                leftover.unlink()
-        self.spares.clear()
-        promoted = self._settle_pending()
-        envs = {p.stem for p in self.dir.glob("*.env")}
-        for orphan in [*self.dir.glob("*.eml"), *self.dir.glob("*.x50")]:
-            if orphan.stem not in envs:
-                with contextlib.suppress(OSError):
-                    orphan.unlink()
-        now = time.time()
-        for stem in sorted(envs):
-            envelope = self._load(stem)
-            if envelope is None:
-                continue
-            if envelope.spool != self.spool_id:
-                self._adopt(envelope, now)
-            self._index(envelope)
-        if self.adopted or promoted:
-            fsync_dir(self.dir)
+    # -- recovery ------------------------------------------------------------------------------------
+    def _settle_incoming(self) -> None:
+        """The puts a crash caught in their commit (incoming/, small: only what was in flight). Run at every
+        start before anything else writes, so it needs no care for puts of this run."""
+        names = sorted(os.listdir(self.incoming_dir))
+        stems = {name.rsplit(".", 1)[0] for name in names}
+        for stem in sorted(stems):
+            pending = self.incoming_dir / f"{stem}.pending"
+            if pending.exists():
+                problem = self._settle_pending(pending, stem)
+                if problem:
+                    self._move_aside(stem, problem)
+                    self.set_aside += 1
+            elif (self.dir / f"{stem}.env").exists():
+                self._finish_publish(stem)  # the .env made it into queue/ and a file did not
+            else:
+                for suffix in (".eml", ".x50"):  # a put that never finished: never acknowledged
+                    with contextlib.suppress(OSError):
+                        (self.incoming_dir / f"{stem}{suffix}").unlink()
 
-    def _settle_pending(self) -> bool:
-        """Settle the puts a crash caught in their commit: True when one of them became a queued message."""
-        promoted = False
-        for path in sorted(self.dir.glob("*.pending")):
-            stem = path.stem
-            if (self.dir / f"{stem}.env").exists():
-                path.unlink()  # cannot happen (the rename is atomic); the .env is the later word
-                continue
-            try:
-                envelope = Envelope.from_json(json.loads(path.read_bytes()))
-                if envelope.id != stem:
-                    raise ValueError("another id")
-            except OSError as exc:
-                self._move_aside(stem, f"{path.name} is unreadable: {exc.strerror or exc}")
-                continue
-            except (ValueError, KeyError, TypeError):
-                # Not whole, so its fsync never finished and no 250 was sent: as if it were in tmp/.
-                # Its .eml and .x50 are orphans now, removed with the others.
-                path.unlink()
-                continue
-            problem = self._mismatch(envelope)
-            if problem:
-                # Whole yet not matching its files: a commit cut off by a power loss (its 250 was never
-                # sent, but the service cannot prove it) or a damaged disk; the operator decides.
-                self._move_aside(stem, f"{problem} (a commit interrupted by a crash, or disk damage)")
-                continue
-            os.replace(path, self.dir / f"{stem}.env")  # synced, and might have been acknowledged
-            promoted = True
-        return promoted
+    def _settle_pending(self, path: Path, stem: str) -> str:
+        """One .pending a crash left: whole and matching its files, it is published (it may have been
+        acknowledged); cut short, it was never acknowledged and goes; whole but not matching, the reason is
+        returned, for the caller to move it aside. Also takes an older version's queue/<id>.pending."""
+        if (self.dir / f"{stem}.env").exists():
+            path.unlink()  # cannot happen (the rename is atomic); the .env is the later word
+            self._finish_publish(stem)
+            return ""
+        try:
+            envelope = Envelope.from_json(_object(json.loads(path.read_bytes())))
+            if envelope.id != stem:
+                raise ValueError("another id")
+        except OSError as exc:
+            return f"{path.name} is unreadable: {exc.strerror or exc}"
+        except (ValueError, KeyError, TypeError, RecursionError):
+            # Not whole, so its fsync never finished and no 250 was sent: as if it were in tmp/.
+            path.unlink()
+            for folder in (self.incoming_dir, self.dir):
+                for suffix in (".eml", ".x50"):
+                    with contextlib.suppress(OSError):
+                        (folder / f"{stem}{suffix}").unlink()
+            return ""
+        problem = self._mismatch(envelope)
+        if problem:
+            # Whole yet not matching its files: a commit cut off by a power loss (its 250 was never
+            # sent, but the service cannot prove it) or a damaged disk; the operator decides.
+            return f"{problem} (a commit interrupted by a crash, or disk damage)"
+        self._finish_publish(stem)
+        os.replace(path, self.dir / f"{stem}.env")  # synced, and might have been acknowledged
+        return ""
+
+    def _finish_publish(self, stem: str) -> None:
+        for suffix in (".eml", ".x50"):
+            with contextlib.suppress(FileNotFoundError):
+                os.replace(self.incoming_dir / f"{stem}{suffix}", self.dir / f"{stem}{suffix}")
+
+    def _message_file(self, stem: str, suffix: str) -> Path:
+        """Where a file of a message being settled is: still in incoming/, or published into queue/."""
+        incoming = self.incoming_dir / f"{stem}{suffix}"
+        return incoming if incoming.exists() else self.dir / f"{stem}{suffix}"
 
     def _mismatch(self, envelope: Envelope) -> str:
         """What is wrong with the files a .pending commits, or "" when their size and CRC-32 match it."""
         crc, size = 0, 0
         try:
-            with open(self.dir / f"{envelope.id}.eml", "rb") as message:
+            with open(self._message_file(envelope.id, ".eml"), "rb") as message:
                 while chunk := message.read(WRITE_BUFFER):
                     crc = zlib.crc32(chunk, crc)
                     size += len(chunk)
-            blob = (self.dir / f"{envelope.id}.x50").read_bytes() if envelope.xexch50 else b""
+            blob = self._message_file(envelope.id, ".x50").read_bytes() if envelope.xexch50 else b""
         except FileNotFoundError as exc:
             return f"{Path(str(exc.filename)).name} is missing"
         except OSError as exc:
@@ -284,14 +423,82 @@ class LocalSpool:
             return "the message files do not match the envelope's CRC-32"
         return ""
 
-    def _adopt(self, envelope: Envelope, now: float) -> None:
+    def _scan(self, stop: threading.Event | None = None) -> Iterator[list[_Found]]:
+        """Every queued message, in batches, read from queue/ (in a thread when recovering in the
+        background): the envelopes that parse, adopted when another spool wrote them; what cannot be used
+        moved aside; an older version's .pending settled; a .eml or .x50 without .env (a completion that a
+        crash cut short) removed, unless it may be a put of this run (newer than the start)."""
+        batch: list[_Found] = []
+        with os.scandir(self.dir) as entries:
+            for entry in entries:
+                if stop is not None and stop.is_set():
+                    return
+                stem, dot, suffix = entry.name.rpartition(".")
+                if not dot or entry.name.startswith("."):
+                    continue
+                if suffix == "env":
+                    found = self._found(stem)
+                    if found is not None:
+                        batch.append(found)
+                        if len(batch) >= RECOVERY_BATCH:
+                            yield batch
+                            batch = []
+                elif suffix == "pending":
+                    problem = self._settle_pending(Path(entry.path), stem)
+                    if problem:
+                        batch.append(_Found(stem, None, problem))
+                    elif (self.dir / f"{stem}.env").exists() and (found := self._found(stem)) is not None:
+                        batch.append(found)
+                elif suffix in ("eml", "x50"):
+                    self._remove_orphan(entry, stem)
+        if batch:
+            yield batch
+
+    def _found(self, stem: str) -> _Found | None:
+        if self._gone is not None and (stem in self._known or stem in self._gone):
+            return None  # put by this run meanwhile, or already delivered
+        try:
+            payload = _read(f"{self._dir_str}{stem}.env")
+        except FileNotFoundError:
+            return None  # completed meanwhile
+        except OSError as exc:
+            return _Found(stem, None, f"{stem}.env is unreadable: {exc.strerror or exc}")
+        envelope, problem = self._parse(stem, payload)
+        if envelope is not None and envelope.spool != self.spool_id:
+            problem = self._adopt(envelope, time.time())
+        return _Found(stem, envelope if not problem else None, problem)
+
+    def _remove_orphan(self, entry: os.DirEntry[str], stem: str) -> None:
+        if os.path.exists(f"{self._dir_str}{stem}.env") or stem in self._putting:
+            return
+        with contextlib.suppress(OSError):
+            if entry.stat().st_mtime < self._started - ORPHAN_MARGIN:
+                os.unlink(entry.path)
+
+    def _take_batch(self, batch: list[_Found]) -> None:
+        """Index what a scan found (on the loop when recovering in the background)."""
+        for found in batch:
+            if self._gone is not None and (found.id in self._known or found.id in self._gone):
+                continue
+            if found.envelope is None:
+                self._move_aside(found.id, found.problem)
+                self.set_aside += 1
+                continue
+            self._index(found.envelope, cache=False)
+
+    def _adopt(self, envelope: Envelope, now: float) -> str:
+        """An envelope another spool wrote (KB306043): its pending recipients are due at once, here."""
         for rcpt in envelope.pending:
             rcpt.next_attempt = min(rcpt.next_attempt, now)
         envelope.spool = self.spool_id
         tmp = self.tmp_dir / f"{envelope.id}.env.adopt"
-        write_synced(tmp, _encode(envelope), FILE_MODE)
-        os.replace(tmp, self.dir / f"{envelope.id}.env")
+        try:
+            write_synced(tmp, _encode(envelope), FILE_MODE)
+            os.replace(tmp, self.dir / f"{envelope.id}.env")
+        except OSError as exc:
+            return f"cannot adopt it from another server's queue: {exc.strerror or exc}"
         self.adopted.append(envelope.id)
+        return ""
 
     def _read_or_make_id(self) -> str:
         path = self.dir / "spool.id"
@@ -329,29 +536,41 @@ class LocalSpool:
             self._lock_file = None
             raise QueueLocked(f"the queue folder {self.dir} is in use by another smtpsvc process") from exc
 
-    def _load(self, stem: str, payload: bytes | None = None) -> Envelope | None:
-        """The envelope of queue/<stem>.env (its bytes in `payload` when the caller read them), or None
-        when it is unusable: then its files are moved aside and reported."""
-        # Strings, not Path objects: every message a worker commits comes through here.
+    def _parse(self, stem: str, payload: bytes) -> tuple[Envelope | None, str]:
+        """The envelope in `payload` (queue/<stem>.env), or why it cannot be used."""
         try:
-            if payload is None:
-                payload = _read(f"{self._dir_str}{stem}.env")
-            envelope = Envelope.from_json(json.loads(payload))
+            envelope = Envelope.from_json(_object(json.loads(payload)))
             if envelope.id != stem:
                 raise ValueError(f"envelope id {envelope.id!r} does not match its file name")
             if not os.path.exists(f"{self._dir_str}{stem}.eml"):
                 raise ValueError("message file (.eml) is missing")
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            self._move_aside(stem, str(exc) or type(exc).__name__)
-            return None
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            return None, str(exc) or type(exc).__name__
+        return envelope, ""
+
+    def _load(self, stem: str, payload: bytes | None = None) -> Envelope | None:
+        """The envelope of queue/<stem>.env (its bytes in `payload` when the caller read them), or None
+        when it is unusable: then its files are moved aside and reported, and it is forgotten."""
+        # Strings, not Path objects: every message a worker commits comes through here.
+        try:
+            if payload is None:
+                payload = _read(f"{self._dir_str}{stem}.env")
+        except OSError as exc:
+            envelope, problem = None, f"{stem}.env is unreadable: {exc.strerror or exc}"
+        else:
+            envelope, problem = self._parse(stem, payload)
+        if envelope is None:
+            self._forget(stem)
+            self._move_aside(stem, problem)
         return envelope
 
     def _move_aside(self, stem: str, reason: str) -> None:
-        for suffix in (".env", ".pending", ".eml", ".x50"):
-            src = self.dir / f"{stem}{suffix}"
-            if src.exists():
-                with contextlib.suppress(OSError):
-                    shutil.move(str(src), str(self.corrupt_dir / src.name))
+        for folder in (self.dir, self.incoming_dir):
+            for suffix in (".env", ".pending", ".eml", ".x50"):
+                src = folder / f"{stem}{suffix}"
+                if src.exists():
+                    with contextlib.suppress(OSError):
+                        shutil.move(str(src), str(self.corrupt_dir / src.name))
         self._on_corrupt(stem, reason)
 
     # -- writing -------------------------------------------------------------------------------------
@@ -377,8 +596,8 @@ class LocalSpool:
         envelope.spool = self.spool_id
         payload = _encode(envelope)
         # Plain strings on this path, every message takes it (pathlib costs a few microseconds a join).
-        final, stem = self._dir_str, envelope.id
-        eml, pending = f"{final}{stem}.eml", f"{final}{stem}.pending"
+        incoming, final, stem = self._incoming_str, self._dir_str, envelope.id
+        eml, pending = f"{incoming}{stem}.eml", f"{incoming}{stem}.pending"
         fds: list[int] = []
         try:
             # The writes go to the page cache here, on the loop; the committer fsyncs them in threads.
@@ -390,7 +609,7 @@ class LocalSpool:
                 os.replace(writer.path, eml)
                 fds.append(os.open(eml, os.O_RDONLY))
             if blob:
-                fds.append(write_new(f"{final}{stem}.x50", blob, FILE_MODE))
+                fds.append(write_new(f"{incoming}{stem}.x50", blob, FILE_MODE))
             fds.append(self.spares.write(pending, payload))
         except OSError as exc:
             for fd in fds:
@@ -398,20 +617,28 @@ class LocalSpool:
             self._discard(writer)
             raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
 
-        def publish() -> None:  # durable already (see open): the .env is the name the service works with
+        def publish() -> None:
+            # Durable already (the round synced the files and incoming/): into queue/, the files first and
+            # the .env last, so a .env in queue/ always has its message beside it. These renames need no
+            # sync of their own: after a crash, whatever of them did not last is redone by recovery.
+            os.replace(eml, f"{final}{stem}.eml")
+            if blob:
+                os.replace(f"{incoming}{stem}.x50", f"{final}{stem}.x50")
             os.replace(pending, f"{final}{stem}.env")
 
         try:
-            await self._committer.run(Commit(fds, publish, created_in=(self.dir,)))
+            await self._committer.run(Commit(fds, publish, created_in=(self.incoming_dir,)))
         except OSError as exc:
             self._discard(writer)
             raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
         self._index(envelope)
 
     def _discard(self, writer: SpoolWriter) -> None:
-        """A put that failed leaves nothing behind, in tmp/ or in queue/."""
-        queued = [self.dir / f"{writer.id}{suffix}" for suffix in (".pending", ".env", ".x50", ".eml")]
-        for path in (writer.path, *queued):
+        """A put that failed leaves nothing behind, in tmp/, incoming/ or queue/."""
+        paths = [writer.path]
+        for folder in (self.incoming_dir, self.dir):
+            paths += [folder / f"{writer.id}{suffix}" for suffix in (".pending", ".env", ".x50", ".eml")]
+        for path in paths:
             with contextlib.suppress(OSError):
                 path.unlink()
 
@@ -421,6 +648,7 @@ class LocalSpool:
             await self._replace(self.dir / f"{envelope.id}.env", _encode(envelope), f"{envelope.id}.env.new")
         finally:
             self._leased.discard(envelope.id)
+            self._unpin(envelope.id)
         self._index(envelope)
 
     async def _replace(
@@ -452,7 +680,7 @@ class LocalSpool:
         delivered keeps its lease, and the delivery's own save later carries the change. The due index is
         updated before the write, so the scheduler never leases a message on the state it had before;
         `index=False` leaves that to the caller (`reschedule` once the write is done)."""
-        if envelope.id not in self._envelopes:
+        if envelope.id not in self._known:
             return  # completed meanwhile (delivered, or deleted by another request)
         if index and envelope.id not in self._leased:
             self._index(envelope)
@@ -463,10 +691,16 @@ class LocalSpool:
         # A temporary name of its own: two changes to one message may be in flight at once (two ETRNs),
         # and each renames its own file; the later one, encoded later, lands last.
         tmp_name = f"{envelope.id}.env.admin{next(self._update_seq)}"
-        await self._replace(final, payload, tmp_name, unless=lambda: not final.exists())
+        self._pin(envelope)  # the same object for every reader until it is written
+        try:
+            await self._replace(final, payload, tmp_name, unless=lambda: not final.exists())
+        finally:
+            self._unpin(envelope.id)
 
     async def complete(self, queue_id: str) -> None:
-        known = self._envelopes.get(queue_id)
+        known = self._cached(queue_id)
+        if known is None and queue_id in self._known:
+            known = self._read_quietly(queue_id)
         stem = f"{self._dir_str}{queue_id}"
         # The .env first: once it is gone the message no longer exists. The files go to the spare pool.
         paths: list[tuple[str, int | None]] = [(f"{stem}.env", None)]
@@ -482,7 +716,7 @@ class LocalSpool:
             retired.extend(self.spares.retire(paths))
 
         self._completing.add(queue_id)
-        self._forget(queue_id)
+        self._forget(queue_id, known)
         try:
             await self._committer.run(Commit((), retire, (self.dir,)))
         finally:
@@ -493,9 +727,9 @@ class LocalSpool:
     def adopt_new(self, queue_id: str) -> Envelope | None:
         """Index a message another process of this service committed into queue/ (an SMTP worker tells
         us its id after its commit). Unknown, unreadable or already indexed ids are ignored."""
-        if queue_id in self._envelopes or queue_id in self._completing or queue_id in self._putting:
+        if queue_id in self._known or queue_id in self._completing or queue_id in self._putting:
             return None
-        if "/" in queue_id:
+        if "/" in queue_id or (self._gone is not None and queue_id in self._gone):
             return None
         try:
             payload = _read(f"{self._dir_str}{queue_id}.env")
@@ -508,43 +742,149 @@ class LocalSpool:
             self._index(envelope)
         return envelope
 
-    def rescan(self) -> list[str]:
+    async def rescan(self) -> list[str]:
         """Index the .env files nobody told us about (a worker that died between its commit and its
-        notice); returns their ids."""
-        return [path.stem for path in self.dir.glob("*.env") if self.adopt_new(path.stem) is not None]
+        notice); returns their ids. The folder is listed in a thread (it may hold a million names)."""
+        if self.recovering:
+            return []  # the recovery under way takes them
+
+        def unknown() -> list[str]:
+            with os.scandir(self.dir) as entries:
+                return [
+                    e.name[:-4] for e in entries if e.name.endswith(".env") and e.name[:-4] not in self._known
+                ]
+
+        ids = await asyncio.to_thread(unknown)
+        return [queue_id for queue_id in ids if self.adopt_new(queue_id) is not None]
+
+    # -- the index -----------------------------------------------------------------------------------
+    def _index(self, envelope: Envelope, *, cache: bool = True) -> None:
+        queue_id = envelope.id
+        previous = self._known.get(queue_id)
+        if previous is None:
+            self._bytes += envelope.size
+        self._known[queue_id] = self._shape(envelope)
+        if cache:
+            self._keep(envelope)
+        if queue_id in self._leased:
+            return
+        due = None if envelope.frozen else envelope.next_due(self._frozen_links)
+        if due is None:
+            self._due.discard(queue_id)
+            if envelope.frozen:
+                self._parked.discard(queue_id)
+            else:
+                self._parked.add(queue_id)  # waits only on frozen links
+            return
+        self._parked.discard(queue_id)
+        self._due.set(queue_id, due)
+
+    def _shape(self, envelope: Envelope) -> Shape:
+        pending = envelope.pending
+        links: dict[str, int] = {}
+        for rcpt in pending:
+            link = rcpt.route or NO_LINK
+            links[link] = links.get(link, 0) + 1
+        unreported = any(r.state is RecipientState.FAILED and not r.notified for r in envelope.recipients)
+        shape: Shape = (
+            envelope.frozen,
+            any(r.attempts for r in pending),
+            tuple(sorted(links.items())),
+            unreported,
+        )
+        return self._shapes.setdefault(shape, shape)
+
+    def _forget(self, queue_id: str, envelope: Envelope | None = None) -> None:
+        if self._known.pop(queue_id, None) is not None and envelope is not None:
+            self._bytes -= envelope.size
+        self._due.discard(queue_id)
+        self._parked.discard(queue_id)
+        self._leased.discard(queue_id)
+        self._cache.pop(queue_id, None)
+        self._pinned.pop(queue_id, None)
+        self._pins.pop(queue_id, None)
+        if self._gone is not None:
+            self._gone.add(queue_id)
+
+    # -- envelopes in memory -------------------------------------------------------------------------
+    def _cached(self, queue_id: str) -> Envelope | None:
+        envelope = self._pinned.get(queue_id)
+        return envelope if envelope is not None else self._cache.get(queue_id)
+
+    def _keep(self, envelope: Envelope) -> None:
+        """Remember an envelope: the newest of the cache (the pinned ones stay where they are)."""
+        queue_id = envelope.id
+        if queue_id in self._pinned:
+            self._pinned[queue_id] = envelope
+            return
+        cache = self._cache
+        cache.pop(queue_id, None)
+        cache[queue_id] = envelope
+        while len(cache) > CACHE_LIMIT:
+            del cache[next(iter(cache))]  # the one used longest ago
+
+    def _pin(self, envelope: Envelope) -> None:
+        """Keep this very object in memory while it is in use (a delivery, an operator's write): every
+        reader then sees and changes the same envelope."""
+        queue_id = envelope.id
+        self._pins[queue_id] = self._pins.get(queue_id, 0) + 1
+        self._cache.pop(queue_id, None)
+        self._pinned[queue_id] = envelope
+
+    def _unpin(self, queue_id: str) -> None:
+        count = self._pins.get(queue_id, 0) - 1
+        if count > 0:
+            self._pins[queue_id] = count
+            return
+        self._pins.pop(queue_id, None)
+        envelope = self._pinned.pop(queue_id, None)
+        if envelope is not None and queue_id in self._known:
+            self._keep(envelope)
+
+    def _envelope(self, queue_id: str) -> Envelope | None:
+        """A queued message's envelope: the one in memory, else read from disk (and kept)."""
+        envelope = self._cached(queue_id)
+        if envelope is not None:
+            return envelope
+        if queue_id not in self._known:
+            return None
+        envelope = self._load(queue_id)
+        if envelope is not None:
+            self._keep(envelope)
+        return envelope
+
+    def _read_quietly(self, queue_id: str) -> Envelope | None:
+        try:
+            envelope, _ = self._parse(queue_id, _read(f"{self._dir_str}{queue_id}.env"))
+        except OSError:
+            return None
+        return envelope
 
     # -- scheduling ----------------------------------------------------------------------------------
-    def _index(self, envelope: Envelope) -> None:
-        self._envelopes[envelope.id] = envelope
-        due = envelope.next_due(self._frozen_links)
-        if due is None or envelope.frozen:
-            self._due.pop(envelope.id, None)
-            return
-        self._due[envelope.id] = due
-        heapq.heappush(self._heap, (due, envelope.id))
-
-    def _forget(self, queue_id: str) -> None:
-        self._envelopes.pop(queue_id, None)
-        self._due.pop(queue_id, None)
-        self._leased.discard(queue_id)
-
     def lease(self, now: float, limit: int) -> list[Envelope]:
         out: list[Envelope] = []
-        while self._heap and len(out) < limit and self._heap[0][0] <= now:
-            due, queue_id = heapq.heappop(self._heap)
-            if self._due.get(queue_id) != due or queue_id in self._leased:
-                continue  # stale heap entry: the envelope was re-indexed since
-            if self._envelopes[queue_id].frozen:
-                self._due.pop(queue_id)  # frozen by an operator since it was indexed
-                continue
-            self._due.pop(queue_id)
-            self._leased.add(queue_id)
-            out.append(self._envelopes[queue_id])
+        while len(out) < limit:
+            ids = self._due.pop_due(now, limit - len(out))
+            if not ids:
+                break
+            for queue_id in ids:
+                envelope = self._envelope(queue_id)
+                if envelope is None:
+                    continue  # unusable: moved aside and forgotten
+                due = None if envelope.frozen else envelope.next_due(self._frozen_links)
+                if due is None or due > now:
+                    self._index(envelope)  # frozen, or its links were, since it was indexed
+                    continue
+                self._leased.add(queue_id)
+                self._pin(envelope)
+                out.append(envelope)
         return out
 
     def release(self, queue_id: str) -> None:
-        self._leased.discard(queue_id)
-        envelope = self._envelopes.get(queue_id)
+        if queue_id in self._leased:
+            self._leased.discard(queue_id)
+            self._unpin(queue_id)
+        envelope = self._cached(queue_id)
         if envelope is not None:
             self._index(envelope)
 
@@ -552,17 +892,12 @@ class LocalSpool:
         """Re-read the due time of a message whose state was changed in memory (an operator's change, once
         written; a freeze whose write failed, put back). A leased message is left alone: its delivery is
         under way."""
-        envelope = self._envelopes.get(queue_id)
+        envelope = self._cached(queue_id)
         if envelope is not None and queue_id not in self._leased:
             self._index(envelope)
 
     def next_due(self) -> float | None:
-        while self._heap:
-            due, queue_id = self._heap[0]
-            if self._due.get(queue_id) == due and queue_id not in self._leased:
-                return due
-            heapq.heappop(self._heap)
-        return None
+        return self._due.next_due()
 
     # -- frozen links -------------------------------------------------------------------------------
     @property
@@ -570,14 +905,30 @@ class LocalSpool:
         return self._frozen_links
 
     async def set_link_frozen(self, link: str, frozen: bool) -> None:
-        """Freeze or thaw a next hop for every message queued for it, now and later (persisted)."""
+        """Freeze or thaw a next hop for every message queued for it, now and later (persisted). A freeze
+        takes effect as each message falls due (it is parked then); a thaw indexes the parked ones again."""
         links = self._frozen_links | {link} if frozen else self._frozen_links - {link}
         payload = json.dumps({"frozen": sorted(links)}).encode()
         await self._replace(self.dir / "links.json", payload, "links.json.new")
         self._frozen_links = frozenset(links)
-        for queue_id, envelope in self._envelopes.items():
-            if queue_id not in self._leased:
+        if frozen:
+            # Park at once what now waits only on frozen links (the shapes say which, no envelope read).
+            ids = self._due.ids()
+            for start in range(0, len(ids), SUMMARY_CHUNK):
+                for queue_id in ids[start : start + SUMMARY_CHUNK]:
+                    shape = self._known.get(queue_id)
+                    # Waiting only on frozen links, and no report to make (that is due whatever the link).
+                    if shape and shape[2] and not shape[3] and all(link in links for link, _ in shape[2]):
+                        self._due.discard(queue_id)
+                        self._parked.add(queue_id)
+                await asyncio.sleep(0)
+            return
+        for count, queue_id in enumerate(list(self._parked)):
+            envelope = self._envelope(queue_id)
+            if envelope is not None:
                 self._index(envelope)
+            if count % UPDATE_BATCH == UPDATE_BATCH - 1:
+                await asyncio.sleep(0)  # a long list of parked messages must not stall the loop
 
     def _read_links(self) -> frozenset[str]:
         try:
@@ -585,19 +936,105 @@ class LocalSpool:
             return frozenset(str(link) for link in data.get("frozen", []))
         except FileNotFoundError:
             return frozenset()
-        except (ValueError, AttributeError, TypeError) as exc:
+        except (ValueError, AttributeError, TypeError, RecursionError) as exc:
             self._on_corrupt("links.json", f"not valid JSON ({exc}); no link is frozen")
             return frozenset()
 
     # -- reading -------------------------------------------------------------------------------------
     def get(self, queue_id: str) -> Envelope | None:
-        return self._envelopes.get(queue_id)
+        return self._envelope(queue_id)
 
     def list(self) -> list[Envelope]:
-        return sorted(self._envelopes.values(), key=lambda e: e.id)
+        """Every queued envelope, by id (read from disk: for tools and small queues)."""
+        return [e for e in map(self._envelope, sorted(self._known)) if e is not None]
+
+    def ids(self) -> Sequence[str]:
+        """Every queued message's id, by id (the oldest first)."""
+        return sorted(self._known)
 
     def count(self) -> int:
-        return len(self._envelopes)
+        return len(self._known)
+
+    def shape(self, queue_id: str) -> Shape | None:
+        return self._known.get(queue_id)
+
+    def due_at(self, queue_id: str) -> float | None:
+        return self._due.get(queue_id)
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._bytes
+
+    async def summary(self) -> QueueSummary:
+        """Counts by state and link from the index (no envelope read), in chunks so the loop keeps
+        answering: about a second of CPU for a million messages, most of them sharing a few shapes."""
+        frozen_links = self._frozen_links
+        shapes: dict[Shape, _ShapeStats] = {}
+        known, due_at = self._known, self._due.get
+        ids = list(known)  # the ids as they are now; one removed meanwhile is skipped below
+        for start in range(0, len(ids), SUMMARY_CHUNK):
+            for queue_id in ids[start : start + SUMMARY_CHUNK]:
+                shape = known.get(queue_id)
+                if shape is None:
+                    continue
+                stats = shapes.get(shape)
+                if stats is None:
+                    stats = shapes[shape] = _ShapeStats()
+                stats.ids.append(queue_id)
+                due = due_at(queue_id)
+                if due is not None and due < stats.next_due:
+                    stats.next_due = due
+            await asyncio.sleep(0)
+        return self._summarize(shapes, frozen_links)
+
+    def _summarize(self, shapes: dict[Shape, _ShapeStats], frozen_links: frozenset[str]) -> QueueSummary:
+        states = dict.fromkeys(QUEUE_STATES, 0)
+        links: dict[str, _LinkTotals] = {}
+        oldest: str | None = None
+        messages = 0
+        for (frozen, tried, pending, _), stats in shapes.items():
+            count = len(stats.ids)
+            messages += count
+            all_frozen = bool(pending) and all(link in frozen_links for link, _ in pending)
+            state = "frozen" if frozen or all_frozen else "retry" if tried else "ready"
+            states[state] += count
+            first = min(stats.ids)
+            oldest = first if oldest is None or first < oldest else oldest
+            for link, recipients in pending:
+                totals = links.setdefault(link, _LinkTotals())
+                totals.messages += count
+                totals.recipients += recipients * count
+                totals.states.add(state)
+                totals.ids.append(stats.ids)
+                if not frozen and link not in frozen_links:
+                    totals.next_due = min(totals.next_due, stats.next_due)
+        out: dict[str, LinkStats] = {}
+        for link, totals in links.items():
+            sample = heapq.nsmallest(SAMPLE_IDS, itertools.chain.from_iterable(totals.ids))
+            out[link] = LinkStats(
+                messages=totals.messages,
+                recipients=totals.recipients,
+                oldest=self._received(sample[0]) if sample else 0.0,
+                next_due=None if totals.next_due == INFINITY else totals.next_due,
+                states=frozenset(totals.states),
+                sample=tuple(sample),
+            )
+        return QueueSummary(
+            messages=messages,
+            states=states,
+            links=out,
+            oldest=self._received(oldest) if oldest is not None else None,
+            bytes=self._bytes,
+        )
+
+    def _received(self, queue_id: str) -> float:
+        """When a message arrived: its id says (ids begin with the microsecond they were made); the
+        envelope is read only for an id of another form."""
+        stamp = queue_id[:14]
+        if len(queue_id) == 24 and all(c in HEX_DIGITS for c in stamp):
+            return int(stamp, 16) / 1_000_000
+        envelope = self._envelope(queue_id)
+        return envelope.received_at if envelope is not None else 0.0
 
     def open_message(self, queue_id: str) -> BinaryIO:
         return open(f"{self._dir_str}{queue_id}.eml", "rb")
@@ -611,10 +1048,6 @@ class LocalSpool:
 
     def message_path(self, queue_id: str) -> Path:
         return self.dir / f"{queue_id}.eml"
-
-    def envelopes(self) -> Iterable[Envelope]:
-        """Every queued envelope, in no order, without a copy: iterate it without awaiting in between."""
-        return self._envelopes.values()
 
     @property
     def leased(self) -> frozenset[str]:
@@ -731,6 +1164,9 @@ class LocalStore:
     async def count(self) -> int:
         return self.spool.count()
 
+    async def summary(self) -> QueueSummary:
+        return await self.spool.summary()
+
     async def holders(self) -> dict[str, str]:
         return dict.fromkeys(self.spool.leased, self._node_id)
 
@@ -756,27 +1192,40 @@ class LocalStore:
         return envelope
 
     async def make_due(
-        self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False
+        self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False, link: str = ""
     ) -> Rescheduled:
         domain = domain.rstrip(".").lower()
-        chosen = [self.spool.get(queue_id)] if queue_id else list(self.spool.envelopes())
-        count, links, changed = 0, set[str](), list[Envelope]()
-        for envelope in chosen:
-            if envelope is None or envelope.frozen:
-                continue
-            touched = [r for r in envelope.pending if _at_domain(r.domain, domain, subdomains)]
-            if not touched:
-                continue
-            count += 1
-            links.update(r.route for r in touched)
-            if self.spool.is_leased(envelope.id):
-                self._rerun.add(envelope.id)  # not under its delivery's feet: its save makes them due
-                continue
-            for rcpt in touched:
-                rcpt.next_attempt = now
-            changed.append(envelope)
+        await self.spool.recovered()  # every message, not only those indexed so far
+        count, links, changed = 0, set[str](), _no_envelopes()
+        for batch in self._batches([queue_id] if queue_id else self.spool.ids()):
+            for envelope in batch:
+                if envelope.frozen:
+                    continue
+                touched = [
+                    r
+                    for r in envelope.pending
+                    if _at_domain(r.domain, domain, subdomains) and (not link or r.route == link)
+                ]
+                if not touched:
+                    continue
+                count += 1
+                links.update(r.route for r in touched)
+                if self.spool.is_leased(envelope.id):
+                    self._rerun.add(envelope.id)  # not under its delivery's feet: its save makes them due
+                    continue
+                for rcpt in touched:
+                    rcpt.next_attempt = now
+                changed.append(envelope)
+            if len(changed) >= UPDATE_BATCH:
+                await self._update_many(changed)
+                changed = _no_envelopes()
         await self._update_many(changed)
         return Rescheduled(count, frozenset(links))
+
+    def _batches(self, ids: Sequence[str]) -> Iterator[Sequence[Envelope]]:
+        """The envelopes of `ids`, UPDATE_BATCH at a time (read from disk when not in memory): a queue of a
+        million messages is worked through without holding its envelopes, the caller awaiting between."""
+        return _batches(self.spool, ids)
 
     async def recategorize(
         self,
@@ -787,11 +1236,12 @@ class LocalStore:
         changed_only: Callable[[str], bool] | None = None,
         progress: Callable[[int, int], None] | None = None,
     ) -> Rescheduled:
-        ids = [queue_id] if queue_id else [envelope.id for envelope in self.spool.envelopes()]
+        await self.spool.recovered()  # every message, not only those indexed so far
+        ids = [queue_id] if queue_id else self.spool.ids()
         count, links = 0, set[str]()
-        for start in range(0, len(ids), UPDATE_BATCH):  # routing a batch, then writing it, frees the loop
-            changed: list[Envelope] = []
-            for envelope in filter(None, map(self.spool.get, ids[start : start + UPDATE_BATCH])):
+        for start, batch in zip(itertools.count(0, UPDATE_BATCH), self._batches(ids), strict=False):
+            changed = _no_envelopes()  # routing a batch, then writing it, frees the loop
+            for envelope in batch:
                 if envelope.frozen:
                     continue
                 touched = [r for r in envelope.pending if changed_only is None or changed_only(r.address)]
@@ -838,6 +1288,23 @@ class LocalStore:
 def _at_domain(rcpt_domain: str, domain: str, subdomains: bool) -> bool:
     """Is a recipient's domain the one asked ("" = any), or with `subdomains` one of its subdomains?"""
     return not domain or rcpt_domain == domain or (subdomains and rcpt_domain.endswith("." + domain))
+
+
+def _batches(spool: LocalSpool, ids: Sequence[str]) -> Iterator[Sequence[Envelope]]:
+    for start in range(0, len(ids), UPDATE_BATCH):
+        yield [e for e in map(spool.get, ids[start : start + UPDATE_BATCH]) if e is not None]
+
+
+def _no_envelopes() -> list[Envelope]:
+    """An empty list (a function: inside the classes, `list` names their `list` method)."""
+    return []
+
+
+def _object(data: Any) -> dict[str, Any]:
+    """An envelope's JSON must be an object: `[]`, `null` or `5` are damage, reported like any other."""
+    if not isinstance(data, dict):
+        raise TypeError(f"the envelope is a JSON {type(data).__name__}, not an object")
+    return data
 
 
 def _read(path: str) -> bytes:
