@@ -4,6 +4,7 @@ disk (memory does not grow with them), damaged envelopes of every kind set aside
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ import pytest
 
 from smtpsvc.app import Service
 from smtpsvc.config import load_config
+from smtpsvc.model import Envelope, Recipient, RecipientState
 from smtpsvc.queue import local
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from tests.conftest import base_sections, events_of, smtp_port, wait_until, write_config
@@ -142,3 +144,43 @@ async def test_the_service_takes_mail_while_its_queue_is_recovered_in_the_backgr
         assert smtp_port(service)
     finally:
         await service.stop()
+
+
+@pytest.mark.parametrize(
+    ("recipients", "frozen", "frozen_links"),
+    [
+        ([Recipient("a@x.test", route="x.test", next_attempt=50.0)], False, frozenset()),
+        ([Recipient("a@x.test", route="x.test", next_attempt=50.0, attempts=2)], True, frozenset()),
+        ([Recipient("a@x.test", route="x.test", next_attempt=50.0)], False, frozenset({"x.test"})),
+        (
+            [
+                Recipient("a@x.test", route="x.test", next_attempt=50.0),
+                Recipient("b@y.test", state=RecipientState.FAILED, next_attempt=70.0),
+                Recipient("c@z.test", state=RecipientState.DELIVERED, next_attempt=10.0),
+            ],
+            False,
+            frozenset({"x.test"}),
+        ),
+        (
+            [Recipient("a@x.test", next_attempt=5.0), Recipient("b@x.test", route="x.test")],
+            False,
+            frozenset(),
+        ),
+        ([Recipient("b@y.test", state=RecipientState.FAILED, notified=True)], False, frozenset()),
+    ],
+)
+def test_the_recovery_reads_the_same_index_entry_as_from_the_whole_envelope(
+    tmp_path: Path, recipients: list[Recipient], frozen: bool, frozen_links: frozenset[str]
+) -> None:
+    # The recovery reads a .env's JSON without building the envelope (speed); it must index it exactly as
+    # the envelope would be indexed.
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open()
+    spool._frozen_links = frozen_links
+    envelope = Envelope("0661D4929F25B7034CCF2DF3", "a@b.test", recipients, 1.0, size=123, frozen=frozen)
+    envelope.spool = spool.spool_id
+    (spool.dir / f"{envelope.id}.eml").write_bytes(b"x")
+    found = spool._digest(envelope.id, json.dumps(envelope.to_json()).encode())
+    assert found is not None
+    assert (found.shape, found.due, found.size) == (spool._shape(envelope), spool._due_of(envelope), 123)
+    spool.close()

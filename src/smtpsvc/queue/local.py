@@ -119,11 +119,13 @@ SUMMARY_CHUNK = 20_000  # index entries looked at between two yields to the loop
 
 @dataclass(frozen=True, slots=True)
 class _Found:
-    """A .env the recovery read: its envelope, or why it cannot be used."""
+    """A .env the recovery read: what the index keeps of it, or why it cannot be used."""
 
     id: str
-    envelope: Envelope | None
     problem: str = ""
+    shape: Shape | None = None
+    due: float | None = None
+    size: int = 0
 
 
 class SpoolWriter:
@@ -446,7 +448,7 @@ class LocalSpool:
                 elif suffix == "pending":
                     problem = self._settle_pending(Path(entry.path), stem)
                     if problem:
-                        batch.append(_Found(stem, None, problem))
+                        batch.append(_Found(stem, problem))
                     elif (self.dir / f"{stem}.env").exists() and (found := self._found(stem)) is not None:
                         batch.append(found)
                 elif suffix in ("eml", "x50"):
@@ -462,11 +464,59 @@ class LocalSpool:
         except FileNotFoundError:
             return None  # completed meanwhile
         except OSError as exc:
-            return _Found(stem, None, f"{stem}.env is unreadable: {exc.strerror or exc}")
-        envelope, problem = self._parse(stem, payload)
+            return _Found(stem, f"{stem}.env is unreadable: {exc.strerror or exc}")
+        found = self._digest(stem, payload)
+        if found is not None:
+            return found
+        envelope, problem = self._parse(stem, payload)  # damaged, or another spool's: read it all
         if envelope is not None and envelope.spool != self.spool_id:
             problem = self._adopt(envelope, time.time())
-        return _Found(stem, envelope if not problem else None, problem)
+        if envelope is None or problem:
+            return _Found(stem, problem or "unusable")
+        return _Found(stem, "", self._shape(envelope), self._due_of(envelope), envelope.size)
+
+    def _digest(self, stem: str, payload: bytes) -> _Found | None:
+        """What the index keeps of an envelope of this spool, read from its JSON without building the
+        envelope (the recovery's speed: a third of its time went to that). None when anything is unusual
+        (damage, another spool, an unexpected type): the caller then reads the whole envelope, which says
+        precisely what is wrong."""
+        try:
+            data = json.loads(payload)
+            if (
+                type(data) is not dict
+                or data.get("version") != 1
+                or data.get("id") != stem
+                or data.get("spool") != self.spool_id
+                or not os.path.exists(f"{self._dir_str}{stem}.eml")
+            ):
+                return None
+            frozen_links = self._frozen_links
+            links: dict[str, int] = {}
+            tried = unreported = False
+            due: float | None = None
+            for rcpt in data["recipients"]:
+                state, when, route = rcpt["state"], rcpt.get("next_attempt", 0.0), rcpt.get("route", "")
+                if type(when) not in (float, int) or type(route) is not str:
+                    return None
+                if state == "pending":
+                    links[route or NO_LINK] = links.get(route or NO_LINK, 0) + 1
+                    tried = tried or bool(rcpt.get("attempts"))
+                    if route in frozen_links:
+                        continue
+                elif state == "failed" and not rcpt.get("notified"):
+                    unreported = True
+                elif state not in ("delivered", "failed"):
+                    return None
+                else:
+                    continue
+                due = when if due is None or when < due else due
+            frozen, size = bool(data.get("frozen")), data.get("size", 0)
+            if type(size) is not int:
+                return None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
+            return None
+        shape: Shape = (frozen, tried, tuple(sorted(links.items())), unreported)
+        return _Found(stem, "", shape, None if frozen else due, size)
 
     def _remove_orphan(self, entry: os.DirEntry[str], stem: str) -> None:
         if os.path.exists(f"{self._dir_str}{stem}.env") or stem in self._putting:
@@ -480,11 +530,11 @@ class LocalSpool:
         for found in batch:
             if self._gone is not None and (found.id in self._known or found.id in self._gone):
                 continue
-            if found.envelope is None:
+            if found.shape is None:
                 self._move_aside(found.id, found.problem)
                 self.set_aside += 1
                 continue
-            self._index(found.envelope, cache=False)
+            self._place(found.id, found.shape, found.due, found.size)
 
     def _adopt(self, envelope: Envelope, now: float) -> str:
         """An envelope another spool wrote (KB306043): its pending recipients are due at once, here."""
@@ -759,19 +809,23 @@ class LocalSpool:
 
     # -- the index -----------------------------------------------------------------------------------
     def _index(self, envelope: Envelope, *, cache: bool = True) -> None:
-        queue_id = envelope.id
-        previous = self._known.get(queue_id)
-        if previous is None:
-            self._bytes += envelope.size
-        self._known[queue_id] = self._shape(envelope)
         if cache:
             self._keep(envelope)
+        self._place(envelope.id, self._shape(envelope), self._due_of(envelope), envelope.size)
+
+    def _due_of(self, envelope: Envelope) -> float | None:
+        return None if envelope.frozen else envelope.next_due(self._frozen_links)
+
+    def _place(self, queue_id: str, shape: Shape, due: float | None, size: int) -> None:
+        """Index a message: its shape, and its due time (None: frozen, or waiting only on frozen links)."""
+        if queue_id not in self._known:
+            self._bytes += size
+        self._known[queue_id] = self._shapes.setdefault(shape, shape)
         if queue_id in self._leased:
             return
-        due = None if envelope.frozen else envelope.next_due(self._frozen_links)
         if due is None:
             self._due.discard(queue_id)
-            if envelope.frozen:
+            if shape[0]:
                 self._parked.discard(queue_id)
             else:
                 self._parked.add(queue_id)  # waits only on frozen links
@@ -786,13 +840,7 @@ class LocalSpool:
             link = rcpt.route or NO_LINK
             links[link] = links.get(link, 0) + 1
         unreported = any(r.state is RecipientState.FAILED and not r.notified for r in envelope.recipients)
-        shape: Shape = (
-            envelope.frozen,
-            any(r.attempts for r in pending),
-            tuple(sorted(links.items())),
-            unreported,
-        )
-        return self._shapes.setdefault(shape, shape)
+        return (envelope.frozen, any(r.attempts for r in pending), tuple(sorted(links.items())), unreported)
 
     def _forget(self, queue_id: str, envelope: Envelope | None = None) -> None:
         if self._known.pop(queue_id, None) is not None and envelope is not None:
