@@ -70,8 +70,7 @@ class Service:
         log_stream: TextIO | None = sys.stderr,
         pickup_interval: float = 1.0,
     ) -> None:
-        self.config = config
-        self.live = LiveConfig(config)  # what the running parts read; a reload swaps it
+        self.live = LiveConfig(config)  # what every running part reads; a reload swaps it, once
         self.config_path = config_path
         self.root = Path(config.server.root)
         self.folders = {name: self.root / name for name in FOLDERS}
@@ -93,6 +92,11 @@ class Service:
         self.workers: WorkerPool | None = None  # server.workers > 1: SMTP worker processes
         self.admin_context: AdminContext | None = None
         self._started_at = 0.0
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force (the last one loaded)."""
+        return self.live.current
 
     def _prepare_mailroot(self) -> None:
         for name, path in self.folders.items():
@@ -121,7 +125,7 @@ class Service:
         self.queue_view = QueueView(self.store)
         self.metrics = Metrics(self.queue_view.summary, self.store.recent, self.queue_view.frozen_links)
         self.events.subscribe(self.metrics.on_event)
-        self.ingest = Ingest(self.store, cfg, self.events, on_queued=lambda: self.scheduler.wake())
+        self.ingest = Ingest(self.store, self.live, self.events, on_queued=lambda: self.scheduler.wake())
         resolver = MxResolver(
             cfg.resolver.nameservers,
             timeout=min(cfg.delivery.timeout, 30.0),
@@ -130,7 +134,7 @@ class Service:
         self.smtp_transport = SmtpTransport(
             self.live, resolver, self.events, link_slot=self.store.link_slot if self.store.shared else None
         )
-        reports = Reporter(self.store, cfg, self.ingest, self.events, self.folders["badmail"])
+        reports = Reporter(self.store, self.live, self.ingest, self.events, self.folders["badmail"])
         self.scheduler = Scheduler(
             self.store,
             self.live,
@@ -146,7 +150,7 @@ class Service:
             self.folders["pickup"],
             self.folders["badmail"],
             self.ingest,
-            cfg,
+            self.live,
             self.events,
             interval=self._pickup_interval,
         )
@@ -161,7 +165,7 @@ class Service:
             raise MailrootError(str(exc)) from exc
         self.smtp = SmtpServer(
             SessionContext(
-                config=cfg,
+                live=self.live,
                 ingest=self.ingest,
                 events=self.events,
                 certificate=certificate,
@@ -401,12 +405,8 @@ class Service:
             )
             return
         context.users = users
-        previous, self.config = self.config, config
-        self.live.current = config
-        for part in (self.ingest, self.scheduler.reports, self.pickup, context):
-            part.config = config
+        previous, self.live.current = self.live.current, config  # every part reads it from here
         if self.admin_context is not None:
-            self.admin_context.admin.config = config
             self.admin_context.token = token
         self.scheduler.wake()
         self.events.emit(

@@ -39,7 +39,7 @@ from pathlib import Path
 from smtpsvc import events, gctune
 from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.auth.users import UsersFileError, UserStore, users_path
-from smtpsvc.config import Config, ConfigError, format_listen, load_config
+from smtpsvc.config import Config, ConfigError, LiveConfig, format_listen, load_config
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
 from smtpsvc.queue.base import QueueError
@@ -361,9 +361,10 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
             log.emit(events.Event(events.MAILROOT_UNUSABLE, f"SMTP worker: {exc}", cause="worker-failed"))
             log.close()
             return 1
-        ingest = Ingest(LocalStore(spool), config, log)
+        live = LiveConfig(config)
+        ingest = Ingest(LocalStore(spool), live, log)
         context = SessionContext(
-            config=config,
+            live=live,
             ingest=ingest,
             events=log,
             certificate=certificate,
@@ -383,7 +384,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         # Ctrl-C reaches the whole process group; the main process stops us in order (SIGTERM), and a
         # worker leaving on its own would look like a crash to be restarted.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
-        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(context, ingest, log, config_path, root))
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(context, log, config_path, root))
         smtp = SmtpServer(context, reuse_port=True)
         await smtp.start(config.server.listen)
         gctune.after_start()
@@ -411,9 +412,7 @@ def _users(config: Config, config_path: str | None) -> UserStore:
     return UserStore.load(users_path(config, config_path)) if config.auth.users_file else UserStore()
 
 
-def _reload(
-    context: SessionContext, ingest: Ingest, log: EventLog, config_path: str | None, root: Path
-) -> None:
+def _reload(context: SessionContext, log: EventLog, config_path: str | None, root: Path) -> None:
     """SIGHUP, passed on by the main process: the same reload as the main process's SMTP side."""
     try:
         config = load_config(config_path, os.environ, root_override=str(root))
@@ -422,7 +421,7 @@ def _reload(
     except (ConfigError, TlsError, UsersFileError) as exc:
         log.emit(events.Event(events.SERVICE_STARTED, f"SMTP worker keeps its configuration: {exc}"))
         return
-    context.config = ingest.config = config
+    context.live.current = config  # the worker's parts read it from here
 
 
 async def _flush_every_second(log: EventLog) -> None:
