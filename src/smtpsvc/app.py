@@ -30,9 +30,7 @@ from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, AccessError, service_token
 from smtpsvc.admin.httpserver import AdminServer
 from smtpsvc.admin.service import QueueAdmin
 from smtpsvc.admin.web import AdminContext, build_app
-from smtpsvc.auth.limiter import AuthLimiter
-from smtpsvc.auth.users import UsersFileError, UserStore, users_path
-from smtpsvc.config import Config, ConfigError, LiveConfig, format_listen, load_config
+from smtpsvc.config import Config, LiveConfig, format_listen
 from smtpsvc.delivery.drop import DropTransport
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
@@ -45,12 +43,10 @@ from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.queue.postgres import PostgresQueue
-from smtpsvc.routing.mx import MxResolver
+from smtpsvc.receiving import ReceivingError, ReloadRefused, new_resolver, reload_receiving, session_context
 from smtpsvc.safeio import replace_file
 from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
-from smtpsvc.server.session import SessionContext
-from smtpsvc.tls import ServerCertificate, TlsError
 from smtpsvc.workers import WorkerPool
 
 FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
@@ -126,11 +122,7 @@ class Service:
         self.metrics = Metrics(self.queue_view.summary, self.store.recent, self.queue_view.frozen_links)
         self.events.subscribe(self.metrics.on_event)
         self.ingest = Ingest(self.store, self.live, self.events, on_queued=lambda: self.scheduler.wake())
-        resolver = MxResolver(
-            cfg.resolver.nameservers,
-            timeout=min(cfg.delivery.timeout, 30.0),
-            negative_cache_max=cfg.resolver.negative_cache_max,
-        )
+        resolver = new_resolver(cfg)  # SMTP out, and the sessions' server.reverse_dns
         self.smtp_transport = SmtpTransport(
             self.live, resolver, self.events, link_slot=self.store.link_slot if self.store.shared else None
         )
@@ -156,27 +148,21 @@ class Service:
         )
         self.pickup.open()
         try:
-            certificate = ServerCertificate(cfg.tls.cert, cfg.tls.key)
-            users = self._load_users(cfg)
-        except (TlsError, UsersFileError) as exc:
+            context = session_context(
+                self.live,
+                self.ingest,
+                self.events,
+                config_path=self.config_path,
+                etrn=self.scheduler.etrn,
+                resolver=resolver,
+                metrics=self.metrics,
+            )
+        except ReceivingError as exc:
             self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="config-unusable"))
             self.events.close()
             await self.store.close()
             raise MailrootError(str(exc)) from exc
-        self.smtp = SmtpServer(
-            SessionContext(
-                live=self.live,
-                ingest=self.ingest,
-                events=self.events,
-                certificate=certificate,
-                users=users,
-                limiter=AuthLimiter(),
-                etrn=self.scheduler.etrn,
-                resolver=resolver,
-                metrics=self.metrics,
-            ),
-            reuse_port=cfg.server.workers > 1,
-        )
+        self.smtp = SmtpServer(context, reuse_port=cfg.server.workers > 1)
         if cfg.server.workers > 1:
             self.smtp.reserve()  # the workers receive; this process delivers (docs/architecture.md)
         else:
@@ -339,11 +325,6 @@ class Service:
             "workers": self.workers.status() if self.workers is not None else [],
         }
 
-    def _load_users(self, config: Config) -> UserStore:
-        if not config.auth.users_file:
-            return UserStore()
-        return UserStore.load(users_path(config, self.config_path))
-
     async def _flush_events(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -387,34 +368,33 @@ class Service:
             notify("READY=1")
 
     def _reload(self) -> None:
-        context = self.smtp.context
-        token = self.admin_context.token if self.admin_context else ""
-        try:
-            config = load_config(self.config_path, os.environ, root_override=str(self.root))
-            context.certificate.reload(config.tls.cert, config.tls.key)
-            users = self._load_users(config)
-            if self.admin_context is not None and config.admin.token_file:
-                token = service_token(config)
-        except (ConfigError, TlsError, UsersFileError, AccessError) as exc:
-            self.events.emit(
-                events.Event(
-                    events.SERVICE_STARTED,
-                    f"Configuration reload failed; keeping the old one: {exc}",
-                    cause="config-reload-failed",
-                )
-            )
+        """The receiving side's reload (the workers run the same), with the admin token: all or nothing.
+        Every part reads the configuration from `self.live`, which it swaps."""
+        outcome = reload_receiving(self.live, self.smtp.context, self.config_path, also=self._admin_token_of)
+        for event in outcome.events():
+            self.events.emit(event)
+        if outcome.error:
             return
-        context.users = users
-        previous, self.live.current = self.live.current, config  # every part reads it from here
-        if self.admin_context is not None:
-            self.admin_context.token = token
         self.scheduler.wake()
-        self.events.emit(
-            events.Event(events.SERVICE_STARTED, "Configuration reloaded", cause="config-reload")
-        )
-        task = asyncio.get_running_loop().create_task(self._reroute(previous))
+        task = asyncio.get_running_loop().create_task(self._reroute(outcome.previous))
         self._reroutes.add(task)
         task.add_done_callback(self._reroutes.discard)
+
+    def _admin_token_of(self, config: Config) -> Callable[[], None]:
+        """For `reload_receiving`: the admin token `config` names, read now (a file that cannot be read
+        refuses the whole reload); what it returns puts the token in place."""
+        context = self.admin_context
+        if context is None or not config.admin.token_file:
+            return lambda: None
+        try:
+            token = service_token(config)
+        except AccessError as exc:
+            raise ReloadRefused(str(exc)) from exc
+
+        def install() -> None:
+            context.token = token
+
+        return install
 
     async def _reroute(self, previous: Config) -> None:
         """After a reload: queued mail whose route changed is re-categorized and tried now."""
