@@ -2,9 +2,9 @@
 
 `session_context` builds what every SMTP session shares: the configuration holder, the certificate, the AUTH
 accounts and failure limiter, ETRN, the resolver (for `server.reverse_dns`) and the metrics hook.
-`reload_receiving` reads the configuration file again (in the same mailroot), loads the certificate and the
-accounts it names, and only when all of that worked puts them in place and swaps `live.current`, the one
-configuration every running part reads. A failure changes nothing: the caller
+`reload_receiving` reads the configuration file again (keeping the command line's `--root` and `--listen`),
+loads the certificate and the accounts it names, and only when all of that worked puts them in place and
+swaps `live.current`, the one configuration every running part reads. A failure changes nothing: the caller
 logs it (`Reload.events`).
 
 Light on purpose: every SMTP worker imports it, so it must not import `app` or the admin web stack (that
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from smtpsvc import events
 from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.auth.users import UsersFileError, UserStore, users_path
-from smtpsvc.config import Config, ConfigError, LiveConfig, load_config
+from smtpsvc.config import Config, ConfigError, LiveConfig, format_listen, load_config, restart_needed
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
 from smtpsvc.routing.mx import MxResolver
@@ -82,24 +82,30 @@ def session_context(
 
 @dataclass(frozen=True, slots=True)
 class Reload:
-    """What a reload did: the configuration before and after it (the same one when it failed), and why it
-    failed."""
+    """What a reload did: the configuration before and after it (the same one when it failed), why it
+    failed, and the changed keys that wait for a restart (`config.RESTART_ONLY`)."""
 
     previous: Config
     current: Config
     error: str = ""
+    restart_needed: tuple[str, ...] = ()
 
     def events(self, worker_pid: int = 0) -> list[events.Event]:
-        """What to log. An SMTP worker (`worker_pid`) logs only its own failure: its main process logs the
-        reload."""
+        """What to log: a failure (level error), or the reload and a warning naming the changed keys that
+        wait for a restart. An SMTP worker (`worker_pid`) says which worker it is, and leaves the warning
+        to its main process."""
+        what = f"SMTP worker {worker_pid}: configuration" if worker_pid else "Configuration"
         if self.error:
-            text = f"Configuration reload failed; keeping the old one: {self.error}"
-            if worker_pid:
-                text = f"SMTP worker {worker_pid}: {text[0].lower()}{text[1:]}"
-            return [events.Event(events.SERVICE_STARTED, text, cause="config-reload-failed")]
-        if worker_pid:
-            return []
-        return [events.Event(events.SERVICE_STARTED, "Configuration reloaded", cause="config-reload")]
+            text = f"{what} reload failed; keeping the old one: {self.error}"
+            return [events.Event(events.SERVICE_STARTED, text, cause="config-reload-failed", level="error")]
+        done = [events.Event(events.SERVICE_STARTED, f"{what} reloaded", cause="config-reload")]
+        if self.restart_needed and not worker_pid:
+            keys, it = ", ".join(self.restart_needed), "them" if len(self.restart_needed) > 1 else "it"
+            text = f"{keys} changed; restart the service for {it} to take effect"
+            done.append(
+                events.Event(events.SERVICE_STARTED, text, cause="config-restart-needed", level="warning")
+            )
+        return done
 
 
 def reload_receiving(
@@ -124,10 +130,15 @@ def reload_receiving(
     live.current = config
     if install_also is not None:
         install_also()
-    return Reload(previous, config)
+    return Reload(previous, config, restart_needed=tuple(restart_needed(previous, config)))
 
 
 def _load_again(previous: Config, config_path: str | None) -> Config:
-    """The configuration file and environment read again, in the same mailroot (it cannot move while
-    running)."""
-    return load_config(config_path, os.environ, root_override=str(previous.server.root))
+    """The configuration file and environment read again, with the command line's overrides kept: the
+    mailroot always (it cannot move while running), the listen addresses when `--listen` gave them (else
+    every reload would take them for a change that waits for a restart)."""
+    listen = None
+    if "server.listen" in previous.cli_overrides:
+        listen = [format_listen(address) for address in previous.server.listen]
+    root = str(previous.server.root)
+    return load_config(config_path, os.environ, root_override=root, listen_override=listen)

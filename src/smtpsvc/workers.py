@@ -397,8 +397,8 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
 
 
 def _reload(live: LiveConfig, context: SessionContext, log: EventLog, config_path: str | None) -> None:
-    """SIGHUP, passed on by the main process: the main process's reload of the receiving side. Only a
-    failure is logged here; the main process logs the reload itself."""
+    """SIGHUP, passed on by the main process: the main process's reload of the receiving side, logged
+    with this worker's pid."""
     for event in reload_receiving(live, context, config_path).events(worker_pid=os.getpid()):
         log.emit(event)
 
