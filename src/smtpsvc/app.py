@@ -30,6 +30,8 @@ from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, AccessError, service_token
 from smtpsvc.admin.httpserver import AdminServer
 from smtpsvc.admin.service import QueueAdmin
 from smtpsvc.admin.web import AdminContext, build_app
+from smtpsvc.backends import adopted_event
+from smtpsvc.backends import open_queue as open_queue  # the CLI hands it to the admin tools
 from smtpsvc.config import Config, LiveConfig, format_listen
 from smtpsvc.delivery.drop import DropTransport
 from smtpsvc.delivery.reports import Reporter
@@ -263,7 +265,7 @@ class Service:
         )
 
     async def _open_queue(self) -> QueueStore:
-        """The queue `queue.backend` names, opened by `open_queue`; `self.queue` is its backend."""
+        """The queue `queue.backend` names, opened by `backends.open_queue`; `self.queue` is its backend."""
         store = await open_queue(self.config, self.events, for_tool=False)
         self.queue = store.spool if isinstance(store, LocalStore) else store
         return store
@@ -466,57 +468,3 @@ def run_service(config: Config, config_path: str | None) -> int:
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
-
-
-async def open_queue(config: Config, event_log: EventLog, *, for_tool: bool) -> LocalStore | PostgresQueue:
-    """The queue `queue.backend` names, opened: the one place that builds a queue backend, for the service
-    at its start and (`for_tool`) for the `smtpsvc queue` commands, which get it through admin/client.py.
-    The spool in <root>/queue: its lock, crash recovery, and messages copied in from another server adopted
-    (event 9005). Or the cluster's PostgreSQL queue, its schema checked; the service LISTENs, renews its
-    leases and buffers a large message in <root>/queue, a tool does none of that and keeps two connections.
-    Unreadable messages are reported as event 9001. The caller closes it. Raises QueueLocked (another
-    process holds the spool), QueueError, or OSError (the queue folder)."""
-    cfg = config.queue
-    folder = Path(config.server.root) / "queue"
-    if cfg.backend == "postgres":
-        set_aside = _corrupt_reporter(event_log, "Queued message", "was frozen and set aside")
-        if for_tool:
-            pg = PostgresQueue(
-                cfg.dsn, cfg.node_id, cfg.lease, listen=False, pool_size=2, on_corrupt=set_aside
-            )
-        else:
-            pg = PostgresQueue(cfg.dsn, cfg.node_id, cfg.lease, tmp_dir=folder, on_corrupt=set_aside)
-        await pg.open()
-        return pg
-    spool = LocalSpool(
-        folder, on_corrupt=_corrupt_reporter(event_log, "Queue file", "was moved to queue/corrupt")
-    )
-    spool.open(scan=for_tool)  # the service indexes the queue in the background (Service._recover)
-    if spool.adopted:
-        event_log.emit(adopted_event(len(spool.adopted)))
-    return LocalStore(spool, cfg.node_id)
-
-
-def adopted_event(count: int) -> events.Event:
-    return events.Event(
-        events.RECATEGORIZED,
-        f"{count} message(s) copied in from another server's queue were adopted and are due now "
-        "(KB306043 Queue to Queue), routed by this server's config",
-        cause="queue-adopted",
-    )
-
-
-def _corrupt_reporter(event_log: EventLog, what: str, done: str) -> Callable[[str, str], None]:
-    """on_corrupt for a backend: event 9001 naming the unreadable message and what became of it."""
-
-    def corrupt(name: str, reason: str) -> None:
-        event_log.emit(
-            events.Event(
-                events.QUEUE_FILE_CORRUPT,
-                f"{what} {name} is unreadable and {done}: {reason}",
-                queue_id=name,
-                cause="queue-file-corrupt",
-            )
-        )
-
-    return corrupt

@@ -37,12 +37,12 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from smtpsvc import events, gctune
+from smtpsvc.backends import open_intake
 from smtpsvc.config import Config, LiveConfig, format_listen
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
 from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.intake import IntakeSpool
-from smtpsvc.queue.local import LocalSpool, LocalStore
+from smtpsvc.queue.local import LocalSpool
 from smtpsvc.receiving import ReceivingError, new_resolver, reload_receiving, session_context
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.server.session import SessionContext
@@ -349,13 +349,12 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         log = EventLog(root / "log" / "events.jsonl", stream=sys.stderr)
         reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
         channel = MasterChannel(reader, writer)
-        spool = IntakeSpool(root / "queue", channel.queued)
         live = LiveConfig(config)  # what this worker's parts read; its SIGHUP swaps it
         try:
-            spool.open()
+            store = open_intake(config, channel.queued)
             context = session_context(
                 live,
-                Ingest(LocalStore(spool), live, log),
+                Ingest(store, live, log),
                 log,
                 config_path=config_path,
                 etrn=channel.etrn,
@@ -382,7 +381,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         flusher = loop.create_task(_flush_every_second(log))
         await stop.wait()
         await smtp.stop(grace=STOP_GRACE)
-        await spool.drain()
+        await store.spool.drain()
         await channel.close()
         flusher.cancel()
         listener.cancel()
