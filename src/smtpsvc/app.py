@@ -9,8 +9,11 @@ only makes SMTP answer 4xx and delivery wait until it is back.
 
 Stop (SIGTERM/SIGINT): the admin API closes; listeners close and idle sessions get 421; Pickup stops;
 in-flight deliveries get a bounded grace period; the queue's pending commits finish (PostgreSQL: its
-connections close, and the leases of deliveries cut short expire); the event log is flushed. SIGHUP reloads
-the configuration file (listener addresses excepted: they need a restart).
+connections close, and the leases of deliveries cut short expire); the event log is flushed.
+
+SIGHUP: `receiving.reload_receiving` (the workers run it too) with the admin token, all or nothing; every part
+reads the configuration from `self.live`, so the reload reaches each at once. Keys read only at the start
+(`config.RESTART_ONLY`) are named in a warning; queued mail whose route changed is re-routed.
 """
 
 from __future__ import annotations
