@@ -200,7 +200,7 @@ async def bench_process(port: int, message: bytes, count: int) -> None:
         store = MemoryStore(root / "queue", message)
         event_log = EventLog(None, stream=None)
         live = LiveConfig(config)
-        reports = Reporter(store, config, Ingest(store, config, event_log), event_log, root / "badmail")
+        reports = Reporter(store, live, Ingest(store, live, event_log), event_log, root / "badmail")
         transports = {
             "drop": DropTransport(root / "drop"),
             "smtp": SmtpTransport(live, MxResolver(), event_log),

@@ -40,7 +40,7 @@ from typing import Any, cast
 import smtpsvc
 from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.auth.users import UserStore
-from smtpsvc.config import Config, load_config
+from smtpsvc.config import Config, LiveConfig, load_config
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
 from smtpsvc.metrics import Metrics
@@ -157,14 +157,15 @@ async def start_server(root: Path) -> tuple[SmtpServer, EventLog, LocalSpool]:
     store = LocalStore(spool)
     metrics = Metrics(spool.list, spool.get, lambda: spool.frozen_links)
     log.subscribe(metrics.on_event)
-    ingest = Ingest(store, config, log)
+    live = LiveConfig(config)
+    ingest = Ingest(store, live, log)
 
     async def etrn(domain: str, subdomains: bool) -> int:
         return 0
 
     server = SmtpServer(
         SessionContext(
-            config=config,
+            live=live,
             ingest=ingest,
             events=log,
             certificate=ServerCertificate(config.tls.cert, config.tls.key),

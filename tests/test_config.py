@@ -15,6 +15,7 @@ import pytest
 from smtpsvc import config as config_module
 from smtpsvc.config import (
     NOT_YET_EFFECTIVE,
+    RESTART_ONLY,
     Config,
     ConfigError,
     ConfigProblem,
@@ -30,6 +31,7 @@ from smtpsvc.config import (
     parse_smart_hosts,
     render_effective,
     render_example,
+    restart_needed,
     warnings_for,
 )
 
@@ -58,7 +60,7 @@ def only_problem(tmp_path: Path, text: str, env: dict[str, str] | None = None) -
 
 def comparable(cfg: Config) -> Config:
     """The parsed values only: without where they came from."""
-    return dataclasses.replace(cfg, source="", explicit_keys=frozenset())
+    return dataclasses.replace(cfg, source="", explicit_keys=frozenset(), cli_overrides=frozenset())
 
 
 # ------------------------------------------------------------------------------------------------- defaults
@@ -600,6 +602,40 @@ def test_cli_root_and_listen_beat_file_and_env(tmp_path: Path) -> None:
     path = write(tmp_path, '[server]\nroot = "/var/spool/a"\nlisten = ["0.0.0.0:25"]\n')
     cfg = load_config(path, {"SMTPSVC__SERVER__ROOT": "/b"}, root_override="/c", listen_override=["[::1]:0"])
     assert (cfg.server.root, cfg.server.listen) == (Path("/c"), (("::1", 0),))
+
+
+def test_cli_overrides_name_the_keys_the_command_line_set_and_no_others(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nlisten = ["0.0.0.0:25"]\n')
+    assert load_config(path, {"SMTPSVC__SERVER__WORKERS": "2"}).cli_overrides == frozenset()
+    cfg = load_config(path, {}, root_override="/c", listen_override=["[::1]:0"])
+    assert cfg.cli_overrides == {"server.root", "server.listen"}
+
+
+@pytest.mark.parametrize(
+    ("toml", "changed"),
+    [
+        ('[server]\nhostname = "renamed.test"\nmax_recipients = 5', []),  # in effect at once
+        ('[delivery]\nsend_ndr_copy_to = "pm@local.test"\nmax_connections_per_domain = 3', []),
+        ('[server]\nlisten = ["127.0.0.1:2626"]\nworkers = 2', ["server.listen", "server.workers"]),
+        ('[resolver]\nnameservers = ["127.0.0.1:5353"]', ["resolver.nameservers"]),
+        ('[admin]\nlisten = "127.0.0.1:8026"', ["admin.listen"]),
+        ('[queue]\nnode_id = "node-b"\nlease = "1m"', []),  # unused by the local spool
+        ('[queue]\nbackend = "postgres"\ndsn = "postgresql://db/mail"', ["queue.backend", "queue.dsn"]),
+        ("[delivery]\nmax_connections = 7", ["delivery.max_connections"]),
+    ],
+)
+def test_restart_needed_names_the_changed_keys_that_are_read_only_at_start(
+    tmp_path: Path, toml: str, changed: list[str]
+) -> None:
+    before = load_config(None, {})
+    assert restart_needed(before, load(tmp_path, toml)) == changed
+
+
+def test_every_restart_only_key_exists() -> None:
+    cfg = load_config(None, {})
+    for key in RESTART_ONLY:
+        section, name = key.split(".")
+        assert name in {f.name for f in dataclasses.fields(getattr(cfg, section))}, key
 
 
 def test_cli_listen_problem_names_the_option() -> None:

@@ -14,9 +14,7 @@ async def test_file_still_being_written_is_left_for_a_later_scan(start_service: 
     # A scanner of its own on a folder the service does not watch: this test drives scan() by hand.
     folder = service.root / "pickup-under-test"
     folder.mkdir()
-    scanner = PickupScanner(
-        folder, service.folders["badmail"], service.ingest, service.config, service.events
-    )
+    scanner = PickupScanner(folder, service.folders["badmail"], service.ingest, service.live, service.events)
     scanner.open()
     path = folder / "growing.eml"
     path.write_bytes(b"X-Receiver: <b@local.test>\r\nFrom: a@local.test\r\n")

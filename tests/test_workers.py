@@ -1,6 +1,6 @@
 """server.workers = 2: two worker processes accept SMTP on the same port (SO_REUSEPORT) and commit into the
-shared queue; the main process, bound to the port but not listening, delivers. Real processes, real
-sockets, a real sink."""
+shared queue; the main process, bound to the port but not listening, delivers; a SIGHUP to it reloads
+every worker. Real processes, real sockets, a real sink."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
+from smtpsvc.cli import main
 from tests.conftest import base_sections, write_config
 from tests.process import ServiceProcess
 from tests.sink import Sink
@@ -167,3 +169,94 @@ def test_delivery_runs_below_the_workers_priority_and_a_restarted_worker_keeps_t
     send_one(proc.port, 1)
     wait_for(lambda: seqs(sink) == ["1"], "the delivery")
     assert proc.terminate() == 0
+
+
+def reconfigure(
+    proc: ServiceProcess, smart_host: str, server: dict[str, Any] | None = None, **more: Any
+) -> None:
+    """Rewrite the configuration `start` wrote, with `server` keys and more sections (then SIGHUP)."""
+    sections = base_sections(
+        proc.root,
+        server={"workers": 2, **(server or {})},
+        delivery={"smart_host": smart_host},
+        admin={"listen": "127.0.0.1:0"},
+        **more,
+    )
+    write_config(proc.config_file, sections)
+
+
+def workers_that_logged(proc: ServiceProcess, cause: str) -> set[int]:
+    """The pids of the workers that logged event 9002 with this cause ("SMTP worker <pid>: ...")."""
+    pids = set()
+    for line in (proc.root / "log" / "events.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if (
+            record["id"] == 9002
+            and record.get("cause") == cause
+            and record["text"].startswith("SMTP worker ")
+        ):
+            pids.add(int(record["text"].split()[2].rstrip(":")))
+    return pids
+
+
+def reload_workers(proc: ServiceProcess, cause: str) -> list[dict[str, Any]]:
+    """SIGHUP to the main process; returns once every worker has logged its reload (or its failure)."""
+    workers = ready_workers(proc)
+    assert len(workers) == 2
+    os.kill(proc.pid, signal.SIGHUP)
+    wait_for(
+        lambda: {w["pid"] for w in workers} <= workers_that_logged(proc, cause), f"every worker's {cause}"
+    )
+    return workers
+
+
+def second_recipient_reply(port: int) -> int:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.ehlo("client.test")
+        smtp.mail("alice@local.test")
+        assert smtp.rcpt("a@local.test")[0] == 250
+        return smtp.rcpt("b@local.test")[0]
+
+
+def test_a_reload_reaches_the_sessions_of_every_worker(tmp_path: Path, started: list[ServiceProcess]) -> None:
+    proc = start(tmp_path, started, "[127.0.0.1]:9", retry=["1h"])
+    assert second_recipient_reply(proc.port) == 250
+    reconfigure(proc, "[127.0.0.1]:9", server={"max_recipients": 1})
+    reload_workers(proc, "config-reload")
+    assert [second_recipient_reply(proc.port) for _ in range(8)] == [452] * 8
+
+
+def test_a_reload_reaches_the_ingest_of_every_worker(tmp_path: Path, started: list[ServiceProcess]) -> None:
+    proc = start(tmp_path, started, "")  # no smart host: mail to remote.test goes by MX
+    for link in ("remote.test", "smarthost"):  # nothing is delivered: each keeps the route its ingest chose
+        freeze = CliRunner().invoke(main, ["queue", "freeze", "--link", link, "-c", str(proc.config_file)])
+        assert freeze.exit_code == 0, freeze.output
+    reconfigure(proc, "[127.0.0.1]:9")
+    reload_workers(proc, "config-reload")
+    for seq in range(40):  # until each worker has taken a message
+        send_one(proc.port, seq)
+        if all(w["messages"] for w in health(proc)["workers"]):
+            break
+    assert all(w["messages"] for w in health(proc)["workers"])
+    envelopes = wait_for(
+        lambda: [json.loads(p.read_text()) for p in (proc.root / "queue").glob("*.env")], "the queued mail"
+    )
+    assert {r["route"] for e in envelopes for r in e["recipients"]} == {"smarthost"}
+
+
+def test_a_worker_whose_reload_fails_keeps_its_configuration(
+    tmp_path: Path, started: list[ServiceProcess]
+) -> None:
+    proc = start(tmp_path, started, "[127.0.0.1]:9", retry=["1h"])
+    users = tmp_path / "users.toml"
+    users.write_text("not an accounts file\n")
+    reconfigure(proc, "[127.0.0.1]:9", server={"max_recipients": 1}, auth={"users_file": str(users)})
+    reload_workers(proc, "config-reload-failed")
+    assert [second_recipient_reply(proc.port) for _ in range(8)] == [250] * 8
+
+    def failures() -> list[dict[str, Any]]:
+        log = (proc.root / "log" / "events.jsonl").read_text().splitlines()
+        return [e for e in map(json.loads, log) if e.get("cause") == "config-reload-failed"]
+
+    wait_for(lambda: len(failures()) == 3, "the main process's failure too (its log is flushed every second)")
+    assert {e["level"] for e in failures()} == {"error"}

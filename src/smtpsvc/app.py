@@ -9,8 +9,11 @@ only makes SMTP answer 4xx and delivery wait until it is back.
 
 Stop (SIGTERM/SIGINT): the admin API closes; listeners close and idle sessions get 421; Pickup stops;
 in-flight deliveries get a bounded grace period; the queue's pending commits finish (PostgreSQL: its
-connections close, and the leases of deliveries cut short expire); the event log is flushed. SIGHUP reloads
-the configuration file (listener addresses excepted: they need a restart).
+connections close, and the leases of deliveries cut short expire); the event log is flushed.
+
+SIGHUP: `receiving.reload_receiving` (the workers run it too) with the admin token, all or nothing; every part
+reads the configuration from `self.live`, so the reload reaches each at once. Keys read only at the start
+(`config.RESTART_ONLY`) are named in a warning; queued mail whose route changed is re-routed.
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, AccessError, service_token
 from smtpsvc.admin.httpserver import AdminServer
 from smtpsvc.admin.service import QueueAdmin
 from smtpsvc.admin.web import AdminContext, build_app
-from smtpsvc.auth.limiter import AuthLimiter
-from smtpsvc.auth.users import UsersFileError, UserStore, users_path
-from smtpsvc.config import Config, ConfigError, LiveConfig, format_listen, load_config
+from smtpsvc.backends import adopted_event
+from smtpsvc.backends import open_queue as open_queue  # the CLI hands it to the admin tools
+from smtpsvc.config import Config, LiveConfig, format_listen
 from smtpsvc.delivery.drop import DropTransport
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
@@ -45,12 +48,10 @@ from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.queue.postgres import PostgresQueue
-from smtpsvc.routing.mx import MxResolver
+from smtpsvc.receiving import ReceivingError, ReloadRefused, new_resolver, reload_receiving, session_context
 from smtpsvc.safeio import replace_file
 from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
-from smtpsvc.server.session import SessionContext
-from smtpsvc.tls import ServerCertificate, TlsError
 from smtpsvc.workers import WorkerPool
 
 FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
@@ -70,8 +71,7 @@ class Service:
         log_stream: TextIO | None = sys.stderr,
         pickup_interval: float = 1.0,
     ) -> None:
-        self.config = config
-        self.live = LiveConfig(config)  # what the running parts read; a reload swaps it
+        self.live = LiveConfig(config)  # what every running part reads; a reload swaps it, once
         self.config_path = config_path
         self.root = Path(config.server.root)
         self.folders = {name: self.root / name for name in FOLDERS}
@@ -93,6 +93,11 @@ class Service:
         self.workers: WorkerPool | None = None  # server.workers > 1: SMTP worker processes
         self.admin_context: AdminContext | None = None
         self._started_at = 0.0
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force (the last one loaded)."""
+        return self.live.current
 
     def _prepare_mailroot(self) -> None:
         for name, path in self.folders.items():
@@ -121,16 +126,12 @@ class Service:
         self.queue_view = QueueView(self.store)
         self.metrics = Metrics(self.queue_view.summary, self.store.recent, self.queue_view.frozen_links)
         self.events.subscribe(self.metrics.on_event)
-        self.ingest = Ingest(self.store, cfg, self.events, on_queued=lambda: self.scheduler.wake())
-        resolver = MxResolver(
-            cfg.resolver.nameservers,
-            timeout=min(cfg.delivery.timeout, 30.0),
-            negative_cache_max=cfg.resolver.negative_cache_max,
-        )
+        self.ingest = Ingest(self.store, self.live, self.events, on_queued=lambda: self.scheduler.wake())
+        resolver = new_resolver(cfg)  # SMTP out, and the sessions' server.reverse_dns
         self.smtp_transport = SmtpTransport(
             self.live, resolver, self.events, link_slot=self.store.link_slot if self.store.shared else None
         )
-        reports = Reporter(self.store, cfg, self.ingest, self.events, self.folders["badmail"])
+        reports = Reporter(self.store, self.live, self.ingest, self.events, self.folders["badmail"])
         self.scheduler = Scheduler(
             self.store,
             self.live,
@@ -146,33 +147,27 @@ class Service:
             self.folders["pickup"],
             self.folders["badmail"],
             self.ingest,
-            cfg,
+            self.live,
             self.events,
             interval=self._pickup_interval,
         )
         self.pickup.open()
         try:
-            certificate = ServerCertificate(cfg.tls.cert, cfg.tls.key)
-            users = self._load_users(cfg)
-        except (TlsError, UsersFileError) as exc:
+            context = session_context(
+                self.live,
+                self.ingest,
+                self.events,
+                config_path=self.config_path,
+                etrn=self.scheduler.etrn,
+                resolver=resolver,
+                metrics=self.metrics,
+            )
+        except ReceivingError as exc:
             self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="config-unusable"))
             self.events.close()
             await self.store.close()
             raise MailrootError(str(exc)) from exc
-        self.smtp = SmtpServer(
-            SessionContext(
-                config=cfg,
-                ingest=self.ingest,
-                events=self.events,
-                certificate=certificate,
-                users=users,
-                limiter=AuthLimiter(),
-                etrn=self.scheduler.etrn,
-                resolver=resolver,
-                metrics=self.metrics,
-            ),
-            reuse_port=cfg.server.workers > 1,
-        )
+        self.smtp = SmtpServer(context, reuse_port=cfg.server.workers > 1)
         if cfg.server.workers > 1:
             self.smtp.reserve()  # the workers receive; this process delivers (docs/architecture.md)
         else:
@@ -273,7 +268,7 @@ class Service:
         )
 
     async def _open_queue(self) -> QueueStore:
-        """The queue `queue.backend` names, opened by `open_queue`; `self.queue` is its backend."""
+        """The queue `queue.backend` names, opened by `backends.open_queue`; `self.queue` is its backend."""
         store = await open_queue(self.config, self.events, for_tool=False)
         self.queue = store.spool if isinstance(store, LocalStore) else store
         return store
@@ -335,11 +330,6 @@ class Service:
             "workers": self.workers.status() if self.workers is not None else [],
         }
 
-    def _load_users(self, config: Config) -> UserStore:
-        if not config.auth.users_file:
-            return UserStore()
-        return UserStore.load(users_path(config, self.config_path))
-
     async def _flush_events(self) -> None:
         while True:
             await asyncio.sleep(1.0)
@@ -383,38 +373,33 @@ class Service:
             notify("READY=1")
 
     def _reload(self) -> None:
-        context = self.smtp.context
-        token = self.admin_context.token if self.admin_context else ""
-        try:
-            config = load_config(self.config_path, os.environ, root_override=str(self.root))
-            context.certificate.reload(config.tls.cert, config.tls.key)
-            users = self._load_users(config)
-            if self.admin_context is not None and config.admin.token_file:
-                token = service_token(config)
-        except (ConfigError, TlsError, UsersFileError, AccessError) as exc:
-            self.events.emit(
-                events.Event(
-                    events.SERVICE_STARTED,
-                    f"Configuration reload failed; keeping the old one: {exc}",
-                    cause="config-reload-failed",
-                )
-            )
+        """The receiving side's reload (the workers run the same), with the admin token: all or nothing.
+        Every part reads the configuration from `self.live`, which it swaps."""
+        outcome = reload_receiving(self.live, self.smtp.context, self.config_path, also=self._admin_token_of)
+        for event in outcome.events():
+            self.events.emit(event)
+        if outcome.error:
             return
-        context.users = users
-        previous, self.config = self.config, config
-        self.live.current = config
-        for part in (self.ingest, self.scheduler.reports, self.pickup, context):
-            part.config = config
-        if self.admin_context is not None:
-            self.admin_context.admin.config = config
-            self.admin_context.token = token
         self.scheduler.wake()
-        self.events.emit(
-            events.Event(events.SERVICE_STARTED, "Configuration reloaded", cause="config-reload")
-        )
-        task = asyncio.get_running_loop().create_task(self._reroute(previous))
+        task = asyncio.get_running_loop().create_task(self._reroute(outcome.previous))
         self._reroutes.add(task)
         task.add_done_callback(self._reroutes.discard)
+
+    def _admin_token_of(self, config: Config) -> Callable[[], None]:
+        """For `reload_receiving`: the admin token `config` names, read now (a file that cannot be read
+        refuses the whole reload); what it returns puts the token in place."""
+        context = self.admin_context
+        if context is None or not config.admin.token_file:
+            return lambda: None
+        try:
+            token = service_token(config)
+        except AccessError as exc:
+            raise ReloadRefused(str(exc)) from exc
+
+        def install() -> None:
+            context.token = token
+
+        return install
 
     async def _reroute(self, previous: Config) -> None:
         """After a reload: queued mail whose route changed is re-categorized and tried now."""
@@ -486,57 +471,3 @@ def run_service(config: Config, config_path: str | None) -> int:
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
-
-
-async def open_queue(config: Config, event_log: EventLog, *, for_tool: bool) -> LocalStore | PostgresQueue:
-    """The queue `queue.backend` names, opened: the one place that builds a queue backend, for the service
-    at its start and (`for_tool`) for the `smtpsvc queue` commands, which get it through admin/client.py.
-    The spool in <root>/queue: its lock, crash recovery, and messages copied in from another server adopted
-    (event 9005). Or the cluster's PostgreSQL queue, its schema checked; the service LISTENs, renews its
-    leases and buffers a large message in <root>/queue, a tool does none of that and keeps two connections.
-    Unreadable messages are reported as event 9001. The caller closes it. Raises QueueLocked (another
-    process holds the spool), QueueError, or OSError (the queue folder)."""
-    cfg = config.queue
-    folder = Path(config.server.root) / "queue"
-    if cfg.backend == "postgres":
-        set_aside = _corrupt_reporter(event_log, "Queued message", "was frozen and set aside")
-        if for_tool:
-            pg = PostgresQueue(
-                cfg.dsn, cfg.node_id, cfg.lease, listen=False, pool_size=2, on_corrupt=set_aside
-            )
-        else:
-            pg = PostgresQueue(cfg.dsn, cfg.node_id, cfg.lease, tmp_dir=folder, on_corrupt=set_aside)
-        await pg.open()
-        return pg
-    spool = LocalSpool(
-        folder, on_corrupt=_corrupt_reporter(event_log, "Queue file", "was moved to queue/corrupt")
-    )
-    spool.open(scan=for_tool)  # the service indexes the queue in the background (Service._recover)
-    if spool.adopted:
-        event_log.emit(adopted_event(len(spool.adopted)))
-    return LocalStore(spool, cfg.node_id)
-
-
-def adopted_event(count: int) -> events.Event:
-    return events.Event(
-        events.RECATEGORIZED,
-        f"{count} message(s) copied in from another server's queue were adopted and are due now "
-        "(KB306043 Queue to Queue), routed by this server's config",
-        cause="queue-adopted",
-    )
-
-
-def _corrupt_reporter(event_log: EventLog, what: str, done: str) -> Callable[[str, str], None]:
-    """on_corrupt for a backend: event 9001 naming the unreadable message and what became of it."""
-
-    def corrupt(name: str, reason: str) -> None:
-        event_log.emit(
-            events.Event(
-                events.QUEUE_FILE_CORRUPT,
-                f"{what} {name} is unreadable and {done}: {reason}",
-                queue_id=name,
-                cause="queue-file-corrupt",
-            )
-        )
-
-    return corrupt

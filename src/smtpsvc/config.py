@@ -31,8 +31,25 @@ from smtpsvc.units import format_duration, format_size, parse_duration, parse_si
 # so that a key can be announced before its feature lands.
 NOT_YET_EFFECTIVE: frozenset[str] = frozenset()
 
+# Dotted keys the service reads only at its start (sockets, processes, the resolver, the queue backend, the
+# number of deliveries at once): a reload that changes one says it waits for a restart (`restart_needed`).
+RESTART_ONLY: tuple[str, ...] = (
+    "server.listen",
+    "server.workers",
+    "server.delivery_nice",
+    "resolver.nameservers",
+    "resolver.negative_cache_max",
+    "admin.listen",
+    "queue.backend",
+    "queue.dsn",
+    "queue.node_id",
+    "queue.lease",
+    "delivery.max_connections",
+)
+
 __all__ = [
     "NOT_YET_EFFECTIVE",
+    "RESTART_ONLY",
     "AdminConfig",
     "AuthConfig",
     "BadmailConfig",
@@ -65,6 +82,7 @@ __all__ = [
     "parse_smart_hosts",
     "render_effective",
     "render_example",
+    "restart_needed",
     "warnings_for",
 ]
 
@@ -256,6 +274,7 @@ class Config:
     queue: QueueConfig
     source: str  # the file read, or "<defaults>"
     explicit_keys: frozenset[str] = field(default=frozenset())  # dotted keys set by file, env or CLI
+    cli_overrides: frozenset[str] = field(default=frozenset())  # of those, set by `serve --root`/`--listen`
 
     @property
     def local_domains(self) -> tuple[str, ...]:
@@ -1393,12 +1412,28 @@ def load_config(
         queue=QueueConfig(**queue),
         source=source,
         explicit_keys=frozenset(loader.explicit),
+        cli_overrides=frozenset(f"{s}.{k}" for (s, k), by in loader.overridden.items() if by[:2] == "--"),
     )
     _cross_checks(loader, cfg)
     if loader.problems:
         ordered = sorted(loader.problems, key=lambda p: (p.file != source, p.line is None, p.line or 0))
         raise ConfigError(ordered)
     return cfg
+
+
+def restart_needed(old: Config, new: Config) -> list[str]:
+    """The keys of RESTART_ONLY whose value differs between the configuration in force and a reloaded one
+    (the PostgreSQL keys only when a PostgreSQL queue is in force or asked for: a local spool has no use for
+    them, and `queue.node_id` follows `server.hostname` when it is not set)."""
+    unused = {"queue.dsn", "queue.node_id", "queue.lease"}
+    if "postgres" in (old.queue.backend, new.queue.backend):
+        unused = set()
+    return [key for key in RESTART_ONLY if key not in unused and _value_of(old, key) != _value_of(new, key)]
+
+
+def _value_of(config: Config, dotted: str) -> object:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
 
 
 def warnings_for(keys: Iterable[str]) -> list[str]:

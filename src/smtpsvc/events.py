@@ -96,12 +96,13 @@ class Event:
     status: str = ""
     cause: str = ""
     track: str = ""
+    level: str = ""  # "": the id's level (LEVELS); set when one event of an id needs more attention
 
     def to_json(self, now: float) -> dict[str, Any]:
         record: dict[str, Any] = {
             "time": _iso_time(now),
             "id": self.id,
-            "level": LEVELS.get(self.id, "info"),
+            "level": self.level or LEVELS.get(self.id, "info"),
             "source": "smtpsvc",
             "text": self.text,
         }
@@ -117,7 +118,7 @@ def _json_line(event: Event, now: float) -> tuple[str, str, str]:
     without the dict and the encoder's calls (one line per event, several events per message); with the time
     and level it holds, for the text copy."""
     when = _iso_time(now)
-    level = LEVELS.get(event.id, "info")
+    level = event.level or LEVELS.get(event.id, "info")
     try:
         if type(event.id) is not int:
             raise TypeError  # a bool or an int subclass: json.dumps knows how it looks

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from smtpsvc import events
-from smtpsvc.config import Config
+from smtpsvc.config import Config, LiveConfig
 from smtpsvc.events import EventLog
 from smtpsvc.model import Envelope, Recipient, Source, rfc5322_date
 from smtpsvc.queue.base import Intake, MessageWriter
@@ -48,12 +48,20 @@ def _clean(text: str) -> str:
 
 class Ingest:
     def __init__(
-        self, queue: Intake, config: Config, event_log: EventLog, on_queued: Callable[[], None] = lambda: None
+        self,
+        queue: Intake,
+        live: LiveConfig,
+        event_log: EventLog,
+        on_queued: Callable[[], None] = lambda: None,
     ) -> None:
         self.queue = queue
-        self.config = config
+        self.live = live  # the service's configuration holder: a reload reaches this part too
         self.events = event_log
         self._on_queued = on_queued
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
 
     def begin(self) -> MessageWriter:
         """A writer for a new message; raises QueueError when the spool cannot take one."""

@@ -1,6 +1,7 @@
 """TLS for the inbound service: the server certificate (`tls.cert`/`tls.key`, PEM), loaded at start and
-reloaded on SIGHUP. A reload that fails keeps the certificate in use and says why; sessions already in TLS
-keep theirs, new STARTTLS handshakes get the new one.
+again on SIGHUP (`receiving.reload_receiving` puts a new ServerCertificate in place only when the whole
+reload has loaded; otherwise the one in use stays). Sessions already in TLS keep theirs, new STARTTLS
+handshakes get the new one.
 """
 
 from __future__ import annotations
@@ -34,8 +35,3 @@ class ServerCertificate:
         self.cert = cert
         self.key = key
         self.context: ssl.SSLContext | None = server_context(cert, key) if cert else None
-
-    def reload(self, cert: str, key: str) -> None:
-        """Load the (possibly changed) files; on error raise TlsError and keep the current context."""
-        context = server_context(cert, key) if cert else None
-        self.cert, self.key, self.context = cert, key, context

@@ -37,18 +37,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from smtpsvc import events, gctune
-from smtpsvc.auth.limiter import AuthLimiter
-from smtpsvc.auth.users import UsersFileError, UserStore, users_path
-from smtpsvc.config import Config, ConfigError, format_listen, load_config
+from smtpsvc.backends import open_intake
+from smtpsvc.config import Config, LiveConfig, format_listen
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
 from smtpsvc.queue.base import QueueError
-from smtpsvc.queue.intake import IntakeSpool
-from smtpsvc.queue.local import LocalSpool, LocalStore
-from smtpsvc.routing.mx import MxResolver
+from smtpsvc.queue.local import LocalSpool
+from smtpsvc.receiving import ReceivingError, new_resolver, reload_receiving, session_context
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.server.session import SessionContext
-from smtpsvc.tls import ServerCertificate, TlsError
 
 RESTART_DELAY = 1.0
 RESCAN_INTERVAL = 30.0
@@ -352,30 +349,21 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         log = EventLog(root / "log" / "events.jsonl", stream=sys.stderr)
         reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
         channel = MasterChannel(reader, writer)
-        spool = IntakeSpool(root / "queue", channel.queued)
+        live = LiveConfig(config)  # what this worker's parts read; its SIGHUP swaps it
         try:
-            spool.open()
-            certificate = ServerCertificate(config.tls.cert, config.tls.key)
-            users = _users(config, config_path)
-        except (QueueError, TlsError, UsersFileError) as exc:
+            store = open_intake(config, channel.queued)
+            context = session_context(
+                live,
+                Ingest(store, live, log),
+                log,
+                config_path=config_path,
+                etrn=channel.etrn,
+                resolver=new_resolver(config),
+            )
+        except (QueueError, ReceivingError) as exc:
             log.emit(events.Event(events.MAILROOT_UNUSABLE, f"SMTP worker: {exc}", cause="worker-failed"))
             log.close()
             return 1
-        ingest = Ingest(LocalStore(spool), config, log)
-        context = SessionContext(
-            config=config,
-            ingest=ingest,
-            events=log,
-            certificate=certificate,
-            users=users,
-            limiter=AuthLimiter(),
-            etrn=channel.etrn,
-            resolver=MxResolver(
-                config.resolver.nameservers,
-                timeout=min(config.delivery.timeout, 30.0),
-                negative_cache_max=config.resolver.negative_cache_max,
-            ),
-        )
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         # Before READY: the main process may stop us the moment it reads it.
@@ -383,7 +371,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         # Ctrl-C reaches the whole process group; the main process stops us in order (SIGTERM), and a
         # worker leaving on its own would look like a crash to be restarted.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
-        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(context, ingest, log, config_path, root))
+        loop.add_signal_handler(signal.SIGHUP, lambda: _reload(live, context, log, config_path))
         smtp = SmtpServer(context, reuse_port=True)
         await smtp.start(config.server.listen)
         gctune.after_start()
@@ -393,7 +381,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         flusher = loop.create_task(_flush_every_second(log))
         await stop.wait()
         await smtp.stop(grace=STOP_GRACE)
-        await spool.drain()
+        await store.spool.drain()
         await channel.close()
         flusher.cancel()
         listener.cancel()
@@ -407,22 +395,11 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
     return uvloop.run(main())
 
 
-def _users(config: Config, config_path: str | None) -> UserStore:
-    return UserStore.load(users_path(config, config_path)) if config.auth.users_file else UserStore()
-
-
-def _reload(
-    context: SessionContext, ingest: Ingest, log: EventLog, config_path: str | None, root: Path
-) -> None:
-    """SIGHUP, passed on by the main process: the same reload as the main process's SMTP side."""
-    try:
-        config = load_config(config_path, os.environ, root_override=str(root))
-        context.certificate.reload(config.tls.cert, config.tls.key)
-        context.users = _users(config, config_path)
-    except (ConfigError, TlsError, UsersFileError) as exc:
-        log.emit(events.Event(events.SERVICE_STARTED, f"SMTP worker keeps its configuration: {exc}"))
-        return
-    context.config = ingest.config = config
+def _reload(live: LiveConfig, context: SessionContext, log: EventLog, config_path: str | None) -> None:
+    """SIGHUP, passed on by the main process: the main process's reload of the receiving side, logged
+    with this worker's pid."""
+    for event in reload_receiving(live, context, config_path).events(worker_pid=os.getpid()):
+        log.emit(event)
 
 
 async def _flush_every_second(log: EventLog) -> None:

@@ -1,4 +1,5 @@
-"""SIGHUP reload: a renewed certificate is used by the next STARTTLS; a broken one keeps the old."""
+"""SIGHUP reload: a renewed certificate is used by the next STARTTLS; a broken one keeps the old, and so
+does a reload refused for another file."""
 
 from __future__ import annotations
 
@@ -46,3 +47,24 @@ async def test_reload_with_a_broken_certificate_keeps_the_working_one(
     await client.close()
     service.events.flush()
     assert "Configuration reload failed" in (service.folders["log"] / "events.jsonl").read_text()
+
+
+async def test_a_reload_refused_for_its_accounts_file_keeps_the_old_certificate_too(
+    start_service: StartService, tls: Tls, tmp_path: Path
+) -> None:
+    live = tmp_path / "live.pem"
+    live.write_bytes(tls.pem.read_bytes())
+    users = tmp_path / "users.toml"
+    service = await start_service(tls={"cert": str(live), "key": str(live)}, auth={"users_file": str(users)})
+    first = await greeted(service)
+    await upgrade(first, tls.client_context())
+    der_before = first.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
+    await first.close()
+
+    tls.ca.issue_cert("relay.test").private_key_and_cert_chain_pem.write_to_path(str(live))  # renewed
+    users.write_text("not an accounts file\n")  # but the reload is refused for this
+    service.reload()
+    second = await greeted(service)
+    await upgrade(second, tls.client_context())
+    assert second.writer.get_extra_info("ssl_object").getpeercert(binary_form=True) == der_before
+    await second.close()

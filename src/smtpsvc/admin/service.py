@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from smtpsvc import events
-from smtpsvc.config import Config
+from smtpsvc.config import Config, LiveConfig
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.dsn import split_headers
@@ -168,18 +168,22 @@ class QueueAdmin:
     def __init__(
         self,
         store: QueueStore,
-        config: Config,
+        live: LiveConfig,
         event_log: EventLog,
         reporter: Reporter,
         scheduler: Scheduler | None = None,
         where: str = "",
     ) -> None:
         self.store = store
-        self.config = config
+        self.live = live  # the service's configuration holder (a tool's own): a reload reaches this part too
         self.events = event_log
         self.reporter = reporter
         self.scheduler = scheduler  # None: no service in this process (its files, or the database)
         self._where = where
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
 
     @property
     def where(self) -> str:
@@ -193,7 +197,7 @@ class QueueAdmin:
         where = ""
         if scheduler.queue.shared:
             where = f"the cluster queue through node {scheduler.queue.node_id}"
-        return cls(scheduler.queue, scheduler.config, scheduler.events, scheduler.reports, scheduler, where)
+        return cls(scheduler.queue, scheduler.live, scheduler.events, scheduler.reports, scheduler, where)
 
     @classmethod
     @asynccontextmanager
@@ -207,12 +211,13 @@ class QueueAdmin:
         try:
             store = await _opened(open_queue, config, event_log)
             try:
-                ingest = Ingest(store, config, event_log)
-                reporter = Reporter(store, config, ingest, event_log, root / "badmail")
+                live = LiveConfig(config)
+                ingest = Ingest(store, live, event_log)
+                reporter = Reporter(store, live, ingest, event_log, root / "badmail")
                 where = "the queue files (service stopped)"
                 if store.shared:
                     where = f"the cluster queue in PostgreSQL at {pgschema.describe(config.queue.dsn)}"
-                yield cls(store, config, event_log, reporter, where=where)
+                yield cls(store, live, event_log, reporter, where=where)
             finally:
                 await store.close()
         finally:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smtpsvc import dsn, events
-from smtpsvc.config import Config
+from smtpsvc.config import Config, LiveConfig
 from smtpsvc.events import EventLog
 from smtpsvc.folders.badmail import put_badmail
 from smtpsvc.ingest import EnvelopeFields, Ingest
@@ -25,13 +25,17 @@ HEADER_READ_LIMIT = 256 * 1024  # how much of a message we read to find its head
 
 class Reporter:
     def __init__(
-        self, queue: QueueStore, config: Config, ingest: Ingest, event_log: EventLog, badmail_dir: Path
+        self, queue: QueueStore, live: LiveConfig, ingest: Ingest, event_log: EventLog, badmail_dir: Path
     ) -> None:
         self.queue = queue
-        self.config = config
+        self.live = live  # the service's configuration holder: a reload reaches this part too
         self.ingest = ingest
         self.events = event_log
         self.badmail_dir = badmail_dir
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
 
     async def failure(self, envelope: Envelope, failed: Sequence[Recipient]) -> None:
         """An NDR to the sender (and send_ndr_copy_to), or Badmail for a null sender. Raises QueueError or

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from smtpsvc import events
-from smtpsvc.config import Config
+from smtpsvc.config import Config, LiveConfig
 from smtpsvc.events import EventLog
 from smtpsvc.folders.badmail import put_badmail
 from smtpsvc.headers import HopCounter
@@ -201,7 +201,7 @@ class PickupScanner:
         pickup_dir: Path,
         badmail_dir: Path,
         ingest: Ingest,
-        config: Config,
+        live: LiveConfig,
         event_log: EventLog,
         interval: float = 1.0,
     ) -> None:
@@ -209,10 +209,14 @@ class PickupScanner:
         self.claimed_dir = pickup_dir / CLAIMED
         self.badmail_dir = badmail_dir
         self.ingest = ingest
-        self.config = config
+        self.live = live  # the service's configuration holder: a reload reaches this part too
         self.events = event_log
         self.interval = interval
         self._seen: dict[str, tuple[int, int]] = {}
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
 
     def open(self) -> None:
         self.claimed_dir.mkdir(parents=True, exist_ok=True)

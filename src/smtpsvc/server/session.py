@@ -20,7 +20,7 @@ from typing import Any, Protocol
 from smtpsvc import events
 from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.auth.users import UserStore
-from smtpsvc.config import Config
+from smtpsvc.config import Config, LiveConfig
 from smtpsvc.events import EventLog
 from smtpsvc.headers import HopCounter
 from smtpsvc.ingest import EnvelopeFields, Ingest, received_header
@@ -84,9 +84,11 @@ class SessionObserver(Protocol):
 
 @dataclass(slots=True)
 class SessionContext:
-    """What every session shares with the service; the service swaps parts of it on SIGHUP."""
+    """What every session shares with the service. A reload swaps the configuration in `live` (shared with
+    every other part), and the certificate and the accounts here; a session takes `config` once, at its
+    start."""
 
-    config: Config
+    live: LiveConfig
     ingest: Ingest
     events: EventLog
     certificate: ServerCertificate
@@ -95,6 +97,10 @@ class SessionContext:
     etrn: Callable[[str, bool], Awaitable[int]]  # (domain, subdomains) -> messages made due now
     resolver: MxResolver | None = None  # for server.reverse_dns
     metrics: SessionObserver | None = None  # metrics hook; None: no metrics
+
+    @property
+    def config(self) -> Config:
+        return self.live.current
 
 
 def server_options(context: SessionContext, client_ip: str) -> ServerOptions:
