@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpsvc.model import Envelope, Recipient, RecipientState, domain_of
+from smtpsvc.model import Attempt, Envelope, Recipient, RecipientState, domain_of
 from smtpsvc.queue.base import QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.queue.postgres import PostgresQueue
@@ -648,6 +648,28 @@ async def test_a_completed_message_stays_gone_after_a_reopen(backend: Backend) -
     store = await backend.reopen()
     assert await store.get(envelope.id) is None
     assert await store.count() == 0
+
+
+async def test_make_due_of_every_message_survives_a_reopen(backend: Backend) -> None:
+    envelope = await put(backend.store, due=time.time() + LATER)
+    await backend.store.make_due(time.time())
+    store = await backend.reopen()
+    assert await claimed(store) == [envelope.id]
+
+
+async def test_a_message_tried_after_make_due_of_everything_keeps_its_own_retry_time(
+    backend: Backend,
+) -> None:
+    await put(backend.store, due=time.time() + LATER)
+    await backend.store.make_due(time.time())
+    [claim] = await backend.store.claim(time.time(), 1)
+    rcpt = claim.envelope.recipients[0]
+    rcpt.attempts += 1
+    rcpt.history.append(Attempt(time.time() + 1, "451 4.3.2 later", "mx"))
+    rcpt.next_attempt = time.time() + LATER
+    await backend.store.save(claim.envelope)
+    store = await backend.reopen()
+    assert await store.claim(time.time(), 10) == []
 
 
 async def test_a_change_made_by_make_due_survives_a_reopen(backend: Backend) -> None:

@@ -29,6 +29,10 @@ when needed; those in use (leased, being changed) and the CACHE_LIMIT most recen
 
 Frozen links (the operator's "freeze this next hop") are queue state too: `queue/links.json`, written
 atomically; a recipient on a frozen link is not due until the link is thawed (its message still accepts).
+So is a Force Connection of the whole queue (`queue retry --all`): `queue/forced.json` holds its time, and
+every pending recipient not tried since then is due at that time, whatever its envelope says, until its
+next attempt: one durable write for a queue of any size, instead of rewriting every envelope (Postfix's
+`postqueue -f` rewrites none either).
 
 Each spool has an id (`queue/spool.id`, made at first open) that it stamps on every envelope it writes. An
 envelope that carries another id was copied in from another server's queue (KB306043 "Queue to Queue"): at
@@ -86,6 +90,7 @@ MEMORY_LIMIT = 256 * 1024  # a message up to this size is held in memory until i
 WORKERS_LOCK = ".workers.lock"  # shared by the running SMTP workers; exclusive during recovery
 WORKERS_GONE_TIMEOUT = 30.0  # how long a start waits for an earlier run's SMTP workers to finish
 UPDATE_BATCH = 256  # operator changes to many messages written at once (the committer's largest batch)
+FORCED = "forced.json"  # the last Force Connection of the whole queue
 INCOMING = "incoming"  # queue/incoming/: the files of puts being committed
 CACHE_LIMIT = 5_000  # envelopes kept in memory besides those in use (a few MB)
 RECOVERY_BATCH = 1000  # envelopes read by the recovery thread per batch handed to the loop
@@ -235,6 +240,7 @@ class LocalSpool:
         self._bytes = 0
         self._lock_file: IO[bytes] | None = None
         self._frozen_links: frozenset[str] = frozenset()
+        self._forced_at = 0.0  # the last Force Connection of the whole queue (queue/forced.json)
         self.spool_id = ""
         self.adopted: list[str] = []  # ids copied in from another spool, found at recovery
         self.set_aside = 0  # unusable files moved to corrupt/ at recovery
@@ -263,6 +269,7 @@ class LocalSpool:
             raise
         try:
             self._frozen_links = self._read_links()
+            self._forced_at = self._read_forced()
             self.spool_id = self._read_or_make_id()
             for leftover in self.tmp_dir.iterdir():
                 with contextlib.suppress(OSError):
@@ -490,7 +497,8 @@ class LocalSpool:
                 or not os.path.exists(f"{self._dir_str}{stem}.eml")
             ):
                 return None
-            frozen_links = self._frozen_links
+            frozen_links, forced_at = self._frozen_links, self._forced_at
+            frozen = bool(data.get("frozen"))
             links: dict[str, int] = {}
             tried = unreported = False
             due: float | None = None
@@ -503,6 +511,10 @@ class LocalSpool:
                     tried = tried or bool(rcpt.get("attempts"))
                     if route in frozen_links:
                         continue
+                    if forced_at and not frozen and when > forced_at:
+                        history = rcpt.get("history") or ()
+                        if not history or history[-1]["time"] < forced_at:
+                            when = forced_at  # forced by `queue retry --all` and not tried since
                 elif state == "failed" and not rcpt.get("notified"):
                     unreported = True
                 elif state not in ("delivered", "failed"):
@@ -510,7 +522,7 @@ class LocalSpool:
                 else:
                     continue
                 due = when if due is None or when < due else due
-            frozen, size = bool(data.get("frozen")), data.get("size", 0)
+            size = data.get("size", 0)
             if type(size) is not int:
                 return None
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
@@ -596,6 +608,7 @@ class LocalSpool:
                 raise ValueError("message file (.eml) is missing")
         except (ValueError, KeyError, TypeError, RecursionError) as exc:
             return None, str(exc) or type(exc).__name__
+        self._apply_force(envelope)
         return envelope, ""
 
     def _load(self, stem: str, payload: bytes | None = None) -> Envelope | None:
@@ -978,6 +991,55 @@ class LocalSpool:
             if count % UPDATE_BATCH == UPDATE_BATCH - 1:
                 await asyncio.sleep(0)  # a long list of parked messages must not stall the loop
 
+    # -- Force Connection of the whole queue --------------------------------------------------------
+    async def force_all(self, now: float) -> tuple[int, frozenset[str], list[str]]:
+        """Every pending recipient of every message that is not frozen is due at `now` (module docstring):
+        persisted as one time, applied to the index here and to each envelope as it is read. Returns the
+        messages concerned, their pending links, and the leased ones among them (their delivery is under
+        way: the caller makes them due again when it ends)."""
+        payload = json.dumps({"at": now}).encode()
+        await self._replace(self.dir / FORCED, payload, f"{FORCED}.new")
+        self._forced_at = now
+        for envelope in [*self._cache.values(), *self._pinned.values()]:
+            if envelope.id not in self._leased:
+                self._apply_force(envelope)
+        count, links, leased = 0, set[str](), list[str]()
+        ids = [*self._due.ids(), *self._parked, *self._leased]
+        for start in range(0, len(ids), SUMMARY_CHUNK):
+            for queue_id in ids[start : start + SUMMARY_CHUNK]:
+                shape = self._known.get(queue_id)
+                if shape is None or shape[0] or not shape[2]:
+                    continue  # gone meanwhile, frozen, or nothing pending
+                count += 1
+                links.update(link for link, _ in shape[2])
+                if queue_id in self._leased:
+                    leased.append(queue_id)
+                    continue
+                due = self._due.get(queue_id)
+                if due is not None and due > now:
+                    self._due.set(queue_id, now)
+            await asyncio.sleep(0)  # a million messages: the loop answers meanwhile
+        return count, frozenset(links), leased
+
+    def _apply_force(self, envelope: Envelope) -> None:
+        """What the last Force Connection of the whole queue means for this envelope."""
+        at = self._forced_at
+        if not at or envelope.frozen:
+            return
+        for rcpt in envelope.recipients:
+            if rcpt.pending and rcpt.next_attempt > at and (not rcpt.history or rcpt.history[-1].time < at):
+                rcpt.next_attempt = at
+
+    def _read_forced(self) -> float:
+        try:
+            at = json.loads((self.dir / FORCED).read_bytes())["at"]
+            return float(at) if type(at) in (int, float) else 0.0
+        except FileNotFoundError:
+            return 0.0
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            self._on_corrupt(FORCED, f"not valid ({exc}); the last `queue retry --all` is forgotten")
+            return 0.0
+
     def _read_links(self) -> frozenset[str]:
         try:
             data = json.loads((self.dir / "links.json").read_bytes())
@@ -1243,6 +1305,10 @@ class LocalStore:
         self, now: float, queue_id: str = "", domain: str = "", subdomains: bool = False, link: str = ""
     ) -> Rescheduled:
         domain = domain.rstrip(".").lower()
+        if not (queue_id or domain or link):  # the whole queue: one write (LocalSpool.force_all)
+            count, forced, leased = await self.spool.force_all(now)
+            self._rerun.update(leased)  # not under their deliveries' feet: their saves make them due
+            return Rescheduled(count, forced)
         await self.spool.recovered()  # every message, not only those indexed so far
         count, links, changed = 0, set[str](), _no_envelopes()
         for batch in self._batches([queue_id] if queue_id else self.spool.ids()):
