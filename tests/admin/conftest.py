@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import pytest
 
 from smtpsvc.app import Service
-from tests.conftest import StartService
+from tests.conftest import StartService, eventually
 from tests.sink import Sink
 
 
@@ -34,3 +35,17 @@ async def admin(start_service: StartService, sink: Sink) -> AsyncIterator[Admin]
     assert service.admin is not None and service.admin_context is not None
     host, port = service.admin.address
     yield Admin(service, sink, f"http://{host}:{port}", service.admin_context.token)
+
+
+async def job_done(http: httpx.AsyncClient, started: httpx.Response) -> dict[str, Any]:
+    """The job a bulk request answered with (202, Location), polled until it is no longer running."""
+    assert started.status_code == 202, started.text
+    location = started.headers["location"]
+    assert location == f"/api/jobs/{started.json()['job']['id']}"
+
+    async def ended() -> dict[str, Any] | None:
+        job: dict[str, Any] = (await http.get(location)).json()["job"]
+        return job if job["state"] != "running" else None
+
+    found: dict[str, Any] = await eventually(ended, what=f"job {location} to end")
+    return found
