@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -10,6 +12,7 @@ import httpx
 import pytest
 
 from smtpsvc.app import Service
+from smtpsvc.model import Envelope, Recipient
 from tests.conftest import StartService, eventually
 from tests.sink import Sink
 
@@ -49,3 +52,19 @@ async def job_done(http: httpx.AsyncClient, started: httpx.Response) -> dict[str
 
     found: dict[str, Any] = await eventually(ended, what=f"job {location} to end")
     return found
+
+
+async def queue_many(service: Service, count: int) -> list[str]:
+    """`count` messages put straight into the service's queue (far quicker than SMTP), each for one
+    recipient at remote.test on the smarthost link, tried once and waiting an hour (state retry)."""
+    later = time.time() + 3600
+
+    async def one(n: int) -> str:
+        writer = service.store.create_writer()
+        writer.write(b"From: alice@local.test\r\nSubject: bulk\r\n\r\nbody\r\n")
+        recipient = Recipient(f"r{n}@remote.test", attempts=1, next_attempt=later, route="smarthost")
+        envelope = Envelope(writer.id, "alice@local.test", [recipient], time.time())
+        await service.store.put(writer, envelope)
+        return envelope.id
+
+    return list(await asyncio.gather(*(one(n) for n in range(count))))
