@@ -613,7 +613,8 @@ async def _follow(admin: Admin, status: JobStatus) -> JobStatus:
         else:
             click.echo(
                 f"smtpsvc: interrupted; job {status.id} ({status.request.description}) stops at the end of "
-                f"its batch, at about {_done_of(status)} message(s): what it changed stays changed",
+                f"its batch (it had done {_done_of(status)} message(s) when last seen): what it changed "
+                "stays changed, and its event 9006 says how far it got",
                 err=True,
             )
         raise

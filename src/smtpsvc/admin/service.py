@@ -517,12 +517,12 @@ class QueueAdmin:
 
         async def one(queue_id: str) -> str:
             envelope = await self._read(self.store.set_frozen(queue_id, frozen))
+            if envelope is not None and not frozen and self.scheduler is not None:
+                self.scheduler.wake()
             return GONE if envelope is None else CHANGED
 
         ids = [envelope.id for envelope in await self._read(self.store.list()) if envelope.frozen != frozen]
         count, _ = await self._each(ids, one, progress or Progress())
-        if count and not frozen and self.scheduler is not None:
-            self.scheduler.wake()
         return Outcome(count, f"every queued message {'frozen' if frozen else 'thawed'}: {count} message(s)")
 
     async def delete_all(self, ndr: bool, progress: Progress | None = None) -> Outcome:
