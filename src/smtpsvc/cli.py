@@ -607,7 +607,8 @@ async def _follow(admin: Admin, status: JobStatus) -> JobStatus:
         if remote:
             click.echo(
                 f"smtpsvc: stopped watching; job {status.id} ({status.request.description}) goes on in the "
-                f"service: see `smtpsvc queue jobs {status.id}` (or GET /api/jobs/{status.id})",
+                f"service: follow it with `smtpsvc queue jobs {status.id} --wait` "
+                f"(or GET /api/jobs/{status.id})",
                 err=True,
             )
         else:
