@@ -549,17 +549,19 @@ def queue_jobs(config_file: str | None, job_id: str | None, as_json: bool, wait:
         return
 
     async def recent(admin: Admin) -> tuple[list[JobStatus], str]:
-        return await admin.recent_jobs(), admin.where
+        if isinstance(admin, RemoteAdmin):
+            return await admin.recent_jobs(), f"no jobs on {admin.where}"
+        return [], (  # the queue opened by this command: its bulk commands run within themselves
+            f"no jobs on {admin.where} (here a bulk command runs within the command itself; a running "
+            "service lists the jobs started through its admin API or viewer at GET /api/jobs)"
+        )
 
-    found, where = _with_admin(config_file, recent, quiet=True)
+    found, none = _with_admin(config_file, recent, quiet=True)
     if as_json:
         click.echo(json.dumps([status.to_json() for status in found], indent=2))
         return
     if not found:
-        hint = (
-            "" if "running service" in where else " (on a stopped service a bulk command runs within itself)"
-        )
-        click.echo(f"no jobs on {where}{hint}")
+        click.echo(none)
     now = time.time()
     for status in found:
         click.echo(

@@ -140,6 +140,6 @@ async def test_bulk_commands_on_a_stopped_service_run_within_the_command(start_s
 async def test_queue_jobs_on_a_stopped_service_says_where_jobs_live(start_service: StartService) -> None:
     service = await stopped_with(start_service, 1)
     code, out, _ = await run("queue", "jobs", "-c", str(service.config_path))
-    assert code == 0 and out.startswith(f"no jobs {OFFLINE} (on a stopped service a bulk command runs")
+    assert code == 0 and out.startswith(f"no jobs {OFFLINE} (here a bulk command runs within the command")
     code, _, err = await run("queue", "jobs", "-c", str(service.config_path), "1a2b3c4d")
     assert code == 1 and "no job '1a2b3c4d' here" in err
