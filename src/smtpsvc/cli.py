@@ -12,6 +12,7 @@ import dataclasses
 import ipaddress
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
@@ -23,7 +24,8 @@ import click
 
 from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
-from smtpsvc.admin.client import RemoteAdmin, open_admin
+from smtpsvc.admin.client import RemoteAdmin, ServiceSilent, open_admin
+from smtpsvc.admin.jobs import BulkRequest, JobState, JobStatus
 from smtpsvc.admin.probe import probe as probe_peer
 from smtpsvc.admin.service import AdminError, QueueAdmin
 from smtpsvc.admin.submit import write_pickup_file
@@ -292,6 +294,8 @@ def _with_admin(config_file: str | None, work: Callable[[Admin], Awaitable[T]], 
         return asyncio.run(main())
     except AdminError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None
 
 
 def _fail(exc: AdminError) -> NoReturn:
@@ -430,16 +434,17 @@ def _freeze_or_thaw(verb: str, doc: str) -> None:
         "--link", metavar="L", help="Every message waiting for this next hop (see `queue summary`)."
     )
     @click.option("--domain", metavar="D", help="The link this domain's mail goes through.")
-    def change(config_file: str | None, queue_id: str | None, link: str | None, domain: str | None) -> None:
-        _one_target(queue_id, link=link, domain=domain)
+    @click.option("--all", "every", is_flag=True, help="Every queued message.")
+    def change(
+        config_file: str | None, queue_id: str | None, link: str | None, domain: str | None, every: bool
+    ) -> None:
+        _one_target(queue_id, link=link, domain=domain, all=every)
         if domain:
             link = _link_of_domain(config_file, domain)
 
         async def act(admin: Admin) -> str:
-            if link:
-                method = admin.freeze_link if verb == "freeze" else admin.thaw_link
-                count = await method(link)
-                return f"link {link}: {verb} done ({count} message(s) wait on it) on {admin.where}"
+            if link or every:
+                return _done_line(await _run_job(admin, BulkRequest(verb, link=link or "")), admin.where)
             envelope = await (admin.freeze if verb == "freeze" else admin.thaw)(str(queue_id))
             return f"{envelope.id}: {verb} done on {admin.where}"
 
@@ -448,10 +453,10 @@ def _freeze_or_thaw(verb: str, doc: str) -> None:
 
 _freeze_or_thaw(
     "freeze",
-    "Hold a message, or a whole link (Exchange Queue Viewer Freeze): its mail is kept and still accepted, "
-    "and nothing is delivered until thawed.",
+    "Hold a message, a whole link, or every message (Exchange Queue Viewer Freeze): its mail is kept and "
+    "still accepted, and nothing is delivered until thawed.",
 )
-_freeze_or_thaw("thaw", "Release a frozen message or link.")
+_freeze_or_thaw("thaw", "Release a frozen message, link, or every frozen message.")
 
 
 @queue.command("retry")
@@ -470,8 +475,8 @@ def queue_retry(
         if queue_id:
             await admin.retry(queue_id)
             return f"{queue_id}: retry done on {admin.where}"
-        count = await admin.retry_where(domain=domain or "", link=link or "")
-        return f"{count} message(s) due now on {admin.where}"
+        status = await _run_job(admin, BulkRequest("retry", domain=domain or "", link=link or ""))
+        return _done_line(status, admin.where)
 
     click.echo(_with_admin(config_file, act, quiet=True))
 
@@ -485,24 +490,237 @@ def queue_recategorize(config_file: str | None, queue_id: str | None, every: boo
     _one_target(queue_id, all=every)
 
     async def act(admin: Admin) -> str:
-        count = await admin.recategorize(queue_id or "")
-        return f"{count} message(s) re-categorized on {admin.where}; they are due now"
+        if queue_id:
+            count = await admin.recategorize(queue_id)
+            return f"{count} message(s) re-categorized on {admin.where}; they are due now"
+        return _done_line(await _run_job(admin, BulkRequest("recategorize")), admin.where)
 
     click.echo(_with_admin(config_file, act, quiet=True))
 
 
 @queue.command("delete")
 @config_option
-@click.argument("queue_id")
-@click.option("--ndr", is_flag=True, help="Return it to the sender first, with status 4.3.2.")
-def queue_delete(config_file: str | None, queue_id: str, ndr: bool) -> None:
-    """Delete a message, without a report (the default) or with an NDR to its sender (--ndr)."""
+@click.argument("queue_id", required=False)
+@click.option("--all", "every", is_flag=True, help="Every queued message (needs --yes).")
+@click.option("--ndr", is_flag=True, help="Return it (each) to the sender first, with status 4.3.2.")
+@click.option("--yes", is_flag=True, help="Confirm --all: every queued message is destroyed.")
+def queue_delete(config_file: str | None, queue_id: str | None, every: bool, ndr: bool, yes: bool) -> None:
+    """Delete a message, or --all, without a report (the default) or with an NDR to its sender (--ndr)."""
+    _one_target(queue_id, all=every)
+    if every and not yes:
+        click.echo(
+            "smtpsvc: delete --all destroys every queued message"
+            f"{' (each returned to its sender with an NDR)' if ndr else ', without any report'}; "
+            "nothing was deleted. Add --yes to confirm (see `smtpsvc queue summary` first).",
+            err=True,
+        )
+        raise SystemExit(2)
 
     async def act(admin: Admin) -> str:
-        await admin.delete(queue_id, ndr=ndr)
+        if every:
+            return _done_line(await _run_job(admin, BulkRequest("delete", ndr=ndr)), admin.where)
+        await admin.delete(str(queue_id), ndr=ndr)
         return f"{queue_id}: deleted{' with an NDR to the sender' if ndr else ''} on {admin.where}"
 
     click.echo(_with_admin(config_file, act, quiet=True))
+
+
+@queue.command("jobs")
+@config_option
+@click.argument("job_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (for scripts).")
+@click.option("--wait", is_flag=True, help="With ID: follow the job (progress bar) until it ends.")
+def queue_jobs(config_file: str | None, job_id: str | None, as_json: bool, wait: bool) -> None:
+    """The bulk jobs of the running service (retry, freeze, thaw, delete, recategorize of many messages),
+    running and recent, newest first; or one job."""
+    if wait and not job_id:
+        click.echo("smtpsvc: --wait needs a job ID (see `smtpsvc queue jobs`)", err=True)
+        raise SystemExit(2)
+
+    async def one(admin: Admin) -> JobStatus:
+        status = await admin.job(str(job_id))
+        return await _follow(admin, status) if wait else status
+
+    if job_id:
+        status = _with_admin(config_file, one, quiet=True)
+        click.echo(json.dumps(status.to_json(), indent=2) if as_json else _job_details(status))
+        if wait and status.state is JobState.FAILED:
+            raise SystemExit(1)
+        return
+
+    async def recent(admin: Admin) -> tuple[list[JobStatus], str]:
+        if isinstance(admin, RemoteAdmin):
+            return await admin.recent_jobs(), f"no jobs on {admin.where}"
+        return [], (  # the queue opened by this command: its bulk commands run within themselves
+            f"no jobs on {admin.where} (here a bulk command runs within the command itself; a running "
+            "service lists the jobs started through its admin API or viewer at GET /api/jobs)"
+        )
+
+    found, none = _with_admin(config_file, recent, quiet=True)
+    if as_json:
+        click.echo(json.dumps([status.to_json() for status in found], indent=2))
+        return
+    if not found:
+        click.echo(none)
+    now = time.time()
+    for status in found:
+        click.echo(
+            f"{status.id}  {status.state.value:<7} {_done_of(status):>15}  "
+            f"{_age(now - status.started):>4} ago  {status.request.description}: {_outcome_text(status)}"
+        )
+
+
+async def _run_job(admin: Admin, request: BulkRequest) -> JobStatus:
+    """Start a bulk job (in the service, or in this process on a stopped service's files), follow it to its
+    end with a progress bar, and return it done; a failed job is an AdminError with its error."""
+    status, started = await admin.start_job(request)
+    if not started:
+        click.echo(f"smtpsvc: job {status.id} is already doing this ({status.request.description})", err=True)
+    status = await _follow(admin, status)
+    if status.state is JobState.FAILED:
+        raise AdminError(
+            f"job {status.id} ({status.request.description}) failed{_after(status)}: {status.error}"
+        )
+    return status
+
+
+async def _follow(admin: Admin, status: JobStatus) -> JobStatus:
+    """Poll a job until it ends, however long that takes, with short requests: a poll that gets no answer
+    is tried again, never reported as the failure of work that goes on. Ctrl-C stops the watching."""
+    remote = isinstance(admin, RemoteAdmin)
+    bar = _ProgressBar(sys.stderr.isatty())
+    pause, longest = 0.05, (1.0 if remote else 0.2)  # a quick job answers quickly, a long one is not hammered
+    try:
+        while status.state is JobState.RUNNING:
+            bar.show(status)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, longest)
+            try:
+                status = await admin.job(status.id)
+            except ServiceSilent:
+                bar.note("the service is slow to answer; still waiting for the job (Ctrl-C stops watching)")
+            except AdminError as exc:
+                raise AdminError(
+                    f"{exc}\njob {status.id} ({status.request.description}) was at {_done_of(status)} "
+                    "message(s) when last seen; what it changed stays changed: see `smtpsvc queue summary`"
+                ) from None
+    except asyncio.CancelledError:
+        bar.clear()
+        if remote:
+            click.echo(
+                f"smtpsvc: stopped watching; job {status.id} ({status.request.description}) goes on in the "
+                f"service: follow it with `smtpsvc queue jobs {status.id} --wait` "
+                f"(or GET /api/jobs/{status.id})",
+                err=True,
+            )
+        else:
+            click.echo(
+                f"smtpsvc: interrupted; job {status.id} ({status.request.description}) stops at the end of "
+                f"its batch (it had done {_done_of(status)} message(s) when last seen): what it changed "
+                "stays changed, and its event 9006 says how far it got",
+                err=True,
+            )
+        raise
+    finally:
+        bar.clear()
+    return status
+
+
+class _ProgressBar:
+    """On a terminal, one line on stderr redrawn with \r; otherwise (a pipe, a log) a line every 10 s."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.shown = 0  # characters on the terminal line now
+        self.started = time.monotonic()
+        self.printed = self.started
+
+    def show(self, status: JobStatus) -> None:
+        now = time.monotonic()
+        if self.tty:
+            columns = shutil.get_terminal_size().columns - 1
+            self._draw(progress_line(status, now - self.started)[:columns])
+        elif now - self.printed >= 10:
+            self.printed = now
+            click.echo(f"smtpsvc: job {status.id}: {_done_of(status)} message(s)", err=True)
+
+    def note(self, text: str) -> None:
+        if self.tty:
+            self._draw(text)
+        else:
+            click.echo(f"smtpsvc: {text}", err=True)
+
+    def clear(self) -> None:
+        if self.shown:
+            click.echo("\r" + " " * self.shown + "\r", nl=False, err=True)
+            self.shown = 0
+
+    def _draw(self, line: str) -> None:
+        click.echo("\r" + line.ljust(self.shown), nl=False, err=True)
+        self.shown = len(line)
+
+
+def progress_line(status: JobStatus, elapsed: float, width: int = 24) -> str:
+    """The progress bar's text: `retry of every message [######------]  50%  500/1000  12s`."""
+    head = f"{status.request.description} "
+    if not status.total:
+        return f"{head}[working]  {status.done} message(s)  {elapsed:.0f}s"
+    part = min(status.done / status.total, 1.0)
+    filled = int(part * width)
+    bar = "#" * filled + "-" * (width - filled)
+    return f"{head}[{bar}] {part:4.0%}  {status.done}/{status.total}  {elapsed:.0f}s"
+
+
+def _done_of(status: JobStatus) -> str:
+    return f"{status.done}/{status.total}" if status.total is not None else str(status.done)
+
+
+def _after(status: JobStatus) -> str:
+    return f" after {status.done} of {status.total} message(s)" if status.total else ""
+
+
+def _outcome_text(status: JobStatus) -> str:
+    if status.result is not None:
+        return status.result.message
+    return status.error or "running"
+
+
+def _done_line(status: JobStatus, where: str) -> str:
+    """A finished job's result, in the words the command printed before jobs existed."""
+    request, result = status.request, status.result
+    count = result.count if result else 0
+    if request.kind == "retry":
+        line = f"{count} message(s) due now on {where}"
+    elif request.kind == "recategorize":
+        line = f"{count} message(s) re-categorized on {where}; they are due now"
+    elif request.link:
+        line = f"link {request.link}: {request.kind} done ({count} message(s) wait on it) on {where}"
+    elif request.kind in ("freeze", "thaw"):
+        line = f"{count} message(s) {'frozen' if request.kind == 'freeze' else 'thawed'} on {where}"
+    else:
+        line = f"{count} message(s) deleted{' with an NDR to each sender' if request.ndr else ''} on {where}"
+    if result is not None and result.left:
+        line += (
+            f"; {result.left} being delivered right now left in the queue (freeze them, then delete again)"
+        )
+    return line
+
+
+def _job_details(status: JobStatus) -> str:
+    lines = [
+        f"job:       {status.id}",
+        f"what:      {status.request.description}",
+        f"state:     {status.state.value}",
+        f"progress:  {_done_of(status)} message(s)",
+        f"started:   {rfc5322_date(status.started)}",
+    ]
+    if status.finished is not None:
+        lines.append(f"finished:  {rfc5322_date(status.finished)} ({status.finished - status.started:.1f} s)")
+    if status.result is not None:
+        lines.append(f"result:    {status.result.message}")
+    if status.error:
+        lines.append(f"error:     {status.error}")
+    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ db

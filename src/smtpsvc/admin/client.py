@@ -7,6 +7,10 @@ HTTP API, with the token this machine's files give (`admin.token_file`, or `<roo
 PostgreSQL backend the CLI works on the database directly, from any node, whether the nodes run or not: the
 database is the arbiter, and every node sees the change. All return the same objects, so the CLI prints them
 the same way and says which path it took.
+
+A bulk change is a job in the service (admin/jobs.py): one short request starts it, short requests poll it.
+No request waits for the work, so none times out on a large queue while the change goes on regardless; a
+poll that gets no answer in time is only that (`ServiceSilent`), and the caller polls again.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, read_token
+from smtpsvc.admin.jobs import BulkRequest, JobStatus
 from smtpsvc.admin.service import (
     AdminError,
     LinkSummary,
@@ -34,7 +39,13 @@ from smtpsvc.admin.service import (
 from smtpsvc.config import Config
 from smtpsvc.model import Envelope
 
-TIMEOUT = 30.0
+TIMEOUT = 30.0  # one request (never the work of a bulk job: that is polled)
+POLL_TIMEOUT = 10.0  # one poll of a job
+
+
+class ServiceSilent(AdminError):
+    """The admin API did not answer one request in time (the service is busy or stuck): the request may
+    have been done all the same."""
 
 
 class RemoteAdmin:
@@ -100,26 +111,40 @@ class RemoteAdmin:
         query = {"ndr": "true"} if ndr else {}
         await asyncio.to_thread(self._request, "DELETE", f"/api/queue/{_q(queue_id)}", query)
 
-    async def recategorize(self, queue_id: str = "") -> int:
+    async def recategorize(self, queue_id: str) -> int:
+        """One message (every message is a job: `start_job`)."""
         data = await asyncio.to_thread(
             self._request, "POST", "/api/queue/recategorize", None, {"id": queue_id}
         )
         return int(data["recategorized"])
 
-    async def retry_where(self, domain: str = "", link: str = "") -> int:
-        if link:
-            data = await asyncio.to_thread(self._request, "POST", f"/api/links/{_q(link)}/retry")
-            return int(data["messages"])
-        data = await asyncio.to_thread(self._request, "POST", "/api/queue/retry", None, {"domain": domain})
-        return int(data["retried"])
+    # -- bulk jobs -----------------------------------------------------------------------------------
+    async def start_job(self, request: BulkRequest) -> tuple[JobStatus, bool]:
+        """Ask the service to start a bulk job; it answers at once (202) with the job, or with the one
+        already doing this request (False)."""
+        body: dict[str, Any] | None = None
+        if request.link:
+            path = f"/api/links/{_q(request.link)}/{request.kind}"
+        elif request.kind == "retry":
+            path, body = "/api/queue/retry", {"domain": request.domain}
+        elif request.kind == "recategorize":
+            path, body = "/api/queue/recategorize", {"id": ""}
+        elif request.kind == "delete":
+            path, body = "/api/queue/delete", {"all": True, "ndr": request.ndr}
+        else:
+            path = f"/api/queue/{request.kind}"
+        data = await asyncio.to_thread(self._request, "POST", path, None, body)
+        return JobStatus.from_json(data["job"]), not data.get("already_running", False)
 
-    async def freeze_link(self, link: str) -> int:
-        data = await asyncio.to_thread(self._request, "POST", f"/api/links/{_q(link)}/freeze")
-        return int(data["messages"])
+    async def job(self, job_id: str) -> JobStatus:
+        data = await asyncio.to_thread(
+            self._request, "GET", f"/api/jobs/{_q(job_id)}", None, None, POLL_TIMEOUT
+        )
+        return JobStatus.from_json(data["job"])
 
-    async def thaw_link(self, link: str) -> int:
-        data = await asyncio.to_thread(self._request, "POST", f"/api/links/{_q(link)}/thaw")
-        return int(data["messages"])
+    async def recent_jobs(self) -> list[JobStatus]:
+        data = await asyncio.to_thread(self._request, "GET", "/api/jobs")
+        return [JobStatus.from_json(job) for job in data["jobs"]]
 
     # -- HTTP ----------------------------------------------------------------------------------------
     async def _change_message(self, queue_id: str, action: str) -> Envelope:
@@ -131,7 +156,12 @@ class RemoteAdmin:
         return data
 
     def _request(
-        self, method: str, path: str, query: dict[str, str] | None = None, body: dict[str, Any] | None = None
+        self,
+        method: str,
+        path: str,
+        query: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+        timeout: float = TIMEOUT,
     ) -> Any:
         url = self.base_url + path + (("?" + urllib.parse.urlencode(query)) if query else "")
         payload = json.dumps(body).encode() if body is not None else (b"" if method != "GET" else None)
@@ -142,12 +172,17 @@ class RemoteAdmin:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=TIMEOUT) as response:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
                 return json.loads(response.read() or b"null")
         except urllib.error.HTTPError as exc:
             raise AdminError(_error_text(exc)) from None
         except (urllib.error.URLError, OSError) as exc:
             reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+            if isinstance(reason, TimeoutError):
+                raise ServiceSilent(
+                    f"the running service's admin API at {self.base_url} did not answer {method} {path} "
+                    f"within {timeout:.0f} s (busy?); it may have done it all the same"
+                ) from None
             raise AdminError(
                 f"the service holds the queue but its admin API at {self.base_url} does not answer "
                 f"({reason}); is admin.listen the same in this config as in the running service's?"

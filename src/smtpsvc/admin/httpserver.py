@@ -1,7 +1,8 @@
 """Serve the admin application with uvicorn inside the service's own event loop (no thread, no process).
 
 uvicorn's `serve()` would install its own signal handlers; the service owns SIGTERM/SIGHUP, so we drive the
-server's startup, tick loop and shutdown ourselves.
+server's startup, tick loop and shutdown ourselves. The application's lifespan runs (its shutdown stops the
+admin jobs still running: admin/web.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ class AdminServer:
             port=port,
             http="h11",
             ws="none",
-            lifespan="off",
+            lifespan="on",
             log_config=None,
             access_log=False,
             server_header=False,

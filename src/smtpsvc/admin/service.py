@@ -11,6 +11,11 @@ One implementation over the queue interface (`QueueStore`), three places it runs
 The CLI reaches the first through `smtpsvc.admin.client`, and the others with the queue it opens through
 the composition root (`app.open_queue`, passed in); nothing here prints.
 
+Changes to one message answer when done. Changes to many (retry, recategorize, freeze, thaw or delete all;
+a domain's or a link's mail) are background jobs (`start_job`, admin/jobs.py): the caller gets the job at
+once and polls it, the work goes through the queue BATCH messages at a time with the event loop free
+between batches, and logs one event 9006 with its count, never one per message.
+
 A message being delivered right now (leased) is never rewritten under the delivery: a freeze or a retry
 is recorded on it and takes effect when the attempt ends; a delete is refused until it has. With a shared
 queue the lease holder may be another node; `QueueEntry.leased_by` names it.
@@ -18,14 +23,16 @@ queue the lease holder may be another node; `QueueEntry.leased_by` names it.
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from smtpsvc import events
+from smtpsvc.admin.jobs import KEEP, BulkRequest, JobStatus, JobStopped, JobTable, Outcome, Progress
 from smtpsvc.config import Config, LiveConfig
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
@@ -42,6 +49,10 @@ T = TypeVar("T")
 HEADER_LIMIT = 64 * 1024
 DELETED_STATUS = "4.3.2"  # Exchange's status for a message deleted by the administrator with an NDR
 DELETED_TEXT = "Deleted by the administrator of this relay (the message was not delivered)"
+BATCH = 256  # messages a bulk job changes at once (concurrently: they share fsyncs) between two loop turns
+
+# What a bulk job's step did to one message.
+CHANGED, LEFT, GONE = "changed", "left", "gone"
 
 
 class AdminError(Exception):
@@ -62,6 +73,10 @@ class BadRequest(AdminError):
     """The request itself is malformed (a body that is not JSON, a name that cannot be one)."""
 
     status = 400
+
+
+class BeingDelivered(AdminError):
+    """The message is being delivered right now: freeze it, then change it when the attempt ends."""
 
 
 class QueueUnavailable(AdminError):
@@ -180,6 +195,7 @@ class QueueAdmin:
         self.reporter = reporter
         self.scheduler = scheduler  # None: no service in this process (its files, or the database)
         self._where = where
+        self.jobs = JobTable()  # the bulk jobs run in this process's event loop
 
     @property
     def config(self) -> Config:
@@ -217,7 +233,11 @@ class QueueAdmin:
                 where = "the queue files (service stopped)"
                 if store.shared:
                     where = f"the cluster queue in PostgreSQL at {pgschema.describe(config.queue.dsn)}"
-                yield cls(store, live, event_log, reporter, where=where)
+                admin = cls(store, live, event_log, reporter, where=where)
+                try:
+                    yield admin
+                finally:
+                    await admin.jobs.close("the command ended (interrupted)")
             finally:
                 await store.close()
         finally:
@@ -311,17 +331,21 @@ class QueueAdmin:
     async def delete(self, queue_id: str, ndr: bool = False) -> Envelope:
         """Remove a message; with `ndr`, its undelivered recipients are reported to the sender first
         (status 4.3.2, or Badmail for a null sender), and the NDR is queued before the message goes."""
+        envelope = await self._delete(queue_id, ndr)
+        self._log(envelope, "deleted with an NDR to the sender" if ndr else "deleted without a report")
+        return envelope
+
+    async def _delete(self, queue_id: str, ndr: bool) -> Envelope:
         envelope = await self.get(queue_id)
         holder = await self.leased_by(queue_id)
         if holder:
             on = f" by node {holder}" if self.store.shared else ""
-            raise AdminError(
+            raise BeingDelivered(
                 f"{queue_id} is being delivered right now{on}; freeze it and delete it when the attempt ends"
             )
         if ndr:
             await self._report_deleted(envelope)
         await self._read(self.store.delete(queue_id))
-        self._log(envelope, "deleted with an NDR to the sender" if ndr else "deleted without a report")
         return envelope
 
     async def _report_deleted(self, envelope: Envelope) -> None:
@@ -341,19 +365,28 @@ class QueueAdmin:
                 f"cannot queue the NDR for {envelope.id} ({exc}); the message is kept"
             ) from None
 
-    async def recategorize(self, queue_id: str = "") -> int:
+    async def recategorize(self, queue_id: str = "", progress: Progress | None = None) -> int:
         """ResetMessageStatus by hand: recompute every pending recipient's route from the config and make the
         message due now (one message, or all; frozen ones are left alone). Returns how many messages were
-        re-routed."""
+        re-routed. All of them is a bulk job's work (`start_job`); `progress` hears how far it is."""
         if queue_id and (await self.get(queue_id)).frozen:
             raise AdminError(f"{queue_id} is frozen; thaw it first (`smtpsvc queue thaw {queue_id}`)")
         if self.scheduler is not None and not queue_id:
+            # The scheduler also forgets which connectors it found down; it reports no progress of its own.
+            total = await self._read(self.store.count())
+            if progress is not None:
+                progress(0, total)
             count = await self._read(self.scheduler.recategorize())
+            if progress is not None:
+                progress(total, total)
         else:
             config = self.config
             done = await self._read(
                 self.store.recategorize(
-                    lambda address: route_for(address, config).link, time.time(), queue_id=queue_id
+                    lambda address: route_for(address, config).link,
+                    time.time(),
+                    queue_id=queue_id,
+                    progress=progress,
                 )
             )
             self._forget_backoff(set(done.links))
@@ -370,38 +403,170 @@ class QueueAdmin:
         )
         return count
 
-    # -- many messages / links -----------------------------------------------------------------------
-    async def retry_where(self, domain: str = "", link: str = "") -> int:
-        """Force Connection for every message with a pending recipient at `domain`, or on `link`, or (with
-        neither) every message. Frozen messages and links are left alone. Returns how many."""
-        frozen_links = await self.frozen_links()
-        if link in frozen_links:
+    # -- many messages / links: background jobs --------------------------------------------------------
+    async def start_job(self, request: BulkRequest) -> tuple[JobStatus, bool]:
+        """Start a bulk job, or (False) find the one already doing this request. A request that cannot
+        work (a frozen link to retry, a link to thaw that is not frozen) is refused here, at once; the
+        work then runs in this event loop while the caller polls `job(id)`."""
+        problem = request.problem()
+        if problem:
+            raise BadRequest(problem)
+        already = self.jobs.running(request)
+        if already is not None:
+            return already, False
+        await self._check(request)
+        try:
+            return self.jobs.start(request, lambda progress: self._job(request, progress))
+        except JobStopped as exc:
+            raise QueueUnavailable(f"no new job now: {exc}") from None
+
+    async def job(self, job_id: str) -> JobStatus:
+        status = self.jobs.get(job_id)
+        if status is None:
+            raise NotFound(
+                f"no job {job_id!r} here (see `smtpsvc queue jobs`; the running service keeps the "
+                f"newest {KEEP} until it stops, and a stopped one's bulk commands run within the command)"
+            )
+        return status
+
+    async def recent_jobs(self) -> list[JobStatus]:
+        """Running and recent jobs, newest first."""
+        return self.jobs.list()
+
+    async def _check(self, request: BulkRequest) -> None:
+        if request.link and request.kind == "retry":
+            await self._refuse_frozen(request.link)
+        if request.link and request.kind == "thaw":
+            await self._refuse_not_frozen(request.link)
+
+    async def _refuse_frozen(self, link: str) -> None:
+        if link in await self._read(self.store.frozen_links()):
             raise AdminError(f"link {link!r} is frozen; thaw it first (`smtpsvc queue thaw --link {link}`)")
+
+    async def _refuse_not_frozen(self, link: str) -> None:
+        if link not in await self._read(self.store.frozen_links()):
+            raise AdminError(f"link {link!r} is not frozen (see `smtpsvc queue summary`)")
+
+    async def _job(self, request: BulkRequest, progress: Progress) -> Outcome:
+        """One bulk job's work and its one event 9006, done or failed (never one per message)."""
+        job = f" (job {progress.job_id})" if progress.job_id else ""
+        try:
+            outcome = await self._bulk(request, progress)
+        except Exception as exc:
+            seen = f" after {progress.done} of {progress.total} message(s)" if progress.total else ""
+            self._log(None, f"{request.description} failed{seen}{job}: {exc}")
+            raise
+        self._log(None, outcome.message + job)
+        return outcome
+
+    async def _bulk(self, request: BulkRequest, progress: Progress) -> Outcome:
+        if request.kind == "retry":
+            return await self.retry_where(request.domain, request.link, progress)
+        if request.kind == "recategorize":
+            count = await self.recategorize("", progress)
+            return Outcome(count, f"ResetMessageStatus: {count} queued message(s) re-categorized")
+        if request.link:
+            return await self.set_link_frozen(request.link, request.kind == "freeze", progress)
+        if request.kind in ("freeze", "thaw"):
+            return await self.set_frozen_all(request.kind == "freeze", progress)
+        return await self.delete_all(request.ndr, progress)
+
+    async def retry_where(
+        self, domain: str = "", link: str = "", progress: Progress | None = None
+    ) -> Outcome:
+        """Force Connection for the pending recipients at `domain`, or on `link`, or (with neither) of every
+        message. Frozen messages are left alone, and retrying a frozen link is refused; a recipient made
+        due that waits on a frozen link (retry all, or by domain) goes once the link is thawed."""
+        progress = progress or Progress()
+        now = time.time()
+        if link:
+            await self._refuse_frozen(link)
         # One queue operation, whatever the size of the queue (it works in batches, and on a spool still
-        # being recovered it waits for the whole queue to be known).
-        done = await self._read(self.store.make_due(time.time(), domain=domain, link=link))
-        count = done.messages
+        # being recovered it waits for the whole queue to be known); it makes nothing claimable before the
+        # backoff is lifted. It reports no progress of its own: before and after.
+        total = await self._read(self.store.count())
+        progress(0, total)
+        done = await self._read(self.store.make_due(now, domain=domain, link=link))
         self._forget_backoff(set(done.links))
+        count = done.messages
+        progress(total, total)
         if count and self.scheduler is not None:
             self.scheduler.wake()
         what = f"link {link}" if link else (f"domain {domain}" if domain else "every link")
-        self._log(None, f"retry forced for {what}: {count} message(s)")
-        return count
+        return Outcome(count, f"retry forced for {what}: {count} message(s)")
 
-    async def freeze_link(self, link: str) -> int:
-        """Freeze a next hop: its mail stays queued (and new mail for it is still accepted) until thawed."""
-        await self._read(self.store.set_link_frozen(link, True))
-        self._log(None, f"link {link} frozen")
-        return len(await self.entries(link=link))
-
-    async def thaw_link(self, link: str) -> int:
-        if link not in await self.frozen_links():
-            raise AdminError(f"link {link!r} is not frozen (see `smtpsvc queue summary`)")
-        await self._read(self.store.set_link_frozen(link, False))
-        if self.scheduler is not None:
+    async def set_link_frozen(self, link: str, frozen: bool, progress: Progress | None = None) -> Outcome:
+        """Freeze a next hop: its mail stays queued (and new mail for it is still accepted) until thawed.
+        Thaw it: its mail goes at its next retry time (or now, with a retry)."""
+        if not frozen:
+            await self._refuse_not_frozen(link)
+        await self._read(self.store.set_link_frozen(link, frozen))
+        if not frozen and self.scheduler is not None:
             self.scheduler.wake()
-        self._log(None, f"link {link} thawed")
-        return len(await self.entries(link=link))
+        stats = (await self._read(self.store.summary())).links.get(link)  # the index, not the envelopes
+        count = stats.messages if stats else 0
+        if progress is not None:
+            progress(count, count)
+        return Outcome(
+            count, f"link {link} {'frozen' if frozen else 'thawed'} ({count} message(s) wait on it)"
+        )
+
+    async def set_frozen_all(self, frozen: bool, progress: Progress | None = None) -> Outcome:
+        """Freeze (or thaw) every queued message that is not (or is) frozen. A message being delivered
+        counts: its freeze applies when the attempt ends."""
+
+        async def one(queue_id: str) -> str:
+            envelope = await self._read(self.store.set_frozen(queue_id, frozen))
+            if envelope is not None and not frozen and self.scheduler is not None:
+                self.scheduler.wake()
+            return GONE if envelope is None else CHANGED
+
+        ids = [envelope.id for envelope in await self._read(self.store.list()) if envelope.frozen != frozen]
+        count, _ = await self._each(ids, one, progress or Progress())
+        return Outcome(count, f"every queued message {'frozen' if frozen else 'thawed'}: {count} message(s)")
+
+    async def delete_all(self, ndr: bool, progress: Progress | None = None) -> Outcome:
+        """Delete every queued message (as it was when the job started: its own NDRs are not), each with
+        an NDR to its sender when `ndr`. A message being delivered right now is left (counted as `left`)."""
+
+        async def one(queue_id: str) -> str:
+            try:
+                await self._delete(queue_id, ndr)
+            except BeingDelivered:
+                return LEFT
+            except NotFound:
+                return GONE
+            return CHANGED
+
+        ids = [envelope.id for envelope in await self._read(self.store.list())]
+        count, left = await self._each(ids, one, progress or Progress())
+        how = "with an NDR to each sender" if ndr else "without a report"
+        text = f"every queued message deleted {how}: {count} message(s)"
+        if left:
+            text += f"; {left} being delivered right now left in the queue (freeze them, then delete them)"
+        return Outcome(count, text, left)
+
+    async def _each(
+        self, ids: list[str], one: Callable[[str], Awaitable[str]], progress: Progress
+    ) -> tuple[int, int]:
+        """`one` on every id, BATCH at a time (together, so the queue's writes share their fsyncs), the
+        event loop free between batches; progress after each. Returns how many changed and how many were
+        left alone. The first error ends the work (after its batch): what was changed stays changed."""
+        changed = left = 0
+        total = len(ids)
+        progress(0, total)
+        for start in range(0, total, BATCH):
+            results = await asyncio.gather(
+                *(one(q) for q in ids[start : start + BATCH]), return_exceptions=True
+            )
+            changed += results.count(CHANGED)
+            left += results.count(LEFT)
+            progress(min(start + BATCH, total), total)
+            for result in results:
+                if isinstance(result, BaseException):
+                    raise result
+            await progress.next_batch()
+        return changed, left
 
     # -- helpers -------------------------------------------------------------------------------------
     async def _make_due(self, envelope: Envelope, now: float) -> None:

@@ -4,13 +4,19 @@ A Starlette application over the one admin service layer (`QueueAdmin`), so the 
 can never disagree. Every change needs the token (Authorization: Bearer, or the viewer's login cookie);
 without it loopback clients may read. The viewer works without JavaScript; a small inline script only
 refreshes the event tail.
+
+A bulk change (retry, freeze, thaw, delete or recategorize many messages, a link's freeze, thaw or retry)
+answers `202 Accepted` at once with its job (`Location: /api/jobs/<id>`), which the client polls; the
+viewer's buttons wait a few seconds for it. The application's lifespan stops running jobs when the admin
+server stops.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -27,11 +33,14 @@ from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin import eventview
 from smtpsvc.admin.access import COOKIE, Level, level_of
-from smtpsvc.admin.service import AdminError, BadRequest, QueueAdmin, summarize
+from smtpsvc.admin.jobs import BulkRequest, JobStatus
+from smtpsvc.admin.service import AdminError, BadRequest, NotFound, QueueAdmin, summarize
 from smtpsvc.dsn import split_headers
 from smtpsvc.model import rfc5322_date
 
 Endpoint = Callable[[Request], Awaitable[Response]]
+
+UI_WAIT = 5.0  # seconds a viewer button waits for its job before saying it goes on in the background
 
 
 @dataclass(slots=True)
@@ -145,26 +154,49 @@ def build_app(ctx: AdminContext) -> Starlette:
 
     async def api_recategorize(request: Request) -> Response:
         body = await _json_body(request)
-        count = await ctx.admin.recategorize(str(body.get("id", "") or request.query_params.get("id", "")))
-        return JSONResponse({"recategorized": count})
+        queue_id = str(body.get("id", "") or request.query_params.get("id", ""))
+        if queue_id:  # one message: done at once
+            return JSONResponse({"recategorized": await ctx.admin.recategorize(queue_id)})
+        return await start(BulkRequest("recategorize"))
 
     async def api_retry_many(request: Request) -> Response:
         body = await _json_body(request)
         domain = str(body.get("domain", "") or request.query_params.get("domain", ""))
-        count = await ctx.admin.retry_where(domain=domain)
-        return JSONResponse({"retried": count})
+        link = str(body.get("link", "") or request.query_params.get("link", ""))
+        return await start(BulkRequest("retry", domain=domain, link=link))
+
+    def api_bulk(kind: str) -> Endpoint:
+        """POST /api/queue/freeze|thaw|delete: every queued message (delete: with {"all": true})."""
+
+        async def endpoint(request: Request) -> Response:
+            body = await _json_body(request)
+            if kind == "delete" and body.get("all") is not True:
+                raise BadRequest(
+                    'deleting every queued message needs {"all": true} in the body (and "ndr": true to '
+                    "return each to its sender); one message: DELETE /api/queue/{id}"
+                )
+            return await start(BulkRequest(kind, ndr=kind == "delete" and body.get("ndr") is True))
+
+        return endpoint
 
     async def api_link_action(request: Request) -> Response:
         link, action = request.path_params["link"], request.path_params["action"]
-        if action == "freeze":
-            count = await ctx.admin.freeze_link(link)
-        elif action == "thaw":
-            count = await ctx.admin.thaw_link(link)
-        elif action == "retry":
-            count = await ctx.admin.retry_where(link=link)
-        else:
+        if action not in ("freeze", "thaw", "retry"):
             return _error(404, f"unknown action {action!r}: retry, freeze or thaw")
-        return JSONResponse({"link": link, "action": action, "messages": count})
+        return await start(BulkRequest(action, link=link))
+
+    async def start(bulk: BulkRequest) -> Response:
+        status, started = await ctx.admin.start_job(bulk)
+        body: dict[str, Any] = {"job": status.to_json()}
+        if not started:
+            body["already_running"] = True  # one job per request at a time: this is the one doing it
+        return JSONResponse(body, status_code=202, headers={"Location": f"/api/jobs/{status.id}"})
+
+    async def api_jobs(request: Request) -> Response:
+        return JSONResponse({"jobs": [job.to_json() for job in await ctx.admin.recent_jobs()]})
+
+    async def api_job(request: Request) -> Response:
+        return JSONResponse({"job": (await ctx.admin.job(request.path_params["id"])).to_json()})
 
     async def api_badmail(request: Request) -> Response:
         return JSONResponse([asdict(i) for i in badmail_admin.items(ctx.badmail_dir)])
@@ -213,6 +245,7 @@ def build_app(ctx: AdminContext) -> Starlette:
                 "in_flight": {e.envelope.id: e.leased_by for e in entries if e.leased_by},
                 "shared": ctx.admin.store.shared,
                 "badmail": badmail_admin.items(ctx.badmail_dir),
+                "jobs": await ctx.admin.recent_jobs(),
                 "events": eventview.tail(ctx.events_path, 20),
                 **_page(request, level(request)),
             },
@@ -263,8 +296,11 @@ def build_app(ctx: AdminContext) -> Starlette:
         return _back(request, f"{queue_id}: {action} done")
 
     async def ui_link_action(request: Request) -> Response:
-        await api_link_action(request)
-        return _back(request, f"link {request.path_params['link']}: {request.path_params['action']} done")
+        link, action = request.path_params["link"], request.path_params["action"]
+        if action not in ("freeze", "thaw", "retry"):
+            raise NotFound(f"unknown action {action!r}: retry, freeze or thaw")
+        status, _ = await ctx.admin.start_job(BulkRequest(action, link=link))
+        return _back(request, _job_note(await ctx.admin.jobs.wait(status.id, UI_WAIT) or status))
 
     async def ui_badmail_replay(request: Request) -> Response:
         await api_badmail_replay(request)
@@ -276,10 +312,15 @@ def build_app(ctx: AdminContext) -> Starlette:
         Route("/api/queue/summary", guard(read, api_summary)),
         Route("/api/queue/recategorize", guard(write, api_recategorize), methods=["POST"]),
         Route("/api/queue/retry", guard(write, api_retry_many), methods=["POST"]),
+        Route("/api/queue/freeze", guard(write, api_bulk("freeze")), methods=["POST"]),
+        Route("/api/queue/thaw", guard(write, api_bulk("thaw")), methods=["POST"]),
+        Route("/api/queue/delete", guard(write, api_bulk("delete")), methods=["POST"]),
         Route("/api/queue/{id}", guard(read, api_message)),
         Route("/api/queue/{id}", guard(write, api_delete), methods=["DELETE"]),
         Route("/api/queue/{id}/{action}", guard(write, api_message_action), methods=["POST"]),
         Route("/api/links/{link}/{action}", guard(write, api_link_action), methods=["POST"]),
+        Route("/api/jobs", guard(read, api_jobs)),
+        Route("/api/jobs/{id}", guard(read, api_job)),
         Route("/api/badmail", guard(read, api_badmail)),
         Route("/api/badmail/{name}", guard(read, api_badmail_item)),
         Route("/api/badmail/{name}/replay", guard(write, api_badmail_replay), methods=["POST"]),
@@ -295,7 +336,23 @@ def build_app(ctx: AdminContext) -> Starlette:
         Route("/ui/links/{link}/{action}", guard(write, ui_link_action, html=True), methods=["POST"]),
         Route("/ui/badmail/{name}/replay", guard(write, ui_badmail_replay, html=True), methods=["POST"]),
     ]
-    return Starlette(routes=routes)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        yield
+        await ctx.admin.jobs.close("the service is stopping")
+
+    return Starlette(routes=routes, lifespan=lifespan)
+
+
+def _job_note(status: JobStatus) -> str:
+    """A viewer button's one-line answer about its job."""
+    what = f"{status.request.target}: {status.request.kind}"
+    if status.result is not None:
+        return f"{what} done ({status.result.count} message(s))"
+    if status.error:
+        return f"{what} failed: {status.error}"
+    return f"{what} goes on in the background as job {status.id} (see Jobs below)"
 
 
 def _page(request: Request, have: Level) -> dict[str, Any]:
