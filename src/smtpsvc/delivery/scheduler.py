@@ -38,6 +38,7 @@ TRANSCRIPTS_KEPT = 3  # SMTP conversations kept in the envelope, newest last
 INTERNAL_RETRY = 300.0  # back-off after an unexpected internal error
 QUEUE_RETRY = 1.0  # the queue (a database) cannot be reached: look again this soon
 SAVE_RETRY_MAX = 5.0  # longest pause between tries of a save to a shared queue that cannot be reached
+CLAIM_BATCH = 128  # messages claimed at once
 POSTPONE_SPREAD = 0.1  # recipients postponed for a dead destination come due over this share of the wait
 
 
@@ -130,6 +131,9 @@ class Scheduler:
                 timeout = QUEUE_RETRY
             else:
                 self._queue_reachable()
+            if timeout == 0.0:
+                await asyncio.sleep(0)  # more is due now: let the loop run the rest first
+                continue
             # Woken by new mail, a finished delivery, an operator, or (PostgreSQL) another node's NOTIFY.
             await self.queue.wait_for_work(timeout)
 
@@ -138,8 +142,13 @@ class Scheduler:
         before looking again (None: until woken)."""
         free = limit - len(self._inflight)
         if free > 0:
-            for claim in await self.queue.claim(time.time(), free):
+            # A claim reads envelopes (from disk, for the local spool): at most CLAIM_BATCH at a time, so a
+            # retry wave of a hundred thousand messages never holds the loop for long.
+            claims = await self.queue.claim(time.time(), min(free, CLAIM_BATCH))
+            for claim in claims:
                 self._start(claim)
+            if len(claims) == CLAIM_BATCH:
+                return 0.0  # more may be due: look again at once, after the loop has had its turn
         due = await self.queue.next_due()
         return None if due is None or free <= 0 else max(0.0, due - time.time())
 
