@@ -295,7 +295,7 @@ class Service:
         if config.admin.listen is None:
             return
         self.admin_context = AdminContext(
-            admin=QueueAdmin.attach(self.scheduler),
+            admin=QueueAdmin.attach(self.scheduler, summaries=self.queue_view.current),
             token=service_token(config),
             badmail_dir=self.folders["badmail"],
             pickup_dir=self.folders["pickup"],

@@ -27,7 +27,7 @@ from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin.client import RemoteAdmin, ServiceSilent, open_admin
 from smtpsvc.admin.jobs import BulkRequest, JobState, JobStatus
 from smtpsvc.admin.probe import probe as probe_peer
-from smtpsvc.admin.service import AdminError, QueueAdmin
+from smtpsvc.admin.service import LIST_LIMIT, AdminError, QueueAdmin
 from smtpsvc.admin.submit import write_pickup_file
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
 from smtpsvc.config import (
@@ -87,14 +87,15 @@ def main() -> None:
 @click.option("--worker-fd", type=int, hidden=True, help="Run as an SMTP worker of the main process.")
 def serve(config_file: str | None, root: str | None, listen: tuple[str, ...], worker_fd: int | None) -> None:
     """Run the service in the foreground until SIGTERM or Ctrl-C."""
-    from smtpsvc.app import run_service  # imported here so `config` commands stay light
-
     path = _config_path(config_file)
     config = _load(path, root, listen)
     if worker_fd is not None:
+        # A worker only receives: it must not load the admin web stack that the composition root pulls in.
         from smtpsvc.workers import run_worker
 
         raise SystemExit(run_worker(config, path, worker_fd))
+    from smtpsvc.app import run_service  # imported here so `config` commands stay light
+
     raise SystemExit(run_service(config, path))
 
 
@@ -317,6 +318,9 @@ def _age(seconds: float) -> str:
 @click.option("--to", "to", metavar="ADDR", help="Only messages with this recipient.")
 @click.option("--domain", metavar="D", help="Only messages with a recipient at this domain.")
 @click.option("--link", metavar="L", help="Only messages waiting for this next hop (see `queue summary`).")
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=LIST_LIMIT, show_default=True, help="The oldest N at most."
+)
 def queue_list(
     config_file: str | None,
     as_json: bool,
@@ -324,11 +328,12 @@ def queue_list(
     to: str | None,
     domain: str | None,
     link: str | None,
+    limit: int,
 ) -> None:
-    """List queued messages: id, state, age, size, sender, recipients, next attempt, last error, and the
-    node delivering it right now (in a cluster)."""
+    """List queued messages, the oldest first: id, state, age, size, sender, recipients, next attempt,
+    last error, and the node delivering it right now (in a cluster)."""
     entries = _with_admin(
-        config_file, lambda admin: admin.entries(state or "", to or "", domain or "", link or "")
+        config_file, lambda admin: admin.entries(state or "", to or "", domain or "", link or "", limit)
     )
     now = time.time()
     if as_json:
@@ -352,6 +357,8 @@ def queue_list(
             click.echo(
                 f"    {r.state.value:<9} {r.address}  (route {r.route or '-'}, {r.attempts} attempts){last}"
             )
+    if len(entries) >= limit:
+        click.echo(f"(the oldest {limit} shown; there may be more: --limit, or `smtpsvc queue summary`)")
 
 
 @queue.command("summary")

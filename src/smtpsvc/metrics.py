@@ -19,6 +19,7 @@ run in one process (the tests do) without their series colliding.
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -275,19 +276,40 @@ class QueueView:
         self._error: QueueError | None = None
         self._made = -float("inf")
         self._cost = 0.0
+        self._making: asyncio.Future[None] | None = None
 
     async def refresh(self) -> None:
-        started = self._clock()
-        if started - self._made < SUMMARY_BUDGET * self._cost and self._error is None:
+        """Make the summary again if it is older than its budget allows (and none is being made)."""
+        fresh_for = SUMMARY_BUDGET * self._cost if self._cost >= QUICK_SUMMARY else 0.0
+        if self._clock() - self._made < fresh_for and self._error is None:
             return
+        if self._making is None:
+            self._making = asyncio.ensure_future(self._make())
+        await asyncio.shield(self._making)
+
+    async def current(self) -> QueueSummary:
+        """The summary now: the last one made at once (a new one is made meanwhile when it is stale, so a
+        caller never waits for the second a million messages take); the very first one is awaited."""
+        if self._made == -float("inf") or self._cost < QUICK_SUMMARY:
+            await self.refresh()  # a small queue: its summary is always fresh
+        elif self._making is None and (
+            self._clock() - self._made >= SUMMARY_BUDGET * self._cost or self._error is not None
+        ):
+            self._making = asyncio.ensure_future(self._make())
+        return self.summary()
+
+    async def _make(self) -> None:
+        started = self._clock()
         try:
             self._summary = await self._store.summary()
             self._frozen_links = await self._store.frozen_links()
             self._error = None
         except QueueError as exc:
             self._error = exc  # the scrape then shows no queue series rather than stale ones
-        self._made = self._clock()
-        self._cost = self._made - started
+        finally:
+            self._made = self._clock()
+            self._cost = self._made - started
+            self._making = None
 
     def summary(self) -> QueueSummary:
         if self._error is not None:
@@ -299,6 +321,7 @@ class QueueView:
 
 
 SUMMARY_BUDGET = 20  # a queue summary is made again after this many times what the last one took
+QUICK_SUMMARY = 0.05  # a summary made this fast is awaited; a slower one (a large queue) is made meanwhile
 
 
 class _QueueCollector:

@@ -185,6 +185,14 @@ async def test_list_gives_every_message_by_id_and_count_their_number(store: Queu
     assert await store.count() == 3
 
 
+async def test_ids_lists_every_message_or_the_frozen_ones_or_the_others(store: QueueStore) -> None:
+    held, free = await put(store), await put(store)
+    await store.set_frozen(held.id, True)
+    assert sorted(await store.ids()) == sorted([held.id, free.id])
+    assert await store.ids(frozen=True) == [held.id]
+    assert await store.ids(frozen=False) == [free.id]
+
+
 async def test_an_unknown_message_reads_as_absent(store: QueueStore) -> None:
     assert await store.get("NOPE") is None
     assert await store.xexch50_blob("NOPE") is None

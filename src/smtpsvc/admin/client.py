@@ -29,6 +29,7 @@ from typing import Any
 from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, read_token
 from smtpsvc.admin.jobs import BulkRequest, JobStatus
 from smtpsvc.admin.service import (
+    LIST_LIMIT,
     AdminError,
     LinkSummary,
     QueueAdmin,
@@ -74,9 +75,10 @@ class RemoteAdmin:
 
     # -- reading -------------------------------------------------------------------------------------
     async def entries(
-        self, state: str = "", to: str = "", domain: str = "", link: str = ""
+        self, state: str = "", to: str = "", domain: str = "", link: str = "", limit: int = LIST_LIMIT
     ) -> list[QueueEntry]:
         query = {k: v for k, v in {"state": state, "to": to, "domain": domain, "link": link}.items() if v}
+        query["limit"] = str(limit)
         data = await asyncio.to_thread(self._request, "GET", "/api/queue", query)
         frozen = frozenset(str(link) for link in data.get("frozen_links", []))
         return [

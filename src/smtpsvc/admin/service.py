@@ -24,6 +24,7 @@ queue the lease holder may be another node; `QueueEntry.leased_by` names it.
 from __future__ import annotations
 
 import asyncio
+import heapq
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -41,7 +42,7 @@ from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
 from smtpsvc.model import Envelope, RecipientState, pending_by_link, queue_state
 from smtpsvc.queue import pgschema
-from smtpsvc.queue.base import QueueError, QueueLocked, QueueStore
+from smtpsvc.queue.base import QueueError, QueueLocked, QueueStore, QueueSummary
 from smtpsvc.routing.categorizer import route_for
 
 T = TypeVar("T")
@@ -49,6 +50,9 @@ T = TypeVar("T")
 HEADER_LIMIT = 64 * 1024
 DELETED_STATUS = "4.3.2"  # Exchange's status for a message deleted by the administrator with an NDR
 DELETED_TEXT = "Deleted by the administrator of this relay (the message was not delivered)"
+LIST_LIMIT = 1000  # messages `queue list` and the API list at most (the oldest first)
+SORT_CHUNK = 50_000  # ids sorted at once between two loop turns
+READ_BATCH = 256  # envelopes read at once between two loop turns
 BATCH = 256  # messages a bulk job changes at once (concurrently: they share fsyncs) between two loop turns
 
 # What a bulk job's step did to one message.
@@ -135,6 +139,33 @@ class LinkSummary:
     ids: tuple[str, ...] = ()
 
 
+def summarize_links(
+    summary: QueueSummary, now: float, frozen_links: frozenset[str] = frozenset()
+) -> list[LinkSummary]:
+    """The queue's summary per link, busiest first (like Postfix's qshape). A frozen link with nothing
+    queued is listed too, so it can be thawed from where it was frozen."""
+    out = []
+    for link, stats in summary.links.items():
+        if link in frozen_links or stats.states == {"frozen"}:
+            state = "frozen"
+        else:
+            state = "retry" if "retry" in stats.states else "ready"
+        out.append(
+            LinkSummary(
+                link=link,
+                messages=stats.messages,
+                recipients=stats.recipients,
+                oldest_age=max(0.0, now - stats.oldest),
+                state=state,
+                next_attempt=None if state == "frozen" else stats.next_due,
+                ids=stats.sample,
+            )
+        )
+    for link in frozen_links - set(summary.links):
+        out.append(LinkSummary(link, 0, 0, 0.0, "frozen", None))
+    return sorted(out, key=lambda s: (-s.messages, s.link))
+
+
 def summarize(
     entries: list[QueueEntry], now: float, frozen_links: frozenset[str] = frozenset()
 ) -> list[LinkSummary]:
@@ -188,8 +219,11 @@ class QueueAdmin:
         reporter: Reporter,
         scheduler: Scheduler | None = None,
         where: str = "",
+        summaries: Callable[[], Awaitable[QueueSummary]] | None = None,
     ) -> None:
         self.store = store
+        # The service's shared, rate-limited summary (the metrics use it too); a tool asks the store.
+        self.summaries = summaries
         self.live = live  # the service's configuration holder (a tool's own): a reload reaches this part too
         self.events = event_log
         self.reporter = reporter
@@ -208,12 +242,17 @@ class QueueAdmin:
         return "the running service" if self.scheduler is not None else "the queue files (service stopped)"
 
     @classmethod
-    def attach(cls, scheduler: Scheduler) -> QueueAdmin:
-        """The admin layer of a running service: the live queue, its scheduler and its reporter."""
+    def attach(
+        cls, scheduler: Scheduler, summaries: Callable[[], Awaitable[QueueSummary]] | None = None
+    ) -> QueueAdmin:
+        """The admin layer of a running service: the live queue, its scheduler, its reporter, and the
+        service's summary of the queue."""
         where = ""
         if scheduler.queue.shared:
             where = f"the cluster queue through node {scheduler.queue.node_id}"
-        return cls(scheduler.queue, scheduler.live, scheduler.events, scheduler.reports, scheduler, where)
+        return cls(
+            scheduler.queue, scheduler.live, scheduler.events, scheduler.reports, scheduler, where, summaries
+        )
 
     @classmethod
     @asynccontextmanager
@@ -245,28 +284,63 @@ class QueueAdmin:
 
     # -- reading -------------------------------------------------------------------------------------
     async def entries(
-        self, state: str = "", to: str = "", domain: str = "", link: str = ""
+        self, state: str = "", to: str = "", domain: str = "", link: str = "", limit: int = LIST_LIMIT
     ) -> list[QueueEntry]:
-        """Queued messages, oldest first, filtered by state, recipient address, domain or link."""
+        """Queued messages, oldest first, filtered by state, recipient address, domain or link: the first
+        `limit` that match (a queue of a million messages is not listed whole). Envelopes are read in id
+        order (the oldest first) a batch at a time, the event loop free in between, until `limit` match."""
+        frozen_links = await self._read(self.store.frozen_links())
+        holders = await self._read(self.store.holders())
+        out: list[QueueEntry] = []
+        for batch in await self._oldest_first(await self._read(self.store.ids())):
+            for envelope in await self._read_many(batch):
+                entry = QueueEntry(envelope, frozen_links, holders.get(envelope.id, ""))
+                if state and entry.state != state:
+                    continue
+                if to and not any(r.address.lower() == to.lower() for r in envelope.recipients):
+                    continue
+                if domain and not any(r.domain == domain.lower().rstrip(".") for r in envelope.recipients):
+                    continue
+                if link and not any(r.route == link for r in envelope.pending):
+                    continue
+                out.append(entry)
+            if len(out) >= limit:
+                break
+        return sorted(out, key=lambda e: e.envelope.received_at)[:limit]
+
+    async def entries_of(self, ids: list[str]) -> list[QueueEntry]:
+        """These messages (those still queued), as `entries` gives them."""
+        frozen_links = await self._read(self.store.frozen_links())
+        holders = await self._read(self.store.holders())
         out = []
-        envelopes = await self.store.list()
-        frozen_links = await self.store.frozen_links()
-        holders = await self.store.holders()
-        for envelope in envelopes:
-            entry = QueueEntry(envelope, frozen_links, holders.get(envelope.id, ""))
-            if state and entry.state != state:
-                continue
-            if to and not any(r.address.lower() == to.lower() for r in envelope.recipients):
-                continue
-            if domain and not any(r.domain == domain.lower().rstrip(".") for r in envelope.recipients):
-                continue
-            if link and not any(r.route == link for r in envelope.pending):
-                continue
-            out.append(entry)
-        return sorted(out, key=lambda e: e.envelope.received_at)
+        for start in range(0, len(ids), READ_BATCH):
+            for envelope in await self._read_many(ids[start : start + READ_BATCH]):
+                out.append(QueueEntry(envelope, frozen_links, holders.get(envelope.id, "")))
+        return out
+
+    async def count(self) -> int:
+        return await self._read(self.store.count())
+
+    async def _oldest_first(self, ids: list[str]) -> list[list[str]]:
+        """`ids` sorted (ids begin with the time they were made, so: oldest first), in batches; sorted a
+        chunk at a time and merged, so a million ids do not hold the loop for the whole sort."""
+        runs = []
+        for start in range(0, len(ids), SORT_CHUNK):
+            runs.append(sorted(ids[start : start + SORT_CHUNK]))
+            await asyncio.sleep(0)
+        merged = list(heapq.merge(*runs)) if len(runs) > 1 else (runs[0] if runs else [])
+        return [merged[start : start + READ_BATCH] for start in range(0, len(merged), READ_BATCH)]
+
+    async def _read_many(self, ids: list[str]) -> list[Envelope]:
+        envelopes = [e for e in [await self._read(self.store.get(q)) for q in ids] if e is not None]
+        await asyncio.sleep(0)
+        return envelopes
 
     async def summary(self, now: float) -> list[LinkSummary]:
-        return summarize(await self.entries(), now, await self.store.frozen_links())
+        """Per link, from the queue's index (QueueStore.summary, through the shared cache when the service
+        has one): what waits, how old, the next retry, and the ids of its oldest messages."""
+        summary = await self._read(self.summaries() if self.summaries is not None else self.store.summary())
+        return summarize_links(summary, now, await self._read(self.store.frozen_links()))
 
     async def frozen_links(self) -> frozenset[str]:
         return await self.store.frozen_links()
@@ -521,7 +595,7 @@ class QueueAdmin:
                 self.scheduler.wake()
             return GONE if envelope is None else CHANGED
 
-        ids = [envelope.id for envelope in await self._read(self.store.list()) if envelope.frozen != frozen]
+        ids = await self._read(self.store.ids(frozen=not frozen))
         count, _ = await self._each(ids, one, progress or Progress())
         return Outcome(count, f"every queued message {'frozen' if frozen else 'thawed'}: {count} message(s)")
 
@@ -538,7 +612,7 @@ class QueueAdmin:
                 return GONE
             return CHANGED
 
-        ids = [envelope.id for envelope in await self._read(self.store.list())]
+        ids = await self._read(self.store.ids())
         count, left = await self._each(ids, one, progress or Progress())
         how = "with an NDR to each sender" if ndr else "without a report"
         text = f"every queued message deleted {how}: {count} message(s)"

@@ -17,7 +17,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, quote, urlencode, urlsplit
@@ -34,7 +34,7 @@ from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin import eventview
 from smtpsvc.admin.access import COOKIE, Level, level_of
 from smtpsvc.admin.jobs import BulkRequest, JobStatus
-from smtpsvc.admin.service import AdminError, BadRequest, NotFound, QueueAdmin, summarize
+from smtpsvc.admin.service import LIST_LIMIT, AdminError, BadRequest, NotFound, QueueAdmin
 from smtpsvc.dsn import split_headers
 from smtpsvc.model import rfc5322_date
 
@@ -55,6 +55,10 @@ class AdminContext:
     flush_events: Callable[[], None]
     metrics: Callable[[], Awaitable[tuple[bytes, str]]] | None
     health: Callable[[], Awaitable[dict[str, Any]]]
+
+
+VIEW_LINKS = 100  # links the queue page shows (the busiest)
+VIEW_PER_LINK = 50  # messages it shows per link (the oldest)
 
 
 def build_app(ctx: AdminContext) -> Starlette:
@@ -99,12 +103,18 @@ def build_app(ctx: AdminContext) -> Starlette:
     async def api_queue(request: Request) -> Response:
         q = request.query_params
         now = time.time()
+        try:
+            limit = int(q.get("limit", LIST_LIMIT))
+        except ValueError:
+            return _error(400, "limit must be a number of messages")
         entries = await ctx.admin.entries(
-            q.get("state", ""), q.get("to", ""), q.get("domain", ""), q.get("link", "")
+            q.get("state", ""), q.get("to", ""), q.get("domain", ""), q.get("link", ""), limit=max(1, limit)
         )
         return JSONResponse(
             {
                 "where": ctx.admin.where,
+                "queued": await ctx.admin.count(),
+                "limit": max(1, limit),
                 "frozen_links": sorted(await ctx.admin.frozen_links()),
                 "messages": [
                     {
@@ -233,15 +243,22 @@ def build_app(ctx: AdminContext) -> Starlette:
     # -- web viewer ----------------------------------------------------------------------------------
     async def page_queue(request: Request) -> Response:
         now = time.time()
-        entries = await ctx.admin.entries()
+        # From the queue's summary: the busiest links, and the oldest messages of each (a queue of a
+        # million messages is not one page); only those envelopes are read.
+        links = (await ctx.admin.summary(now))[:VIEW_LINKS]
+        entries = await ctx.admin.entries_of([q for link in links for q in link.ids[:VIEW_PER_LINK]])
+        by_id = {e.envelope.id: e for e in entries}
+        links = [
+            replace(link, ids=tuple(q for q in link.ids[:VIEW_PER_LINK] if q in by_id)) for link in links
+        ]
         ctx.flush_events()
         return templates.TemplateResponse(
             request,
             "queue.html",
             {
                 "now": now,
-                "links": summarize(entries, now, await ctx.admin.frozen_links()),
-                "by_id": {e.envelope.id: e for e in entries},
+                "links": links,
+                "by_id": by_id,
                 "in_flight": {e.envelope.id: e.leased_by for e in entries if e.leased_by},
                 "shared": ctx.admin.store.shared,
                 "badmail": badmail_admin.items(ctx.badmail_dir),

@@ -19,6 +19,7 @@ part ingest needs. tests/queue/test_contract.py runs one suite of this contract 
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -215,6 +216,11 @@ class QueueStore(Intake, Protocol):
     async def list(self) -> list[Envelope]: ...
 
     async def count(self) -> int: ...
+
+    async def ids(self, frozen: bool | None = None) -> builtins.list[str]:
+        """The ids of the queued messages (only the frozen ones, or only the others, when `frozen` says),
+        in no particular order: cheap for a million, where `list` would read every envelope."""
+        ...
 
     async def summary(self) -> QueueSummary:
         """Counts by state and by link (see QueueSummary); it may be a few seconds old on a large queue."""

@@ -49,6 +49,7 @@ adapts it to the async `QueueStore` interface the pipeline uses (thin wrappers: 
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import heapq
 import itertools
@@ -1065,6 +1066,13 @@ class LocalSpool:
     def count(self) -> int:
         return len(self._known)
 
+    def unordered_ids(self, frozen: bool | None = None) -> builtins.list[str]:
+        """The ids as the index has them (no sort: a million would hold the loop), filtered by the frozen
+        flag of their shapes when `frozen` is given."""
+        if frozen is None:
+            return list(self._known)
+        return [queue_id for queue_id, shape in self._known.items() if shape[0] is frozen]
+
     def shape(self, queue_id: str) -> Shape | None:
         return self._known.get(queue_id)
 
@@ -1273,6 +1281,10 @@ class LocalStore:
 
     async def count(self) -> int:
         return self.spool.count()
+
+    async def ids(self, frozen: bool | None = None) -> builtins.list[str]:
+        await self.spool.recovered()  # every message, not only those indexed so far
+        return self.spool.unordered_ids(frozen)
 
     async def summary(self) -> QueueSummary:
         return await self.spool.summary()

@@ -900,6 +900,13 @@ class PostgresQueue:
         async with self._connection("count the queue") as conn:
             return int(await conn.fetchval("SELECT count(*) FROM messages"))
 
+    async def ids(self, frozen: bool | None = None) -> list[str]:
+        async with self._connection("list the queue's ids") as conn:
+            rows = await conn.fetch(
+                "SELECT id FROM messages WHERE $1::boolean IS NULL OR frozen = $1::boolean", frozen
+            )
+        return [row["id"] for row in rows]
+
     async def holders(self) -> dict[str, str]:
         """Queue id -> the node that holds a lease on it that has not expired (delivering it now)."""
         async with self._connection("read the leases") as conn:
