@@ -45,7 +45,9 @@ class SmallBacklogPeer:
         self.open = 0
         self.most_open = 0
         self.greeted = 0  # connections that finished EHLO
-        self.accepts: list[tuple[int, int]] = []  # (open including this one, greeted before it)
+        self.opening = 0  # connections accepted that have not finished EHLO yet
+        # At each accept: (open including this one, greeted before it, opening including this one).
+        self.accepts: list[tuple[int, int, int]] = []
         self._lock = threading.Lock()
 
         class Handler(socketserver.StreamRequestHandler):
@@ -53,15 +55,18 @@ class SmallBacklogPeer:
                 with peer._lock:
                     peer.connections += 1
                     peer.open += 1
+                    peer.opening += 1
                     peer.most_open = max(peer.most_open, peer.open)
-                    peer.accepts.append((peer.open, peer.greeted))
+                    peer.accepts.append((peer.open, peer.greeted, peer.opening))
+                state = {"greeted": False, "closed": False}
                 try:
-                    peer._session(self.rfile, self.wfile)
+                    peer._session(self.rfile, self.wfile, state)
                 except OSError:
                     pass
                 finally:
                     with peer._lock:
-                        peer.open -= 1
+                        peer.open -= 0 if state["closed"] else 1
+                        peer.opening -= 0 if state["greeted"] else 1
 
         class Server(socketserver.ThreadingTCPServer):
             request_queue_size = backlog
@@ -81,7 +86,8 @@ class SmallBacklogPeer:
         self._server.server_close()
         self._thread.join(10)
 
-    def _session(self, rfile: typing.BinaryIO, wfile: typing.BinaryIO) -> None:
+    def _session(self, rfile: typing.BinaryIO, wfile: typing.BinaryIO, state: dict[str, bool]) -> None:
+        # The counts change before the reply that ends a stage goes out: the client may act on it at once.
         wfile.write(b"220 backlog.test ESMTP\r\n")
         accepted = 0  # recipients of the transaction under way
         while line := rfile.readline():
@@ -90,9 +96,12 @@ class SmallBacklogPeer:
                 accepted = 0
                 wfile.write(b"250 2.1.0 ok\r\n")
             elif verb == b"EHLO":
-                wfile.write(b"250-backlog.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
                 with self._lock:
                     self.greeted += 1
+                    if not state["greeted"]:
+                        state["greeted"] = True
+                        self.opening -= 1
+                wfile.write(b"250-backlog.test\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
             elif verb == b"RCPT":
                 accepted += 0 if self.down else 1
                 wfile.write(b"451 4.3.2 try again later\r\n" if self.down else b"250 2.1.5 ok\r\n")
@@ -107,6 +116,9 @@ class SmallBacklogPeer:
                     self.messages += 1
                 wfile.write(b"250 2.0.0 queued\r\n")
             elif verb == b"QUIT":
+                with self._lock:  # closed as far as the client knows once it has the 221
+                    self.open -= 1
+                    state["closed"] = True
                 wfile.write(b"221 bye\r\n")
                 return
             else:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -22,8 +23,10 @@ class FakeSession:
     def usable(self) -> bool:
         return self.clean and not self.closed
 
-    def close_soon(self) -> None:
+    def close_soon(self, then: Callable[[], None] | None = None) -> None:
         self.closed = True
+        if then is not None:
+            then()
 
     async def quit(self) -> None:
         self.closed = True

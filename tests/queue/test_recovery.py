@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -184,3 +185,32 @@ def test_the_recovery_reads_the_same_index_entry_as_from_the_whole_envelope(
     assert found is not None
     assert (found.shape, found.due, found.size) == (spool._shape(envelope), spool._due_of(envelope), 123)
     spool.close()
+
+
+async def test_a_retry_of_everything_during_the_recovery_reaches_the_messages_not_indexed_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(local, "RECOVERY_BATCH", 10)
+    await filled(tmp_path / "queue", 300, due=time.time() + 3600)
+    spool = LocalSpool(tmp_path / "queue")
+    spool.open(scan=False)
+    store = LocalStore(spool)
+    # The recovery thread has read 100 envelopes (more than it hands over at once) when the retry comes.
+    read, go_on = 0, threading.Event()
+    found = spool._found
+
+    def slow_found(stem: str) -> Any:
+        nonlocal read
+        read += 1
+        if read == 100:
+            go_on.wait(30)
+        return found(stem)
+
+    monkeypatch.setattr(spool, "_found", slow_found)
+    recovery = asyncio.ensure_future(spool.recover())
+    await wait_until(lambda: read >= 100, timeout=30, what="the recovery thread to read ahead")
+    await store.make_due(time.time())  # `queue retry --all` right after a restart
+    go_on.set()
+    await asyncio.wait_for(recovery, 60)
+    assert len(await store.claim(time.time() + 1, 1000)) == 300
+    await store.close()

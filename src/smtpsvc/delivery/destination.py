@@ -51,8 +51,8 @@ class Session(Protocol):
         """Still connected and clean for another transaction."""
         ...
 
-    def close_soon(self) -> None:
-        """End it (QUIT) in the background."""
+    def close_soon(self, then: Callable[[], None] | None = None) -> None:
+        """End it (QUIT) in the background; `then` once it is closed."""
         ...
 
     async def quit(self) -> None:
@@ -137,10 +137,6 @@ class Destination(Generic[S]):
     def quiet(self) -> bool:
         """Nothing going on and nothing worth remembering: it may be forgotten (and start afresh)."""
         return self.active == 0 and not self._waiters and self.dead_until <= self._clock()
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiters)
 
     # -- sessions ------------------------------------------------------------------------------------
     async def acquire(self) -> Grant[S]:
@@ -234,7 +230,8 @@ class Destination(Generic[S]):
             timer.cancel()
         await asyncio.gather(*(session.quit() for session, _ in idle), return_exceptions=True)
         for session, _ in idle:
-            self._drop(session)
+            self.working -= 1
+            self._give_slot(self.max_messages - session.messages)
 
     def sessions(self) -> Iterable[S]:
         """The idle sessions (diagnosis, tests)."""
@@ -287,9 +284,14 @@ class Destination(Generic[S]):
         self.release(session)  # nobody left after all: keep it idle
 
     def _drop(self, session: S) -> None:
-        session.close_soon()
+        """Close a session. Its slot is free only once it is closed: the peer must never see more
+        connections than the window, and a closing one is still one to the peer."""
         self.working -= 1
-        self._give_slot(self.max_messages - session.messages)
+        self._capacity -= self.max_messages - session.messages  # it carries nothing more
+        session.close_soon(then=self._closed)
+
+    def _closed(self) -> None:
+        self._give_slot(0)
         self._dispatch()
 
     def _expire(self, session: S) -> None:
@@ -358,9 +360,6 @@ class Destinations(Generic[K, S]):
                 self._forget_quiet()
             destination = self._by_key[key] = self._make()
         return destination
-
-    def peek(self, key: K) -> Destination[S] | None:
-        return self._by_key.get(key)
 
     def items(self) -> Iterable[tuple[K, Destination[S]]]:
         return list(self._by_key.items())

@@ -99,11 +99,6 @@ class SmtpTransport:
             clock=time.time,
         )
 
-    def dead_until(self, route: RouteChoice, now: float) -> float:
-        """When the route's destination may be tried again (0: now): it just failed for another message."""
-        destination = self.destinations.peek(route)
-        return destination.dead_until if destination is not None and destination.dead(now) else 0.0
-
     def revive(self, links: set[str] | frozenset[str] | None) -> None:
         """The operator forced a retry: destinations of these links (None: all) may be tried now."""
         for route, destination in self.destinations.items():

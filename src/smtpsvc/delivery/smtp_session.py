@@ -183,16 +183,28 @@ class SmtpSession:
         self._t0 = time.monotonic()
         self._timed_out = False  # a read deadline passed: the reader is failed, the connection is done
         self._closing = False
+        self._ending: asyncio.Task[None] | None = None  # close_soon's QUIT under way
+        self._then: list[Callable[[], None]] = []
 
     # -- the cache's view ----------------------------------------------------------------------------
     def usable(self) -> bool:
         return self.reusable and not self._closing and not self.writer.is_closing()
 
-    def close_soon(self) -> None:
-        if self._closing:
-            return
-        self._closing = True
-        asyncio.get_running_loop().create_task(self.quit())
+    def close_soon(self, then: Callable[[], None] | None = None) -> None:
+        """QUIT and close in the background; `then` once closed (the destination frees the slot)."""
+        if then is not None:
+            self._then.append(then)
+        if self._ending is None:
+            self._closing = True
+            self._ending = asyncio.get_running_loop().create_task(self._end())
+
+    async def _end(self) -> None:
+        try:
+            await self.quit()
+        finally:
+            then, self._then = self._then, []
+            for callback in then:
+                callback()
 
     def attach(self, transcript: list[str]) -> None:
         """A new message on this session: its own transcript and findings from here on."""

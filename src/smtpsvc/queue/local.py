@@ -132,6 +132,7 @@ class _Found:
     shape: Shape | None = None
     due: float | None = None
     size: int = 0
+    forced_at: float = 0.0  # the last Force Connection of the whole queue when it was read
 
 
 class SpoolWriter:
@@ -467,13 +468,14 @@ class LocalSpool:
     def _found(self, stem: str) -> _Found | None:
         if self._gone is not None and (stem in self._known or stem in self._gone):
             return None  # put by this run meanwhile, or already delivered
+        forced_at = self._forced_at
         try:
             payload = _read(f"{self._dir_str}{stem}.env")
         except FileNotFoundError:
             return None  # completed meanwhile
         except OSError as exc:
             return _Found(stem, f"{stem}.env is unreadable: {exc.strerror or exc}")
-        found = self._digest(stem, payload)
+        found = self._digest(stem, payload, forced_at)
         if found is not None:
             return found
         envelope, problem = self._parse(stem, payload)  # damaged, or another spool's: read it all
@@ -481,9 +483,9 @@ class LocalSpool:
             problem = self._adopt(envelope, time.time())
         if envelope is None or problem:
             return _Found(stem, problem or "unusable")
-        return _Found(stem, "", self._shape(envelope), self._due_of(envelope), envelope.size)
+        return _Found(stem, "", self._shape(envelope), self._due_of(envelope), envelope.size, forced_at)
 
-    def _digest(self, stem: str, payload: bytes) -> _Found | None:
+    def _digest(self, stem: str, payload: bytes, forced_at: float | None = None) -> _Found | None:
         """What the index keeps of an envelope of this spool, read from its JSON without building the
         envelope (the recovery's speed: a third of its time went to that). None when anything is unusual
         (damage, another spool, an unexpected type): the caller then reads the whole envelope, which says
@@ -498,7 +500,8 @@ class LocalSpool:
                 or not os.path.exists(f"{self._dir_str}{stem}.eml")
             ):
                 return None
-            frozen_links, forced_at = self._frozen_links, self._forced_at
+            frozen_links = self._frozen_links
+            forced_at = self._forced_at if forced_at is None else forced_at
             frozen = bool(data.get("frozen"))
             links: dict[str, int] = {}
             tried = unreported = False
@@ -529,7 +532,7 @@ class LocalSpool:
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError):
             return None
         shape: Shape = (frozen, tried, tuple(sorted(links.items())), unreported)
-        return _Found(stem, "", shape, None if frozen else due, size)
+        return _Found(stem, "", shape, None if frozen else due, size, forced_at)
 
     def _remove_orphan(self, entry: os.DirEntry[str], stem: str) -> None:
         if os.path.exists(f"{self._dir_str}{stem}.env") or stem in self._putting:
@@ -547,7 +550,12 @@ class LocalSpool:
                 self._move_aside(found.id, found.problem)
                 self.set_aside += 1
                 continue
-            self._place(found.id, found.shape, found.due, found.size)
+            due, forced = found.due, self._forced_at
+            if due is not None and found.forced_at < forced and due > forced:
+                # `queue retry --all` came after the thread read it: its pending recipients (none tried
+                # since: this run has not seen it yet) are due at that time too.
+                due = forced
+            self._place(found.id, found.shape, due, found.size)
 
     def _adopt(self, envelope: Envelope, now: float) -> str:
         """An envelope another spool wrote (KB306043): its pending recipients are due at once, here."""
