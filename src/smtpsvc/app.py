@@ -36,6 +36,7 @@ from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.events import EventLog
 from smtpsvc.folders.pickup import PickupScanner
 from smtpsvc.ingest import Ingest
+from smtpsvc.looplag import LoopLagMonitor
 from smtpsvc.metrics import Metrics, QueueView
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueStore
@@ -201,6 +202,8 @@ class Service:
             loop.create_task(self.pickup.run(), name="pickup"),
             loop.create_task(self._flush_events(), name="event-log-flush"),
         ]
+        self.loop_lag = LoopLagMonitor(self.metrics.loop_lag.observe)  # smtpsvc_event_loop_lag_seconds
+        self._tasks.append(self.loop_lag.start())
         if cfg.categorizer.reset_message_status:
             try:
                 text = f"{await self.scheduler.recategorize()} queued message(s) re-categorized and re-routed"
@@ -357,6 +360,7 @@ class Service:
         await self.scheduler.stop(grace=STOP_GRACE)
         self._tasks[0].cancel()
         flush_task.cancel()
+        self.loop_lag.stop()
         for reroute in self._reroutes:
             reroute.cancel()
         await asyncio.gather(*self._tasks, *self._reroutes, return_exceptions=True)
