@@ -589,6 +589,7 @@ class LagStats:
 @dataclass
 class SvcResult:
     n: int
+    error: str = ""  # what stopped the run; the fields before it are measured
     fill_s: float = 0.0
     check_s: float = 0.0
     check: str = ""
@@ -824,10 +825,10 @@ class SmtpsvcCase:
     """The smtpsvc side of one size: fill, check, restart, then (unless --no-drain) the wave and the drain.
     `run()` stops everything it started and removes its temp dir whatever happens."""
 
-    def __init__(self, n: int, args: argparse.Namespace, tmp_base: Path) -> None:
-        self.n = n
+    def __init__(self, result: SvcResult, args: argparse.Namespace, tmp_base: Path) -> None:
+        self.n = result.n
         self.args = args
-        self.result = SvcResult(n)
+        self.result = result
         self.tmp = Path(tempfile.mkdtemp(prefix="smtpsvc-queue-scale-", dir=tmp_base))
         self.svc = Service(self.tmp, args.workers)
         self.sink: FixedPortSink | None = None
@@ -1009,6 +1010,7 @@ class SmtpsvcCase:
 @dataclass
 class PfxResult:
     n: int
+    error: str = ""
     skipped: str = ""
     fill_s: float = 0.0
     deferred_s: float = 0.0
@@ -1107,8 +1109,8 @@ def restart_postfix(pfx: compare.Postfix, deadline: float) -> float:
     raise BenchError(f"Postfix gave no 220 after its restart{pfx.log_tail()}")
 
 
-def run_postfix(n: int, args: argparse.Namespace, tmp_base: Path) -> PfxResult:
-    result = PfxResult(n)
+def run_postfix(result: PfxResult, args: argparse.Namespace, tmp_base: Path) -> PfxResult:
+    n = result.n
     tmp = Path(tempfile.mkdtemp(prefix="smtpsvc-queue-scale-postfix-", dir=tmp_base))
     os.chmod(tmp, 0o755)  # Postfix's unprivileged daemons must reach their queue below it
     relay_port = compare.free_port()
@@ -1312,122 +1314,133 @@ def table(svc: SvcResult | None, pfx: PfxResult | None, n: int) -> list[list[str
 
     s_rate, p_rate = per_s(svc), per_s(pfx)
     pskip = pfx.skipped if pfx is not None and pfx.skipped else ("not run" if pfx is None else "")
+    if (svc is not None and svc.error) or (pfx is not None and pfx.error):
+        row(
+            "**stopped by an error** (what follows was measured before it)",
+            svc.error if svc is not None and svc.error else "-",
+            pfx.error if pfx is not None and pfx.error else "-",
+        )
 
     def p(text: str) -> str:  # the Postfix column's text, or why it is empty
         return pskip or text
 
-    if svc is not None:
-        row(
-            "fill",
-            f"{fmt_s(svc.fill_s)} (spool files written directly, one sync)",
-            p(
-                f"{fmt_s(pfx.fill_s if pfx else None)} (smtp-source -d -s {PFX_SESSIONS}); all deferred at "
-                f"{fmt_s(pfx.deferred_s if pfx else None)}"
-            ),
+    measured = svc is not None
+    if svc is None:  # --no-smtpsvc: the rows are built on an empty result, and its column says so
+        svc = SvcResult(n)
+    first = len(rows)
+    row(
+        "fill",
+        f"{fmt_s(svc.fill_s)} (spool files written directly, one sync)",
+        p(
+            f"{fmt_s(pfx.fill_s if pfx else None)} (smtp-source -d -s {PFX_SESSIONS}); all deferred at "
+            f"{fmt_s(pfx.deferred_s if pfx else None)}"
+        ),
+    )
+    row("check: `smtpsvc queue summary` on the stopped service", f"{fmt_s(svc.check_s)}: {svc.check}", "-")
+    under = None if not at_target or svc.greeting_s is None else svc.greeting_s <= TARGET_220
+    row(
+        "restart: exec -> first `220`",
+        f"{fmt_s(svc.greeting_s)} (TCP accepted at {fmt_s(svc.connect_s)}, "
+        f"/healthz at {fmt_s(svc.health_s)})",
+        p(f"{fmt_s(pfx.greeting_s if pfx else None)} (`postfix start`)"),
+        f"<= {TARGET_220:g} s with {fmt_count(TARGET_AT)} queued" + verdict(under),
+    )
+    rss_ok = None if not at_target else max(svc.rss_start_kib, svc.rss_peak_kib) * 1024 <= TARGET_RSS
+    row(
+        "RSS after the start (idle)",
+        f"{fmt_mib(svc.rss_start_kib)} (peak during the start {fmt_mib(svc.hwm_start_kib)})",
+        p(
+            f"qmgr {fmt_mib(pfx.qmgr_start_kib if pfx else 0)}, all processes (PSS sum) "
+            f"{fmt_mib(pfx.all_start_kib if pfx else 0)}"
+        ),
+        f"<= {TARGET_RSS / 1e6:.0f} MB with {fmt_count(TARGET_AT)} queued" + verdict(rss_ok),
+    )
+    row(
+        "RSS peak (start and drain)",
+        fmt_mib(svc.rss_peak_kib),
+        p(
+            f"qmgr {fmt_mib(pfx.qmgr_peak_kib if pfx else 0)}, all processes (PSS sum) "
+            f"{fmt_mib(pfx.all_peak_kib if pfx else 0)} (drain)"
+        ),
+        f"<= {TARGET_RSS / 1e6:.0f} MB" + verdict(rss_ok),
+    )
+    row(
+        "admin API with the queue full, service idle: `GET /api/queue/summary`; `GET /metrics`",
+        f"{svc.summary_idle}; {svc.metrics_idle}",
+        "-",
+        f"<= {TARGET_ADMIN_P99 * 1000:.0f} ms (the target is for the drain)",
+    )
+    row(
+        "`smtpsvc queue retry --all` / `postqueue -f`",
+        f"{fmt_s(svc.retry_s)}, {svc.retry_status}: {svc.retry_output[:200] or '(no output)'}"
+        if svc.retry_status
+        else "-",
+        p(f"{fmt_s(pfx.flush_s)}, {pfx.flush_status}" if pfx and pfx.flush_status else "-"),
+    )
+    health_p99, summary_p99 = svc.health.p99(), svc.summary.p99()
+    row(
+        "admin API `GET /healthz` during the drain",
+        svc.health.text(),
+        "-",
+        f"p99 <= {TARGET_ADMIN_P99 * 1000:.0f} ms"
+        + verdict(None if health_p99 is None else health_p99 <= TARGET_ADMIN_P99),
+    )
+    row(
+        "admin API `GET /api/queue/summary` during the drain",
+        svc.summary.text(),
+        "-",
+        f"p99 <= {TARGET_ADMIN_P99 * 1000:.0f} ms"
+        + verdict(None if summary_p99 is None else summary_p99 <= TARGET_ADMIN_P99),
+    )
+    row(
+        "SMTP connect -> `220` during the drain",
+        svc.greet.text(),
+        p(pfx.greet.text() if pfx else "-"),
+    )
+    if svc.lag is not None:
+        lag = svc.lag
+        lag_text = (
+            f"p99 {fmt_ms(lag.p99)} ms, p50 {fmt_ms(lag.p50)} ms, mean {fmt_ms(lag.mean)} ms; "
+            f"largest in {lag.worst} ({fmt_count(lag.count)} wake-ups)"
         )
-        row(
-            "check: `smtpsvc queue summary` on the stopped service", f"{fmt_s(svc.check_s)}: {svc.check}", "-"
-        )
-        under = None if not at_target or svc.greeting_s is None else svc.greeting_s <= TARGET_220
-        row(
-            "restart: exec -> first `220`",
-            f"{fmt_s(svc.greeting_s)} (TCP accepted at {fmt_s(svc.connect_s)}, "
-            f"/healthz at {fmt_s(svc.health_s)})",
-            p(f"{fmt_s(pfx.greeting_s if pfx else None)} (`postfix start`)"),
-            f"<= {TARGET_220:g} s with {fmt_count(TARGET_AT)} queued" + verdict(under),
-        )
-        rss_ok = None if not at_target else max(svc.rss_start_kib, svc.rss_peak_kib) * 1024 <= TARGET_RSS
-        row(
-            "RSS after the start (idle)",
-            f"{fmt_mib(svc.rss_start_kib)} (peak during the start {fmt_mib(svc.hwm_start_kib)})",
-            p(
-                f"qmgr {fmt_mib(pfx.qmgr_start_kib if pfx else 0)}, all processes (PSS sum) "
-                f"{fmt_mib(pfx.all_start_kib if pfx else 0)}"
-            ),
-            f"<= {TARGET_RSS / 1e6:.0f} MB with {fmt_count(TARGET_AT)} queued" + verdict(rss_ok),
-        )
-        row(
-            "RSS peak (start and drain)",
-            fmt_mib(svc.rss_peak_kib),
-            p(
-                f"qmgr {fmt_mib(pfx.qmgr_peak_kib if pfx else 0)}, all processes (PSS sum) "
-                f"{fmt_mib(pfx.all_peak_kib if pfx else 0)} (drain)"
-            ),
-            f"<= {TARGET_RSS / 1e6:.0f} MB" + verdict(rss_ok),
-        )
-        row(
-            "admin API with the queue full, service idle: `GET /api/queue/summary`; `GET /metrics`",
-            f"{svc.summary_idle}; {svc.metrics_idle}",
-            "-",
-            f"<= {TARGET_ADMIN_P99 * 1000:.0f} ms (the target is for the drain)",
-        )
-        row(
-            "`smtpsvc queue retry --all` / `postqueue -f`",
-            f"{fmt_s(svc.retry_s)}, {svc.retry_status}: {svc.retry_output[:200] or '(no output)'}",
-            p(f"{fmt_s(pfx.flush_s if pfx else None)}, {pfx.flush_status if pfx else ''}"),
-        )
-        health_p99, summary_p99 = svc.health.p99(), svc.summary.p99()
-        row(
-            "admin API `GET /healthz` during the drain",
-            svc.health.text(),
-            "-",
-            f"p99 <= {TARGET_ADMIN_P99 * 1000:.0f} ms"
-            + verdict(None if health_p99 is None else health_p99 <= TARGET_ADMIN_P99),
-        )
-        row(
-            "admin API `GET /api/queue/summary` during the drain",
-            svc.summary.text(),
-            "-",
-            f"p99 <= {TARGET_ADMIN_P99 * 1000:.0f} ms"
-            + verdict(None if summary_p99 is None else summary_p99 <= TARGET_ADMIN_P99),
-        )
-        row(
-            "SMTP connect -> `220` during the drain",
-            svc.greet.text(),
-            p(pfx.greet.text() if pfx else "-"),
-        )
-        if svc.lag is not None:
-            lag = svc.lag
-            lag_text = (
-                f"p99 {fmt_ms(lag.p99)} ms, p50 {fmt_ms(lag.p50)} ms, mean {fmt_ms(lag.mean)} ms; "
-                f"largest in {lag.worst} ({fmt_count(lag.count)} wake-ups)"
-            )
-        else:
-            lag_text = svc.lag_note or "-"
-        row(
-            "event-loop lag during the wave (`smtpsvc_event_loop_lag_seconds`)",
-            lag_text,
-            "-",
-            f"p99 <= {TARGET_LAG_P99 * 1000:.0f} ms"
-            + verdict(None if svc.lag is None else svc.lag.p99 <= TARGET_LAG_P99),
-        )
-        by_id = ", ".join(f"{k}: {fmt_count(v)}" for k, v in svc.events.most_common(6))
-        row(
-            "events written during the wave / Postfix maillog lines",
-            f"{fmt_count(sum(svc.events.values()))} ({by_id})",
-            p(fmt_count(pfx.log_lines) if pfx else "-"),
-        )
-        row(
-            "drain: retry -> the sink counted N",
-            drain_text(svc),
-            p(drain_text(pfx) if pfx else "-"),
-        )
-        row("drain msgs/s", rate_text(svc), p(rate_text(pfx) if pfx else "-"))
-        ratio = s_rate / p_rate if s_rate and p_rate else None
-        row(
-            "drain rate smtpsvc / Postfix",
-            f"{ratio:.2f}" if ratio else "-",
-            "",
-            f">= {TARGET_RATIO:.1f}" + verdict(None if ratio is None else ratio >= TARGET_RATIO),
-        )
-        row(
-            "CPU during the drain (ms/msg)",
-            f"{svc.cpu_s:.0f} s ({svc.cpu_s * 1000 / n:.2f})",
-            p(f"{pfx.cpu_s:.0f} s ({pfx.cpu_s * 1000 / n:.2f})" if pfx else "-"),
-        )
-        row("stop (SIGTERM -> exit)", fmt_s(svc.stop_s), "-")
-    elif pfx is not None:
-        row("drain msgs/s", "-", p(f"{p_rate:.0f}" if p_rate else "-"))
+    else:
+        lag_text = svc.lag_note or "-"
+    row(
+        "event-loop lag during the wave (`smtpsvc_event_loop_lag_seconds`)",
+        lag_text,
+        "-",
+        f"p99 <= {TARGET_LAG_P99 * 1000:.0f} ms"
+        + verdict(None if svc.lag is None else svc.lag.p99 <= TARGET_LAG_P99),
+    )
+    by_id = ", ".join(f"{k}: {fmt_count(v)}" for k, v in svc.events.most_common(6))
+    row(
+        "events written during the wave / Postfix maillog lines",
+        f"{fmt_count(sum(svc.events.values()))} ({by_id})" if svc.events else "-",
+        p(fmt_count(pfx.log_lines) if pfx else "-"),
+    )
+    row(
+        "drain: retry -> the sink counted N",
+        drain_text(svc),
+        p(drain_text(pfx) if pfx else "-"),
+    )
+    row("drain msgs/s", rate_text(svc), p(rate_text(pfx) if pfx else "-"))
+    ratio = s_rate / p_rate if s_rate and p_rate else None
+    row(
+        "drain rate smtpsvc / Postfix",
+        f"{ratio:.2f}" if ratio else "-",
+        "",
+        f">= {TARGET_RATIO:.1f}" + verdict(None if ratio is None else ratio >= TARGET_RATIO),
+    )
+    row(
+        "CPU during the drain (ms/msg)",
+        f"{svc.cpu_s:.0f} s ({svc.cpu_s * 1000 / n:.2f})" if svc.drain_s else "-",
+        p(f"{pfx.cpu_s:.0f} s ({pfx.cpu_s * 1000 / n:.2f})" if pfx and pfx.drain_s else "-"),
+    )
+    row("stop (SIGTERM -> exit)", fmt_s(svc.stop_s), "-")
+    if not measured:
+        for r in rows[first:]:
+            r[1] = "not run"
+            r[3] = r[3].replace(" **not met**", "").replace(" **met**", "")
     return rows
 
 
@@ -1577,26 +1590,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     load_start = common.load_average()
     print(f"  load average at start: {load_start}", flush=True)
     results: list[tuple[int, SvcResult | None, PfxResult | None]] = []
+    current: SvcResult | PfxResult | None = None
     status = 0
     try:
         for n in args.sizes:
             print(f"\n=== {fmt_count(n)} queued messages of {args.message_size} bytes", flush=True)
-            svc = None if args.no_smtpsvc else SmtpsvcCase(n, args, tmp_base).run()
-            pfx: PfxResult | None = None
-            if postfix:
+            svc = None if args.no_smtpsvc else SvcResult(n)
+            pfx = PfxResult(n) if postfix else None
+            results.append((n, svc, pfx))  # filled in place: what was measured before an error is kept
+            if svc is not None:
+                current = svc
+                SmtpsvcCase(svc, args, tmp_base).run()
+            if pfx is not None:
+                current = pfx
                 if n > args.postfix_max:
-                    pfx = PfxResult(
-                        n, skipped=f"not run: {fmt_count(n)} > --postfix-max {fmt_count(args.postfix_max)}"
-                    )
+                    pfx.skipped = f"not run: {fmt_count(n)} > --postfix-max {fmt_count(args.postfix_max)}"
                     print(f"  postfix: {pfx.skipped}")
                 else:
-                    pfx = run_postfix(n, args, tmp_base)
-            results.append((n, svc, pfx))
+                    run_postfix(pfx, args, tmp_base)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        if current is not None:
+            current.error = str(exc).splitlines()[0]
         status = 1
     except (Interrupted, KeyboardInterrupt) as exc:
         print(f"\ninterrupted ({type(exc).__name__} {exc})", file=sys.stderr)
+        if current is not None:
+            current.error = f"interrupted ({exc or 'SIGINT'})"
         status = 130
     if not results:
         return status or 1
