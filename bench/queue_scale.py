@@ -121,7 +121,6 @@ INODES_PER_MESSAGE = 2.5
 DISK_MARGIN = 2 * common.GIB
 INODE_MARGIN = 10_000
 
-LISTENING_RE = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 EVENT_ID_RE = re.compile(rb'"id":(\d+)')
 
 
