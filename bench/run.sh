@@ -4,7 +4,8 @@
 #   bench/run.sh              # everything, about 6 minutes on 2 cores; appends to bench/results/<date>.md
 #   bench/run.sh --quick      # a short look, about 1.5 minutes
 #   bench/run.sh --no-cluster # without the cluster step (and without installing PostgreSQL for it)
-#   bench/run.sh --help       # the options (bench/suite.py's): --runs, --only, --profile, --idle-sessions, ...
+#   bench/run.sh --scale      # also bench/queue_scale.py: 100 000 and 1 000 000 queued messages (hours)
+#   bench/run.sh --help       # the options (bench/suite.py's): --runs, --only, --profile, --scale, ...
 #
 # 1. Installs Debian's postfix package if smtp-source/smtp-sink are missing, preseeded to "No configuration"
 #    and with service starts blocked, so no system Postfix runs or listens on port 25 afterwards (the

@@ -12,7 +12,10 @@ Runs, one after another, each as its own process (so one failing step does not s
    under the same smtp-source load, and the local spool as a reference (end-to-end and accept msgs/s, CPU
    per message of the nodes, PostgreSQL, smtp-source and smtp-sink);
 5. ``profile`` (only with --profile): bench/profiling.py, py-spy under the accept, relay, 100 KiB relay and
-   big-message loads; flame graphs under 1 MB are kept in bench/results/.
+   big-message loads; flame graphs under 1 MB are kept in bench/results/;
+6. ``scale`` (only with --scale, or --only scale): bench/queue_scale.py, a large deferred queue (100 000 and
+   1 000 000 messages; --quick 100 000): restart to the first 220, RSS, ``queue retry --all``, admin API and
+   event-loop lag during the retry wave, drain msgs/s against a private Postfix. An hour or more.
 
 Then appends one section to bench/results/<date>.md: the command, the machine (cores, CPU, kernel, Python,
 uvloop, smtpsvc revision, Postfix version, filesystem, fd limit), the load average, and each step's tables.
@@ -20,7 +23,8 @@ bench/run.sh sets the machine up (Postfix tools, venv, fd limit) and then runs t
 runs this on a machine that is already set up.
 
     .venv/bin/python bench/suite.py [--quick] [--runs N] [--only compare,idle,big,cluster] [--profile]
-                                    [--no-cluster] [--idle-sessions N] [--big-mb N] [--no-write]
+                                    [--no-cluster] [--idle-sessions N] [--big-mb N] [--scale]
+                                    [--scale-sizes N,N] [--scale-postfix-max N] [--no-write]
 """
 
 from __future__ import annotations
@@ -47,9 +51,16 @@ import common
 BENCH_DIR = Path(__file__).resolve().parent
 REPO = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
-STEPS = ("compare", "idle", "big", "cluster", "profile")
+STEPS = ("compare", "idle", "big", "cluster", "profile", "scale")
 # a bound for each step's process, far above its normal duration; the steps bound their own phases too
-STEP_TIMEOUT = {"compare": 3600.0, "idle": 1200.0, "big": 1800.0, "cluster": 1200.0, "profile": 1800.0}
+STEP_TIMEOUT = {
+    "compare": 3600.0,
+    "idle": 1200.0,
+    "big": 1800.0,
+    "cluster": 1200.0,
+    "profile": 1800.0,
+    "scale": 6 * 3600.0,  # 1 000 000 messages filled into Postfix by SMTP, then drained, twice over
+}
 STOP_TIMEOUT = 60.0  # a step's own cleanup (stopping its servers) after SIGTERM
 
 
@@ -97,6 +108,15 @@ def step_argv(name: str, args: argparse.Namespace, out: Path) -> list[str]:
             argv.append("--quick")
         if args.runs is not None:
             argv += ["--runs", str(args.runs)]
+        return argv
+    if name == "scale":
+        argv = [py, str(BENCH_DIR / "queue_scale.py"), "--markdown", str(out)]
+        if args.scale_sizes:
+            argv += ["--sizes", args.scale_sizes]
+        elif args.quick:
+            argv.append("--quick")
+        if args.scale_postfix_max is not None:
+            argv += ["--postfix-max", str(args.scale_postfix_max)]
         return argv
     return [
         py,
@@ -186,6 +206,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--idle-sessions", type=int, help="idle.py --sessions (default 10000; --quick 2000)")
     p.add_argument("--big-mb", type=int, help="bigmessage.py --mb (default 1024; --quick 128)")
+    p.add_argument(
+        "--scale",
+        action="store_true",
+        help="also bench/queue_scale.py (a large deferred queue against Postfix; an hour or more)",
+    )
+    p.add_argument(
+        "--scale-sizes", metavar="N,N", help="queue_scale.py --sizes (default 100000,1000000; --quick 100000)"
+    )
+    p.add_argument(
+        "--scale-postfix-max",
+        type=int,
+        metavar="N",
+        help="queue_scale.py --postfix-max: no Postfix side above N messages (default 1000000)",
+    )
     p.add_argument("--no-write", action="store_true", help="print only; do not write bench/results/<date>.md")
     p.add_argument(
         "--no-snapshot",
@@ -197,6 +231,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     if args.profile and "profile" not in args.only:
         args.only.append("profile")
+    if args.scale and "scale" not in args.only:
+        args.only.append("scale")
     if args.no_cluster:
         args.only = [s for s in args.only if s != "cluster"]
     if not args.only or any(s not in STEPS for s in args.only):

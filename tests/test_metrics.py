@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from smtpsvc import events
 from smtpsvc.admin.service import QueueEntry, summarize
 from smtpsvc.app import Service
 from smtpsvc.events import Event, EventLog
+from smtpsvc.looplag import LoopLagMonitor
 from smtpsvc.metrics import Metrics
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, RecipientState, Source
 from smtpsvc.protocol import (
@@ -91,6 +93,7 @@ def test_each_instance_has_its_own_registry_and_known_series_start_at_zero() -> 
     assert value(b, "smtpsvc_smtp_commands_total", verb="MAIL") == 0
     assert value(b, "smtpsvc_delivery_attempts_total", result="deferred", transport="smtp") == 0
     assert value(b, "smtpsvc_dsn_sent_total", kind="delay") == 0
+    assert value(b, "smtpsvc_event_loop_lag_seconds_count") == 0
     # nothing from the process-wide default registry (process_*, python_gc_*) leaks in
     assert all(name.startswith("smtpsvc_") for name, _ in a)
 
@@ -289,6 +292,58 @@ def test_a_queue_that_cannot_be_read_leaves_the_rest_of_the_scrape_intact() -> N
     s = scrape(metrics)
     assert value(s, "smtpsvc_smtp_connections_total") == 1
     assert not any(name.startswith("smtpsvc_queue_") for name, _ in s)
+
+
+# -- event-loop lag ------------------------------------------------------------------------------------
+BLOCK = 0.3  # seconds the tests hold the loop on purpose
+
+
+def hold_the_loop(seconds: float) -> None:
+    """The block under test: a synchronous wait, so the calling event loop runs nothing meanwhile."""
+    time.sleep(seconds)
+
+
+async def test_loop_lag_monitor_reports_a_blocked_loop_and_no_negative_lag() -> None:
+    samples: list[float] = []
+    monitor = LoopLagMonitor(samples.append, interval=0.01)
+    task = monitor.start()
+    try:
+        await wait_until(lambda: len(samples) >= 3, what="the monitor's first wake-ups")
+        hold_the_loop(BLOCK)
+        # It was asleep when the block began, so it wakes at least BLOCK - interval late.
+        await wait_until(
+            lambda: max(samples) >= BLOCK - 0.05, what="the block to show up as one late wake-up"
+        )
+    finally:
+        monitor.stop()
+    with_deadline = asyncio.wait_for(asyncio.gather(task, return_exceptions=True), 5)
+    assert isinstance((await with_deadline)[0], asyncio.CancelledError)
+    assert min(samples) >= 0.0
+
+
+async def test_the_service_exports_the_event_loop_lag_histogram(start_service: StartService) -> None:
+    service = await start_service()
+    await wait_until(
+        lambda: (value(scrape(service.metrics), "smtpsvc_event_loop_lag_seconds_count") or 0) >= 2,
+        what="the service's monitor to record its first wake-ups",
+    )
+    before = scrape(service.metrics)
+    hold_the_loop(BLOCK)  # the service's own event loop
+
+    def late_wake_ups() -> float:
+        s = scrape(service.metrics)
+        total = value(s, "smtpsvc_event_loop_lag_seconds_count") or 0
+        within = value(s, "smtpsvc_event_loop_lag_seconds_bucket", le="0.1") or 0
+        return total - within
+
+    await wait_until(lambda: late_wake_ups() >= 1, what="a wake-up later than 100 ms in the histogram")
+    after = scrape(service.metrics)
+    lag_sum = (value(after, "smtpsvc_event_loop_lag_seconds_sum") or 0) - (
+        value(before, "smtpsvc_event_loop_lag_seconds_sum") or 0
+    )
+    assert lag_sum >= BLOCK - 0.06
+    body, _ = await service._render_metrics()  # what GET /metrics serves
+    assert b"smtpsvc_event_loop_lag_seconds_bucket" in body
 
 
 # -- end to end ----------------------------------------------------------------------------------------

@@ -43,6 +43,7 @@ from smtpsvc.delivery.smtp import SmtpTransport
 from smtpsvc.events import EventLog
 from smtpsvc.folders.pickup import PickupScanner
 from smtpsvc.ingest import Ingest
+from smtpsvc.looplag import LoopLagMonitor
 from smtpsvc.metrics import Metrics, QueueView
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueStore
@@ -219,6 +220,8 @@ class Service:
             # The queue is indexed while mail is taken: SMTP answers within moments of the start whatever
             # the size of the queue; what is due is delivered as it is found.
             self._recovery = loop.create_task(self._recover(self.queue), name="queue-recovery")
+        self.loop_lag = LoopLagMonitor(self.metrics.loop_lag.observe)  # smtpsvc_event_loop_lag_seconds
+        self._tasks.append(self.loop_lag.start())
         if cfg.categorizer.reset_message_status:
             task = loop.create_task(self._reset_message_status(), name="reset-message-status")
             self._reroutes.add(task)
@@ -355,6 +358,7 @@ class Service:
         await self.scheduler.stop(grace=STOP_GRACE)
         self._tasks[0].cancel()
         flush_task.cancel()
+        self.loop_lag.stop()
         for reroute in self._reroutes:
             reroute.cancel()
         await asyncio.gather(*self._tasks, *self._reroutes, return_exceptions=True)

@@ -13,6 +13,8 @@ event id). What the events do not carry comes through three small hooks, each op
   `QueueView`, refreshed from the queue (`QueueStore`, async: with PostgreSQL the whole cluster's queue)
   just before each scrape.
 
+`loop_lag`, the event-loop lag histogram, is fed by a `looplag.LoopLagMonitor` the service runs.
+
 Every `Metrics` has its own `CollectorRegistry` (never the process-wide default), so several services can
 run in one process (the tests do) without their series colliding.
 """
@@ -57,6 +59,9 @@ BADMAIL_REASONS = ("undeliverable-report", "pickup-invalid")
 ACCEPT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 # A route group's attempt: a Drop write (ms) up to an SMTP conversation with failover (delivery.timeout).
 DELIVERY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# How late the event loop woke a 50 ms sleep (looplag.py): about a millisecond when idle; 0.1 s is the
+# point where a greeting or an admin request visibly waits; a start-up or a long synchronous pass, seconds.
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 # Event 3001's Postfix-shaped track line: "from=<a@b>, size=123, nrcpt=1, source=smtp[, sasl_username=u]".
 _TRACK_SIZE = re.compile(r"(?:^|, )size=(\d+)(?:,|$)")
@@ -167,6 +172,14 @@ class Metrics:
         )
         self.event_count = Counter(
             PREFIX + "events_total", "Events written to the event log, by event id.", ["id"], registry=r
+        )
+        # -- the process itself (looplag.LoopLagMonitor feeds it) --
+        self.loop_lag = Histogram(
+            PREFIX + "event_loop_lag_seconds",
+            "How much later than asked the event loop woke a 50 ms sleep: every SMTP session, delivery and "
+            "admin request of the process waits as long.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
         )
         if queue_summary is not None:
             r.register(_QueueCollector(queue_summary, frozen_links, clock, max_links))
