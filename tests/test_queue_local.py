@@ -70,6 +70,8 @@ async def test_save_persists_state_and_reschedules(spool: LocalSpool) -> None:
 async def test_complete_removes_both_files(spool: LocalSpool) -> None:
     envelope = await put(spool)
     await spool.complete(envelope.id)
+    assert spool.get(envelope.id) is None  # gone from the index at once; its files a moment later
+    await spool.removed()
     assert list(spool.dir.glob(f"{envelope.id}.*")) == []
     assert spool.get(envelope.id) is None
 

@@ -68,6 +68,7 @@ async def test_a_message_delivered_during_the_recovery_is_not_indexed_again(
         await store.complete(claim.envelope.id)
         completed.append(claim.envelope.id)
     assert len(completed) == 200 and len(set(completed)) == 200
+    await spool.removed()
     assert spool.count() == 0 and not list(spool.dir.glob("*.env"))
     await store.close()
 

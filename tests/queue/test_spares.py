@@ -102,6 +102,7 @@ async def test_a_delivered_message_s_files_carry_the_next_message(spool: LocalSp
     first = await put(spool, b"Subject: first\r\n\r\n" + b"a" * 500 + b"\r\n")
     inodes = {(spool.dir / f"{first.id}{s}").stat().st_ino for s in (".eml", ".env")}
     await spool.complete(first.id)
+    await spool.removed()  # a completion returns before its files are gone
     assert sorted(p.name for p in spool.spares.dir.iterdir()) == [f"{first.id}.eml", f"{first.id}.env"]
 
     second = await put(spool, b"Subject: second\r\n\r\nb\r\n")
@@ -130,8 +131,9 @@ async def test_files_stay_unusable_when_their_removal_could_not_be_made_durable(
         real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing_fsync)
+    await spool.complete(envelope.id)
     with pytest.raises(OSError, match="Input/output error"):
-        await spool.complete(envelope.id)
+        await spool.removed()
     # Renamed out of queue/, but the directory sync failed: a crash might bring the names back, so the
     # files keep their dot names and no new message may take them. The next start empties the pool.
     assert sorted(p.name for p in spool.spares.dir.iterdir()) == [
@@ -144,6 +146,7 @@ async def test_recovery_empties_the_pool(tmp_path: Path) -> None:
     spool = LocalSpool(tmp_path / "queue")
     spool.open()
     await spool.complete((await put(spool, b"Subject: x\r\n\r\nx\r\n")).id)
+    await spool.removed()
     assert list(spool.spares.dir.iterdir())
     spool.close()
     again = LocalSpool(tmp_path / "queue")

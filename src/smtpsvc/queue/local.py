@@ -254,6 +254,7 @@ class LocalSpool:
         self._started = 0.0  # when open() began: files newer than this may be another process's puts
         self._recovered: asyncio.Event | None = None  # set when the background recovery is over
         self._update_seq = itertools.count()  # tells concurrent updates' temporary files apart
+        self._removals: set[asyncio.Future[None]] = set()  # completed messages' files being removed
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def open(self, *, scan: bool = True) -> None:
@@ -590,7 +591,15 @@ class LocalSpool:
             self._lock_file.close()
             self._lock_file = None
 
+    async def removed(self) -> None:
+        """Wait until the files of every message completed so far are removed, and that is durable (the
+        first error, if any, is raised): a completion returns before (tests, tools)."""
+        if self._removals:
+            await asyncio.gather(*self._removals)
+
     async def drain(self) -> None:
+        if self._removals:  # completions under way: their files go before the committer stops
+            await asyncio.gather(*self._removals, return_exceptions=True)
         await self._committer.close()
 
     def _lock(self) -> None:
@@ -787,13 +796,22 @@ class LocalSpool:
         def retire() -> None:
             retired.extend(self.spares.retire(paths))
 
+        def done(commit: asyncio.Future[None]) -> None:
+            self._completing.discard(queue_id)
+            if not commit.cancelled() and commit.exception() is None:
+                self.spares.release(retired)  # their removal from queue/ is durable now: they may be reused
+
         self._completing.add(queue_id)
         self._forget(queue_id, known)
-        try:
-            await self._committer.run(Commit((), retire, (self.dir,)))
-        finally:
-            self._completing.discard(queue_id)
-        self.spares.release(retired)  # their removal from queue/ is durable now: they may be reused
+        # Nobody waits for the removal to be durable: a completion that a crash undoes is a message
+        # delivered again, which at-least-once allows (Postfix does not sync a removal either). The
+        # delivery's slot is free at once, and the files become spares only after the directory's sync.
+        # Should the removal itself fail (a disk error), the message stays on disk, out of the index, and
+        # is delivered again after the next start.
+        commit = asyncio.ensure_future(self._committer.run(Commit((), retire, (self.dir,))))
+        commit.add_done_callback(done)
+        self._removals.add(commit)
+        commit.add_done_callback(self._removals.discard)
 
     # -- messages committed by the SMTP worker processes (server.workers) ----------------------------
     def adopt_new(self, queue_id: str) -> Envelope | None:
@@ -1163,10 +1181,14 @@ class LocalSpool:
         return envelope.received_at if envelope is not None else 0.0
 
     def open_message(self, queue_id: str) -> BinaryIO:
+        if queue_id in self._completing:  # its files go a moment after the completion returns
+            raise FileNotFoundError(f"message {queue_id} is completed")
         return open(f"{self._dir_str}{queue_id}.eml", "rb")
 
     def xexch50_blob(self, queue_id: str) -> bytes | None:
         """The XEXCH50 blob received with the message, or None."""
+        if queue_id in self._completing:
+            return None
         try:
             return (self.dir / f"{queue_id}.x50").read_bytes()
         except FileNotFoundError:
