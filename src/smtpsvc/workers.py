@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import os
 import signal
@@ -46,6 +47,7 @@ from smtpsvc.queue.local import LocalSpool
 from smtpsvc.receiving import ReceivingError, new_resolver, reload_receiving, session_context
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.server.session import SessionContext
+from smtpsvc.supervise import Supervisor
 
 RESTART_DELAY = 1.0
 RESCAN_INTERVAL = 30.0
@@ -68,6 +70,7 @@ class WorkerPool:
         event_log: EventLog,
         wake: Callable[[], None],
         etrn: Callable[[str, bool], Awaitable[int]],
+        supervisor: Supervisor,
     ) -> None:
         self.count = count
         self.config_path = config_path
@@ -76,6 +79,7 @@ class WorkerPool:
         self.events = event_log
         self._wake = wake
         self._etrn = etrn
+        self._supervisor = supervisor  # a keeper that fails is restarted: its slot never stays empty
         self._procs: dict[int, WorkerProcess] = {}
         self._received: dict[int, int] = {}  # slot -> messages its workers committed (for /healthz)
         self._ready: set[int] = set()  # slots whose current worker listens
@@ -89,11 +93,10 @@ class WorkerPool:
         self._spawner.submit(lambda: None).result()
 
     async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
-        loop = asyncio.get_running_loop()
         for slot in range(1, self.count + 1):
-            task = loop.create_task(self._keep(slot, list(addresses)), name=f"smtp-worker-{slot}")
-            self._tasks.append(task)
-        self._tasks.append(loop.create_task(self._rescan(), name="worker-rescan"))
+            keep = functools.partial(self._keep, slot, list(addresses))
+            self._tasks.append(self._supervisor.start(f"smtp-worker-{slot}", keep))
+        self._tasks.append(self._supervisor.start("worker-rescan", self._rescan))
 
     async def wait_ready(self, timeout: float) -> bool:
         """Whether every worker listens within `timeout` seconds (the service announces its start after)."""
@@ -117,6 +120,11 @@ class WorkerPool:
 
     async def _keep(self, slot: int, addresses: list[tuple[str, int]]) -> None:
         """Run worker `slot` until the pool stops, restarting it when it dies."""
+        left = self._procs.pop(slot, None)
+        if left is not None:  # this keeper failed while its worker ran (supervised): one worker a slot
+            with contextlib.suppress(ProcessLookupError):
+                left.send_signal(signal.SIGTERM)
+            await left.wait()
         while not self._stopping:
             try:
                 proc, channel = await self._spawn(slot, addresses)
