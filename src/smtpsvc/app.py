@@ -83,6 +83,7 @@ class Service:
         self._reroutes: set[asyncio.Task[None]] = set()  # re-categorization after a reload
         self._recovery: asyncio.Task[None] | None = None  # the local spool being indexed
         self.supervisor: Supervisor  # runs the long-lived tasks: one that dies is logged and restarted
+        self._reload_pending = False  # a SIGHUP during the start: reloaded once started
         self._stopped = asyncio.Event()
         self.events: EventLog
         # The backend: the LocalSpool (whose synchronous API the tests read) or the PostgresQueue.
@@ -245,6 +246,8 @@ class Service:
         )
         self.events.flush()
         notify(f"READY=1\nSTATUS=listening on {listening}")
+        if self._reload_pending:  # a SIGHUP came during the start: the file may have changed since we read it
+            self.reload()
 
     async def _recover(self, spool: LocalSpool) -> None:
         """Index the spool in the background (LocalSpool.recover), then say what was found (events 9002,
@@ -443,10 +446,11 @@ class Service:
             )
 
     def handle_signals(self) -> asyncio.Event:
-        """SIGTERM and SIGINT set the returned event; SIGHUP reloads once the service has started (before,
-        there is nothing to reload). Installed before `start`: the start announces READY=1 and event 9002,
-        and a supervisor or a test may send SIGTERM the moment it reads them, which without a handler
-        would kill the process instead of stopping it in order."""
+        """SIGTERM and SIGINT set the returned event; SIGHUP reloads, once the service has started (one
+        during the start is remembered and done right after it). Installed before `start`: the start
+        announces READY=1 and event 9002, and a supervisor or a test may send SIGTERM the moment it reads
+        them, which without a handler would kill the process instead of stopping it in order. (From the
+        process's first lines to here, `cli` keeps SIGHUP blocked for `serve`.)"""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -454,8 +458,18 @@ class Service:
                 loop.add_signal_handler(sig, stop.set)
         if hasattr(signal, "SIGHUP"):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(signal.SIGHUP, lambda: self.reload() if self._started_at else None)
+                loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            if hasattr(signal, "pthread_sigmask"):  # held since `cli`'s first lines: one sent meanwhile
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         return stop
+
+    def _on_sighup(self) -> None:
+        if self._stopped.is_set():
+            return  # stopping: the configuration no longer matters
+        if self._started_at:
+            self.reload()
+        else:
+            self._reload_pending = True
 
     async def run_until_signalled(self, stop: asyncio.Event | None = None) -> None:
         await (stop or self.handle_signals()).wait()

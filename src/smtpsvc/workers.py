@@ -90,7 +90,9 @@ class WorkerPool:
         # they must have: a child takes the nice value of the thread that forks it, and the main thread
         # lowers its own afterwards (`lower_delivery_priority`), which a process cannot undo unprivileged.
         self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smtpsvc-spawner")
-        self._spawner.submit(lambda: None).result()
+        # A worker starts with SIGHUP blocked (a signal mask survives fork and exec): a reload passed on
+        # while it starts waits until its handler is in place (`run_worker`), instead of killing it.
+        self._spawner.submit(_block_sighup).result()
 
     async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
         for slot in range(1, self.count + 1):
@@ -247,6 +249,11 @@ class WorkerPool:
         self.events.emit(events.Event(events.SERVICE_STARTED, text, cause=cause))
 
 
+def _block_sighup() -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
 def _kill_started(spawned: asyncio.Future[subprocess.Popen[bytes]]) -> None:
     if not spawned.cancelled() and spawned.exception() is None:
         spawned.result().kill()
@@ -380,6 +387,8 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         # worker leaving on its own would look like a crash to be restarted.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(live, context, log, config_path))
+        # Blocked since the pool started us (and `cli`'s first lines): one sent meanwhile is handled now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         smtp = SmtpServer(context, reuse_port=True)
         await smtp.start(config.server.listen)
         gctune.after_start()
