@@ -300,7 +300,9 @@ class WorkerProcess:
 
 
 class MasterChannel:
-    """The worker's side of the socket pair."""
+    """The worker's side of the socket pair. Once the main process is gone (`run` has returned), nothing
+    more is written: the notices are dropped (the next start's recovery finds those messages in queue/)
+    and ETRN is answered as a queue that cannot be searched."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -308,9 +310,14 @@ class MasterChannel:
         self._numbers = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[int]] = {}
         self._notices: list[bytes] = []  # Q lines not written yet
+        self.gone = False  # the main process closed its end (it died, or was killed)
+
+    def _write(self, data: bytes) -> None:
+        if not self.gone and not self._writer.is_closing():
+            self._writer.write(data)
 
     def ready(self) -> None:
-        self._writer.write(b"READY\n")
+        self._write(b"READY\n")
 
     def queued(self, queue_id: str) -> None:
         # The messages of one group commit are announced in one write (one wake-up of the main process),
@@ -321,20 +328,23 @@ class MasterChannel:
 
     def _send_notices(self) -> None:
         if self._notices:
-            self._writer.write(b"".join(self._notices))
+            self._write(b"".join(self._notices))
             self._notices.clear()
 
     async def close(self) -> None:
         """At the stop: the last notices out (the main process rescans anyway when we exit)."""
         self._send_notices()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.drain()
+        if not self.gone:
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError):  # it may go meanwhile
+                await self._writer.drain()
 
     async def etrn(self, domain: str, subdomains: bool) -> int:
+        if self.gone:
+            raise QueueError("the main process is gone")
         number = next(self._numbers)
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting[number] = answer
-        self._writer.write(f"E {number} {domain} {int(subdomains)}\n".encode("ascii", "replace"))
+        self._write(f"E {number} {domain} {int(subdomains)}\n".encode("ascii", "replace"))
         try:
             count = await asyncio.wait_for(answer, ETRN_TIMEOUT)
         except TimeoutError:
@@ -347,13 +357,19 @@ class MasterChannel:
 
     async def run(self) -> None:
         """Read answers until the main process goes away."""
-        with contextlib.suppress(ConnectionError, OSError):
-            while line := await self._reader.readline():
-                parts = line.decode("ascii", "replace").split()
-                if len(parts) == 3 and parts[0] == "R":
-                    waiting = self._waiting.get(int(parts[1]))
-                    if waiting is not None and not waiting.done():
-                        waiting.set_result(int(parts[2]))
+        try:
+            with contextlib.suppress(ConnectionError, OSError):
+                while line := await self._reader.readline():
+                    parts = line.decode("ascii", "replace").split()
+                    if len(parts) == 3 and parts[0] == "R":
+                        waiting = self._waiting.get(int(parts[1]))
+                        if waiting is not None and not waiting.done():
+                            waiting.set_result(int(parts[2]))
+        finally:
+            self.gone = True
+            for waiting in self._waiting.values():  # an ETRN under way gets its answer now
+                if not waiting.done():
+                    waiting.set_result(-1)
 
 
 def run_worker(config: Config, config_path: str | None, fd: int) -> int:
@@ -362,6 +378,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
     async def main() -> int:
         root = Path(config.server.root)
         log = EventLog(root / "log" / "events.jsonl", stream=sys.stderr)
+        parent = os.getppid()  # the main process, for the event if it dies first
         reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
         channel = MasterChannel(reader, writer)
         live = LiveConfig(config)  # what this worker's parts read; its SIGHUP swaps it
@@ -397,6 +414,9 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         listener.add_done_callback(lambda _: stop.set())  # the main process is gone: so are we
         flusher = loop.create_task(_flush_every_second(log))
         await stop.wait()
+        if channel.gone:  # its end closed: the main process died (it stops us with SIGTERM, and waits)
+            log.emit(orphaned_event(os.getpid(), parent))
+            log.flush()
         await smtp.stop(grace=STOP_GRACE)
         await store.spool.drain()
         await channel.close()
@@ -410,6 +430,17 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
+
+
+def orphaned_event(pid: int, parent: int) -> events.Event:
+    return events.Event(
+        events.SERVICE_STOPPED,
+        f"SMTP worker {pid}: its main process (pid {parent}) is gone; the worker takes no new connections, "
+        f"finishes the sessions under way (at most {STOP_GRACE:g}s) and exits; the next start of smtpsvc "
+        "delivers the mail it accepted",
+        cause="main-process-gone",
+        level="warning",
+    )
 
 
 def _reload(live: LiveConfig, context: SessionContext, log: EventLog, config_path: str | None) -> None:
