@@ -11,6 +11,10 @@ Stop (SIGTERM/SIGINT): the admin API closes; listeners close and idle sessions g
 in-flight deliveries get a bounded grace period; the queue's pending commits finish (PostgreSQL: its
 connections close, and the leases of deliveries cut short expire); the event log is flushed.
 
+The long-running tasks (scheduler, Pickup, event-log flush, queue recovery, loop-lag monitor, the workers'
+keepers) run under `supervise.Supervisor`: one that dies is logged (event 9010) and restarted after a
+backoff, and /healthz answers 503 meanwhile.
+
 SIGHUP: `receiving.reload_receiving` (the workers run it too) with the admin token, all or nothing; every part
 reads the configuration from `self.live`, so the reload reaches each at once. Keys read only at the start
 (`config.RESTART_ONLY`) are named in a warning; queued mail whose route changed is re-routed.
