@@ -3,7 +3,7 @@ restarted. The process survives, serves, the reload is not lost, and a SIGHUP af
 Real processes, real sockets.
 
 From the process's own first lines (`cli`), `serve` holds SIGHUP blocked until its handler is in place; the
-one window no Python code can close is the interpreter's start before those lines (about 20 ms on an idle
+one window no Python code can close is the interpreter's start before those lines (about 25 ms on an idle
 machine, docs/operations.md). A signal sent then kills the process as before, so these tests send theirs
 at the given delay after the spawn, but never before `/proc/<pid>/status` shows SIGHUP blocked: the test
 must not fail on a busy machine where the interpreter takes longer to start than the delay.
