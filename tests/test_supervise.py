@@ -1,5 +1,5 @@
 """Supervised tasks: a part of the running service that dies with an error (the scheduler, the queue's
-recovery) is logged as event 9010 in one line, /healthz answers 503 naming it until it runs again, and it is
+recovery) is logged as event 9007 in one line, /healthz answers 503 naming it until it runs again, and it is
 restarted after a backoff; mail flows again. The service runs in this event loop, with its admin API and a
 real sink as smart host; the failures are injected into the running parts."""
 

@@ -12,7 +12,7 @@ in-flight deliveries get a bounded grace period; the queue's pending commits fin
 connections close, and the leases of deliveries cut short expire); the event log is flushed.
 
 The long-running tasks (scheduler, Pickup, event-log flush, queue recovery, loop-lag monitor, the workers'
-keepers) run under `supervise.Supervisor`: one that dies is logged (event 9010) and restarted after a
+keepers) run under `supervise.Supervisor`: one that dies is logged (event 9007) and restarted after a
 backoff, and /healthz answers 503 meanwhile.
 
 SIGHUP: `receiving.reload_receiving` (the workers run it too) with the admin token, all or nothing; every part
@@ -220,7 +220,7 @@ class Service:
                     )
                 )
         loop = asyncio.get_running_loop()
-        supervise = self.supervisor.start  # a task that dies is logged (event 9010) and restarted
+        supervise = self.supervisor.start  # a task that dies is logged (event 9007) and restarted
         self._tasks = [
             supervise("scheduler", self.scheduler.run),
             supervise("pickup", self.pickup.run),

@@ -3,7 +3,7 @@
 Pickup, the scheduler, the event log's flush, the queue's recovery, the SMTP workers' keepers: each runs as
 one asyncio task for the life of the service. A bug or an unforeseen error in one of them must not leave the
 service taking mail that nothing delivers (or files that nothing picks up) while it looks healthy. So each
-runs under `Supervisor.start`: an exception ends that run only; event 9010 (an error) names the task and the
+runs under `Supervisor.start`: an exception ends that run only; event 9007 (an error) names the task and the
 exception in one line (never a traceback: an administrator reads the log), and the task is started again
 after a backoff (1 s, doubling up to 60 s; back to 1 s once a run has lasted a minute), with event 9002
 (cause `task-restarted`). Meanwhile `Supervisor.down` names it, and /healthz answers 503.
