@@ -11,6 +11,10 @@ Stop (SIGTERM/SIGINT): the admin API closes; listeners close and idle sessions g
 in-flight deliveries get a bounded grace period; the queue's pending commits finish (PostgreSQL: its
 connections close, and the leases of deliveries cut short expire); the event log is flushed.
 
+The long-running tasks (scheduler, Pickup, event-log flush, queue recovery, loop-lag monitor, the workers'
+keepers) run under `supervise.Supervisor`: one that dies is logged (event 9007) and restarted after a
+backoff, and /healthz answers 503 meanwhile.
+
 SIGHUP: `receiving.reload_receiving` (the workers run it too) with the admin token, all or nothing; every part
 reads the configuration from `self.live`, so the reload reaches each at once. Keys read only at the start
 (`config.RESTART_ONLY`) are named in a warning; queued mail whose route changed is re-routed.
@@ -53,6 +57,7 @@ from smtpsvc.receiving import ReceivingError, ReloadRefused, new_resolver, reloa
 from smtpsvc.safeio import replace_file
 from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
+from smtpsvc.supervise import Supervisor
 from smtpsvc.workers import WorkerPool
 
 FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
@@ -81,6 +86,8 @@ class Service:
         self._tasks: list[asyncio.Task[None]] = []
         self._reroutes: set[asyncio.Task[None]] = set()  # re-categorization after a reload
         self._recovery: asyncio.Task[None] | None = None  # the local spool being indexed
+        self.supervisor: Supervisor  # runs the long-lived tasks: one that dies is logged and restarted
+        self._reload_pending = False  # a SIGHUP during the start: reloaded once started
         self._stopped = asyncio.Event()
         self.events: EventLog
         # The backend: the LocalSpool (whose synchronous API the tests read) or the PostgresQueue.
@@ -117,6 +124,7 @@ class Service:
     async def start(self) -> None:
         self._prepare_mailroot()
         self.events = EventLog(self.folders["log"] / "events.jsonl", stream=self._log_stream)
+        self.supervisor = Supervisor(self.events)
         try:
             self.store = await self._open_queue()
         except (QueueError, OSError) as exc:
@@ -196,6 +204,7 @@ class Service:
                 self.events,
                 self.scheduler.wake,
                 self.scheduler.etrn,
+                self.supervisor,
             )
             await self.workers.start(self.smtp.sockets)
             # Receiving before delivering when the CPU is short: clients wait for their 250, and the
@@ -211,17 +220,19 @@ class Service:
                     )
                 )
         loop = asyncio.get_running_loop()
+        supervise = self.supervisor.start  # a task that dies is logged (event 9007) and restarted
         self._tasks = [
-            loop.create_task(self.scheduler.run(), name="scheduler"),
-            loop.create_task(self.pickup.run(), name="pickup"),
-            loop.create_task(self._flush_events(), name="event-log-flush"),
+            supervise("scheduler", self.scheduler.run),
+            supervise("pickup", self.pickup.run),
+            supervise("event-log-flush", self._flush_events),
         ]
         if isinstance(self.queue, LocalSpool):
             # The queue is indexed while mail is taken: SMTP answers within moments of the start whatever
             # the size of the queue; what is due is delivered as it is found.
-            self._recovery = loop.create_task(self._recover(self.queue), name="queue-recovery")
+            spool = self.queue
+            self._recovery = supervise("queue-recovery", lambda: self._recover(spool))
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag.observe)  # smtpsvc_event_loop_lag_seconds
-        self._tasks.append(self.loop_lag.start())
+        self._tasks.append(supervise("event-loop-lag", self.loop_lag.run))
         if cfg.categorizer.reset_message_status:
             task = loop.create_task(self._reset_message_status(), name="reset-message-status")
             self._reroutes.add(task)
@@ -239,12 +250,17 @@ class Service:
         )
         self.events.flush()
         notify(f"READY=1\nSTATUS=listening on {listening}")
+        if self._reload_pending:  # a SIGHUP came during the start: the file may have changed since we read it
+            self.reload()
 
     async def _recover(self, spool: LocalSpool) -> None:
         """Index the spool in the background (LocalSpool.recover), then say what was found (events 9002,
-        9005)."""
+        9005). Run again after an error (supervised), it indexes what the first run had not reached."""
         started = time.monotonic()
-        await spool.recover(progress=lambda _: self.scheduler.wake())
+        if spool.recovering:
+            await spool.recover(progress=lambda _: self.scheduler.wake())
+        else:  # the recovery stopped with an error: what it had indexed stays, the rest is found now
+            await spool.rescan()
         self.scheduler.wake()
         aside = f", {spool.set_aside} unusable file(s) moved to queue/corrupt" if spool.set_aside else ""
         self.events.emit(
@@ -315,15 +331,20 @@ class Service:
         replace_file(self.root / ADMIN_ADDRESS_FILE, address.encode(), durable=False)  # made at every start
 
     async def _health(self) -> dict[str, object]:
-        """/healthz: ok while the service accepts and delivers; 503 once it is stopping, or while its
-        queue (a PostgreSQL server) cannot be reached: SMTP then answers 4xx."""
+        """/healthz: ok while the service accepts and delivers; 503 once it is stopping, while its queue
+        (a PostgreSQL server) cannot be reached (SMTP then answers 4xx), or while one of its tasks (Pickup,
+        the scheduler, ...) stopped with an error and waits to be restarted: `task-stopped: <names>`."""
         status = "stopping" if self._stopped.is_set() else "ok"
         try:
             queued: int | None = await self.store.count()
         except QueueError:
             queued, status = None, "queue-unavailable" if status == "ok" else status
+        down = self.supervisor.down()
+        if down and status == "ok":
+            status = f"task-stopped: {', '.join(sorted(down))}"
         return {
             "status": status,
+            "tasks_stopped": down,
             "version": __version__,
             "uptime_seconds": round(time.time() - self._started_at, 1),
             "queue": queued,
@@ -358,7 +379,7 @@ class Service:
         await self.scheduler.stop(grace=STOP_GRACE)
         self._tasks[0].cancel()
         flush_task.cancel()
-        self.loop_lag.stop()
+        self._tasks[3].cancel()  # the loop-lag monitor
         for reroute in self._reroutes:
             reroute.cancel()
         await asyncio.gather(*self._tasks, *self._reroutes, return_exceptions=True)
@@ -429,10 +450,11 @@ class Service:
             )
 
     def handle_signals(self) -> asyncio.Event:
-        """SIGTERM and SIGINT set the returned event; SIGHUP reloads once the service has started (before,
-        there is nothing to reload). Installed before `start`: the start announces READY=1 and event 9002,
-        and a supervisor or a test may send SIGTERM the moment it reads them, which without a handler
-        would kill the process instead of stopping it in order."""
+        """SIGTERM and SIGINT set the returned event; SIGHUP reloads, once the service has started (one
+        during the start is remembered and done right after it). Installed before `start`: the start
+        announces READY=1 and event 9002, and a supervisor or a test may send SIGTERM the moment it reads
+        them, which without a handler would kill the process instead of stopping it in order. (From the
+        process's first lines to here, `cli` keeps SIGHUP blocked for `serve`.)"""
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -440,8 +462,18 @@ class Service:
                 loop.add_signal_handler(sig, stop.set)
         if hasattr(signal, "SIGHUP"):
             with contextlib.suppress(NotImplementedError):
-                loop.add_signal_handler(signal.SIGHUP, lambda: self.reload() if self._started_at else None)
+                loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            if hasattr(signal, "pthread_sigmask"):  # held since `cli`'s first lines: one sent meanwhile
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         return stop
+
+    def _on_sighup(self) -> None:
+        if self._stopped.is_set():
+            return  # stopping: the configuration no longer matters
+        if self._started_at:
+            self.reload()
+        else:
+            self._reload_pending = True
 
     async def run_until_signalled(self, stop: asyncio.Event | None = None) -> None:
         await (stop or self.handle_signals()).wait()

@@ -7,13 +7,24 @@ Thin by design: it finds and loads the configuration, then hands over to the ser
 
 from __future__ import annotations
 
+import signal
+import sys
+
+# First, before the imports below (and the service's, at `serve`) take their tenth of a second: SIGHUP's
+# default action kills the process, and `serve` installs its handler only once its event loop runs. A SIGHUP
+# meanwhile (a reload sent right after the start, one passed on to a worker being restarted, a terminal that
+# closes) would end it silently. `serve` holds SIGHUP blocked until its handler is in place (`app`,
+# `workers`), so one sent meanwhile is delivered then, not lost. Other commands keep the default: closing
+# their terminal still ends them.
+if sys.argv[1:2] == ["serve"] and hasattr(signal, "pthread_sigmask"):
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
 import asyncio
 import dataclasses
 import ipaddress
 import json
 import os
 import shutil
-import sys
 import time
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime

@@ -62,6 +62,8 @@ QUEUE_ADMIN = 9006  # an operator changed the queue (freeze, thaw, retry, delete
 LEVELS.update(
     {QUEUE_FILE_CORRUPT: "error", SERVICE_STARTED: "info", SERVICE_STOPPED: "info", PICKUP_REJECTED: "error"}
 )
+TASK_STOPPED = 9007  # a part of the service (Pickup, the scheduler, ...) stopped with an error; restarted
+LEVELS[TASK_STOPPED] = "error"
 
 
 def remote_domain_failed_text(domain: str, reason: str) -> str:

@@ -14,8 +14,10 @@ A worker that dies is restarted after a second; what it had committed is found b
 periodic rescan. Once the workers run, the main process's event loop lowers its CPU priority by
 `server.delivery_nice`: when the CPU is short, receiving goes first. Workers are forked from a thread made
 before that, so a restarted one keeps the receiving priority. The main process stops its workers with
-SIGTERM (they give 421 and finish what they were committing) and passes SIGHUP on. A worker whose main
-process died finishes the same way; until it has, no new start recovers the queue (queue/.workers.lock).
+SIGTERM (they give 421 and finish what they were committing) and passes SIGHUP on; a worker starts with
+SIGHUP blocked until its handler is in place, so one passed on while it starts is not its end. A worker
+whose main process died (its socket pair closes) finishes the same way, logs event 9003 (cause
+`main-process-gone`) and exits 0; until it has, no new start recovers the queue (queue/.workers.lock).
 Limits of this first version: each worker has its own AUTH failure limiter and its own share of
 `server.max_connections` (the limit applies per process), and the main process's /metrics has no SMTP
 session counters (the sessions are the workers').
@@ -26,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import itertools
 import os
 import signal
@@ -46,6 +49,7 @@ from smtpsvc.queue.local import LocalSpool
 from smtpsvc.receiving import ReceivingError, new_resolver, reload_receiving, session_context
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.server.session import SessionContext
+from smtpsvc.supervise import Supervisor
 
 RESTART_DELAY = 1.0
 RESCAN_INTERVAL = 30.0
@@ -68,6 +72,7 @@ class WorkerPool:
         event_log: EventLog,
         wake: Callable[[], None],
         etrn: Callable[[str, bool], Awaitable[int]],
+        supervisor: Supervisor,
     ) -> None:
         self.count = count
         self.config_path = config_path
@@ -76,6 +81,7 @@ class WorkerPool:
         self.events = event_log
         self._wake = wake
         self._etrn = etrn
+        self._supervisor = supervisor  # a keeper that fails is restarted: its slot never stays empty
         self._procs: dict[int, WorkerProcess] = {}
         self._received: dict[int, int] = {}  # slot -> messages its workers committed (for /healthz)
         self._ready: set[int] = set()  # slots whose current worker listens
@@ -86,14 +92,15 @@ class WorkerPool:
         # they must have: a child takes the nice value of the thread that forks it, and the main thread
         # lowers its own afterwards (`lower_delivery_priority`), which a process cannot undo unprivileged.
         self._spawner = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="smtpsvc-spawner")
-        self._spawner.submit(lambda: None).result()
+        # A worker starts with SIGHUP blocked (a signal mask survives fork and exec): a reload passed on
+        # while it starts waits until its handler is in place (`run_worker`), instead of killing it.
+        self._spawner.submit(_block_sighup).result()
 
     async def start(self, addresses: Sequence[tuple[str, int]]) -> None:
-        loop = asyncio.get_running_loop()
         for slot in range(1, self.count + 1):
-            task = loop.create_task(self._keep(slot, list(addresses)), name=f"smtp-worker-{slot}")
-            self._tasks.append(task)
-        self._tasks.append(loop.create_task(self._rescan(), name="worker-rescan"))
+            keep = functools.partial(self._keep, slot, list(addresses))
+            self._tasks.append(self._supervisor.start(f"smtp-worker-{slot}", keep))
+        self._tasks.append(self._supervisor.start("worker-rescan", self._rescan))
 
     async def wait_ready(self, timeout: float) -> bool:
         """Whether every worker listens within `timeout` seconds (the service announces its start after)."""
@@ -117,6 +124,11 @@ class WorkerPool:
 
     async def _keep(self, slot: int, addresses: list[tuple[str, int]]) -> None:
         """Run worker `slot` until the pool stops, restarting it when it dies."""
+        left = self._procs.pop(slot, None)
+        if left is not None:  # this keeper failed while its worker ran (supervised): one worker a slot
+            with contextlib.suppress(ProcessLookupError):
+                left.send_signal(signal.SIGTERM)
+            await left.wait()
         while not self._stopping:
             try:
                 proc, channel = await self._spawn(slot, addresses)
@@ -239,6 +251,11 @@ class WorkerPool:
         self.events.emit(events.Event(events.SERVICE_STARTED, text, cause=cause))
 
 
+def _block_sighup() -> None:
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
+
 def _kill_started(spawned: asyncio.Future[subprocess.Popen[bytes]]) -> None:
     if not spawned.cancelled() and spawned.exception() is None:
         spawned.result().kill()
@@ -285,7 +302,9 @@ class WorkerProcess:
 
 
 class MasterChannel:
-    """The worker's side of the socket pair."""
+    """The worker's side of the socket pair. Once the main process is gone (`run` has returned), nothing
+    more is written: the notices are dropped (the next start's recovery finds those messages in queue/)
+    and ETRN is answered as a queue that cannot be searched."""
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
@@ -293,9 +312,14 @@ class MasterChannel:
         self._numbers = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[int]] = {}
         self._notices: list[bytes] = []  # Q lines not written yet
+        self.gone = False  # the main process closed its end (it died, or was killed)
+
+    def _write(self, data: bytes) -> None:
+        if not self.gone and not self._writer.is_closing():
+            self._writer.write(data)
 
     def ready(self) -> None:
-        self._writer.write(b"READY\n")
+        self._write(b"READY\n")
 
     def queued(self, queue_id: str) -> None:
         # The messages of one group commit are announced in one write (one wake-up of the main process),
@@ -306,20 +330,23 @@ class MasterChannel:
 
     def _send_notices(self) -> None:
         if self._notices:
-            self._writer.write(b"".join(self._notices))
+            self._write(b"".join(self._notices))
             self._notices.clear()
 
     async def close(self) -> None:
         """At the stop: the last notices out (the main process rescans anyway when we exit)."""
         self._send_notices()
-        with contextlib.suppress(ConnectionError, OSError):
-            await self._writer.drain()
+        if not self.gone:
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError):  # it may go meanwhile
+                await self._writer.drain()
 
     async def etrn(self, domain: str, subdomains: bool) -> int:
+        if self.gone:
+            raise QueueError("the main process is gone")
         number = next(self._numbers)
         answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._waiting[number] = answer
-        self._writer.write(f"E {number} {domain} {int(subdomains)}\n".encode("ascii", "replace"))
+        self._write(f"E {number} {domain} {int(subdomains)}\n".encode("ascii", "replace"))
         try:
             count = await asyncio.wait_for(answer, ETRN_TIMEOUT)
         except TimeoutError:
@@ -332,13 +359,19 @@ class MasterChannel:
 
     async def run(self) -> None:
         """Read answers until the main process goes away."""
-        with contextlib.suppress(ConnectionError, OSError):
-            while line := await self._reader.readline():
-                parts = line.decode("ascii", "replace").split()
-                if len(parts) == 3 and parts[0] == "R":
-                    waiting = self._waiting.get(int(parts[1]))
-                    if waiting is not None and not waiting.done():
-                        waiting.set_result(int(parts[2]))
+        try:
+            with contextlib.suppress(ConnectionError, OSError):
+                while line := await self._reader.readline():
+                    parts = line.decode("ascii", "replace").split()
+                    if len(parts) == 3 and parts[0] == "R":
+                        waiting = self._waiting.get(int(parts[1]))
+                        if waiting is not None and not waiting.done():
+                            waiting.set_result(int(parts[2]))
+        finally:
+            self.gone = True
+            for waiting in self._waiting.values():  # an ETRN under way gets its answer now
+                if not waiting.done():
+                    waiting.set_result(-1)
 
 
 def run_worker(config: Config, config_path: str | None, fd: int) -> int:
@@ -347,6 +380,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
     async def main() -> int:
         root = Path(config.server.root)
         log = EventLog(root / "log" / "events.jsonl", stream=sys.stderr)
+        parent = os.getppid()  # the main process, for the event if it dies first
         reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
         channel = MasterChannel(reader, writer)
         live = LiveConfig(config)  # what this worker's parts read; its SIGHUP swaps it
@@ -372,6 +406,8 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         # worker leaving on its own would look like a crash to be restarted.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(live, context, log, config_path))
+        # Blocked since the pool started us (and `cli`'s first lines): one sent meanwhile is handled now.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         smtp = SmtpServer(context, reuse_port=True)
         await smtp.start(config.server.listen)
         gctune.after_start()
@@ -380,6 +416,9 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         listener.add_done_callback(lambda _: stop.set())  # the main process is gone: so are we
         flusher = loop.create_task(_flush_every_second(log))
         await stop.wait()
+        if channel.gone:  # its end closed: the main process died (it stops us with SIGTERM, and waits)
+            log.emit(orphaned_event(os.getpid(), parent))
+            log.flush()
         await smtp.stop(grace=STOP_GRACE)
         await store.spool.drain()
         await channel.close()
@@ -393,6 +432,17 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
+
+
+def orphaned_event(pid: int, parent: int) -> events.Event:
+    return events.Event(
+        events.SERVICE_STOPPED,
+        f"SMTP worker {pid}: its main process (pid {parent}) is gone; the worker takes no new connections, "
+        f"finishes the sessions under way (at most {STOP_GRACE:g}s) and exits; the next start of smtpsvc "
+        "delivers the mail it accepted",
+        cause="main-process-gone",
+        level="warning",
+    )
 
 
 def _reload(live: LiveConfig, context: SessionContext, log: EventLog, config_path: str | None) -> None:
