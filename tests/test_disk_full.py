@@ -97,9 +97,10 @@ class Smtpsvc:
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
         self.admin_port = 0
+        self.offset = 0  # where this run's lines begin in the stderr file (runs share it)
 
     def start(self, timeout: float = 60.0) -> Smtpsvc:
-        offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
+        self.offset = offset = self.stderr_path.stat().st_size if self.stderr_path.exists() else 0
         with open(self.stderr_path, "ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "smtpsvc", "serve", "-c", str(self.config)],
@@ -124,9 +125,10 @@ class Smtpsvc:
         return self.stderr_path.read_text(errors="replace") if self.stderr_path.exists() else ""
 
     def wait_for(self, pattern: str, timeout: float = 30.0) -> re.Match[str]:
+        """The first match of `pattern` in what this run wrote to stderr."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            match = re.search(pattern, self.stderr())
+            match = re.search(pattern, self.stderr()[self.offset :])
             if match:
                 return match
             time.sleep(0.05)
@@ -263,6 +265,37 @@ def test_the_service_starts_and_stops_on_a_full_disk(
     assert_clean(service)
 
 
+def test_the_service_starts_when_no_file_can_be_made(
+    tmp_path: Path, small_disks: list[Path], services: list[Smtpsvc]
+) -> None:
+    root = small_disk(small_disks, tmp_path / "mailroot", "nr_inodes=256")
+    config = write_config(tmp_path / "smtpsvc.toml", base_sections(root, admin={"listen": "127.0.0.1:0"}))
+    first = Smtpsvc(config, tmp_path / "stderr.txt").start()
+    services.append(first)
+    assert first.stop() == 0
+    with contextlib.suppress(OSError):  # use up the inodes: not even an empty file can be made
+        for n in range(1000):
+            (root / f"inode{n}").touch()
+
+    service = Smtpsvc(config, tmp_path / "stderr.txt").start()
+    services.append(service)
+    service.wait_for(r" 9010 The disk is full: the start's write test cannot be written in .*starts anyway")
+    service.wait_for(r" 9010 The admin token cannot be renewed in ")
+    with smtplib.SMTP("127.0.0.1", service.port, timeout=30) as smtp:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            smtp.sendmail("a@sender.test", ["b@local.test"], MESSAGE)
+        assert refused.value.smtp_code == 452
+    (root / "inode0").unlink()
+    for n in range(1, 40):  # room for a message: its files, and the temporary ones
+        (root / f"inode{n}").unlink()
+    service.wait_for(r" 9011 Disk space is available again in ")
+    with smtplib.SMTP("127.0.0.1", service.port, timeout=30) as smtp:
+        smtp.sendmail("a@sender.test", ["b@local.test"], MESSAGE)
+    wait(lambda: len(drop_files(root)) == 1, SOON, "the message delivered")
+    assert service.stop() == 0
+    assert_clean(service)
+
+
 # -- delivery ----------------------------------------------------------------------------------------------
 
 
@@ -303,7 +336,7 @@ def test_results_that_could_not_be_saved_are_delivered_within_seconds_of_space_r
     assert service.stop() == 0
     service = Smtpsvc(config, tmp_path / "stderr.txt").start()
     services.append(service)
-    wait(lambda: service.stderr().count(" 9010 The disk is full") >= 2, 30, "a failed delivery again")
+    service.wait_for(r" 9010 The disk is full: the Drop folder cannot be written in ")
     assert len(queued(root)) == count
 
     ballast.unlink()

@@ -138,7 +138,7 @@ class Service:
             self.space = self.queue.space  # one watcher: the spool's writes wait for it too
         self.space.report = lambda full, text: self.events.emit(events.disk_space_event(full, text))
         for path in full:
-            self.space.full(path, f"the {path.name} folder", "The service starts anyway, to drain its queue.")
+            self.space.full(path, "the start's write test", "The service starts anyway, to drain its queue.")
         cfg = self.config
         self.queue_view = QueueView(self.store)
         self.metrics = Metrics(self.queue_view.summary, self.store.recent, self.queue_view.frozen_links)

@@ -60,19 +60,22 @@ def _is_root() -> bool:
 
 @dataclass(slots=True)
 class _Full:
-    path: Path  # a folder on the full file system (the first one a write failed in)
+    path: Path  # the folder the write failed in
     what: str  # what could not be written there, in an operator's words
 
 
 class SpaceWatcher:
-    """One per process. `full(path, what)` after a write failed for lack of space; `subscribe(callback)`
-    to hear when there is room again. `report(full, text)` is called once when a file system becomes full
-    and once when it has room again (the caller makes the events: 9010 and 9011)."""
+    """One per process. `full(path, what, meanwhile)` after a write failed for lack of space;
+    `subscribe(callback)` to hear when there is room again. `report(full, text)` is called once when a
+    thing (the queue, the Drop folder) cannot be written for lack of space, and once when its file system
+    has room again (the caller makes the events: 9010 and 9011)."""
 
     def __init__(self, interval: float = POLL_INTERVAL) -> None:
         self.interval = interval
         self.report: Callable[[bool, str], None] = lambda full, text: None
-        self._full: dict[int, _Full] = {}  # by device: one entry per full file system
+        # By (device, what): each thing that cannot be written on a full file system is reported once
+        # (the queue, the Drop folder: an operator learns what each failure means), however often it fails.
+        self._full: dict[tuple[int, str], _Full] = {}
         self._callbacks: list[Callable[[], None]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -86,13 +89,13 @@ class SpaceWatcher:
         self._callbacks.append(callback)
 
     def full(self, path: Path, what: str, meanwhile: str) -> None:
-        """A write of `what` under `path` failed for lack of space: report it (once per file system until
-        it has room again), saying what happens `meanwhile`, and watch it. Called on the event loop;
-        without one running (a tool), only reported."""
-        device = _device(path)
-        if device in self._full:
+        """A write of `what` under `path` failed for lack of space: report it (once until its file system
+        has room again), saying what happens `meanwhile`, and watch it. Called on the event loop; without
+        one running (a tool), only reported."""
+        key = (_device(path), what)
+        if key in self._full:
             return
-        self._full[device] = _Full(path, what)
+        self._full[key] = _Full(path, what)
         self.report(
             True,
             f"The disk is full: {what} cannot be written in {path} (no space left on the device, or the "
@@ -117,9 +120,9 @@ class SpaceWatcher:
     def check(self) -> bool:
         """Look at each full file system now; True when one of them has room again (its subscribers have
         been called)."""
-        back = [(device, full) for device, full in self._full.items() if has_room(full.path)]
-        for device, full in back:
-            del self._full[device]
+        back = [(key, full) for key, full in self._full.items() if has_room(full.path)]
+        for key, full in back:
+            del self._full[key]
             self.report(False, f"Disk space is available again in {full.path}: {full.what} is written again")
         if back:
             for callback in list(self._callbacks):

@@ -62,7 +62,7 @@ SERVICE_STOPPED = 9003
 PICKUP_REJECTED = 9004
 RECATEGORIZED = 9005
 QUEUE_ADMIN = 9006  # an operator changed the queue (freeze, thaw, retry, delete, recategorize), CLI or web
-DISK_FULL = 9010  # a write failed for lack of space (ENOSPC, EDQUOT): once per episode and file system
+DISK_FULL = 9010  # a write failed for lack of space (ENOSPC, EDQUOT): once per episode and what (queue, Drop)
 DISK_SPACE_AVAILABLE = 9011  # that file system has room again; also: events the log file could not take
 LEVELS.update(
     {
