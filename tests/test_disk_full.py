@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -162,9 +162,8 @@ def services(small_disks: list[Path]) -> Iterator[list[Smtpsvc]]:
         service.kill()
 
 
-def wait(predicate: object, timeout: float, what: str) -> float:
+def wait(predicate: Callable[[], object], timeout: float, what: str) -> float:
     """Poll `predicate()` until truthy; returns the seconds it took. Bounded, never a fixed sleep."""
-    assert callable(predicate)
     started = time.monotonic()
     while not predicate():
         if time.monotonic() - started > timeout:
