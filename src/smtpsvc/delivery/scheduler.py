@@ -73,6 +73,7 @@ class Scheduler:
         # again as soon as the watcher sees room, not at their next retry time.
         self._waiting_for_space: set[str] = set()
         self._space_task: asyncio.Task[None] | None = None
+        self._room_again = False  # the watcher saw room while the last retries were under way
         if space is not None:
             space.subscribe(self._space_back)
 
@@ -279,21 +280,26 @@ class Scheduler:
 
     def _space_back(self) -> None:
         """The watcher saw room again: what a full Drop folder deferred is tried now."""
+        self._room_again = True
         if self._waiting_for_space and (self._space_task is None or self._space_task.done()):
             self._space_task = asyncio.get_running_loop().create_task(
                 self._retry_waiting_for_space(), name="retry-after-disk-full"
             )
 
     async def _retry_waiting_for_space(self) -> None:
-        while self._waiting_for_space and not self._stopping:
-            queue_id = next(iter(self._waiting_for_space))
-            try:
-                await self.queue.make_due(time.time(), queue_id=queue_id)
-            except QueueError as exc:
-                if exc.full:
-                    return  # full again: the watcher calls us once there is room
-            self._waiting_for_space.discard(queue_id)
-            self.wake()
+        """Make each message a full Drop folder deferred due now (`make_due`: written, and honoured by a
+        delivery under way). When the queue's disk is full again, the rest wait for the watcher's next
+        "room", which may have come meanwhile."""
+        while self._room_again and not self._stopping:
+            self._room_again = False
+            for queue_id in list(self._waiting_for_space):
+                try:
+                    await self.queue.make_due(time.time(), queue_id=queue_id)
+                except QueueError as exc:
+                    if exc.full:
+                        break
+                self._waiting_for_space.discard(queue_id)
+                self.wake()
 
     def _lease_lost(self, envelope: Envelope, exc: LeaseLost) -> None:
         """Another node owns the message now: our results are dropped, never written over its state.

@@ -263,6 +263,7 @@ class LocalSpool:
         self.space.subscribe(self._space_back)
         self._unsaved: dict[str, Envelope] = {}
         self._rewriting: asyncio.Task[None] | None = None
+        self._room_again = False  # the watcher saw room while the writes of the last time were under way
         self.wake: Callable[[], None] = lambda: None  # the scheduler's wake-up (set by LocalStore)
 
     # -- lifecycle -----------------------------------------------------------------------------------
@@ -873,6 +874,7 @@ class LocalSpool:
 
     def _space_back(self) -> None:
         """The watcher saw room again: write what could not be written, now."""
+        self._room_again = True
         if self._unsaved and (self._rewriting is None or self._rewriting.done()):
             self._rewriting = asyncio.get_running_loop().create_task(
                 self._write_unsaved(), name="queue-unsaved-writes"
@@ -880,7 +882,16 @@ class LocalSpool:
 
     async def _write_unsaved(self) -> None:
         """Each envelope held for lack of space is made due at once (what was left to do is tried again now,
-        not minutes later) and written. One being delivered again is left to that delivery's save."""
+        not minutes later) and written; again while the watcher saw room meanwhile (envelopes held since).
+        One being delivered again is left to that delivery's save."""
+        while self._room_again:
+            self._room_again = False
+            # Full again: the write told the watcher, whose next "room" sets _room_again (this loop goes
+            # on if that came meanwhile, else it starts the next pass).
+            await self._write_held()
+
+    async def _write_held(self) -> bool:
+        """One pass of `_write_unsaved`; False when the disk was full again."""
         now = time.time()
         held = [e for e in self._unsaved.values() if e.id in self._known and e.id not in self._leased]
         for envelope in held:
@@ -897,10 +908,11 @@ class LocalSpool:
                 *(self.update(e, index=False) for e in batch), return_exceptions=True
             )
             if any(isinstance(r, QueueError) and r.full for r in results):
-                return  # full again: the watcher calls us once there is room
+                return False
             for result in results:
                 if isinstance(result, BaseException) and not isinstance(result, QueueError):
                     raise result
+        return True
 
     # -- messages committed by the SMTP worker processes (server.workers) ----------------------------
     def adopt_new(self, queue_id: str) -> Envelope | None:
