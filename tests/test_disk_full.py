@@ -193,11 +193,13 @@ def assert_clean(service: Smtpsvc) -> None:
 # -- SMTP --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 async def test_smtp_clients_get_452_4_3_1_while_the_queue_disk_is_full(
-    tmp_path: Path, small_disks: list[Path], services: list[Smtpsvc]
+    tmp_path: Path, small_disks: list[Path], services: list[Smtpsvc], workers: int
 ) -> None:
     root = small_disk(small_disks, tmp_path / "mailroot")
-    config = write_config(tmp_path / "smtpsvc.toml", base_sections(root, delivery={"retry": ["10m"]}))
+    sections = base_sections(root, server={"workers": workers}, delivery={"retry": ["10m"]})
+    config = write_config(tmp_path / "smtpsvc.toml", sections)
     service = Smtpsvc(config, tmp_path / "stderr.txt").start()
     services.append(service)
     ballast = fill(root)
