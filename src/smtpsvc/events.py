@@ -202,6 +202,7 @@ class EventLog:
         self._lost = 0  # events the file could not take since it last could
         self._lost_why = ""
         self._cut = False  # a write stopped inside a line: the next one starts on a line of its own
+        self._closed = False  # after close: events go to the stream only, as they always did
         # Observers (metrics): a tuple replaced on subscribe, so emit reads it without taking the lock.
         self._subscribers: tuple[Callable[[Event], None], ...] = ()
         if path is not None:
@@ -268,7 +269,7 @@ class EventLog:
         if self._stream_lines:
             self._write_stream("".join(self._stream_lines))
             self._stream_lines.clear()
-        if self._path is not None and self._buffer:
+        if self._path is not None and self._buffer and not self._closed:
             lines, self._buffer = self._buffer, []
             notice = self._lost > 0
             if notice:
@@ -326,6 +327,7 @@ class EventLog:
                 with contextlib.suppress(OSError):  # nothing is buffered here: close cannot lose an event
                     os.close(self._fd)
                 self._fd = None
+            self._closed = True
 
 
 def _open_append(path: Path) -> int:
