@@ -44,6 +44,7 @@ from smtpsvc.delivery.drop import DropTransport
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.delivery.smtp import SmtpTransport
+from smtpsvc.diskspace import SpaceWatcher, is_full
 from smtpsvc.events import EventLog
 from smtpsvc.folders.pickup import PickupScanner
 from smtpsvc.ingest import Ingest
@@ -100,6 +101,7 @@ class Service:
         self.admin: AdminServer | None = None
         self.workers: WorkerPool | None = None  # server.workers > 1: SMTP worker processes
         self.admin_context: AdminContext | None = None
+        self.space = SpaceWatcher()  # a full disk: events 9010/9011, and what waits for room (the spool's)
         self._started_at = 0.0
 
     @property
@@ -107,7 +109,10 @@ class Service:
         """The configuration in force (the last one loaded)."""
         return self.live.current
 
-    def _prepare_mailroot(self) -> None:
+    def _prepare_mailroot(self) -> list[Path]:
+        """Create the folders and check each can be written; returns those on a full disk. A full disk does
+        not stop the start: the service must run to drain its queue and so free space."""
+        full: list[Path] = []
         for name, path in self.folders.items():
             try:
                 path.mkdir(parents=True, exist_ok=True)
@@ -115,14 +120,20 @@ class Service:
                 probe.write_bytes(b"")
                 probe.unlink()
             except OSError as exc:
+                if is_full(exc) and path.is_dir():
+                    full.append(path)
+                    with contextlib.suppress(OSError):
+                        probe.unlink()
+                    continue
                 text = f"The {name} folder {path} cannot be used: {exc.strerror or exc}"
                 early = EventLog(None, stream=self._log_stream)  # no log folder to write to: stderr only
                 early.emit(events.Event(events.MAILROOT_UNUSABLE, text, cause="mailroot-unusable"))
                 early.close()
                 raise MailrootError(text) from exc
+        return full
 
     async def start(self) -> None:
-        self._prepare_mailroot()
+        full = self._prepare_mailroot()
         self.events = EventLog(self.folders["log"] / "events.jsonl", stream=self._log_stream)
         self.supervisor = Supervisor(self.events)
         try:
@@ -131,6 +142,11 @@ class Service:
             self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="queue-unusable"))
             self.events.close()
             raise MailrootError(str(exc)) from exc
+        if isinstance(self.queue, LocalSpool):
+            self.space = self.queue.space  # one watcher: the spool's writes wait for it too
+        self.space.report = lambda full, text: self.events.emit(events.disk_space_event(full, text))
+        for path in full:
+            self.space.full(path, "the start's write test", "The service starts anyway, to drain its queue.")
         cfg = self.config
         self.queue_view = QueueView(self.store)
         self.metrics = Metrics(self.queue_view.summary, self.store.recent, self.queue_view.frozen_links)
@@ -146,7 +162,8 @@ class Service:
             self.live,
             reports,
             self.events,
-            {"drop": DropTransport(self.folders["drop"]), "smtp": self.smtp_transport},
+            {"drop": DropTransport(self.folders["drop"], self.space), "smtp": self.smtp_transport},
+            space=self.space,
         )
         if isinstance(self.queue, PostgresQueue):
             # Another node's ETRN or `queue retry` lifts this node's per-destination backoff too.
@@ -315,7 +332,7 @@ class Service:
             return
         self.admin_context = AdminContext(
             admin=QueueAdmin.attach(self.scheduler, summaries=self.queue_view.current),
-            token=service_token(config),
+            token=service_token(config, on_full=self._full_at_start),
             badmail_dir=self.folders["badmail"],
             pickup_dir=self.folders["pickup"],
             events_path=self.folders["log"] / "events.jsonl",
@@ -328,7 +345,23 @@ class Service:
         await self.admin.start()
         # Where the API really listens (port 0, or a config edited since the start): the CLI reads it.
         address = format_listen(self.admin.address) + "\n"
-        replace_file(self.root / ADMIN_ADDRESS_FILE, address.encode(), durable=False)  # made at every start
+        path = self.root / ADMIN_ADDRESS_FILE
+        try:
+            if _read_text(path) != address:  # the same (a crash left it): nothing to write
+                replace_file(path, address.encode(), durable=False)  # made at every start
+        except OSError as exc:
+            if not is_full(exc):
+                raise
+            with contextlib.suppress(OSError):
+                path.unlink()  # stale: the CLI finds admin.listen in the configuration instead
+            self._full_at_start(
+                f"The admin API's address cannot be written to {path}: the disk is full "
+                f"({exc.strerror or exc}); the CLI uses admin.listen from the configuration"
+            )
+
+    def _full_at_start(self, text: str) -> None:
+        """A file the start writes could not be written for lack of space, and the start goes on."""
+        self.events.emit(events.Event(events.DISK_FULL, text, cause="disk-full", level="warning"))
 
     async def _health(self) -> dict[str, object]:
         """/healthz: ok while the service accepts and delivers; 503 once it is stopping, while its queue
@@ -384,8 +417,9 @@ class Service:
             reroute.cancel()
         await asyncio.gather(*self._tasks, *self._reroutes, return_exceptions=True)
         await self.store.close()
+        await self.space.close()
         self.events.emit(events.Event(events.SERVICE_STOPPED, "smtpsvc stopped"))
-        self.events.close()
+        self.events.close()  # a full disk: what the log file cannot take goes to stderr, counted
 
     def reload(self) -> None:
         """SIGHUP: re-read the configuration file and hand it to every part that routes or decides."""
@@ -478,6 +512,13 @@ class Service:
     async def run_until_signalled(self, stop: asyncio.Event | None = None) -> None:
         await (stop or self.handle_signals()).wait()
         await self.stop()
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
 
 
 def run_service(config: Config, config_path: str | None) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import sys
 import threading
 import time
@@ -22,6 +23,8 @@ from datetime import UTC, datetime
 from json.encoder import encode_basestring  # what json.dumps(ensure_ascii=False) uses for a str
 from pathlib import Path
 from typing import Any, TextIO
+
+from smtpsvc.diskspace import FULL_ERRNOS
 
 # IIS-compatible event IDs (SPEC 1.4).
 CONNECTION_LIMIT = 402
@@ -59,11 +62,27 @@ SERVICE_STOPPED = 9003
 PICKUP_REJECTED = 9004
 RECATEGORIZED = 9005
 QUEUE_ADMIN = 9006  # an operator changed the queue (freeze, thaw, retry, delete, recategorize), CLI or web
+DISK_FULL = 9010  # a write failed for lack of space (ENOSPC, EDQUOT): once per episode and what (queue, Drop)
+DISK_SPACE_AVAILABLE = 9011  # that file system has room again; also: events the log file could not take
 LEVELS.update(
-    {QUEUE_FILE_CORRUPT: "error", SERVICE_STARTED: "info", SERVICE_STOPPED: "info", PICKUP_REJECTED: "error"}
+    {
+        QUEUE_FILE_CORRUPT: "error",
+        SERVICE_STARTED: "info",
+        SERVICE_STOPPED: "info",
+        PICKUP_REJECTED: "error",
+        DISK_FULL: "error",
+        DISK_SPACE_AVAILABLE: "info",
+    }
 )
 TASK_STOPPED = 9007  # a part of the service (Pickup, the scheduler, ...) stopped with an error; restarted
 LEVELS[TASK_STOPPED] = "error"
+
+
+def disk_space_event(full: bool, text: str) -> Event:
+    """Event 9010 (the disk is full) or 9011 (space again), as `diskspace.SpaceWatcher.report` says."""
+    if full:
+        return Event(DISK_FULL, text, cause="disk-full")
+    return Event(DISK_SPACE_AVAILABLE, text, cause="disk-space-available")
 
 
 def remote_domain_failed_text(domain: str, reason: str) -> str:
@@ -178,12 +197,26 @@ class EventLog:
         self._stream_lines: list[str] = []
         self._stream_now = _is_terminal(stream)
         self._lock = threading.Lock()
-        self._file: Any = None
+        # The file, as a descriptor opened for appending (O_APPEND: the SMTP workers append to it too). Not
+        # a Python file object: one of those keeps what a full disk refused in its buffer and raises it
+        # again at every flush and at close; here what cannot be written is counted (`_lost`) and dropped.
+        self._fd: int | None = None
+        self._lost = 0  # events the file could not take since it last could
+        self._lost_why = ""
+        self._cut = False  # a write stopped inside a line: the next one starts on a line of its own
+        self._closed = False  # after close: events go to the stream only, as they always did
         # Observers (metrics): a tuple replaced on subscribe, so emit reads it without taking the lock.
         self._subscribers: tuple[Callable[[Event], None], ...] = ()
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a", encoding="utf-8")  # noqa: SIM115 - kept open for the service's life
+            try:
+                self._fd = _open_append(path)
+            except OSError as exc:
+                if exc.errno not in FULL_ERRNOS:
+                    raise
+                # A full disk (a new events.jsonl needs an inode): start anyway, on stderr; the file is
+                # opened at a later flush once there is room.
+                self._lost_why = exc.strerror or str(exc)
 
     def emit(self, event: Event, now: float | None = None) -> None:
         stamp = time.time() if now is None else now
@@ -238,21 +271,71 @@ class EventLog:
         if self._stream_lines:
             self._write_stream("".join(self._stream_lines))
             self._stream_lines.clear()
-        if self._file is not None and self._buffer:
-            try:
-                self._file.write("".join(self._buffer))
-                self._file.flush()
-            except OSError:
-                # Disk full or similar: keep going; the queue files remain the truth.
-                pass
+        if self._path is not None and self._buffer and not self._closed:
+            lines, self._buffer = self._buffer, []
+            notice = self._lost > 0
+            if notice:
+                lines.insert(0, _json_line(self._lost_event(), time.time())[0])
+            self._write_file(lines, notice)
         self._buffer.clear()
         self._buffered = 0
 
+    def _write_file(self, lines: list[str], notice: bool) -> None:
+        """Append `lines` to the file (the first is the notice of earlier losses when `notice`). What it
+        cannot take (disk full, I/O error) is counted, not kept: the event log must never stop mail flow,
+        and the queue files are the truth. A line cut by a failure is left as it is (readers skip it) and
+        the next write begins on a new line."""
+        data = "".join(lines).encode("utf-8", "backslashreplace")  # a lone surrogate cannot stop a write
+        starts_cut = self._cut
+        if starts_cut:
+            data = b"\n" + data
+        written = 0
+        try:
+            if self._fd is None:
+                assert self._path is not None
+                self._fd = _open_append(self._path)
+            view = memoryview(data)
+            while written < len(data):
+                written += os.write(self._fd, view[written:])
+        except OSError as exc:
+            if written:  # else the file ends as it did: cut or not
+                self._cut = data[written - 1] != 0x0A
+            done = data[:written].count(b"\n") - (1 if starts_cut and written else 0)  # whole lines
+            if notice and done == 0:
+                self._lost += len(lines) - 1  # the earlier losses are still to be told
+            else:
+                self._lost = len(lines) - done
+            self._lost_why = exc.strerror or str(exc)
+            return
+        self._cut = False
+        self._lost = 0
+
+    def _lost_event(self) -> Event:
+        where = " (they went to the standard error stream only)" if self._stream is not None else ""
+        return Event(
+            DISK_SPACE_AVAILABLE,
+            f"{self._lost} event(s) could not be written to {self._path} ({self._lost_why}){where}",
+            cause="events-not-written",
+            level="warning",
+        )
+
     def close(self) -> None:
         self.flush()
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        with self._lock:
+            if self._lost and self._stream is not None:  # the file never took them: say so where we can
+                event = self._lost_event()
+                self._write_stream(f"{_iso_time(time.time())} warning {event.id} {event.text}\n")
+            if self._fd is not None:
+                with contextlib.suppress(OSError):  # nothing is buffered here: close cannot lose an event
+                    os.close(self._fd)
+                self._fd = None
+            self._closed = True
+
+
+def _open_append(path: Path) -> int:
+    """The event log file, opened for appending (created with the mode `open(path, "a")` gives; like
+    every descriptor Python opens, not inherited by child processes)."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
 
 
 def _is_terminal(stream: TextIO | None) -> bool:

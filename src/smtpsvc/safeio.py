@@ -37,24 +37,31 @@ def write_all(fd: int, payload: bytes) -> None:
 
 def write_new(path: StrPath, payload: bytes, mode: int = 0o666) -> int:
     """`payload` in a new (or truncated) file at `path`; returns its open descriptor, not yet fsynced: the
-    caller fsyncs and closes it (the group committer does, many at once)."""
+    caller fsyncs and closes it (the group committer does, many at once). When the write fails (a full
+    disk), the file is removed: a half-written file left behind would only take space and confuse."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         write_all(fd, payload)
     except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
         raise
     return fd
 
 
 def write_synced(path: StrPath, payload: bytes, mode: int = 0o666) -> None:
-    """`payload` in a new (or truncated) file at `path`, fsynced and closed. Its name is not synced: do
-    that with the folder (`fsync_dir`, `publish`)."""
+    """`payload` in a new (or truncated) file at `path`, fsynced and closed; removed when that fails. Its
+    name is not synced: do that with the folder (`fsync_dir`, `publish`)."""
     fd = write_new(path, payload, mode)
     try:
         os.fsync(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
+    os.close(fd)
 
 
 @contextlib.contextmanager

@@ -386,6 +386,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         live = LiveConfig(config)  # what this worker's parts read; its SIGHUP swaps it
         try:
             store = open_intake(config, channel.queued)
+            store.spool.space.report = lambda full, text: log.emit(events.disk_space_event(full, text))
             context = session_context(
                 live,
                 Ingest(store, live, log),

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import secrets
+from collections.abc import Callable
 from enum import IntEnum
 from pathlib import Path
 
 from smtpsvc.config import Config
+from smtpsvc.diskspace import is_full
 from smtpsvc.safeio import PRIVATE, replace_file
 
 COOKIE = "smtpsvc_admin"
@@ -45,8 +48,13 @@ def read_token(config: Config) -> str:
         return ""
 
 
-def service_token(config: Config) -> str:
-    """The token the running service checks: the configured file's, or a fresh one written at start."""
+def service_token(config: Config, on_full: Callable[[str], None] | None = None) -> str:
+    """The token the running service checks: the configured file's, or a fresh one written at start.
+
+    With `on_full`, a disk too full to write the fresh one does not stop the start (the service must start
+    to drain its queue and free space): the previous run's token in the file stays in force, or, without
+    one, a token nobody knows (the API then changes nothing: read-only from loopback); `on_full(text)`
+    says which."""
     path = token_path(config)
     if config.admin.token_file:
         try:
@@ -61,8 +69,30 @@ def service_token(config: Config) -> str:
         # Made again at every start: atomic for the CLI reading it, not worth an fsync.
         replace_file(path, (token + "\n").encode(), mode=PRIVATE, durable=False)
     except OSError as exc:
-        raise AccessError(f"cannot write the admin token {path}: {exc.strerror or exc}") from None
+        if on_full is None or not is_full(exc):
+            raise AccessError(f"cannot write the admin token {path}: {exc.strerror or exc}") from None
+        previous = _previous_token(path)
+        why = f"The admin token cannot be renewed in {path}: the disk is full ({exc.strerror or exc})"
+        if previous:
+            on_full(f"{why}; the previous run's token in that file stays in force until a start can renew it")
+            return previous
+        on_full(
+            f"{why}, and the file holds no token; the admin API accepts no changes until the service is "
+            "started again with room on that disk (reading from loopback still works)"
+        )
     return token
+
+
+def _previous_token(path: Path) -> str:
+    """The token an earlier start wrote, if the file still holds one and only its owner can read it (a
+    token others could read is no secret: it is not used again)."""
+    try:
+        if os.name != "nt" and path.stat().st_mode & 0o077:
+            return ""
+        token = path.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    return token if len(token) >= 16 else ""
 
 
 def is_loopback(host: str | None) -> bool:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+from smtpsvc import diskspace
 from smtpsvc.delivery.transport import MessageSource, Outcome
 from smtpsvc.model import DeliveryResult, Envelope, Recipient
 from smtpsvc.queue.base import QueueError
@@ -68,10 +69,13 @@ def _free_name(drop_dir: Path, queue_id: str) -> Path:
 
 class DropTransport:
     """Local delivery: one Drop file per route group. A write error (disk full) or a queue that cannot be
-    read defers the recipients (451): never a loss (SPEC 2.6)."""
+    read defers the recipients (451): never a loss (SPEC 2.6). A full disk is told to the watcher (event
+    9010) and the outcome says so (`cause` "disk-full"): the scheduler tries those recipients again as soon
+    as there is room, not at their next retry time."""
 
-    def __init__(self, drop_dir: Path) -> None:
+    def __init__(self, drop_dir: Path, space: diskspace.SpaceWatcher | None = None) -> None:
         self.drop_dir = drop_dir
+        self.space = space
 
     async def deliver(
         self, route: RouteChoice, envelope: Envelope, recipients: Sequence[Recipient], message: MessageSource
@@ -95,6 +99,14 @@ class DropTransport:
                 DeliveryResult(a, ok=False, permanent=False, reply=reply, status=status, remote_mta="drop")
                 for a in addresses
             ]
+            if isinstance(exc, OSError) and diskspace.is_full(exc):
+                if self.space is not None:
+                    self.space.full(
+                        self.drop_dir,
+                        "the Drop folder",
+                        "Local delivery waits and is tried again as soon as there is room.",
+                    )
+                return Outcome(deferred, cause=diskspace.CAUSE)
             return Outcome(deferred)
         reply = f"250 2.0.0 Delivered to the Drop folder as {path.name}"
         return Outcome(

@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import BinaryIO
 
-from smtpsvc import events
+from smtpsvc import diskspace, events
 from smtpsvc.config import Config, LiveConfig
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.settle import Settlement, apply, report_retry_time, settle
@@ -51,6 +51,7 @@ class Scheduler:
         event_log: EventLog,
         transports: Mapping[str, Transport],
         rng: random.Random | None = None,
+        space: diskspace.SpaceWatcher | None = None,
     ) -> None:
         self.queue = queue
         self.live = live
@@ -68,6 +69,13 @@ class Scheduler:
         self._routes_config: Config | None = None
         # metrics hook: (route kind "drop"|"smtp", the group's results, seconds the attempt took)
         self.delivery_observer: Callable[[str, Sequence[DeliveryResult], float], None] | None = None
+        # Messages a transport could not deliver for lack of space (the Drop folder's disk is full): due
+        # again as soon as the watcher sees room, not at their next retry time.
+        self._waiting_for_space: set[str] = set()
+        self._space_task: asyncio.Task[None] | None = None
+        self._room_again = False  # the watcher saw room while the last retries were under way
+        if space is not None:
+            space.subscribe(self._space_back)
 
     @property
     def config(self) -> Config:
@@ -209,6 +217,9 @@ class Scheduler:
         """Stop leasing; give in-flight deliveries `grace` seconds, then cancel (they are retried later)."""
         self._stopping = True
         self.queue.wake()
+        if self._space_task is not None:
+            self._space_task.cancel()
+            await asyncio.gather(self._space_task, return_exceptions=True)
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in pending:
@@ -227,31 +238,68 @@ class Scheduler:
             raise
         except LeaseLost as exc:
             self._lease_lost(envelope, exc)
+        except QueueError as exc:
+            if not exc.full:
+                await self._internal_error(envelope, exc)
+                return
+            # A full disk (event 9010, once): the results of this attempt stay in memory, held by the
+            # spool, which writes them and makes the message due as soon as there is room again. Not the
+            # internal-error schedule: the disk, not the message, is at fault.
+            self.queue.abandon(envelope.id)
         except Exception as exc:  # one bad message must not stop delivery of the rest
-            now = time.time()
-            expiry = envelope.received_at + self.config.delivery.expiration
-            for rcpt in envelope.recipients:
-                if not rcpt.outstanding:
-                    continue
-                rcpt.last_reply = f"internal error: {type(exc).__name__}: {exc}"
-                rcpt.next_attempt = min(now + INTERNAL_RETRY, max(expiry, now))
-                if rcpt.pending and now >= expiry:
-                    # even a message that keeps failing inside smtpsvc expires, and its sender hears of it
-                    rcpt.state, rcpt.status = RecipientState.FAILED, "4.4.7"
-            self.events.emit(
-                events.Event(
-                    events.REMOTE_DOMAIN_FAILED,
-                    f"Internal error while delivering: {type(exc).__name__}: {exc}",
-                    queue_id=envelope.id,
-                    cause="internal-error",
-                )
+            await self._internal_error(envelope, exc)
+
+    async def _internal_error(self, envelope: Envelope, exc: Exception) -> None:
+        """Something unexpected failed for this message: it is tried again in INTERNAL_RETRY seconds (until it
+        expires), and event 4000 says why."""
+        now = time.time()
+        expiry = envelope.received_at + self.config.delivery.expiration
+        for rcpt in envelope.recipients:
+            if not rcpt.outstanding:
+                continue
+            rcpt.last_reply = f"internal error: {type(exc).__name__}: {exc}"
+            rcpt.next_attempt = min(now + INTERNAL_RETRY, max(expiry, now))
+            if rcpt.pending and now >= expiry:
+                # even a message that keeps failing inside smtpsvc expires, and its sender hears of it
+                rcpt.state, rcpt.status = RecipientState.FAILED, "4.4.7"
+        self.events.emit(
+            events.Event(
+                events.REMOTE_DOMAIN_FAILED,
+                f"Internal error while delivering: {type(exc).__name__}: {exc}",
+                queue_id=envelope.id,
+                cause="internal-error",
             )
-            try:
-                await self.queue.save(envelope)
-            except QueueError:
-                # Its state cannot be written either. Let go of it without making it due: with the local
-                # spool the index takes the new times above; in a cluster the lease expires first.
-                self.queue.abandon(envelope.id)
+        )
+        try:
+            await self.queue.save(envelope)
+        except QueueError:
+            # Its state cannot be written either. Let go of it without making it due: with the local
+            # spool the index takes the new times above; in a cluster the lease expires first (a full
+            # disk: the spool writes it once there is room).
+            self.queue.abandon(envelope.id)
+
+    def _space_back(self) -> None:
+        """The watcher saw room again: what a full Drop folder deferred is tried now."""
+        self._room_again = True
+        if self._waiting_for_space and (self._space_task is None or self._space_task.done()):
+            self._space_task = asyncio.get_running_loop().create_task(
+                self._retry_waiting_for_space(), name="retry-after-disk-full"
+            )
+
+    async def _retry_waiting_for_space(self) -> None:
+        """Make each message a full Drop folder deferred due now (`make_due`: written, and honoured by a
+        delivery under way). When the queue's disk is full again, the rest wait for the watcher's next
+        "room", which may have come meanwhile."""
+        while self._room_again and not self._stopping:
+            self._room_again = False
+            for queue_id in list(self._waiting_for_space):
+                try:
+                    await self.queue.make_due(time.time(), queue_id=queue_id)
+                except QueueError as exc:
+                    if exc.full:
+                        break
+                self._waiting_for_space.discard(queue_id)
+                self.wake()
 
     def _lease_lost(self, envelope: Envelope, exc: LeaseLost) -> None:
         """Another node owns the message now: our results are dropped, never written over its state.
@@ -326,6 +374,8 @@ class Scheduler:
                     )
             elif choice.route.kind == "smtp":
                 self._keep_transcript(envelope, outcome.transcript, started)
+        if any(outcome.cause == diskspace.CAUSE for outcome in outcomes):
+            self._waiting_for_space.add(envelope.id)
         settlement = settle(envelope, results, now, self.config.delivery, self.rng, postponed)
         apply(envelope, settlement)
         self._log_settlement(envelope, settlement, now)

@@ -30,7 +30,12 @@ from smtpsvc.model import QUEUE_STATES, Envelope, pending_by_link, queue_state
 
 class QueueError(Exception):
     """The queue could not do what was asked (disk full, permissions, database down): the caller answers
-    4xx."""
+    4xx. `full`: for lack of space (ENOSPC, EDQUOT): SMTP answers 452 4.3.1 (RFC 3463: mail system full)
+    rather than 451 4.3.0, and what failed is tried again as soon as there is room, not on a schedule."""
+
+    def __init__(self, *args: object, full: bool = False) -> None:
+        super().__init__(*args)
+        self.full = full
 
 
 class QueueLocked(QueueError):

@@ -65,6 +65,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO
 
+from smtpsvc.diskspace import SpaceWatcher, is_full
 from smtpsvc.model import NO_LINK, QUEUE_STATES, Envelope, RecipientState, new_queue_id
 from smtpsvc.queue.base import (
     SAMPLE_IDS,
@@ -181,7 +182,7 @@ class SpoolWriter:
             self._file.write(data)
         except OSError as exc:
             self.abort()
-            raise QueueError(f"cannot write queue file: {exc.strerror}") from exc
+            raise self._spool.failed("cannot write queue file", exc) from exc
         self._crc = zlib.crc32(data, self._crc)
         self._size += len(data)
 
@@ -255,6 +256,15 @@ class LocalSpool:
         self._recovered: asyncio.Event | None = None  # set when the background recovery is over
         self._update_seq = itertools.count()  # tells concurrent updates' temporary files apart
         self._removals: set[asyncio.Future[None]] = set()  # completed messages' files being removed
+        # A full disk: the watcher reports it (events 9010, 9011) and says when there is room again; then
+        # the envelopes whose save failed for lack of space (kept in memory meanwhile, with the results of
+        # their delivery) are written and due at once, not on the 5-minute internal-error schedule.
+        self.space = SpaceWatcher()
+        self.space.subscribe(self._space_back)
+        self._unsaved: dict[str, Envelope] = {}
+        self._rewriting: asyncio.Task[None] | None = None
+        self._room_again = False  # the watcher saw room while the writes of the last time were under way
+        self.wake: Callable[[], None] = lambda: None  # the scheduler's wake-up (set by LocalStore)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def open(self, *, scan: bool = True) -> None:
@@ -568,6 +578,8 @@ class LocalSpool:
             write_synced(tmp, _encode(envelope), FILE_MODE)
             os.replace(tmp, self.dir / f"{envelope.id}.env")
         except OSError as exc:
+            if is_full(exc):
+                return ""  # a full disk: used as it is, and made ours by its first save
             return f"cannot adopt it from another server's queue: {exc.strerror or exc}"
         self.adopted.append(envelope.id)
         return ""
@@ -582,8 +594,13 @@ class LocalSpool:
             return text
         text = uuid.uuid4().hex
         tmp = self.tmp_dir / "spool.id"
-        write_synced(tmp, text.encode() + b"\n", FILE_MODE)
-        publish(tmp, path)
+        try:
+            write_synced(tmp, text.encode() + b"\n", FILE_MODE)
+            publish(tmp, path)
+        except OSError as exc:  # a first start on a full disk: the queue cannot be made
+            raise QueueError(
+                f"the queue's id file {path} cannot be made: {exc.strerror or exc}", full=is_full(exc)
+            ) from exc
         return text
 
     def close(self) -> None:
@@ -598,6 +615,10 @@ class LocalSpool:
             await asyncio.gather(*self._removals)
 
     async def drain(self) -> None:
+        await self.space.close()
+        if self._rewriting is not None:
+            self._rewriting.cancel()
+            await asyncio.gather(self._rewriting, return_exceptions=True)
         if self._removals:  # completions under way: their files go before the committer stops
             await asyncio.gather(*self._removals, return_exceptions=True)
         await self._committer.close()
@@ -696,7 +717,7 @@ class LocalSpool:
             for fd in fds:
                 os.close(fd)
             self._discard(writer)
-            raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
+            raise self.failed("cannot commit queue file", exc) from exc
 
         def publish() -> None:
             # Durable already (the round synced the files and incoming/): into queue/, the files first and
@@ -711,7 +732,7 @@ class LocalSpool:
             await self._committer.run(Commit(fds, publish, created_in=(self.incoming_dir,)))
         except OSError as exc:
             self._discard(writer)
-            raise QueueError(f"cannot commit queue file: {exc.strerror}") from exc
+            raise self.failed("cannot commit queue file", exc) from exc
         self._index(envelope)
 
     def _discard(self, writer: SpoolWriter) -> None:
@@ -727,9 +748,14 @@ class LocalSpool:
         envelope.spool = self.spool_id
         try:
             await self._replace(self.dir / f"{envelope.id}.env", _encode(envelope), f"{envelope.id}.env.new")
+        except QueueError as exc:
+            if exc.full:
+                self._hold_unsaved(envelope)
+            raise
         finally:
             self._leased.discard(envelope.id)
             self._unpin(envelope.id)
+        self._written(envelope.id)
         self._index(envelope)
 
     async def _replace(
@@ -739,9 +765,9 @@ class LocalSpool:
         the rename is skipped when it says so at that moment."""
         tmp = self.tmp_dir / tmp_name
         try:
-            fd = write_new(tmp, payload, FILE_MODE)
+            fd = write_new(tmp, payload, FILE_MODE)  # removed again when the write fails
         except OSError as exc:
-            raise QueueError(f"cannot update {final.name}: {exc.strerror}") from exc
+            raise self.failed(f"cannot update {final.name}", exc) from exc
 
         def publish() -> None:
             if unless is not None and unless():
@@ -754,7 +780,7 @@ class LocalSpool:
         except OSError as exc:
             with contextlib.suppress(OSError):
                 tmp.unlink()
-            raise QueueError(f"cannot update {final.name}: {exc.strerror}") from exc
+            raise self.failed(f"cannot update {final.name}", exc) from exc
 
     async def update(self, envelope: Envelope, *, index: bool = True) -> None:
         """Persist an operator's change (freeze, thaw, retry) without touching the lease: a message being
@@ -777,6 +803,7 @@ class LocalSpool:
             await self._replace(final, payload, tmp_name, unless=lambda: not final.exists())
         finally:
             self._unpin(envelope.id)
+        self._written(envelope.id)
 
     async def complete(self, queue_id: str) -> None:
         known = self._cached(queue_id)
@@ -812,6 +839,80 @@ class LocalSpool:
         commit.add_done_callback(done)
         self._removals.add(commit)
         commit.add_done_callback(self._removals.discard)
+
+    # -- a full disk -------------------------------------------------------------------------------
+    def failed(self, what: str, exc: OSError) -> QueueError:
+        """The QueueError for a write that failed; one for lack of space is marked `full` (SMTP answers
+        452 4.3.1) and reported to the watcher, which watches for room again."""
+        full = is_full(exc)
+        if full:
+            self.space.full(
+                self.dir,
+                "the queue",
+                "SMTP clients are answered 452 4.3.1 and Pickup files wait in pickup/; delivery goes on and "
+                "frees space as messages leave the queue; delivery results that could not be saved are kept "
+                "in memory and written as soon as there is room.",
+            )
+        return QueueError(f"{what}: {exc.strerror or exc}", full=full)
+
+    def _hold_unsaved(self, envelope: Envelope) -> None:
+        """A save failed for lack of space: keep this envelope (what its delivery did) in memory until it is
+        written, whatever the cache forgets meanwhile."""
+        if envelope.id not in self._unsaved:
+            self._unsaved[envelope.id] = envelope
+            self._pin(envelope)
+
+    def _written(self, queue_id: str) -> None:
+        """The envelope is on disk as it is in memory: no longer held for lack of space."""
+        if self._unsaved.pop(queue_id, None) is not None:
+            self._unpin(queue_id)
+
+    @property
+    def unsaved(self) -> int:
+        """Envelopes whose save failed for lack of space and that wait for room to be written."""
+        return len(self._unsaved)
+
+    def _space_back(self) -> None:
+        """The watcher saw room again: write what could not be written, now."""
+        self._room_again = True
+        if self._unsaved and (self._rewriting is None or self._rewriting.done()):
+            self._rewriting = asyncio.get_running_loop().create_task(
+                self._write_unsaved(), name="queue-unsaved-writes"
+            )
+
+    async def _write_unsaved(self) -> None:
+        """Each envelope held for lack of space is made due at once (what was left to do is tried again now,
+        not minutes later) and written; again while the watcher saw room meanwhile (envelopes held since).
+        One being delivered again is left to that delivery's save."""
+        while self._room_again:
+            self._room_again = False
+            # Full again: the write told the watcher, whose next "room" sets _room_again (this loop goes
+            # on if that came meanwhile, else it starts the next pass).
+            await self._write_held()
+
+    async def _write_held(self) -> bool:
+        """One pass of `_write_unsaved`; False when the disk was full again."""
+        now = time.time()
+        held = [e for e in self._unsaved.values() if e.id in self._known and e.id not in self._leased]
+        for envelope in held:
+            if not envelope.frozen:
+                for rcpt in envelope.recipients:
+                    if rcpt.outstanding:
+                        rcpt.next_attempt = min(rcpt.next_attempt, now)
+            self._index(envelope)
+        if held:
+            self.wake()
+        for start in range(0, len(held), UPDATE_BATCH):
+            batch = [e for e in held[start : start + UPDATE_BATCH] if e.id in self._unsaved]
+            results = await asyncio.gather(
+                *(self.update(e, index=False) for e in batch), return_exceptions=True
+            )
+            if any(isinstance(r, QueueError) and r.full for r in results):
+                return False
+            for result in results:
+                if isinstance(result, BaseException) and not isinstance(result, QueueError):
+                    raise result
+        return True
 
     # -- messages committed by the SMTP worker processes (server.workers) ----------------------------
     def adopt_new(self, queue_id: str) -> Envelope | None:
@@ -891,6 +992,7 @@ class LocalSpool:
         self._cache.pop(queue_id, None)
         self._pinned.pop(queue_id, None)
         self._pins.pop(queue_id, None)
+        self._unsaved.pop(queue_id, None)
         if self._gone is not None:
             self._gone.add(queue_id)
 
@@ -1224,6 +1326,7 @@ class LocalStore:
         self._node_id = node_id
         self._wake = asyncio.Event()
         self._rerun: set[str] = set()  # changed by an operator while leased: due again at save/release
+        spool.wake = self.wake  # room again after a full disk: what waited for it is due
 
     @property
     def node_id(self) -> str:

@@ -67,6 +67,9 @@ from smtpsvc.tls import ServerCertificate
 READ_SIZE = 64 * 1024
 BUFFER_LIMIT = 64 * 1024  # reading pauses above twice this much unread input, resumes at or below it
 SESSION_TOO_BIG = Reply(552, "5.3.4", "Session size limit exceeded (max_session_size); send the rest anew")
+# The queue's disk is full: RFC 5321's 452 "insufficient system storage" with RFC 3463's X.3.1 "mail system
+# full" (Postfix answers the same). The client keeps the message and tries again later.
+MAIL_SYSTEM_FULL = Reply(452, "4.3.1", "Insufficient system storage, please try again later")
 LINGER_SECONDS = 1.0
 TLS_HANDSHAKE_TIMEOUT = 30.0
 
@@ -345,6 +348,7 @@ class Transaction:
     recipients: list[Recipient] = field(default_factory=list)
     writer: MessageWriter | None = None
     write_failed: bool = False
+    write_failure: Reply = replies.TEMP_FAILURE  # a failed write answers 451 4.3.0, or 452 4.3.1 (disk full)
     hops: HopCounter = field(default_factory=HopCounter)
     over_session_size: bool = False
     xexch50: bytes = b""
@@ -557,8 +561,9 @@ class Session:
             return
         try:
             writer.write(data)
-        except QueueError:
-            self.txn.write_failed = True  # keep draining; the end of DATA gets a 451
+        except QueueError as exc:
+            self.txn.write_failed = True  # keep draining; the end of DATA gets a 451 (452 when full)
+            self.txn.write_failure = _queue_failure(exc)
 
     # -- answers -----------------------------------------------------------------------------------------
     # The answers that never wait are plain methods, found by the event's type in _ANSWER_NOW (below the
@@ -762,13 +767,14 @@ class Session:
         return "ESMTP" + ("S" if self.conn.tls else "") + ("A" if self.auth_user else "")
 
     def _start_data(self) -> Reply:
-        return replies.START_DATA if self._open_message() else replies.TEMP_FAILURE
+        return replies.START_DATA if self._open_message() else self.txn.write_failure
 
     def _open_message(self) -> bool:
         """A spool writer for the message now arriving (DATA, or the first BDAT chunk), with our Received."""
         try:
             writer = self.ingest.begin()
-        except QueueError:
+        except QueueError as exc:
+            self.txn.write_failure = _queue_failure(exc)
             return False
         self.txn.writer = writer
         self.txn.write_failed = False
@@ -800,7 +806,7 @@ class Session:
             if not event.last:
                 # this chunk failed: the core repeats our reply for the message's remaining chunks
                 reply = event.error or (
-                    SESSION_TOO_BIG if self.txn.over_session_size else replies.TEMP_FAILURE
+                    SESSION_TOO_BIG if self.txn.over_session_size else self.txn.write_failure
                 )
                 self.txn.abort()
                 return reply
@@ -812,12 +818,12 @@ class Session:
         self._reset_deadline(self.config.server.connection_timeout)
         writer = txn.writer
         if writer is None:
-            return error or replies.TEMP_FAILURE
+            return error or txn.write_failure
         if error is not None or txn.write_failed or txn.over_session_size:
             writer.abort()
             if txn.over_session_size and error is None:
                 return SESSION_TOO_BIG
-            return error or replies.TEMP_FAILURE
+            return error or txn.write_failure
         if txn.hops.received > self.config.server.max_hop_count:
             # A loop: refused in session, never bounced (SPEC 2.1).
             writer.abort()
@@ -838,9 +844,9 @@ class Session:
         )
         try:
             envelope = await self.ingest.commit(writer, fields)
-        except QueueError:
+        except QueueError as exc:
             writer.abort()
-            return replies.TEMP_FAILURE
+            return _queue_failure(exc)
         self.session_bytes += envelope.size
         if self.metrics is not None:  # metrics hook: end of data → 250, the fsync included
             self.metrics.message_accepted(time.monotonic() - ended)
@@ -855,6 +861,11 @@ class Session:
         if masquerade and domain and domain.rstrip(".").lower() in self.config.local_domains:
             return f"{local}@{masquerade}"
         return sender
+
+
+def _queue_failure(exc: QueueError) -> Reply:
+    """The answer when the queue cannot take the message: 452 4.3.1 for a full disk, else 451 4.3.0."""
+    return MAIL_SYSTEM_FULL if exc.full else replies.TEMP_FAILURE
 
 
 def _xtext(value: str | None) -> str:
