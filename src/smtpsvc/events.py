@@ -62,6 +62,7 @@ SERVICE_STOPPED = 9003
 PICKUP_REJECTED = 9004
 RECATEGORIZED = 9005
 QUEUE_ADMIN = 9006  # an operator changed the queue (freeze, thaw, retry, delete, recategorize), CLI or web
+TASK_STOPPED = 9007  # a part of the service (Pickup, the scheduler, ...) stopped with an error; restarted
 DISK_FULL = 9010  # a write failed for lack of space (ENOSPC, EDQUOT): once per episode and what (queue, Drop)
 DISK_SPACE_AVAILABLE = 9011  # that file system has room again; also: events the log file could not take
 LEVELS.update(
@@ -72,10 +73,9 @@ LEVELS.update(
         PICKUP_REJECTED: "error",
         DISK_FULL: "error",
         DISK_SPACE_AVAILABLE: "info",
+        TASK_STOPPED: "error",
     }
 )
-TASK_STOPPED = 9007  # a part of the service (Pickup, the scheduler, ...) stopped with an error; restarted
-LEVELS[TASK_STOPPED] = "error"
 
 
 def disk_space_event(full: bool, text: str) -> Event:
