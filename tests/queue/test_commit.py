@@ -77,6 +77,27 @@ async def test_a_failing_then_and_an_unopenable_directory_fail_their_commits(tmp
     await committer.close()
 
 
+async def test_an_unexpected_error_in_a_then_fails_its_commit_and_the_batch_goes_on(tmp_path: Path) -> None:
+    """Not only OSError: a bug in a publish step answers its own caller; no caller is left waiting."""
+    committer = GroupCommitter()
+
+    def broken() -> None:
+        raise ValueError("a bug")
+
+    results = await asyncio.wait_for(
+        asyncio.gather(
+            committer.run(Commit([written(tmp_path / "a")], broken, (tmp_path,))),
+            committer.run(Commit([written(tmp_path / "b")], None, (tmp_path,))),
+            return_exceptions=True,
+        ),
+        timeout=30,
+    )
+    assert isinstance(results[0], ValueError)
+    assert results[1] is None
+    await committer.run(Commit([written(tmp_path / "c")], None, (tmp_path,)))  # the committer still works
+    await committer.close()
+
+
 async def test_a_cancelled_caller_does_not_stop_the_batch(tmp_path: Path) -> None:
     committer = GroupCommitter()
     published: list[str] = []

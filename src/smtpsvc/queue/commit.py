@@ -81,7 +81,12 @@ class GroupCommitter:
             while self._pending:
                 batch = self._pending[: self._max_batch]
                 del self._pending[: self._max_batch]
-                dirs = await self._sync_and_publish(loop, batch)
+                try:
+                    dirs = await self._sync_and_publish(loop, batch)
+                except Exception as exc:  # a bug here must fail the batch's callers, never leave them waiting
+                    _fail(batch, exc)
+                    _resolve(batch)
+                    continue
                 self.batches += 1
                 self.jobs += len(batch)
                 if not dirs:
@@ -126,7 +131,7 @@ class GroupCommitter:
             if item.commit.then is not None:
                 try:
                     item.commit.then()
-                except OSError as exc:
+                except Exception as exc:  # not only OSError: whatever it is, its own caller hears of it
                     item.error = exc
                     continue
             if SYNCS_DIRS:
@@ -139,20 +144,24 @@ class GroupCommitter:
     ) -> None:
         """Step 3, then the callers' answers."""
         assert self._fsyncs is not None
-        opened: list[int] = []
-        errors: list[BaseException | None] = []
-        for directory in dirs:
-            try:
-                opened.append(os.open(directory, os.O_RDONLY))
-                errors.append(None)
-            except OSError as exc:
-                errors.append(exc)
-        synced = iter(await self._fsyncs.run(loop, opened))
-        errors = [error if error is not None else next(synced) for error in errors]
-        for members, error in zip(dirs.values(), errors, strict=True):
-            if error is not None:
-                _fail(members, error)
-        _resolve(batch)
+        try:
+            opened: list[int] = []
+            errors: list[BaseException | None] = []
+            for directory in dirs:
+                try:
+                    opened.append(os.open(directory, os.O_RDONLY))
+                    errors.append(None)
+                except OSError as exc:
+                    errors.append(exc)
+            synced = iter(await self._fsyncs.run(loop, opened))
+            errors = [error if error is not None else next(synced) for error in errors]
+            for members, error in zip(dirs.values(), errors, strict=True):
+                if error is not None:
+                    _fail(members, error)
+        except Exception as exc:  # as in _drain: the callers get an answer whatever happens
+            _fail(batch, exc)
+        finally:
+            _resolve(batch)
 
     async def close(self) -> None:
         if self._running is not None:
