@@ -1,0 +1,99 @@
+"""Hostile Pickup files against the running service: a name that is not UTF-8, CR-only line ends, a line
+longer than SMTP allows. Each bad file goes to Badmail once, with the right reason, and Pickup goes on."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from smtpsvc.app import Service
+from tests.conftest import StartService, events_of, wait_until
+
+GOOD = b"X-Sender: app@local.test\r\nX-Receiver: <ops@local.test>\r\nFrom: app@local.test\r\n\r\nhello\r\n"
+
+
+def drop_files(service: Service) -> list[Path]:
+    return sorted(service.folders["drop"].glob("*.eml"))
+
+
+def badmail(service: Service, suffix: str) -> list[Path]:
+    return sorted(service.folders["badmail"].glob(f"*{suffix}"))
+
+
+def write_named(folder: Path, name: bytes, content: bytes) -> None:
+    with open(os.path.join(os.fsencode(folder), name), "wb") as fh:
+        fh.write(content)
+
+
+def every_event_line_is_utf8_json(service: Service) -> bool:
+    service.events.flush()
+    raw = (service.folders["log"] / "events.jsonl").read_bytes()
+    return all(json.loads(line.decode("utf-8")) for line in raw.splitlines())
+
+
+async def test_a_file_whose_name_is_not_utf8_goes_to_badmail_whole_and_pickup_goes_on(
+    start_service: StartService,
+) -> None:
+    service = await start_service()
+    write_named(service.folders["pickup"], b"bad\xffname.eml", b"x\r\n")
+    [bad] = await wait_until(lambda: badmail(service, ".bad"), what="the Badmail item")
+    assert bad.name == "pickup-bad_name.bad" and bad.read_bytes() == b"x\r\n"
+    bdr = bad.with_suffix(".bdr").read_text(encoding="utf-8")
+    assert "Pickup file bad\\xffname.eml: the file has no message headers: line 1 is not a header" in bdr
+    assert json.loads(bad.with_suffix(".bdp").read_text())["pickup_file"] == "bad\\xffname.eml"
+    [written] = await wait_until(lambda: events_of(service, 3005), what="event 3005")
+    assert "bad\\xffname.eml" in written["text"] and "no message headers" in written["text"]
+    assert not os.listdir(os.fsencode(service.folders["pickup"] / ".claimed"))
+    (service.folders["pickup"] / "later.eml").write_bytes(GOOD)
+    await wait_until(lambda: drop_files(service), what="a later file delivered")
+    assert every_event_line_is_utf8_json(service)
+
+
+async def test_a_bad_file_left_claimed_by_a_crash_goes_to_badmail_once_and_later_files_are_picked_up(
+    start_service: StartService,
+) -> None:
+    service = await start_service()
+    root = service.root
+    await service.stop()
+    claimed = root / "pickup" / ".claimed"
+    write_named(claimed, b"left\xfe\x01name.eml", b"x\r\n")  # as the service before this fix left it
+    (root / "pickup" / "later.eml").write_bytes(GOOD)
+    again = await start_service(server={"root": str(root)})
+    await wait_until(lambda: drop_files(again), what="the later file delivered")
+    [bdr] = await wait_until(lambda: badmail(again, ".bdr"), what="the Badmail item")
+    assert "left\\xfe\\x01name.eml" in bdr.read_text(encoding="utf-8")
+    await again.stop()
+    third = await start_service(server={"root": str(root)})
+    (root / "pickup" / "after-restart.eml").write_bytes(GOOD)
+    await wait_until(lambda: len(drop_files(third)) == 2, what="a file after the restart delivered")
+    assert len(badmail(third, ".bdr")) == 1 and len(badmail(third, ".bad")) == 1  # no orphan .bdr per restart
+    assert not os.listdir(os.fsencode(claimed))
+    assert every_event_line_is_utf8_json(third)
+
+
+async def test_a_file_with_cr_only_line_ends_and_envelope_lines_is_delivered(
+    start_service: StartService,
+) -> None:
+    service = await start_service()
+    (service.folders["pickup"] / "mac.eml").write_bytes(GOOD.replace(b"\r\n", b"\r"))
+    [dropped] = await wait_until(lambda: drop_files(service), what="the message delivered")
+    data = dropped.read_bytes()
+    assert data.startswith(b"X-Sender: <app@local.test>\r\nX-Receiver: <ops@local.test>\r\n")
+    assert data.endswith(b"From: app@local.test\r\n\r\nhello\r\n")
+    assert not badmail(service, ".bad")
+
+
+async def test_a_100_kb_header_line_goes_to_badmail_naming_the_line_and_the_limit(
+    start_service: StartService,
+) -> None:
+    service = await start_service()
+    long_header = GOOD.replace(b"\r\n\r\n", b"\r\nSubject: " + b"s" * 100_000 + b"\r\n\r\n")
+    (service.folders["pickup"] / "long.eml").write_bytes(long_header)
+    [bdr] = await wait_until(lambda: badmail(service, ".bdr"), what="the Badmail item")
+    text = bdr.read_text(encoding="utf-8")
+    assert "line 4 of the file is longer than 1000 octets" in text and "RFC 5321 section 4.5.3.1.6" in text
+    assert bdr.with_suffix(".bad").read_bytes() == long_header
+    (service.folders["pickup"] / "later.eml").write_bytes(GOOD)
+    await wait_until(lambda: drop_files(service), what="a later file delivered")
+    assert len(drop_files(service)) == 1
