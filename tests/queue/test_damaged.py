@@ -275,3 +275,48 @@ async def test_a_message_file_that_cannot_be_opened_is_set_aside_once_not_retrie
     assert not (root / "queue" / f"{bad.id}.env").exists() and bad.id not in again.queue.ids()
     assert [e for e in events_of(again, 4000) if e.get("queue_id") == bad.id] == []  # no "internal-error"
     assert good.id not in again.queue.ids()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("links.json", b"[]", "not a list of frozen links; no link is frozen"),
+        ("links.json", b'{"frozen": 5}', "not a list of frozen links"),
+        ("links.json", b"[" * 100_000 + b"]" * 100_000, "not valid JSON (nested too deep)"),
+        ("links.json", None, "it cannot be read: Is a directory"),
+        (
+            "forced.json",
+            b'{"at": "soon"}',
+            "its time is not a number; the last `queue retry --all` is forgotten",
+        ),
+        ("forced.json", b"null", "its time is not a number"),
+        ("spool.id", b"\xff\xfe\n", "a new one is made; the queued messages are adopted"),
+        ("spool.id", None, "Is a directory; a new one is made"),
+    ],
+    ids=[
+        "links array",
+        "links number",
+        "links nested",
+        "links a folder",
+        "forced text",
+        "forced null",
+        "id binary",
+        "id a folder",
+    ],
+)
+async def test_a_damaged_queue_state_file_is_set_aside_and_the_queue_opens(
+    tmp_path: Path, name: str, content: bytes | None, reason: str
+) -> None:
+    [good] = await queue_of(tmp_path / "queue", 1)
+    path = tmp_path / "queue" / name
+    path.unlink(missing_ok=True)
+    if content is None:
+        path.mkdir()  # unreadable for anyone, root included
+    else:
+        path.write_bytes(content)
+    spool, reports = reopened(tmp_path / "queue")
+    assert [e.id for e in spool.list()] == [good.id]
+    [(reported, why)] = reports
+    assert reported == name and reason in why
+    assert (spool.corrupt_dir / name).exists()
+    spool.close()

@@ -626,8 +626,15 @@ class LocalSpool:
     def _read_or_make_id(self) -> str:
         path = self.dir / "spool.id"
         try:
-            text = path.read_text(encoding="ascii").strip()
+            with open(path, "rb") as fh:
+                text = fh.read(200).decode("ascii").strip()
+            if not text or len(text) > 64 or not text.isalnum():
+                raise ValueError("it does not hold an id")
         except FileNotFoundError:
+            text = ""
+        except (OSError, ValueError) as exc:  # a new id: this spool's envelopes are adopted as another's
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._state_aside("spool.id", f"{why}; a new one is made", "the queued messages are adopted")
             text = ""
         if text:
             return text
@@ -1115,24 +1122,44 @@ class LocalSpool:
                 rcpt.next_attempt = at
 
     def _read_forced(self) -> float:
-        try:
-            at = json.loads((self.dir / FORCED).read_bytes())["at"]
-            return float(at) if type(at) in (int, float) else 0.0
-        except FileNotFoundError:
+        found, data = self._read_state(FORCED, "the last `queue retry --all` is forgotten")
+        if not found:
             return 0.0
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            self._on_corrupt(FORCED, f"not valid ({exc}); the last `queue retry --all` is forgotten")
+        at: Any = data.get("at") if isinstance(data, dict) else None
+        if type(at) not in (int, float) or not -_LARGEST < at < _LARGEST:
+            self._state_aside(FORCED, "its time is not a number", "the last `queue retry --all` is forgotten")
             return 0.0
+        return float(at)
 
     def _read_links(self) -> frozenset[str]:
+        found, data = self._read_state("links.json", "no link is frozen")
+        if not found:
+            return frozenset()
+        frozen = data.get("frozen", []) if isinstance(data, dict) else None
+        if type(frozen) is not list or any(type(link) is not str for link in frozen):
+            self._state_aside("links.json", "it is not a list of frozen links", "no link is frozen")
+            return frozenset()
+        return frozenset(frozen)
+
+    def _read_state(self, name: str, meanwhile: str) -> tuple[bool, Any]:
+        """(True, the JSON of queue/<name>), or (False, None) when there is none to use: absent, or it
+        cannot be read or parsed, and then it is set aside with an event saying what is lost."""
         try:
-            data = json.loads((self.dir / "links.json").read_bytes())
-            return frozenset(str(link) for link in data.get("frozen", []))
+            return True, json.loads(_read(f"{self._dir_str}{name}"))
         except FileNotFoundError:
-            return frozenset()
-        except (ValueError, AttributeError, TypeError, RecursionError) as exc:
-            self._on_corrupt("links.json", f"not valid JSON ({exc}); no link is frozen")
-            return frozenset()
+            return False, None
+        except OSError as exc:
+            self._state_aside(name, f"it cannot be read: {exc.strerror or exc}", meanwhile)
+        except ValueError as exc:
+            self._state_aside(name, f"not valid JSON ({exc})", meanwhile)
+        except RecursionError:
+            self._state_aside(name, "not valid JSON (nested too deep)", meanwhile)
+        return False, None
+
+    def _state_aside(self, name: str, problem: str, meanwhile: str) -> None:
+        with contextlib.suppress(OSError):
+            shutil.move(str(self.dir / name), str(self.corrupt_dir / name))
+        self._on_corrupt(name, f"{problem}; {meanwhile}")
 
     # -- reading -------------------------------------------------------------------------------------
     def get(self, queue_id: str) -> Envelope | None:
@@ -1265,9 +1292,15 @@ class LocalSpool:
         if queue_id in self._completing:
             return None
         try:
-            return (self.dir / f"{queue_id}.x50").read_bytes()
+            return _read(f"{self._dir_str}{queue_id}.x50")
         except FileNotFoundError:
             return None
+        except OSError as exc:  # as for the message file (open_message): set aside once, not retried
+            if exc.errno in _SHORTAGES or queue_id not in self._known or queue_id in self._completing:
+                raise
+            reason = f"{queue_id}.x50 cannot be read: {exc.strerror or exc}"
+            self._set_aside(queue_id, reason)
+            raise MessageSetAside(f"message {queue_id} was moved to queue/corrupt: {reason}") from exc
 
     def message_path(self, queue_id: str) -> Path:
         return self.dir / f"{queue_id}.eml"
