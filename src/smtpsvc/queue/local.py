@@ -12,15 +12,18 @@ Commit protocol (the durability argument, see docs/architecture.md):
             "Out" is into spare/, where new messages take their files from (queue/spares.py).
 An Exchange XEXCH50 blob, when one came with the message, is `<id>.x50`, written and synced with the .eml.
 
-Recovery at open, before anything else writes: tmp/ is emptied (nothing there was acknowledged); in
-incoming/ (only what was in flight: small), a .pending that does not parse was cut short before its sync,
-so it was never acknowledged: removed with its files; a whole .pending whose files match is published, one
-whose files do not is moved to corrupt/ with an event; files without a .pending are finished (their .env is
-in queue/) or removed (a put that never got that far). Then the queue is indexed: at once for a tool, in
-the background for the service (`recover`), which takes mail meanwhile. The .env files are read in a
-thread; one that does not parse (not an object, nested too deep, ...) or lacks its .eml is moved to
-corrupt/ with an event, never dropped silently and never blocking the rest; a .eml or .x50 without .env
-(a completion a crash cut short) is removed.
+Recovery at open, before anything else writes: tmp/ is emptied (nothing there was acknowledged); in incoming/
+(only what was in flight: small), a .pending that does not parse was cut short before its sync, so it was
+never acknowledged: removed with its files; a whole .pending whose files match is published, one whose files
+do not, or that is JSON of the wrong shape, is moved to corrupt/ with an event; files without a .pending are
+finished (their .env is in queue/) or removed (a put that never got that far). Then the queue is indexed: at
+once for a tool, in the background for the service (`recover`), which takes mail meanwhile. The .env files are
+read in a thread; one that does not parse (not an object, nested too deep, a field of the wrong type, over 64
+MB, ...) or lacks its .eml is moved to corrupt/ with an event, never dropped silently and never blocking the
+rest (a field the index does not need is checked at the envelope's first full read instead: a lease, a tool);
+a .eml or .x50 without .env is removed when it is the rest of a completion a crash cut short (its other files
+are in spare/ at the start), else moved to corrupt/ with an event. A .eml that cannot be opened later (a
+delivery) is moved aside too, once (`MessageSetAside`), not retried.
 
 Memory does not grow with the size of the envelopes: per queued message the spool keeps its id, its due
 time (`queue/index.py`) and its shape (frozen, tried, pending recipients per link: what the summaries
