@@ -5,10 +5,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 from smtpsvc.app import Service
-from tests.conftest import StartService, events_of, wait_until
+from tests.conftest import StartService, base_sections, events_of, wait_until, write_config
+from tests.process import ServiceProcess
 
 GOOD = b"X-Sender: app@local.test\r\nX-Receiver: <ops@local.test>\r\nFrom: app@local.test\r\n\r\nhello\r\n"
 
@@ -97,3 +103,41 @@ async def test_a_100_kb_header_line_goes_to_badmail_naming_the_line_and_the_limi
     (service.folders["pickup"] / "later.eml").write_bytes(GOOD)
     await wait_until(lambda: drop_files(service), what="a later file delivered")
     assert len(drop_files(service)) == 1
+
+
+NOBODY = 65534
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A folder the user nobody owns, outside pytest's tmp (mode 0700, closed to other users)."""
+    folder = Path(tempfile.mkdtemp(prefix="smtpsvc-nobody-"))
+    os.chown(folder, NOBODY, NOBODY)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+async def test_a_file_the_service_may_not_read_goes_to_badmail_once_as_it_is(nobody_dir: Path) -> None:
+    """The service runs as nobody (as under systemd's User=); an application drops a file only root may
+    read. It cannot be copied, so it is moved into Badmail whole, once, instead of being retried forever."""
+    root = nobody_dir / "mailroot"
+    config = write_config(nobody_dir / "smtpsvc.toml", base_sections(root))
+    as_nobody = ("setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups")
+    service = ServiceProcess(config, root, prefix=as_nobody).start()
+    try:
+        secret = root / "pickup" / "secret.eml"
+        secret.write_bytes(GOOD)
+        secret.chmod(0o600)  # root's own file: nobody may not read it
+        [bdr] = await wait_until(lambda: sorted((root / "badmail").glob("*.bdr")), what="the Badmail item")
+        assert bdr.name == "pickup-secret.bdr"
+        assert "Pickup file secret.eml: the file cannot be opened: Permission denied" in bdr.read_text()
+        assert bdr.with_suffix(".bad").read_bytes() == GOOD  # moved as it was
+        (root / "pickup" / "later.eml").write_bytes(GOOD)
+        (root / "pickup" / "later.eml").chmod(0o644)
+        await wait_until(lambda: list((root / "drop").glob("*.eml")), what="a later file delivered")
+    finally:
+        assert service.terminate() == 0
+    lines = (root / "log" / "events.jsonl").read_text().splitlines()
+    about_secret = [e for e in map(json.loads, lines) if "secret.eml" in e["text"]]
+    assert [e["id"] for e in about_secret] == [3005]  # once: no "will retry" every second
+    assert "Traceback" not in service.stderr_text()

@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from smtpsvc import events
 from smtpsvc.events import EventLog
-from smtpsvc.safeio import publish, synced_file, write_synced
+from smtpsvc.safeio import fsync_dir, publish, synced_file, write_synced
 
 
 def write_badmail(
@@ -30,9 +30,11 @@ def write_badmail(
     reasons: Sequence[str],
     envelope: dict[str, Any] | None,
     max_size: int,
+    move: bool = False,
 ) -> Path | None:
     """Write one Badmail item; returns the .bad path, or None when Badmail is disabled (max_size 0).
     `message` is a file name, the bytes, or a seekable handle read from its start (the caller closes it).
+    With `move`, the file named is renamed into Badmail instead of copied (one that cannot be read).
 
     Runs in a worker thread. Raises OSError when the folder cannot be written.
     """
@@ -50,6 +52,10 @@ def write_badmail(
         write_synced(bdr, "".join(f"{line}\r\n" for line in reasons).encode("utf-8", "backslashreplace"))
         text = json.dumps(envelope or {}, indent=2, ensure_ascii=False)
         write_synced(bdp, text.encode("utf-8", "backslashreplace"))
+        if move and isinstance(message, Path):
+            os.rename(message, bad)  # no copy: it cannot be read; kept as it is for the operator
+            fsync_dir(badmail_dir)
+            return bad
         with synced_file(tmp) as out:
             if isinstance(message, bytes):
                 out.write(message)
@@ -126,6 +132,7 @@ async def put_badmail(
     reasons: Sequence[str],
     envelope: dict[str, Any] | None,
     max_size: int,
+    move: bool = False,
 ) -> Path | None:
     """Write one item and keep the folder under its cap, in a worker thread; log what the cap removed.
 
@@ -133,7 +140,7 @@ async def put_badmail(
     """
 
     def work() -> tuple[Path | None, list[str]]:
-        path = write_badmail(badmail_dir, name, message, reasons, envelope, max_size)
+        path = write_badmail(badmail_dir, name, message, reasons, envelope, max_size, move)
         return path, (enforce_cap(badmail_dir, max_size) if path is not None else [])
 
     path, dropped = await asyncio.to_thread(work)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import time
@@ -45,6 +46,11 @@ PICKUP_ERROR = "Error is processing file in pickup directory. The specific error
 
 class InvalidPickupFile(Exception):
     """The file is not a message we can send; the text says why (goes into the .bdr)."""
+
+
+class UnreadablePickupFile(InvalidPickupFile):
+    """The file cannot be opened (no permission, say): it is moved into Badmail as it is, not retried every
+    second."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,7 +413,7 @@ class PickupScanner:
             envelope = await asyncio.to_thread(self._read, path, writer)
         except InvalidPickupFile as exc:
             writer.abort()
-            await self._reject(path, str(exc))
+            await self._reject(path, str(exc), move=isinstance(exc, UnreadablePickupFile))
             return
         except (OSError, QueueError) as exc:
             writer.abort()
@@ -443,13 +449,19 @@ class PickupScanner:
             os.rename(path, self.dir / path.name)
 
     def _read(self, path: Path, writer: MessageWriter) -> PickupEnvelope:
-        with open(path, "rb") as fh:
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR):
+                raise  # a shortage of the moment: put back, tried again
+            raise UnreadablePickupFile(f"the file cannot be opened: {exc.strerror or exc}") from exc
+        with fh:
             server = self.config.server
             return read_pickup_file(
                 fh, writer, server.hostname, server.max_message_size, server.max_hop_count
             )
 
-    async def _reject(self, path: Path, reason: str) -> None:
+    async def _reject(self, path: Path, reason: str, move: bool = False) -> None:
         """The file goes to Badmail under a name of safe ASCII characters; the event and the .bdr show its
         own name, escaped where it is not UTF-8 text."""
         shown, reason = printable(path.name), printable(reason)
@@ -462,6 +474,7 @@ class PickupScanner:
                 [f"{PICKUP_ERROR} Pickup file {shown}: {reason}"],
                 {"pickup_file": shown, "reason": reason},
                 self.config.badmail.max_size,
+                move,
             )
         except OSError as exc:
             self.events.emit(
