@@ -320,3 +320,27 @@ async def test_a_damaged_queue_state_file_is_set_aside_and_the_queue_opens(
     assert reported == name and reason in why
     assert (spool.corrupt_dir / name).exists()
     spool.close()
+
+
+async def test_a_queue_file_whose_name_is_not_utf8_is_set_aside_and_reported_escaped(
+    start_service: StartService,
+) -> None:
+    service = await start_service()
+    root = service.root
+    await service.stop()
+    [copied] = await queue_of(root / "queue", 1)
+    folder = os.fsencode(root / "queue")
+    for suffix in (b".env", b".eml"):  # copied in from another system, by hand
+        os.rename(
+            os.path.join(folder, copied.id.encode() + suffix), os.path.join(folder, b"bad\xff\nname" + suffix)
+        )
+    again = await start_service(server={"root": str(root)})
+    [event] = await wait_until(lambda: events_of(again, 9001), what="event 9001")
+    assert event["queue_id"] == "bad\\xff\\x0aname" and "does not match its file name" in event["text"]
+    assert sorted(os.listdir(os.fsencode(root / "queue" / "corrupt"))) == [
+        b"bad\xff\nname.eml",
+        b"bad\xff\nname.env",
+    ]
+    await again.stop()
+    raw = (root / "log" / "events.jsonl").read_bytes()
+    assert all(json.loads(line.decode("utf-8")) for line in raw.splitlines())

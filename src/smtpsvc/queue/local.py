@@ -234,7 +234,12 @@ class LocalSpool:
         self._incoming_str = f"{self.incoming_dir}{os.sep}"
         self.corrupt_dir = root / "corrupt"
         self.spares = SparePool(root / "spare")
-        self._on_corrupt = on_corrupt or (lambda name, reason: None)
+        report = on_corrupt or (lambda name, reason: None)
+        # A file name that is not UTF-8 (copied in from another system) reaches the event log escaped: a
+        # lone surrogate there would make the log unwritable.
+        self._on_corrupt: Callable[[str, str], None] = lambda name, reason: report(
+            _shown(name), _shown(reason)
+        )
         self._committer = GroupCommitter()
         # Every queued message by id, with its shape (what the summaries count); its envelope stays on disk.
         self._known: dict[str, Shape] = {}
@@ -1687,6 +1692,23 @@ def _envelope_from(payload: bytes) -> Envelope:
     if problem:
         raise ValueError(problem)
     return Envelope.from_json(data)
+
+
+def _shown(text: str) -> str:
+    """`text` as an event can hold it: bytes of a file name that are not UTF-8 and control characters as
+    \\xNN escapes (folders/badmail.py `printable` does the same above this layer)."""
+    if text.isprintable():
+        return text
+    raw = text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else repr(c)[1:-1] for c in text
+    )
+
+
+def _only_escapes(text: str) -> bool:
+    """True when every surrogate in `text` stands for a byte of a file name (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 def _problem(exc: Exception) -> str:
