@@ -44,15 +44,15 @@ def without(name: str) -> Edit:
 
 # Valid JSON that is not an envelope: (what is wrong, how, words the reason must contain).
 SHAPES: list[tuple[str, Edit | bytes, str]] = [
-    ("array", b"[]", "JSON a list, not an object"),
-    ("null", b"null", "JSON null, not an object"),
-    ("number", b"5", "JSON a number, not an object"),
+    ("array", b"[]", "the envelope is a list, not an object"),
+    ("null", b"null", "the envelope is null, not an object"),
+    ("number", b"5", "the envelope is a number, not an object"),
     ("nested 100000 deep", b"[" * 100_000 + b"]" * 100_000, "nested too deep"),
     ("sender a number", field("sender", 5), "sender is a number, not text"),
     ("id a number", field("id", 5), "id is a number, not text"),
     ("recipients an object", field("recipients", {}), "recipients is an object, not a list"),
     ("recipients null", field("recipients", None), "recipients is null, not a list"),
-    ("a recipient a number", field("recipients", [5]), "recipient 1: a JSON a number, not an object"),
+    ("a recipient a number", field("recipients", [5]), "recipient 1 is a number, not an object"),
     ("address null", field("address", None, recipient=True), "recipient 1: address is null, not text"),
     ("next_attempt text", field("next_attempt", "soon", True), "next_attempt is text, not a number"),
     ("attempts a fraction", field("attempts", 1.5, True), "attempts is a number, not a whole number"),
@@ -61,7 +61,11 @@ SHAPES: list[tuple[str, Edit | bytes, str]] = [
     ("next_attempt NaN", field("next_attempt", float("nan"), True), "next_attempt is nan, out of range"),
     ("size beyond any file", field("size", 10**30), "out of range"),
     ("history a number", field("history", 5, True), "history is a number, not a list"),
-    ("history of numbers", field("history", [5], True), "an attempt in its history is a JSON a number"),
+    (
+        "history of numbers",
+        field("history", [5], True),
+        "an attempt in its history is a number, not an object",
+    ),
     ("notify text", field("notify", "NEVER", True), "notify is not a list of text"),
     ("transcripts of numbers", field("transcripts", [[1]]), "transcripts is not a list of lists of text"),
     ("sender missing", without("sender"), "the field 'sender' is missing"),

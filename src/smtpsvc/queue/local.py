@@ -1624,7 +1624,7 @@ def _shape_problem(data: Any) -> str:
     text belongs, `null`, a list...), a number that is not finite; "" when its shape is right. `[]`, `null`
     or `5` are damage like any other, reported instead of failing on them later."""
     if type(data) is not dict:
-        return f"the envelope is a JSON {_json_type(data)}, not an object"
+        return f"the envelope is {_json_type(data)}, not an object"
     problem = _fields_problem(data, _ENVELOPE_TYPES, "")
     if problem:
         return problem
@@ -1634,7 +1634,7 @@ def _shape_problem(data: Any) -> str:
     for n, rcpt in enumerate(recipients, 1):
         where = f"recipient {n}: "
         if type(rcpt) is not dict:
-            return f"{where}a JSON {_json_type(rcpt)}, not an object"
+            return f"recipient {n} is {_json_type(rcpt)}, not an object"
         problem = _fields_problem(rcpt, _RECIPIENT_TYPES, where)
         if problem:
             return problem
@@ -1645,7 +1645,7 @@ def _shape_problem(data: Any) -> str:
             return f"{where}history is {_json_type(history)}, not a list"
         for attempt in history:
             if type(attempt) is not dict:
-                return f"{where}an attempt in its history is a JSON {_json_type(attempt)}, not an object"
+                return f"{where}an attempt in its history is {_json_type(attempt)}, not an object"
             problem = _fields_problem(attempt, _ATTEMPT_TYPES, f"{where}history: ")
             if problem:
                 return problem
