@@ -790,9 +790,7 @@ class LocalSpool:
                 path.unlink()
 
     async def save(self, envelope: Envelope) -> None:
-        if (
-            envelope.id in self._aside
-        ):  # moved to corrupt/ during its delivery: writing it would bring it back
+        if envelope.id in self._aside:  # moved to corrupt/ during its delivery: a write would bring it back
             self._leased.discard(envelope.id)
             self._unpin(envelope.id)
             return
