@@ -67,8 +67,8 @@ async def test_a_bad_file_left_claimed_by_a_crash_goes_to_badmail_once_and_later
     (root / "pickup" / "later.eml").write_bytes(GOOD)
     again = await start_service(server={"root": str(root)})
     await wait_until(lambda: drop_files(again), what="the later file delivered")
-    [bdr] = await wait_until(lambda: badmail(again, ".bdr"), what="the Badmail item")
-    assert "left\\xfe\\x01name.eml" in bdr.read_text(encoding="utf-8")
+    [bad] = await wait_until(lambda: badmail(again, ".bad"), what="the Badmail item")  # written last
+    assert "left\\xfe\\x01name.eml" in bad.with_suffix(".bdr").read_text(encoding="utf-8")
     await again.stop()
     third = await start_service(server={"root": str(root)})
     (root / "pickup" / "after-restart.eml").write_bytes(GOOD)
@@ -96,10 +96,10 @@ async def test_a_100_kb_header_line_goes_to_badmail_naming_the_line_and_the_limi
     service = await start_service()
     long_header = GOOD.replace(b"\r\n\r\n", b"\r\nSubject: " + b"s" * 100_000 + b"\r\n\r\n")
     (service.folders["pickup"] / "long.eml").write_bytes(long_header)
-    [bdr] = await wait_until(lambda: badmail(service, ".bdr"), what="the Badmail item")
-    text = bdr.read_text(encoding="utf-8")
+    [bad] = await wait_until(lambda: badmail(service, ".bad"), what="the Badmail item")  # written last
+    text = bad.with_suffix(".bdr").read_text(encoding="utf-8")
     assert "line 4 of the file is longer than 1000 octets" in text and "RFC 5321 section 4.5.3.1.6" in text
-    assert bdr.with_suffix(".bad").read_bytes() == long_header
+    assert bad.read_bytes() == long_header
     (service.folders["pickup"] / "later.eml").write_bytes(GOOD)
     await wait_until(lambda: drop_files(service), what="a later file delivered")
     assert len(drop_files(service)) == 1
@@ -128,10 +128,11 @@ async def test_a_file_the_service_may_not_read_goes_to_badmail_once_as_it_is(nob
         secret = root / "pickup" / "secret.eml"
         secret.write_bytes(GOOD)
         secret.chmod(0o600)  # root's own file: nobody may not read it
-        [bdr] = await wait_until(lambda: sorted((root / "badmail").glob("*.bdr")), what="the Badmail item")
-        assert bdr.name == "pickup-secret.bdr"
-        assert "Pickup file secret.eml: the file cannot be opened: Permission denied" in bdr.read_text()
-        assert bdr.with_suffix(".bad").read_bytes() == GOOD  # moved as it was
+        # The .bad comes last: once it is there, the item is whole.
+        [bad] = await wait_until(lambda: sorted((root / "badmail").glob("*.bad")), what="the Badmail item")
+        assert bad.name == "pickup-secret.bad" and bad.read_bytes() == GOOD  # moved as it was
+        text = bad.with_suffix(".bdr").read_text()
+        assert "Pickup file secret.eml: the file cannot be opened: Permission denied" in text
         (root / "pickup" / "later.eml").write_bytes(GOOD)
         (root / "pickup" / "later.eml").chmod(0o644)
         await wait_until(lambda: list((root / "drop").glob("*.eml")), what="a later file delivered")
