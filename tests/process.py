@@ -13,9 +13,11 @@ from pathlib import Path
 
 
 class ServiceProcess:
-    def __init__(self, config_file: Path, root: Path) -> None:
+    def __init__(self, config_file: Path, root: Path, prefix: tuple[str, ...] = ()) -> None:
+        """`prefix`: a command that runs the service, e.g. setpriv to run it as another user."""
         self.config_file = config_file
         self.root = root
+        self.prefix = prefix
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
 
@@ -24,7 +26,7 @@ class ServiceProcess:
         seen = _count_lines(events)
         self.stderr = open(self.root.parent / f"service-{time.monotonic_ns()}.stderr", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "smtpsvc", "serve", "-c", str(self.config_file)],
+            [*self.prefix, sys.executable, "-m", "smtpsvc", "serve", "-c", str(self.config_file)],
             stdout=subprocess.DEVNULL,
             stderr=self.stderr,
         )

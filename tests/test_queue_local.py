@@ -86,6 +86,7 @@ async def test_recovery_discards_unacknowledged_writes_and_keeps_committed_mail(
     (spool.incoming_dir / "0000TORN.eml").write_bytes(b"no envelope")  # a crash before its .pending
     orphan = spool.dir / "0000ORPHAN.eml"  # a completion cut short, before this start
     orphan.write_bytes(b"its envelope is gone")
+    (spool.spares.dir / ".0000ORPHAN.env").write_bytes(b"{}")  # ... which had moved its .env into spare/
     os.utime(orphan, (time.time() - 60, time.time() - 60))
     spool.close()
 

@@ -826,7 +826,12 @@ def badmail_replay(config_file: str | None, name: str | None, replay_all: bool) 
     if bool(name) == replay_all:
         click.echo("smtpsvc: give one item NAME or --all (see `smtpsvc badmail list`)", err=True)
         raise SystemExit(2)
-    names = [i.name for i in badmail_admin.items(folder)] if replay_all else [str(name)]
+    names = [str(name)]
+    if replay_all:  # a damaged item is skipped, saying why; the others are replayed
+        found = badmail_admin.items(folder)
+        for damaged in (i for i in found if i.damaged):
+            click.echo(f"{damaged.name}: skipped, {damaged.reason}", err=True)
+        names = [i.name for i in found if not i.damaged]
     for item in names:
         try:
             target = badmail_admin.replay(folder, pickup, item)

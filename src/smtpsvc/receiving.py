@@ -41,6 +41,17 @@ def load_users(config: Config, config_path: str | None) -> UserStore:
     return UserStore.load(users_path(config, config_path)) if config.auth.users_file else UserStore()
 
 
+def users_unusable_event(problem: UsersFileError) -> events.Event:
+    """The accounts file cannot be used: what an operator must know, and what clients get meanwhile."""
+    return events.Event(
+        events.SERVICE_STARTED,
+        f"The AUTH accounts file cannot be used: {problem}. Every AUTH is answered 454 4.7.0 (try again "
+        "later) until it is mended; then reload (SIGHUP) or restart",
+        cause="users-file-unusable",
+        level="error",
+    )
+
+
 def new_resolver(config: Config) -> MxResolver:
     """The DNS resolver the configuration asks for (made at the start: a reload does not change it)."""
     return MxResolver(
@@ -64,9 +75,13 @@ def session_context(
     config = live.current
     try:
         certificate = ServerCertificate(config.tls.cert, config.tls.key)
-        users = load_users(config, config_path)
-    except (TlsError, UsersFileError) as exc:
+    except TlsError as exc:
         raise ReceivingError(str(exc)) from exc
+    try:
+        users = load_users(config, config_path)
+    except UsersFileError as exc:  # the service starts: only AUTH waits for the file (454, try later)
+        users = UserStore.unusable(exc)
+        event_log.emit(users_unusable_event(exc))
     return SessionContext(
         live=live,
         ingest=ingest,

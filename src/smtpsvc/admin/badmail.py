@@ -10,48 +10,89 @@ removed from Badmail.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from smtpsvc.admin.service import BadRequest, NotFound
 from smtpsvc.delivery.drop import envelope_lines
+from smtpsvc.folders.badmail import printable
 from smtpsvc.safeio import publish, synced_file
+
+MAX_BDR_BYTES = 64 * 1024  # the reasons read of a .bdr (ours are a few lines)
+MAX_BDP_BYTES = 1024 * 1024  # a larger .bdp is damage: our envelopes are a few kB
+MAX_SHOWN_BYTES = 1024 * 1024  # of the message, for `show` (its headers are what is shown)
 
 
 @dataclass(frozen=True, slots=True)
 class BadmailItem:
-    name: str
+    name: str  # shown escaped when the file name is not UTF-8 (then the item is damaged)
     size: int
     mtime: float
     reasons: list[str]
+    damaged: str = ""  # why the item cannot be replayed as it is; "" when it can
 
     @property
     def reason(self) -> str:
+        if self.damaged:
+            return f"damaged: {self.damaged}"
         return self.reasons[0] if self.reasons else ""
 
 
 def items(badmail_dir: Path) -> list[BadmailItem]:
-    """Complete items (those with a .bad), oldest first."""
+    """Complete items (those with a .bad), oldest first; a damaged one is listed with why, never raises."""
     out: list[BadmailItem] = []
-    if not badmail_dir.is_dir():
+    try:
+        entries = list(os.scandir(badmail_dir))
+    except OSError:  # no folder yet (or unreadable: then nothing can be listed from it)
         return out
-    for bad in badmail_dir.glob("*.bad"):
-        stat = bad.stat()
-        out.append(BadmailItem(bad.stem, stat.st_size, stat.st_mtime, _reasons(bad.with_suffix(".bdr"))))
+    for entry in entries:
+        if entry.name.endswith(".bad") and not entry.name.startswith("."):
+            out.append(_item(badmail_dir, entry.name[:-4]))
     return sorted(out, key=lambda i: i.mtime)
 
 
+def _item(badmail_dir: Path, name: str) -> BadmailItem:
+    bad = badmail_dir / f"{name}.bad"
+    try:
+        stat = bad.stat()
+    except OSError as exc:
+        return BadmailItem(
+            printable(name), 0, 0.0, [], f"the .bad file cannot be read: {exc.strerror or exc}"
+        )
+    reasons, problem = _reasons(bad.with_suffix(".bdr"))
+    if printable(name) != name or not name.isprintable():
+        problem = (
+            "its file name is not UTF-8 text (or holds control characters); rename its files to replay it"
+        )
+    elif not bad.is_file():
+        problem = "the .bad is not a file"
+    if not problem:
+        problem = _envelope(bad.with_suffix(".bdp"))[1]
+    return BadmailItem(printable(name), stat.st_size, stat.st_mtime, reasons, problem)
+
+
 def show(badmail_dir: Path, name: str) -> tuple[BadmailItem, dict[str, object] | None, bytes]:
+    """The item, its envelope (None when absent or damaged: `item.damaged` says why) and the start of its
+    message (MAX_SHOWN_BYTES: what is shown is its headers)."""
     bad = _bad(badmail_dir, name)
-    stat = bad.stat()
-    item = BadmailItem(name, stat.st_size, stat.st_mtime, _reasons(bad.with_suffix(".bdr")))
-    return item, _envelope(bad.with_suffix(".bdp")), bad.read_bytes()
+    item = _item(badmail_dir, bad.stem)
+    try:
+        with open(bad, "rb") as fh:
+            content = fh.read(MAX_SHOWN_BYTES)
+    except OSError as exc:
+        raise BadRequest(f"Badmail item {item.name!r} cannot be read: {exc.strerror or exc}") from None
+    return item, _envelope(bad.with_suffix(".bdp"))[0], content
 
 
 def replay(badmail_dir: Path, pickup_dir: Path, name: str) -> Path:
-    """Resubmit one item through Pickup; returns the Pickup file written."""
+    """Resubmit one item through Pickup; returns the Pickup file written. A damaged item is refused with why
+    (BadRequest): replayed without its envelope it could go to the wrong recipients."""
     bad = _bad(badmail_dir, name)
-    envelope = _envelope(bad.with_suffix(".bdp"))
+    item = _item(badmail_dir, bad.stem)
+    if item.damaged:
+        raise BadRequest(f"Badmail item {item.name!r} is damaged and is not replayed: {item.damaged}")
+    envelope, _ = _envelope(bad.with_suffix(".bdp"))
     prefix = b""
     listed = envelope.get("recipients") if envelope else None
     if envelope is not None and isinstance(listed, list):
@@ -72,26 +113,51 @@ def replay(badmail_dir: Path, pickup_dir: Path, name: str) -> Path:
 
 
 def _bad(badmail_dir: Path, name: str) -> Path:
-    if "/" in name or "\\" in name or name.startswith("."):
-        raise BadRequest(f"{name!r} is not a Badmail item name (see `smtpsvc badmail list`)")
+    if "/" in name or "\\" in name or name.startswith(".") or not name.isprintable():
+        raise BadRequest(f"{printable(name)!r} is not a Badmail item name (see `smtpsvc badmail list`)")
     bad = badmail_dir / f"{name.removesuffix('.bad')}.bad"
-    if not bad.is_file():
+    if not bad.exists():
         raise NotFound(f"no Badmail item {name!r} in {badmail_dir} (see `smtpsvc badmail list`)")
     return bad
 
 
-def _reasons(bdr: Path) -> list[str]:
+def _reasons(bdr: Path) -> tuple[list[str], str]:
+    """The reason lines of a .bdr (its first MAX_BDR_BYTES), and a problem reading it ("" when none)."""
     try:
-        return [
-            line for line in bdr.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()
-        ]
+        with open(bdr, "rb") as fh:
+            text = fh.read(MAX_BDR_BYTES).decode("utf-8", "replace")
     except FileNotFoundError:
-        return []
+        return [], ""
+    except OSError as exc:
+        return [], f"the .bdr cannot be read: {exc.strerror or exc}"
+    return [printable(line) for line in text.splitlines() if line.strip()], ""
 
 
-def _envelope(bdp: Path) -> dict[str, object] | None:
+def _envelope(bdp: Path) -> tuple[dict[str, object] | None, str]:
+    """The envelope of a .bdp, and what is wrong with it ("" when it is fine or absent: an item without one
+    replays from its message's headers)."""
     try:
-        data = json.loads(bdp.read_text(encoding="utf-8"))
-    except (FileNotFoundError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+        with open(bdp, "rb") as fh:
+            payload = fh.read(MAX_BDP_BYTES + 1)
+    except FileNotFoundError:
+        return None, ""
+    except OSError as exc:
+        return None, f"the .bdp cannot be read: {exc.strerror or exc}"
+    if len(payload) > MAX_BDP_BYTES:
+        return None, f"the .bdp is larger than {MAX_BDP_BYTES:,} bytes, more than any envelope"
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:
+        return None, f"the .bdp is not JSON: {exc}"
+    except RecursionError:
+        return None, "the .bdp is JSON nested too deep to be an envelope"
+    if not isinstance(data, dict):
+        return None, f"the .bdp holds a JSON {type(data).__name__}, not an object"
+    sender, recipients = data.get("sender", ""), data.get("recipients", [])
+    if not isinstance(sender, str):
+        return None, "the .bdp's sender is not text"
+    if not isinstance(recipients, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("address"), str) for r in recipients
+    ):
+        return None, "the .bdp's recipients are not a list of objects with an address"
+    return data, ""

@@ -47,6 +47,7 @@ __all__ = [
     "DEFAULT_P",
     "DEFAULT_R",
     "FILE_HEADER",
+    "MAX_FILE_BYTES",
     "MAX_MEMORY",
     "MAX_N",
     "MAX_NAME_LENGTH",
@@ -76,6 +77,7 @@ MAX_N = 2**20
 MAX_R = 32
 MAX_P = 16
 MAX_MEMORY = 128 * 1024 * 1024  # bytes scrypt may use for one hash (passed to hashlib.scrypt as maxmem)
+MAX_FILE_BYTES = 16 * 1024 * 1024  # a larger accounts file is refused unread (ours: ~200 B per account)
 _SALT_BYTES = 16
 _KEY_BYTES = 32
 _MIN_KEY_BYTES = 16
@@ -266,7 +268,7 @@ def _locate(text: str) -> dict[tuple[str, str], int]:
             continue
         try:
             parsed = tomllib.loads(stripped)
-        except tomllib.TOMLDecodeError:
+        except (tomllib.TOMLDecodeError, RecursionError):
             continue
         if stripped.startswith("["):
             current = None
@@ -298,6 +300,16 @@ class UserStore:
         self._accounts: dict[str, _Account] = dict(accounts or {})
         self._dummy = ""
         self._refresh_dummy()
+        self.problem: UsersFileError | None = None  # set by `unusable`
+
+    @classmethod
+    def unusable(cls, problem: UsersFileError) -> UserStore:
+        """The accounts of a file that cannot be used: AUTH stays offered and every `verify` raises
+        `problem` (the session answers 454 4.7.0, try again later), never a yes. The service starts all the
+        same: mail flow must not wait for an accounts file an operator can mend and reload (SIGHUP)."""
+        store = cls()
+        store.problem = problem
+        return store
 
     # ------------------------------------------------------------------ reading
 
@@ -307,13 +319,18 @@ class UserStore:
         when known) for unreadable files, bad TOML and bad entries. No hashing: cheap enough for SIGHUP."""
         file = Path(path)
         try:
-            data = file.read_bytes()
+            with open(file, "rb") as fh:
+                data = fh.read(MAX_FILE_BYTES + 1)  # no more: a hostile file must not take the memory
         except FileNotFoundError:
             return cls()
         except IsADirectoryError:
             raise UsersFileError(path, None, "is a folder, not a file; check auth.users_file") from None
         except OSError as exc:
             raise UsersFileError(path, None, f"cannot read: {exc.strerror or exc}") from None
+        if len(data) > MAX_FILE_BYTES:
+            raise UsersFileError(
+                path, None, f"is larger than {MAX_FILE_BYTES:,} bytes, far more than any accounts file"
+            )
         try:
             text = data.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -321,6 +338,8 @@ class UserStore:
             raise UsersFileError(path, line, "not UTF-8 text") from None
         try:
             raw = tomllib.loads(text)
+        except RecursionError:
+            raise UsersFileError(path, None, "invalid TOML: values nested too deep") from None
         except tomllib.TOMLDecodeError as exc:
             found = _TOML_LINE_RE.search(str(exc))
             message = _TOML_LINE_RE.sub("", str(exc)).strip()
@@ -331,8 +350,9 @@ class UserStore:
 
     @property
     def has_users(self) -> bool:
-        """True when at least one account exists (AUTH is advertised only then)."""
-        return bool(self._accounts)
+        """True when at least one account exists (AUTH is advertised only then), or when the file cannot be
+        used (clients that need AUTH are told to try again later, not that it is not offered)."""
+        return bool(self._accounts) or self.problem is not None
 
     def names(self) -> list[str]:
         """The account names, sorted."""
@@ -345,11 +365,15 @@ class UserStore:
         return len(self._accounts)
 
     def __repr__(self) -> str:
+        if self.problem is not None:
+            return "UserStore(unusable)"
         return f"UserStore({len(self._accounts)} accounts)"  # never the hashes
 
     def verify(self, name: str, password: str) -> bool:
         """True when ``name`` exists and ``password`` is its password. An unknown name costs the same scrypt
         time (a dummy hash) so timing does not reveal which names exist. ~50 ms CPU: use a worker thread."""
+        if self.problem is not None:
+            raise self.problem
         account = self._accounts.get(name)
         if account is None:
             verify_password(password, self._dummy)

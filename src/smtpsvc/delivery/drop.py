@@ -22,7 +22,7 @@ from typing import BinaryIO
 from smtpsvc import diskspace
 from smtpsvc.delivery.transport import MessageSource, Outcome
 from smtpsvc.model import DeliveryResult, Envelope, Recipient
-from smtpsvc.queue.base import QueueError
+from smtpsvc.queue.base import MessageSetAside, QueueError
 from smtpsvc.routing.connectors import RouteChoice
 from smtpsvc.safeio import publish, synced_file
 
@@ -89,6 +89,8 @@ class DropTransport:
                 )
             finally:
                 handle.close()
+        except MessageSetAside:
+            raise  # not a deferral: the message is no longer queued (queue/corrupt/, event 9001)
         except (OSError, QueueError) as exc:
             if isinstance(exc, OSError):
                 reply = f"451 4.3.1 Cannot write to the Drop folder: {exc.strerror or exc}"

@@ -30,7 +30,7 @@ from smtpsvc.delivery.settle import Settlement, apply, report_retry_time, settle
 from smtpsvc.delivery.transport import Outcome, Transport
 from smtpsvc.events import EventLog
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, RecipientState, domain_of, rfc5322_date
-from smtpsvc.queue.base import Claim, LeaseLost, QueueError, QueueStore
+from smtpsvc.queue.base import Claim, LeaseLost, MessageSetAside, QueueError, QueueStore
 from smtpsvc.routing.categorizer import choices_for, route_for
 from smtpsvc.routing.connectors import RouteChoice
 
@@ -238,6 +238,8 @@ class Scheduler:
             raise
         except LeaseLost as exc:
             self._lease_lost(envelope, exc)
+        except MessageSetAside:
+            self.transcripts.pop(envelope.id, None)  # in queue/corrupt/ now, with event 9001: nothing to save
         except QueueError as exc:
             if not exc.full:
                 await self._internal_error(envelope, exc)

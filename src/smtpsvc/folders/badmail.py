@@ -20,7 +20,7 @@ from typing import Any, BinaryIO
 
 from smtpsvc import events
 from smtpsvc.events import EventLog
-from smtpsvc.safeio import publish, synced_file, write_synced
+from smtpsvc.safeio import fsync_dir, publish, synced_file, write_synced
 
 
 def write_badmail(
@@ -30,9 +30,11 @@ def write_badmail(
     reasons: Sequence[str],
     envelope: dict[str, Any] | None,
     max_size: int,
+    move: bool = False,
 ) -> Path | None:
     """Write one Badmail item; returns the .bad path, or None when Badmail is disabled (max_size 0).
     `message` is a file name, the bytes, or a seekable handle read from its start (the caller closes it).
+    With `move`, the file named is renamed into Badmail instead of copied (one that cannot be read).
 
     Runs in a worker thread. Raises OSError when the folder cannot be written.
     """
@@ -44,19 +46,48 @@ def write_badmail(
     bdp = badmail_dir / f"{name}.bdp"
     bad = badmail_dir / f"{name}.bad"
     tmp = badmail_dir / f".{name}.bad.tmp"
-    write_synced(bdr, "".join(f"{line}\r\n" for line in reasons).encode("utf-8"))
-    write_synced(bdp, json.dumps(envelope or {}, indent=2, ensure_ascii=False).encode("utf-8"))
-    with synced_file(tmp) as out:
-        if isinstance(message, bytes):
-            out.write(message)
-        elif isinstance(message, Path):
-            with open(message, "rb") as src:
-                shutil.copyfileobj(src, out, 1024 * 1024)
-        else:
-            message.seek(0)
-            shutil.copyfileobj(message, out, 1024 * 1024)
-    publish(tmp, bad)  # the folder's fsync covers the .bdr and .bdp names too
+    # "backslashreplace": a lone surrogate (a file name that is not UTF-8) is written as an escape, never
+    # a UnicodeEncodeError that would leave the item half written.
+    try:
+        write_synced(bdr, "".join(f"{line}\r\n" for line in reasons).encode("utf-8", "backslashreplace"))
+        text = json.dumps(envelope or {}, indent=2, ensure_ascii=False)
+        write_synced(bdp, text.encode("utf-8", "backslashreplace"))
+        if move and isinstance(message, Path):
+            os.rename(message, bad)  # no copy: it cannot be read; kept as it is for the operator
+            fsync_dir(badmail_dir)
+            return bad
+        with synced_file(tmp) as out:
+            if isinstance(message, bytes):
+                out.write(message)
+            elif isinstance(message, Path):
+                with open(message, "rb") as src:
+                    shutil.copyfileobj(src, out, 1024 * 1024)
+            else:
+                message.seek(0)
+                shutil.copyfileobj(message, out, 1024 * 1024)
+        publish(tmp, bad)  # the folder's fsync covers the .bdr and .bdp names too
+    except BaseException:
+        # No half item: a .bdr without its .bad would be listed by nobody and left behind at every retry.
+        for path in (tmp, bdr, bdp):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        raise
     return bad
+
+
+def printable(text: str) -> str:
+    """Text an event, a .bdr or a terminal can hold: bytes of a file name that are not UTF-8 (Python keeps
+    them as lone surrogates) and control characters written as `\\xNN` escapes, the rest unchanged."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate that no file name made
+        raw = text.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else repr(c)[1:-1] for c in text
+    )
 
 
 def _free_name(badmail_dir: Path, name: str) -> str:
@@ -101,6 +132,7 @@ async def put_badmail(
     reasons: Sequence[str],
     envelope: dict[str, Any] | None,
     max_size: int,
+    move: bool = False,
 ) -> Path | None:
     """Write one item and keep the folder under its cap, in a worker thread; log what the cap removed.
 
@@ -108,7 +140,7 @@ async def put_badmail(
     """
 
     def work() -> tuple[Path | None, list[str]]:
-        path = write_badmail(badmail_dir, name, message, reasons, envelope, max_size)
+        path = write_badmail(badmail_dir, name, message, reasons, envelope, max_size, move)
         return path, (enforce_cap(badmail_dir, max_size) if path is not None else [])
 
     path, dropped = await asyncio.to_thread(work)

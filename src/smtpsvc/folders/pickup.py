@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
+import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from email.parser import BytesHeaderParser
 from email.policy import compat32
@@ -25,7 +28,7 @@ from typing import BinaryIO
 from smtpsvc import events
 from smtpsvc.config import Config, LiveConfig
 from smtpsvc.events import EventLog
-from smtpsvc.folders.badmail import put_badmail
+from smtpsvc.folders.badmail import printable, put_badmail
 from smtpsvc.headers import HopCounter
 from smtpsvc.ingest import EnvelopeFields, Ingest, received_header
 from smtpsvc.model import Recipient, Source
@@ -35,13 +38,19 @@ from smtpsvc.queue.base import MessageWriter, QueueError
 CLAIMED = ".claimed"
 SETTLE_SECONDS = 2.0  # a file untouched this long is complete even if first seen now
 MAX_HEADER_BYTES = 1024 * 1024  # a header section larger than this is not a message
-MAX_LINE = 64 * 1024
+MAX_TEXT_LINE = 1000  # octets of a line with its CRLF, as SMTP allows (RFC 5321 section 4.5.3.1.6)
+LINE_CHUNK = 4096  # read while looking for the end of a line of the envelope or headers
 COPY_CHUNK = 256 * 1024
 PICKUP_ERROR = "Error is processing file in pickup directory. The specific error code was 0xC00402CE."
 
 
 class InvalidPickupFile(Exception):
     """The file is not a message we can send; the text says why (goes into the .bdr)."""
+
+
+class UnreadablePickupFile(InvalidPickupFile):
+    """The file cannot be opened (no permission, say): it is moved into Badmail as it is, not retried every
+    second."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +81,9 @@ def _bare_address(value: str) -> str:
     if value.startswith("<") and value.endswith(">"):
         value = value[1:-1].strip()
     return value
+
+
+_FIELD = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*:")  # a field name and its colon (RFC 5322 section 2.2)
 
 
 def _is_envelope_line(line: bytes) -> bool:
@@ -136,28 +148,124 @@ class CrlfNormalizer:
         return b""
 
 
+class LineTooLong(InvalidPickupFile):
+    """A line of the file is longer than SMTP allows; the text names the line and the limit."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__(
+            f"line {number} of the file is longer than {MAX_TEXT_LINE} octets with its line end, the limit "
+            "for a line of a message (RFC 5321 section 4.5.3.1.6, RFC 5322 section 2.1.1); SMTP refuses "
+            "such a line too"
+        )
+
+
+class PickupLines:
+    """Reads a Pickup file a line at a time, whatever its line ends (CRLF, a bare LF or a bare CR, as the
+    body's normaliser takes them), never holding more than one line of at most `MAX_TEXT_LINE` octets:
+    a longer line is refused as soon as it is seen, so a hostile file costs no memory."""
+
+    def __init__(self, fh: BinaryIO) -> None:
+        self._fh = fh
+        self._buffer = b""
+        self._eof = False
+        self.number = 0  # the line last returned, counted from 1
+
+    def next(self) -> tuple[bytes, bool] | None:
+        """(the next line without its end, whether it had one), or None at the end of the file."""
+        while True:
+            cut = _first_line_end(self._buffer)
+            if cut >= 0 and (cut + 1 < len(self._buffer) or self._eof or self._buffer[cut] == 10):
+                end = cut + 2 if self._buffer[cut : cut + 2] == b"\r\n" else cut + 1
+                line, self._buffer = self._buffer[:cut], self._buffer[end:]
+                return self._counted(line, True)
+            if cut < 0 and len(self._buffer) > MAX_TEXT_LINE - 2:
+                raise LineTooLong(self.number + 1)
+            if self._eof:
+                if not self._buffer:
+                    return None
+                line, self._buffer = self._buffer, b""
+                return self._counted(line, False)
+            chunk = self._fh.read(LINE_CHUNK)
+            if chunk:
+                self._buffer += chunk
+            else:
+                self._eof = True
+
+    def _counted(self, line: bytes, ended: bool) -> tuple[bytes, bool]:
+        self.number += 1
+        if len(line) > MAX_TEXT_LINE - 2:
+            raise LineTooLong(self.number)
+        return line, ended
+
+    def rest(self) -> Iterator[bytes]:
+        """What follows the lines read so far, in chunks."""
+        if self._buffer:
+            yield self._buffer
+            self._buffer = b""
+        while not self._eof and (chunk := self._fh.read(COPY_CHUNK)):
+            yield chunk
+
+
+def _first_line_end(data: bytes) -> int:
+    """Index of the first CR or LF in `data`, or -1."""
+    cr, lf = data.find(b"\r"), data.find(b"\n")
+    if cr < 0:
+        return lf
+    return cr if lf < 0 else min(cr, lf)
+
+
+class LineLimit:
+    """Checks the lines of CRLF-normalised text fed in pieces: each at most `MAX_TEXT_LINE` octets with its
+    CRLF. `after_line` is the number of the file's lines before the text (to name a line as in the file)."""
+
+    def __init__(self, after_line: int) -> None:
+        self._number = after_line + 1  # the line being read
+        self._current = 0  # its octets so far
+
+    def feed(self, data: bytes) -> None:
+        limit = MAX_TEXT_LINE - 2
+        parts = data.split(b"\r\n")
+        self._current += len(parts[0])
+        if len(parts) > 1:
+            if self._current <= limit and max(map(len, parts[1:-1]), default=0) <= limit:
+                self._number += len(parts) - 1
+                self._current = len(parts[-1])
+            else:
+                lengths = [self._current, *map(len, parts[1:-1])]
+                self._number += next(i for i, n in enumerate(lengths) if n > limit)
+                raise LineTooLong(self._number)
+        if self._current > limit:
+            raise LineTooLong(self._number)
+
+
 def read_pickup_file(
     fh: BinaryIO, writer: MessageWriter, hostname: str, max_size: int, max_hops: int = 0
 ) -> PickupEnvelope:
     """Parse a pickup file and stream its message (with our Received header) into `writer`."""
+    lines = PickupLines(fh)
     first_lines: list[bytes] = []
-    line = fh.readline(MAX_LINE)
-    while line and _is_envelope_line(line):
-        first_lines.append(line.rstrip(b"\r\n"))
-        line = fh.readline(MAX_LINE)
+    read = lines.next()
+    while read is not None and _is_envelope_line(read[0]):
+        first_lines.append(read[0])
+        read = lines.next()
     x_sender, x_receivers = parse_envelope_lines(first_lines)
     header_lines: list[bytes] = []
     header_size = 0
-    while line and line.strip(b"\r\n"):
-        header_lines.append(line)
-        header_size += len(line)
+    while read is not None and read[0]:
+        header_lines.append(read[0] + b"\r\n")  # any line end becomes CRLF, as in the body
+        header_size += len(read[0]) + 2
         if header_size > MAX_HEADER_BYTES:
             raise InvalidPickupFile("the header section is larger than 1 MB")
-        line = fh.readline(MAX_LINE)
-    separator = line  # the empty line ending the headers, or b"" at end of file
+        read = lines.next()
+    separator = b"\r\n" if read is not None and read[1] else b""  # the empty line ending the headers
     header_block = b"".join(header_lines)
     if not header_block:
         raise InvalidPickupFile("the file has no message headers")
+    if not _FIELD.match(header_lines[0]):
+        number = len(first_lines) + 1
+        raise InvalidPickupFile(
+            f'the file has no message headers: line {number} is not a header field ("Name: value")'
+        )
     hops = HopCounter()
     hops.feed(header_block + b"\r\n")
     if max_hops and hops.received > max_hops:
@@ -182,11 +290,14 @@ def read_pickup_file(
     )
 
     normalizer = CrlfNormalizer()
+    limit = LineLimit(lines.number)
     writer.write(received_header(hostname=hostname, queue_id=writer.id, helo="pickup", protocol="Pickup"))
     block = strip_bcc(header_block) if from_headers else header_block
-    writer.write(normalizer.feed(block + separator))
-    while chunk := fh.read(COPY_CHUNK):
-        writer.write(normalizer.feed(chunk))
+    writer.write(block + separator)
+    for chunk in lines.rest():
+        text = normalizer.feed(chunk)
+        limit.feed(text)
+        writer.write(text)
         if max_size and writer.size > max_size:
             raise InvalidPickupFile(f"the message is larger than the maximum message size ({max_size} bytes)")
     writer.write(normalizer.finish())
@@ -223,16 +334,31 @@ class PickupScanner:
 
     async def run(self) -> None:
         # Files claimed before a crash were never removed, so they may not be queued: submit them again
-        # (at-least-once; the crash window after the commit and before the unlink can duplicate).
-        for path in sorted(self.claimed_dir.iterdir()):
-            if path.is_file():
-                await self._submit(path)
+        # (at-least-once; the crash window after the commit and before the unlink can duplicate). One bad
+        # file is one event here, never the end of the task.
+        try:
+            claimed = sorted(self.claimed_dir.iterdir())
+        except OSError as exc:
+            claimed = []
+            self.events.emit(
+                events.Event(
+                    events.PICKUP_REJECTED,
+                    f"Pickup cannot list {printable(str(self.claimed_dir))}: "
+                    f"{printable(exc.strerror or str(exc))}; the files claimed before the last stop wait for "
+                    "the next start",
+                )
+            )
+        for path in claimed:
+            await self._submit(path, only_a_file=True)
         while True:
             try:
                 await self.scan()
             except Exception as exc:  # the scanner must outlive any one bad file or folder problem
                 self.events.emit(
-                    events.Event(events.PICKUP_REJECTED, f"Pickup scan failed: {type(exc).__name__}: {exc}")
+                    events.Event(
+                        events.PICKUP_REJECTED,
+                        f"Pickup scan failed: {type(exc).__name__}: {printable(str(exc))}",
+                    )
                 )
                 await asyncio.sleep(max(self.interval, 5.0))
             await asyncio.sleep(self.interval)
@@ -261,7 +387,23 @@ class PickupScanner:
         self._seen = seen
         return taken
 
-    async def _submit(self, path: Path) -> None:
+    async def _submit(self, path: Path, only_a_file: bool = False) -> None:
+        """Queue one claimed file, or put it in Badmail, or back into pickup/ (a transient problem). Never
+        raises: whatever one file does, Pickup goes on with the next."""
+        try:
+            if not only_a_file or path.is_file():
+                await self._submit_claimed(path)
+        except Exception as exc:  # a bug met by a hostile file: one event, and the next file
+            self.events.emit(
+                events.Event(
+                    events.PICKUP_REJECTED,
+                    f"Pickup file {printable(path.name)} could not be processed ({type(exc).__name__}: "
+                    f"{printable(str(exc))}); left in {printable(str(self.claimed_dir))}",
+                    level="error",
+                )
+            )
+
+    async def _submit_claimed(self, path: Path) -> None:
         try:
             writer = self.ingest.begin()
         except QueueError as exc:
@@ -271,11 +413,15 @@ class PickupScanner:
             envelope = await asyncio.to_thread(self._read, path, writer)
         except InvalidPickupFile as exc:
             writer.abort()
-            await self._reject(path, str(exc))
+            await self._reject(path, str(exc), move=isinstance(exc, UnreadablePickupFile))
             return
         except (OSError, QueueError) as exc:
             writer.abort()
             self._unclaim(path, f"cannot read it: {exc}")
+            return
+        except Exception as exc:  # the file made a parser fail: it is not a message we can send
+            writer.abort()
+            await self._reject(path, f"the file cannot be parsed ({type(exc).__name__}: {exc})")
             return
         fields = EnvelopeFields(
             sender=envelope.sender,
@@ -294,42 +440,62 @@ class PickupScanner:
 
     def _unclaim(self, path: Path, why: str) -> None:
         """A transient problem: put the file back into pickup/ so a later scan tries again."""
-        self.events.emit(events.Event(events.PICKUP_REJECTED, f"Pickup file {path.name}: {why}; will retry"))
+        self.events.emit(
+            events.Event(
+                events.PICKUP_REJECTED, f"Pickup file {printable(path.name)}: {printable(why)}; will retry"
+            )
+        )
         with contextlib.suppress(OSError):
             os.rename(path, self.dir / path.name)
 
     def _read(self, path: Path, writer: MessageWriter) -> PickupEnvelope:
-        with open(path, "rb") as fh:
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 - closed by the with below
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR):
+                raise  # a shortage of the moment: put back, tried again
+            raise UnreadablePickupFile(f"the file cannot be opened: {exc.strerror or exc}") from exc
+        with fh:
             server = self.config.server
             return read_pickup_file(
                 fh, writer, server.hostname, server.max_message_size, server.max_hop_count
             )
 
-    async def _reject(self, path: Path, reason: str) -> None:
+    async def _reject(self, path: Path, reason: str, move: bool = False) -> None:
+        """The file goes to Badmail under a name of safe ASCII characters; the event and the .bdr show its
+        own name, escaped where it is not UTF-8 text."""
+        shown, reason = printable(path.name), printable(reason)
         try:
             bad = await put_badmail(
                 self.events,
                 self.badmail_dir,
-                f"pickup-{path.stem}",
+                badmail_name(path.stem),
                 path,
-                [f"{PICKUP_ERROR} {reason}"],
-                {"pickup_file": path.name, "reason": reason},
+                [f"{PICKUP_ERROR} Pickup file {shown}: {reason}"],
+                {"pickup_file": shown, "reason": reason},
                 self.config.badmail.max_size,
+                move,
             )
         except OSError as exc:
             self.events.emit(
                 events.Event(
                     events.PICKUP_REJECTED,
-                    f"Pickup file {path.name} is invalid ({reason}) and Badmail "
-                    f"cannot be written: {exc}; left in {self.claimed_dir}",
+                    f"Pickup file {shown} is invalid ({reason}) and Badmail "
+                    f"cannot be written: {printable(str(exc))}; left in {printable(str(self.claimed_dir))}",
                 )
             )
             return
         where = f"moved to Badmail as {bad.name}" if bad else "discarded (badmail.max_size = 0)"
         self.events.emit(
             events.Event(
-                events.BADMAIL_WRITTEN, f"Pickup file {path.name} {where}: {reason}", cause="pickup-invalid"
+                events.BADMAIL_WRITTEN, f"Pickup file {shown} {where}: {reason}", cause="pickup-invalid"
             )
         )
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+
+
+def badmail_name(stem: str) -> str:
+    """The Badmail item name for a Pickup file: `pickup-` and its name in letters, digits, `.`, `_` and `-`
+    only (anything else, such as bytes that are not UTF-8, becomes `_`), short enough for any file system."""
+    return "pickup-" + "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in stem)[:100]

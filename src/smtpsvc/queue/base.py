@@ -43,6 +43,13 @@ class QueueLocked(QueueError):
     service through its admin API instead."""
 
 
+class MessageSetAside(QueueError):
+    """The message's files cannot be read (not a moment's shortage: the file is damaged, missing, or not a
+    file): they were moved to queue/corrupt/ with event 9001, once, and the message is no longer queued.
+    Drop the envelope; nothing is to be delivered, saved or retried (Postfix moves such a file aside
+    without a bounce)."""
+
+
 class LeaseLost(QueueError):
     """This node's lease on a message expired and another node claimed it (or the message was deleted):
     the other node now owns the delivery state, so ours is not written. Drop the envelope; the message

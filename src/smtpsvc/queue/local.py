@@ -12,15 +12,18 @@ Commit protocol (the durability argument, see docs/architecture.md):
             "Out" is into spare/, where new messages take their files from (queue/spares.py).
 An Exchange XEXCH50 blob, when one came with the message, is `<id>.x50`, written and synced with the .eml.
 
-Recovery at open, before anything else writes: tmp/ is emptied (nothing there was acknowledged); in
-incoming/ (only what was in flight: small), a .pending that does not parse was cut short before its sync,
-so it was never acknowledged: removed with its files; a whole .pending whose files match is published, one
-whose files do not is moved to corrupt/ with an event; files without a .pending are finished (their .env is
-in queue/) or removed (a put that never got that far). Then the queue is indexed: at once for a tool, in
-the background for the service (`recover`), which takes mail meanwhile. The .env files are read in a
-thread; one that does not parse (not an object, nested too deep, ...) or lacks its .eml is moved to
-corrupt/ with an event, never dropped silently and never blocking the rest; a .eml or .x50 without .env
-(a completion a crash cut short) is removed.
+Recovery at open, before anything else writes: tmp/ is emptied (nothing there was acknowledged); in incoming/
+(only what was in flight: small), a .pending that does not parse was cut short before its sync, so it was
+never acknowledged: removed with its files; a whole .pending whose files match is published, one whose files
+do not, or that is JSON of the wrong shape, is moved to corrupt/ with an event; files without a .pending are
+finished (their .env is in queue/) or removed (a put that never got that far). Then the queue is indexed: at
+once for a tool, in the background for the service (`recover`), which takes mail meanwhile. The .env files are
+read in a thread; one that does not parse (not an object, nested too deep, a field of the wrong type, over 64
+MB, ...) or lacks its .eml is moved to corrupt/ with an event, never dropped silently and never blocking the
+rest (a field the index does not need is checked at the envelope's first full read instead: a lease, a tool);
+a .eml or .x50 without .env is removed when it is the rest of a completion a crash cut short (its other files
+are in spare/ at the start), else moved to corrupt/ with an event. A .eml that cannot be opened later (a
+delivery) is moved aside too, once (`MessageSetAside`), not retried.
 
 Memory does not grow with the size of the envelopes: per queued message the spool keeps its id, its due
 time (`queue/index.py`) and its shape (frozen, tried, pending recipients per link: what the summaries
@@ -51,6 +54,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import errno
 import heapq
 import itertools
 import json
@@ -71,6 +75,7 @@ from smtpsvc.queue.base import (
     SAMPLE_IDS,
     Claim,
     LinkStats,
+    MessageSetAside,
     MessageWriter,
     QueueError,
     QueueLocked,
@@ -97,6 +102,9 @@ INCOMING = "incoming"  # queue/incoming/: the files of puts being committed
 CACHE_LIMIT = 5_000  # envelopes kept in memory besides those in use (a few MB)
 RECOVERY_BATCH = 1000  # envelopes read by the recovery thread per batch handed to the loop
 RECOVERY_AHEAD = 4  # batches the recovery thread may read ahead of the loop
+# open() errors that say nothing about the file: a shortage of the moment, tried again later as usual
+_SHORTAGES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR, errno.EAGAIN, errno.ENOBUFS})
+MAX_ENVELOPE_BYTES = 64 * 1024 * 1024  # a larger .env or .pending is damage, set aside unread
 ORPHAN_MARGIN = 5.0  # a file without .env newer than the start minus this may be a put of this run
 
 # What the summaries count of a message: (frozen, tried before, ((link, pending recipients), ...), a
@@ -227,7 +235,12 @@ class LocalSpool:
         self._incoming_str = f"{self.incoming_dir}{os.sep}"
         self.corrupt_dir = root / "corrupt"
         self.spares = SparePool(root / "spare")
-        self._on_corrupt = on_corrupt or (lambda name, reason: None)
+        report = on_corrupt or (lambda name, reason: None)
+        # A file name that is not UTF-8 (copied in from another system) reaches the event log escaped: a
+        # lone surrogate there would make the log unwritable.
+        self._on_corrupt: Callable[[str, str], None] = lambda name, reason: report(
+            _shown(name), _shown(reason)
+        )
         self._committer = GroupCommitter()
         # Every queued message by id, with its shape (what the summaries count); its envelope stays on disk.
         self._known: dict[str, Shape] = {}
@@ -265,6 +278,8 @@ class LocalSpool:
         self._rewriting: asyncio.Task[None] | None = None
         self._room_again = False  # the watcher saw room while the writes of the last time were under way
         self.wake: Callable[[], None] = lambda: None  # the scheduler's wake-up (set by LocalStore)
+        self._retired: frozenset[str] = frozenset()  # ids with files in spare/ at the start (completions)
+        self._aside: set[str] = set()  # ids moved to corrupt/ while running (open_message)
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def open(self, *, scan: bool = True) -> None:
@@ -287,6 +302,7 @@ class LocalSpool:
             for leftover in self.tmp_dir.iterdir():
                 with contextlib.suppress(OSError):
                     leftover.unlink()
+            self._retired = self._retired_ids()  # before the pool is emptied: what completions had begun
             self.spares.clear()
             self._settle_incoming()
             if scan:
@@ -394,12 +410,16 @@ class LocalSpool:
             self._finish_publish(stem)
             return ""
         try:
-            envelope = Envelope.from_json(_object(json.loads(path.read_bytes())))
+            envelope = _envelope_from(_read(str(path)))
             if envelope.id != stem:
-                raise ValueError("another id")
+                raise ValueError(f"{path.name} holds the envelope of {envelope.id!r}, another message")
         except OSError as exc:
             return f"{path.name} is unreadable: {exc.strerror or exc}"
-        except (ValueError, KeyError, TypeError, RecursionError):
+        except (ValueError, KeyError, TypeError) as exc:
+            if not isinstance(exc, _NotJson):
+                # Whole JSON of the wrong shape is not a write cut short (that leaves no JSON at all): the
+                # file was damaged or put there by hand; it may stand for acknowledged mail, so set aside.
+                return f"{path.name} is not an envelope: {_problem(exc)}"
             # Not whole, so its fsync never finished and no 250 was sent: as if it were in tmp/.
             path.unlink()
             for folder in (self.incoming_dir, self.dir):
@@ -472,7 +492,9 @@ class LocalSpool:
                     elif (self.dir / f"{stem}.env").exists() and (found := self._found(stem)) is not None:
                         batch.append(found)
                 elif suffix in ("eml", "x50"):
-                    self._remove_orphan(entry, stem)
+                    problem = self._orphan(entry, stem, suffix)
+                    if problem:
+                        batch.append(_Found(stem, problem))
         if batch:
             yield batch
 
@@ -517,10 +539,17 @@ class LocalSpool:
             links: dict[str, int] = {}
             tried = unreported = False
             due: float | None = None
-            for rcpt in data["recipients"]:
+            recipients = data["recipients"]
+            if type(recipients) is not list:
+                return None
+            for rcpt in recipients:
                 state, when, route = rcpt["state"], rcpt.get("next_attempt", 0.0), rcpt.get("route", "")
-                if type(when) not in (float, int) or type(route) is not str:
-                    return None
+                if (
+                    type(when) not in (float, int)
+                    or type(route) is not str
+                    or not -_LARGEST < when < _LARGEST
+                ):
+                    return None  # NaN or Infinity would never be due: the whole envelope says what is wrong
                 if state == "pending":
                     links[route or NO_LINK] = links.get(route or NO_LINK, 0) + 1
                     tried = tried or bool(rcpt.get("attempts"))
@@ -545,12 +574,42 @@ class LocalSpool:
         shape: Shape = (frozen, tried, tuple(sorted(links.items())), unreported)
         return _Found(stem, "", shape, None if frozen else due, size, forced_at)
 
-    def _remove_orphan(self, entry: os.DirEntry[str], stem: str) -> None:
-        if os.path.exists(f"{self._dir_str}{stem}.env") or stem in self._putting:
-            return
+    def _orphan(self, entry: os.DirEntry[str], stem: str, suffix: str) -> str:
+        """A .eml or .x50 without its .env, from before this start: the rest of a completion a crash cut
+        short (its other files are in spare/) is removed; any other .eml is moved aside with an event
+        (returns why), never deleted unseen: its .env was removed by hand, or lost. An .x50 without .eml
+        is only part of a message: removed."""
+        if (
+            os.path.exists(f"{self._dir_str}{stem}.env")
+            or stem in self._putting
+            or stem in self._completing
+            or (self._gone is not None and stem in self._gone)
+        ):
+            return ""
+        try:
+            if entry.stat().st_mtime >= self._started - ORPHAN_MARGIN:
+                return ""  # may be a put of this run, its .env on the way
+        except OSError:
+            return ""
+        if suffix == "eml" and stem not in self._retired:
+            return (
+                "its envelope file (.env) is missing: removed by hand or lost; the message file is kept for "
+                "the operator (a delivery completed just before a crash can also leave one)"
+            )
+        if suffix == "x50" and os.path.exists(f"{self._dir_str}{stem}.eml") and stem not in self._retired:
+            return ""  # set aside with its .eml
         with contextlib.suppress(OSError):
-            if entry.stat().st_mtime < self._started - ORPHAN_MARGIN:
-                os.unlink(entry.path)
+            os.unlink(entry.path)
+        return ""
+
+    def _retired_ids(self) -> frozenset[str]:
+        """Ids whose files a completion had moved into spare/ when the last run stopped (`.<id>.env` until
+        the removal was synced, `<id>.env` after): their files still in queue/ are the rest of it."""
+        try:
+            names = os.listdir(self.spares.dir)
+        except OSError:
+            return frozenset()
+        return frozenset(name.lstrip(".").rsplit(".", 1)[0] for name in names)
 
     def _take_batch(self, batch: list[_Found]) -> None:
         """Index what a scan found (on the loop when recovering in the background)."""
@@ -587,8 +646,15 @@ class LocalSpool:
     def _read_or_make_id(self) -> str:
         path = self.dir / "spool.id"
         try:
-            text = path.read_text(encoding="ascii").strip()
+            with open(path, "rb") as fh:
+                text = fh.read(200).decode("ascii").strip()
+            if not text or len(text) > 64 or not text.isalnum():
+                raise ValueError("it does not hold an id")
         except FileNotFoundError:
+            text = ""
+        except (OSError, ValueError) as exc:  # a new id: this spool's envelopes are adopted as another's
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self._state_aside("spool.id", f"{why}; a new one is made", "the queued messages are adopted")
             text = ""
         if text:
             return text
@@ -640,13 +706,13 @@ class LocalSpool:
     def _parse(self, stem: str, payload: bytes) -> tuple[Envelope | None, str]:
         """The envelope in `payload` (queue/<stem>.env), or why it cannot be used."""
         try:
-            envelope = Envelope.from_json(_object(json.loads(payload)))
+            envelope = _envelope_from(payload)
             if envelope.id != stem:
                 raise ValueError(f"envelope id {envelope.id!r} does not match its file name")
             if not os.path.exists(f"{self._dir_str}{stem}.eml"):
                 raise ValueError("message file (.eml) is missing")
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            return None, str(exc) or type(exc).__name__
+        except (ValueError, KeyError, TypeError) as exc:
+            return None, _problem(exc)
         self._apply_force(envelope)
         return envelope, ""
 
@@ -745,6 +811,10 @@ class LocalSpool:
                 path.unlink()
 
     async def save(self, envelope: Envelope) -> None:
+        if envelope.id in self._aside:  # moved to corrupt/ during its delivery: a write would bring it back
+            self._leased.discard(envelope.id)
+            self._unpin(envelope.id)
+            return
         envelope.spool = self.spool_id
         try:
             await self._replace(self.dir / f"{envelope.id}.env", _encode(envelope), f"{envelope.id}.env.new")
@@ -1160,24 +1230,44 @@ class LocalSpool:
                 rcpt.next_attempt = at
 
     def _read_forced(self) -> float:
-        try:
-            at = json.loads((self.dir / FORCED).read_bytes())["at"]
-            return float(at) if type(at) in (int, float) else 0.0
-        except FileNotFoundError:
+        found, data = self._read_state(FORCED, "the last `queue retry --all` is forgotten")
+        if not found:
             return 0.0
-        except (ValueError, KeyError, TypeError, RecursionError) as exc:
-            self._on_corrupt(FORCED, f"not valid ({exc}); the last `queue retry --all` is forgotten")
+        at: Any = data.get("at") if isinstance(data, dict) else None
+        if type(at) not in (int, float) or not -_LARGEST < at < _LARGEST:
+            self._state_aside(FORCED, "its time is not a number", "the last `queue retry --all` is forgotten")
             return 0.0
+        return float(at)
 
     def _read_links(self) -> frozenset[str]:
+        found, data = self._read_state("links.json", "no link is frozen")
+        if not found:
+            return frozenset()
+        frozen = data.get("frozen", []) if isinstance(data, dict) else None
+        if type(frozen) is not list or any(type(link) is not str for link in frozen):
+            self._state_aside("links.json", "it is not a list of frozen links", "no link is frozen")
+            return frozenset()
+        return frozenset(frozen)
+
+    def _read_state(self, name: str, meanwhile: str) -> tuple[bool, Any]:
+        """(True, the JSON of queue/<name>), or (False, None) when there is none to use: absent, or it
+        cannot be read or parsed, and then it is set aside with an event saying what is lost."""
         try:
-            data = json.loads((self.dir / "links.json").read_bytes())
-            return frozenset(str(link) for link in data.get("frozen", []))
+            return True, json.loads(_read(f"{self._dir_str}{name}"))
         except FileNotFoundError:
-            return frozenset()
-        except (ValueError, AttributeError, TypeError, RecursionError) as exc:
-            self._on_corrupt("links.json", f"not valid JSON ({exc}); no link is frozen")
-            return frozenset()
+            return False, None
+        except OSError as exc:
+            self._state_aside(name, f"it cannot be read: {exc.strerror or exc}", meanwhile)
+        except ValueError as exc:
+            self._state_aside(name, f"not valid JSON ({exc})", meanwhile)
+        except RecursionError:
+            self._state_aside(name, "not valid JSON (nested too deep)", meanwhile)
+        return False, None
+
+    def _state_aside(self, name: str, problem: str, meanwhile: str) -> None:
+        with contextlib.suppress(OSError):
+            shutil.move(str(self.dir / name), str(self.corrupt_dir / name))
+        self._on_corrupt(name, f"{problem}; {meanwhile}")
 
     # -- reading -------------------------------------------------------------------------------------
     def get(self, queue_id: str) -> Envelope | None:
@@ -1283,18 +1373,42 @@ class LocalSpool:
         return envelope.received_at if envelope is not None else 0.0
 
     def open_message(self, queue_id: str) -> BinaryIO:
+        """The message file, open. One that cannot be opened for a lasting reason (damaged, missing, a
+        folder, no permission) is moved aside with its envelope (MessageSetAside): retrying it every few
+        minutes would not mend it. A shortage of the moment (file handles, memory) raises OSError."""
         if queue_id in self._completing:  # its files go a moment after the completion returns
             raise FileNotFoundError(f"message {queue_id} is completed")
-        return open(f"{self._dir_str}{queue_id}.eml", "rb")
+        try:
+            return open(f"{self._dir_str}{queue_id}.eml", "rb")
+        except OSError as exc:
+            if exc.errno in _SHORTAGES or queue_id not in self._known or queue_id in self._completing:
+                raise
+            reason = f"{queue_id}.eml cannot be opened: {exc.strerror or exc}"
+            self._set_aside(queue_id, reason)
+            raise MessageSetAside(f"message {queue_id} was moved to queue/corrupt: {reason}") from exc
+
+    def _set_aside(self, queue_id: str, reason: str) -> None:
+        """A queued message found unusable while running: out of the index, its files into corrupt/, the
+        event; a save of its envelope still under way (its delivery) then writes nothing."""
+        envelope = self._pinned.get(queue_id) or self._cache.get(queue_id)
+        self._forget(queue_id, envelope)
+        self._aside.add(queue_id)
+        self._move_aside(queue_id, reason)
 
     def xexch50_blob(self, queue_id: str) -> bytes | None:
         """The XEXCH50 blob received with the message, or None."""
         if queue_id in self._completing:
             return None
         try:
-            return (self.dir / f"{queue_id}.x50").read_bytes()
+            return _read(f"{self._dir_str}{queue_id}.x50")
         except FileNotFoundError:
             return None
+        except OSError as exc:  # as for the message file (open_message): set aside once, not retried
+            if exc.errno in _SHORTAGES or queue_id not in self._known or queue_id in self._completing:
+                raise
+            reason = f"{queue_id}.x50 cannot be read: {exc.strerror or exc}"
+            self._set_aside(queue_id, reason)
+            raise MessageSetAside(f"message {queue_id} was moved to queue/corrupt: {reason}") from exc
 
     def message_path(self, queue_id: str) -> Path:
         return self.dir / f"{queue_id}.eml"
@@ -1559,15 +1673,159 @@ def _no_envelopes() -> list[Envelope]:
     return []
 
 
-def _object(data: Any) -> dict[str, Any]:
-    """An envelope's JSON must be an object: `[]`, `null` or `5` are damage, reported like any other."""
-    if not isinstance(data, dict):
-        raise TypeError(f"the envelope is a JSON {type(data).__name__}, not an object")
-    return data
+_TEXT = (str,)
+_NUMBER = (int, float)
+_COUNT = (int,)
+_FLAG = (bool,)
+_ENVELOPE_TYPES: dict[str, tuple[type, ...]] = {
+    "id": _TEXT,
+    "sender": _TEXT,
+    "received_at": _NUMBER,
+    "source": _TEXT,
+    "client_ip": _TEXT,
+    "helo": _TEXT,
+    "auth_user": _TEXT,
+    "body": _TEXT,
+    "size": _COUNT,
+    "crc32": _COUNT,
+    "ret": _TEXT,
+    "envid": _TEXT,
+    "smtputf8": _FLAG,
+    "frozen": _FLAG,
+    "xexch50": _COUNT,
+    "delay_notified": _FLAG,
+    "dsn_kind": _TEXT,
+    "original_id": _TEXT,
+    "spool": _TEXT,
+}
+_RECIPIENT_TYPES: dict[str, tuple[type, ...]] = {
+    "address": _TEXT,
+    "state": _TEXT,
+    "orcpt": _TEXT,
+    "attempts": _COUNT,
+    "next_attempt": _NUMBER,
+    "last_reply": _TEXT,
+    "status": _TEXT,
+    "remote_mta": _TEXT,
+    "route": _TEXT,
+    "notified": _FLAG,
+}
+_WANTED: dict[tuple[type, ...], str] = {
+    _TEXT: "text",
+    _NUMBER: "a number",
+    _COUNT: "a whole number",
+    _FLAG: "true or false",
+}
+_ATTEMPT_TYPES: dict[str, tuple[type, ...]] = {"time": _NUMBER, "reply": _TEXT, "host": _TEXT}
+_LARGEST = 1e18  # no time, size or count in an envelope comes near; NaN and Infinity are not below it
+
+
+def _shape_problem(data: Any) -> str:
+    """What makes parsed JSON not an envelope: not an object, a field of the wrong type (a number where
+    text belongs, `null`, a list...), a number that is not finite; "" when its shape is right. `[]`, `null`
+    or `5` are damage like any other, reported instead of failing on them later."""
+    if type(data) is not dict:
+        return f"the envelope is {_json_type(data)}, not an object"
+    problem = _fields_problem(data, _ENVELOPE_TYPES, "")
+    if problem:
+        return problem
+    recipients = data.get("recipients")
+    if type(recipients) is not list:
+        return f"recipients is {_json_type(recipients)}, not a list"
+    for n, rcpt in enumerate(recipients, 1):
+        where = f"recipient {n}: "
+        if type(rcpt) is not dict:
+            return f"recipient {n} is {_json_type(rcpt)}, not an object"
+        problem = _fields_problem(rcpt, _RECIPIENT_TYPES, where)
+        if problem:
+            return problem
+        notify, history = rcpt.get("notify", []), rcpt.get("history", [])
+        if type(notify) is not list or any(type(item) is not str for item in notify):
+            return f"{where}notify is not a list of text"
+        if type(history) is not list:
+            return f"{where}history is {_json_type(history)}, not a list"
+        for attempt in history:
+            if type(attempt) is not dict:
+                return f"{where}an attempt in its history is {_json_type(attempt)}, not an object"
+            problem = _fields_problem(attempt, _ATTEMPT_TYPES, f"{where}history: ")
+            if problem:
+                return problem
+    transcripts = data.get("transcripts", [])
+    if type(transcripts) is not list or any(
+        type(t) is not list or any(type(line) is not str for line in t) for t in transcripts
+    ):
+        return "transcripts is not a list of lists of text"
+    return ""
+
+
+def _fields_problem(data: dict[str, Any], types: dict[str, tuple[type, ...]], where: str) -> str:
+    for name, allowed in types.items():
+        if name not in data:
+            continue  # an absent field takes its default (Envelope.from_json says which are required)
+        value = data[name]
+        if type(value) not in allowed:
+            return f"{where}{name} is {_json_type(value)}, not {_WANTED[allowed]}"
+        if allowed is not _TEXT and allowed is not _FLAG and not -_LARGEST < value < _LARGEST:
+            return f"{where}{name} is {value!r}, out of range"
+    return ""
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "a list", str: "text", bool: "true or false", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+class _NotJson(ValueError):
+    """The bytes are not JSON text: a write cut short (or a file that never was an envelope)."""
+
+
+def _envelope_from(payload: bytes) -> Envelope:
+    """The envelope in a .env or .pending file's bytes. Raises _NotJson (not JSON, not UTF-8), ValueError
+    (nested too deep for the parser, wrong shape, wrong values), KeyError (a required field missing) or
+    TypeError."""
+    try:
+        data = json.loads(payload)
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise _NotJson(str(exc)) from None
+    except RecursionError:
+        raise ValueError("the JSON is nested too deep to be an envelope") from None
+    problem = _shape_problem(data)
+    if problem:
+        raise ValueError(problem)
+    return Envelope.from_json(data)
+
+
+def _shown(text: str) -> str:
+    """`text` as an event can hold it: bytes of a file name that are not UTF-8 and control characters as
+    \\xNN escapes (folders/badmail.py `printable` does the same above this layer)."""
+    if text.isprintable():
+        return text
+    raw = text.encode("utf-8", "surrogateescape" if _only_escapes(text) else "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    return "".join(
+        c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 0x100 else repr(c)[1:-1] for c in text
+    )
+
+
+def _only_escapes(text: str) -> bool:
+    """True when every surrogate in `text` stands for a byte of a file name (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
+
+
+def _problem(exc: Exception) -> str:
+    """An envelope's problem in words (a KeyError's text is only the key)."""
+    if isinstance(exc, KeyError):
+        return f"the field {exc} is missing"
+    return str(exc) or type(exc).__name__
 
 
 def _read(path: str) -> bytes:
     with open(path, "rb", buffering=0) as file:
+        size = os.fstat(file.fileno()).st_size
+        if size > MAX_ENVELOPE_BYTES:  # read nothing: a hostile file must not take the memory
+            raise OSError(
+                errno.EFBIG, f"it has {size:,} bytes, more than an envelope ever has ({MAX_ENVELOPE_BYTES:,})"
+            )
         return file.read()
 
 

@@ -723,7 +723,17 @@ class Session:
             await asyncio.sleep(delay)  # a growing pause slows password guessing from one client
         try:
             ok = await asyncio.to_thread(self.context.users.verify, step.username, step.password)
-        except Exception:  # an unreadable store must not look like a wrong password
+        except Exception as exc:  # an unreadable store must not look like a wrong password
+            self.events.emit(
+                events.Event(
+                    events.CLIENT_COMMAND_REJECTED,
+                    f'The client at "{self.client_ip}" sent an "AUTH" command, and the SMTP server responded '
+                    f'with "{replies.AUTH_TEMP_FAILURE}": the accounts cannot be checked ({exc})',
+                    host=self.client_ip,
+                    status=replies.AUTH_TEMP_FAILURE.enhanced,
+                    cause="auth-unavailable",
+                )
+            )
             return replies.AUTH_TEMP_FAILURE
         if ok:
             limiter.record_success(self.client_ip, time.monotonic())
