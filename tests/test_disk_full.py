@@ -386,19 +386,34 @@ def test_a_pickup_file_waits_in_pickup_while_the_disk_is_full(
     first = Smtpsvc(config, tmp_path / "stderr.txt").start()  # the mailroot is made while there is room
     services.append(first)
     assert first.stop() == 0
-    (root / "pickup" / "one.eml").write_bytes(
-        b"X-Sender: a@sender.test\r\nX-Receiver: b@local.test\r\n" + MESSAGE
-    )
+    names = ("one.eml", "two.eml", "three.eml")
+    for name in names:
+        (root / "pickup" / name).write_bytes(
+            b"X-Sender: a@sender.test\r\nX-Receiver: b@local.test\r\n" + MESSAGE
+        )
     ballast = fill(root)
     service = Smtpsvc(config, tmp_path / "stderr.txt").start()
     services.append(service)
     service.wait_for(r" 9004 Pickup file one\.eml: cannot queue it: .*; will retry")
-    assert (root / "pickup" / "one.eml").exists() or (root / "pickup" / ".claimed" / "one.eml").exists()
+    first = root / "pickup" / "one.eml"
+
+    def ctime() -> int | None:  # each try claims the file and renames it back: a new ctime
+        try:
+            return first.stat().st_ctime_ns
+        except FileNotFoundError:
+            return None  # claimed at this moment
+
+    for _ in range(2):  # two more tries while the disk is full
+        wait(lambda: ctime() is not None, SOON, "one.eml back in pickup/")
+        before = ctime()
+        wait(lambda before=before: ctime() not in (None, before), SOON, "one.eml tried again")  # type: ignore[misc]
     assert not queued(root)
+    # One event for the episode, and the other files were not tried each second (one file per scan).
+    assert len(re.findall(r" 9004 Pickup file .*cannot queue it", service.stderr()[service.offset :])) == 1
 
     ballast.unlink()
-    wait(lambda: len(drop_files(root)) == 1, SOON, "the Pickup file delivered")
-    assert not (root / "pickup" / "one.eml").exists()
+    wait(lambda: len(drop_files(root)) == len(names), SOON, "the Pickup files delivered")
+    assert not any((root / "pickup" / name).exists() for name in names)
     assert service.stop() == 0
     assert_clean(service)
 

@@ -324,6 +324,10 @@ class PickupScanner:
         self.events = event_log
         self.interval = interval
         self._seen: dict[str, tuple[int, int]] = {}
+        # The queue's disk is full: said once (this 9004 and the spool's 9010), then one file is tried per
+        # scan until one is queued, instead of every file every second each with its own event.
+        self._disk_full = False
+        self._full_now = False  # the file just submitted met the full disk: this pass stops
 
     @property
     def config(self) -> Config:
@@ -382,8 +386,11 @@ class PickupScanner:
                 os.rename(entry.path, claimed)
             except OSError:
                 continue  # taken by someone else, or locked (Windows): next scan
+            self._full_now = False
             await self._submit(claimed)
             taken += 1
+            if self._full_now:
+                break  # the rest waits in pickup/ for the next scan (their settle state is kept)
         self._seen = seen
         return taken
 
@@ -407,7 +414,7 @@ class PickupScanner:
         try:
             writer = self.ingest.begin()
         except QueueError as exc:
-            self._unclaim(path, f"cannot queue it: {exc}")
+            self._unclaim(path, f"cannot queue it: {exc}", full=exc.full)
             return
         try:
             envelope = await asyncio.to_thread(self._read, path, writer)
@@ -417,7 +424,8 @@ class PickupScanner:
             return
         except (OSError, QueueError) as exc:
             writer.abort()
-            self._unclaim(path, f"cannot read it: {exc}")
+            full = isinstance(exc, QueueError) and exc.full
+            self._unclaim(path, f"cannot queue it: {exc}" if full else f"cannot read it: {exc}", full=full)
             return
         except Exception as exc:  # the file made a parser fail: it is not a message we can send
             writer.abort()
@@ -433,18 +441,25 @@ class PickupScanner:
             await self.ingest.commit(writer, fields)
         except QueueError as exc:
             writer.abort()
-            self._unclaim(path, f"cannot queue it: {exc}")
+            self._unclaim(path, f"cannot queue it: {exc}", full=exc.full)
             return
+        self._disk_full = False
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
-    def _unclaim(self, path: Path, why: str) -> None:
+    def _unclaim(self, path: Path, why: str, full: bool = False) -> None:
         """A transient problem: put the file back into pickup/ so a later scan tries again."""
-        self.events.emit(
-            events.Event(
-                events.PICKUP_REJECTED, f"Pickup file {printable(path.name)}: {printable(why)}; will retry"
+        if full:
+            self._full_now = True
+        if not (full and self._disk_full):
+            more = "; Pickup tries one file a second until the disk has room" if full else ""
+            self.events.emit(
+                events.Event(
+                    events.PICKUP_REJECTED,
+                    f"Pickup file {printable(path.name)}: {printable(why)}; will retry{more}",
+                )
             )
-        )
+        self._disk_full = self._disk_full or full
         with contextlib.suppress(OSError):
             os.rename(path, self.dir / path.name)
 
