@@ -231,7 +231,9 @@ async def test_ndr_that_cannot_be_delivered_goes_to_badmail(start_service: Start
 async def test_invalid_pickup_file_goes_to_badmail_with_the_reason(start_service: StartService) -> None:
     service = await start_service()
     (service.folders["pickup"] / "broken.eml").write_bytes(b"To: b@local.test\r\n\r\nno sender\r\n")
-    [bdr] = await wait_until(lambda: badmail(service, ".bdr"), what="the Badmail reason file")
+    # The item is whole once both files are there (the .bad may be published after the .bdr).
+    await wait_until(lambda: badmail(service, ".bdr") and badmail(service, ".bad"), what="the Badmail item")
+    [bdr] = badmail(service, ".bdr")
     text = bdr.read_text()  # type: ignore[attr-defined]
     assert "0xC00402CE" in text and "no From header" in text
     [bad] = badmail(service, ".bad")
