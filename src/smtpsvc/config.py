@@ -1138,7 +1138,8 @@ _OAUTH_EXAMPLE: dict[str, object] = {
 
 
 def _oauth_profile(loader: _Loader, name: str, value: object) -> OAuthProfile | None:
-    """One [oauth.NAME] table checked as a whole; every problem reported, None when there is one."""
+    """One [oauth.NAME] table checked key by key, then as a whole; every problem reported (once per key),
+    None when there is one."""
     section = f"oauth.{name}"
     if not isinstance(value, dict):
         loader.report(section, "", f"expected a table [oauth.{name}], got {_describe(value)}")
@@ -1149,52 +1150,56 @@ def _oauth_profile(loader: _Loader, name: str, value: object) -> OAuthProfile | 
     if "client_id" not in value:
         loader.report(section, "client_id", 'missing "client_id": the application (client) ID')
     v = loader.section(section, value, _OAUTH_KEYS)
-    if len(loader.problems) > before:
+    if v["provider"] is None or v["client_id"] is None:
         return None
-    provider: str = v["provider"]
     for key in ("tenant", "client_id", "scope", "token_url"):
         v[key] = v[key].strip()
-    if not v["client_id"]:
-        loader.report(section, "client_id", "must not be empty: the application (client) ID")
-    if bool(v["certificate_file"]) != bool(v["key_file"]):
-        have, lacking = (
-            ("certificate_file", "key_file") if v["certificate_file"] else ("key_file", "certificate_file")
-        )
-        loader.report(section, have, f"{have} is set but {lacking} is not: a client assertion needs both")
-    if v["client_secret_file"] and v["certificate_file"]:
-        loader.report(
-            section, "certificate_file", "set client_secret_file or certificate_file + key_file, not both"
-        )
-    credential = v["client_secret_file"] or v["certificate_file"]
-    if not credential and not v["refresh_token_file"]:
-        loader.report(
-            section,
-            "",
-            "no credential: set client_secret_file, or certificate_file + key_file, or refresh_token_file",
-        )
-    if provider == "google" and not (v["refresh_token_file"] and v["client_secret_file"]):
-        loader.report(
-            section,
-            "refresh_token_file",
-            "Google gives mail access through the refresh-token grant: set refresh_token_file and"
-            " client_secret_file (of the OAuth client that obtained it)",
-        )
-    if provider == "microsoft" and not v["tenant"] and not v["token_url"]:
-        loader.report(section, "tenant", 'missing "tenant": the directory ID or e.g. contoso.onmicrosoft.com')
-    for key in ("scope", "token_url"):
-        if provider == "generic" and not v[key]:
-            loader.report(section, key, f'missing "{key}" (required with provider = "generic")')
-    v["scope"] = v["scope"] or OAUTH_DEFAULT_SCOPE.get(provider, "")
-    v["token_url"] = (v["token_url"] or OAUTH_DEFAULT_TOKEN_URL.get(provider, "")).replace(
-        "{tenant}", v["tenant"]
-    )
-    if v["token_url"] and not v["token_url"].lower().startswith("https://"):
-        loader.report(
-            section, "token_url", f'must be an https:// URL (it carries the secret), got "{v["token_url"]}"'
-        )
+    reported = {p.key for p in loader.problems[before:]}
+    for key, problem in _oauth_problems(v):
+        if f"{section}.{key}".rstrip(".") not in reported:
+            loader.report(section, key, problem)
     if len(loader.problems) > before:
         return None
+    provider = v["provider"]
+    v["scope"] = v["scope"] or OAUTH_DEFAULT_SCOPE.get(provider, "")
+    v["token_url"] = (v["token_url"] or OAUTH_DEFAULT_TOKEN_URL[provider]).replace("{tenant}", v["tenant"])
     return OAuthProfile(name=name, **v)
+
+
+def _oauth_problems(v: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(key, problem) for a profile's keys taken together: which credential, what the provider needs."""
+    found: list[tuple[str, str]] = []
+    provider = v["provider"]
+    if not v["client_id"]:
+        found.append(("client_id", "must not be empty: the application (client) ID"))
+    if bool(v["certificate_file"]) != bool(v["key_file"]):
+        have, lacking = ("certificate_file", "key_file")[:: 1 if v["certificate_file"] else -1]
+        found.append((have, f"{have} is set but {lacking} is not: a client assertion needs both"))
+    if v["client_secret_file"] and v["certificate_file"]:
+        found.append(("certificate_file", "set client_secret_file or certificate_file + key_file, not both"))
+    if not (v["client_secret_file"] or v["certificate_file"] or v["refresh_token_file"]):
+        problem = (
+            "no credential: set client_secret_file, or certificate_file + key_file, or refresh_token_file"
+        )
+        found.append(("", problem))
+    if provider == "google" and not (v["refresh_token_file"] and v["client_secret_file"]):
+        problem = "Google gives mail access through the refresh-token grant: set refresh_token_file and"
+        found.append(
+            ("refresh_token_file", problem + " client_secret_file (of the OAuth client that obtained it)")
+        )
+    if provider == "microsoft" and not v["tenant"] and not v["token_url"]:
+        found.append(("tenant", 'missing "tenant": the directory ID or e.g. contoso.onmicrosoft.com'))
+    if provider == "generic":
+        found += [
+            (k, f'missing "{k}" (required with provider = "generic")')
+            for k in ("scope", "token_url")
+            if not v[k]
+        ]
+    if v["token_url"] and not v["token_url"].lower().startswith("https://"):
+        found.append(
+            ("token_url", f'must be an https:// URL (it carries the secret), got "{v["token_url"]}"')
+        )
+    return found
 
 
 def _oauth_profiles(loader: _Loader, value: object) -> dict[str, OAuthProfile]:
