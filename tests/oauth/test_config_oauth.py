@@ -167,7 +167,8 @@ def test_a_profile_that_is_not_a_table(tmp_path: Path) -> None:
 
 
 def test_every_problem_of_a_profile_is_reported_at_once(tmp_path: Path) -> None:
-    text = '[oauth.m365]\nprovider = "microsoft"\nclient_id = "app"\ncertificate_file = "c.pem"\nclient_secret = "x"\n'
+    text = '[oauth.m365]\nprovider = "microsoft"\nclient_id = "app"\n'
+    text += 'certificate_file = "c.pem"\nclient_secret = "x"\n'
     found = [(p.line, p.key) for p in problems(tmp_path, text)]
     assert found == [
         (1, "oauth.m365.tenant"),
