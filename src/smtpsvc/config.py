@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 from smtpsvc import verbmask
 from smtpsvc.units import format_duration, format_size, parse_duration, parse_size
@@ -1195,11 +1196,17 @@ def _oauth_problems(v: Mapping[str, str]) -> list[tuple[str, str]]:
             for k in ("scope", "token_url")
             if not v[k]
         ]
-    if v["token_url"] and not v["token_url"].lower().startswith("https://"):
-        found.append(
-            ("token_url", f'must be an https:// URL (it carries the secret), got "{v["token_url"]}"')
-        )
+    url = v["token_url"]
+    if url and (not url.lower().startswith("https://") or not _url_host(url)):
+        found.append(("token_url", f'must be an https:// URL (it carries the secret), got "{url}"'))
     return found
+
+
+def _url_host(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:  # a bad port or IPv6 literal
+        return ""
 
 
 def _oauth_profiles(loader: _Loader, value: object) -> dict[str, OAuthProfile]:

@@ -101,6 +101,12 @@ def test_several_profiles(tmp_path: Path) -> None:
             "must be an https:// URL",
         ),
         (
+            M365 + 'token_url = "https://:443/token"\n',
+            6,
+            "oauth.m365.token_url",
+            "must be an https:// URL",
+        ),
+        (
             M365.replace('"microsoft"', '"generic"'),
             1,
             "oauth.m365.scope",
@@ -124,6 +130,7 @@ def test_several_profiles(tmp_path: Path) -> None:
         "certificate-without-key",
         "secret-and-certificate",
         "plain-http",
+        "no-host",
         "generic-needs-scope",
         "google-needs-refresh-token",
         "unnamed",

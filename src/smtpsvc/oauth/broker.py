@@ -124,6 +124,8 @@ class TokenBroker:
         except TimeoutError:
             problem = f"no answer within {self._timeout:g} s"
             raise grants.failure(config, problem, "", permanent=False) from None
+        except httpx.InvalidURL as exc:
+            raise grants.failure(config, f"bad URL: {exc}", "check token_url", permanent=True) from None
         except httpx.HTTPError as exc:
             raise grants.failure(config, _network_problem(exc), _network_hint(exc), permanent=False) from None
         grant = grants.parse_answer(config, status, body)
