@@ -146,6 +146,23 @@ async def test_a_wrong_secret_is_a_permanent_error_naming_the_aadsts_code(
     assert "not-the-secret-value" not in text and SECRET not in text
 
 
+async def test_a_permanent_failure_is_not_asked_again_at_once(
+    make_broker: MakeBroker, endpoint: TokenServer, tmp_path: Path, clock: Clock
+) -> None:
+    (tmp_path / "wrong.secret").write_text("not-the-secret-value\n")
+    broker = await make_broker(clock=clock, client_secret_file=str(tmp_path / "wrong.secret"))
+    errors = []
+    for _ in range(5):  # five messages one after the other: one token request
+        with pytest.raises(TokenError) as caught:
+            await broker.token("m365")
+        errors.append(str(caught.value))
+    assert endpoint.requests == 1 and len(set(errors)) == 1
+    clock.now += 31  # then it is asked again
+    with pytest.raises(TokenError):
+        await broker.token("m365")
+    assert endpoint.requests == 2
+
+
 async def test_a_corrected_secret_file_works_at_the_next_call(
     make_broker: MakeBroker, endpoint: TokenServer, tmp_path: Path
 ) -> None:

@@ -11,6 +11,7 @@ grants.failure, and the optional `warn` callback gets operator sentences only.
 from __future__ import annotations
 
 import asyncio
+import os
 import ssl
 import time
 import uuid
@@ -32,12 +33,22 @@ from smtpsvc.tokens import AccessToken, TokenError
 REQUEST_TIMEOUT = 30.0  # seconds for the whole token request (connect, TLS, answer)
 MAX_ANSWER = 64 * 1024  # a token answer is a few KB; more is not a token endpoint
 STALE_GRACE = 30.0  # a renewal that fails transiently: keep using the old token while it has this much left
+# A permanent failure (a wrong secret) is answered from memory this long, unless a credential file changed:
+# one message after another must not become one token request after another (Entra throttles repeats).
+FAILURE_HOLD = 30.0
 
 
 @dataclass(frozen=True, slots=True)
 class _Cached:
     token: AccessToken
     renew_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: TokenError
+    until: float
+    files: tuple[tuple[int, int] | None, ...]  # the credential files as they were (_file_marks)
 
 
 class TokenBroker:
@@ -59,6 +70,7 @@ class TokenBroker:
         self._warn = warn or (lambda _text: None)
         self._cache: dict[OAuthProfile, _Cached] = {}
         self._flights: dict[OAuthProfile, asyncio.Future[AccessToken]] = {}
+        self._failed: dict[OAuthProfile, _Failed] = {}
         self._clients: dict[str, httpx.AsyncClient] = {}
 
     def __repr__(self) -> str:
@@ -78,6 +90,9 @@ class TokenBroker:
             cached = None
         if cached is not None and self._clock() < cached.renew_at:
             return cached.token
+        failed = self._failed.get(config)
+        if failed is not None and self._clock() < failed.until and failed.files == _file_marks(config):
+            raise failed.error
         flight = self._flights.get(config)
         if flight is None:
             flight = asyncio.ensure_future(self._renew(config, cached))
@@ -93,22 +108,26 @@ class TokenBroker:
             flight.exception()  # retrieved: nobody may be left waiting for it
 
     async def close(self) -> None:
+        for flight in list(self._flights.values()):
+            flight.cancel()
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
-        for flight in list(self._flights.values()):
-            flight.cancel()
         self._cache.clear()
+        self._failed.clear()
 
     async def _renew(self, config: OAuthProfile, stale: _Cached | None) -> AccessToken:
         try:
             token = await self._request(config)
         except TokenError as exc:
+            if exc.permanent:
+                self._failed[config] = _Failed(exc, self._clock() + FAILURE_HOLD, _file_marks(config))
             left = stale.token.expires_at - self._clock() if stale is not None else 0.0
             if stale is None or exc.permanent or left < STALE_GRACE:
                 raise
             self._warn(f"{exc}; the current token (valid for {int(left)} s more) is used meanwhile")
             return stale.token
+        self._failed.pop(config, None)
         current = set(self._live.current.oauth.values())
         for old in [p for p in self._cache if p not in current]:  # profiles a reload changed or removed
             del self._cache[old]
@@ -193,6 +212,20 @@ class TokenBroker:
                 f" refresh_token_file {config.refresh_token_file} cannot be replaced ({_reason(exc)}):"
                 " the token in use works until it expires; fix the file's folder permissions"
             )
+
+
+def _file_marks(config: OAuthProfile) -> tuple[tuple[int, int] | None, ...]:
+    """(modification time, size) of each credential file and the CA file, None when missing: a changed file
+    may be the fix."""
+    marks: list[tuple[int, int] | None] = []
+    files = (config.client_secret_file, config.certificate_file, config.key_file, config.refresh_token_file)
+    for path in (*files, config.ca_file):
+        try:
+            info = os.stat(path) if path else None
+        except OSError:
+            info = None
+        marks.append((info.st_mtime_ns, info.st_size) if info is not None else None)
+    return tuple(marks)
 
 
 def _read_secret(config: OAuthProfile, key: str) -> str:
