@@ -125,7 +125,7 @@ class TokenBroker:
             left = stale.token.expires_at - self._clock() if stale is not None else 0.0
             if stale is None or exc.permanent or left < STALE_GRACE:
                 raise
-            self._warn(f"{exc}; the current token (valid for {int(left)} s more) is used meanwhile")
+            self._warn(f"{exc}; the current token (valid for {round(left)} s more) is used meanwhile")
             return stale.token
         self._failed.pop(config, None)
         current = set(self._live.current.oauth.values())
