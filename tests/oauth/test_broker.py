@@ -197,8 +197,8 @@ async def test_an_unreachable_endpoint_is_transient_and_names_the_host(
     with pytest.raises(TokenError) as caught:
         await broker.token("m365")
     assert not caught.value.permanent
-    assert "token request to 127.0.0.1 failed" in str(caught.value)
-    assert "firewall" in str(caught.value)
+    assert "token request to 127.0.0.1 failed: cannot connect: Connection refused" in str(caught.value)
+    assert f"HTTPS to it (port {port}) is allowed (firewall, proxy)" in str(caught.value)
 
 
 async def test_an_endpoint_that_does_not_answer_times_out(

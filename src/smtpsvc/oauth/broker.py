@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
+import socket
 import ssl
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+from urllib.parse import urlsplit
 
 import httpx
 import jwt
@@ -36,6 +40,8 @@ STALE_GRACE = 30.0  # a renewal that fails transiently: keep using the old token
 # A permanent failure (a wrong secret) is answered from memory this long, unless a credential file changed:
 # one message after another must not become one token request after another (Entra throttles repeats).
 FAILURE_HOLD = 30.0
+
+E = TypeVar("E", bound=BaseException)
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,7 +152,8 @@ class TokenBroker:
         except httpx.InvalidURL as exc:
             raise grants.failure(config, f"bad URL: {exc}", "check token_url", permanent=True) from None
         except httpx.HTTPError as exc:
-            raise grants.failure(config, _network_problem(exc), _network_hint(exc), permanent=False) from None
+            hint = _network_hint(config, exc)
+            raise grants.failure(config, _network_problem(exc), hint, permanent=False) from None
         grant = grants.parse_answer(config, status, body)
         if grant.refresh_token and grant.refresh_token != credentials.refresh_token:
             self._save_refresh_token(config, grant.refresh_token)
@@ -242,30 +249,45 @@ def _read_secret(config: OAuthProfile, key: str) -> str:
 
 
 def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return str(exc) or type(exc).__name__
+    text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return re.sub(r" \(_ssl\.c:\d+\)$", "", text) or type(exc).__name__  # OpenSSL's source line: noise
 
 
-def _tls_cause(exc: BaseException) -> ssl.SSLError | None:
+def _cause(exc: BaseException, kind: type[E]) -> E | None:
+    """The first exception of `kind` in the chain under `exc` (httpx wraps the socket's and ssl's errors)."""
     seen: BaseException | None = exc
     while seen is not None:
-        if isinstance(seen, ssl.SSLError):
+        if isinstance(seen, kind):
             return seen
         seen = seen.__cause__ or seen.__context__
     return None
 
 
 def _network_problem(exc: httpx.HTTPError) -> str:
-    tls = _tls_cause(exc)
+    tls = _cause(exc, ssl.SSLError)
     if isinstance(tls, ssl.SSLCertVerificationError):
         return f"its certificate is not trusted ({tls.verify_message})"
     if tls is not None:
-        return f"TLS failed ({tls.reason or tls})"
+        return f"TLS failed ({tls.reason or _reason(tls)})"
+    if isinstance(exc, httpx.ConnectError):
+        return f"cannot connect: {_socket_reason(exc)}"
     return _reason(exc)
 
 
-def _network_hint(exc: httpx.HTTPError) -> str:
-    if isinstance(_tls_cause(exc), ssl.SSLCertVerificationError):
+def _socket_reason(exc: BaseException) -> str:
+    """What the socket said, from the bottom of httpx's chain: "Connection refused", a resolver error."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, socket.gaierror):
+            return f"the name does not resolve ({seen.strerror})"
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return os.strerror(seen.errno)
+        seen = seen.__cause__ or seen.__context__
+    return _reason(exc)
+
+
+def _network_hint(config: OAuthProfile, exc: httpx.HTTPError) -> str:
+    if isinstance(_cause(exc, ssl.SSLError), ssl.SSLCertVerificationError):
         return "for a private CA set ca_file; else check for a TLS-inspecting proxy"
-    return "check DNS and that HTTPS (port 443) to it is allowed (firewall, proxy)"
+    port = urlsplit(config.token_url).port or 443
+    return f"check DNS and that HTTPS to it (port {port}) is allowed (firewall, proxy)"
