@@ -318,3 +318,25 @@ async def test_no_secret_appears_in_reprs_errors_warnings_or_config_show(
 
 async def test_a_token_is_not_shown_in_its_repr() -> None:
     assert "abc.def" not in repr(AccessToken("abc.def", 1.0))
+
+
+async def test_a_google_profile_uses_the_refresh_token_grant_with_the_mail_scope(
+    make_broker: MakeBroker, endpoint: TokenServer, tmp_path: Path
+) -> None:
+    refresh = tmp_path / "google.refresh"
+    refresh.write_text("1//google-refresh\n")
+    endpoint.refresh_tokens = {"1//google-refresh"}
+    endpoint.scope = "https://mail.google.com/"
+    broker = await make_broker(provider="google", tenant=None, refresh_token_file=str(refresh))
+    assert (await broker.token("m365")).value == endpoint.issued[0]
+    assert endpoint.forms == [
+        {
+            "grant_type": "refresh_token",
+            "client_id": CLIENT_ID,
+            "client_secret": SECRET,
+            "refresh_token": "1//google-refresh",
+            "scope": "https://mail.google.com/",
+        }
+    ]
+    assert refresh.read_text() == "1//google-refresh\n"  # not rotated: the file is left alone
+    assert endpoint.problems == []
