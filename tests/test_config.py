@@ -665,9 +665,9 @@ def test_example_with_every_setting_uncommented_is_the_defaults_plus_one_connect
     cfg = load(tmp_path, uncommented)
     defaults = load_config(None, {})
     assert cfg.connectors[0].name == "partners"
-    assert comparable(dataclasses.replace(cfg, connectors=(), extensions=defaults.extensions)) == comparable(
-        defaults
-    )
+    assert list(cfg.oauth) == ["m365"]  # and one OAuth profile
+    bare = dataclasses.replace(cfg, connectors=(), oauth={}, extensions=defaults.extensions)
+    assert comparable(bare) == comparable(defaults)
     assert {n: cfg.extensions.enabled(n) for n in cfg.extensions.resolved} == {
         n: defaults.extensions.enabled(n) for n in defaults.extensions.resolved
     }
@@ -702,7 +702,10 @@ def test_example_documents_every_spec_key_and_no_other(tmp_path: Path) -> None:
     uncommented = re.sub(r"^#(?=[^ #\n])", "", render_example(), flags=re.M)
     keys = load(tmp_path, uncommented).explicit_keys
     expected = {f"{section}.{key}" for section, names in SPEC_KEYS.items() for key in names.split()}
-    assert keys - {"connector"} == expected
+    oauth = "provider tenant client_id client_secret_file certificate_file key_file refresh_token_file scope "
+    oauth += "token_url ca_file"
+    expected |= {f"oauth.m365.{key}" for key in oauth.split()}
+    assert keys - {"connector", "oauth"} == expected
 
 
 def test_example_names_iis_settings() -> None:

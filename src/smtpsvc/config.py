@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 from smtpsvc import verbmask
 from smtpsvc.units import format_duration, format_size, parse_duration, parse_size
@@ -64,6 +65,7 @@ __all__ = [
     "ExtensionsConfig",
     "HostPort",
     "IPNetwork",
+    "OAuthProfile",
     "QueueConfig",
     "RelayConfig",
     "RemoteDomain",
@@ -258,6 +260,30 @@ class QueueConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class OAuthProfile:
+    """One `[oauth.NAME]` table: where and how smtpsvc gets OAuth 2.0 access tokens (smtpsvc.oauth). Only
+    file paths: the secrets stay in their files, so no repr, `config show` or event can carry one."""
+
+    name: str
+    provider: str  # "microsoft" | "google" | "generic"
+    tenant: str
+    client_id: str
+    client_secret_file: str
+    certificate_file: str
+    key_file: str
+    refresh_token_file: str
+    scope: str  # the provider's default filled in
+    token_url: str  # the provider's default filled in, {tenant} replaced
+    ca_file: str
+
+    @property
+    def grant(self) -> str:
+        """The grant the profile uses: "refresh_token" when it has a refresh token, else client credentials
+        (with a certificate: a signed client assertion; else the client secret)."""
+        return "refresh_token" if self.refresh_token_file else "client_credentials"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     server: ServerConfig
     extensions: ExtensionsConfig
@@ -273,6 +299,7 @@ class Config:
     admin: AdminConfig
     queue: QueueConfig
     source: str  # the file read, or "<defaults>"
+    oauth: dict[str, OAuthProfile] = field(default_factory=dict)  # [oauth.NAME] by NAME
     explicit_keys: frozenset[str] = field(default=frozenset())  # dotted keys set by file, env or CLI
     cli_overrides: frozenset[str] = field(default=frozenset())  # of those, set by `serve --root`/`--listen`
 
@@ -1073,6 +1100,129 @@ _CONNECTOR_EXAMPLE: dict[str, object] = {
     "address_spaces": ["partner.test", "*.partner.test"],
 }
 
+# [oauth.NAME]: token profiles (smtpsvc.oauth). Parsed key by key like a section, then checked as a whole
+# (which credential, which defaults) by _oauth_profile.
+OAUTH_PROVIDERS = ("microsoft", "google", "generic")
+OAUTH_DEFAULT_SCOPE = {
+    "microsoft": "https://outlook.office365.com/.default",
+    "google": "https://mail.google.com/",
+}
+OAUTH_DEFAULT_TOKEN_URL = {
+    "microsoft": "https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token",
+    "google": "https://oauth2.googleapis.com/token",
+}
+_OAUTH_KEYS: tuple[_Key, ...] = (
+    _k("provider", _COMPUTED, _choice(*OAUTH_PROVIDERS), '"microsoft" | "google" | "generic"'),
+    _k("tenant", "", _str, "Entra tenant (directory) ID or domain, e.g. contoso.onmicrosoft.com (microsoft)"),
+    _k("client_id", _COMPUTED, _str, "the application (client) ID"),
+    _k("client_secret_file", "", _str, "file holding the client secret (not the secret itself)"),
+    _k("certificate_file", "", _str, "PEM certificate uploaded to the app registration (with key_file)"),
+    _k("key_file", "", _str, "PEM private key of certificate_file"),
+    _k("refresh_token_file", "", _str, "file holding a refresh token; replaced when the provider rotates it"),
+    _k(
+        "scope",
+        "",
+        _str,
+        "default: microsoft https://outlook.office365.com/.default, google https://mail.google.com/",
+    ),
+    _k(
+        "token_url", "", _str, "token endpoint; default per provider (override for national clouds and tests)"
+    ),
+    _k("ca_file", "", _str, "PEM CA certificates to trust for the token endpoint (default: the system's)"),
+)
+_OAUTH_EXAMPLE: dict[str, object] = {
+    "provider": "microsoft",
+    "tenant": "contoso.onmicrosoft.com",
+    "client_id": "00000000-0000-0000-0000-000000000000",
+    "client_secret_file": "/etc/smtpsvc/m365.secret",
+}
+
+
+def _oauth_profile(loader: _Loader, name: str, value: object) -> OAuthProfile | None:
+    """One [oauth.NAME] table checked key by key, then as a whole; every problem reported (once per key),
+    None when there is one."""
+    section = f"oauth.{name}"
+    if not isinstance(value, dict):
+        loader.report(section, "", f"expected a table [oauth.{name}], got {_describe(value)}")
+        return None
+    before = len(loader.problems)
+    if "provider" not in value:
+        loader.report(section, "provider", 'missing "provider": "microsoft", "google" or "generic"')
+    if "client_id" not in value:
+        loader.report(section, "client_id", 'missing "client_id": the application (client) ID')
+    v = loader.section(section, value, _OAUTH_KEYS)
+    if v["provider"] is None or v["client_id"] is None:
+        return None
+    for key in ("tenant", "client_id", "scope", "token_url"):
+        v[key] = v[key].strip()
+    reported = {p.key for p in loader.problems[before:]}
+    for key, problem in _oauth_problems(v):
+        if f"{section}.{key}".rstrip(".") not in reported:
+            loader.report(section, key, problem)
+    if len(loader.problems) > before:
+        return None
+    provider = v["provider"]
+    v["scope"] = v["scope"] or OAUTH_DEFAULT_SCOPE.get(provider, "")
+    v["token_url"] = (v["token_url"] or OAUTH_DEFAULT_TOKEN_URL[provider]).replace("{tenant}", v["tenant"])
+    return OAuthProfile(name=name, **v)
+
+
+def _oauth_problems(v: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(key, problem) for a profile's keys taken together: which credential, what the provider needs."""
+    found: list[tuple[str, str]] = []
+    provider = v["provider"]
+    if not v["client_id"]:
+        found.append(("client_id", "must not be empty: the application (client) ID"))
+    if bool(v["certificate_file"]) != bool(v["key_file"]):
+        have, lacking = ("certificate_file", "key_file")[:: 1 if v["certificate_file"] else -1]
+        found.append((have, f"{have} is set but {lacking} is not: a client assertion needs both"))
+    if v["client_secret_file"] and v["certificate_file"]:
+        found.append(("certificate_file", "set client_secret_file or certificate_file + key_file, not both"))
+    if not (v["client_secret_file"] or v["certificate_file"] or v["refresh_token_file"]):
+        problem = (
+            "no credential: set client_secret_file, or certificate_file + key_file, or refresh_token_file"
+        )
+        found.append(("", problem))
+    if provider == "google" and not (v["refresh_token_file"] and v["client_secret_file"]):
+        problem = "Google gives mail access through the refresh-token grant: set refresh_token_file and"
+        found.append(
+            ("refresh_token_file", problem + " client_secret_file (of the OAuth client that obtained it)")
+        )
+    if provider == "microsoft" and not v["tenant"] and not v["token_url"]:
+        found.append(("tenant", 'missing "tenant": the directory ID or e.g. contoso.onmicrosoft.com'))
+    if provider == "generic":
+        found += [
+            (k, f'missing "{k}" (required with provider = "generic")')
+            for k in ("scope", "token_url")
+            if not v[k]
+        ]
+    url = v["token_url"]
+    if url and (not url.lower().startswith("https://") or not _url_host(url)):
+        found.append(("token_url", f'must be an https:// URL (it carries the secret), got "{url}"'))
+    return found
+
+
+def _url_host(url: str) -> str:
+    try:
+        return urlsplit(url).hostname or ""
+    except ValueError:  # a bad port or IPv6 literal
+        return ""
+
+
+def _oauth_profiles(loader: _Loader, value: object) -> dict[str, OAuthProfile]:
+    if not isinstance(value, dict):
+        loader.report("oauth", "", f"expected tables [oauth.NAME], got {_describe(value)}")
+        return {}
+    keys = {k.name for k in _OAUTH_KEYS}
+    if any(name in keys and not isinstance(table, dict) for name, table in value.items()):
+        loader.report("oauth", "", "name the profile: [oauth.NAME] (e.g. [oauth.m365]), not [oauth]")
+        return {}
+    profiles = {name: _oauth_profile(loader, name, table) for name, table in value.items()}
+    if value:
+        loader.explicit.add("oauth")
+    return {name: profile for name, profile in profiles.items() if profile is not None}
+
+
 _SECTION_DOCS: dict[str, str] = {
     "server": "inbound SMTP",
     "extensions": "named switches; a key set here overrides the mask's bit, an unset one follows it",
@@ -1087,10 +1237,11 @@ _SECTION_DOCS: dict[str, str] = {
     "badmail": "what cannot be delivered or returned",
     "admin": "the admin HTTP API",
     "queue": "the spool",
+    "oauth": "OAuth 2.0 token profiles [oauth.NAME] (Microsoft 365, Google); repeat for more",
 }
 _SECTION_ORDER = (
     "server", "extensions", "domains", "relay", "auth", "tls", "delivery", "resolver", "connector",
-    "categorizer", "badmail", "admin", "queue",
+    "categorizer", "badmail", "admin", "queue", "oauth",
 )  # fmt: skip
 
 
@@ -1129,6 +1280,8 @@ class _Locator:
                     counts[table[0]] = counts.get(table[0], 0) + 1
                 index = counts[table[0]] - 1 if table[0] in counts else None
                 self._remember((table[0], index, table[1] if len(table) > 1 else ""), number)
+                if len(table) == 2:  # [oauth.NAME]: its problems are reported as section "oauth.NAME"
+                    self._remember((".".join(table), None, ""), number)
                 continue
             keyline = _KEYLINE_RE.match(line)
             if keyline:
@@ -1137,6 +1290,8 @@ class _Locator:
                 if len(path) == 1:
                     where = ("", None, path[0])
                 self._remember(where, number)
+                if len(path) == 3 and index is None:  # a key of [oauth.NAME]
+                    self._remember((f"{path[0]}.{path[1]}", None, path[2]), number)
 
     def _remember(self, where: tuple[str, int | None, str], number: int) -> None:
         self._lines.setdefault(where, number)
@@ -1264,8 +1419,9 @@ def _apply_env(loader: _Loader, raw: dict[str, Any], env: Mapping[str, str]) -> 
             loader.problems.append(ConfigProblem(f"${name}", None, dotted, problem))
             continue
         section, key = parts
-        if section == "connector":
-            problem = "[[connector]] tables cannot be set from the environment; use the config file"
+        if section in ("connector", "oauth"):
+            what = "[[connector]] tables" if section == "connector" else "[oauth.NAME] profiles"
+            problem = f"{what} cannot be set from the environment; use the config file"
             loader.problems.append(ConfigProblem(f"${name}", None, dotted, problem))
             continue
         if section not in _SCHEMA:
@@ -1286,7 +1442,7 @@ def _apply_env(loader: _Loader, raw: dict[str, Any], env: Mapping[str, str]) -> 
 def _check_sections(loader: _Loader, raw: Mapping[str, object]) -> None:
     every_key = {k.name: s for s, keys in _SCHEMA.items() for k in keys}
     for name, value in raw.items():
-        if name == "connector" or (name in _SCHEMA and isinstance(value, dict)):
+        if name in ("connector", "oauth") or (name in _SCHEMA and isinstance(value, dict)):
             continue
         if name in _SCHEMA:
             loader.report(name, "", f"expected a table [{name}], got {_describe(value)}")
@@ -1392,6 +1548,7 @@ def load_config(
     if any(d.route for d in domains.remote):
         loader.explicit.add("domains.remote.route")
     connectors = _connectors(loader, raw.get("connector", []))
+    oauth = _oauth_profiles(loader, raw.get("oauth", {}))
     cfg = Config(
         server=ServerConfig(**server),
         extensions=ExtensionsConfig(
@@ -1411,6 +1568,7 @@ def load_config(
         admin=AdminConfig(**table("admin")),
         queue=QueueConfig(**queue),
         source=source,
+        oauth=oauth,
         explicit_keys=frozenset(loader.explicit),
         cli_overrides=frozenset(f"{s}.{k}" for (s, k), by in loader.overridden.items() if by[:2] == "--"),
     )
@@ -1494,6 +1652,12 @@ def render_example() -> str:
                 value = _CONNECTOR_EXAMPLE.get(key.name, key.default)
                 out += [_doc_line(key), f"#{_toml_key(key.name)} = {_toml_value(value)}"]
             continue
+        if section == "oauth":
+            out.append("#[oauth.m365]")
+            for key in _OAUTH_KEYS:
+                value = _OAUTH_EXAMPLE.get(key.name, key.default)
+                out += [_doc_line(key), f"#{_toml_key(key.name)} = {_toml_value(value)}"]
+            continue
         out.append(f"[{section}]")
         for key in _SCHEMA[section]:
             value = dynamic.get((section, key.name), key.default)
@@ -1512,6 +1676,10 @@ def render_effective(cfg: Config) -> str:
         if section == "connector":
             for connector in cfg.connectors:
                 out += ["", "[[connector]]", *_section_lines(_CONNECTOR_KEYS, connector)]
+            continue
+        if section == "oauth":  # file paths only: the secrets stay in their files
+            for name, profile in cfg.oauth.items():
+                out += ["", f"[oauth.{_toml_key(name)}]", *_section_lines(_OAUTH_KEYS, profile)]
             continue
         out += ["", f"[{section}]"]
         if section == "extensions":
