@@ -688,7 +688,8 @@ SPEC_KEYS = {
     "suppress_xexch50_external "
     # ours, beyond SPEC 1.3: slow start and the RFC 5321 section 4.5.3.2 deadlines
     "initial_connections_per_domain connect_timeout greeting_timeout mail_timeout rcpt_timeout data_timeout "
-    "data_block_timeout final_timeout",
+    "data_block_timeout final_timeout "
+    "smart_host_auth",  # ours: AUTH to the smart host (issue 15)
     "resolver": "nameservers negative_cache_max",  # the last: ours, beyond SPEC 1.3 (RFC 2308)
     "connector": "name address_spaces cost smart_hosts use_helo tls auth xexch50",
     "categorizer": "reset_message_status",

@@ -17,7 +17,7 @@ import os
 import re
 import socket
 import tomllib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -72,6 +72,7 @@ __all__ = [
     "ResolverConfig",
     "ServerConfig",
     "TlsConfig",
+    "auth_oauth_problems",
     "default_config_path",
     "format_listen",
     "load_config",
@@ -189,6 +190,7 @@ class TlsConfig:
 @dataclass(frozen=True, slots=True)
 class DeliveryConfig:
     smart_host: tuple[HostPort, ...]
+    smart_host_auth: ConnectorAuth
     smart_host_type: str
     remote_port: int
     retry: tuple[float, ...]
@@ -219,8 +221,24 @@ class ResolverConfig:
 
 @dataclass(frozen=True, slots=True)
 class ConnectorAuth:
+    """Outbound AUTH of a route: a connector's `auth`, or `delivery.smart_host_auth`. `mechanism` "auto"
+    sends PLAIN, else LOGIN, with the password in `password_file`; "xoauth2" and "oauthbearer" log in as the
+    mailbox `user` with a token of the `[oauth.NAME]` profile named by `oauth`."""
+
     user: str = ""
     password_file: str = ""
+    mechanism: str = "auto"  # "auto" | "plain" | "login" | "xoauth2" | "oauthbearer"
+    oauth: str = ""  # the [oauth.NAME] profile, for xoauth2 and oauthbearer
+
+    @property
+    def enabled(self) -> bool:
+        """AUTH is sent: a user (a `password_file` alone sends none, as before)."""
+        return bool(self.user)
+
+    @property
+    def bearer(self) -> bool:
+        """Logs in with an OAuth 2.0 token instead of a password."""
+        return self.mechanism in BEARER_MECHANISMS
 
 
 @dataclass(frozen=True, slots=True)
@@ -699,12 +717,73 @@ def _remote_domains(value: object) -> tuple[RemoteDomain, ...]:
     return _each(value, 'tables like { name = "partner.test", relay = true }', _remote_domain)
 
 
+# -- outbound AUTH: a connector's `auth` and `delivery.smart_host_auth` (one table, one parser) ---------
+AUTH_MECHANISMS = ("auto", "plain", "login", "xoauth2", "oauthbearer")
+BEARER_MECHANISMS = ("xoauth2", "oauthbearer")
+_AUTH_KEYS = ("user", "password_file", "mechanism", "oauth")
+_AUTH_DEFAULT: dict[str, object] = {"user": "", "password_file": ""}
+
+
 def _connector_auth(value: object) -> ConnectorAuth:
-    table = _table(value, 'a table like { user = "", password_file = "" }', ("user", "password_file"))
-    auth = ConnectorAuth(user=_str(table.get("user", "")), password_file=_str(table.get("password_file", "")))
+    table = _table(value, 'a table like { user = "", password_file = "" }', _AUTH_KEYS)
+    auth = ConnectorAuth(
+        user=_str(table.get("user", "")).strip(),
+        password_file=_str(table.get("password_file", "")),
+        mechanism=_choice(*AUTH_MECHANISMS)(table.get("mechanism", "auto")),
+        oauth=_str(table.get("oauth", "")).strip(),
+    )
+    if auth.bearer:
+        example = f'{{ mechanism = "{auth.mechanism}", user = "relay@contoso.com", oauth = "m365" }}'
+        if not auth.user:
+            raise ValueError(
+                f'mechanism = "{auth.mechanism}" needs user, the mailbox to log in as: {example}'
+            )
+        if not auth.oauth:
+            raise ValueError(
+                f'mechanism = "{auth.mechanism}" needs oauth, the name of an [oauth.NAME] profile: {example}'
+            )
+        if auth.password_file:
+            raise ValueError(
+                f'password_file is not used with mechanism = "{auth.mechanism}": the token of the '
+                "[oauth.NAME] profile replaces the password; remove password_file"
+            )
+        return auth
+    if auth.oauth:
+        raise ValueError(
+            f'oauth = "{auth.oauth}" needs mechanism = "xoauth2" (Microsoft 365, Google) or "oauthbearer"'
+        )
     if auth.user and not auth.password_file:
         raise ValueError("user is set but password_file is not: name the file that holds the password")
+    if auth.mechanism != "auto" and not auth.user:
+        raise ValueError(f'mechanism = "{auth.mechanism}" needs user and password_file')
     return auth
+
+
+def _show_auth(auth: ConnectorAuth) -> dict[str, str]:
+    shown = {"user": auth.user, "password_file": auth.password_file}  # the file's name, never its content
+    if auth.mechanism != "auto":
+        shown["mechanism"] = auth.mechanism
+    if auth.oauth:
+        shown["oauth"] = auth.oauth
+    return shown
+
+
+def auth_oauth_problems(cfg: Config, profiles: Collection[str]) -> list[tuple[str, str, int | None, str]]:
+    """The auth tables whose `oauth` names no `[oauth.NAME]` profile among `profiles`, as (section, key,
+    connector index or None, problem) for `_Loader.report`. Wired into `_cross_checks` with the oauth
+    profiles (`cfg.oauth`) where both exist: `for s, k, i, p in auth_oauth_problems(cfg, cfg.oauth):
+    loader.report(s, k, p, i)`."""
+    known = sorted(profiles)
+    hint = f"; known: {', '.join(known)}" if known else "; there is no [oauth.NAME] profile"
+    tables: list[tuple[str, str, int | None, ConnectorAuth]] = [
+        ("delivery", "smart_host_auth", None, cfg.delivery.smart_host_auth)
+    ]
+    tables += [("connector", "auth", index, c.auth) for index, c in enumerate(cfg.connectors)]
+    return [
+        (section, key, index, f'oauth = "{auth.oauth}" names no [oauth.{auth.oauth}] profile{hint}')
+        for section, key, index, auth in tables
+        if auth.bearer and auth.oauth not in profiles
+    ]
 
 
 def _connector_name(value: object) -> str:
@@ -910,6 +989,13 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
             show=lambda v: ";".join(str(h) for h in v),
         ),
         _k(
+            "smart_host_auth",
+            _AUTH_DEFAULT,
+            _connector_auth,
+            "outbound AUTH to the smart host: the table of a connector's auth",
+            show=_show_auth,
+        ),
+        _k(
             "smart_host_type",
             "always",
             _smart_host_type,
@@ -1088,10 +1174,11 @@ _CONNECTOR_KEYS: tuple[_Key, ...] = (
     _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required"'),
     _k(
         "auth",
-        {"user": "", "password_file": ""},
+        _AUTH_DEFAULT,
         _connector_auth,
-        "outbound AUTH on this route",
-        show=lambda v: {"user": v.user, "password_file": v.password_file},
+        'outbound AUTH on this route; mechanism = "auto" (PLAIN, else LOGIN) | "plain" | "login" | '
+        '"xoauth2" | "oauthbearer" (with oauth = "NAME" of an [oauth.NAME] profile)',
+        show=_show_auth,
     ),
     _k("xexch50", False, _bool, "send the XEXCH50 blob on this route (internal peers only)"),
 )

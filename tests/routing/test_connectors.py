@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpsvc.config import Config, load_config
+from smtpsvc.config import Config, ConnectorAuth, load_config
 from smtpsvc.model import Route
 from smtpsvc.routing.connectors import RouteChoice, address_space_matches, route_choices
 
@@ -123,12 +123,11 @@ def test_connector_choice_carries_its_settings(tmp_path: Path) -> None:
         cost=2,
         use_helo=True,
         tls="required",
-        auth_user="relay-a",
-        auth_password_file="a.secret",
+        auth=ConnectorAuth("relay-a", "a.secret"),
         xexch50=True,
     )
     assert b.route == Route(kind="smtp", link="partners-b", hosts=(("b.relay.test", 2526),), port=2526)
-    assert (b.cost, b.use_helo, b.tls, b.auth_user, b.xexch50) == (5, False, "opportunistic", "", False)
+    assert (b.cost, b.use_helo, b.tls, b.auth.user, b.xexch50) == (5, False, "opportunistic", "", False)
     # a connector without smart hosts routes by MX for the recipient's domain, on its own link
     assert tie.route == Route(kind="smtp", link="partners-tie", mx_domain="x.partner.test", port=2526)
     assert tie.tls == "none"
@@ -169,6 +168,16 @@ def test_default_route_without_a_matching_connector(
     text = f'[delivery]\ntls = "required"\n{delivery}\n{UNRELATED_CONNECTOR}'
     choices = route_choices("Elsewhere.Test.", config(tmp_path, text))
     assert [c.route for c in choices] == routes
-    assert {(c.connector, c.cost, c.tls, c.use_helo, c.auth_user, c.xexch50) for c in choices} == {
+    assert {(c.connector, c.cost, c.tls, c.use_helo, c.auth.user, c.xexch50) for c in choices} == {
         ("", 0, "required", False, "", False)
     }
+
+
+def test_the_smart_host_route_carries_smart_host_auth_and_mx_does_not(tmp_path: Path) -> None:
+    text = (
+        '[delivery]\nsmart_host = "smtp.office365.com:587"\nsmart_host_type = "after_direct"\n'
+        'smart_host_auth = { mechanism = "xoauth2", user = "relay@contoso.com", oauth = "m365" }\n'
+    )
+    mx, smart = route_choices("elsewhere.test", config(tmp_path, text))
+    assert smart.auth == ConnectorAuth("relay@contoso.com", "", "xoauth2", "m365")
+    assert mx.auth == ConnectorAuth()  # the login is for the smart host only, never for an MX host

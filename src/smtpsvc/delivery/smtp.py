@@ -14,6 +14,7 @@ could be reached (`unreachable`) or DNS cannot find the destination (`not_found`
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from smtpsvc import events
 from smtpsvc.config import Config, LiveConfig
+from smtpsvc.delivery.authcauses import OAUTH_TOKEN_FAILED, diagnose
 from smtpsvc.delivery.destination import Destination, DestinationDead, Destinations
 from smtpsvc.delivery.healing import ACTIONS, PeerMemory
 from smtpsvc.delivery.schedule import retry_delay
@@ -38,6 +40,7 @@ from smtpsvc.delivery.smtp_session import (
     Stalled,
     Timeouts,
     TlsFailed,
+    TokenLogin,
     connect,
     diagnose_drop,
     prepare,
@@ -49,6 +52,7 @@ from smtpsvc.events import EventLog
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, Route
 from smtpsvc.routing.connectors import RouteChoice
 from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
+from smtpsvc.tokens import TokenError, TokenSource
 from smtpsvc.units import format_duration
 
 DNS_NOT_FOUND = frozenset({"dns-nxdomain", "dns-no-address"})
@@ -79,8 +83,10 @@ class SmtpTransport:
         event_log: EventLog,
         link_slot: LinkSlot | None = None,
         rng: random.Random | None = None,
+        tokens: TokenSource | None = None,
     ) -> None:
         self.live = live
+        self.tokens = tokens  # OAuth 2.0 tokens for XOAUTH2/OAUTHBEARER logins; None: no [oauth.NAME] profile
         self.resolver = resolver
         self.events = event_log
         self.memory = PeerMemory()  # self-healing facts per next hop (SPEC 2.9)
@@ -217,6 +223,7 @@ class _Attempt:
         self.rejections: list[Rejection] = []
         self.learned: list[tuple[str, str]] = []
         self._blob: bytes | bool | None = False  # False: not read yet
+        self._reconnected = False  # the fresh token of a refused one got its new connection
 
     async def on_cached(
         self, destination: Destination[SmtpSession], session: SmtpSession
@@ -233,10 +240,19 @@ class _Attempt:
         else of it works)."""
         try:
             policy = self._policy()
+            if policy.oauth is not None:  # no token, no connection: nothing to say to the server without one
+                await policy.oauth.current()
         except OSError as exc:
             destination.unused()
-            reply = f"451 4.7.0 Cannot read auth.password_file of connector {self.route.connector!r}: {exc}"
+            reply = f"451 4.7.0 Cannot read auth.password_file of {self._auth_owner()}: {exc}"
             return self._deferred(reply, "4.7.0", reason=reply, cause="auth-config")
+        except TokenError as exc:
+            destination.unused()
+            reply = f"451 4.7.0 {exc}"
+            return self._deferred(reply, "4.7.0", reason=str(exc), cause=OAUTH_TOKEN_FAILED)
+        except BaseException:
+            destination.unused()
+            raise
         try:
             hops = await self.transport.next_hops(self.route.route)
         except DnsError as exc:
@@ -251,6 +267,8 @@ class _Attempt:
                 await self.transport.hold_slot(self.route.route.link, slot)
                 for hop in hops:
                     session = await self._open(hop, policy)
+                    if session is None and self._fresh_token_untried(policy):
+                        session = await self._open(hop, policy)  # it closed on us after refusing the old one
                     if session is None:
                         continue
                     destination.opened(session)
@@ -341,13 +359,43 @@ class _Attempt:
         return self._blob
 
     def _policy(self) -> SessionPolicy:
-        route = self.route
-        password = ""
-        if route.auth_user and route.auth_password_file:
-            password = Path(route.auth_password_file).read_text(encoding="utf-8").strip()
+        """How to talk to this route's hosts. Raises OSError (an unreadable password file) or TokenError (a
+        bearer login without a token source)."""
+        route, auth = self.route, self.route.auth
+        password, login = "", None
+        if auth.enabled and auth.bearer:
+            tokens = self.transport.tokens
+            if tokens is None:
+                raise TokenError(
+                    f'{self._auth_owner()} logs in with mechanism = "{auth.mechanism}", but no OAuth token '
+                    f"source is running: configure the [oauth.{auth.oauth}] profile"
+                )
+            login = TokenLogin(tokens, auth.oauth)
+        elif auth.enabled and auth.password_file:
+            password = Path(auth.password_file).read_text(encoding="utf-8").strip()
         return SessionPolicy(
-            tls=route.tls, auth_user=route.auth_user, auth_password=password, use_helo=route.use_helo
+            tls=route.tls,
+            auth_user=auth.user if auth.enabled else "",
+            auth_password=password,
+            use_helo=route.use_helo,
+            auth_mechanism=auth.mechanism,
+            oauth=login,
         )
+
+    def _auth_owner(self) -> str:
+        """Whose auth table this route's is, as the configuration names it."""
+        if self.route.connector:
+            return f"connector {self.route.connector!r}"
+        return "delivery.smart_host_auth"
+
+    def _fresh_token_untried(self, policy: SessionPolicy) -> bool:
+        """The host refused our token and the connection broke before the fresh one could be tried: try it
+        on a new connection, once per attempt (the retry that goes with the one refresh)."""
+        if policy.oauth is None or not policy.oauth.untried or self._reconnected:
+            return False
+        self._reconnected = True
+        self.transcript.append("--- the token was refused; the fresh one goes over a new connection")
+        return True
 
     def _collect(self, session: SmtpSession) -> None:
         self.rejections.extend(session.rejections)
@@ -366,9 +414,12 @@ class _Attempt:
 
     # -- outcomes ------------------------------------------------------------------------------------
     def finish(self, results: list[DeliveryResult]) -> Outcome:
+        results = [_explained(result) for result in results]
         outcome = Outcome(results, self.transcript)
         if results and all(not r.ok and not r.permanent for r in results):
-            outcome.reason, outcome.cause = results[0].reply, TRANSIENT_REPLY
+            diagnosis = diagnose(results[0].reply)
+            outcome.reason = results[0].reply
+            outcome.cause = diagnosis.cause if diagnosis is not None else TRANSIENT_REPLY
         return outcome
 
     def unreachable(self) -> Outcome:
@@ -448,7 +499,7 @@ class _Attempt:
                     domain=domain,
                     host=rejection.host,
                     status=status_of(rejection.reply, ""),
-                    cause=f"remote-rejected-{rejection.verb.lower()}",
+                    cause=_rejection_cause(rejection),
                 )
             )
         for failure in self.failures:
@@ -467,3 +518,21 @@ class _Attempt:
 
 def _seconds(seconds: float) -> str:
     return format_duration(seconds)
+
+
+def _explained(result: DeliveryResult) -> DeliveryResult:
+    """A refusal that names a provider's login problem (5.7.60 SendAs denied, say) carries the cause and
+    what to do in its reply: the recipient's last error and the NDR. Its permanence stays the reply's: a
+    5xx SendAs refusal is final for this message (its sender is not one the login may use; retrying the
+    same sender cannot help), a 4xx one is retried."""
+    if result.ok:
+        return result
+    diagnosis = diagnose(result.reply)
+    if diagnosis is None:
+        return result
+    return dataclasses.replace(result, reply=diagnosis.explain(result.reply))
+
+
+def _rejection_cause(rejection: Rejection) -> str:
+    diagnosis = diagnose(rejection.reply)
+    return diagnosis.cause if diagnosis is not None else f"remote-rejected-{rejection.verb.lower()}"

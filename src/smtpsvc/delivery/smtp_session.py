@@ -20,6 +20,12 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from smtpsvc.delivery.authcauses import (
+    OAUTH_TOKEN_FAILED,
+    OAUTH_TOKEN_REFUSED,
+    TOKEN_REFUSED_ADVICE,
+    diagnose,
+)
 from smtpsvc.delivery.downgrade import DowngradeError, downgrade_to_7bit, needs_downgrade
 from smtpsvc.delivery.healing import PEER_LACKS_8BITMIME, PEER_REJECTS_EHLO, XEXCH50_BLOCKED, PeerMemory
 from smtpsvc.model import DeliveryResult, Envelope, Recipient
@@ -35,8 +41,18 @@ from smtpsvc.protocol import (
     rcpt_arg,
     xtext_encode,
 )
-from smtpsvc.protocol.sasl import encode_login, encode_plain
+from smtpsvc.protocol.sasl import (
+    OAUTHBEARER_ERROR_ANSWER,
+    XOAUTH2_ERROR_ANSWER,
+    SaslError,
+    decode_bearer_error,
+    encode_login,
+    encode_oauthbearer,
+    encode_plain,
+    encode_xoauth2,
+)
 from smtpsvc.routing.mx import NextHop
+from smtpsvc.tokens import AccessToken, TokenError, TokenSource
 from smtpsvc.units import format_duration
 
 READ_SIZE = 64 * 1024
@@ -64,14 +80,47 @@ class Timeouts:
     final: float = 600.0
 
 
+class TokenLogin:
+    """The OAuth 2.0 token of one delivery attempt's XOAUTH2/OAUTHBEARER login: had from the TokenSource
+    before the first connection, and refreshed at most once, when a server refuses it (one refresh, one
+    retry)."""
+
+    def __init__(self, source: TokenSource, profile: str) -> None:
+        self.source = source
+        self.profile = profile
+        self.token: AccessToken | None = None
+        self.refreshed = False  # the one refresh of this attempt is used
+        self.untried = False  # a refreshed token no server has judged yet (the connection broke first)
+
+    async def current(self) -> AccessToken:
+        """The token to log in with. Raises TokenError."""
+        if self.token is None:
+            self.token = await self.source.token(self.profile)
+        return self.token
+
+    async def refresh(self) -> AccessToken | None:
+        """A new token in place of the refused one; None when this attempt had its refresh. Raises
+        TokenError."""
+        if self.refreshed:
+            return None
+        self.refreshed = True
+        self.token = await self.source.token(self.profile, refused=self.token)
+        self.untried = True
+        return self.token
+
+
 @dataclass(frozen=True, slots=True)
 class SessionPolicy:
-    """How to talk to the next hop: TLS policy, credentials (smart host AUTH), HELO instead of EHLO."""
+    """How to talk to the next hop: TLS policy, credentials (AUTH to a smart host or a connector's hosts),
+    HELO instead of EHLO. `auth_mechanism`: "auto" (PLAIN, else LOGIN), "plain", "login", or "xoauth2" /
+    "oauthbearer" with the token of `oauth`."""
 
     tls: str = "opportunistic"  # "none" | "opportunistic" | "required"
     auth_user: str = ""
     auth_password: str = field(default="", repr=False)
     use_helo: bool = False
+    auth_mechanism: str = "auto"
+    oauth: TokenLogin | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(slots=True)
@@ -219,7 +268,10 @@ class SmtpSession:
     def command(self, verb: str, arg: str = "", *, secret: bool = False) -> None:
         self.phase = verb.upper()
         self.writer.write(self.conn.send_command(verb, arg))
-        self.log(">", f"{verb} <redacted>" if secret else f"{verb} {arg}".rstrip())
+        if secret:  # the first word (AUTH's mechanism) is no secret, and says what was tried
+            self.log(">", f"{verb} {arg.split(' ', 1)[0]} <redacted>")
+        else:
+            self.log(">", f"{verb} {arg}".rstrip())
 
     def pipeline(self, commands: Sequence[tuple[str, str]]) -> None:
         """Several commands sent together (RFC 2920): what command() does for each, in one write (speed:
@@ -444,7 +496,7 @@ async def prepare(
             TRANSIENT_REPLY,
         )
     session.caps = caps
-    if policy.auth_user:
+    if policy.auth_user:  # a route's auth table with a user (config: a password_file or an oauth profile)
         failure = await _authenticate(session, caps, policy)
         if failure is not None:
             return failure
@@ -479,42 +531,129 @@ async def _hello(session: SmtpSession, hostname: str, use_helo: bool) -> Capabil
     return None
 
 
+_PASSWORD_MECHANISMS = {"plain": ("PLAIN",), "login": ("LOGIN",), "auto": ("PLAIN", "LOGIN")}
+
+
 async def _authenticate(
     session: SmtpSession, caps: Capabilities | None, policy: SessionPolicy
 ) -> HopFailure | None:
-    """AUTH to a smart host: PLAIN, else LOGIN; never a password in plaintext except to loopback."""
-    label, timeout = session.label, session.timeouts.command
+    """AUTH to a smart host or a connector's host: PLAIN or LOGIN with the password, XOAUTH2 or OAUTHBEARER
+    with a token; never a credential in plaintext except to loopback."""
+    label = session.label
     if not session.tls and not _is_loopback(session.hop.address):
         return HopFailure(
             label,
             "Credentials are configured but the connection is not encrypted; not sending them",
             TRANSIENT_REPLY,
         )
-    mechanisms = caps.auth_mechanisms if caps is not None else ()
-    if "PLAIN" in mechanisms:
-        session.command("AUTH", "PLAIN " + encode_plain(policy.auth_user, policy.auth_password), secret=True)
-        answer = await session.reply(timeout)
-    elif "LOGIN" in mechanisms:
-        session.command("AUTH", "LOGIN")
-        answer = await session.reply(timeout)
-        if answer.code == 334:
-            session.auth_response(encode_login(policy.auth_user))
-            answer = await session.reply(timeout)
-        if answer.code == 334:
-            session.auth_response(encode_login(policy.auth_password))
-            answer = await session.reply(timeout)
-    else:
+    offered = caps.auth_mechanisms if caps is not None else ()
+    wanted = _PASSWORD_MECHANISMS.get(policy.auth_mechanism, (policy.auth_mechanism.upper(),))
+    mechanism = next((m for m in wanted if m in offered), None)
+    if mechanism is None:
+        names = " or ".join(wanted)
+        offers = f"it offers AUTH {' '.join(offered)}" if offered else "it offers no AUTH"
         return HopFailure(
             label,
-            "Credentials are configured but the remote server offers no AUTH PLAIN or LOGIN",
+            f"Credentials are configured but the remote server does not offer AUTH {names} ({offers})",
             TRANSIENT_REPLY,
         )
-    if answer.code != 235:
-        # Our credentials are wrong or refused: transient, so the operator can fix them before mail expires.
+    if mechanism in ("XOAUTH2", "OAUTHBEARER"):
+        return await _bearer_login(session, mechanism, policy)
+    answer = await _password_login(session, mechanism, policy)
+    if answer.code == 235:
+        return None
+    # Refused credentials: transient, so the operator can fix them before the mail expires.
+    return _refused(label, "The remote server refused our credentials", answer, TRANSIENT_REPLY)
+
+
+async def _password_login(session: SmtpSession, mechanism: str, policy: SessionPolicy) -> Reply:
+    timeout = session.timeouts.command
+    if mechanism == "PLAIN":
+        session.command("AUTH", "PLAIN " + encode_plain(policy.auth_user, policy.auth_password), secret=True)
+        return await session.reply(timeout)
+    session.command("AUTH", "LOGIN")
+    answer = await session.reply(timeout)
+    if answer.code == 334:
+        session.auth_response(encode_login(policy.auth_user))
+        answer = await session.reply(timeout)
+    if answer.code == 334:
+        session.auth_response(encode_login(policy.auth_password))
+        answer = await session.reply(timeout)
+    return answer
+
+
+def _refused(label: str, what: str, answer: Reply, cause: str, advice: str = "") -> HopFailure:
+    """A refused login, named after the provider's reason when there is one (`authcauses`)."""
+    reply = str(answer)
+    diagnosis = diagnose(reply)
+    if diagnosis is not None:
         return HopFailure(
-            label, f"The remote server refused our credentials: {answer}", TRANSIENT_REPLY, str(answer)
+            label, f"{what}: {reply}. {diagnosis.advice}", diagnosis.cause, diagnosis.explain(reply)
         )
-    return None
+    if advice:
+        return HopFailure(label, f"{what}: {reply}. {advice}", cause, f"{reply} [{cause}: {advice}]")
+    return HopFailure(label, f"{what}: {reply}", cause, reply)
+
+
+async def _bearer_login(session: SmtpSession, mechanism: str, policy: SessionPolicy) -> HopFailure | None:
+    """XOAUTH2 or OAUTHBEARER with the attempt's token. A refusal of the token itself (an error challenge,
+    or a 535 that names no other reason) gets one fresh token and one more AUTH on this connection (RFC 4954
+    lets a client try again); a connection that breaks first gets it on a new one (`TokenLogin.untried`)."""
+    login = policy.oauth
+    if login is None:  # the transport makes one for every bearer route; a bug otherwise
+        return HopFailure(session.label, "No OAuth token source for this route", OAUTH_TOKEN_FAILED)
+    label = session.label
+    try:
+        token = await login.current()
+    except TokenError as exc:
+        return HopFailure(label, str(exc), OAUTH_TOKEN_FAILED, f"451 4.7.0 {exc}")
+    while True:
+        try:
+            answer, error = await _bearer_exchange(session, mechanism, policy.auth_user, token.value)
+        except ValueError:  # refused by the encoder before anything was sent: never echo the token
+            text = f"The token of [oauth.{login.profile}] is not an RFC 6750 bearer token"
+            return HopFailure(label, text, OAUTH_TOKEN_FAILED, f"451 4.7.0 {text}")
+        if answer.code == 235:
+            login.untried = False
+            return None
+        if answer.code == 535 or error:
+            login.untried = False  # the server judged this token
+        what = f"The remote server refused the OAuth token for {policy.auth_user} (AUTH {mechanism})"
+        if error:
+            what += f": {error}"
+        if diagnose(str(answer)) is not None or not (answer.code == 535 or error):
+            return _refused(label, what, answer, TRANSIENT_REPLY)
+        try:
+            fresh = await login.refresh()
+        except TokenError as exc:
+            return HopFailure(label, str(exc), OAUTH_TOKEN_FAILED, f"451 4.7.0 {exc}")
+        if fresh is None:  # this attempt had its one refresh: the fresh token was refused too
+            return _refused(label, what, answer, OAUTH_TOKEN_REFUSED, TOKEN_REFUSED_ADVICE)
+        session.log("=", "token refused: AUTH again with a freshly issued one")
+        token = fresh
+
+
+async def _bearer_exchange(session: SmtpSession, mechanism: str, user: str, token: str) -> tuple[Reply, str]:
+    """One bearer AUTH: the initial response, and the server's error challenge answered as the mechanism
+    says (XOAUTH2: an empty line; OAUTHBEARER: ^A, RFC 7628 §3.2.3) so that its final reply comes. Returns
+    that reply and the challenge's error, described ("" when none came)."""
+    timeout = session.timeouts.command
+    if mechanism == "XOAUTH2":
+        initial, error_answer = encode_xoauth2(user, token), XOAUTH2_ERROR_ANSWER
+    else:
+        initial = encode_oauthbearer(user, token, session.hop.host, session.hop.port)
+        error_answer = OAUTHBEARER_ERROR_ANSWER
+    session.command("AUTH", f"{mechanism} {initial}", secret=True)
+    answer = await session.reply(timeout)
+    error = ""
+    if answer.code == 334:
+        try:
+            error = decode_bearer_error(answer.text).describe()
+        except SaslError:
+            error = "the server refused the token"
+        session.auth_response(error_answer)
+        answer = await session.reply(timeout)
+    return answer, error
 
 
 def _is_loopback(address: str) -> bool:

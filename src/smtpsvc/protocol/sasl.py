@@ -1,6 +1,7 @@
-"""SASL helpers for SMTP AUTH (RFC 4954) with the PLAIN (RFC 4616) and LOGIN mechanisms: pure functions, no
-state. The server core only frames the exchange (`Auth`, `AuthResponse` events); the application decodes the
-responses with these and checks the credentials.
+"""SASL helpers for SMTP AUTH (RFC 4954) with the PLAIN (RFC 4616) and LOGIN mechanisms, and on the client
+side the bearer-token mechanisms XOAUTH2 (Google's and Microsoft's) and OAUTHBEARER (RFC 7628): pure
+functions, no state. The server core only frames the exchange (`Auth`, `AuthResponse` events); the
+application decodes the responses with these and checks the credentials.
 
 AUTH LOGIN (draft-murchison-sasl-login): the server sends `LOGIN_USERNAME_CHALLENGE`, the client answers with
 the base64 user name, then `LOGIN_PASSWORD_CHALLENGE` and the base64 password; a client may also give the user
@@ -11,13 +12,21 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
+from dataclasses import dataclass
 from typing import Final
 
 LOGIN_USERNAME_CHALLENGE: Final = "VXNlcm5hbWU6"  # base64 of "Username:"
 LOGIN_PASSWORD_CHALLENGE: Final = "UGFzc3dvcmQ6"  # base64 of "Password:"
 CANCEL: Final = "*"  # the client's response that cancels the exchange (RFC 4954 §4)
+# After a bearer mechanism's error challenge (334 + base64 JSON) the client answers, and the server then sends
+# its final failure: XOAUTH2 takes an empty line, OAUTHBEARER a single ^A (RFC 7628 §3.2.3), base64 "AQ==".
+XOAUTH2_ERROR_ANSWER: Final = ""
+OAUTHBEARER_ERROR_ANSWER: Final = "AQ=="
 
+# RFC 6750 §2.1 b64token: what a bearer token may be made of.
+_B64TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 # RFC 4648 §4 base64 with its padding, nothing else (no whitespace, no URL-safe alphabet).
 _BASE64 = re.compile(r"(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?")
 
@@ -81,3 +90,65 @@ def encode_login(text: str) -> str:
     if "\0" in text:
         raise ValueError("NUL in a LOGIN credential")
     return base64.b64encode(text.encode()).decode("ascii")
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+def _check_bearer(user: str, token: str) -> None:
+    if not _B64TOKEN.fullmatch(token):
+        raise ValueError("the token is not an RFC 6750 bearer token")  # never the token itself
+    if not user or any(c in user for c in "\x01\0\r\n"):
+        raise ValueError("a bearer login needs a user name without control characters")
+
+
+def encode_xoauth2(user: str, token: str) -> str:
+    """Client side: the XOAUTH2 initial response, base64 of `user=U ^A auth=Bearer T ^A ^A`."""
+    _check_bearer(user, token)
+    return _b64(f"user={user}\x01auth=Bearer {token}\x01\x01")
+
+
+def _saslname(text: str) -> str:
+    """RFC 5801 §4: "," and "=" in a GS2 authzid are written "=2C" and "=3D"."""
+    return text.replace("=", "=3D").replace(",", "=2C")
+
+
+def encode_oauthbearer(user: str, token: str, host: str, port: int) -> str:
+    """Client side: the OAUTHBEARER initial response (RFC 7628 §3.1): the GS2 header `n,a=U,` then
+    `^A host=H ^A port=P ^A auth=Bearer T ^A ^A`, base64."""
+    _check_bearer(user, token)
+    if not host or any(c in host for c in "\x01\0\r\n"):
+        raise ValueError("OAUTHBEARER needs the server's host name")
+    return _b64(f"n,a={_saslname(user)},\x01host={host}\x01port={port}\x01auth=Bearer {token}\x01\x01")
+
+
+@dataclass(frozen=True, slots=True)
+class BearerError:
+    """The server's error challenge to a bearer token (RFC 7628 §3.2.2; Google's and Microsoft's XOAUTH2
+    send the same JSON): `status` "401" (invalid or expired token) "400" or "403" (the scope is not enough),
+    the `scope` it wants. Nothing secret: it is safe in a transcript."""
+
+    status: str
+    scope: str = ""
+    schemes: str = ""
+
+    def describe(self) -> str:
+        scope = f", scope {self.scope}" if self.scope else ""
+        return f"the server refused the token (status {self.status or '?'}{scope})"
+
+
+def decode_bearer_error(challenge: str) -> BearerError:
+    """A 334 challenge after a bearer initial response → its error. Raises SaslError when it is not the
+    base64 JSON object the RFC describes (the caller still answers it, and reads the final reply)."""
+    try:
+        data = json.loads(b64decode_strict(challenge.strip()))
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError are ValueErrors, SaslError too
+        raise SaslError("the challenge is not base64 JSON") from None
+    if not isinstance(data, dict):
+        raise SaslError("the challenge is not a JSON object")
+    return BearerError(
+        status=str(data.get("status", "")),
+        scope=str(data.get("scope", "")),
+        schemes=str(data.get("schemes", "")),
+    )

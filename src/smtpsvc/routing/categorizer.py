@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from smtpsvc.config import Config
 from smtpsvc.model import Route, domain_of
 from smtpsvc.protocol import local_part_is_relay_trick, split_address
-from smtpsvc.routing.connectors import RouteChoice, route_choices
+from smtpsvc.routing.connectors import NO_AUTH, RouteChoice, route_choices
 
 DROP_LINK = "drop"
 
@@ -95,8 +95,7 @@ DROP_CHOICE = RouteChoice(
     cost=0,
     use_helo=False,
     tls="none",
-    auth_user="",
-    auth_password_file="",
+    auth=NO_AUTH,
     xexch50=False,
 )
 

@@ -21,12 +21,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from smtpsvc.config import Config, ConnectorConfig, HostPort
+from smtpsvc.config import Config, ConnectorAuth, ConnectorConfig, HostPort
 from smtpsvc.model import Route
 
-__all__ = ["SMART_HOST_LINK", "RouteChoice", "address_space_matches", "route_choices"]
+__all__ = ["NO_AUTH", "SMART_HOST_LINK", "RouteChoice", "address_space_matches", "route_choices"]
 
 SMART_HOST_LINK = "smarthost"  # the link of the default smart host (same name as the categorizer's)
+NO_AUTH = ConnectorAuth()
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,8 +39,7 @@ class RouteChoice:
     cost: int  # the connector's cost; 0 for the default routes
     use_helo: bool
     tls: str  # "none" | "opportunistic" | "required"
-    auth_user: str
-    auth_password_file: str
+    auth: ConnectorAuth  # outbound AUTH: the connector's `auth`, or `delivery.smart_host_auth`
     xexch50: bool
 
 
@@ -133,21 +133,19 @@ def _connector_choice(connector: ConnectorConfig, domain: str, config: Config) -
         cost=connector.cost,
         use_helo=connector.use_helo,
         tls=connector.tls,
-        auth_user=connector.auth.user,
-        auth_password_file=connector.auth.password_file,
+        auth=connector.auth,
         xexch50=connector.xexch50,
     )
 
 
-def _default_choice(route: Route, config: Config) -> RouteChoice:
+def _default_choice(route: Route, config: Config, auth: ConnectorAuth = NO_AUTH) -> RouteChoice:
     return RouteChoice(
         route=route,
         connector="",
         cost=0,
         use_helo=False,
         tls=config.delivery.tls,
-        auth_user="",
-        auth_password_file="",
+        auth=auth,
         xexch50=False,
     )
 
@@ -160,7 +158,8 @@ def _default_choices(domain: str, config: Config) -> list[RouteChoice]:
     if not delivery.smart_host:
         return [mx]
     hosts = _hosts(delivery.smart_host, port)
-    smart = _default_choice(Route(kind="smtp", link=SMART_HOST_LINK, hosts=hosts, port=port), config)
+    smart_route = Route(kind="smtp", link=SMART_HOST_LINK, hosts=hosts, port=port)
+    smart = _default_choice(smart_route, config, delivery.smart_host_auth)  # MX never gets the login
     if delivery.smart_host_type == "after_direct":
         return [mx, smart]
     return [smart]
