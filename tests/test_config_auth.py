@@ -23,6 +23,22 @@ def load(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> Config
     return load_config(path, env or {})
 
 
+# The profiles the tables below name (an `oauth` naming none is refused: see the cross-check tests).
+PROFILES = """
+[oauth.m365]
+provider = "microsoft"
+tenant = "contoso.onmicrosoft.com"
+client_id = "11111111-1111-1111-1111-111111111111"
+client_secret_file = "m365.secret"
+
+[oauth.google]
+provider = "google"
+client_id = "1234567890-abc.apps.googleusercontent.com"
+client_secret_file = "google.secret"
+refresh_token_file = "google.refresh"
+"""
+
+
 def test_the_smart_host_has_no_auth_by_default(tmp_path: Path) -> None:
     assert load(tmp_path, "").delivery.smart_host_auth == ConnectorAuth("", "", "auto", "")
 
@@ -46,7 +62,7 @@ def test_smart_host_auth_and_connector_auth_take_the_same_table(
     cfg = load(
         tmp_path,
         f'[delivery]\nsmart_host = "smtp.office365.com:587"\nsmart_host_auth = {table}\n\n'
-        f'[[connector]]\nname = "c"\naddress_spaces = ["*"]\nauth = {table}\n',
+        f'[[connector]]\nname = "c"\naddress_spaces = ["*"]\nauth = {table}\n\n' + PROFILES,
     )
     assert cfg.delivery.smart_host_auth == expected
     assert cfg.connectors[0].auth == expected
@@ -81,7 +97,7 @@ def test_config_show_names_the_mechanism_and_profile_and_never_the_password(tmp_
         tmp_path,
         f'[delivery]\nsmart_host_auth = {{ user = "relay", password_file = "{secret}" }}\n\n'
         '[[connector]]\nname = "m365"\naddress_spaces = ["*"]\n'
-        'auth = { mechanism = "xoauth2", user = "relay@contoso.com", oauth = "m365" }\n',
+        'auth = { mechanism = "xoauth2", user = "relay@contoso.com", oauth = "m365" }\n\n' + PROFILES,
     )
     shown = render_effective(cfg)
     assert f'smart_host_auth = {{ user = "relay", password_file = "{secret}" }}' in shown
@@ -98,21 +114,28 @@ def test_an_environment_override_sets_smart_host_auth(tmp_path: Path) -> None:
     assert load(tmp_path, "", env).delivery.smart_host_auth == ConnectorAuth("relay", "/run/isp.pw")
 
 
-def test_auth_oauth_problems_name_each_table_whose_profile_is_missing(tmp_path: Path) -> None:
-    cfg = load(
-        tmp_path,
+def test_an_oauth_name_without_its_profile_is_refused_naming_the_known_ones(tmp_path: Path) -> None:
+    tables = (
         '[delivery]\nsmart_host_auth = { mechanism = "xoauth2", user = "a@contoso.com", oauth = "m365" }\n\n'
         '[[connector]]\nname = "ok"\naddress_spaces = ["a.test"]\n'
         'auth = { mechanism = "xoauth2", user = "b@contoso.com", oauth = "m365" }\n\n'
         '[[connector]]\nname = "typo"\naddress_spaces = ["*"]\n'
-        'auth = { mechanism = "oauthbearer", user = "c@example.com", oauth = "gogle" }\n',
+        'auth = { mechanism = "oauthbearer", user = "c@example.com", oauth = "gogle" }\n'
     )
-    assert auth_oauth_problems(cfg, {"m365", "google"}) == [
-        ("connector", "auth", 1, 'oauth = "gogle" names no [oauth.gogle] profile; known: google, m365')
-    ]
-    assert auth_oauth_problems(cfg, set())[0] == (
-        "delivery",
-        "smart_host_auth",
-        None,
-        'oauth = "m365" names no [oauth.m365] profile; there is no [oauth.NAME] profile',
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, tables + PROFILES)
+    problems = str(caught.value)
+    assert (
+        'connector[2].auth: oauth = "gogle" names no [oauth.gogle] profile; known: google, m365' in problems
+    )
+    assert "smart_host_auth" not in problems and "connector[1]" not in problems
+    with pytest.raises(ConfigError) as caught:
+        load(tmp_path, tables)
+    assert (
+        'delivery.smart_host_auth: oauth = "m365" names no [oauth.m365] profile; '
+        "there is no [oauth.NAME] profile" in str(caught.value)
+    )
+    assert (
+        auth_oauth_problems(load(tmp_path, tables.replace("gogle", "google") + PROFILES), {"m365", "google"})
+        == []
     )

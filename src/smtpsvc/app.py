@@ -50,6 +50,7 @@ from smtpsvc.folders.pickup import PickupScanner
 from smtpsvc.ingest import Ingest
 from smtpsvc.looplag import LoopLagMonitor
 from smtpsvc.metrics import Metrics, QueueView
+from smtpsvc.oauth import TokenBroker
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
@@ -153,8 +154,15 @@ class Service:
         self.events.subscribe(self.metrics.on_event)
         self.ingest = Ingest(self.store, self.live, self.events, on_queued=lambda: self.scheduler.wake())
         resolver = new_resolver(cfg)  # SMTP out, and the sessions' server.reverse_dns
+        # OAuth 2.0 tokens ([oauth.NAME]) for XOAUTH2/OAUTHBEARER and Graph: one broker, one cache shared
+        # by every connection; it reads the profiles from self.live, so a reload reaches it.
+        self.tokens = TokenBroker(self.live, warn=self._token_warning)
         self.smtp_transport = SmtpTransport(
-            self.live, resolver, self.events, link_slot=self.store.link_slot if self.store.shared else None
+            self.live,
+            resolver,
+            self.events,
+            link_slot=self.store.link_slot if self.store.shared else None,
+            tokens=self.tokens,
         )
         reports = Reporter(self.store, self.live, self.ingest, self.events, self.folders["badmail"])
         self.scheduler = Scheduler(
@@ -269,6 +277,13 @@ class Service:
         notify(f"READY=1\nSTATUS=listening on {listening}")
         if self._reload_pending:  # a SIGHUP came during the start: the file may have changed since we read it
             self.reload()
+
+    def _token_warning(self, text: str) -> None:
+        """The broker's notices (a renewal failed while the old token still works; a rotated refresh token
+        that could not be saved): event 4000 at level warning, so an operator acts before mail waits."""
+        self.events.emit(
+            events.Event(events.REMOTE_DOMAIN_FAILED, text, level="warning", cause="oauth-token-failed")
+        )
 
     async def _recover(self, spool: LocalSpool) -> None:
         """Index the spool in the background (LocalSpool.recover), then say what was found (events 9002,
@@ -417,6 +432,7 @@ class Service:
             reroute.cancel()
         await asyncio.gather(*self._tasks, *self._reroutes, return_exceptions=True)
         await self.store.close()
+        await self.tokens.close()
         await self.space.close()
         self.events.emit(events.Event(events.SERVICE_STOPPED, "smtpsvc stopped"))
         self.events.close()  # a full disk: what the log file cannot take goes to stderr, counted

@@ -1585,6 +1585,8 @@ def _cross_checks(loader: _Loader, cfg: Config) -> None:
         )
     if cfg.tls.key and not cfg.tls.cert:
         loader.report("tls", "key", "tls.key is set but tls.cert is empty")
+    for section, key, index, problem in auth_oauth_problems(cfg, cfg.oauth):
+        loader.report(section, key, problem, index)
     routes = loader.connector_names
     for domain in cfg.domains.remote:
         if domain.route and domain.route not in routes:

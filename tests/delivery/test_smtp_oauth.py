@@ -41,10 +41,14 @@ async def relay(
     """The service with the peer as its smart host, logging in as MAILBOX with `auth`, tokens from `tokens`;
     every attempt's transcript recorded in TRANSCRIPTS (a delivered message's is not kept by the service)."""
     table = auth or {"mechanism": "xoauth2", "user": MAILBOX, "oauth": PROFILE}
+    # The profile the auth table names (the cross-check refuses a name without one); its token endpoint is
+    # never asked: the test's TokenSource stands in for the broker (tests/test_m365.py runs the real one).
+    profile = f'[oauth.{PROFILE}]\nprovider = "microsoft"\ntenant = "contoso.onmicrosoft.com"\n'
+    profile += 'client_id = "11111111-1111-1111-1111-111111111111"\nclient_secret_file = "unused.secret"\n'
     service = await start_service(
-        delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "smart_host_auth": table, **delivery}
+        profile, delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "smart_host_auth": table, **delivery}
     )
-    service.smtp_transport.tokens = tokens  # the composition root hands the oauth broker in here
+    service.smtp_transport.tokens = tokens  # in place of the composition root's broker
     transport, seen = service.smtp_transport, TRANSCRIPTS.setdefault(id(service), [])
     deliver = transport.deliver
 
