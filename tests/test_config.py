@@ -690,7 +690,8 @@ SPEC_KEYS = {
     "initial_connections_per_domain connect_timeout greeting_timeout mail_timeout rcpt_timeout data_timeout "
     "data_block_timeout final_timeout",
     "resolver": "nameservers negative_cache_max",  # the last: ours, beyond SPEC 1.3 (RFC 2308)
-    "connector": "name address_spaces cost smart_hosts use_helo tls auth xexch50",
+    "connector": "name address_spaces cost smart_hosts use_helo tls auth xexch50 "
+    "transport oauth mailbox graph_url ca_file",  # the last five: ours, the Microsoft Graph transport
     "categorizer": "reset_message_status",
     "badmail": "max_size",
     "admin": "listen token_file",
