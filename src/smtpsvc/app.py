@@ -41,6 +41,7 @@ from smtpsvc.backends import adopted_event
 from smtpsvc.backends import open_queue as open_queue  # the CLI hands it to the admin tools
 from smtpsvc.config import Config, LiveConfig, format_listen
 from smtpsvc.delivery.drop import DropTransport
+from smtpsvc.delivery.graph import GraphTransport
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.delivery.smtp import SmtpTransport
@@ -59,6 +60,7 @@ from smtpsvc.safeio import replace_file
 from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.supervise import Supervisor
+from smtpsvc.tokens import TokenSource
 from smtpsvc.workers import WorkerPool
 
 FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
@@ -103,6 +105,7 @@ class Service:
         self.admin_context: AdminContext | None = None
         self.space = SpaceWatcher()  # a full disk: events 9010/9011, and what waits for room (the spool's)
         self._started_at = 0.0
+        self.tokens: TokenSource | None = None  # OAuth 2.0 tokens for the transports ([oauth.NAME] profiles)
 
     @property
     def config(self) -> Config:
@@ -162,7 +165,11 @@ class Service:
             self.live,
             reports,
             self.events,
-            {"drop": DropTransport(self.folders["drop"], self.space), "smtp": self.smtp_transport},
+            {
+                "drop": DropTransport(self.folders["drop"], self.space),
+                "smtp": self.smtp_transport,
+                "graph": GraphTransport(self.live, self.tokens),
+            },
             space=self.space,
         )
         if isinstance(self.queue, PostgresQueue):
