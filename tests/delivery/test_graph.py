@@ -5,6 +5,7 @@ TokenSource that counts what it is asked."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -82,6 +83,9 @@ class GraphStandIn:
         ca.issue_cert("127.0.0.1").private_key_and_cert_chain_pem.write_to_path(str(pem))
         self.requests: list[Received] = []
         self.script: list[Answer] = []
+        self.hold = 0.0  # seconds each request is held before its answer (to see requests overlap)
+        self.in_flight = 0
+        self.most_in_flight = 0
         self._lock = threading.Lock()
         app = Starlette(routes=[HttpRoute("/v1.0/users/{mailbox}/sendMail", self._send, methods=["POST"])])
         config = uvicorn.Config(
@@ -103,6 +107,12 @@ class GraphStandIn:
         with self._lock:
             self.requests.append(Received(time.time(), request.url.path, dict(request.headers), body))
             answer = self.script.pop(0) if self.script else Answer(202)
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        if self.hold:
+            await asyncio.sleep(self.hold)
+        with self._lock:
+            self.in_flight -= 1
         if answer.error is None:
             return Response(status_code=answer.status, headers=answer.headers)
         code, message = answer.error
@@ -205,6 +215,10 @@ def envelope(*recipients: str, sender: str = "alice@local.test") -> Envelope:
     return Envelope(
         id="GRAPHTEST1", sender=sender, recipients=[Recipient(address=a) for a in recipients], received_at=0.0
     )
+
+
+def message_to(address: str) -> bytes:
+    return MESSAGE.replace(b"bob@contoso.test", address.encode())
 
 
 async def deliver(transport: GraphTransport, env: Envelope, data: bytes) -> Any:
@@ -377,6 +391,42 @@ async def test_a_message_over_the_graph_limit_fails_with_5_3_4_and_nothing_is_se
     assert result.permanent and result.status == "5.3.4"
     assert "too large for Microsoft Graph" in result.reply and "SMTP connector" in result.reply
     assert graph.requests == []
+
+
+async def test_while_retry_after_runs_no_request_goes_for_that_mailbox_until_an_operator_retry(
+    tmp_path: Path, graph: GraphStandIn
+) -> None:
+    later = format_datetime(datetime.fromtimestamp(time.time() + 600, UTC), usegmt=True)  # an HTTP date
+    graph.script.append(Answer(503, {"Retry-After": later}, ("ServiceUnavailable", "Try again later")))
+    transport = transport_for(tmp_path, graph, Tokens())
+    try:
+        first = await deliver(transport, envelope("bob@contoso.test"), MESSAGE)
+        second = await deliver(transport, envelope("carol@contoso.test"), message_to("carol@contoso.test"))
+        transport.revive({"m365"})  # `queue retry`, ETRN: the operator asks for it now
+        third = await deliver(transport, envelope("carol@contoso.test"), message_to("carol@contoso.test"))
+    finally:
+        await transport.close()
+    assert first.cause == "graph-throttled" and first.results[0].status == "4.3.2"
+    assert "ServiceUnavailable" in first.results[0].reply and not first.results[0].permanent
+    assert second.results == [] and second.postponed_until >= time.time() + 500  # no attempt counted
+    assert third.results[0].ok and len(graph.requests) == 2
+
+
+async def test_at_most_four_requests_at_once_per_mailbox(tmp_path: Path, graph: GraphStandIn) -> None:
+    graph.hold = 0.5
+    transport = transport_for(tmp_path, graph, Tokens())
+    try:
+        outcomes = await asyncio.gather(
+            *(
+                deliver(transport, envelope(f"u{i}@contoso.test"), message_to(f"u{i}@contoso.test"))
+                for i in range(10)
+            )
+        )
+    finally:
+        await transport.close()
+    assert all(o.results[0].ok for o in outcomes) and len(graph.requests) == 10
+    assert 2 <= graph.most_in_flight <= 4
+    assert transport._gates == {}  # nothing kept for a mailbox with no request under way
 
 
 async def test_graph_unreachable_defers_and_marks_the_route_unreachable(

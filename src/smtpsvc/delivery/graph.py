@@ -4,7 +4,8 @@ as its `mailbox` (or the envelope sender), for Microsoft 365 tenants that switch
 The message goes as Graph expects MIME: `POST {graph_url}/users/{mailbox}/sendMail`, `Content-Type:
 text/plain`, the body the base64 of the queued message, `Authorization: Bearer` a token of the connector's
 `[oauth.NAME]` profile (`smtpsvc.tokens.TokenSource`). One `httpx.AsyncClient` per CA bundle: connections to
-Graph are reused across messages.
+Graph are reused across messages. At most 4 requests at once per mailbox (Graph's own limit): the others wait
+their turn here rather than collect 429s.
 
 Graph has no envelope: it sends to the To, Cc and Bcc of the MIME. So before sending, the recipients the
 headers do not name are added as Bcc (Exchange keeps Bcc out of the copies it delivers), and a message whose
@@ -25,11 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import re
 import ssl
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC
 from email.utils import getaddresses, parsedate_to_datetime
@@ -53,6 +55,7 @@ CAUSE_TOO_LARGE = "graph-too-large"  # over the request limit: 5.3.4
 CAUSE_RECIPIENTS = "graph-recipients"  # the headers name someone who is no recipient: 5.3.3
 
 REQUEST_LIMIT = 4 * 1024 * 1024  # Graph refuses a request body over 4 MB: ours is the base64 of the MIME
+MAILBOX_CONCURRENCY = 4  # Graph's Outlook limit: 4 requests at once per app and mailbox
 RETRY_AFTER_MAX = 24 * 3600.0  # a Retry-After beyond this is taken as this (a broken header parks no mail)
 ERROR_TEXT_MAX = 300  # Graph's error message, as much as goes into an NDR line
 BCC_LINE = 900  # a Bcc field we write is folded before this many characters (RFC 5322: 998 at most)
@@ -200,6 +203,12 @@ def with_bcc(message: bytes, addresses: Sequence[str]) -> bytes:
 # -- the transport ---------------------------------------------------------------------------------------
 
 
+@dataclass(slots=True)
+class _Gate:
+    semaphore: asyncio.Semaphore
+    users: int = 0  # holding or waiting
+
+
 @dataclass(frozen=True, slots=True)
 class _Prepared:
     body: bytes = b""  # the request body (base64), when the message can go
@@ -219,6 +228,7 @@ class GraphTransport:
         self.clock = clock
         self._clients: dict[str, httpx.AsyncClient] = {}  # by ca_file: one connection pool each
         self._throttled: dict[tuple[str, str], float] = {}  # (connector, mailbox) -> no request before
+        self._gates: dict[tuple[str, str], _Gate] = {}  # (connector, mailbox) -> its requests under way
 
     async def deliver(
         self, route: RouteChoice, envelope: Envelope, recipients: Sequence[Recipient], message: MessageSource
@@ -275,11 +285,36 @@ class GraphTransport:
         addresses: list[str],
         remote: str,
     ) -> Outcome:
-        assert self.tokens is not None
         url = f"{connector.graph_url}/users/{quote(mailbox, safe='@')}/sendMail"
         transcript = [f"POST {url} (the message as MIME: {len(body)} bytes of base64)"]
         try:
             client = self._client(connector.ca_file)
+        except (OSError, ssl.SSLError) as exc:  # ca_file cannot be read
+            reply = f"451 4.4.0 Cannot use ca_file {connector.ca_file!r} of connector {connector.name}: {exc}"
+            return _all(addresses, reply, remote, cause=CAUSE_UNREACHABLE, transcript=transcript)
+        async with self._slot(key):
+            until = self._throttled.get(key, 0.0)
+            if until > self.clock():  # throttled while this one waited for its turn
+                return Outcome(postponed_until=until)
+            return await self._exchange(
+                connector, mailbox, key, client, url, body, addresses, remote, transcript
+            )
+
+    async def _exchange(
+        self,
+        connector: ConnectorConfig,
+        mailbox: str,
+        key: tuple[str, str],
+        client: httpx.AsyncClient,
+        url: str,
+        body: bytes,
+        addresses: list[str],
+        remote: str,
+        transcript: list[str],
+    ) -> Outcome:
+        """The request (and its one retry with a new token after a 401), and what the answer means."""
+        assert self.tokens is not None
+        try:
             token = await self.tokens.token(connector.oauth)
             response = await self._post(client, url, body, token, transcript)
             if response.status_code == 401:  # the token was refused: one new token, one retry
@@ -288,9 +323,6 @@ class GraphTransport:
         except TokenError as exc:
             transcript.append(f"no token: {exc}")
             return _all(addresses, f"451 4.7.0 {exc}", remote, cause=exc.cause, transcript=transcript)
-        except (OSError, ssl.SSLError) as exc:  # ca_file cannot be read
-            reply = f"451 4.4.0 Cannot use ca_file {connector.ca_file!r} of connector {connector.name}: {exc}"
-            return _all(addresses, reply, remote, cause=CAUSE_UNREACHABLE, transcript=transcript)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
             why = _one_line(str(exc)) or type(exc).__name__
             transcript.append(f"cannot connect: {why}")
@@ -351,7 +383,8 @@ class GraphTransport:
             if until is not None:
                 self._throttled[key] = until
                 when = f"; no request for this mailbox before {rfc5322_date(until)}"
-            reply = f"451 4.3.2 Microsoft Graph is throttling mailbox {mailbox} ({said}){when}"
+            busy = "is throttling" if status == 429 else "is busy for"
+            reply = f"451 4.3.2 Microsoft Graph {busy} mailbox {mailbox} ({said}){when}"
             return _all(addresses, reply, remote, cause=CAUSE_THROTTLED, transcript=transcript)
         if status == 401:
             reply = (
@@ -366,6 +399,22 @@ class GraphTransport:
             return _all(addresses, reply, remote, cause=CAUSE_REJECTED, transcript=transcript)
         reply = f"451 4.3.0 Microsoft Graph could not send the message now ({said})"
         return _all(addresses, reply, remote, cause=CAUSE_FAILED, transcript=transcript)
+
+    @contextlib.asynccontextmanager
+    async def _slot(self, key: tuple[str, str]) -> AsyncIterator[None]:
+        """At most MAILBOX_CONCURRENCY requests at once per mailbox: Graph's own limit, so the rest wait here
+        instead of in 429s. The gate is dropped when nobody uses it (one per sender would add up)."""
+        gate = self._gates.get(key)
+        if gate is None:
+            gate = self._gates[key] = _Gate(asyncio.Semaphore(MAILBOX_CONCURRENCY))
+        gate.users += 1
+        try:
+            async with gate.semaphore:
+                yield
+        finally:
+            gate.users -= 1
+            if gate.users == 0:
+                del self._gates[key]
 
     def _client(self, ca_file: str) -> httpx.AsyncClient:
         client = self._clients.get(ca_file)
