@@ -691,7 +691,8 @@ SPEC_KEYS = {
     "data_block_timeout final_timeout "
     "smart_host_auth",  # ours: AUTH to the smart host (issue 15)
     "resolver": "nameservers negative_cache_max",  # the last: ours, beyond SPEC 1.3 (RFC 2308)
-    "connector": "name address_spaces cost smart_hosts use_helo tls auth xexch50",
+    "connector": "name address_spaces cost smart_hosts use_helo tls auth xexch50 "
+    "transport oauth mailbox graph_url ca_file",  # the last five: ours, the Microsoft Graph transport
     "categorizer": "reset_message_status",
     "badmail": "max_size",
     "admin": "listen token_file",

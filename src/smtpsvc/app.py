@@ -41,6 +41,7 @@ from smtpsvc.backends import adopted_event
 from smtpsvc.backends import open_queue as open_queue  # the CLI hands it to the admin tools
 from smtpsvc.config import Config, LiveConfig, format_listen
 from smtpsvc.delivery.drop import DropTransport
+from smtpsvc.delivery.graph import GraphTransport
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.delivery.smtp import SmtpTransport
@@ -60,6 +61,7 @@ from smtpsvc.safeio import replace_file
 from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.supervise import Supervisor
+from smtpsvc.tokens import TokenSource
 from smtpsvc.workers import WorkerPool
 
 FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
@@ -104,6 +106,9 @@ class Service:
         self.admin_context: AdminContext | None = None
         self.space = SpaceWatcher()  # a full disk: events 9010/9011, and what waits for room (the spool's)
         self._started_at = 0.0
+        # OAuth 2.0 tokens for the transports ([oauth.NAME] profiles): the broker made at the start, unless
+        # a TokenSource was put here before it (tests standing in for the provider).
+        self.tokens: TokenSource | None = None
 
     @property
     def config(self) -> Config:
@@ -156,7 +161,8 @@ class Service:
         resolver = new_resolver(cfg)  # SMTP out, and the sessions' server.reverse_dns
         # OAuth 2.0 tokens ([oauth.NAME]) for XOAUTH2/OAUTHBEARER and Graph: one broker, one cache shared
         # by every connection; it reads the profiles from self.live, so a reload reaches it.
-        self.tokens = TokenBroker(self.live, warn=self._token_warning)
+        self._broker = TokenBroker(self.live, warn=self._token_warning)
+        self.tokens = self.tokens or self._broker
         self.smtp_transport = SmtpTransport(
             self.live,
             resolver,
@@ -170,7 +176,11 @@ class Service:
             self.live,
             reports,
             self.events,
-            {"drop": DropTransport(self.folders["drop"], self.space), "smtp": self.smtp_transport},
+            {
+                "drop": DropTransport(self.folders["drop"], self.space),
+                "smtp": self.smtp_transport,
+                "graph": GraphTransport(self.live, self.tokens),
+            },
             space=self.space,
         )
         if isinstance(self.queue, PostgresQueue):
@@ -432,7 +442,7 @@ class Service:
             reroute.cancel()
         await asyncio.gather(*self._tasks, *self._reroutes, return_exceptions=True)
         await self.store.close()
-        await self.tokens.close()
+        await self._broker.close()
         await self.space.close()
         self.events.emit(events.Event(events.SERVICE_STOPPED, "smtpsvc stopped"))
         self.events.close()  # a full disk: what the log file cannot take goes to stderr, counted

@@ -251,6 +251,14 @@ class ConnectorConfig:
     tls: str
     auth: ConnectorAuth
     xexch50: bool
+    # The Microsoft Graph transport (docs/delivery.md "Microsoft Graph"): transport = "graph" sends this
+    # connector's mail with Graph sendMail as `mailbox` (empty: the envelope sender), logged in with the
+    # [oauth.NAME] profile `oauth`; `ca_file` trusts a private CA for `graph_url`.
+    transport: str = "smtp"
+    oauth: str = ""
+    mailbox: str = ""
+    graph_url: str = "https://graph.microsoft.com/v1.0"
+    ca_file: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -800,6 +808,77 @@ def _address_spaces(value: object) -> tuple[str, ...]:
     return spaces
 
 
+# -- the Microsoft Graph transport's connector keys: transport, oauth, mailbox, graph_url, ca_file
+
+CONNECTOR_TRANSPORTS = ("smtp", "graph")
+GRAPH_URL = "https://graph.microsoft.com/v1.0"
+_MAILBOX_RE = re.compile(r"[^@\s/?#%]+@[A-Za-z0-9.-]+")  # it becomes a URL path segment: no / ? # %
+
+
+def _graph_mailbox(value: object) -> str:
+    mailbox = _need_str(value, '"relay@contoso.com"').strip()
+    if mailbox and not _MAILBOX_RE.fullmatch(mailbox):
+        raise ValueError(f'"{mailbox}" is not a mailbox address like "relay@contoso.com"')
+    return mailbox
+
+
+def _graph_url(value: object) -> str:
+    url = _need_str(value, f'"{GRAPH_URL}"').strip().rstrip("/")
+    if not re.fullmatch(r"https://[^/\s?#]+(/[^\s?#]*)?", url):
+        raise ValueError(f'"{url}" is not an https:// URL like "{GRAPH_URL}"')
+    return url
+
+
+def _check_graph_connector(loader: _Loader, values: Mapping[str, Any], index: int) -> None:
+    """A graph connector logs in with an OAuth profile and has no SMTP next hop; an SMTP connector carries
+    no Graph keys (a forgotten `transport = "graph"` would otherwise send by SMTP silently)."""
+    if values["transport"] != "graph":
+        for key in ("oauth", "mailbox", "ca_file"):
+            if values[key]:
+                loader.report("connector", key, f'{key} is used by transport = "graph" only', index)
+        return
+    if not values["oauth"]:
+        loader.report(
+            "connector",
+            "oauth",
+            'transport = "graph" needs oauth = "NAME", an [oauth.NAME] profile with the Graph scope',
+            index,
+        )
+    if values["smart_hosts"]:
+        loader.report(
+            "connector", "smart_hosts", 'transport = "graph" sends to graph_url: remove smart_hosts', index
+        )
+    if values["auth"] is not None and values["auth"].user:
+        loader.report(
+            "connector", "auth", 'transport = "graph" logs in with its oauth profile: remove auth', index
+        )
+
+
+def _host_of(url: str) -> str:
+    return urlsplit(url).hostname or ""
+
+
+def _same_host(scope: str, url: str) -> bool:
+    """Whether an OAuth scope such as https://graph.microsoft.com/.default is for the host of `url`."""
+    return _host_of(scope).lower() == _host_of(url).lower()
+
+
+def check_graph_oauth_profiles(loader: _Loader, cfg: Config, profiles: Iterable[str]) -> None:
+    """Cross-check (wired where `Config.oauth` is known): each graph connector's `oauth` names an
+    [oauth.NAME] profile."""
+    known = set(profiles)
+    for index, connector in enumerate(cfg.connectors):
+        if connector.transport == "graph" and connector.oauth and connector.oauth not in known:
+            names = f"; known: {', '.join(sorted(known))}" if known else "; there is no [oauth.NAME] profile"
+            loader.report(
+                "connector",
+                "oauth",
+                f'{connector.name}: oauth = "{connector.oauth}" names no [oauth.{connector.oauth}] '
+                f"profile{names}",
+                index,
+            )
+
+
 # --------------------------------------------------------------------------------------------- the schema
 
 _COMPUTED = object()  # a default worked out at load time (hostname, node id)
@@ -1181,6 +1260,12 @@ _CONNECTOR_KEYS: tuple[_Key, ...] = (
         show=_show_auth,
     ),
     _k("xexch50", False, _bool, "send the XEXCH50 blob on this route (internal peers only)"),
+    # -- the Microsoft Graph transport (connector keys of its own; see _check_graph_connector)
+    _k("transport", "smtp", _choice(*CONNECTOR_TRANSPORTS), '"smtp" | "graph" (Microsoft Graph sendMail)'),
+    _k("oauth", "", _str, 'transport = "graph": the [oauth.NAME] profile that logs in to Graph'),
+    _k("mailbox", "", _graph_mailbox, 'transport = "graph": the sending mailbox; "" = the envelope sender'),
+    _k("graph_url", GRAPH_URL, _graph_url, 'transport = "graph": the Graph endpoint (national clouds)'),
+    _k("ca_file", "", _str, 'transport = "graph": a private CA for graph_url; "" = the system\'s CAs'),
 )
 _CONNECTOR_EXAMPLE: dict[str, object] = {
     "name": "partners",
@@ -1551,6 +1636,7 @@ def _connectors(loader: _Loader, value: object) -> tuple[ConnectorConfig, ...]:
     connectors: list[ConnectorConfig] = []
     for index, table in enumerate(value):
         values = loader.section("connector", table, _CONNECTOR_KEYS, index)
+        _check_graph_connector(loader, values, index)
         name = values["name"]
         if name in loader.connector_names:
             loader.report("connector", "name", f'duplicate connector name "{name}"', index)
@@ -1587,6 +1673,25 @@ def _cross_checks(loader: _Loader, cfg: Config) -> None:
         loader.report("tls", "key", "tls.key is set but tls.cert is empty")
     for section, key, index, problem in auth_oauth_problems(cfg, cfg.oauth):
         loader.report(section, key, problem, index)
+    check_graph_oauth_profiles(loader, cfg, cfg.oauth)
+    for index, connector in enumerate(cfg.connectors):
+        profile = cfg.oauth.get(connector.oauth) if connector.transport == "graph" else None
+        if (
+            profile is not None
+            and profile.provider == "microsoft"
+            and not _same_host(profile.scope, connector.graph_url)
+        ):
+            # Entra issues a token for one resource: the default scope (Exchange Online's SMTP) is refused by
+            # Graph with 401, so every message would wait. Say so now, not at the first delivery.
+            loader.report(
+                "connector",
+                "oauth",
+                f"{connector.name}: Graph at {connector.graph_url} needs a token for Graph, but "
+                f'[oauth.{profile.name}] asks for scope "{profile.scope}": give the profile scope = '
+                f'"https://{_host_of(connector.graph_url)}/.default" (a profile of its own if SMTP uses '
+                "the other)",
+                index,
+            )
     routes = loader.connector_names
     for domain in cfg.domains.remote:
         if domain.route and domain.route not in routes:

@@ -51,7 +51,7 @@ _VERB_OF_EVENT: dict[type, str] = {spec.event: verb for verb, spec in VERBS.item
 SOURCES = tuple(s.value for s in Source)
 DSN_KINDS = ("failure", "delay", "success")
 RESULTS = ("delivered", "deferred", "failed")
-TRANSPORTS = ("drop", "smtp")
+TRANSPORTS = ("drop", "smtp", "graph")
 REPLY_CLASSES = ("2xx", "3xx", "4xx", "5xx")
 BADMAIL_REASONS = ("undeliverable-report", "pickup-invalid")
 

@@ -193,7 +193,7 @@ _ENVELOPE_FIELDS = tuple(f.name for f in fields(Envelope))
 class Route:
     """Where a recipient goes next. `link` names the queue the operator sees (Exchange "link")."""
 
-    kind: str  # "drop" | "smtp"
+    kind: str  # "drop" | "smtp" | "graph"
     link: str  # "drop", "smarthost", or the recipient domain for MX routing
     hosts: tuple[tuple[str, int], ...] = ()  # explicit next hops (smart host); empty = look up MX
     mx_domain: str = ""  # domain whose MX to resolve when hosts is empty

@@ -57,7 +57,7 @@ class Scheduler:
         self.live = live
         self.reports = reports
         self.events = event_log
-        self.transports = transports  # by route kind: "drop", "smtp"
+        self.transports = transports  # by route kind: "drop", "smtp", "graph"
         self.rng = rng or random.Random()
         self._inflight: set[asyncio.Task[None]] = set()
         self._stopping = False
@@ -374,7 +374,7 @@ class Scheduler:
                     postponed[rcpt.address] = outcome.postponed_until + self.rng.uniform(
                         0, POSTPONE_SPREAD * wait
                     )
-            elif choice.route.kind == "smtp":
+            elif choice.route.kind != "drop":  # an SMTP or Graph conversation
                 self._keep_transcript(envelope, outcome.transcript, started)
         if any(outcome.cause == diskspace.CAUSE for outcome in outcomes):
             self._waiting_for_space.add(envelope.id)

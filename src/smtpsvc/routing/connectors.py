@@ -10,6 +10,8 @@ a recipient domain, best first; the delivery stage tries them in that order. The
    smart hosts failing, as the caller sees it) are left out so the next cost takes over; when that would
    leave nothing, all of them come back in cost order (the mail has to wait somewhere; the caller retries).
    A less specific connector never takes over from an unavailable more specific one (as in Exchange).
+   A connector with ``transport = "graph"`` gives a route of kind "graph" (Microsoft Graph sendMail, whose
+   settings the transport reads from the connector) instead of an SMTP one.
 3. Else the default route: ``delivery.smart_host``, or MX for the domain. With ``smart_host_type =
    "after_direct"`` (IIS 1) both, MX first: the caller falls back to the smart host when DNS cannot find the
    domain; this module only orders them.
@@ -34,7 +36,7 @@ NO_AUTH = ConnectorAuth()
 class RouteChoice:
     """One candidate next hop for a recipient; ``route_choices`` returns them in preference order."""
 
-    route: Route  # kind "smtp"; link = the connector name, "smarthost", or the domain for default MX
+    route: Route  # kind "smtp" or "graph"; link = connector name, "smarthost", or the domain for default MX
     connector: str  # connector name, "" for the default smart host / MX
     cost: int  # the connector's cost; 0 for the default routes
     use_helo: bool
@@ -123,7 +125,9 @@ def _hosts(hosts: tuple[HostPort, ...], default_port: int) -> tuple[tuple[str, i
 
 def _connector_choice(connector: ConnectorConfig, domain: str, config: Config) -> RouteChoice:
     port = config.delivery.remote_port
-    if connector.smart_hosts:
+    if connector.transport == "graph":  # Microsoft Graph sendMail: no SMTP next hop, the connector says where
+        route = Route(kind="graph", link=connector.name)
+    elif connector.smart_hosts:
         route = Route(kind="smtp", link=connector.name, hosts=_hosts(connector.smart_hosts, port), port=port)
     else:
         route = Route(kind="smtp", link=connector.name, mx_domain=domain, port=port)
