@@ -140,6 +140,15 @@ def test_no_more_than_the_rate_in_any_interval_and_all_go(seed: int) -> None:
     assert arrivals[-1] - arrivals[0] < 4 * 60 + 30  # and the budget is used: 100 in about 3 intervals
 
 
+def test_a_backlog_comes_due_a_window_at_a_time() -> None:
+    budget = Budget(SendLog([(NOW - 10, 30)]))
+    dues = [budget.take(NOW, PER_MIN, 1) for _ in range(70)]
+    assert dues == [NOW + 50] * 30 + [NOW + 110] * 30 + [NOW + 170] * 10
+    # Only a hint: the window decides. The first 30 find room when they come, and the 31st does not.
+    assert [budget.take(NOW + 50, PER_MIN, 1) for _ in range(30)] == [0.0] * 30
+    assert budget.take(NOW + 50, PER_MIN, 1) > NOW + 50
+
+
 def test_recipients_per_day_counts_what_was_delivered_over_a_rolling_day() -> None:
     budget, limits = Budget(), Limits(recipients_per_day=100)
     assert budget.take(NOW, limits, 60) == 0.0

@@ -24,6 +24,7 @@ their logs to a small state file (`Budgets.dump`/`load`) so the daily count surv
 
 from __future__ import annotations
 
+import bisect
 import math
 import re
 from collections import deque
@@ -143,12 +144,13 @@ class BudgetView:
 class Budget:
     """One link's budget: its messages and its recipients, and a pause after a quota reply."""
 
-    __slots__ = ("messages", "paused_until", "recipients")
+    __slots__ = ("messages", "paused_until", "promised", "recipients")
 
     def __init__(self, messages: SendLog | None = None, recipients: SendLog | None = None) -> None:
         self.messages = messages or SendLog()
         self.recipients = recipients or SendLog()
         self.paused_until = 0.0
+        self.promised: list[float] = []  # the times given to waiting messages, still to come, in order
 
     def ready_at(self, now: float, limits: Limits, recipients: int) -> float:
         """When a message for `recipients` recipients may go (`now`: at once)."""
@@ -163,10 +165,20 @@ class Budget:
         """Reserve a send now and return 0.0, or return when it may go (nothing reserved)."""
         at = self.ready_at(now, limits, recipients)
         if at > now:
-            return at
+            return self._appointment(now, at, limits)
         self.messages.reserve(1)
         self.recipients.reserve(recipients)
         return 0.0
+
+    def _appointment(self, now: float, at: float, limits: Limits) -> float:
+        """When a message that must wait comes due: the first `rate.count` waiting at `at`, the next ones one
+        interval later, and so on. Only a hint (the window decides when it comes), but a backlog of
+        thousands then comes due a window's worth at a time instead of all at once, each to be put back."""
+        del self.promised[: bisect.bisect_right(self.promised, now)]
+        if limits.rate is not None:
+            at += (len(self.promised) // limits.rate.count) * limits.rate.seconds
+        bisect.insort(self.promised, at)
+        return at
 
     def done(self, now: float, limits: Limits, recipients: int, delivered: int) -> None:
         """The send `take` reserved ended at `now`; `delivered` recipients were accepted (0: nothing was
