@@ -155,3 +155,39 @@ async def test_the_daily_recipient_count_survives_a_restart(tmp_path: Path) -> N
         assert "recipients 3/10000 per day" in await summary(service)
     finally:
         await service.stop()
+
+
+async def test_a_quota_reply_on_a_route_without_limits_is_deferred_not_bounced_and_says_what_to_set(
+    tmp_path: Path,
+) -> None:
+    sink = Sink()
+    sink.handler = QuotaHandler()
+    sink.start()
+    path = write_config(
+        tmp_path / "smtpsvc.toml",
+        {
+            "server": {
+                "hostname": "relay.test",
+                "root": str(tmp_path / "mailroot"),
+                "listen": ["127.0.0.1:0"],
+            },
+            "domains": {"local": ["local.test"]},
+            "delivery": {"smart_host": f"[127.0.0.1]:{sink.port}"},
+        },
+    )
+    service = await start_in_process(path)
+    try:
+        await send(service, "alice@local.test", ["bob@remote.test"])
+        [envelope] = await wait_until(
+            lambda: [e for e in service.queue.list() if e.recipients[0].attempts], what="the refused attempt"
+        )
+        [rcpt] = envelope.recipients
+        assert rcpt.state is RecipientState.PENDING  # the 554 is the provider's quota: no NDR
+        assert rcpt.next_attempt > time.time() + 600  # the retry schedule (15 m)
+        assert "set delivery.smart_host_rate and delivery.smart_host_recipients_per_day" in rcpt.last_reply
+        [event] = await wait_until(lambda: events_of(service, 4000), what="event 4000")
+        assert event["cause"] == "provider-quota"
+        assert not events_of(service, 3004)
+    finally:
+        await service.stop()
+        sink.stop()

@@ -571,8 +571,7 @@ class Scheduler:
         else:
             note = (
                 "the provider's sending quota is exceeded (provider-quota): the message is tried again on "
-                f"the retry schedule; set rate and recipients_per_day on {link} to stay under the provider's "
-                "limits"
+                f"the retry schedule; to stay under the provider's limits, {_how_to_limit(choice)}"
             )
         results = [
             replace(r, permanent=False, reply=f"{r.reply} [{note}]")
@@ -584,6 +583,9 @@ class Scheduler:
         outcome.retry_at = until
         if all(not r.ok for r in results):
             outcome.reason, outcome.cause = note, QUOTA_CAUSE
+        # The host answered (a quota at its greeting, say): it is not down, so no failover to another
+        # connector for hours; the pause above is the wait.
+        outcome.unreachable = False
         return outcome
 
     # -- budgets (the providers' limits) -------------------------------------------------------------
@@ -729,6 +731,15 @@ def budget_link(choice: RouteChoice) -> str | None:
     if choice.connector:
         return choice.connector
     return SMART_HOST_LINK if choice.route.link == SMART_HOST_LINK else None
+
+
+def _how_to_limit(choice: RouteChoice) -> str:
+    """What the administrator sets so that this route stays under a provider's limits."""
+    if choice.connector:
+        return f"set rate and recipients_per_day on connector {choice.connector}"
+    if choice.route.link == SMART_HOST_LINK:
+        return "set delivery.smart_host_rate and delivery.smart_host_recipients_per_day"
+    return f"send {choice.route.link} through a [[connector]] with rate and recipients_per_day"
 
 
 def _has_quota_reply(outcome: Outcome) -> bool:
