@@ -689,10 +689,13 @@ SPEC_KEYS = {
     # ours, beyond SPEC 1.3: slow start and the RFC 5321 section 4.5.3.2 deadlines
     "initial_connections_per_domain connect_timeout greeting_timeout mail_timeout rcpt_timeout data_timeout "
     "data_block_timeout final_timeout "
-    "smart_host_auth",  # ours: AUTH to the smart host (issue 15)
+    "smart_host_auth "  # ours: AUTH to the smart host (issue 15)
+    # ours, issue 15: the provider's limits for the default smart host
+    "smart_host_rate smart_host_recipients_per_day",
     "resolver": "nameservers negative_cache_max",  # the last: ours, beyond SPEC 1.3 (RFC 2308)
     "connector": "name address_spaces cost smart_hosts use_helo tls auth xexch50 "
-    "transport oauth mailbox graph_url ca_file",  # the last five: ours, the Microsoft Graph transport
+    "transport oauth mailbox graph_url ca_file "  # ours, the Microsoft Graph transport
+    "rate recipients_per_day",  # ours, issue 15: the provider's limits
     "categorizer": "reset_message_status",
     "badmail": "max_size",
     "admin": "listen token_file",

@@ -182,11 +182,13 @@ class Service:
                 "graph": GraphTransport(self.live, self.tokens),
             },
             space=self.space,
+            budget_file=self.folders["queue"] / "budgets.json",  # the providers' limits (delivery/budget.py)
         )
         if isinstance(self.queue, PostgresQueue):
             # Another node's ETRN or `queue retry` lifts this node's per-destination backoff too.
             self.queue.on_forced_retry = self.scheduler.forget_backoff
         self.scheduler.delivery_observer = self.metrics.delivery_group
+        self.metrics.watch_budgets(self.scheduler.budget_views)
         self.pickup = PickupScanner(
             self.folders["pickup"],
             self.folders["badmail"],

@@ -393,6 +393,8 @@ def queue_summary(config_file: str | None, as_json: bool) -> None:
             f"{link.link:<30} {link.messages:>8} {link.recipients:>6} {_age(link.oldest_age):>7}  "
             f"{link.state:<7} {when}"
         )
+        if link.budget:  # the link's provider limits (connector rate, recipients_per_day)
+            click.echo(f"  {link.budget}")
 
 
 @queue.command("show")

@@ -25,7 +25,7 @@ from typing import Any, TypeAlias
 from urllib.parse import urlsplit
 
 from smtpsvc import verbmask
-from smtpsvc.units import format_duration, format_size, parse_duration, parse_size
+from smtpsvc.units import Rate, format_duration, format_size, parse_duration, parse_rate, parse_size
 
 # Dotted keys (fnmatch patterns) that are parsed and validated but whose feature is not built yet.
 # `config check` warns when the file or environment sets one. Empty now that every key is in effect; kept
@@ -211,6 +211,9 @@ class DeliveryConfig:
     tls: str
     send_ndr_copy_to: str
     suppress_xexch50_external: bool
+    # The provider's limits for the default smart host (delivery/budget.py), as a connector's below.
+    smart_host_rate: Rate | None = None
+    smart_host_recipients_per_day: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +262,9 @@ class ConnectorConfig:
     mailbox: str = ""
     graph_url: str = "https://graph.microsoft.com/v1.0"
     ca_file: str = ""
+    # The provider's limits (delivery/budget.py): messages per interval, recipients in any 24 hours.
+    rate: Rate | None = None
+    recipients_per_day: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -916,6 +922,27 @@ def _show_durations(values: tuple[float, ...]) -> list[str]:
     return [format_duration(v) for v in values]
 
 
+def _budget_keys(prefix: str, what: str) -> tuple[_Key, ...]:
+    """A provider's sending limits (Exchange Online: 30 messages a minute, 10,000 recipients a day per
+    mailbox): `rate` and `recipients_per_day` of a connector, `smart_host_...` of the default smart host."""
+    return (
+        _k(
+            prefix + "rate",
+            "",
+            parse_rate,
+            f'messages {what} may send in any interval, "N/s|min|h|day" (e.g. "30/min"); "" = no limit; '
+            "more wait in the queue",
+            show=lambda v: str(v) if v is not None else "",
+        ),
+        _k(
+            prefix + "recipients_per_day",
+            0,
+            _int(0),
+            f"recipients {what} may send to in any 24 hours; 0 = no limit; more wait in the queue",
+        ),
+    )
+
+
 _TLS_POLICIES = ("none", "opportunistic", "required")
 _smart_host_type = _choice("always", "after_direct")
 _tls_policy = _choice(*_TLS_POLICIES)
@@ -1172,6 +1199,7 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
             "never send XEXCH50 to external domains (we default it on)",
             "SMTPSVC\\XEXCH50\\SuppressExternal",
         ),
+        *_budget_keys("smart_host_", "the default smart host"),
     ),
     "resolver": (
         _k(
@@ -1266,6 +1294,7 @@ _CONNECTOR_KEYS: tuple[_Key, ...] = (
     _k("mailbox", "", _graph_mailbox, 'transport = "graph": the sending mailbox; "" = the envelope sender'),
     _k("graph_url", GRAPH_URL, _graph_url, 'transport = "graph": the Graph endpoint (national clouds)'),
     _k("ca_file", "", _str, 'transport = "graph": a private CA for graph_url; "" = the system\'s CAs'),
+    *_budget_keys("", "this connector"),
 )
 _CONNECTOR_EXAMPLE: dict[str, object] = {
     "name": "partners",

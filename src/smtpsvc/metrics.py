@@ -15,6 +15,9 @@ event id). What the events do not carry comes through three small hooks, each op
 
 `loop_lag`, the event-loop lag histogram, is fed by a `looplag.LoopLagMonitor` the service runs.
 
+`watch_budgets` adds the providers' limits (a connector's `rate` and `recipients_per_day`, as the
+scheduler's `budget_views` reads them at scrape time): used and limit per link.
+
 Every `Metrics` has its own `CollectorRegistry` (never the process-wide default), so several services can
 run in one process (the tests do) without their series colliding.
 """
@@ -25,6 +28,7 @@ import asyncio
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from typing import Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -68,6 +72,23 @@ _TRACK_SIZE = re.compile(r"(?:^|, )size=(\d+)(?:,|$)")
 _TRACK_SOURCE = re.compile(r"(?:^|, )source=([a-z]+)(?:,|$)")
 
 
+class BudgetReading(Protocol):
+    """One link's sending budget as the gauges read it (delivery/budget.py `BudgetView`)."""
+
+    @property
+    def link(self) -> str: ...
+    @property
+    def rate_limit(self) -> int: ...
+    @property
+    def rate_used(self) -> int: ...
+    @property
+    def recipients_per_day(self) -> int: ...
+    @property
+    def recipients_used(self) -> int: ...
+    @property
+    def next_free(self) -> float: ...
+
+
 class Metrics:
     """The service's metrics. Wire it with `EventLog.subscribe(metrics.on_event)`, `SessionContext.metrics =
     metrics`, `Scheduler.delivery_observer = metrics.delivery_group`, and serve `render()`.
@@ -90,6 +111,7 @@ class Metrics:
     ) -> None:
         self.registry = CollectorRegistry()
         self._lookup = queue_lookup
+        self._clock = clock
         r = self.registry
 
         # -- inbound SMTP (session hook) --
@@ -206,6 +228,10 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition (body, Content-Type) for `GET /metrics`."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+    def watch_budgets(self, budgets: Callable[[], Sequence[BudgetReading]]) -> None:
+        """Gauges of the links that have a provider's limits, read from `budgets()` at each scrape."""
+        self.registry.register(_BudgetCollector(budgets, self._clock))
 
     # -- the event log subscriber ---------------------------------------------------------------------
     def on_event(self, event: events.Event) -> None:
@@ -394,6 +420,64 @@ class _QueueCollector:
             sample=(),
         )
         return [*kept, (OTHER_LINKS, other)]
+
+
+class _BudgetCollector:
+    """The sending budgets at each scrape: per link with limits (a handful, from the configuration)."""
+
+    def __init__(self, budgets: Callable[[], Sequence[BudgetReading]], clock: Callable[[], float]) -> None:
+        self._budgets = budgets
+        self._clock = clock
+
+    def describe(self) -> Iterator[Metric]:
+        yield from _budget_families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        try:
+            budgets = self._budgets()
+        except Exception:
+            return  # never fail a scrape for it
+        now = self._clock()
+        f = _budget_families()
+        for b in budgets:
+            if b.rate_limit:
+                f["rate_limit"].add_metric([b.link], b.rate_limit)
+                f["rate_used"].add_metric([b.link], b.rate_used)
+            if b.recipients_per_day:
+                f["rcpt_limit"].add_metric([b.link], b.recipients_per_day)
+                f["rcpt_used"].add_metric([b.link], b.recipients_used)
+            f["wait"].add_metric([b.link], max(0.0, b.next_free - now))
+        yield from f.values()
+
+
+def _budget_families() -> dict[str, GaugeMetricFamily]:
+    return {
+        "rate_limit": GaugeMetricFamily(
+            PREFIX + "connector_rate_limit",
+            "Messages this link (a connector, or smarthost) may send in its rate interval (its `rate`).",
+            labels=["link"],
+        ),
+        "rate_used": GaugeMetricFamily(
+            PREFIX + "connector_rate_used",
+            "Messages this link sent (or is sending) within the last rate interval.",
+            labels=["link"],
+        ),
+        "rcpt_limit": GaugeMetricFamily(
+            PREFIX + "connector_recipients_per_day_limit",
+            "Recipients this link may send to in any 24 hours (its `recipients_per_day`).",
+            labels=["link"],
+        ),
+        "rcpt_used": GaugeMetricFamily(
+            PREFIX + "connector_recipients_per_day_used",
+            "Recipients this link sent to in the last 24 hours.",
+            labels=["link"],
+        ),
+        "wait": GaugeMetricFamily(
+            PREFIX + "connector_budget_wait_seconds",
+            "Seconds until this link's budget lets the next message go (0: now).",
+            labels=["link"],
+        ),
+    }
 
 
 def _queue_families() -> dict[str, GaugeMetricFamily]:

@@ -1,17 +1,18 @@
-"""Durations and sizes as written in smtpsvc.toml: parse "30s" / "100MB" into seconds / bytes and back.
+"""Durations, sizes and rates as written in smtpsvc.toml: parse "30s" / "100MB" / "30/min" and back.
 
 Durations are strings with a unit (``500ms``, ``30s``, ``15m``, ``12h``, ``2d``); a bare number is refused
 because "30" could mean seconds or minutes (IIS mixed both). Sizes are integers (bytes) or strings with
 ``B``/``KB``/``MB``/``GB`` (1024-based, case-insensitive, optional space). Errors are ``ValueError`` with a
-message fit to show an operator.
+message fit to show an operator. A rate is "N/unit", messages per s, min, h or day (a connector's `rate`).
 """
 
 from __future__ import annotations
 
 import math
 import re
+from dataclasses import dataclass
 
-__all__ = ["format_duration", "format_size", "parse_duration", "parse_size"]
+__all__ = ["DAY", "Rate", "format_duration", "format_size", "parse_duration", "parse_rate", "parse_size"]
 
 _DURATION_UNITS: dict[str, float] = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _SIZE_UNITS: dict[str, int] = {"b": 1, "kb": 1024, "mb": 1024**2, "gb": 1024**3}
@@ -84,3 +85,45 @@ def format_size(n: int) -> str:
         if n and n % factor == 0:
             return f"{n // factor}{unit.upper()}"
     return f"{n}B"
+
+
+DAY = 86_400.0
+_RATE_UNITS: dict[str, float] = {"s": 1.0, "min": 60.0, "h": 3600.0, "day": DAY}
+_RATE_RE = re.compile(r"\s*(\d+)\s*/\s*([a-z]+)\s*", re.IGNORECASE)
+_RATE_HINT = 'expected "N/unit" with unit s, min, h or day (e.g. "30/min")'
+
+
+@dataclass(frozen=True, slots=True)
+class Rate:
+    """`count` messages in any `unit` (s, min, h, day)."""
+
+    count: int
+    unit: str
+
+    @property
+    def seconds(self) -> float:
+        return _RATE_UNITS[self.unit]
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.unit}"
+
+
+def parse_rate(text: object) -> Rate | None:
+    """A rate such as ``"30/min"`` (``""``: no limit, None)."""
+    if not isinstance(text, str):
+        raise ValueError(f"invalid rate {text!r}: {_RATE_HINT}")
+    if not text.strip():
+        return None
+    match = _RATE_RE.fullmatch(text)
+    if match is None:
+        raise ValueError(f'invalid rate "{text}": {_RATE_HINT}')
+    count, unit = int(match.group(1)), match.group(2).lower()
+    if unit not in _RATE_UNITS:
+        raise ValueError(
+            f'invalid rate "{text}": unknown unit "{unit}"; use s, min, h or day (e.g. "30/min")'
+        )
+    if count < 1:
+        raise ValueError(
+            f'invalid rate "{text}": it allows nothing; the count must be at least 1 ("" = no limit)'
+        )
+    return Rate(count, unit)

@@ -309,7 +309,8 @@ async def test_throttled_429_defers_and_the_message_goes_after_retry_after_not_b
 ) -> None:
     graph.script.append(Answer(429, {"Retry-After": "2"}, ("ApplicationThrottled", "Too many requests")))
     tokens = Tokens()
-    service = await graph_service(graph, tokens)  # delivery.retry = 1s: only Retry-After holds it back
+    # The service's own retry schedule (15 minutes first): Retry-After, not the schedule, says when.
+    service = await graph_service(graph, tokens, delivery={"retry": ["15m", "30m", "60m", "240m"]})
     await send(service, "alice@local.test", ["bob@contoso.test"], MESSAGE)
     await wait_until(lambda: len(graph.requests) >= 2, timeout=30, what="the retry after Retry-After")
     await wait_until(lambda: queue_is_empty(service), what="the message delivered")

@@ -28,7 +28,7 @@ import heapq
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -137,6 +137,9 @@ class LinkSummary:
     state: str  # "frozen" (the link or all its messages), "retry" when any failed before, else "ready"
     next_attempt: float | None
     ids: tuple[str, ...] = ()
+    # The link's sending budget (a connector's rate / recipients_per_day), from the running service:
+    # e.g. "rate 30/min: 12 used, next free in 8s; recipients 340/10000 per day"; "" without limits.
+    budget: str = ""
 
 
 def summarize_links(
@@ -340,7 +343,25 @@ class QueueAdmin:
         """Per link, from the queue's index (QueueStore.summary, through the shared cache when the service
         has one): what waits, how old, the next retry, and the ids of its oldest messages."""
         summary = await self._read(self.summaries() if self.summaries is not None else self.store.summary())
-        return summarize_links(summary, now, await self._read(self.store.frozen_links()))
+        links = summarize_links(summary, now, await self._read(self.store.frozen_links()))
+        return self._with_budgets(links, now)
+
+    def _with_budgets(self, links: list[LinkSummary], now: float) -> list[LinkSummary]:
+        """The budget used of each link with a provider's limits (the running service counts it); such a
+        link is listed even with nothing queued, so the operator sees how much of the day is gone."""
+        if self.scheduler is None:
+            return links
+        views = {view.link: view for view in self.scheduler.budget_views(now)}
+        out = [
+            replace(link, budget=views[link.link].text(now)) if link.link in views else link for link in links
+        ]
+        listed = {link.link for link in links}
+        out.extend(
+            LinkSummary(link, 0, 0, 0.0, "ready", None, budget=view.text(now))
+            for link, view in sorted(views.items())
+            if link not in listed
+        )
+        return out
 
     async def frozen_links(self) -> frozenset[str]:
         return await self.store.frozen_links()

@@ -385,7 +385,10 @@ class GraphTransport:
                 when = f"; no request for this mailbox before {rfc5322_date(until)}"
             busy = "is throttling" if status == 429 else "is busy for"
             reply = f"451 4.3.2 Microsoft Graph {busy} mailbox {mailbox} ({said}){when}"
-            return _all(addresses, reply, remote, cause=CAUSE_THROTTLED, transcript=transcript)
+            outcome = _all(addresses, reply, remote, cause=CAUSE_THROTTLED, transcript=transcript)
+            if until is not None:
+                outcome.retry_at = until  # Graph says when: not the 15-minute retry schedule, and not sooner
+            return outcome
         if status == 401:
             reply = (
                 f"451 4.7.0 Microsoft Graph refused a fresh token of [oauth.{connector.oauth}] too ({said}): "

@@ -18,13 +18,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
 from typing import BinaryIO
 
-from smtpsvc import diskspace, events
+from smtpsvc import diskspace, events, safeio
 from smtpsvc.config import Config, LiveConfig
+from smtpsvc.delivery.budget import (
+    Budget,
+    Budgets,
+    BudgetView,
+    Limits,
+    is_quota_reply,
+    limits_of,
+    quota_pause,
+)
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.settle import Settlement, apply, report_retry_time, settle
 from smtpsvc.delivery.transport import Outcome, Transport
@@ -32,7 +44,7 @@ from smtpsvc.events import EventLog
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, RecipientState, domain_of, rfc5322_date
 from smtpsvc.queue.base import Claim, LeaseLost, MessageSetAside, QueueError, QueueStore
 from smtpsvc.routing.categorizer import choices_for, route_for
-from smtpsvc.routing.connectors import RouteChoice
+from smtpsvc.routing.connectors import SMART_HOST_LINK, RouteChoice
 
 TRANSCRIPTS_KEPT = 3  # SMTP conversations kept in the envelope, newest last
 INTERNAL_RETRY = 300.0  # back-off after an unexpected internal error
@@ -40,6 +52,9 @@ QUEUE_RETRY = 1.0  # the queue (a database) cannot be reached: look again this s
 SAVE_RETRY_MAX = 5.0  # longest pause between tries of a save to a shared queue that cannot be reached
 CLAIM_BATCH = 128  # messages claimed at once
 POSTPONE_SPREAD = 0.1  # recipients postponed for a dead destination come due over this share of the wait
+BUDGET_SAVE_EVERY = 10.0  # seconds between saves of the budgets' state file (when something was counted)
+BUDGET_CAUSE = "budget-wait"  # a message postponed because its link's rate or daily budget is used up
+QUOTA_CAUSE = "provider-quota"  # the provider refused for its sending quota
 
 
 class Scheduler:
@@ -52,6 +67,7 @@ class Scheduler:
         transports: Mapping[str, Transport],
         rng: random.Random | None = None,
         space: diskspace.SpaceWatcher | None = None,
+        budget_file: Path | None = None,
     ) -> None:
         self.queue = queue
         self.live = live
@@ -76,6 +92,15 @@ class Scheduler:
         self._room_again = False  # the watcher saw room while the last retries were under way
         if space is not None:
             space.subscribe(self._space_back)
+        # The providers' limits (connector rate, recipients_per_day): one budget per link, its send log
+        # saved to `budget_file` now and then so a restart keeps the day's count (delivery/budget.py).
+        self.budgets = Budgets()
+        self._limits: tuple[Config, dict[str, Limits]] | None = None
+        self._budget_file = budget_file
+        self._budget_dirty = False
+        self._budget_task: asyncio.Task[None] | None = None
+        self._budget_unsaved = False  # the last save failed: logged once until one works
+        self._load_budgets()
 
     @property
     def config(self) -> Config:
@@ -131,6 +156,10 @@ class Scheduler:
 
     async def run(self) -> None:
         limit = max(1, self.config.delivery.max_connections)
+        if self._budget_file is not None and self._budget_task is None:
+            self._budget_task = asyncio.get_running_loop().create_task(
+                self._save_budgets_now_and_then(), name="save-budgets"
+            )
         while not self._stopping:
             try:
                 timeout = await self._start_due(limit)
@@ -220,6 +249,9 @@ class Scheduler:
         if self._space_task is not None:
             self._space_task.cancel()
             await asyncio.gather(self._space_task, return_exceptions=True)
+        if self._budget_task is not None:
+            self._budget_task.cancel()
+            await asyncio.gather(self._budget_task, return_exceptions=True)
         if self._inflight:
             _, pending = await asyncio.wait(set(self._inflight), timeout=grace)
             for task in pending:
@@ -228,6 +260,7 @@ class Scheduler:
                 await asyncio.gather(*pending, return_exceptions=True)
         for transport in self.transports.values():
             await transport.close()
+        await self._save_budgets()  # what the deliveries that ended at the stop counted
 
     async def _process_or_recover(self, envelope: Envelope) -> None:
         try:
@@ -364,8 +397,11 @@ class Scheduler:
         now = time.time()
         results: list[DeliveryResult] = []
         postponed: dict[str, float] = {}
+        retry_at: dict[str, float] = {}
         for (choice, rcpts), outcome in zip(groups.items(), outcomes, strict=True):
             results.extend(outcome.results)
+            if outcome.retry_at:  # the provider said when (quota, Graph's Retry-After): then, not sooner
+                retry_at.update((r.address, outcome.retry_at) for r in outcome.results if not r.ok)
             if outcome.postponed_until:
                 # The destination failed moments ago for another message: wait with it, without an attempt
                 # on the count; spread a little, so its mail does not all come due at one instant.
@@ -378,7 +414,7 @@ class Scheduler:
                 self._keep_transcript(envelope, outcome.transcript, started)
         if any(outcome.cause == diskspace.CAUSE for outcome in outcomes):
             self._waiting_for_space.add(envelope.id)
-        settlement = settle(envelope, results, now, self.config.delivery, self.rng, postponed)
+        settlement = settle(envelope, results, now, self.config.delivery, self.rng, postponed, retry_at)
         apply(envelope, settlement)
         self._log_settlement(envelope, settlement, now)
         if settlement.report_success:
@@ -470,7 +506,7 @@ class Scheduler:
         message: _QueuedMessage,
     ) -> Outcome:
         started = time.monotonic()  # metrics hook: how long this group's attempt takes
-        outcome = await self.transports[choice.route.kind].deliver(choice, envelope, rcpts, message)
+        outcome = await self._send(envelope, choice, rcpts, message)
         if outcome.not_found and fallbacks:
             # smart_host_type = "after_direct", or connectors of equal specificity: DNS cannot find the
             # destination, so the next candidate takes the mail in this same attempt.
@@ -487,6 +523,134 @@ class Scheduler:
             with contextlib.suppress(Exception):  # counting must never fail a delivery
                 self.delivery_observer(choice.route.kind, outcome.results, time.monotonic() - started)
         return outcome
+
+    async def _send(
+        self, envelope: Envelope, choice: RouteChoice, rcpts: list[Recipient], message: _QueuedMessage
+    ) -> Outcome:
+        """The transport's delivery, within the link's budget when it has one: a message the budget has no
+        room for is postponed (no attempt counted, no event) until the room comes; one the provider refuses
+        for its quota is deferred until the budget frees (cause provider-quota)."""
+        transport = self.transports[choice.route.kind]
+        link = budget_link(choice)
+        limits = self.limits.get(link) if link else None
+        if link is None or limits is None:
+            outcome = await transport.deliver(choice, envelope, rcpts, message)
+            return self._quota_deferred(outcome, choice, None, None) if _has_quota_reply(outcome) else outcome
+        budget = self.budgets.get(link)
+        wait_until = budget.take(time.time(), limits, len(rcpts))
+        if wait_until:
+            reason = f"the sending budget of {link} is used up; the message waits in the queue until it frees"
+            return Outcome(postponed_until=wait_until, reason=reason, cause=BUDGET_CAUSE)
+        delivered = len(rcpts)  # if the delivery is cancelled or breaks, it may have gone: count it
+        try:
+            outcome = await transport.deliver(choice, envelope, rcpts, message)
+            delivered = sum(1 for r in outcome.results if r.ok)
+        finally:
+            budget.done(time.time(), limits, len(rcpts), delivered)
+            self._budget_dirty = True
+        if _has_quota_reply(outcome):
+            return self._quota_deferred(outcome, choice, budget, limits)
+        return outcome
+
+    def _quota_deferred(
+        self, outcome: Outcome, choice: RouteChoice, budget: Budget | None, limits: Limits | None
+    ) -> Outcome:
+        """The provider refused for its sending quota: never a bounce (the message is fine; the sender sent
+        too much). The link pauses until its budget frees and the refused recipients are tried then; a link
+        without limits retries on the retry schedule."""
+        now = time.time()
+        link = budget_link(choice) or choice.route.link
+        until = quota_pause(now, limits, budget) if budget is not None and limits is not None else 0.0
+        if until and budget is not None:
+            budget.pause(until)
+            self._budget_dirty = True
+            note = (
+                f"the provider's sending quota is exceeded (provider-quota): nothing more is sent over "
+                f"{link} until {_utc(until)}, when its budget frees, and this message is tried again then"
+            )
+        else:
+            note = (
+                "the provider's sending quota is exceeded (provider-quota): the message is tried again on "
+                f"the retry schedule; to stay under the provider's limits, {_how_to_limit(choice)}"
+            )
+        results = [
+            replace(r, permanent=False, reply=f"{r.reply} [{note}]")
+            if not r.ok and is_quota_reply(r.reply)
+            else r
+            for r in outcome.results
+        ]
+        outcome.results = results
+        outcome.retry_at = until
+        if all(not r.ok for r in results):
+            outcome.reason, outcome.cause = note, QUOTA_CAUSE
+        # The host answered (a quota at its greeting, say): it is not down, so no failover to another
+        # connector for hours; the pause above is the wait.
+        outcome.unreachable = False
+        return outcome
+
+    # -- budgets (the providers' limits) -------------------------------------------------------------
+    @property
+    def limits(self) -> dict[str, Limits]:
+        """The links that have limits under the config in force (worked out once per config)."""
+        config = self.config
+        if self._limits is None or self._limits[0] is not config:
+            self._limits = (config, limits_of(config))
+        return self._limits[1]
+
+    def budget_views(self, now: float | None = None) -> list[BudgetView]:
+        """Every link with limits and what of its budget is used (`queue summary`, /metrics)."""
+        return self.budgets.views(time.time() if now is None else now, self.limits)
+
+    def _load_budgets(self) -> None:
+        """The send logs saved before a restart: the day's count goes on. A file that cannot be read
+        starts the count afresh, and says so."""
+        if self._budget_file is None:
+            return
+        try:
+            data = json.loads(self._budget_file.read_bytes())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            self.events.emit(
+                events.Event(
+                    events.MAILROOT_UNUSABLE,
+                    f"The sending budgets could not be read from {self._budget_file} ({exc}); the "
+                    "connectors' rate and recipients_per_day count afresh from now",
+                    cause="budget-state-unreadable",
+                )
+            )
+            return
+        self.budgets.load(data)
+
+    async def _save_budgets_now_and_then(self) -> None:
+        while True:
+            await asyncio.sleep(BUDGET_SAVE_EVERY)
+            if self._budget_dirty:
+                await self._save_budgets()
+
+    async def _save_budgets(self) -> None:
+        """Write the budgets' state file (atomically; a crash loses at most BUDGET_SAVE_EVERY seconds of
+        counting). A failure (a full disk) is logged once, and the count goes on in memory."""
+        if self._budget_file is None or not self._budget_dirty:
+            return
+        self._budget_dirty = False
+        payload = json.dumps(self.budgets.dump(time.time(), self.limits)).encode()
+        try:
+            await asyncio.to_thread(safeio.replace_file, self._budget_file, payload)
+        except OSError as exc:
+            self._budget_dirty = True
+            if not self._budget_unsaved:
+                self._budget_unsaved = True
+                self.events.emit(
+                    events.Event(
+                        events.MAILROOT_UNUSABLE,
+                        f"The sending budgets cannot be saved to {self._budget_file} ({exc}); they are kept "
+                        "in memory, and a restart now would count the day's recipients afresh",
+                        cause="budget-state-unsaved",
+                    )
+                )
+            return
+        self._budget_unsaved = False
 
     def _log_deferral(
         self, envelope: Envelope, choice: RouteChoice, rcpts: list[Recipient], outcome: Outcome
@@ -560,6 +724,30 @@ class _QueuedMessage:
 
     async def xexch50(self) -> bytes | None:
         return await self.queue.xexch50_blob(self.queue_id)
+
+
+def budget_link(choice: RouteChoice) -> str | None:
+    """The link whose budget a route choice spends: its connector, or the default smart host; None for MX."""
+    if choice.connector:
+        return choice.connector
+    return SMART_HOST_LINK if choice.route.link == SMART_HOST_LINK else None
+
+
+def _how_to_limit(choice: RouteChoice) -> str:
+    """What the administrator sets so that this route stays under a provider's limits."""
+    if choice.connector:
+        return f"set rate and recipients_per_day on connector {choice.connector}"
+    if choice.route.link == SMART_HOST_LINK:
+        return "set delivery.smart_host_rate and delivery.smart_host_recipients_per_day"
+    return f"send {choice.route.link} through a [[connector]] with rate and recipients_per_day"
+
+
+def _has_quota_reply(outcome: Outcome) -> bool:
+    return any(not r.ok and is_quota_reply(r.reply) for r in outcome.results)
+
+
+def _utc(when: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(when))
 
 
 def _track(rcpt: Recipient, result: DeliveryResult, delay: float, outcome: str) -> str:

@@ -8,6 +8,8 @@ The rules (docs/delivery.md §3, §4):
   delivered, a 5xx failed, anything else waits for the next `delivery.retry` interval (jittered, never past
   the expiration), moved forward to the delay-report point when that report is still to come;
 - a recipient postponed by the scheduler (its destination is down) waits without an attempt on its count;
+- a deferred recipient given a retry time (a provider's quota: when its budget frees) waits until then
+  instead of the next interval, never past the expiration;
 - once the message is `delivery.expiration` old, every recipient still pending fails with 4.4.7;
 - an NDR is due for every failed recipient whose report is not made yet; a success report for delivered
   recipients that asked NOTIFY=SUCCESS when the next hop did not take the request over; one delay report per
@@ -52,8 +54,10 @@ def settle(
     config: DeliveryConfig,
     rng: random.Random,
     postponed: Mapping[str, float] | None = None,
+    retry_at: Mapping[str, float] | None = None,
 ) -> Settlement:
-    """See the module docstring. `postponed`: address -> when a recipient is due, without an attempt."""
+    """See the module docstring. `postponed`: address -> when a recipient is due, without an attempt;
+    `retry_at`: address -> when a deferred recipient is tried again."""
     by_address = {result.address: result for result in results}
     delivered: list[tuple[Recipient, DeliveryResult]] = []
     bounced: list[tuple[Recipient, DeliveryResult]] = []
@@ -62,7 +66,9 @@ def settle(
     for rcpt in envelope.recipients:
         result = by_address.get(rcpt.address) if rcpt.pending else None
         if result is not None:
-            rcpt = _attempted(envelope, rcpt, result, now, config, rng)
+            rcpt = _attempted(
+                envelope, rcpt, result, now, config, rng, (retry_at or {}).get(rcpt.address, 0.0)
+            )
             if result.ok:
                 delivered.append((rcpt, result))
                 if "SUCCESS" in rcpt.notify and not result.dsn_passed_on:
@@ -112,6 +118,7 @@ def _attempted(
     now: float,
     config: DeliveryConfig,
     rng: random.Random,
+    retry_at: float = 0.0,
 ) -> Recipient:
     attempts = rcpt.attempts + 1
     history = [*rcpt.history[-(HISTORY_KEPT - 1) :], Attempt(now, result.reply, result.remote_mta)]
@@ -128,9 +135,12 @@ def _attempted(
     elif result.permanent:
         changed.state = RecipientState.FAILED
     else:
-        retry_at = next_attempt_time(
-            now, attempts, envelope.received_at, config.expiration, config.retry, rng
-        )
+        if retry_at:
+            retry_at = min(retry_at, envelope.received_at + config.expiration)
+        else:
+            retry_at = next_attempt_time(
+                now, attempts, envelope.received_at, config.expiration, config.retry, rng
+            )
         delay_at = envelope.received_at + config.delay_notification
         if not envelope.delay_notified and envelope.sender and now < delay_at < retry_at:
             retry_at = delay_at  # be awake when the delay notification falls due

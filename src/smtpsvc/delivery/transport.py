@@ -39,6 +39,9 @@ class Outcome:
     results: list[DeliveryResult] = field(default_factory=list)  # one per recipient, unless postponed
     transcript: list[str] = field(default_factory=list)  # the conversation, when there was one
     postponed_until: float = 0.0  # > 0: nothing was tried; the recipients wait until then, no attempt counted
+    retry_at: float = (
+        0.0  # > 0: deferred recipients are tried again then (quota, Retry-After), not by schedule
+    )
     unreachable: bool = False  # every host of the route failed before a mail transaction (transiently)
     dns: bool = False  # the destination could not be resolved (results say whether for good)
     not_found: bool = False  # DNS says the destination does not exist (NXDOMAIN, or no address)
