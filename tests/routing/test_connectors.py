@@ -176,7 +176,9 @@ def test_default_route_without_a_matching_connector(
 def test_the_smart_host_route_carries_smart_host_auth_and_mx_does_not(tmp_path: Path) -> None:
     text = (
         '[delivery]\nsmart_host = "smtp.office365.com:587"\nsmart_host_type = "after_direct"\n'
-        'smart_host_auth = { mechanism = "xoauth2", user = "relay@contoso.com", oauth = "m365" }\n'
+        'smart_host_auth = { mechanism = "xoauth2", user = "relay@contoso.com", oauth = "m365" }\n\n'
+        '[oauth.m365]\nprovider = "microsoft"\ntenant = "contoso.onmicrosoft.com"\n'
+        'client_id = "11111111-1111-1111-1111-111111111111"\nclient_secret_file = "m365.secret"\n'
     )
     mx, smart = route_choices("elsewhere.test", config(tmp_path, text))
     assert smart.auth == ConnectorAuth("relay@contoso.com", "", "xoauth2", "m365")
