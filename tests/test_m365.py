@@ -10,6 +10,9 @@ clear cause for a wrong secret, and no secret anywhere an operator can look.
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -154,3 +157,54 @@ async def test_a_wrong_secret_keeps_the_message_queued_with_the_endpoints_error(
     assert "AADSTS7000215" in envelope.recipients[0].last_reply
     seen = await everything_an_operator_sees(service)
     assert "not-the-secret" not in seen and SECRET not in seen
+
+
+async def probe_auth(
+    tmp_path: Path, entra: TokenServer, peer: OAuthPeer, secret: str = SECRET
+) -> tuple[int, str]:
+    """`smtpsvc probe 127.0.0.1:PORT --auth m365` as an administrator runs it (another process; the token
+    endpoint and the peer keep serving in this event loop meanwhile)."""
+    secret_file = tmp_path / "probe.secret"
+    secret_file.write_text(secret)
+    config = tmp_path / "probe.toml"
+    config.write_text(
+        '[delivery]\nsmart_host_auth = { mechanism = "xoauth2", user = "relay@contoso.test", '
+        'oauth = "m365" }\n\n'
+        '[oauth.m365]\nprovider = "microsoft"\ntenant = "contoso.onmicrosoft.com"\n'
+        f'client_id = "{CLIENT_ID}"\nclient_secret_file = "{secret_file}"\ntoken_url = "{entra.token_url}"\n'
+        f'ca_file = "{write_ca(entra.ca, tmp_path)}"\n'
+    )
+    argv = [
+        sys.executable,
+        "-m",
+        "smtpsvc",
+        "probe",
+        "-c",
+        str(config),
+        f"127.0.0.1:{peer.port}",
+        "--auth",
+        "m365",
+    ]
+    done = await asyncio.to_thread(subprocess.run, argv, capture_output=True, text=True, timeout=120)
+    return done.returncode, done.stdout + done.stderr
+
+
+async def test_probe_auth_fetches_the_token_and_logs_in_step_by_step(
+    tmp_path: Path, entra: TokenServer, office365: OAuthPeer
+) -> None:
+    code, output = await probe_auth(tmp_path, entra, office365)
+    assert code == 0, output
+    assert "token:    [oauth.m365]: a token valid for 59 more minute(s)" in output
+    assert "AUTH:     XOAUTH2 as relay@contoso.test: accepted (235" in output
+    assert entra.requests == 1 and office365.auths[-1].ok
+    assert SECRET not in output and not any(token in output for token in entra.issued)
+
+
+async def test_probe_auth_with_a_wrong_secret_names_the_endpoints_error(
+    tmp_path: Path, entra: TokenServer, office365: OAuthPeer
+) -> None:
+    code, output = await probe_auth(tmp_path, entra, office365, secret="not-the-secret")
+    assert code == 0, output  # the probe ran; what it found is in its problems
+    assert "problem:  no token for [oauth.m365] (cause oauth-token-failed)" in output
+    assert "AADSTS7000215" in output and "not-the-secret" not in output
+    assert office365.auths == []  # no login attempted without a token

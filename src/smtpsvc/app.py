@@ -549,6 +549,11 @@ def _read_text(path: Path) -> str:
         return ""
 
 
+def token_source(config: Config) -> TokenBroker:
+    """The OAuth broker a tool uses (`smtpsvc probe --auth`): the same one the service builds. Close it."""
+    return TokenBroker(LiveConfig(config))
+
+
 def run_service(config: Config, config_path: str | None) -> int:
     """Run in the foreground until SIGTERM/SIGINT; returns the process exit code."""
 

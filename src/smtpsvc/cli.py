@@ -37,6 +37,7 @@ from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin.client import RemoteAdmin, ServiceSilent, open_admin
 from smtpsvc.admin.jobs import BulkRequest, JobState, JobStatus
+from smtpsvc.admin.probe import OAuthLogin, ProbeReport
 from smtpsvc.admin.probe import probe as probe_peer
 from smtpsvc.admin.service import LIST_LIMIT, AdminError, QueueAdmin
 from smtpsvc.admin.submit import write_pickup_file
@@ -939,26 +940,80 @@ def _since(text: str) -> str:
 @click.option("--starttls", is_flag=True, help="Also upgrade with STARTTLS and check the certificate.")
 @click.option("--helo", "use_helo", is_flag=True, help="Send HELO instead of EHLO.")
 @click.option("--exchange", is_flag=True, help="Expect an Exchange 2000/2003 peer (XEXCH50).")
-def probe(config_file: str | None, target: str, starttls: bool, use_helo: bool, exchange: bool) -> None:
-    """The KB279616 telnet check: banner, EHLO keywords, what is missing and what that means here."""
+@click.option(
+    "--auth",
+    "profile",
+    metavar="PROFILE",
+    help="Fetch a token of [oauth.PROFILE] and log in with it (XOAUTH2, or the mechanism configured), "
+    "reporting each step. Implies --starttls.",
+)
+@click.option(
+    "--user", metavar="MAILBOX", help="With --auth: the mailbox to log in as (default: the one configured)."
+)
+def probe(
+    config_file: str | None,
+    target: str,
+    starttls: bool,
+    use_helo: bool,
+    exchange: bool,
+    profile: str | None,
+    user: str | None,
+) -> None:
+    """The KB279616 telnet check: banner, EHLO keywords, what is missing and what that means here; with
+    --auth, the token fetch and the OAuth login too."""
     cfg = _load(_config_path(config_file))
     host, _, port_text = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
     host = host.strip("[]") or target
-    try:
-        port = int(port_text) if port_text else cfg.delivery.remote_port
-        report = asyncio.run(
-            probe_peer(
+    mechanism = "xoauth2"
+    if profile is not None:
+        if profile not in cfg.oauth:
+            known = ", ".join(sorted(cfg.oauth)) or "none"
+            click.echo(
+                f"smtpsvc probe: --auth {profile}: no [oauth.{profile}] profile (known: {known})", err=True
+            )
+            raise SystemExit(2)
+        tables = [cfg.delivery.smart_host_auth, *(c.auth for c in cfg.connectors)]
+        configured = next((a for a in tables if a.oauth == profile and a.bearer), None)
+        if configured is not None:
+            mechanism = configured.mechanism
+        user = user or (configured.user if configured is not None else None)
+        if not user:
+            click.echo(
+                f"smtpsvc probe: --auth {profile}: no auth table uses this profile; give --user MAILBOX",
+                err=True,
+            )
+            raise SystemExit(2)
+
+    async def run(port: int) -> ProbeReport:
+        from smtpsvc.app import token_source  # the composition root builds the broker
+
+        tokens = token_source(cfg) if profile is not None else None
+        try:
+            login = (
+                None
+                if tokens is None or profile is None
+                else OAuthLogin(tokens, profile, user or "", mechanism)
+            )
+            return await probe_peer(
                 host,
                 port,
                 hostname=cfg.server.hostname,
                 starttls=starttls,
                 helo=use_helo,
                 xexch50_expected=exchange,
+                login=login,
             )
-        )
+        finally:
+            if tokens is not None:
+                await tokens.close()
+
+    try:
+        port = int(port_text) if port_text else cfg.delivery.remote_port
     except ValueError:
         click.echo(f"smtpsvc probe: {target!r}: the port must be a number", err=True)
         raise SystemExit(2) from None
+    try:
+        report = asyncio.run(run(port))
     except (OSError, TimeoutError) as exc:
         click.echo(
             f"smtpsvc probe: cannot connect to {host}:{port_text or cfg.delivery.remote_port}: "

@@ -1,14 +1,30 @@
 """`smtpsvc probe HOST[:PORT]`: the KB279616 telnet check, automated. Connects, reads the banner, sends
 EHLO (or HELO), lists the keywords, optionally upgrades with STARTTLS and reports the certificate, and names
-the problems this relay would run into with that peer (the failures of the KB articles)."""
+the problems this relay would run into with that peer (the failures of the KB articles). With an `OAuthLogin`
+(`--auth PROFILE`) it also fetches the profile's token and logs in with it, step by step, as delivery would:
+the check an administrator runs before switching a relay to Microsoft 365 with OAuth."""
 
 from __future__ import annotations
 
 import asyncio
 import ssl
+import time
 from dataclasses import dataclass, field
 
+from smtpsvc.delivery.authcauses import OAUTH_TOKEN_REFUSED, TOKEN_REFUSED_ADVICE, diagnose
 from smtpsvc.protocol import NEED_DATA, Capabilities, ClientConnection, ConnectionClosed, Reply, ServerReply
+from smtpsvc.protocol.sasl import SaslError, decode_bearer_error, encode_oauthbearer, encode_xoauth2
+from smtpsvc.tokens import AccessToken, TokenError, TokenSource
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthLogin:
+    """`--auth PROFILE`: log in as `user` with a token of `profile` from `tokens`, by `mechanism`."""
+
+    tokens: TokenSource
+    profile: str
+    user: str
+    mechanism: str = "xoauth2"  # or "oauthbearer"
 
 
 @dataclass(slots=True)
@@ -47,9 +63,12 @@ async def probe(
     helo: bool = False,
     xexch50_expected: bool = False,
     timeout: float = 15.0,
+    login: OAuthLogin | None = None,
 ) -> ProbeReport:
     report = ProbeReport()
     out = report.lines.append
+    token = await _fetch_token(login, report) if login is not None else None
+    starttls = starttls or login is not None  # a provider offers AUTH only inside TLS
     reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
     p = _Probe(reader, writer, timeout)
     try:
@@ -71,7 +90,9 @@ async def probe(
                 out(f"          {line[4:]}")
             _judge(caps, report, xexch50_expected)
             if starttls and caps.has("STARTTLS"):
-                await _starttls(p, host, hostname, report)
+                secured = await _starttls(p, host, hostname, report)
+                if login is not None and token is not None and secured is not None:
+                    await _login(p, secured, login, token, host, port, report)
             elif starttls:
                 report.problems.append(
                     'STARTTLS is not offered: tls = "required" routes to it will not deliver'
@@ -103,13 +124,67 @@ def _judge(caps: Capabilities, report: ProbeReport, xexch50_expected: bool) -> N
         )
 
 
-async def _starttls(p: _Probe, host: str, hostname: str, report: ProbeReport) -> None:
+async def _fetch_token(login: OAuthLogin, report: ProbeReport) -> AccessToken | None:
+    """Step 1 of `--auth`: the profile's token, as delivery gets it (the token itself is never shown)."""
+    try:
+        token = await login.tokens.token(login.profile)
+    except TokenError as exc:
+        report.problems.append(f"no token for [oauth.{login.profile}] (cause {exc.cause}): {exc}")
+        return None
+    minutes = max(0, int((token.expires_at - time.time()) // 60))
+    report.lines.append(f"token:    [oauth.{login.profile}]: a token valid for {minutes} more minute(s)")
+    return token
+
+
+async def _login(
+    p: _Probe,
+    caps: Capabilities,
+    login: OAuthLogin,
+    token: AccessToken,
+    host: str,
+    port: int,
+    report: ProbeReport,
+) -> None:
+    """Step 2 of `--auth`: AUTH XOAUTH2 (or OAUTHBEARER) with the token, the peer's answer explained."""
+    mechanism = login.mechanism.upper()
+    if mechanism not in caps.auth_mechanisms:
+        offered = " ".join(caps.auth_mechanisms) or "no AUTH at all"
+        report.problems.append(f"AUTH {mechanism} is not offered after STARTTLS (it offers {offered})")
+        return
+    if mechanism == "XOAUTH2":
+        initial = encode_xoauth2(login.user, token.value)
+    else:
+        initial = encode_oauthbearer(login.user, token.value, host, port)
+    reply = await p.command("AUTH", f"{mechanism} {initial}")
+    refused = ""
+    if reply.code == 334:  # the SASL error challenge (RFC 7628 §3.2.3; XOAUTH2 alike): answer, then the reply
+        try:
+            refused = decode_bearer_error(reply.text).describe()
+        except SaslError:
+            refused = "the server refused the token"
+        p.writer.write(p.conn.send_auth_response("" if mechanism == "XOAUTH2" else "AQ=="))
+        reply = await p.reply()
+    if reply.code == 235:
+        report.lines.append(f"AUTH:     {mechanism} as {login.user}: accepted ({reply})")
+        return
+    named = diagnose(str(reply))
+    if named is not None:
+        report.problems.append(f"AUTH {mechanism} as {login.user} refused: {named.explain(str(reply))}")
+    else:
+        why = f"{refused}: " if refused else ""
+        report.problems.append(
+            f"AUTH {mechanism} as {login.user} refused ({reply}): {why}"
+            f"[{OAUTH_TOKEN_REFUSED}: {TOKEN_REFUSED_ADVICE}]"
+        )
+
+
+async def _starttls(p: _Probe, host: str, hostname: str, report: ProbeReport) -> Capabilities | None:
     """Upgrade as an opportunistic sender does (any certificate), then say whether a `tls = "required"`
-    route would accept the certificate (system CAs, host name)."""
+    route would accept the certificate (system CAs, host name). Returns the keywords offered inside TLS."""
     answer = await p.command("STARTTLS")
     if answer.code != 220:
         report.problems.append(f"STARTTLS is advertised but refused: {answer}")
-        return
+        return None
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
@@ -127,6 +202,7 @@ async def _starttls(p: _Probe, host: str, hostname: str, report: ProbeReport) ->
         report.lines.append("cert:     verifies against the system CAs for this host name")
     hello = await p.command("EHLO", hostname)
     report.lines.append(f"EHLO/TLS: {len(str(hello).splitlines()) - 1} keywords")
+    return Capabilities.from_ehlo(hello) if hello.is_positive else None
 
 
 async def _verifies(host: str, peer: object, hostname: str) -> str:
