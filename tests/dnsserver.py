@@ -10,6 +10,10 @@ async tests can both use it. Answers are built with dnspython's own message code
   same); with ``negative_soa = False`` NXDOMAIN and NODATA come without any SOA (RFC 2308 §5: not cacheable).
   All three are attributes a test may change while the server runs;
 * ``set_servfail(name)`` → SERVFAIL for every type; ``set_timeout(name)`` → no answer at all;
+* ``add_txt`` and ``add_tlsa`` serve TXT (DKIM keys, ``_mta-sts``, ``_smtp._tls``) and TLSA records;
+  ``sign_zone(zone)`` marks the answers for names at or under `zone` as validated: the AD flag is set, as a
+  validating resolver sets it (RFC 4035 §3.2.3; no RRSIGs are served: clients trust the resolver's AD bit,
+  as Postfix and smtpsvc do);
 * an answer larger than the client's UDP size (512, or its EDNS payload) is truncated (TC), and the client
   retries over TCP, where the full answer is sent.
 
@@ -78,6 +82,7 @@ class DnsServer:
         self._lock = threading.Lock()
         self._records: dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rrset.RRset]] = {}
         self._servfail: set[dns.name.Name] = set()
+        self._signed: set[dns.name.Name] = set()  # zones whose answers carry the AD flag
         self._timeout: set[dns.name.Name] = set()
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
@@ -162,6 +167,28 @@ class DnsServer:
         owner = dns.reversename.from_address(ip).to_text()
         target = dns.name.from_text(name).to_text()
         self._add(owner, dns.rdata.from_text(_IN, dns.rdatatype.PTR, target), ttl)
+
+    def add_txt(self, name: str, *strings: str, ttl: int | None = None) -> None:
+        """A TXT record of one or more character-strings (each at most 255 octets; a long DKIM key is split
+        into several, as zone files do)."""
+        quoted = " ".join('"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"' for s in strings)
+        self._add(name, dns.rdata.from_text(_IN, dns.rdatatype.TXT, quoted), ttl)
+
+    def add_tlsa(
+        self, name: str, usage: int, selector: int, mtype: int, data: bytes, *, ttl: int | None = None
+    ) -> None:
+        """A TLSA record (RFC 6698) at e.g. ``_25._tcp.mx.example.test``: usage 3 DANE-EE / 2 DANE-TA,
+        selector 0 full certificate / 1 SPKI, matching type 0 exact / 1 SHA-256 / 2 SHA-512."""
+        self._add(
+            name,
+            dns.rdata.from_text(_IN, dns.rdatatype.TLSA, f"{usage} {selector} {mtype} {data.hex()}"),
+            ttl,
+        )
+
+    def sign_zone(self, zone: str) -> None:
+        """Answers for `zone` and the names under it get the AD flag (see the module docstring)."""
+        with self._lock:
+            self._signed.add(_name(zone))
 
     def set_servfail(self, name: str) -> None:
         with self._lock:
@@ -301,6 +328,11 @@ class DnsServer:
                     response.answer.append(by_type[question.rdtype])
                 elif self.negative_soa:
                     response.authority.append(self._soa(qname))
+            if (
+                any(qname.is_subdomain(zone) for zone in self._signed)
+                and response.rcode() != dns.rcode.SERVFAIL
+            ):
+                response.flags |= dns.flags.AD
         max_size = 65535 if tcp else (max(512, query.payload) if query.edns >= 0 else 512)
         return response.to_wire(max_size=max_size, prefer_truncation=True)
 
