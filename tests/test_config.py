@@ -666,7 +666,8 @@ def test_example_with_every_setting_uncommented_is_the_defaults_plus_one_connect
     defaults = load_config(None, {})
     assert cfg.connectors[0].name == "partners"
     assert list(cfg.oauth) == ["m365"]  # and one OAuth profile
-    bare = dataclasses.replace(cfg, connectors=(), oauth={}, extensions=defaults.extensions)
+    assert [k.domain for k in cfg.dkim] == ["example.com"]  # and one DKIM key
+    bare = dataclasses.replace(cfg, connectors=(), oauth={}, dkim=(), extensions=defaults.extensions)
     assert comparable(bare) == comparable(defaults)
     assert {n: cfg.extensions.enabled(n) for n in cfg.extensions.resolved} == {
         n: defaults.extensions.enabled(n) for n in defaults.extensions.resolved
@@ -685,7 +686,7 @@ SPEC_KEYS = {
     "tls": "cert key require",
     "delivery": "smart_host smart_host_type remote_port retry delay_notification expiration "
     "max_messages_per_connection max_connections max_connections_per_domain timeout tls send_ndr_copy_to "
-    "suppress_xexch50_external "
+    "suppress_xexch50_external dkim_on_error "
     # ours, beyond SPEC 1.3: slow start and the RFC 5321 section 4.5.3.2 deadlines
     "initial_connections_per_domain connect_timeout greeting_timeout mail_timeout rcpt_timeout data_timeout "
     "data_block_timeout final_timeout "
@@ -710,7 +711,8 @@ def test_example_documents_every_spec_key_and_no_other(tmp_path: Path) -> None:
     oauth = "provider tenant client_id client_secret_file certificate_file key_file refresh_token_file scope "
     oauth += "token_url ca_file"
     expected |= {f"oauth.m365.{key}" for key in oauth.split()}
-    assert keys - {"connector", "oauth"} == expected
+    expected |= {f"dkim.{key}" for key in ("domain", "selector", "key_file", "algorithm")}
+    assert keys - {"connector", "oauth", "dkim"} == expected
 
 
 def test_example_names_iis_settings() -> None:

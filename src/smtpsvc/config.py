@@ -214,6 +214,7 @@ class DeliveryConfig:
     # The provider's limits for the default smart host (delivery/budget.py), as a connector's below.
     smart_host_rate: Rate | None = None
     smart_host_recipients_per_day: int = 0
+    dkim_on_error: str = "defer"  # a [[dkim]] key that cannot be used: "defer" or "send-unsigned"
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,6 +266,16 @@ class ConnectorConfig:
     # The provider's limits (delivery/budget.py): messages per interval, recipients in any 24 hours.
     rate: Rate | None = None
     recipients_per_day: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DkimKey:
+    """One [[dkim]] table: a key that signs mail whose From: domain is `domain` ("*": the default signer)."""
+
+    domain: str
+    selector: str
+    key_file: str
+    algorithm: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,6 +343,7 @@ class Config:
     queue: QueueConfig
     source: str  # the file read, or "<defaults>"
     oauth: dict[str, OAuthProfile] = field(default_factory=dict)  # [oauth.NAME] by NAME
+    dkim: tuple[DkimKey, ...] = ()  # [[dkim]] tables: DKIM signing keys
     explicit_keys: frozenset[str] = field(default=frozenset())  # dotted keys set by file, env or CLI
     cli_overrides: frozenset[str] = field(default=frozenset())  # of those, set by `serve --root`/`--listen`
 
@@ -1199,6 +1211,13 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
             "never send XEXCH50 to external domains (we default it on)",
             "SMTPSVC\\XEXCH50\\SuppressExternal",
         ),
+        _k(
+            "dkim_on_error",
+            "defer",
+            _choice("defer", "send-unsigned"),
+            'a [[dkim]] key that cannot be used: "defer" the message (cause dkim-key-unusable) or '
+            '"send-unsigned"',
+        ),
         *_budget_keys("smart_host_", "the default smart host"),
     ),
     "resolver": (
@@ -1439,10 +1458,11 @@ _SECTION_DOCS: dict[str, str] = {
     "admin": "the admin HTTP API",
     "queue": "the spool",
     "oauth": "OAuth 2.0 token profiles [oauth.NAME] (Microsoft 365, Google); repeat for more",
+    "dkim": "DKIM signing keys, chosen by the From: domain; repeat [[dkim]] (two for a domain: dual signing)",
 }
 _SECTION_ORDER = (
     "server", "extensions", "domains", "relay", "auth", "tls", "delivery", "resolver", "connector",
-    "categorizer", "badmail", "admin", "queue", "oauth",
+    "categorizer", "badmail", "admin", "queue", "oauth", "dkim",
 )  # fmt: skip
 
 
@@ -1643,7 +1663,7 @@ def _apply_env(loader: _Loader, raw: dict[str, Any], env: Mapping[str, str]) -> 
 def _check_sections(loader: _Loader, raw: Mapping[str, object]) -> None:
     every_key = {k.name: s for s, keys in _SCHEMA.items() for k in keys}
     for name, value in raw.items():
-        if name in ("connector", "oauth") or (name in _SCHEMA and isinstance(value, dict)):
+        if name in ("connector", "oauth", "dkim") or (name in _SCHEMA and isinstance(value, dict)):
             continue
         if name in _SCHEMA:
             loader.report(name, "", f"expected a table [{name}], got {_describe(value)}")
@@ -1676,6 +1696,76 @@ def _connectors(loader: _Loader, value: object) -> tuple[ConnectorConfig, ...]:
     if value:
         loader.explicit.add("connector")
     return tuple(connectors)
+
+
+_DKIM_KEYS: tuple[_Key, ...] = (
+    _k(
+        "domain",
+        _COMPUTED,
+        _str,
+        'the From: domain it signs for, e.g. "example.com"; "*" = the default signer',
+    ),
+    _k(
+        "selector",
+        _COMPUTED,
+        _str,
+        'the selector: the record is at <selector>._domainkey.<domain>, e.g. "s2026"',
+    ),
+    _k("key_file", _COMPUTED, _str, "the private key (PEM), readable by the service only (mode 0600)"),
+    _k(
+        "algorithm", "rsa-sha256", _choice("rsa-sha256", "ed25519-sha256"), '"rsa-sha256" or "ed25519-sha256"'
+    ),
+)
+_DKIM_EXAMPLE = {
+    "domain": "example.com",
+    "selector": "s2026",
+    "key_file": "/etc/smtpsvc/dkim/example.com.s2026.pem",
+}
+_SELECTOR_RE = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9_-]*[A-Za-z0-9])?)*"
+)
+
+
+def _dkim_keys(loader: _Loader, value: object) -> tuple[DkimKey, ...]:
+    if isinstance(value, dict):
+        loader.report("dkim", "", "write [[dkim]] (an array of tables, one per key), not [dkim]")
+        return ()
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        loader.report("dkim", "", f"expected [[dkim]] tables, got {_describe(value)}")
+        return ()
+    keys: list[DkimKey] = []
+    seen: set[tuple[str, str]] = set()
+    for index, table in enumerate(value):
+        before = len(loader.problems)
+        v = loader.section("dkim", table, _DKIM_KEYS, index)
+        if len(loader.problems) > before:
+            continue
+        domain = v["domain"].strip().lower().rstrip(".")
+        if domain != "*":
+            try:
+                domain = parse_domain(domain)
+            except ValueError as exc:
+                loader.report("dkim", "domain", str(exc), index)
+                continue
+        if not _SELECTOR_RE.fullmatch(v["selector"]):
+            loader.report(
+                "dkim",
+                "selector",
+                f'"{v["selector"]}" is not a selector (letters, digits, -, _, dots)',
+                index,
+            )
+            continue
+        if not v["key_file"].strip():
+            loader.report("dkim", "key_file", "key_file is empty: give the path of the private key", index)
+            continue
+        if (domain, v["selector"]) in seen:
+            loader.report("dkim", "selector", f'{domain}: selector "{v["selector"]}" is given twice', index)
+            continue
+        seen.add((domain, v["selector"]))
+        keys.append(DkimKey(domain, v["selector"], v["key_file"].strip(), v["algorithm"]))
+    if value:
+        loader.explicit.add("dkim")
+    return tuple(keys)
 
 
 def _cross_checks(loader: _Loader, cfg: Config) -> None:
@@ -1772,6 +1862,7 @@ def load_config(
         loader.explicit.add("domains.remote.route")
     connectors = _connectors(loader, raw.get("connector", []))
     oauth = _oauth_profiles(loader, raw.get("oauth", {}))
+    dkim = _dkim_keys(loader, raw.get("dkim", []))
     cfg = Config(
         server=ServerConfig(**server),
         extensions=ExtensionsConfig(
@@ -1792,6 +1883,7 @@ def load_config(
         queue=QueueConfig(**queue),
         source=source,
         oauth=oauth,
+        dkim=dkim,
         explicit_keys=frozenset(loader.explicit),
         cli_overrides=frozenset(f"{s}.{k}" for (s, k), by in loader.overridden.items() if by[:2] == "--"),
     )
@@ -1875,6 +1967,12 @@ def render_example() -> str:
                 value = _CONNECTOR_EXAMPLE.get(key.name, key.default)
                 out += [_doc_line(key), f"#{_toml_key(key.name)} = {_toml_value(value)}"]
             continue
+        if section == "dkim":
+            out.append("#[[dkim]]")
+            for key in _DKIM_KEYS:
+                value = _DKIM_EXAMPLE.get(key.name, key.default)
+                out += [_doc_line(key), f"#{_toml_key(key.name)} = {_toml_value(value)}"]
+            continue
         if section == "oauth":
             out.append("#[oauth.m365]")
             for key in _OAUTH_KEYS:
@@ -1899,6 +1997,10 @@ def render_effective(cfg: Config) -> str:
         if section == "connector":
             for connector in cfg.connectors:
                 out += ["", "[[connector]]", *_section_lines(_CONNECTOR_KEYS, connector)]
+            continue
+        if section == "dkim":  # the key file's path only: the private key stays in its file
+            for key in cfg.dkim:
+                out += ["", "[[dkim]]", *_section_lines(_DKIM_KEYS, key)]
             continue
         if section == "oauth":  # file paths only: the secrets stay in their files
             for name, profile in cfg.oauth.items():

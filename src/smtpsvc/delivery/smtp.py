@@ -15,6 +15,7 @@ could be reached (`unreachable`) or DNS cannot find the destination (`not_found`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import random
 import time
 from collections.abc import Callable, Sequence
@@ -23,6 +24,7 @@ from pathlib import Path
 
 from smtpsvc import events
 from smtpsvc.config import Config, LiveConfig
+from smtpsvc.delivery import dkim
 from smtpsvc.delivery.authcauses import OAUTH_TOKEN_FAILED, diagnose
 from smtpsvc.delivery.destination import Destination, DestinationDead, Destinations
 from smtpsvc.delivery.healing import ACTIONS, PeerMemory
@@ -57,6 +59,7 @@ from smtpsvc.units import format_duration
 
 DNS_NOT_FOUND = frozenset({"dns-nxdomain", "dns-no-address"})
 LITERAL_HOPS_KEPT = 256  # entries of SmtpTransport._literal_hops
+HEADER_READ = 256 * 1024  # what is read of a message to find its From: header (DKIM key choice)
 
 LinkSlot = Callable[[str, int], AbstractAsyncContextManager[None]]
 
@@ -93,6 +96,7 @@ class SmtpTransport:
         self.rng = rng or random.Random()
         self._link_slot = link_slot  # a cluster's connection slots per link, shared by every node
         self.destinations: Destinations[RouteChoice, SmtpSession] = Destinations(self._destination)
+        self.dkim_keys = dkim.KeyFiles()  # [[dkim]] keys, parsed once per file version
         # Smart hosts given as address literals -> their next hops (see _next_hops). Bounded.
         self._literal_hops: dict[tuple[tuple[str, int], ...], list[NextHop]] = {}
 
@@ -129,6 +133,9 @@ class SmtpTransport:
     ) -> Outcome:
         destination = self.destinations.get(route)
         attempt = _Attempt(self, route, envelope, recipients, message)
+        unusable = await attempt.dkim_keys()
+        if unusable is not None:  # before any connection: nothing to send without its signature
+            return unusable
         try:
             grant = await destination.acquire()
             if grant.session is not None:
@@ -224,6 +231,48 @@ class _Attempt:
         self.learned: list[tuple[str, str]] = []
         self._blob: bytes | bool | None = False  # False: not read yet
         self._reconnected = False  # the fresh token of a refused one got its new connection
+        self.signer: Callable[[bytes], bytes] | None = None  # DKIM: the From: domain has a key
+
+    async def dkim_keys(self) -> Outcome | None:
+        """Choose the [[dkim]] keys by the From: domain and load them (the signer of every transaction of
+        this attempt). A key that cannot be used defers the message (cause dkim-key-unusable), or with
+        delivery.dkim_on_error = "send-unsigned" lets it go unsigned with a warning event."""
+        config = self.config
+        if not config.dkim:
+            return None
+        handle = await self.message.open()
+        try:
+            headers = dkim.header_block(handle.read(HEADER_READ))
+        finally:
+            handle.close()
+        domain = dkim.from_domain(headers)
+        refs = dkim.keys_for(
+            domain, [dkim.KeyRef(k.domain, k.selector, k.key_file, k.algorithm) for k in config.dkim]
+        )
+        if not refs or domain is None:
+            return None
+        try:
+            keys = self.transport.dkim_keys.load(refs, domain)
+        except dkim.KeyUnusable as exc:
+            if config.delivery.dkim_on_error == "send-unsigned":
+                self.transport.events.emit(
+                    events.Event(
+                        events.REMOTE_DOMAIN_FAILED,
+                        f"{exc}; the message to {self.domain} is sent without a DKIM signature "
+                        '(delivery.dkim_on_error = "send-unsigned")',
+                        queue_id=self.envelope.id,
+                        domain=self.domain,
+                        cause=dkim.KEY_UNUSABLE,
+                        level="warning",
+                    )
+                )
+                return None
+            reason = (
+                f'{exc}; the message waits for a usable key (or delivery.dkim_on_error = "send-unsigned")'
+            )
+            return self._deferred(f"451 4.7.0 {reason}", "4.7.0", reason=reason, cause=dkim.KEY_UNUSABLE)
+        self.signer = functools.partial(dkim.sign, keys=keys)
+        return None
 
     async def on_cached(
         self, destination: Destination[SmtpSession], session: SmtpSession
@@ -346,7 +395,7 @@ class _Attempt:
         handle = await self.message.open()
         try:
             return await send_message(
-                session, self.envelope, self.recipients, handle, self.transport.memory, blob
+                session, self.envelope, self.recipients, handle, self.transport.memory, blob, self.signer
             )
         finally:
             handle.close()
