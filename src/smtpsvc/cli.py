@@ -1,5 +1,5 @@
 """The `smtpsvc` command line: `serve`, `config`, `users`, `relay check`, `queue`, `db`, `badmail`,
-`sendmail`, `events`, `probe`.
+`sendmail`, `events`, `probe`, `dkim`.
 
 Thin by design: it finds and loads the configuration, then hands over to the service or prints. Exit codes:
 0 ok, 1 the operation failed (the message says why), 2 usage or configuration error.
@@ -1027,6 +1027,120 @@ def probe(
         click.echo(f"problem:  {problem}")
     if not report.problems:
         click.echo("no problems found")
+
+
+@main.group()
+def dkim() -> None:
+    """Make DKIM keys and check their published DNS records."""
+
+
+@dkim.command("keygen")
+@click.option("--domain", required=True, help="The From: domain the key signs for (d=).")
+@click.option(
+    "--selector", required=True, help="The selector (s=): the record is at SELECTOR._domainkey.DOMAIN."
+)
+@click.option(
+    "--algorithm",
+    type=click.Choice(["rsa-sha256", "ed25519-sha256"]),
+    default="rsa-sha256",
+    show_default=True,
+    help="ed25519-sha256 only alongside an RSA key: not every receiver verifies Ed25519 yet.",
+)
+@click.option(
+    "--bits", type=click.IntRange(1024, 4096), default=2048, show_default=True, help="RSA key size."
+)
+@click.option(
+    "--out", "out", metavar="FILE", help="Where to write the private key (default: DOMAIN.SELECTOR.pem)."
+)
+@click.option("--force", is_flag=True, help="Overwrite FILE if it exists.")
+def dkim_keygen(domain: str, selector: str, algorithm: str, bits: int, out: str | None, force: bool) -> None:
+    """Write a new private key (mode 0600) and print the DNS TXT record to publish and the [[dkim]] table."""
+    from smtpsvc.delivery import dkim as signing
+
+    domain = domain.strip().lower().rstrip(".")
+    path = Path(out or f"{domain}.{selector}.pem")
+    pem = signing.generate(algorithm, bits)
+    key = signing.load_key(signing.KeyRef(domain, selector, str(path), algorithm), pem, domain)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        click.echo(
+            f"smtpsvc dkim keygen: {path} exists; give --force to replace it (and its DNS record)", err=True
+        )
+        raise SystemExit(1) from None
+    except OSError as exc:
+        click.echo(f"smtpsvc dkim keygen: cannot write {path}: {exc.strerror or exc}", err=True)
+        raise SystemExit(1) from None
+    with os.fdopen(fd, "wb") as handle:
+        os.fchmod(handle.fileno(), 0o600)  # also when --force replaced a file that was readable by others
+        handle.write(pem)
+    strings = " ".join(f'"{part}"' for part in signing.txt_strings(signing.record_value(key)))
+    click.echo(f"Private key written to {path} (mode 0600; keep it readable by the service only).")
+    click.echo("")
+    click.echo("Publish this DNS TXT record:")
+    click.echo(f"{selector}._domainkey.{domain}. IN TXT {strings}")
+    click.echo("")
+    click.echo("Then add to smtpsvc.toml:")
+    click.echo("[[dkim]]")
+    click.echo(f'domain = "{domain}"')
+    click.echo(f'selector = "{selector}"')
+    click.echo(f'key_file = "{path.resolve()}"')
+    click.echo(f'algorithm = "{algorithm}"')
+
+
+@dkim.command("check")
+@config_option
+@click.option("--domain", required=True, help="The signing domain (d=).")
+@click.option("--selector", required=True, help="The selector (s=).")
+def dkim_check(config_file: str | None, domain: str, selector: str) -> None:
+    """Look up SELECTOR._domainkey.DOMAIN (resolver.nameservers) and say whether the record carries the
+    public key of the configured [[dkim]] key_file. Exit 0 when it does, 1 when not."""
+    import dns.exception
+    import dns.nameserver
+    import dns.resolver
+
+    from smtpsvc.delivery import dkim as signing
+
+    cfg = _load(_config_path(config_file))
+    domain = domain.strip().lower().rstrip(".")
+    found = [k for k in cfg.dkim if k.selector == selector and k.domain in (domain, signing.DEFAULT_SIGNER)]
+    found.sort(key=lambda k: k.domain == signing.DEFAULT_SIGNER)  # the domain's own table first
+    if not found:
+        configured = ", ".join(f"{k.domain}/{k.selector}" for k in cfg.dkim) or "none"
+        click.echo(
+            f"no [[dkim]] table with domain {domain} and selector {selector} (configured: {configured})"
+        )
+        raise SystemExit(1)
+    ref = signing.KeyRef(found[0].domain, found[0].selector, found[0].key_file, found[0].algorithm)
+    try:
+        [key] = signing.KeyFiles().load([ref], domain)
+    except signing.KeyUnusable as exc:
+        click.echo(f"{exc}")
+        raise SystemExit(1) from None
+    name = f"{selector}._domainkey.{domain}"
+    resolver = dns.resolver.Resolver(configure=not cfg.resolver.nameservers)
+    if cfg.resolver.nameservers:
+        resolver.nameservers = [
+            dns.nameserver.Do53Nameserver(ip, port) for ip, port in cfg.resolver.nameservers
+        ]
+    resolver.lifetime = 10.0
+    try:
+        answer = resolver.resolve(name, "TXT")
+        published = [b"".join(r.strings).decode("ascii", "replace") for r in answer]
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        published = []
+    except dns.exception.DNSException as exc:
+        click.echo(f"{name}: the DNS lookup failed: {exc}")
+        raise SystemExit(1) from None
+    problem = signing.record_problem(published, key)
+    if problem:
+        click.echo(f"{name}: MISMATCH: {problem}")
+        click.echo(
+            f'publish: {name}. IN TXT "{signing.record_value(key)}" (run `smtpsvc dkim keygen` for a new key)'
+        )
+        raise SystemExit(1)
+    click.echo(f"{name}: OK: the published record matches {ref.key_file} ({ref.algorithm})")
 
 
 if __name__ == "__main__":  # pragma: no cover
