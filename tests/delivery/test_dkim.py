@@ -177,3 +177,42 @@ async def test_the_private_key_is_never_in_events_logs_or_config_show(
             assert secret not in path.read_text(errors="replace")
     shown = render_effective(load_config(service.config_path, env={}))
     assert "[[dkim]]" in shown and "key_file" in shown and secret not in shown
+
+
+async def test_an_8bit_message_to_an_8bitmime_peer_is_signed_as_is_and_verifies(
+    start_service: StartService, sink: Sink, dns_server: DnsServer, tmp_path: Path
+) -> None:
+    tables = make_key(tmp_path, dns_server, "local.test", "s1", "rsa-sha256")
+    service = await start_service(tables, delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    await send(service, "a@local.test", ["x@remote.test"], EIGHT_BIT, mail_options=["BODY=8BITMIME"])
+    [received] = await wait_until(lambda: sink.handler.messages, what="delivery")
+    assert max(received.content) >= 128  # not converted: the peer offers 8BITMIME
+    assert verify_all(received.content, dns_server) == ["local.test/s1/rsa-sha256"]
+    assert dkimpy_verifies(received.content, dns_server) == 1
+
+
+def test_keys_are_chosen_by_the_from_domain_then_its_parents_then_the_default() -> None:
+    keys = [
+        dkim.KeyRef("example.test", "r", "r.pem", "rsa-sha256"),
+        dkim.KeyRef("example.test", "e", "e.pem", "ed25519-sha256"),
+        dkim.KeyRef("eu.example.test", "eu", "eu.pem", "rsa-sha256"),
+        dkim.KeyRef("*", "any", "any.pem", "rsa-sha256"),
+    ]
+    assert [k.selector for k in dkim.keys_for("example.test", keys)] == ["r", "e"]
+    assert [k.selector for k in dkim.keys_for("news.example.test", keys)] == ["r", "e"]
+    assert [k.selector for k in dkim.keys_for("shop.eu.example.test", keys)] == ["eu"]
+    assert [k.selector for k in dkim.keys_for("other.test", keys)] == ["any"]
+    assert dkim.keys_for("other.test", keys[:3]) == []
+
+
+def test_from_domain_reads_the_first_from_field_unfolded() -> None:
+    headers = b'Received: from x\r\nFROM: "Doe, Jane"\r\n <Jane@Example.TEST>\r\nSubject: s\r\n'
+    assert dkim.from_domain(headers) == "example.test"
+    assert dkim.from_domain(b"Subject: none\r\n") is None
+
+
+def test_signed_headers_over_sign_from_to_subject_date_and_list_the_rest_as_they_occur() -> None:
+    headers = b"From: a@x\r\nTo: b@y\r\nCc: c@z\r\nReceived: r\r\nTo: d@y\r\nX-Other: o\r\n"
+    assert dkim.signed_headers(headers) == [
+        b"from", b"from", b"to", b"to", b"to", b"cc", b"subject", b"date",
+    ]  # fmt: skip
