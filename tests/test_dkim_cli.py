@@ -91,3 +91,22 @@ def test_check_names_a_key_file_that_cannot_be_used(tmp_path: Path, dns_server: 
     assert code == 1 and str(missing) in said and "cannot be read" in said
     code, said = run("dkim", "check", "-c", str(config), "--domain", "example.test", "--selector", "s9")
     assert code == 1 and "no [[dkim]] table" in said and "example.test/s1" in said
+
+
+def test_config_check_names_each_dkim_table_problem_by_line(tmp_path: Path) -> None:
+    config = tmp_path / "smtpsvc.toml"
+    config.write_text(
+        '[[dkim]]\ndomain = "example.test"\nkey_file = "k.pem"\nalgorithm = "rsa"\n\n'
+        '[[dkim]]\ndomain = "bad domain"\nselector = "s1"\nkey_file = "k.pem"\n\n'
+        '[[dkim]]\ndomain = "*"\nselector = "s1"\nkey_file = "k.pem"\n\n'
+        '[[dkim]]\ndomain = "*"\nselector = "s1"\nkey_file = "k2.pem"\n'
+    )
+    code, said = run("config", "check", "-c", str(config))
+    assert code == 2
+    assert f'{config}:1: dkim[1].selector: missing "selector"' in said
+    assert f"{config}:4: dkim[1].algorithm: expected one of" in said
+    assert f'{config}:7: dkim[2].domain: invalid domain "bad domain"' in said
+    assert 'dkim[4].selector: *: selector "s1" is given twice' in said
+    config.write_text('[dkim]\ndomain = "example.test"\n')
+    code, said = run("config", "check", "-c", str(config))
+    assert code == 2 and "write [[dkim]] (an array of tables, one per key), not [dkim]" in said
