@@ -133,7 +133,7 @@ class SmtpTransport:
     ) -> Outcome:
         destination = self.destinations.get(route)
         attempt = _Attempt(self, route, envelope, recipients, message)
-        unusable = await attempt.dkim_keys()
+        unusable = await attempt.choose_dkim_keys()
         if unusable is not None:  # before any connection: nothing to send without its signature
             return unusable
         try:
@@ -233,7 +233,7 @@ class _Attempt:
         self._reconnected = False  # the fresh token of a refused one got its new connection
         self.signer: Callable[[bytes], bytes] | None = None  # DKIM: the From: domain has a key
 
-    async def dkim_keys(self) -> Outcome | None:
+    async def choose_dkim_keys(self) -> Outcome | None:
         """Choose the [[dkim]] keys by the From: domain and load them (the signer of every transaction of
         this attempt). A key that cannot be used defers the message (cause dkim-key-unusable), or with
         delivery.dkim_on_error = "send-unsigned" lets it go unsigned with a warning event."""
