@@ -287,11 +287,12 @@ async def test_a_program_calling_a_link_named_sendmail_works_the_same(
     start_service: StartService, tmp_path: Path
 ) -> None:
     assert SCRIPT.is_file(), f"the console script {SCRIPT} is not installed"
-    service = await start_service()
+    service = await start_service(admin={"listen": "127.0.0.1:0"})  # for mailq
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "sendmail").symlink_to(SCRIPT)
     (bin_dir / "newaliases").symlink_to(SCRIPT)
+    (bin_dir / "mailq").symlink_to(SCRIPT)
     # a program as PHP's mail() or cron calls it: "sendmail -t -i" found on its PATH, config by variable
     program = ["/bin/sh", "-c", 'printf "To: ops@local.test\\nSubject: from sh\\n\\nhi\\n" | sendmail -t -i']
     code, _, err = await sendmail(
@@ -306,3 +307,10 @@ async def test_a_program_calling_a_link_named_sendmail_works_the_same(
         code == 0
         and err == "newaliases: nothing to do: smtpsvc has no alias database (routes are in smtpsvc.toml)\n"
     )
+    code, out, _ = await sendmail(
+        program=[str(bin_dir / "mailq")], extra_env={"SMTPSVC_CONFIG": config_of(service)}
+    )
+    assert code == 0 and out.startswith(b"the queue is empty")
+    code, _, err = await sendmail("-t", program=[str(bin_dir / "sendmail")], extra_env={"SMTPSVC_CONFIG": ""})
+    # linked, with no configuration (none in /etc/smtpsvc here): an error, never ./mailroot of the caller
+    assert code == 78 and "no configuration: put it at /etc/smtpsvc/smtpsvc.toml" in err

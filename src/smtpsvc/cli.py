@@ -904,6 +904,10 @@ def sendmail_door(args: list[str], name: str = "smtpsvc sendmail") -> int:
     found = _config_path(request.config_file)
     if found is None and ETC_CONFIG.is_file():  # a program calling /usr/sbin/sendmail sets no variable
         found = str(ETC_CONFIG)
+    if found is None and name != "smtpsvc sendmail":
+        # Linked as sendmail, a program runs us from any folder: the default ./mailroot would be its own
+        say(f"no configuration: put it at {ETC_CONFIG} or name it in SMTPSVC_CONFIG")
+        return sendmail_admin.EX_CONFIG
     try:
         config = load_config(found, os.environ)
     except ConfigError as exc:
