@@ -314,3 +314,23 @@ async def test_a_program_calling_a_link_named_sendmail_works_the_same(
     code, _, err = await sendmail("-t", program=[str(bin_dir / "sendmail")], extra_env={"SMTPSVC_CONFIG": ""})
     # linked, with no configuration (none in /etc/smtpsvc here): an error, never ./mailroot of the caller
     assert code == 78 and "no configuration: put it at /etc/smtpsvc/smtpsvc.toml" in err
+
+
+async def test_a_closed_standard_input_exits_66_noinput(tmp_path: Path) -> None:
+    config = tmp_path / "smtpsvc.toml"
+    config.write_text(f'[server]\nroot = "{tmp_path / "root"}"\n')
+    command = f'exec "{sys.executable}" -m smtpsvc sendmail -c "{config}" a@local.test <&-'
+    code, _, err = await sendmail(program=["/bin/sh", "-c", command])
+    assert code == 66 and err == "smtpsvc sendmail: standard input is closed: there is no message to read\n"
+
+
+async def test_bs_answers_451_when_the_pickup_folder_cannot_be_written(tmp_path: Path) -> None:
+    (tmp_path / "root").mkdir()
+    (tmp_path / "root" / "pickup").write_text("a file where the folder should be")
+    config = tmp_path / "smtpsvc.toml"
+    config.write_text(f'[server]\nroot = "{tmp_path / "root"}"\n')
+    session = b"HELO app\r\nMAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\nQUIT\r\n"
+    code, out, err = await sendmail("-c", str(config), "-bs", stdin=session)
+    replies = out.decode().splitlines()
+    assert code == 0 and err == ""
+    assert replies[4].startswith("451 4.3.0") and replies[5].startswith("221 ")

@@ -915,17 +915,27 @@ def sendmail_door(args: list[str], name: str = "smtpsvc sendmail") -> int:
         return sendmail_admin.EX_CONFIG
     if request.mode == "mailq":
         return _exit_status(["queue", "list", *(["-c", found] if found else [])])
+    if sys.stdin is None or (request.mode == "smtp" and sys.stdout is None):  # started with fd 0 (1) closed
+        say("standard input is closed: there is no message to read")
+        return sendmail_admin.EX_NOINPUT
     if request.mode == "smtp":
         sendmail_admin.run_smtp_session(config, sys.stdin.buffer, sys.stdout.buffer)
         return sendmail_admin.EX_OK
     try:
-        path = sendmail_admin.submit_message(config, request, sys.stdin.buffer, getpass.getuser())
+        path = sendmail_admin.submit_message(config, request, sys.stdin.buffer, _login_name())
     except sendmail_admin.SubmitError as exc:
         say(str(exc))
         return exc.status
     if sys.stderr.isatty():  # programs get sendmail's silence on success; a person sees where it went
         say(f"queued through Pickup as {path.name}")
     return sendmail_admin.EX_OK
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a user id with no name (a container): mail still needs a sender
+        return "postmaster"
 
 
 def _exit_status(args: list[str]) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import socket
@@ -31,6 +32,7 @@ from smtpsvc.events import EventLog
 from smtpsvc.folders.pickup import InvalidPickupFile, envelope_from_headers, strip_bcc, validate_address
 from smtpsvc.ingest import Ingest
 from smtpsvc.model import Envelope, new_queue_id
+from smtpsvc.queue.base import QueueError
 from smtpsvc.server.session import Session, SessionContext, SmtpStream
 from smtpsvc.tls import ServerCertificate
 
@@ -225,8 +227,11 @@ class PickupIntake:
         self.pickup_dir = pickup_dir
 
     def create_writer(self) -> SpooledMessage:
-        self.pickup_dir.mkdir(parents=True, exist_ok=True)
-        return SpooledMessage(self.pickup_dir)
+        try:
+            self.pickup_dir.mkdir(parents=True, exist_ok=True)
+            return SpooledMessage(self.pickup_dir)
+        except OSError as exc:  # the session answers 451 (452 for a full disk), as for the queue
+            raise _pickup_error(exc) from None
 
     async def put(self, writer: SpooledMessage, envelope: Envelope) -> None:
         head = dsn_envelope_lines(
@@ -235,9 +240,20 @@ class PickupIntake:
             envelope.ret,
             envelope.envid,
         )
-        writer.body.seek(0)
-        write_pickup_file(self.pickup_dir, _chained(head, writer.body), writer.id)
-        writer.abort()
+        try:
+            writer.body.seek(0)
+            write_pickup_file(self.pickup_dir, _chained(head, writer.body), writer.id)
+        except OSError as exc:
+            raise _pickup_error(exc) from None
+        finally:
+            writer.abort()
+
+
+def _pickup_error(exc: OSError) -> QueueError:
+    return QueueError(f"cannot write to the Pickup folder: {exc.strerror or exc}", full=exc.errno in FULL)
+
+
+FULL = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _chained(head: bytes, body: BinaryIO) -> Iterator[bytes]:
