@@ -334,3 +334,12 @@ async def test_bs_answers_451_when_the_pickup_folder_cannot_be_written(tmp_path:
     replies = out.decode().splitlines()
     assert code == 0 and err == ""
     assert replies[4].startswith("451 4.3.0") and replies[5].startswith("221 ")
+
+
+async def test_a_message_over_the_size_limit_exits_69_and_leaves_nothing_in_pickup(tmp_path: Path) -> None:
+    config = tmp_path / "smtpsvc.toml"
+    config.write_text(f'[server]\nroot = "{tmp_path / "root"}"\nmax_message_size = "1KB"\n')
+    text = b"From: a@local.test\n\n" + (b"x" * 80 + b"\n") * 40
+    code, _, err = await sendmail("-c", str(config), "b@local.test", stdin=text)
+    assert code == 69 and "larger than the maximum message size" in err
+    assert not list((tmp_path / "root" / "pickup").iterdir())

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import itertools
 import os
 import re
 import socket
@@ -41,6 +42,7 @@ EX_OK = 0
 EX_USAGE = 64  # the command line is wrong
 EX_DATAERR = 65  # the message or an address is not usable
 EX_NOINPUT = 66  # standard input cannot be read
+EX_UNAVAILABLE = 69  # the message is refused (over the size limit)
 EX_SOFTWARE = 70
 EX_TEMPFAIL = 75  # the message cannot be queued now (Pickup cannot be written): try again later
 EX_CONFIG = 78  # the configuration cannot be loaded
@@ -431,7 +433,8 @@ def submit_message(config: Config, request: SendmailRequest, stdin: BinaryIO, lo
         head += b"\r\n"  # the text had no header section: all of it is the body
     try:
         return write_pickup_file(
-            Path(config.server.root) / "pickup", _chain([head, header_block, *first_body], lines)
+            Path(config.server.root) / "pickup",
+            _within(config.server.max_message_size, head, [header_block, *first_body], lines),
         )
     except OSError as exc:
         raise SubmitError(
@@ -446,6 +449,16 @@ def _reading(lines: Iterator[bytes]) -> Iterator[bytes]:
         raise SubmitError(EX_NOINPUT, f"cannot read standard input: {exc.strerror or exc}") from None
 
 
-def _chain(first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
-    yield from first
-    yield from rest
+def _within(limit: int, head: bytes, first: list[bytes], rest: Iterator[bytes]) -> Iterator[bytes]:
+    """The Pickup file's pieces; a message over `server.max_message_size` is refused now, while the caller
+    can still be told (exit 69, as Postfix's sendmail), rather than go to Badmail after a 0."""
+    yield head
+    size = 0
+    for piece in itertools.chain(first, rest):
+        size += len(piece)
+        if limit and size > limit:
+            raise SubmitError(
+                EX_UNAVAILABLE,
+                f"the message is larger than the maximum message size ({limit} bytes, max_message_size)",
+            )
+        yield piece
