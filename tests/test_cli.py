@@ -138,12 +138,14 @@ def test_sendmail_writes_a_pickup_file_with_the_envelope(tmp_path: Path) -> None
     assert result.exit_code == 0
     [written] = (tmp_path / "root" / "pickup").glob("sendmail-*.eml")
     assert (
-        written.read_bytes() == b"X-Sender: <cron@local.test>\r\nX-Receiver: <ops@local.test>\r\n" + message
+        written.read_bytes()
+        == b"X-Sender: <cron@local.test>\r\nX-Receiver: <ops@local.test>\r\nFrom: cron@local.test\r\n"
+        + message
     )
 
 
 def test_sendmail_without_recipients_or_t_is_a_usage_error(tmp_path: Path) -> None:
-    assert run("sendmail")[0] == 2
+    assert run("sendmail")[0] == 64  # EX_USAGE, as sendmail(1)
 
 
 def test_events_filters_by_id_and_since(tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ if sys.argv[1:2] == ["serve"] and hasattr(signal, "pthread_sigmask"):
 
 import asyncio
 import dataclasses
+import getpass
 import ipaddress
 import json
 import os
@@ -35,12 +36,12 @@ import click
 
 from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
+from smtpsvc.admin import sendmail as sendmail_admin
 from smtpsvc.admin.client import RemoteAdmin, ServiceSilent, open_admin
 from smtpsvc.admin.jobs import BulkRequest, JobState, JobStatus
 from smtpsvc.admin.probe import OAuthLogin, ProbeReport
 from smtpsvc.admin.probe import probe as probe_peer
 from smtpsvc.admin.service import LIST_LIMIT, AdminError, QueueAdmin
-from smtpsvc.admin.submit import write_pickup_file
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
 from smtpsvc.config import (
     Config,
@@ -84,7 +85,24 @@ config_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Commands(click.Group):
+    """The `smtpsvc` group, which is also `sendmail`, `mailq` and `newaliases` when linked under those names
+    (`ln -s $(command -v smtpsvc) /usr/sbin/sendmail`), as Postfix's sendmail is. `smtpsvc sendmail ...` is
+    taken before click parses it: sendmail's options are getopt's (`-oi`, `-ti`, `--`), not click's."""
+
+    def main(self, args: Any = None, prog_name: str | None = None, **extra: Any) -> Any:  # type: ignore[override]
+        invoked = os.path.basename(sys.argv[0]) if args is None else ""
+        argv = list(sys.argv[1:] if args is None else args)
+        if invoked in ("sendmail", "newaliases"):
+            sys.exit(sendmail_door(argv if invoked == "sendmail" else ["-bi", *argv], invoked))
+        if invoked == "mailq":
+            sys.exit(sendmail_door(["-bp", *argv], invoked))
+        if argv[:1] == ["sendmail"]:
+            sys.exit(sendmail_door(argv[1:]))
+        return super().main(args, prog_name, **extra)
+
+
+@click.group(cls=_Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="smtpsvc")
 def main() -> None:
     """smtpsvc: a durable SMTP relay with Pickup, Queue, Drop and Badmail folders."""
@@ -846,32 +864,89 @@ def badmail_replay(config_file: str | None, name: str | None, replay_all: bool) 
 # ------------------------------------------------------------------------------------ sendmail, events
 
 
-@main.command(context_settings={"ignore_unknown_options": False})
-@config_option
-@click.option("-f", "sender", metavar="SENDER", help="Envelope sender (default: from the headers).")
-@click.option("-t", "from_headers", is_flag=True, help="Take recipients from To/Cc/Bcc (Bcc is removed).")
-@click.option(
-    "-i", "ignore_dots", is_flag=True, help="Accepted for compatibility: a lone dot never ends input."
+@main.command(
+    context_settings={"ignore_unknown_options": True, "help_option_names": []}, add_help_option=False
 )
-@click.argument("recipients", nargs=-1)
-def sendmail(
-    config_file: str | None,
-    sender: str | None,
-    from_headers: bool,
-    ignore_dots: bool,
-    recipients: tuple[str, ...],
-) -> None:
-    """Submit the message on standard input through the Pickup folder (sendmail-compatible)."""
-    if not recipients and not from_headers:
-        click.echo("smtpsvc sendmail: give recipients, or -t to take them from the headers", err=True)
-        raise SystemExit(2)
-    pickup = Path(_load(_config_path(config_file)).server.root) / "pickup"
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def sendmail(args: tuple[str, ...]) -> None:
+    """Submit the message on standard input, as Unix programs call /usr/sbin/sendmail (see --help)."""
+    raise SystemExit(sendmail_door(list(args)))  # reached only through click's own dispatch
+
+
+SENDMAIL_USAGE = """usage: sendmail [-t] [-i|-oi] [-f SENDER] [-F FULLNAME] [-N never|success,delay,failure]
+                [-R full|hdrs] [-V ENVID] [-c SMTPSVC.TOML] [--] [RECIPIENT...]
+       sendmail -bs     an SMTP session on standard input and output
+       sendmail -bp     the queue (mailq); sendmail -bi: nothing to do (newaliases)
+The message is written into the Pickup folder; the service sends it. docs/operations.md has the details."""
+ETC_CONFIG = Path("/etc/smtpsvc/smtpsvc.toml")
+
+
+def sendmail_door(args: list[str], name: str = "smtpsvc sendmail") -> int:
+    """`smtpsvc sendmail ARGS` and the program run as `sendmail`: Postfix's sendmail(1) command line, the
+    exit codes of sysexits.h, one line on stderr for each problem."""
+
+    def say(text: str) -> None:
+        click.echo(f"{name}: {text}", err=True)
+
     try:
-        path = write_pickup_file(pickup, sys.stdin.buffer, sender, () if from_headers else recipients)
-    except OSError as exc:
-        click.echo(f"smtpsvc sendmail: cannot write to {pickup}: {exc.strerror or exc}", err=True)
-        raise SystemExit(1) from None
-    click.echo(f"queued through Pickup as {path.name}", err=True)
+        request = sendmail_admin.parse_argv(args)
+    except sendmail_admin.UsageError as exc:
+        say(f"{exc} (see `{name} --help`)")
+        return sendmail_admin.EX_USAGE
+    if request.help:
+        click.echo(SENDMAIL_USAGE)
+        return sendmail_admin.EX_OK
+    for note in request.notes:
+        say(note)
+    if request.mode == "newaliases":
+        say("nothing to do: smtpsvc has no alias database (routes are in smtpsvc.toml)")
+        return sendmail_admin.EX_OK
+    found = _config_path(request.config_file)
+    if found is None and ETC_CONFIG.is_file():  # a program calling /usr/sbin/sendmail sets no variable
+        found = str(ETC_CONFIG)
+    if found is None and name != "smtpsvc sendmail":
+        # Linked as sendmail, a program runs us from any folder: the default ./mailroot would be its own
+        say(f"no configuration: put it at {ETC_CONFIG} or name it in SMTPSVC_CONFIG")
+        return sendmail_admin.EX_CONFIG
+    try:
+        config = load_config(found, os.environ)
+    except ConfigError as exc:
+        say(str(exc).replace("\n", " "))
+        return sendmail_admin.EX_CONFIG
+    if request.mode == "mailq":
+        return _exit_status(["queue", "list", *(["-c", found] if found else [])])
+    if sys.stdin is None or (request.mode == "smtp" and sys.stdout is None):  # started with fd 0 (1) closed
+        say("standard input is closed: there is no message to read")
+        return sendmail_admin.EX_NOINPUT
+    if request.mode == "smtp":
+        sendmail_admin.run_smtp_session(config, sys.stdin.buffer, sys.stdout.buffer)
+        return sendmail_admin.EX_OK
+    try:
+        path = sendmail_admin.submit_message(config, request, sys.stdin.buffer, _login_name())
+    except sendmail_admin.SubmitError as exc:
+        say(str(exc))
+        return exc.status
+    if sys.stderr.isatty():  # programs get sendmail's silence on success; a person sees where it went
+        say(f"queued through Pickup as {path.name}")
+    return sendmail_admin.EX_OK
+
+
+def _login_name() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a user id with no name (a container): mail still needs a sender
+        return "postmaster"
+
+
+def _exit_status(args: list[str]) -> int:
+    try:
+        main.main(args, prog_name="smtpsvc", standalone_mode=False)
+    except SystemExit as exc:
+        return exc.code if isinstance(exc.code, int) else 1
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    return 0
 
 
 @main.command()

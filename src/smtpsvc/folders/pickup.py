@@ -32,7 +32,7 @@ from smtpsvc.folders.badmail import printable, put_badmail
 from smtpsvc.headers import HopCounter
 from smtpsvc.ingest import EnvelopeFields, Ingest, received_header
 from smtpsvc.model import Recipient, Source
-from smtpsvc.protocol import parse_path
+from smtpsvc.protocol import parse_path, xtext_decode
 from smtpsvc.queue.base import MessageWriter, QueueError
 
 CLAIMED = ".claimed"
@@ -58,22 +58,52 @@ class PickupEnvelope:
     sender: str
     recipients: tuple[str, ...]
     from_headers: bool  # True when derived from To/Cc/Bcc (then Bcc is stripped)
+    # DSN parameters of the X-lines, in the ESMTP form of Exchange's Replay folder (`sendmail -N/-R/-V`)
+    ret: str = ""
+    envid: str = ""
+    notify: tuple[tuple[str, ...], ...] = ()  # per recipient, in order; () when none was given
+    orcpt: tuple[str, ...] = ()
 
 
 def parse_envelope_lines(lines: list[bytes]) -> tuple[str | None, list[str]]:
     """X-Sender / X-Receiver values from the leading lines (already split, without line ends)."""
+    sender, receivers, _, _ = parse_envelope_params(lines)
+    return sender, receivers
+
+
+def parse_envelope_params(
+    lines: list[bytes],
+) -> tuple[str | None, list[str], dict[str, str], list[dict[str, str]]]:
+    """X-Sender / X-Receiver addresses and the ESMTP parameters after them (`<a@b> RET=HDRS`), which
+    Exchange's Replay folder writes and `smtpsvc sendmail -N/-R/-V` writes."""
     sender: str | None = None
+    sender_params: dict[str, str] = {}
     receivers: list[str] = []
+    receiver_params: list[dict[str, str]] = []
     for raw in lines:
         name, _, value = raw.decode("utf-8", "replace").partition(":")
         key = name.strip().lower()
         if key == "x-sender":
             if sender is not None:
                 raise InvalidPickupFile("more than one X-Sender line")
-            sender = _bare_address(value)
+            sender, sender_params = _address_and_params(value)
         elif key == "x-receiver":
-            receivers.append(_bare_address(value))
-    return sender, receivers
+            address, params = _address_and_params(value)
+            receivers.append(address)
+            receiver_params.append(params)
+    return sender, receivers, sender_params, receiver_params
+
+
+def _address_and_params(value: str) -> tuple[str, dict[str, str]]:
+    value = value.strip()
+    if value.startswith("<") and ">" in value:
+        address, _, rest = value[1:].partition(">")
+        params: dict[str, str] = {}
+        for word in rest.split():
+            param, _, arg = word.partition("=")
+            params[param.upper()] = arg
+        return address.strip(), params
+    return _bare_address(value), {}
 
 
 def _bare_address(value: str) -> str:
@@ -238,6 +268,17 @@ class LineLimit:
             raise LineTooLong(self._number)
 
 
+def _notify(value: str) -> tuple[str, ...]:
+    return tuple(n.strip().upper() for n in value.split(",") if n.strip())
+
+
+def _xtext(value: str) -> str:
+    try:
+        return xtext_decode(value)
+    except ValueError:
+        return value
+
+
 def read_pickup_file(
     fh: BinaryIO, writer: MessageWriter, hostname: str, max_size: int, max_hops: int = 0
 ) -> PickupEnvelope:
@@ -248,7 +289,7 @@ def read_pickup_file(
     while read is not None and _is_envelope_line(read[0]):
         first_lines.append(read[0])
         read = lines.next()
-    x_sender, x_receivers = parse_envelope_lines(first_lines)
+    x_sender, x_receivers, sender_params, receiver_params = parse_envelope_params(first_lines)
     header_lines: list[bytes] = []
     header_size = 0
     while read is not None and read[0]:
@@ -287,6 +328,10 @@ def read_pickup_file(
         validate_address(sender, allow_null=True),
         tuple(validate_address(r, allow_null=False) for r in recipients),
         from_headers,
+        ret=ret if (ret := sender_params.get("RET", "").upper()) in ("FULL", "HDRS") else "",
+        envid=_xtext(sender_params.get("ENVID", "")),
+        notify=tuple(_notify(p.get("NOTIFY", "")) for p in receiver_params) if x_receivers else (),
+        orcpt=tuple(_xtext(p.get("ORCPT", "")) for p in receiver_params) if x_receivers else (),
     )
 
     normalizer = CrlfNormalizer()
@@ -435,7 +480,16 @@ class PickupScanner:
             sender=envelope.sender,
             source=Source.PICKUP,
             helo="pickup",
-            recipients=[Recipient(address=r) for r in envelope.recipients],
+            recipients=[
+                Recipient(
+                    address=r,
+                    notify=envelope.notify[n] if envelope.notify else (),
+                    orcpt=envelope.orcpt[n] if envelope.orcpt else "",
+                )
+                for n, r in enumerate(envelope.recipients)
+            ],
+            ret=envelope.ret,
+            envid=envelope.envid,
         )
         try:
             await self.ingest.commit(writer, fields)

@@ -100,6 +100,8 @@ class SessionContext:
     etrn: Callable[[str, bool], Awaitable[int]]  # (domain, subdomains) -> messages made due now
     resolver: MxResolver | None = None  # for server.reverse_dns
     metrics: SessionObserver | None = None  # metrics hook; None: no metrics
+    # A local submission (`sendmail -bs`): no relay rules, as for Pickup, whose folder its user can write
+    trusted: bool = False
 
     @property
     def config(self) -> Config:
@@ -655,7 +657,7 @@ class Session:
             self.client_ip,
             address,
             self.config,
-            authenticated=bool(self.auth_user),
+            authenticated=bool(self.auth_user) or self.context.trusted,
             source_route=event.source_route,
         )
         if not decision.allowed:
