@@ -23,6 +23,7 @@ from tests.conftest import events_of, smtp_port, wait_until
 from tests.delivery.test_delivery_core import config_file, queued, start_in_process, submit
 from tests.dnsserver import DnsServer
 from tests.sink import Sink, SinkHandler
+from tests.test_queue_cli import run
 
 MX = "mx.remote.test"
 
@@ -267,3 +268,55 @@ async def test_dane_ta_with_a_leaf_for_another_name_is_a_mismatch(
         sink.stop()
     assert sink.messages == []
     assert "mail.elsewhere.test" in event["text"] and MX in event["text"]
+
+
+async def probe_dane(tmp_path: Path, dns_server: DnsServer, port: int) -> tuple[int, str]:
+    root = tmp_path / "mailroot"
+    path = config_file(tmp_path, root)
+    path.write_text(path.read_text() + f'\n[resolver]\nnameservers = ["{dns_server.nameserver}"]\n')
+    code, out, err = await run("probe", "-c", str(path), f"{MX}:{port}", "--dane")
+    return code, out + err
+
+
+async def test_probe_dane_shows_the_records_the_ad_bit_and_the_match(
+    tmp_path: Path, dns_server: DnsServer
+) -> None:
+    cert = leaf(trustme.CA())
+    sink = TlsSink(tmp_path, cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes()).start()
+    mx_zone(dns_server)
+    dns_server.add_tlsa(f"_{sink.port}._tcp.{MX}", 3, 1, 1, spki_sha256(cert.cert_chain_pems[0].bytes()))
+    try:
+        code, output = await probe_dane(tmp_path, dns_server, sink.port)
+    finally:
+        sink.stop()
+    assert code == 0, output
+    assert f"TLSA:     _{sink.port}._tcp.{MX} 3 1 1 " in output
+    assert "the TLSA answer is authenticated (the resolver set the AD bit)" in output
+    assert "DANE:     the server's certificate matches TLSA 3 1 1" in output
+    assert "dane-mismatch" not in output and "Traceback" not in output
+
+
+async def test_probe_dane_names_a_mismatch_and_unsigned_records(
+    tmp_path: Path, dns_server: DnsServer
+) -> None:
+    cert = leaf(trustme.CA())
+    sink = TlsSink(tmp_path, cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes()).start()
+    mx_zone(dns_server)
+    dns_server.add_tlsa(f"_{sink.port}._tcp.{MX}", 3, 1, 1, b"\x00" * 32)
+    try:
+        code, signed = await probe_dane(tmp_path, dns_server, sink.port)
+        assert code == 0, signed
+        unsigned_dns = DnsServer().__enter__()
+        try:
+            mx_zone(unsigned_dns, signed=False)
+            unsigned_dns.add_tlsa(f"_{sink.port}._tcp.{MX}", 3, 1, 1, b"\x00" * 32)
+            code, unsigned = await probe_dane(tmp_path, unsigned_dns, sink.port)
+        finally:
+            unsigned_dns.stop()
+    finally:
+        sink.stop()
+    assert "problem:  DANE: no certificate the remote server presented matches" in signed
+    assert "(dane-mismatch)" in signed
+    assert code == 0, unsigned
+    assert "NOT authenticated" in unsigned and "validating resolver" in unsigned
+    assert "dane-mismatch" not in unsigned

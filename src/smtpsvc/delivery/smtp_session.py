@@ -177,6 +177,24 @@ class TlsFailed(Exception):
     pass
 
 
+def peer_chain(ssl_object: ssl.SSLObject | None) -> list[bytes]:
+    """The certificates a TLS peer presented (DER, leaf first), unverified: what DANE matches.
+
+    ssl gives the unverified chain publicly from Python 3.13 (`SSLObject.get_unverified_chain`); 3.10 to 3.12
+    have the same method on the private `_sslobj`. Without either, only the leaf (enough for DANE-EE;
+    DANE-TA then matches only a leaf that is itself the trust anchor)."""
+    if ssl_object is None:
+        return []
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if getter is not None:
+        chain = getter() or []
+        return [c if isinstance(c, bytes) else c.public_bytes(_ENCODING_DER) for c in chain]
+    leaf = ssl_object.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
+
+
 def reply_text(reply: Reply) -> str:
     """`str(reply)`; for the usual one-line reply built directly (speed: Reply.__str__ renders through a list
     of lines, and this runs several times per message)."""
@@ -297,22 +315,8 @@ class SmtpSession:
         self.log(">", "<AUTH response redacted>")
 
     def peer_chain(self) -> list[bytes]:
-        """The certificates the server presented (DER, leaf first), for DANE.
-
-        ssl gives the unverified chain publicly from Python 3.13 (`SSLObject.get_unverified_chain`); 3.10 to
-        3.12 have the same method on the private `_sslobj`. Without either, only the leaf (enough for
-        DANE-EE; DANE-TA then matches only a leaf that is itself the trust anchor)."""
-        ssl_object = self.writer.get_extra_info("ssl_object")
-        if ssl_object is None:
-            return []
-        getter = getattr(ssl_object, "get_unverified_chain", None)
-        if getter is None:
-            getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
-        if getter is not None:
-            chain = getter() or []
-            return [c if isinstance(c, bytes) else c.public_bytes(_ENCODING_DER) for c in chain]
-        leaf = ssl_object.getpeercert(binary_form=True)
-        return [leaf] if leaf else []
+        """The certificates the server presented (DER, leaf first), for DANE (`peer_chain`)."""
+        return peer_chain(self.writer.get_extra_info("ssl_object"))
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         await self.drain(self.timeouts.command, "STARTTLS")
