@@ -177,6 +177,41 @@ async def test_tlsa_records_without_the_ad_bit_are_ignored(tmp_path: Path, dns_s
     assert sink.tls_handler.over_tls == [True]
 
 
+async def test_unauthenticated_tlsa_under_a_signed_mx_is_ignored(
+    tmp_path: Path, dns_server: DnsServer
+) -> None:
+    """MX and address signed, but the TLSA records come from an unsigned child zone (no AD bit): they do not
+    count, the transcript says so, and opportunistic TLS delivers."""
+    cert = leaf(trustme.CA())
+    sink = TlsSink(tmp_path, cert.private_key_pem.bytes(), cert.cert_chain_pems[0].bytes()).start()
+    mx_zone(dns_server)
+    dns_server.add_tlsa(f"_{sink.port}._tcp.{MX}", 3, 1, 1, b"\x00" * 32)
+    dns_server.unsign_zone(f"_tcp.{MX}")
+    service = await service_for(tmp_path, dns_server, sink.port)
+    try:
+        await deliver_one(service, sink)
+    finally:
+        await service.stop()
+        sink.stop()
+    assert sink.tls_handler.over_tls == [True]
+    assert dns_server.query_count(f"_{sink.port}._tcp.{MX}", "TLSA") == 1
+
+
+async def test_a_failed_tlsa_lookup_skips_the_host(tmp_path: Path, dns_server: DnsServer) -> None:
+    """RFC 7672 §2.2.1: a signed MX host whose TLSA lookup fails is not used without its check."""
+    sink = Sink().start()
+    mx_zone(dns_server)
+    dns_server.set_servfail(f"_{sink.port}._tcp.{MX}")
+    service = await service_for(tmp_path, dns_server, sink.port)
+    try:
+        event = await deferred_with(service, "dane-lookup-failed")
+    finally:
+        await service.stop()
+        sink.stop()
+    assert sink.connections == 0
+    assert "TLSA lookup for this host failed" in event["text"] and "Traceback" not in event["text"]
+
+
 async def test_signed_tlsa_under_an_unsigned_mx_is_ignored(tmp_path: Path, dns_server: DnsServer) -> None:
     """RFC 7672 §2.2: DANE applies only when the MX answer is authenticated too; here only the MX host's
     own zone is signed."""

@@ -151,6 +151,8 @@ async def test_tlsa_lookup_reports_the_ad_bit_and_mx_hops_whether_they_are_signe
     assert not plain.secure and len(plain.records) == 1
     none = await resolver.resolve_tlsa("mx.nowhere.test", 25)
     assert none.records == ()
+    await resolver.resolve_tlsa("mx.nowhere.test", 25)  # NXDOMAIN with an SOA: cached (RFC 2308)
+    assert dns_server.query_count("_25._tcp.mx.nowhere.test", "TLSA") == 1
     # Cached by TTL: asking again does not reach the server.
     before = dns_server.query_count("_25._tcp.mx.signed.test", "TLSA")
     await resolver.resolve_tlsa("mx.signed.test", 25)
