@@ -13,7 +13,7 @@ async tests can both use it. Answers are built with dnspython's own message code
 * ``add_txt`` and ``add_tlsa`` serve TXT (DKIM keys, ``_mta-sts``, ``_smtp._tls``) and TLSA records;
   ``sign_zone(zone)`` marks the answers for names at or under `zone` as validated: the AD flag is set, as a
   validating resolver sets it (RFC 4035 §3.2.3; no RRSIGs are served: clients trust the resolver's AD bit,
-  as Postfix and smtpsvc do);
+  as Postfix and smtpsvc do); ``unsign_zone(zone)`` takes the flag away again below a signed zone;
 * an answer larger than the client's UDP size (512, or its EDNS payload) is truncated (TC), and the client
   retries over TCP, where the full answer is sent.
 
@@ -83,6 +83,7 @@ class DnsServer:
         self._records: dict[dns.name.Name, dict[dns.rdatatype.RdataType, dns.rrset.RRset]] = {}
         self._servfail: set[dns.name.Name] = set()
         self._signed: set[dns.name.Name] = set()  # zones whose answers carry the AD flag
+        self._unsigned: set[dns.name.Name] = set()  # unsigned zones under signed ones: never the AD flag
         self._timeout: set[dns.name.Name] = set()
         self._udp: socket.socket | None = None
         self._tcp: socket.socket | None = None
@@ -189,6 +190,12 @@ class DnsServer:
         """Answers for `zone` and the names under it get the AD flag (see the module docstring)."""
         with self._lock:
             self._signed.add(_name(zone))
+
+    def unsign_zone(self, zone: str) -> None:
+        """Answers for `zone` and the names under it never get the AD flag, even under a signed zone: an
+        unsigned child zone (an insecure delegation), e.g. ``_tcp.mx.example.test`` under a signed parent."""
+        with self._lock:
+            self._unsigned.add(_name(zone))
 
     def set_servfail(self, name: str) -> None:
         with self._lock:
@@ -330,6 +337,7 @@ class DnsServer:
                     response.authority.append(self._soa(qname))
             if (
                 any(qname.is_subdomain(zone) for zone in self._signed)
+                and not any(qname.is_subdomain(zone) for zone in self._unsigned)
                 and response.rcode() != dns.rcode.SERVFAIL
             ):
                 response.flags |= dns.flags.AD

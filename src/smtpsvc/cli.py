@@ -39,7 +39,7 @@ from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin import sendmail as sendmail_admin
 from smtpsvc.admin.client import RemoteAdmin, ServiceSilent, open_admin
 from smtpsvc.admin.jobs import BulkRequest, JobState, JobStatus
-from smtpsvc.admin.probe import OAuthLogin, ProbeReport
+from smtpsvc.admin.probe import DaneProbe, OAuthLogin, ProbeReport
 from smtpsvc.admin.probe import probe as probe_peer
 from smtpsvc.admin.service import LIST_LIMIT, AdminError, QueueAdmin
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
@@ -57,6 +57,7 @@ from smtpsvc.protocol import AddressError, parse_path
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.pgschema import DatabaseError
 from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address, route_for
+from smtpsvc.routing.mx import DnsError, MxResolver
 from smtpsvc.units import parse_duration
 
 
@@ -1025,6 +1026,12 @@ def _since(text: str) -> str:
 @click.option(
     "--user", metavar="MAILBOX", help="With --auth: the mailbox to log in as (default: the one configured)."
 )
+@click.option(
+    "--dane",
+    is_flag=True,
+    help="Look up the host's TLSA records (_PORT._tcp.HOST) through the configured resolver, say whether "
+    "they are DNSSEC-authenticated, and check the certificate against them.",
+)
 def probe(
     config_file: str | None,
     target: str,
@@ -1033,9 +1040,10 @@ def probe(
     exchange: bool,
     profile: str | None,
     user: str | None,
+    dane: bool,
 ) -> None:
     """The KB279616 telnet check: banner, EHLO keywords, what is missing and what that means here; with
-    --auth, the token fetch and the OAuth login too."""
+    --auth, the token fetch and the OAuth login too; with --dane, the TLSA records and the DANE match."""
     cfg = _load(_config_path(config_file))
     host, _, port_text = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
     host = host.strip("[]") or target
@@ -1069,6 +1077,7 @@ def probe(
                 if tokens is None or profile is None
                 else OAuthLogin(tokens, profile, user or "", mechanism)
             )
+            tlsa, address = await _dane_probe(cfg, host, port) if dane else (None, None)
             return await probe_peer(
                 host,
                 port,
@@ -1077,6 +1086,8 @@ def probe(
                 helo=use_helo,
                 xexch50_expected=exchange,
                 login=login,
+                dane=tlsa,
+                address=address,
             )
         finally:
             if tokens is not None:
@@ -1089,6 +1100,9 @@ def probe(
         raise SystemExit(2) from None
     try:
         report = asyncio.run(run(port))
+    except DnsError as exc:
+        click.echo(f"smtpsvc probe: --dane: the TLSA lookup failed: {exc}", err=True)
+        raise SystemExit(1) from None
     except (OSError, TimeoutError) as exc:
         click.echo(
             f"smtpsvc probe: cannot connect to {host}:{port_text or cfg.delivery.remote_port}: "
@@ -1102,6 +1116,21 @@ def probe(
         click.echo(f"problem:  {problem}")
     if not report.problems:
         click.echo("no problems found")
+
+
+async def _dane_probe(cfg: Config, host: str, port: int) -> tuple[DaneProbe, str | None]:
+    """The TLSA answer of `host` through the configured resolver, whether its address is signed, and the
+    address to connect to (the resolver's, as delivery would; None: let the system resolve it)."""
+    resolver = MxResolver(
+        cfg.resolver.nameservers, timeout=15.0, negative_cache_max=cfg.resolver.negative_cache_max
+    )
+    answer = await resolver.resolve_tlsa(host, port)
+    try:
+        hops = await resolver.resolve_host(host, port)
+    except DnsError:
+        hops = []
+    secure = bool(hops) and all(hop.secure for hop in hops)
+    return DaneProbe(answer, secure), hops[0].address if hops else None
 
 
 @main.group()

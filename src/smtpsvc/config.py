@@ -955,7 +955,9 @@ def _budget_keys(prefix: str, what: str) -> tuple[_Key, ...]:
     )
 
 
-_TLS_POLICIES = ("none", "opportunistic", "required")
+# "dane-or-mta-sts": enforce what the domain publishes (DANE TLSA records, docs/delivery.md; MTA-STS), else
+# opportunistic.
+_TLS_POLICIES = ("none", "opportunistic", "required", "dane-or-mta-sts")
 _smart_host_type = _choice("always", "after_direct")
 _tls_policy = _choice(*_TLS_POLICIES)
 _backend = _choice("local", "postgres")
@@ -1196,7 +1198,7 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _k(
             "final_timeout", "10m", _duration, "the reply after the message's final dot", show=format_duration
         ),
-        _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required"'),
+        _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required" | "dane-or-mta-sts"'),
         _k(
             "send_ndr_copy_to",
             "",
@@ -1297,7 +1299,7 @@ _CONNECTOR_KEYS: tuple[_Key, ...] = (
         show=lambda v: [str(h) for h in v],
     ),
     _k("use_helo", False, _bool, '"Send HELO instead of EHLO"'),
-    _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required"'),
+    _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required" | "dane-or-mta-sts"'),
     _k(
         "auth",
         _AUTH_DEFAULT,

@@ -12,8 +12,12 @@ import time
 from dataclasses import dataclass, field
 
 from smtpsvc.delivery.authcauses import OAUTH_TOKEN_REFUSED, TOKEN_REFUSED_ADVICE, diagnose
+from smtpsvc.delivery.dane import check as dane_check
+from smtpsvc.delivery.dane import usable_records
+from smtpsvc.delivery.smtp_session import peer_chain
 from smtpsvc.protocol import NEED_DATA, Capabilities, ClientConnection, ConnectionClosed, Reply, ServerReply
 from smtpsvc.protocol.sasl import SaslError, decode_bearer_error, encode_oauthbearer, encode_xoauth2
+from smtpsvc.routing.mx import TlsaAnswer
 from smtpsvc.tokens import AccessToken, TokenError, TokenSource
 
 
@@ -25,6 +29,14 @@ class OAuthLogin:
     profile: str
     user: str
     mechanism: str = "xoauth2"  # or "oauthbearer"
+
+
+@dataclass(frozen=True, slots=True)
+class DaneProbe:
+    """`--dane`: the host's TLSA answer and whether its address answer was DNSSEC-authenticated too."""
+
+    tlsa: TlsaAnswer
+    address_secure: bool
 
 
 @dataclass(slots=True)
@@ -64,12 +76,18 @@ async def probe(
     xexch50_expected: bool = False,
     timeout: float = 15.0,
     login: OAuthLogin | None = None,
+    dane: DaneProbe | None = None,
+    address: str | None = None,
 ) -> ProbeReport:
+    """`address`: where to connect, when not `host` itself (`--dane` uses the configured resolver's answer;
+    `host` stays the name TLS and DANE check)."""
     report = ProbeReport()
     out = report.lines.append
     token = await _fetch_token(login, report) if login is not None else None
     starttls = starttls or login is not None  # a provider offers AUTH only inside TLS
-    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    if dane is not None:
+        starttls = _report_tlsa(dane, report) or starttls
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(address or host, port), timeout)
     p = _Probe(reader, writer, timeout)
     try:
         banner = await p.reply()
@@ -90,12 +108,17 @@ async def probe(
                 out(f"          {line[4:]}")
             _judge(caps, report, xexch50_expected)
             if starttls and caps.has("STARTTLS"):
-                secured = await _starttls(p, host, hostname, report)
+                secured = await _starttls(p, host, hostname, report, dane)
                 if login is not None and token is not None and secured is not None:
                     await _login(p, secured, login, token, host, port, report)
             elif starttls:
                 report.problems.append(
                     'STARTTLS is not offered: tls = "required" routes to it will not deliver'
+                    + (
+                        " and, under DANE, neither will MX delivery (dane-tls-required)"
+                        if _enforced(dane)
+                        else ""
+                    )
                 )
         await p.command("QUIT")
     except (ConnectionError, TimeoutError, OSError) as exc:
@@ -178,7 +201,41 @@ async def _login(
         )
 
 
-async def _starttls(p: _Probe, host: str, hostname: str, report: ProbeReport) -> Capabilities | None:
+def _enforced(dane: DaneProbe | None) -> bool:
+    """Delivery would apply DANE to this host (given an authenticated MX): authenticated TLSA records."""
+    return dane is not None and dane.tlsa.secure and dane.address_secure and bool(dane.tlsa.records)
+
+
+def _report_tlsa(dane: DaneProbe, report: ProbeReport) -> bool:
+    """The TLSA lines of `--dane`; True when DANE would apply (STARTTLS then has to be checked)."""
+    out = report.lines.append
+    answer = dane.tlsa
+    if not answer.records:
+        out(f"TLSA:     {answer.name}: none published: DANE does not apply (opportunistic TLS)")
+        return False
+    for record in answer.records:
+        out(f"TLSA:     {answer.name} {record}")
+    if answer.secure:
+        out("DNSSEC:   the TLSA answer is authenticated (the resolver set the AD bit)")
+    else:
+        out("DNSSEC:   the TLSA answer is NOT authenticated (no AD bit): delivery ignores it")
+        report.problems.append(
+            "the TLSA records are not DNSSEC-authenticated: use a validating resolver (resolver.nameservers, "
+            "e.g. a local unbound) or sign the zone; until then DANE does not apply"
+        )
+        return False
+    if not dane.address_secure:
+        out("DNSSEC:   the host's address answer is NOT authenticated: DANE does not apply (RFC 7672 §2.2)")
+        return False
+    if not usable_records(answer.records):
+        out("DANE:     no usable record (PKIX-TA/PKIX-EE are ignored for SMTP): TLS required, not checked")
+    out('DANE:     applies when the domain\'s MX answer is authenticated too (tls = "dane-or-mta-sts")')
+    return True
+
+
+async def _starttls(
+    p: _Probe, host: str, hostname: str, report: ProbeReport, dane: DaneProbe | None = None
+) -> Capabilities | None:
     """Upgrade as an opportunistic sender does (any certificate), then say whether a `tls = "required"`
     route would accept the certificate (system CAs, host name). Returns the keywords offered inside TLS."""
     answer = await p.command("STARTTLS")
@@ -195,6 +252,18 @@ async def _starttls(p: _Probe, host: str, hostname: str, report: ProbeReport) ->
     tls = p.writer.get_extra_info("ssl_object")
     der = tls.getpeercert(binary_form=True) if tls is not None else None
     report.lines.append(f"cert:     {len(der)} bytes presented" if der else "cert:     none presented")
+    if dane is not None and dane.tlsa.records:
+        result = dane_check(dane.tlsa.records, peer_chain(tls), [host])
+        if result.ok:
+            report.lines.append(f"DANE:     {result.detail}")
+        elif _enforced(dane):
+            report.problems.append(
+                f"DANE: {result.detail}: MX delivery to this host is deferred (dane-mismatch)"
+            )
+        else:
+            report.lines.append(
+                f"DANE:     {result.detail} (not enforced: the records are not authenticated)"
+            )
     verdict = await _verifies(host, p.writer.get_extra_info("peername"), hostname)
     if verdict:
         report.problems.append(f'the certificate would not pass tls = "required": {verdict}')

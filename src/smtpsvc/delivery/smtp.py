@@ -26,6 +26,7 @@ from smtpsvc import events
 from smtpsvc.config import Config, LiveConfig
 from smtpsvc.delivery import dkim
 from smtpsvc.delivery.authcauses import OAUTH_TOKEN_FAILED, diagnose
+from smtpsvc.delivery.dane import DANE_LOOKUP_FAILED
 from smtpsvc.delivery.destination import Destination, DestinationDead, Destinations
 from smtpsvc.delivery.healing import ACTIONS, PeerMemory
 from smtpsvc.delivery.schedule import retry_delay
@@ -45,6 +46,7 @@ from smtpsvc.delivery.smtp_session import (
     TokenLogin,
     connect,
     diagnose_drop,
+    hop_label,
     prepare,
     send_message,
     status_of,
@@ -53,10 +55,11 @@ from smtpsvc.delivery.transport import MessageSource, Outcome
 from smtpsvc.events import EventLog
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, Route
 from smtpsvc.routing.connectors import RouteChoice
-from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
+from smtpsvc.routing.mx import DnsError, MxResolver, NextHop, TlsaAnswer
 from smtpsvc.tokens import TokenError, TokenSource
 from smtpsvc.units import format_duration
 
+DANE_OR_MTA_STS = "dane-or-mta-sts"  # the TLS policy under which DANE applies (config delivery.tls)
 DNS_NOT_FOUND = frozenset({"dns-nxdomain", "dns-no-address"})
 LITERAL_HOPS_KEPT = 256  # entries of SmtpTransport._literal_hops
 HEADER_READ = 256 * 1024  # what is read of a message to find its From: header (DKIM key choice)
@@ -340,6 +343,10 @@ class _Attempt:
     async def _open(self, hop: NextHop, policy: SessionPolicy) -> SmtpSession | None:
         """A connection to `hop` ready for a transaction (greeted, EHLO, STARTTLS, AUTH), or None (the
         failure recorded)."""
+        dane = await self._dane(hop, policy)
+        if isinstance(dane, HopFailure):
+            self.failures.append(dane)
+            return None
         opened = await connect(hop, timeouts_of(self.config), self.transcript)
         if isinstance(opened, HopFailure):
             self.failures.append(opened)
@@ -347,7 +354,7 @@ class _Attempt:
         session = opened
         session.attach(self.transcript)
         try:
-            failure = await prepare(session, self.config.server.hostname, policy, self.transport.memory)
+            failure = await prepare(session, self.config.server.hostname, policy, self.transport.memory, dane)
         except (Dropped, TlsFailed) as exc:
             diagnose_drop(session)
             self._collect(session)
@@ -406,6 +413,35 @@ class _Attempt:
             self._blob = await self.message.xexch50() if wanted else None
         assert not isinstance(self._blob, bool)
         return self._blob
+
+    async def _dane(self, hop: NextHop, policy: SessionPolicy) -> TlsaAnswer | HopFailure | None:
+        """The host's TLSA records when DANE applies to it (RFC 7672 §2.2), else None.
+
+        Only under tls = "dane-or-mta-sts", and only for a host whose MX and address answers the resolver
+        authenticated (`NextHop.secure`: an MX's exchange, or a connector's smart host by name, whose
+        addresses are signed). A TLSA answer without the AD bit, or none published, leaves the host to
+        opportunistic TLS. A failed TLSA lookup for a signed host skips it (§2.2.1: an attacker could
+        otherwise strip DANE by making the lookup fail)."""
+        if policy.tls != DANE_OR_MTA_STS or not hop.secure or hop.host == hop.address:
+            return None
+        try:
+            answer = await self.transport.resolver.resolve_tlsa(hop.host, hop.port)
+        except DnsError as exc:
+            return HopFailure(
+                hop_label(hop),
+                f"The DANE TLSA lookup for this host failed ({exc}); the host is skipped, not used without "
+                "its TLS check",
+                DANE_LOOKUP_FAILED,
+            )
+        if not answer.records:
+            return None
+        if not answer.secure:
+            self.transcript.append(
+                f"--- {hop_label(hop)}: TLSA records of {answer.name} are not DNSSEC-authenticated "
+                "(no AD bit from the resolver): ignored"
+            )
+            return None
+        return answer
 
     def _policy(self) -> SessionPolicy:
         """How to talk to this route's hosts. Raises OSError (an unreadable password file) or TokenError (a

@@ -26,6 +26,8 @@ from smtpsvc.delivery.authcauses import (
     TOKEN_REFUSED_ADVICE,
     diagnose,
 )
+from smtpsvc.delivery.dane import DANE_MISMATCH, DANE_TLS_REQUIRED
+from smtpsvc.delivery.dane import check as dane_check
 from smtpsvc.delivery.downgrade import DowngradeError, downgrade_to_7bit, needs_downgrade
 from smtpsvc.delivery.healing import PEER_LACKS_8BITMIME, PEER_REJECTS_EHLO, XEXCH50_BLOCKED, PeerMemory
 from smtpsvc.model import DeliveryResult, Envelope, Recipient
@@ -51,7 +53,7 @@ from smtpsvc.protocol.sasl import (
     encode_plain,
     encode_xoauth2,
 )
-from smtpsvc.routing.mx import NextHop
+from smtpsvc.routing.mx import NextHop, TlsaAnswer
 from smtpsvc.tokens import AccessToken, TokenError, TokenSource
 from smtpsvc.units import format_duration
 
@@ -115,7 +117,7 @@ class SessionPolicy:
     HELO instead of EHLO. `auth_mechanism`: "auto" (PLAIN, else LOGIN), "plain", "login", or "xoauth2" /
     "oauthbearer" with the token of `oauth`."""
 
-    tls: str = "opportunistic"  # "none" | "opportunistic" | "required"
+    tls: str = "opportunistic"  # "none" | "opportunistic" | "required" | "dane-or-mta-sts"
     auth_user: str = ""
     auth_password: str = field(default="", repr=False)
     use_helo: bool = False
@@ -168,8 +170,29 @@ class Stalled(Dropped):
         self.seconds = seconds
 
 
+_ENCODING_DER = 2  # _ssl.ENCODING_DER: the form `Certificate.public_bytes` gives for DER
+
+
 class TlsFailed(Exception):
     pass
+
+
+def peer_chain(ssl_object: ssl.SSLObject | None) -> list[bytes]:
+    """The certificates a TLS peer presented (DER, leaf first), unverified: what DANE matches.
+
+    ssl gives the unverified chain publicly from Python 3.13 (`SSLObject.get_unverified_chain`); 3.10 to 3.12
+    have the same method on the private `_sslobj`. Without either, only the leaf (enough for DANE-EE;
+    DANE-TA then matches only a leaf that is itself the trust anchor)."""
+    if ssl_object is None:
+        return []
+    getter = getattr(ssl_object, "get_unverified_chain", None)
+    if getter is None:
+        getter = getattr(getattr(ssl_object, "_sslobj", None), "get_unverified_chain", None)
+    if getter is not None:
+        chain = getter() or []
+        return [c if isinstance(c, bytes) else c.public_bytes(_ENCODING_DER) for c in chain]
+    leaf = ssl_object.getpeercert(binary_form=True)
+    return [leaf] if leaf else []
 
 
 def reply_text(reply: Reply) -> str:
@@ -290,6 +313,10 @@ class SmtpSession:
         """A line of an AUTH exchange: never logged (it carries the credentials)."""
         self.writer.write(self.conn.send_auth_response(response))
         self.log(">", "<AUTH response redacted>")
+
+    def peer_chain(self) -> list[bytes]:
+        """The certificates the server presented (DER, leaf first), for DANE (`peer_chain`)."""
+        return peer_chain(self.writer.get_extra_info("ssl_object"))
 
     async def start_tls(self, context: ssl.SSLContext, server_hostname: str) -> None:
         await self.drain(self.timeouts.command, "STARTTLS")
@@ -467,9 +494,16 @@ def _keepalive(writer: asyncio.StreamWriter) -> None:
 
 
 async def prepare(
-    session: SmtpSession, hostname: str, policy: SessionPolicy, memory: PeerMemory | None
+    session: SmtpSession,
+    hostname: str,
+    policy: SessionPolicy,
+    memory: PeerMemory | None,
+    dane: TlsaAnswer | None = None,
 ) -> HopFailure | None:
-    """EHLO/HELO, STARTTLS per policy, AUTH when configured (then EHLO again); leaves session.caps set."""
+    """EHLO/HELO, STARTTLS per policy, AUTH when configured (then EHLO again); leaves session.caps set.
+
+    `dane`: the host's authenticated TLSA records (RFC 7672): STARTTLS is then mandatory and the certificate
+    is checked against them instead of the CAs (`_dane_starttls`)."""
     use_helo = policy.use_helo or (
         memory is not None and memory.knows(session.memory_key, PEER_REJECTS_EHLO, time.time())
     )
@@ -477,7 +511,14 @@ async def prepare(
     if isinstance(caps, HopFailure):
         return caps
     label = session.label
-    if policy.tls != "none" and caps is not None and caps.has("STARTTLS"):
+    if dane is not None:
+        failure = await _dane_starttls(session, caps, dane)
+        if failure is not None:
+            return failure
+        caps = await _hello(session, hostname, use_helo=False)
+        if isinstance(caps, HopFailure):
+            return caps
+    elif policy.tls != "none" and caps is not None and caps.has("STARTTLS"):
         session.command("STARTTLS")
         answer = await session.reply(session.timeouts.command)
         if answer.code == 220:
@@ -506,6 +547,45 @@ async def prepare(
             if isinstance(again, HopFailure):
                 return again
             session.caps = again
+    return None
+
+
+async def _dane_starttls(
+    session: SmtpSession, caps: Capabilities | None, dane: TlsaAnswer
+) -> HopFailure | None:
+    """STARTTLS that must happen, then the presented chain matched against the TLSA records (RFC 7672 §3).
+
+    The handshake itself verifies nothing (the CAs do not count under DANE); the match decides. On a
+    mismatch nothing more is sent but QUIT: the message never goes to a server DANE does not authenticate."""
+    label = session.label
+    if caps is None or not caps.has("STARTTLS"):
+        return HopFailure(
+            label,
+            f"The domain publishes DANE TLSA records for this host ({dane.name}), so TLS is required, "
+            "but the remote server does not offer STARTTLS",
+            DANE_TLS_REQUIRED,
+        )
+    session.command("STARTTLS")
+    answer = await session.reply(session.timeouts.command)
+    if answer.code != 220:
+        return HopFailure(
+            label,
+            f"The domain publishes DANE TLSA records for this host ({dane.name}), so TLS is required, "
+            f"but the remote server refused STARTTLS: {answer}",
+            DANE_TLS_REQUIRED,
+            str(answer),
+        )
+    await session.start_tls(client_tls_context("opportunistic"), session.hop.host)
+    result = dane_check(dane.records, session.peer_chain(), [session.hop.host])
+    if not result.ok:
+        session.log("!", f"DANE: {result.detail}")
+        return HopFailure(
+            label,
+            f"The remote server's certificate does not match the DANE TLSA records of {dane.name}: "
+            f"{result.detail}",
+            DANE_MISMATCH,
+        )
+    session.log("=", f"DANE: {result.detail}")
     return None
 
 

@@ -25,15 +25,18 @@ import ipaddress
 import random
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import dns.asyncresolver
 import dns.exception
+import dns.flags
+import dns.message
 import dns.name
 import dns.nameserver
 import dns.rdatatype
 import dns.rdtypes.ANY.MX
 import dns.rdtypes.ANY.SOA
+import dns.rdtypes.ANY.TLSA
 import dns.resolver
 import dns.reversename
 
@@ -133,10 +136,38 @@ class NextHop:
     address: str
     port: int
     preference: int
+    # DNSSEC: every answer that led here (the MX, or its absence, and the address) came with the AD bit of
+    # the resolver (RFC 7672 §2.2: only then may DANE apply to this host).
+    secure: bool = field(default=False, compare=False)
 
     def __str__(self) -> str:
         """The transcript form, ``mx.example.test[192.0.2.1]:25``."""
         return f"{self.host}[{self.address}]:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaRecord:
+    """One TLSA record (RFC 6698): certificate usage, selector, matching type, association data."""
+
+    usage: int
+    selector: int
+    mtype: int
+    data: bytes
+
+    def __str__(self) -> str:
+        """The zone-file form, ``3 1 1 ab12…`` (the data shortened: it is for people)."""
+        data = self.data.hex()
+        return f"{self.usage} {self.selector} {self.mtype} {data if len(data) <= 16 else data[:16] + '...'}"
+
+
+@dataclass(frozen=True, slots=True)
+class TlsaAnswer:
+    """The TLSA records of ``_port._tcp.host``; `secure`: the answer came with the AD bit (a validating
+    resolver authenticated it). An empty `records` means none are published (NXDOMAIN or NODATA)."""
+
+    name: str
+    records: tuple[TlsaRecord, ...]
+    secure: bool
 
 
 class DnsError(Exception):
@@ -196,6 +227,9 @@ class MxResolver:
                 self._config_error = f"no usable system resolver configuration ({e})"
         self._resolver.lifetime = timeout
         self._resolver.use_edns(0, 0, 1232)  # the DNS flag day 2020 size: large answers go to TCP
+        # The AD bit in the query asks a validating resolver to say whether it authenticated the answer
+        # (RFC 6840 §5.7), without the DO bit's RRSIGs: DANE trusts that bit, as Postfix does.
+        self._resolver.flags = dns.flags.RD | dns.flags.AD
         self._resolver.cache = _NegativeCache(negative_cache_max)
 
     async def resolve_mx(self, domain: str, port: int) -> list[NextHop]:
@@ -205,15 +239,16 @@ class MxResolver:
             return [NextHop(literal, literal, port, 0)]
         qname = self._name(domain)
         deadline = self._deadline()
-        answer = await self._query(qname, dns.rdatatype.MX, deadline)
+        answer, mx_secure = await self._query_secure(qname, dns.rdatatype.MX, deadline)
         if answer is None or answer.rrset is None:  # no MX records: the implicit MX (RFC 5321 §5.1)
             host = _text(qname)
-            return [NextHop(host, address, port, 0) for address in await self._addresses(qname, deadline)]
+            addresses, secure = await self._addresses_secure(qname, deadline)
+            return [NextHop(host, address, port, 0, mx_secure and secure) for address in addresses]
         exchanges = self._ordered_exchanges(answer.rrset)
         if not exchanges:
             raise DnsError(CAUSE_NULL_MX, _text(qname), f"{_text(qname)} has a null MX: it accepts no mail")
         results = await asyncio.gather(
-            *(self._addresses(exchange, deadline) for _, exchange in exchanges), return_exceptions=True
+            *(self._addresses_secure(exchange, deadline) for _, exchange in exchanges), return_exceptions=True
         )
         hops: list[NextHop] = []
         seen: set[str] = set()
@@ -224,8 +259,13 @@ class MxResolver:
             elif isinstance(result, BaseException):
                 raise result
             else:
-                hops.extend(NextHop(_text(exchange), a, port, preference) for a in result if a not in seen)
-                seen.update(result)
+                addresses, secure = result
+                hops.extend(
+                    NextHop(_text(exchange), a, port, preference, mx_secure and secure)
+                    for a in addresses
+                    if a not in seen
+                )
+                seen.update(addresses)
         if hops:
             return hops
         transient = [failure for failure in failures if not failure.permanent]
@@ -246,7 +286,32 @@ class MxResolver:
             bare = bare[1:-1]
         qname = self._name(bare)
         name = _text(qname)
-        return [NextHop(name, address, port, 0) for address in await self._addresses(qname, self._deadline())]
+        # The name is the configuration's, not DNS's: only its addresses need to be authenticated for DANE.
+        addresses, secure = await self._addresses_secure(qname, self._deadline())
+        return [NextHop(name, address, port, 0, secure) for address in addresses]
+
+    async def resolve_tlsa(self, host: str, port: int) -> TlsaAnswer:
+        """The TLSA records of ``_port._tcp.host`` (RFC 7672 §2.2) and whether they are authenticated.
+
+        NXDOMAIN and NODATA are an empty answer (none published: DANE does not apply); SERVFAIL and timeouts
+        raise `DnsError` (the caller must not take them for "none": RFC 7672 §2.2.1). Positive answers are
+        cached for their TTL, negative ones per RFC 2308, as every lookup here.
+        """
+        qname = self._name(f"_{port}._tcp.{host.strip().rstrip('.')}")
+        name = _text(qname)
+        try:
+            answer, secure = await self._query_secure(qname, dns.rdatatype.TLSA, self._deadline())
+        except DnsError as exc:
+            if exc.cause == CAUSE_NXDOMAIN:
+                return TlsaAnswer(name, (), False)
+            raise
+        if answer is None or answer.rrset is None:
+            return TlsaAnswer(name, (), secure)
+        records: list[TlsaRecord] = []
+        for rdata in answer.rrset:
+            assert isinstance(rdata, dns.rdtypes.ANY.TLSA.TLSA)
+            records.append(TlsaRecord(rdata.usage, rdata.selector, rdata.mtype, bytes(rdata.cert)))
+        return TlsaAnswer(name, tuple(records), secure)
 
     # ---- lookups -----------------------------------------------------------------------------------
 
@@ -281,23 +346,28 @@ class MxResolver:
             ordered.extend((preference, name) for name in group)
         return ordered
 
-    async def _addresses(self, qname: dns.name.Name, deadline: float) -> list[str]:
-        """A then AAAA addresses of `qname`; raises `DnsError` when there are none."""
+    async def _addresses_secure(self, qname: dns.name.Name, deadline: float) -> tuple[list[str], bool]:
+        """A then AAAA addresses of `qname`, and whether every answer that gave addresses was authenticated
+        (AD); raises `DnsError` when there are none."""
         rdtypes = [dns.rdatatype.A, dns.rdatatype.AAAA] if self._use_ipv6 else [dns.rdatatype.A]
         results = await asyncio.gather(
-            *(self._query(qname, rdtype, deadline) for rdtype in rdtypes), return_exceptions=True
+            *(self._query_secure(qname, rdtype, deadline) for rdtype in rdtypes), return_exceptions=True
         )
         addresses: list[str] = []
         failures: list[DnsError] = []
+        secure = True
         for result in results:
             if isinstance(result, DnsError):
                 failures.append(result)
             elif isinstance(result, BaseException):
                 raise result
-            elif result is not None and result.rrset is not None:
-                addresses.extend(a for a in (rdata.to_text() for rdata in result.rrset) if a not in addresses)
+            elif result[0] is not None and result[0].rrset is not None:
+                secure = secure and result[1]
+                addresses.extend(
+                    a for a in (rdata.to_text() for rdata in result[0].rrset) if a not in addresses
+                )
         if addresses:
-            return addresses
+            return addresses, secure
         for failure in failures:
             if not failure.permanent:
                 raise failure
@@ -326,14 +396,22 @@ class MxResolver:
         self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, deadline: float
     ) -> dns.resolver.Answer | None:
         """One lookup; None for NODATA; every failure as a `DnsError`."""
+        answer, _ = await self._query_secure(qname, rdtype, deadline)
+        return answer
+
+    async def _query_secure(
+        self, qname: dns.name.Name, rdtype: dns.rdatatype.RdataType, deadline: float
+    ) -> tuple[dns.resolver.Answer | None, bool]:
+        """`_query`, and whether the answer (NODATA too) carried the resolver's AD bit."""
         name, kind = _text(qname), dns.rdatatype.to_text(rdtype)
         remaining = deadline - asyncio.get_running_loop().time()
         if remaining <= 0:
             raise DnsError(CAUSE_TIMEOUT, name, f"{name} {kind}: no answer within {self._timeout:g}s")
         try:
-            return await self._resolver.resolve(qname, rdtype, lifetime=remaining, search=False)
-        except dns.resolver.NoAnswer:
-            return None
+            answer = await self._resolver.resolve(qname, rdtype, lifetime=remaining, search=False)
+            return answer, _authenticated(answer.response)
+        except dns.resolver.NoAnswer as e:
+            return None, _authenticated(e.kwargs.get("response"))
         except (dns.resolver.NXDOMAIN, dns.resolver.YXDOMAIN) as e:
             raise DnsError(CAUSE_NXDOMAIN, name, f"{name} {kind}: the domain does not exist") from e
         except dns.exception.Timeout as e:
@@ -342,6 +420,11 @@ class MxResolver:
             raise DnsError(CAUSE_SERVFAIL, name, f"{name} {kind}: {e}") from e
         except (dns.exception.DNSException, OSError, EOFError) as e:
             raise DnsError(CAUSE_SERVFAIL, name, f"{name} {kind}: {type(e).__name__}: {e}") from e
+
+
+def _authenticated(response: object) -> bool:
+    """The response carries the AD bit: the (validating) resolver authenticated it with DNSSEC."""
+    return isinstance(response, dns.message.Message) and bool(response.flags & dns.flags.AD)
 
 
 def _nameserver(ip: str, port: int) -> dns.nameserver.Do53Nameserver:
