@@ -211,6 +211,10 @@ class DeliveryConfig:
     tls: str
     send_ndr_copy_to: str
     suppress_xexch50_external: bool
+    # MTA-STS and TLS reporting (routing/mtasts.py, delivery/tlsrpt.py; docs/delivery.md "MTA-STS").
+    mta_sts_ca_file: str = ""
+    mta_sts_port: int = 443  # testing only: RFC 8461 fetches from port 443
+    tlsrpt_organization: str = ""
     # The provider's limits for the default smart host (delivery/budget.py), as a connector's below.
     smart_host_rate: Rate | None = None
     smart_host_recipients_per_day: int = 0
@@ -943,7 +947,7 @@ def _budget_keys(prefix: str, what: str) -> tuple[_Key, ...]:
     )
 
 
-_TLS_POLICIES = ("none", "opportunistic", "required")
+_TLS_POLICIES = ("none", "opportunistic", "required", "dane-or-mta-sts")
 _smart_host_type = _choice("always", "after_direct")
 _tls_policy = _choice(*_TLS_POLICIES)
 _backend = _choice("local", "postgres")
@@ -1184,7 +1188,31 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _k(
             "final_timeout", "10m", _duration, "the reply after the message's final dot", show=format_duration
         ),
-        _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required"'),
+        _k(
+            "tls",
+            "dane-or-mta-sts",
+            _tls_policy,
+            '"dane-or-mta-sts" (MX delivery enforces the MTA-STS policy a domain publishes, opportunistic '
+            'otherwise; a smart host: opportunistic) | "none" | "opportunistic" | "required"',
+        ),
+        _k(
+            "mta_sts_ca_file",
+            "",
+            _str,
+            "a private CA (PEM) trusted for the MTA-STS policy servers besides the system's CAs",
+        ),
+        _k(
+            "mta_sts_port",
+            443,
+            _int(1),
+            "TESTING ONLY: the HTTPS port of the mta-sts.<domain> policy servers (RFC 8461 says 443)",
+        ),
+        _k(
+            "tlsrpt_organization",
+            "",
+            _str,
+            'organization-name of our TLS reports (RFC 8460); "" = server.hostname',
+        ),
         _k(
             "send_ndr_copy_to",
             "",
@@ -1278,7 +1306,12 @@ _CONNECTOR_KEYS: tuple[_Key, ...] = (
         show=lambda v: [str(h) for h in v],
     ),
     _k("use_helo", False, _bool, '"Send HELO instead of EHLO"'),
-    _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required"'),
+    _k(
+        "tls",
+        "opportunistic",
+        _tls_policy,
+        '"none" | "opportunistic" | "required" | "dane-or-mta-sts" (with smart_hosts: opportunistic)',
+    ),
     _k(
         "auth",
         _AUTH_DEFAULT,

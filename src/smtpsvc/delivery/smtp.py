@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -43,20 +44,38 @@ from smtpsvc.delivery.smtp_session import (
     TokenLogin,
     connect,
     diagnose_drop,
+    hop_label,
     prepare,
     send_message,
     status_of,
+)
+from smtpsvc.delivery.tlsrpt import (
+    CERTIFICATE_EXPIRED,
+    CERTIFICATE_HOST_MISMATCH,
+    CERTIFICATE_NOT_TRUSTED,
+    STARTTLS_NOT_SUPPORTED,
+    VALIDATION_FAILURE,
+    TlsCounts,
 )
 from smtpsvc.delivery.transport import MessageSource, Outcome
 from smtpsvc.events import EventLog
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, Route
 from smtpsvc.routing.connectors import RouteChoice
+from smtpsvc.routing.mtasts import MtaSts, Policy, mx_allowed
 from smtpsvc.routing.mx import DnsError, MxResolver, NextHop
 from smtpsvc.tokens import TokenError, TokenSource
 from smtpsvc.units import format_duration
 
 DNS_NOT_FOUND = frozenset({"dns-nxdomain", "dns-no-address"})
 LITERAL_HOPS_KEPT = 256  # entries of SmtpTransport._literal_hops
+
+# Causes of a hop refused by the domain's MTA-STS policy (docs/delivery.md "MTA-STS").
+MTA_STS_MX_MISMATCH = "mta-sts-mx-mismatch"
+MTA_STS_TLS_REQUIRED = "mta-sts-tls-required"
+MTA_STS_CERTIFICATE = "mta-sts-certificate"
+DANE_OR_MTA_STS = "dane-or-mta-sts"
+_VERIFY_HOSTNAME_MISMATCH = 62  # OpenSSL X509_V_ERR_HOSTNAME_MISMATCH
+_VERIFY_CERT_HAS_EXPIRED = 10  # OpenSSL X509_V_ERR_CERT_HAS_EXPIRED
 
 LinkSlot = Callable[[str, int], AbstractAsyncContextManager[None]]
 
@@ -95,6 +114,10 @@ class SmtpTransport:
         self.destinations: Destinations[RouteChoice, SmtpSession] = Destinations(self._destination)
         # Smart hosts given as address literals -> their next hops (see _next_hops). Bounded.
         self._literal_hops: dict[tuple[tuple[str, int], ...], list[NextHop]] = {}
+        # MTA-STS (RFC 8461) for MX routes with tls = "dane-or-mta-sts", and TLS-RPT counting (RFC 8460):
+        # set by the service (app.py); None: not applied (opportunistic).
+        self.mta_sts: MtaSts | None = None
+        self.tls_counts: TlsCounts | None = None
 
     def _destination(self) -> Destination[SmtpSession]:
         cfg = self.live.current.delivery
@@ -224,6 +247,9 @@ class _Attempt:
         self.learned: list[tuple[str, str]] = []
         self._blob: bytes | bool | None = False  # False: not read yet
         self._reconnected = False  # the fresh token of a refused one got its new connection
+        self.sts: Policy | None = None  # the MTA-STS policy (testing or enforce) this attempt applies
+        self._tls_error: BaseException | None = None  # the last failed handshake's error (MTA-STS causes)
+        self._warnings: list[events.Event] = []  # MTA-STS testing-mode failures: delivered anyway
 
     async def on_cached(
         self, destination: Destination[SmtpSession], session: SmtpSession
@@ -255,18 +281,21 @@ class _Attempt:
             raise
         try:
             hops = await self.transport.next_hops(self.route.route)
+            self.sts = await self._mta_sts_policy()
         except DnsError as exc:
             destination.unused()
             return self._dns_failed(exc)
         except BaseException:
             destination.unused()
             raise
+        if self.sts is not None:
+            hops = self._sts_hops(hops)
         holding = True  # the grant: a connection slot not yet turned into a session
         try:
             async with AsyncExitStack() as slot:
                 await self.transport.hold_slot(self.route.route.link, slot)
                 for hop in hops:
-                    session = await self._open(hop, policy)
+                    session = await (self._open_sts(hop, policy) if self.sts else self._open(hop, policy))
                     if session is None and self._fresh_token_untried(policy):
                         session = await self._open(hop, policy)  # it closed on us after refusing the old one
                     if session is None:
@@ -300,6 +329,8 @@ class _Attempt:
         try:
             failure = await prepare(session, self.config.server.hostname, policy, self.transport.memory)
         except (Dropped, TlsFailed) as exc:
+            if isinstance(exc, TlsFailed):
+                self._tls_error = exc.__cause__
             diagnose_drop(session)
             self._collect(session)
             await session.close()
@@ -314,6 +345,113 @@ class _Attempt:
             self.failures.append(failure)
             return None
         return session
+
+    # -- MTA-STS (RFC 8461) -------------------------------------------------------------------------
+    async def _mta_sts_policy(self) -> Policy | None:
+        """The policy to apply: an MX route with tls = "dane-or-mta-sts" to a domain whose policy is in mode
+        testing or enforce. Never raises for MTA-STS's own failures: without a policy, opportunistic TLS."""
+        route = self.route.route
+        sts = self.transport.mta_sts
+        if sts is None or self.route.tls != DANE_OR_MTA_STS or route.hosts or not route.mx_domain:
+            return None
+        lookup = await sts.lookup(route.mx_domain)
+        if lookup.error:
+            self.transcript.append(f"   ! MTA-STS: {lookup.error}")
+        policy = lookup.policy
+        if policy is None or policy.mode not in ("enforce", "testing"):
+            return None
+        self.transcript.append(
+            f"--- MTA-STS policy of {policy.domain}: mode {policy.mode}, mx {', '.join(policy.mx)}"
+        )
+        return policy
+
+    def _sts_words(self) -> str:
+        assert self.sts is not None
+        return f"The MTA-STS policy of {self.sts.domain} (mode {self.sts.mode})"
+
+    def _sts_hops(self, hops: list[NextHop]) -> list[NextHop]:
+        """The hops the policy allows (§4.1); in mode testing all of them, the mismatches recorded."""
+        assert self.sts is not None
+        allowed: list[NextHop] = []
+        for hop in hops:
+            if mx_allowed(self.sts.mx, hop.host):
+                allowed.append(hop)
+                continue
+            reason = (
+                f"{self._sts_words()} does not list {hop.host} as one of its mail servers "
+                f"({', '.join(self.sts.mx)})"
+            )
+            self._count_failure(VALIDATION_FAILURE, hop)
+            if self.sts.mode == "enforce":
+                self.failures.append(
+                    HopFailure(
+                        hop_label(hop), reason + "; the message is not sent there.", MTA_STS_MX_MISMATCH
+                    )
+                )
+            else:
+                self._warn(hop, reason + "; delivered anyway (testing).", MTA_STS_MX_MISMATCH)
+                allowed.append(hop)
+        return allowed
+
+    async def _open_sts(self, hop: NextHop, policy: SessionPolicy) -> SmtpSession | None:
+        """`_open` under the MTA-STS policy: TLS with a certificate valid for the MX host name (the tls =
+        "required" path). A failure of that is a policy failure: in mode enforce the host is skipped with
+        the named cause; in mode testing it is recorded and the host tried again with opportunistic TLS."""
+        before = len(self.failures)
+        self._tls_error = None
+        session = await self._open(hop, dataclasses.replace(policy, tls="required"))
+        if session is not None:
+            if self.transport.tls_counts is not None and self.sts is not None:
+                self.transport.tls_counts.success(self.sts)
+            return session
+        if len(self.failures) == before:
+            return None
+        failure = self.failures[-1]
+        verify = self._tls_error if isinstance(self._tls_error, ssl.SSLCertVerificationError) else None
+        if verify is not None:
+            code = verify.verify_code
+            result_type = (
+                CERTIFICATE_HOST_MISMATCH
+                if code == _VERIFY_HOSTNAME_MISMATCH
+                else CERTIFICATE_EXPIRED
+                if code == _VERIFY_CERT_HAS_EXPIRED
+                else CERTIFICATE_NOT_TRUSTED
+            )
+            cause = MTA_STS_CERTIFICATE
+            reason = (
+                f"{self._sts_words()} demands a valid certificate for {hop.host}, and the one it presented "
+                f"is not: {verify.verify_message}"
+            )
+        elif failure.reason.startswith("TLS is required"):
+            result_type, cause = STARTTLS_NOT_SUPPORTED, MTA_STS_TLS_REQUIRED
+            reason = f"{self._sts_words()} demands TLS, and {hop.host} does not provide it: {failure.reason}"
+        else:
+            return None  # not about TLS (refused, no greeting): an ordinary host failure
+        self._count_failure(result_type, hop)
+        assert self.sts is not None
+        if self.sts.mode == "enforce":
+            self.failures[-1] = HopFailure(failure.host, reason + ".", cause, failure.reply)
+            return None
+        self.failures.pop()
+        self._warn(hop, reason + "; delivered anyway (testing).", cause)
+        return await self._open(hop, policy)
+
+    def _count_failure(self, result_type: str, hop: NextHop) -> None:
+        if self.transport.tls_counts is not None and self.sts is not None:
+            self.transport.tls_counts.failure(self.sts, result_type, hop.host, hop.address)
+
+    def _warn(self, hop: NextHop, reason: str, cause: str) -> None:
+        self._warnings.append(
+            events.Event(
+                events.REMOTE_HOST_FAILED,
+                events.remote_host_failed_text(hop_label(hop), self.domain, reason),
+                queue_id=self.envelope.id,
+                domain=self.domain,
+                host=hop_label(hop),
+                cause=cause,
+                level="warning",
+            )
+        )
 
     async def _carry(
         self, destination: Destination[SmtpSession], session: SmtpSession, slot: AsyncExitStack | None
@@ -513,7 +651,9 @@ class _Attempt:
                     cause=self._diagnosis(failure),
                 )
             )
-        self.learned, self.rejections, self.failures = [], [], []
+        for warning in self._warnings:
+            emit(warning)
+        self.learned, self.rejections, self.failures, self._warnings = [], [], [], []
 
 
 def _seconds(seconds: float) -> str:
