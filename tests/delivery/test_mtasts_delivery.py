@@ -4,6 +4,7 @@ MX host, with a certificate that does or does not name it (the same CA, trusted 
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import gzip
@@ -14,8 +15,10 @@ from pathlib import Path
 
 import pytest
 import trustme
+from click.testing import CliRunner
 
 from smtpsvc.app import Service
+from smtpsvc.cli import main
 from tests.conftest import StartService, events_of, smtp_port, wait_until
 from tests.delivery.policyserver import PolicyServer
 from tests.dnsserver import DnsServer
@@ -158,3 +161,27 @@ async def test_testing_delivers_records_the_failure_and_the_report_reaches_the_r
         }
     ]
     assert relay.tls_counts.domains == {}  # sent: counting starts anew
+
+
+async def test_probe_policy_and_tlsrpt_show_tell_the_administrator(world: World) -> None:
+    world.policy_server.policy = policy("enforce", "mx.example.test")
+    receiver = await world.receiver("mx.example.test")
+    relay = await world.relay(receiver)
+    assert relay.config_path is not None
+    await send(relay, "alice@local.test", ["bob@example.test"])
+    await wait_until(lambda: drop_files(receiver), what="delivery")
+    relay.tls_counts.save()  # the service saves every minute; the test does not wait for it
+    runner = CliRunner()
+    shown = await asyncio.to_thread(runner.invoke, main, ["tlsrpt", "show", "-c", relay.config_path])
+    assert shown.exit_code == 0, shown.output
+    assert "example.test: 1 successful, 0 failed" in shown.output
+    probed = await asyncio.to_thread(
+        runner.invoke, main, ["probe", "example.test", "--policy", "-c", relay.config_path]
+    )
+    assert probed.exit_code == 0, probed.output
+    assert "MX hosts:    mx.example.test" in probed.output
+    assert "MTA-STS:     TXT id 20261204" in probed.output
+    assert "policy:      mode enforce, max_age 86400s, mx mx.example.test" in probed.output
+    assert "TLS-RPT:     reports to mailto:tls-reports@reports.test" in probed.output
+    assert "enforce: only mx.example.test over TLS with a valid certificate" in probed.output
+    assert "Traceback" not in probed.output
