@@ -22,6 +22,7 @@ from smtpsvc.cli import main
 from tests.conftest import StartService, events_of, smtp_port, wait_until
 from tests.delivery.policyserver import PolicyServer
 from tests.dnsserver import DnsServer
+from tests.sink import Sink
 from tests.test_relay import drop_files, send
 
 
@@ -185,3 +186,47 @@ async def test_probe_policy_and_tlsrpt_show_tell_the_administrator(world: World)
     assert "TLS-RPT:     reports to mailto:tls-reports@reports.test" in probed.output
     assert "enforce: only mx.example.test over TLS with a valid certificate" in probed.output
     assert "Traceback" not in probed.output
+
+
+async def test_enforce_refuses_an_mx_host_without_starttls(world: World, sink: Sink) -> None:
+    world.policy_server.policy = policy("enforce", "mx.example.test")
+    relay = await world.start_service(
+        resolver={"nameservers": [world.dns.nameserver]},
+        delivery={
+            "remote_port": sink.port,  # aiosmtpd without STARTTLS
+            "mta_sts_ca_file": str(world.ca_file),
+            "mta_sts_port": world.policy_server.port,
+            "retry": ["1h"],
+        },
+    )
+    await send(relay, "alice@local.test", ["bob@example.test"])
+    await wait_until(lambda: "mta-sts-tls-required" in causes(relay, 4000), what="the deferral (event 4000)")
+    assert not sink.messages  # never in plaintext
+    [failed] = [e for e in events_of(relay, 4006) if e.get("cause") == "mta-sts-tls-required"]
+    assert "MTA-STS policy of example.test (mode enforce) demands TLS" in failed["text"]
+    assert relay.tls_counts.domains["example.test"]["failures"] == {
+        "starttls-not-supported|mx.example.test|127.0.0.1": 1
+    }
+
+
+async def test_testing_delivers_to_an_mx_host_outside_the_policy_and_warns(world: World) -> None:
+    world.policy_server.policy = policy("testing", "mx.elsewhere.test")
+    receiver = await world.receiver("mx.example.test")
+    relay = await world.relay(receiver)
+    await send(relay, "alice@local.test", ["bob@example.test"])
+    await wait_until(lambda: drop_files(receiver), what="delivery despite the mismatch (testing)")
+    [warning] = [e for e in events_of(relay, 4006) if e.get("cause") == "mta-sts-mx-mismatch"]
+    assert warning["level"] == "warning"
+    entry = relay.tls_counts.domains["example.test"]
+    assert entry["failures"] == {"validation-failure|mx.example.test|127.0.0.1": 1}
+    assert entry["success"] == 1  # the TLS session itself met the policy
+
+
+async def test_without_a_published_policy_delivery_stays_opportunistic(world: World) -> None:
+    world.dns.remove("_mta-sts.example.test")
+    receiver = await world.receiver("wrong.example.test")  # a certificate no policy asks about
+    relay = await world.relay(receiver)
+    await send(relay, "alice@local.test", ["bob@example.test"])
+    await wait_until(lambda: drop_files(receiver), what="opportunistic delivery")
+    assert world.policy_server.requests == []  # nothing published: nothing fetched
+    assert relay.tls_counts.domains == {}

@@ -159,3 +159,20 @@ async def test_redirects_wrong_type_and_untrusted_certificates_are_refused(
     trustme.CA().cert_pem.write_to_path(str(published.ca_file))
     error = (await published.sts().lookup("example.test")).error
     assert "certificate is not valid" in error
+
+
+async def test_refresh_fetches_a_policy_past_half_its_max_age_and_renews_it(published: Published) -> None:
+    sts = published.sts()
+    await sts.lookup("example.test", now=1000.0)
+    await sts.refresh(now=1000.0 + 3600)  # young: left alone
+    assert len(published.server.requests) == 1
+    await sts.refresh(now=1000.0 + 86400 * 0.55)  # same id, old: fetched again, max_age counts anew
+    assert len(published.server.requests) == 2
+    same = sts.cached("example.test")
+    assert same is not None and same.fetched_at == 1000.0 + 86400 * 0.55
+    published.dns.remove("_mta-sts.example.test")
+    published.dns.add_txt("_mta-sts.example.test", "v=STSv1; id=two")
+    await sts.refresh(now=1000.0 + 86400 * 0.55 + 86400 * 0.6)
+    assert len(published.server.requests) == 3
+    renewed = sts.cached("example.test")
+    assert renewed is not None and renewed.id == "two"

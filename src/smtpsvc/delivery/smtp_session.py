@@ -115,7 +115,9 @@ class SessionPolicy:
     HELO instead of EHLO. `auth_mechanism`: "auto" (PLAIN, else LOGIN), "plain", "login", or "xoauth2" /
     "oauthbearer" with the token of `oauth`."""
 
-    tls: str = "opportunistic"  # "none" | "opportunistic" | "required"
+    # "none" | "opportunistic" | "required"; "dane-or-mta-sts" is opportunistic here: where a domain's MTA-STS
+    # policy applies, delivery/smtp.py asks for "required" per host.
+    tls: str = "opportunistic"
     auth_user: str = ""
     auth_password: str = field(default="", repr=False)
     use_helo: bool = False

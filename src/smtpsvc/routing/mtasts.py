@@ -209,8 +209,9 @@ class MtaSts:
     def cached(self, domain: str) -> Policy | None:
         return self._cache.get(domain.lower().rstrip("."))
 
-    async def lookup(self, domain: str, now: float | None = None) -> Lookup:
-        """The policy in force for `domain` (§5.1). DNS and fetch failures never raise: they are `error`."""
+    async def lookup(self, domain: str, now: float | None = None, *, refetch: bool = False) -> Lookup:
+        """The policy in force for `domain` (§5.1). DNS and fetch failures never raise: they are `error`.
+        `refetch`: fetch even when the cached policy has the published id (a refresh before expiry)."""
         domain = domain.lower().rstrip(".")
         now = time.time() if now is None else now
         lock = self._locks.setdefault(domain, asyncio.Lock())
@@ -226,7 +227,7 @@ class MtaSts:
                 return Lookup(cached, error=f"the _mta-sts TXT lookup failed: {exc.text} ({exc})")
             if published is None:
                 return Lookup(cached)
-            if cached is not None and cached.id == published:
+            if cached is not None and cached.id == published and not refetch:
                 return Lookup(cached, published)
             try:
                 text = await self.fetch(domain)
@@ -247,13 +248,9 @@ class MtaSts:
         now = time.time() if now is None else now
         for domain, policy in list(self._cache.items()):
             if policy.expires_at - now < policy.max_age * REFRESH_AHEAD:
-                current = await self.lookup(domain, now)
-                if current.policy is policy and current.published_id == policy.id:
-                    # Same id: the policy is still the domain's; it counts again from now (§3.1).
-                    self._cache[domain] = Policy(
-                        domain, policy.id, policy.mode, policy.mx, policy.max_age, now, policy.text
-                    )
-                    self._save()
+                # §3.2: max_age counts from the last fetch, so the policy is fetched (whatever its id);
+                # a failure keeps the cached one until it expires.
+                await self.lookup(domain, now, refetch=True)
 
     def _context(self) -> ssl.SSLContext:
         context = ssl.create_default_context()
