@@ -230,3 +230,18 @@ async def test_without_a_published_policy_delivery_stays_opportunistic(world: Wo
     await wait_until(lambda: drop_files(receiver), what="opportunistic delivery")
     assert world.policy_server.requests == []  # nothing published: nothing fetched
     assert relay.tls_counts.domains == {}
+
+
+async def test_a_policy_that_cannot_be_fetched_is_reported_and_mail_goes_opportunistically(
+    world: World,
+) -> None:
+    world.policy_server.status = 404
+    receiver = await world.receiver("wrong.example.test")
+    relay = await world.relay(receiver)
+    await send(relay, "alice@local.test", ["bob@example.test"])
+    await wait_until(lambda: drop_files(receiver), what="opportunistic delivery")
+    [warning] = [e for e in events_of(relay, 4000) if e.get("cause") == "mta-sts-policy-unavailable"]
+    assert warning["level"] == "warning"
+    assert "answered HTTP 404, not 200" in warning["text"]
+    assert "opportunistic TLS" in warning["text"]
+    assert "Traceback" not in warning["text"]

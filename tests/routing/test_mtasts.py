@@ -142,7 +142,12 @@ async def test_a_failed_fetch_keeps_the_cached_policy_until_it_expires(published
     published.server.status = 500
     kept = await sts.lookup("example.test", now=5000.0)
     assert kept.policy is not None and kept.policy.id == "one"  # §5.1: the attacker cannot turn it off
-    assert "HTTP 500" in kept.error
+    assert "HTTP 500" in kept.error and kept.report
+    held = await sts.lookup("example.test", now=5060.0)  # the failure is remembered for a while
+    assert held.error == kept.error and not held.report
+    assert len(published.server.requests) == 2
+    await sts.lookup("example.test", now=5000.0 + 301)  # then tried again
+    assert len(published.server.requests) == 3
     assert (await sts.lookup("example.test", now=1000.0 + 86400)).policy is None
 
 

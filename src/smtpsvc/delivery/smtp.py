@@ -73,6 +73,7 @@ LITERAL_HOPS_KEPT = 256  # entries of SmtpTransport._literal_hops
 MTA_STS_MX_MISMATCH = "mta-sts-mx-mismatch"
 MTA_STS_TLS_REQUIRED = "mta-sts-tls-required"
 MTA_STS_CERTIFICATE = "mta-sts-certificate"
+MTA_STS_POLICY_UNAVAILABLE = "mta-sts-policy-unavailable"  # published, but not fetched (warning only)
 DANE_OR_MTA_STS = "dane-or-mta-sts"
 _VERIFY_HOSTNAME_MISMATCH = 62  # OpenSSL X509_V_ERR_HOSTNAME_MISMATCH
 _VERIFY_CERT_HAS_EXPIRED = 10  # OpenSSL X509_V_ERR_CERT_HAS_EXPIRED
@@ -357,6 +358,22 @@ class _Attempt:
         lookup = await sts.lookup(route.mx_domain)
         if lookup.error:
             self.transcript.append(f"   ! MTA-STS: {lookup.error}")
+        if lookup.report:  # at most hourly per domain: the policy it publishes cannot be applied
+            applied = (
+                f"its cached policy (mode {lookup.policy.mode}) stays in force"
+                if lookup.policy is not None
+                else "mail is delivered with opportunistic TLS until it can"
+            )
+            self._warnings.append(
+                events.Event(
+                    events.REMOTE_DOMAIN_FAILED,
+                    f"{lookup.error[0].upper()}{lookup.error[1:]}; {applied}.",
+                    queue_id=self.envelope.id,
+                    domain=route.mx_domain,
+                    cause=MTA_STS_POLICY_UNAVAILABLE,
+                    level="warning",
+                )
+            )
         policy = lookup.policy
         if policy is None or policy.mode not in ("enforce", "testing"):
             return None

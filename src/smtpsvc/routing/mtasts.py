@@ -35,6 +35,8 @@ MODES = ("enforce", "testing", "none")
 MAX_AGE_LIMIT = 31557600  # §3.2: max_age at most one year
 POLICY_SIZE_LIMIT = 64 * 1024  # §3.3: senders may limit the policy's size; 64 KiB is what KumoMTA allows
 FETCH_TIMEOUT = 30.0  # §3.3: a fetch must be bounded in time ("a reasonable timeout")
+FAILED_FETCH_HOLD = 300.0  # a failed fetch is not tried again for the same id for this long (seconds)
+ERROR_REPORT_INTERVAL = 3600.0  # an administrator hears of a domain's unusable policy at most this often
 REFRESH_AHEAD = 0.5  # refresh a cached policy when less than this share of its max_age is left
 WELL_KNOWN = "/.well-known/mta-sts.txt"
 
@@ -177,6 +179,7 @@ class Lookup:
     policy: Policy | None
     published_id: str | None = None  # the TXT record's id; None when none was found
     error: str = ""
+    report: bool = False  # the error is new for this domain (or not reported for an hour): tell the operator
 
 
 class MtaSts:
@@ -192,6 +195,10 @@ class MtaSts:
         self.port = port
         self._cache: dict[str, Policy] = self._load()
         self._locks: dict[str, asyncio.Lock] = {}
+        # domain -> (policy id, until, error) of a failed fetch: the messages of the next minutes do not each
+        # wait for the same failing server (they go on as without a policy, or with the cached one).
+        self._failed: dict[str, tuple[str, float, str]] = {}
+        self._reported: dict[str, float] = {}  # domain -> when its last error was reported
 
     def _load(self) -> dict[str, Policy]:
         try:
@@ -229,12 +236,20 @@ class MtaSts:
                 return Lookup(cached)
             if cached is not None and cached.id == published and not refetch:
                 return Lookup(cached, published)
+            failed = self._failed.get(domain)
+            if failed is not None and failed[0] == published and now < failed[1] and not refetch:
+                return Lookup(cached, published, failed[2])
             try:
                 text = await self.fetch(domain)
                 policy = parse_policy(domain, published, text, now)
             except (PolicyError, FetchError) as exc:
                 error = f"the MTA-STS policy of {domain} could not be fetched: {exc}"
-                return Lookup(cached, published, error)
+                self._failed[domain] = (published, now + FAILED_FETCH_HOLD, error)
+                report = now - self._reported.get(domain, float("-inf")) >= ERROR_REPORT_INTERVAL
+                if report:
+                    self._reported[domain] = now
+                return Lookup(cached, published, error, report)
+            self._failed.pop(domain, None)
             if policy.max_age == 0 or policy.mode == "none":
                 self._cache.pop(domain, None)  # §5: mode none (or max_age 0) withdraws the policy
             else:
