@@ -1076,7 +1076,8 @@ async def _policy_lines(cfg: Config, domain: str) -> list[str]:
         records = await resolver.txt_records(f"_mta-sts.{domain}")
     except DnsError as exc:
         records = []
-        lines.append(f"MTA-STS:     the _mta-sts.{domain} TXT lookup failed ({exc})")
+        if not exc.permanent:  # NXDOMAIN is an answer: nothing published
+            lines.append(f"MTA-STS:     the _mta-sts.{domain} TXT lookup failed ({exc})")
     published = parse_sts_record(records)
     if published is None:
         lines.append(f"MTA-STS:     no valid _mta-sts.{domain} TXT record (v=STSv1; id=...)")

@@ -181,3 +181,10 @@ async def test_refresh_fetches_a_policy_past_half_its_max_age_and_renews_it(publ
     assert len(published.server.requests) == 3
     renewed = sts.cached("example.test")
     assert renewed is not None and renewed.id == "two"
+
+
+async def test_an_unreadable_ca_file_is_a_fetch_error_in_words(published: Published, tmp_path: Path) -> None:
+    published.ca_file = tmp_path / "missing-ca.pem"
+    lookup = await published.sts().lookup("example.test")
+    assert lookup.policy is None
+    assert "delivery.mta_sts_ca_file" in lookup.error and "cannot be used" in lookup.error

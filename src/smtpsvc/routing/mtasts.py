@@ -281,13 +281,17 @@ class MtaSts:
             hops = await self.resolver.resolve_host(host, self.port)
         except DnsError as exc:
             raise FetchError(f"{host} cannot be found in DNS ({exc})") from exc
+        try:
+            context = self._context()
+        except (OSError, ssl.SSLError) as exc:
+            raise FetchError(f"delivery.mta_sts_ca_file {self.ca_file!r} cannot be used: {exc}") from exc
         address = hops[0].address
         literal = f"[{address}]" if ":" in address else address
         url = f"https://{literal}:{self.port}{WELL_KNOWN}"
         try:
             async with asyncio.timeout(FETCH_TIMEOUT):
                 async with httpx.AsyncClient(
-                    verify=self._context(), follow_redirects=False, timeout=FETCH_TIMEOUT, trust_env=False
+                    verify=context, follow_redirects=False, timeout=FETCH_TIMEOUT, trust_env=False
                 ) as client:
                     request = client.build_request(
                         "GET", url, headers={"Host": host}, extensions={"sni_hostname": host}
