@@ -205,6 +205,11 @@ class DnsServer:
         with self._lock:
             self._timeout.add(_name(name))
 
+    def remove(self, name: str) -> None:
+        """Forget every record of `name` (a domain that stops publishing, say its ``_mta-sts`` TXT)."""
+        with self._lock:
+            self._records.pop(_name(name), None)
+
     def _add(self, owner: str, rdata: dns.rdata.Rdata, ttl: int | None) -> None:
         name = _name(owner)
         with self._lock:

@@ -105,7 +105,7 @@ def test_defaults_equal_spec_1_3() -> None:
     assert (d.max_messages_per_connection, d.max_connections, d.max_connections_per_domain) == (20, 1000, 100)
     assert (d.timeout, d.tls, d.send_ndr_copy_to, d.suppress_xexch50_external) == (
         600.0,
-        "opportunistic",
+        "dane-or-mta-sts",  # issue 16: enforce what the domain publishes
         "",
         True,
     )
@@ -692,7 +692,8 @@ SPEC_KEYS = {
     "data_block_timeout final_timeout "
     "smart_host_auth "  # ours: AUTH to the smart host (issue 15)
     # ours, issue 15: the provider's limits for the default smart host
-    "smart_host_rate smart_host_recipients_per_day",
+    "smart_host_rate smart_host_recipients_per_day "
+    "mta_sts_ca_file mta_sts_port tlsrpt_organization",  # ours, issue 16: MTA-STS and TLS reporting
     "resolver": "nameservers negative_cache_max",  # the last: ours, beyond SPEC 1.3 (RFC 2308)
     "connector": "name address_spaces cost smart_hosts use_helo tls auth xexch50 "
     "transport oauth mailbox graph_url ca_file "  # ours, the Microsoft Graph transport

@@ -45,6 +45,7 @@ from smtpsvc.delivery.graph import GraphTransport
 from smtpsvc.delivery.reports import Reporter
 from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.delivery.smtp import SmtpTransport
+from smtpsvc.delivery.tlsrpt import TlsCounts, TlsReporter
 from smtpsvc.diskspace import SpaceWatcher, is_full
 from smtpsvc.events import EventLog
 from smtpsvc.folders.pickup import PickupScanner
@@ -57,6 +58,7 @@ from smtpsvc.queue.base import QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.queue.postgres import PostgresQueue
 from smtpsvc.receiving import ReceivingError, ReloadRefused, new_resolver, reload_receiving, session_context
+from smtpsvc.routing.mtasts import MtaSts
 from smtpsvc.safeio import replace_file
 from smtpsvc.sdnotify import notify
 from smtpsvc.server.listener import SmtpServer
@@ -66,6 +68,7 @@ from smtpsvc.workers import WorkerPool
 
 FOLDERS = ("pickup", "queue", "drop", "badmail", "log")
 STOP_GRACE = 10.0
+MTA_STS_REFRESH_INTERVAL = 3600.0  # how often cached MTA-STS policies near expiry are fetched again
 WORKERS_READY_TIMEOUT = 30.0  # server.workers: how long the start waits for every worker to listen
 
 
@@ -170,6 +173,24 @@ class Service:
             link_slot=self.store.link_slot if self.store.shared else None,
             tokens=self.tokens,
         )
+        # MTA-STS policies (cached in queue/mta-sts.json) and the TLS-RPT counts (queue/tlsrpt.json).
+        self.mta_sts = MtaSts(
+            resolver,
+            self.folders["queue"] / "mta-sts.json",
+            ca_file=cfg.delivery.mta_sts_ca_file,
+            port=cfg.delivery.mta_sts_port,
+        )
+        self.tls_counts = TlsCounts(self.folders["queue"] / "tlsrpt.json")
+        self.smtp_transport.mta_sts, self.smtp_transport.tls_counts = self.mta_sts, self.tls_counts
+        self.tlsrpt = TlsReporter(
+            self.tls_counts,
+            resolver,
+            self.ingest,
+            lambda: (
+                self.config.server.hostname,
+                self.config.delivery.tlsrpt_organization or self.config.server.hostname,
+            ),
+        )
         reports = Reporter(self.store, self.live, self.ingest, self.events, self.folders["badmail"])
         self.scheduler = Scheduler(
             self.store,
@@ -270,6 +291,8 @@ class Service:
             self._recovery = supervise("queue-recovery", lambda: self._recover(spool))
         self.loop_lag = LoopLagMonitor(self.metrics.loop_lag.observe)  # smtpsvc_event_loop_lag_seconds
         self._tasks.append(supervise("event-loop-lag", self.loop_lag.run))
+        self._tasks.append(supervise("tls-reports", self.tlsrpt.run))  # daily RFC 8460 reports
+        self._tasks.append(supervise("mta-sts-refresh", self._refresh_mta_sts))
         if cfg.categorizer.reset_message_status:
             task = loop.create_task(self._reset_message_status(), name="reset-message-status")
             self._reroutes.add(task)
@@ -289,6 +312,12 @@ class Service:
         notify(f"READY=1\nSTATUS=listening on {listening}")
         if self._reload_pending:  # a SIGHUP came during the start: the file may have changed since we read it
             self.reload()
+
+    async def _refresh_mta_sts(self) -> None:
+        """Cached MTA-STS policies are fetched again before they expire (RFC 8461 §5.1.2)."""
+        while True:
+            await asyncio.sleep(MTA_STS_REFRESH_INTERVAL)
+            await self.mta_sts.refresh()
 
     def _token_warning(self, text: str) -> None:
         """The broker's notices (a renewal failed while the old token still works; a rotated refresh token
@@ -439,10 +468,12 @@ class Service:
         await self.scheduler.stop(grace=STOP_GRACE)
         self._tasks[0].cancel()
         flush_task.cancel()
-        self._tasks[3].cancel()  # the loop-lag monitor
+        for task in self._tasks[3:]:  # the loop-lag monitor, TLS reports, MTA-STS refresh
+            task.cancel()
         for reroute in self._reroutes:
             reroute.cancel()
         await asyncio.gather(*self._tasks, *self._reroutes, return_exceptions=True)
+        self.tls_counts.save()
         await self.store.close()
         await self._broker.close()
         await self.space.close()

@@ -51,12 +51,24 @@ from smtpsvc.config import (
     render_effective,
     render_example,
 )
+from smtpsvc.delivery.tlsrpt import TlsCounts
 from smtpsvc.dsn import split_headers
 from smtpsvc.model import Envelope, rfc5322_date
 from smtpsvc.protocol import AddressError, parse_path
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.pgschema import DatabaseError
+from smtpsvc.receiving import new_resolver
 from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address, route_for
+from smtpsvc.routing.mtasts import (
+    FetchError,
+    MtaSts,
+    Policy,
+    PolicyError,
+    mx_allowed,
+    parse_policy,
+    parse_sts_record,
+    parse_tlsrpt_record,
+)
 from smtpsvc.routing.mx import DnsError, MxResolver
 from smtpsvc.units import parse_duration
 
@@ -1032,6 +1044,12 @@ def _since(text: str) -> str:
     help="Look up the host's TLSA records (_PORT._tcp.HOST) through the configured resolver, say whether "
     "they are DNSSEC-authenticated, and check the certificate against them.",
 )
+@click.option(
+    "--policy",
+    "show_policy",
+    is_flag=True,
+    help="TARGET is a domain: show what it publishes (MX, MTA-STS, TLS-RPT) and what smtpsvc would enforce.",
+)
 def probe(
     config_file: str | None,
     target: str,
@@ -1041,10 +1059,16 @@ def probe(
     profile: str | None,
     user: str | None,
     dane: bool,
+    show_policy: bool,
 ) -> None:
     """The KB279616 telnet check: banner, EHLO keywords, what is missing and what that means here; with
-    --auth, the token fetch and the OAuth login too; with --dane, the TLSA records and the DANE match."""
+    --auth, the token fetch and the OAuth login too; with --dane, the TLSA records and the DANE match; with
+    --policy, the domain's published TLS policy."""
     cfg = _load(_config_path(config_file))
+    if show_policy:
+        for line in asyncio.run(_policy_lines(cfg, target.strip().rstrip(".").lower())):
+            click.echo(line)
+        return
     host, _, port_text = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
     host = host.strip("[]") or target
     mechanism = "xoauth2"
@@ -1245,6 +1269,110 @@ def dkim_check(config_file: str | None, domain: str, selector: str) -> None:
         )
         raise SystemExit(1)
     click.echo(f"{name}: OK: the published record matches {ref.key_file} ({ref.algorithm})")
+
+
+async def _policy_lines(cfg: Config, domain: str) -> list[str]:
+    """`probe DOMAIN --policy`: what the domain publishes and what delivery would do with it. Reads the
+    service's policy cache, never writes it."""
+    resolver = new_resolver(cfg)
+    sts = MtaSts(
+        resolver,
+        Path(cfg.server.root) / "queue" / "mta-sts.json",
+        ca_file=cfg.delivery.mta_sts_ca_file,
+        port=cfg.delivery.mta_sts_port,
+    )
+    lines = [f"domain:      {domain}"]
+    hosts: list[str] = []
+    try:
+        hops = await resolver.resolve_mx(domain, cfg.delivery.remote_port)
+        hosts = list(dict.fromkeys(hop.host for hop in hops))
+        lines.append(f"MX hosts:    {', '.join(hosts)}")
+    except DnsError as exc:
+        lines.append(f"MX hosts:    none found ({exc.text} {exc})")
+    policy: Policy | None = None
+    try:
+        records = await resolver.txt_records(f"_mta-sts.{domain}")
+    except DnsError as exc:
+        records = []
+        if not exc.permanent:  # NXDOMAIN is an answer: nothing published
+            lines.append(f"MTA-STS:     the _mta-sts.{domain} TXT lookup failed ({exc})")
+    published = parse_sts_record(records)
+    if published is None:
+        lines.append(f"MTA-STS:     no valid _mta-sts.{domain} TXT record (v=STSv1; id=...)")
+    else:
+        lines.append(f"MTA-STS:     TXT id {published}")
+        try:
+            policy = parse_policy(domain, published, await sts.fetch(domain), time.time())
+            mx = ", ".join(policy.mx) or "-"
+            lines.append(f"policy:      mode {policy.mode}, max_age {policy.max_age}s, mx {mx}")
+        except (PolicyError, FetchError) as exc:
+            lines.append(f"policy:      cannot be used: {exc}")
+    cached = sts.cached(domain)
+    if cached is not None:
+        expires = datetime.fromtimestamp(cached.expires_at, UTC).isoformat(timespec="seconds")
+        lines.append(
+            f"cached:      id {cached.id}, mode {cached.mode}, until {expires} (the service's cache)"
+        )
+        if policy is None and cached.fresh(time.time()):
+            policy = cached  # RFC 8461 §5.1: the service goes on enforcing it
+    try:
+        rua = parse_tlsrpt_record(await resolver.txt_records(f"_smtp._tls.{domain}"))
+    except DnsError:
+        rua = []
+    if rua:
+        used = [u for u in rua if u.lower().startswith("mailto:")]
+        lines.append(
+            f"TLS-RPT:     reports to {', '.join(rua)}" + ("" if used else " (https: only: not sent)")
+        )
+    else:
+        lines.append("TLS-RPT:     no _smtp._tls record: no reports wanted")
+    # DANE (RFC 7672): the TLSA records of each MX host are shown here once DANE verification is in.
+    lines.append(f"smtpsvc:     {_policy_verdict(cfg, policy, hosts)}")
+    return lines
+
+
+def _policy_verdict(cfg: Config, policy: Policy | None, hosts: list[str]) -> str:
+    if cfg.delivery.tls != "dane-or-mta-sts":
+        return f'delivery.tls = "{cfg.delivery.tls}": no published policy is applied'
+    if policy is None or policy.mode == "none":
+        return "no policy in force: opportunistic TLS"
+    outside = [h for h in hosts if not mx_allowed(policy.mx, h)]
+    if policy.mode == "testing":
+        return "mode testing: delivers as usual, failures are logged (warning) and reported" + (
+            f"; not in the policy: {', '.join(outside)}" if outside else ""
+        )
+    allowed = [h for h in hosts if h not in outside]
+    return f"enforce: only {', '.join(allowed) or 'no MX host'} over TLS with a valid certificate" + (
+        f"; refused: {', '.join(outside)}" if outside else ""
+    )
+
+
+# --------------------------------------------------------------------------------------------- tlsrpt
+
+
+@main.group()
+def tlsrpt() -> None:
+    """SMTP TLS reporting (RFC 8460): today's session counts per policy domain."""
+
+
+@tlsrpt.command("show")
+@config_option
+def tlsrpt_show(config_file: str | None) -> None:
+    """Today's counts (UTC day) per MTA-STS policy domain: sessions that met the policy and those that
+    did not, by the RFC's result type (saved by the running service every minute)."""
+    cfg = _load(_config_path(config_file))
+    counts = TlsCounts(Path(cfg.server.root) / "queue" / "tlsrpt.json")
+    if not counts.domains:
+        click.echo(f"{counts.day}: no sessions to a domain with an MTA-STS policy")
+        return
+    for domain, entry in sorted(counts.domains.items()):
+        failures: dict[str, int] = entry.get("failures", {})
+        click.echo(
+            f"{counts.day} {domain}: {entry.get('success', 0)} successful, {sum(failures.values())} failed"
+        )
+        for key, count in sorted(failures.items()):
+            result_type, mx_host, ip = key.split("|", 2)
+            click.echo(f"  {count:6d}  {result_type}  {mx_host}[{ip}]")
 
 
 if __name__ == "__main__":  # pragma: no cover

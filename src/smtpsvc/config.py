@@ -211,6 +211,10 @@ class DeliveryConfig:
     tls: str
     send_ndr_copy_to: str
     suppress_xexch50_external: bool
+    # MTA-STS and TLS reporting (routing/mtasts.py, delivery/tlsrpt.py; docs/delivery.md "MTA-STS").
+    mta_sts_ca_file: str = ""
+    mta_sts_port: int = 443  # testing only: RFC 8461 fetches from port 443
+    tlsrpt_organization: str = ""
     # The provider's limits for the default smart host (delivery/budget.py), as a connector's below.
     smart_host_rate: Rate | None = None
     smart_host_recipients_per_day: int = 0
@@ -955,8 +959,8 @@ def _budget_keys(prefix: str, what: str) -> tuple[_Key, ...]:
     )
 
 
-# "dane-or-mta-sts": enforce what the domain publishes (DANE TLSA records, docs/delivery.md; MTA-STS), else
-# opportunistic.
+# "dane-or-mta-sts": enforce what the domain publishes (DANE TLSA records where DNSSEC-signed, else its
+# MTA-STS policy for MX delivery; docs/delivery.md), opportunistic otherwise.
 _TLS_POLICIES = ("none", "opportunistic", "required", "dane-or-mta-sts")
 _smart_host_type = _choice("always", "after_direct")
 _tls_policy = _choice(*_TLS_POLICIES)
@@ -1198,7 +1202,32 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _k(
             "final_timeout", "10m", _duration, "the reply after the message's final dot", show=format_duration
         ),
-        _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required" | "dane-or-mta-sts"'),
+        _k(
+            "tls",
+            "dane-or-mta-sts",
+            _tls_policy,
+            '"dane-or-mta-sts" (a host with DNSSEC-signed TLSA records is verified by DANE; else MX '
+            "delivery enforces the MTA-STS policy a domain publishes; else opportunistic) | "
+            '"none" | "opportunistic" | "required"',
+        ),
+        _k(
+            "mta_sts_ca_file",
+            "",
+            _str,
+            "a private CA (PEM) trusted for the MTA-STS policy servers besides the system's CAs",
+        ),
+        _k(
+            "mta_sts_port",
+            443,
+            _int(1),
+            "TESTING ONLY: the HTTPS port of the mta-sts.<domain> policy servers (RFC 8461 says 443)",
+        ),
+        _k(
+            "tlsrpt_organization",
+            "",
+            _str,
+            'organization-name of our TLS reports (RFC 8460); "" = server.hostname',
+        ),
         _k(
             "send_ndr_copy_to",
             "",
@@ -1299,7 +1328,13 @@ _CONNECTOR_KEYS: tuple[_Key, ...] = (
         show=lambda v: [str(h) for h in v],
     ),
     _k("use_helo", False, _bool, '"Send HELO instead of EHLO"'),
-    _k("tls", "opportunistic", _tls_policy, '"none" | "opportunistic" | "required" | "dane-or-mta-sts"'),
+    _k(
+        "tls",
+        "opportunistic",
+        _tls_policy,
+        '"none" | "opportunistic" | "required" | "dane-or-mta-sts" '
+        "(with smart_hosts: DANE where signed, else opportunistic)",
+    ),
     _k(
         "auth",
         _AUTH_DEFAULT,

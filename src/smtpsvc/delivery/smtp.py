@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import random
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -51,10 +52,19 @@ from smtpsvc.delivery.smtp_session import (
     send_message,
     status_of,
 )
+from smtpsvc.delivery.tlsrpt import (
+    CERTIFICATE_EXPIRED,
+    CERTIFICATE_HOST_MISMATCH,
+    CERTIFICATE_NOT_TRUSTED,
+    STARTTLS_NOT_SUPPORTED,
+    VALIDATION_FAILURE,
+    TlsCounts,
+)
 from smtpsvc.delivery.transport import MessageSource, Outcome
 from smtpsvc.events import EventLog
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, Route
 from smtpsvc.routing.connectors import RouteChoice
+from smtpsvc.routing.mtasts import MtaSts, Policy, mx_allowed
 from smtpsvc.routing.mx import DnsError, MxResolver, NextHop, TlsaAnswer
 from smtpsvc.tokens import TokenError, TokenSource
 from smtpsvc.units import format_duration
@@ -63,6 +73,14 @@ DANE_OR_MTA_STS = "dane-or-mta-sts"  # the TLS policy under which DANE applies (
 DNS_NOT_FOUND = frozenset({"dns-nxdomain", "dns-no-address"})
 LITERAL_HOPS_KEPT = 256  # entries of SmtpTransport._literal_hops
 HEADER_READ = 256 * 1024  # what is read of a message to find its From: header (DKIM key choice)
+
+# Causes of a hop refused by the domain's MTA-STS policy (docs/delivery.md "MTA-STS").
+MTA_STS_MX_MISMATCH = "mta-sts-mx-mismatch"
+MTA_STS_TLS_REQUIRED = "mta-sts-tls-required"
+MTA_STS_CERTIFICATE = "mta-sts-certificate"
+MTA_STS_POLICY_UNAVAILABLE = "mta-sts-policy-unavailable"  # published, but not fetched (warning only)
+_VERIFY_HOSTNAME_MISMATCH = 62  # OpenSSL X509_V_ERR_HOSTNAME_MISMATCH
+_VERIFY_CERT_HAS_EXPIRED = 10  # OpenSSL X509_V_ERR_CERT_HAS_EXPIRED
 
 LinkSlot = Callable[[str, int], AbstractAsyncContextManager[None]]
 
@@ -102,6 +120,10 @@ class SmtpTransport:
         self.dkim_keys = dkim.KeyFiles()  # [[dkim]] keys, parsed once per file version
         # Smart hosts given as address literals -> their next hops (see _next_hops). Bounded.
         self._literal_hops: dict[tuple[tuple[str, int], ...], list[NextHop]] = {}
+        # MTA-STS (RFC 8461) for MX routes with tls = "dane-or-mta-sts", and TLS-RPT counting (RFC 8460):
+        # set by the service (app.py); None: not applied (opportunistic).
+        self.mta_sts: MtaSts | None = None
+        self.tls_counts: TlsCounts | None = None
 
     def _destination(self) -> Destination[SmtpSession]:
         cfg = self.live.current.delivery
@@ -235,6 +257,9 @@ class _Attempt:
         self._blob: bytes | bool | None = False  # False: not read yet
         self._reconnected = False  # the fresh token of a refused one got its new connection
         self.signer: Callable[[bytes], bytes] | None = None  # DKIM: the From: domain has a key
+        self.sts: Policy | None = None  # the MTA-STS policy (testing or enforce) this attempt applies
+        self._tls_error: BaseException | None = None  # the last failed handshake's error (MTA-STS causes)
+        self._warnings: list[events.Event] = []  # MTA-STS testing-mode failures: delivered anyway
 
     async def choose_dkim_keys(self) -> Outcome | None:
         """Choose the [[dkim]] keys by the From: domain and load them (the signer of every transaction of
@@ -307,18 +332,21 @@ class _Attempt:
             raise
         try:
             hops = await self.transport.next_hops(self.route.route)
+            self.sts = await self._mta_sts_policy()
         except DnsError as exc:
             destination.unused()
             return self._dns_failed(exc)
         except BaseException:
             destination.unused()
             raise
+        if self.sts is not None:
+            hops = self._sts_hops(hops)
         holding = True  # the grant: a connection slot not yet turned into a session
         try:
             async with AsyncExitStack() as slot:
                 await self.transport.hold_slot(self.route.route.link, slot)
                 for hop in hops:
-                    session = await self._open(hop, policy)
+                    session = await (self._open_sts(hop, policy) if self.sts else self._open(hop, policy))
                     if session is None and self._fresh_token_untried(policy):
                         session = await self._open(hop, policy)  # it closed on us after refusing the old one
                     if session is None:
@@ -356,6 +384,8 @@ class _Attempt:
         try:
             failure = await prepare(session, self.config.server.hostname, policy, self.transport.memory, dane)
         except (Dropped, TlsFailed) as exc:
+            if isinstance(exc, TlsFailed):
+                self._tls_error = exc.__cause__
             diagnose_drop(session)
             self._collect(session)
             await session.close()
@@ -370,6 +400,133 @@ class _Attempt:
             self.failures.append(failure)
             return None
         return session
+
+    # -- MTA-STS (RFC 8461) -------------------------------------------------------------------------
+    async def _mta_sts_policy(self) -> Policy | None:
+        """The policy to apply: an MX route with tls = "dane-or-mta-sts" to a domain whose policy is in mode
+        testing or enforce. Never raises for MTA-STS's own failures: without a policy, opportunistic TLS."""
+        route = self.route.route
+        sts = self.transport.mta_sts
+        if sts is None or self.route.tls != DANE_OR_MTA_STS or route.hosts or not route.mx_domain:
+            return None
+        lookup = await sts.lookup(route.mx_domain)
+        if lookup.error:
+            self.transcript.append(f"   ! MTA-STS: {lookup.error}")
+        if lookup.report:  # at most hourly per domain: the policy it publishes cannot be applied
+            applied = (
+                f"its cached policy (mode {lookup.policy.mode}) stays in force"
+                if lookup.policy is not None
+                else "mail is delivered with opportunistic TLS until it can"
+            )
+            self._warnings.append(
+                events.Event(
+                    events.REMOTE_DOMAIN_FAILED,
+                    f"{lookup.error[0].upper()}{lookup.error[1:]}; {applied}.",
+                    queue_id=self.envelope.id,
+                    domain=route.mx_domain,
+                    cause=MTA_STS_POLICY_UNAVAILABLE,
+                    level="warning",
+                )
+            )
+        policy = lookup.policy
+        if policy is None or policy.mode not in ("enforce", "testing"):
+            return None
+        self.transcript.append(
+            f"--- MTA-STS policy of {policy.domain}: mode {policy.mode}, mx {', '.join(policy.mx)}"
+        )
+        return policy
+
+    def _sts_words(self) -> str:
+        assert self.sts is not None
+        return f"The MTA-STS policy of {self.sts.domain} (mode {self.sts.mode})"
+
+    def _sts_hops(self, hops: list[NextHop]) -> list[NextHop]:
+        """The hops the policy allows (§4.1); in mode testing all of them, the mismatches recorded."""
+        assert self.sts is not None
+        allowed: list[NextHop] = []
+        for hop in hops:
+            if mx_allowed(self.sts.mx, hop.host):
+                allowed.append(hop)
+                continue
+            reason = (
+                f"{self._sts_words()} does not list {hop.host} as one of its mail servers "
+                f"({', '.join(self.sts.mx)})"
+            )
+            self._count_failure(VALIDATION_FAILURE, hop)
+            if self.sts.mode == "enforce":
+                self.failures.append(
+                    HopFailure(
+                        hop_label(hop), reason + "; the message is not sent there.", MTA_STS_MX_MISMATCH
+                    )
+                )
+            else:
+                self._warn(hop, reason + "; delivered anyway (testing).", MTA_STS_MX_MISMATCH)
+                allowed.append(hop)
+        return allowed
+
+    async def _open_sts(self, hop: NextHop, policy: SessionPolicy) -> SmtpSession | None:
+        """`_open` under the MTA-STS policy: TLS with a certificate valid for the MX host name (the tls =
+        "required" path). A failure of that is a policy failure: in mode enforce the host is skipped with
+        the named cause; in mode testing it is recorded and the host tried again with opportunistic TLS."""
+        if await self._dane(hop, policy) is not None:
+            # DANE wins over MTA-STS for a host with usable (signed) TLSA records, or whose TLSA lookup
+            # failed (RFC 8461 §2, RFC 7672 §2.2.1): _open verifies it by DANE, or skips it.
+            return await self._open(hop, policy)
+        before = len(self.failures)
+        self._tls_error = None
+        session = await self._open(hop, dataclasses.replace(policy, tls="required"))
+        if session is not None:
+            if self.transport.tls_counts is not None and self.sts is not None:
+                self.transport.tls_counts.success(self.sts)
+            return session
+        if len(self.failures) == before:
+            return None
+        failure = self.failures[-1]
+        verify = self._tls_error if isinstance(self._tls_error, ssl.SSLCertVerificationError) else None
+        if verify is not None:
+            code = verify.verify_code
+            result_type = (
+                CERTIFICATE_HOST_MISMATCH
+                if code == _VERIFY_HOSTNAME_MISMATCH
+                else CERTIFICATE_EXPIRED
+                if code == _VERIFY_CERT_HAS_EXPIRED
+                else CERTIFICATE_NOT_TRUSTED
+            )
+            cause = MTA_STS_CERTIFICATE
+            reason = (
+                f"{self._sts_words()} demands a valid certificate for {hop.host}, and the one it presented "
+                f"is not: {verify.verify_message}"
+            )
+        elif failure.reason.startswith("TLS is required"):
+            result_type, cause = STARTTLS_NOT_SUPPORTED, MTA_STS_TLS_REQUIRED
+            reason = f"{self._sts_words()} demands TLS, and {hop.host} does not provide it: {failure.reason}"
+        else:
+            return None  # not about TLS (refused, no greeting): an ordinary host failure
+        self._count_failure(result_type, hop)
+        assert self.sts is not None
+        if self.sts.mode == "enforce":
+            self.failures[-1] = HopFailure(failure.host, reason + ".", cause, failure.reply)
+            return None
+        self.failures.pop()
+        self._warn(hop, reason + "; delivered anyway (testing).", cause)
+        return await self._open(hop, policy)
+
+    def _count_failure(self, result_type: str, hop: NextHop) -> None:
+        if self.transport.tls_counts is not None and self.sts is not None:
+            self.transport.tls_counts.failure(self.sts, result_type, hop.host, hop.address)
+
+    def _warn(self, hop: NextHop, reason: str, cause: str) -> None:
+        self._warnings.append(
+            events.Event(
+                events.REMOTE_HOST_FAILED,
+                events.remote_host_failed_text(hop_label(hop), self.domain, reason),
+                queue_id=self.envelope.id,
+                domain=self.domain,
+                host=hop_label(hop),
+                cause=cause,
+                level="warning",
+            )
+        )
 
     async def _carry(
         self, destination: Destination[SmtpSession], session: SmtpSession, slot: AsyncExitStack | None
@@ -598,7 +755,9 @@ class _Attempt:
                     cause=self._diagnosis(failure),
                 )
             )
-        self.learned, self.rejections, self.failures = [], [], []
+        for warning in self._warnings:
+            emit(warning)
+        self.learned, self.rejections, self.failures, self._warnings = [], [], [], []
 
 
 def _seconds(seconds: float) -> str:

@@ -117,7 +117,9 @@ class SessionPolicy:
     HELO instead of EHLO. `auth_mechanism`: "auto" (PLAIN, else LOGIN), "plain", "login", or "xoauth2" /
     "oauthbearer" with the token of `oauth`."""
 
-    tls: str = "opportunistic"  # "none" | "opportunistic" | "required" | "dane-or-mta-sts"
+    # "none" | "opportunistic" | "required" | "dane-or-mta-sts": DANE where the hop has usable TLSA records
+    # (delivery/smtp.py); where the domain's MTA-STS policy applies instead, smtp.py asks for "required".
+    tls: str = "opportunistic"
     auth_user: str = ""
     auth_password: str = field(default="", repr=False)
     use_helo: bool = False

@@ -40,7 +40,7 @@ class RouteChoice:
     connector: str  # connector name, "" for the default smart host / MX
     cost: int  # the connector's cost; 0 for the default routes
     use_helo: bool
-    tls: str  # "none" | "opportunistic" | "required"
+    tls: str  # "none" | "opportunistic" | "required" | "dane-or-mta-sts" (MTA-STS on MX routes)
     auth: ConnectorAuth  # outbound AUTH: the connector's `auth`, or `delivery.smart_host_auth`
     xexch50: bool
 

@@ -376,6 +376,14 @@ class MxResolver:
         families = "A/AAAA" if self._use_ipv6 else "A"
         raise DnsError(CAUSE_NO_ADDRESS, _text(qname), f"{_text(qname)} has no {families} records")
 
+    async def txt_records(self, name: str) -> list[str]:
+        """The TXT records of `name`, each one's strings joined (RFC 7208 §3.3 style); [] for NODATA.
+        Raises `DnsError` (NXDOMAIN is permanent). For MTA-STS and TLS-RPT (``_mta-sts``, ``_smtp._tls``)."""
+        answer = await self._query(self._name(name), dns.rdatatype.TXT, self._deadline())
+        if answer is None or answer.rrset is None:
+            return []
+        return [b"".join(rdata.strings).decode("utf-8", "replace") for rdata in answer.rrset]
+
     async def reverse_names(self, ip: str) -> list[str]:
         """The PTR names of an address (lower case, no trailing dot); [] when there are none or DNS fails.
 
