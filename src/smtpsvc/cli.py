@@ -1283,10 +1283,15 @@ async def _policy_lines(cfg: Config, domain: str) -> list[str]:
     )
     lines = [f"domain:      {domain}"]
     hosts: list[str] = []
+    dane: dict[str, str] = {}  # MX host -> what DANE would do with it
     try:
         hops = await resolver.resolve_mx(domain, cfg.delivery.remote_port)
         hosts = list(dict.fromkeys(hop.host for hop in hops))
         lines.append(f"MX hosts:    {', '.join(hosts)}")
+        for host in hosts:
+            signed = all(hop.secure for hop in hops if hop.host == host)
+            dane[host] = await _dane_words(resolver, host, cfg.delivery.remote_port, signed)
+            lines.append(f"DANE:        {host}: {dane[host]}")
     except DnsError as exc:
         lines.append(f"MX hosts:    none found ({exc.text} {exc})")
     policy: Policy | None = None
@@ -1326,9 +1331,28 @@ async def _policy_lines(cfg: Config, domain: str) -> list[str]:
         )
     else:
         lines.append("TLS-RPT:     no _smtp._tls record: no reports wanted")
-    # DANE (RFC 7672): the TLSA records of each MX host are shown here once DANE verification is in.
     lines.append(f"smtpsvc:     {_policy_verdict(cfg, policy, hosts)}")
+    verified = [h for h, words in dane.items() if words.startswith("applies")]
+    if verified and cfg.delivery.tls == "dane-or-mta-sts":
+        lines.append(
+            f"             DANE wins for {', '.join(verified)}: TLS required, certificate checked by TLSA"
+        )
     return lines
+
+
+async def _dane_words(resolver: MxResolver, host: str, port: int, signed: bool) -> str:
+    """What DANE (RFC 7672) would do with one MX host, in words for `probe --policy`."""
+    if not signed:
+        return "not applied (the MX or address answers are not DNSSEC-authenticated)"
+    try:
+        answer = await resolver.resolve_tlsa(host, port)
+    except DnsError as exc:
+        return f"the TLSA lookup failed ({exc}): delivery skips this host"
+    if not answer.records:
+        return f"no TLSA records at {answer.name}: not applied"
+    if not answer.secure:
+        return f"{len(answer.records)} TLSA record(s) at {answer.name} without the AD bit: ignored"
+    return f"applies: {len(answer.records)} signed TLSA record(s) at {answer.name}"
 
 
 def _policy_verdict(cfg: Config, policy: Policy | None, hosts: list[str]) -> str:

@@ -8,6 +8,7 @@ import asyncio
 import email
 import email.policy
 import gzip
+import hashlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from pathlib import Path
 import pytest
 import trustme
 from click.testing import CliRunner
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from smtpsvc.app import Service
 from smtpsvc.cli import main
@@ -185,6 +188,7 @@ async def test_probe_policy_and_tlsrpt_show_tell_the_administrator(world: World)
     assert "policy:      mode enforce, max_age 86400s, mx mx.example.test" in probed.output
     assert "TLS-RPT:     reports to mailto:tls-reports@reports.test" in probed.output
     assert "enforce: only mx.example.test over TLS with a valid certificate" in probed.output
+    assert "DANE:        mx.example.test: not applied (the MX or address answers" in probed.output
     assert "Traceback" not in probed.output
 
 
@@ -245,3 +249,46 @@ async def test_a_policy_that_cannot_be_fetched_is_reported_and_mail_goes_opportu
     assert "answered HTTP 404, not 200" in warning["text"]
     assert "opportunistic TLS" in warning["text"]
     assert "Traceback" not in warning["text"]
+
+
+def tlsa_spki_sha256(pem_path: Path) -> bytes:
+    """The DANE-EE(3) SPKI(1) SHA-256(1) data of the first certificate in a PEM file."""
+    certificate = x509.load_pem_x509_certificate(pem_path.read_bytes())
+    spki = certificate.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return hashlib.sha256(spki).digest()
+
+
+async def test_dane_wins_over_mta_sts_where_both_are_published(world: World) -> None:
+    """A signed zone with TLSA records and an MTA-STS policy in mode enforce (RFC 8461 §2): the host is
+    judged by DANE. A certificate that does not name the MX host fails MTA-STS but matches its TLSA record
+    (DANE-EE ignores names): delivered."""
+    world.policy_server.policy = policy("enforce", "mx.example.test")
+    receiver = await world.receiver("wrong.example.test")
+    pem = world.tmp_path / "mx-wrong.example.test.pem"
+    world.dns.sign_zone("example.test")
+    world.dns.add_tlsa(f"_{smtp_port(receiver)}._tcp.mx.example.test", 3, 1, 1, tlsa_spki_sha256(pem))
+    relay = await world.relay(receiver)
+    await send(relay, "alice@local.test", ["bob@example.test"])
+    await wait_until(lambda: drop_files(receiver), what="delivery verified by DANE")
+    assert "mta-sts-certificate" not in causes(relay, 4006)
+    assert relay.config_path is not None
+    probed = await asyncio.to_thread(
+        CliRunner().invoke, main, ["probe", "example.test", "--policy", "-c", relay.config_path]
+    )
+    assert probed.exit_code == 0, probed.output
+    assert "DANE:        mx.example.test: applies: 1 signed TLSA record(s)" in probed.output
+    assert "DANE wins for mx.example.test" in probed.output
+
+
+async def test_a_dane_mismatch_is_not_rescued_by_a_valid_mta_sts_certificate(world: World) -> None:
+    world.policy_server.policy = policy("enforce", "mx.example.test")
+    receiver = await world.receiver("mx.example.test")  # valid for MTA-STS
+    world.dns.sign_zone("example.test")
+    world.dns.add_tlsa(f"_{smtp_port(receiver)}._tcp.mx.example.test", 3, 1, 1, b"\x00" * 32)
+    relay = await world.relay(receiver)
+    await send(relay, "alice@local.test", ["bob@example.test"])
+    await wait_until(lambda: "dane-mismatch" in causes(relay, 4006), what="the DANE mismatch (event 4006)")
+    assert not drop_files(receiver)
+    assert relay.queue.list()[0].recipients[0].pending
