@@ -68,7 +68,7 @@ def plausible_reply(conn: ServerConnection, event: Event) -> Reply:
     if isinstance(event, Xexch50Blob):
         return R.OK
     if isinstance(event, XLink2State):
-        return R.UNRECOGNIZED
+        return R.LINK2STATE_IGNORED if conn.authenticated else R.NEED_AUTH_XEXCH50
     return R.OK
 
 

@@ -197,7 +197,9 @@ class Xexch50Blob:
 
 @dataclass(frozen=True, slots=True)
 class XLink2State:
-    """X-LINK2STATE (Exchange link state; never part of our topology, SPEC 2.5): answer 500."""
+    """X-LINK2STATE (Exchange link state; never part of our topology, SPEC 2.5): reply `NEED_AUTH_XEXCH50`
+    (504 5.7.4) when not authenticated, as Exchange does to a peer outside its routing group, else
+    `LINK2STATE_IGNORED` (250): the state is acknowledged and dropped."""
 
     arg: str
 

@@ -229,6 +229,8 @@ AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 AUTH_ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
 BINARYMIME_NEEDS_BDAT = Reply(503, "5.5.1", "BINARYMIME requires BDAT")  # RFC 3030
 NEED_AUTH_XEXCH50 = Reply(504, "5.7.4", "Need to authenticate first")  # SPEC 2.5 (IIS event 7010)
+# X-LINK2STATE from an authenticated peer: acknowledged so an Exchange peer carries on, never used (SPEC 2.5)
+LINK2STATE_IGNORED = Reply(250, "2.0.0", "X-LINK2STATE ignored: link state is not used by this server")
 
 
 def RELAY_DENIED(address: str) -> Reply:

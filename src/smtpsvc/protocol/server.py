@@ -89,9 +89,9 @@ class ServerOptions:
     binarymime: bool = False  # BINARYMIME: BODY=BINARYMIME; in force only together with chunking
     etrn: bool = False  # ETRN (RFC 1985)
     vrfy: bool = False  # only advertises VRFY: the application answers Vrfy events either way
-    xexch50: bool = False  # XEXCH50 (SPEC 2.5); advertised only after a successful AUTH
+    xexch50: bool = False  # XEXCH50 (SPEC 2.5); advertised to all, as by Exchange; usable after AUTH
     xexch50_max: int = 1_048_576  # the largest XEXCH50 blob accepted, octets
-    x_link2state: bool = False  # X-LINK2STATE is advertised and parsed (answered 500); else unknown
+    x_link2state: bool = False  # X-LINK2STATE advertised and parsed (504 before AUTH, 250 after)
     max_auth_line: int = 12288  # octets incl. CRLF of an AUTH command and of each AUTH response (RFC 4954 §4)
 
     def __post_init__(self) -> None:
@@ -625,8 +625,10 @@ class ServerConnection:
             keywords.append("ETRN")
         if opts.vrfy:
             keywords.append("VRFY")
-        if opts.xexch50 and self._authenticated:
-            keywords.append("XEXCH50")  # SPEC 2.5: only after AUTH
+        if opts.xexch50:
+            # Exchange 2000/2003 lists it to anonymous clients too (the KB279616 telnet check looks for it);
+            # using it still needs AUTH (the application answers 504 5.7.4).
+            keywords.append("XEXCH50")
         if opts.x_link2state:
             keywords.append("X-LINK2STATE")
         keywords.append("HELP")

@@ -641,7 +641,13 @@ class Session:
                 self.txn.xexch50 = data  # opaque; stored with the message, never interpreted
                 return replies.OK
             case XLink2State():
-                return replies.UNRECOGNIZED  # advertised for Exchange peers, never part of our routing
+                # Exchange answers a peer outside its routing group 504 before AUTH; after it we acknowledge
+                # and drop the state (never part of our routing) so the peer goes on to send mail, not a 500.
+                if not self.conn.authenticated:
+                    return self._refuse_logged(
+                        "X-LINK2STATE", replies.NEED_AUTH_XEXCH50, "x-link2state-unauthenticated"
+                    )
+                return replies.LINK2STATE_IGNORED
             case Rejected(reply=reply, close=close):
                 self.errors += 1
                 if close:
