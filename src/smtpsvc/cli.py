@@ -39,7 +39,7 @@ from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin import sendmail as sendmail_admin
 from smtpsvc.admin.client import RemoteAdmin, ServiceSilent, open_admin
 from smtpsvc.admin.jobs import BulkRequest, JobState, JobStatus
-from smtpsvc.admin.probe import DaneProbe, OAuthLogin, ProbeReport
+from smtpsvc.admin.probe import DaneProbe, OAuthLogin, ProbeReport, TargetError, split_target
 from smtpsvc.admin.probe import probe as probe_peer
 from smtpsvc.admin.service import LIST_LIMIT, AdminError, QueueAdmin
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
@@ -1027,7 +1027,9 @@ def _since(text: str) -> str:
 @click.argument("target", metavar="HOST[:PORT]")
 @click.option("--starttls", is_flag=True, help="Also upgrade with STARTTLS and check the certificate.")
 @click.option("--helo", "use_helo", is_flag=True, help="Send HELO instead of EHLO.")
-@click.option("--exchange", is_flag=True, help="Expect an Exchange 2000/2003 peer (XEXCH50).")
+@click.option(
+    "--exchange", is_flag=True, help="Expect an Exchange 2000/2003 peer (XEXCH50 and X-LINK2STATE)."
+)
 @click.option(
     "--auth",
     "profile",
@@ -1069,8 +1071,11 @@ def probe(
         for line in asyncio.run(_policy_lines(cfg, target.strip().rstrip(".").lower())):
             click.echo(line)
         return
-    host, _, port_text = target.rpartition(":") if target.count(":") == 1 else (target, "", "")
-    host = host.strip("[]") or target
+    try:
+        host, given_port = split_target(target)
+    except TargetError as exc:
+        click.echo(f"smtpsvc probe: {exc}", err=True)
+        raise SystemExit(2) from None
     mechanism = "xoauth2"
     if profile is not None:
         if profile not in cfg.oauth:
@@ -1117,11 +1122,7 @@ def probe(
             if tokens is not None:
                 await tokens.close()
 
-    try:
-        port = int(port_text) if port_text else cfg.delivery.remote_port
-    except ValueError:
-        click.echo(f"smtpsvc probe: {target!r}: the port must be a number", err=True)
-        raise SystemExit(2) from None
+    port = given_port or cfg.delivery.remote_port
     try:
         report = asyncio.run(run(port))
     except DnsError as exc:
@@ -1129,7 +1130,7 @@ def probe(
         raise SystemExit(1) from None
     except (OSError, TimeoutError) as exc:
         click.echo(
-            f"smtpsvc probe: cannot connect to {host}:{port_text or cfg.delivery.remote_port}: "
+            f"smtpsvc probe: cannot connect to {f'[{host}]' if ':' in host else host}:{port}: "
             f"{exc.strerror if isinstance(exc, OSError) and exc.strerror else exc or 'timeout'}",
             err=True,
         )

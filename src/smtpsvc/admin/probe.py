@@ -140,11 +140,45 @@ def _judge(caps: Capabilities, report: ProbeReport, xexch50_expected: bool) -> N
     for keyword, consequence in wanted.items():
         if not caps.has(keyword):
             report.problems.append(f"{keyword} missing: {consequence}")
-    if xexch50_expected and not caps.has("XEXCH50"):
-        report.problems.append(
-            "XEXCH50 missing: this is not an Exchange 2000/2003 transport, or it offers "
-            "XEXCH50 only after AUTH (KB279616's telnet check)"
-        )
+    if xexch50_expected:
+        # KB279616's telnet check: an Exchange 2000/2003 transport lists both verbs to anyone who says EHLO
+        for verb in ("XEXCH50", "X-LINK2STATE"):
+            if not caps.has(verb):
+                report.problems.append(
+                    f"{verb} missing: this is not an Exchange 2000/2003 transport, or it offers "
+                    f"{verb} only after AUTH (KB279616's telnet check)"
+                )
+
+
+class TargetError(ValueError):
+    """A `HOST[:PORT]` argument that cannot be used; the text is one line for the administrator."""
+
+
+def split_target(target: str) -> tuple[str, int | None]:
+    """`HOST[:PORT]` as `probe` takes it: `host`, `host:25`, `192.0.2.1:25`, `[::1]:2525`, `[::1]` and a bare
+    `::1` (more than one colon without brackets is an IPv6 address, no port). The port is None when not
+    given. Raises TargetError for an empty host or a port that is not a number in 1-65535."""
+    text = target.strip()
+    port_text: str | None = None
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            raise TargetError(f"{target!r}: an IPv6 address with a port is written [ADDRESS]:PORT")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    else:
+        host = text
+    if not host:
+        raise TargetError(f"{target!r}: no host name or address")
+    if port_text is None:
+        return host, None
+    if not port_text.isascii() or not port_text.isdigit():
+        raise TargetError(f"{target!r}: the port must be a number from 1 to 65535")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise TargetError(f"{target!r}: the port must be a number from 1 to 65535, not {port}")
+    return host, port
 
 
 async def _fetch_token(login: OAuthLogin, report: ProbeReport) -> AccessToken | None:
