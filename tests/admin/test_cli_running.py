@@ -107,7 +107,7 @@ async def test_badmail_commands_while_running(admin: Admin) -> None:
     assert code == 0 and out.startswith("B1 ")
     code, out, _ = await run("badmail", "show", "-c", config, "B1")
     assert code == 0 and "Subject: lost" in out
-    code, out, _ = await run("badmail", "replay", "-c", config, "--all")
+    code, out, _ = await run("badmail", "replay", "-c", config, "--all", "--kind", "other")
     assert code == 0 and "B1: written to" in out
     [dropped] = await wait_until(lambda: list(admin.service.folders["drop"].glob("*.eml")), what="replay")
     assert b"X-Receiver: <bob@local.test>" in dropped.read_bytes()
