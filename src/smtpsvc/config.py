@@ -735,8 +735,8 @@ def _iis_hint(word: str) -> str:
     """A did-you-mean for an IIS metabase or Exchange registry name (any case): the smtpsvc key(s) that
     replace it; "" when `word` is not one."""
     if word.lower() in _IIS_ONLY_HINTS:
-        keys, why = _IIS_ONLY_HINTS[word.lower()]
-        return f"; did you mean {keys}? ({why})"
+        replacements, why = _IIS_ONLY_HINTS[word.lower()]
+        return f"; did you mean {replacements}? ({why})"
     for section, keys in _SCHEMA.items():
         for key in keys:
             if key.iis and key.iis.lower() == word.lower():
