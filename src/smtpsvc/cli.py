@@ -375,13 +375,18 @@ def queue_list(
 ) -> None:
     """List queued messages, the oldest first: id, state, age, size, sender, recipients, next attempt,
     last error, and the node delivering it right now (in a cluster)."""
+    if (
+        as_json
+    ):  # the document GET /api/queue answers: {"where", "queued", "limit", "frozen_links", "messages"}
+        document = _with_admin(
+            config_file, lambda admin: admin.listing(state or "", to or "", domain or "", link or "", limit)
+        )
+        click.echo(json.dumps(document, indent=2))
+        return
     entries = _with_admin(
         config_file, lambda admin: admin.entries(state or "", to or "", domain or "", link or "", limit)
     )
     now = time.time()
-    if as_json:
-        click.echo(json.dumps([e.to_json(now) for e in entries], indent=2))
-        return
     if not entries:
         filtered = state or to or domain or link
         click.echo("no message matches" if filtered else "the queue is empty")

@@ -22,7 +22,8 @@ async def test_list_summary_and_show_through_the_api(admin: Admin) -> None:
     assert code == 0 and queue_id in out and "retry" in out and VIA_API in err
     assert "last: 450 4.3.2" in out
     code, out, _ = await run("queue", "list", "-c", config, "--json", "--link", "smarthost")
-    assert [m["id"] for m in json.loads(out)] == [queue_id]
+    listing = json.loads(out)  # the document GET /api/queue answers
+    assert [m["id"] for m in listing["messages"]] == [queue_id] and listing["where"] == "the running service"
     code, out, _ = await run("queue", "summary", "-c", config)
     assert code == 0 and out.splitlines()[1].startswith("smarthost")
     code, out, _ = await run("queue", "show", "-c", config, queue_id, "--transcript")
