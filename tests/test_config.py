@@ -453,6 +453,38 @@ def test_unknown_key_from_another_section_says_where_it_belongs(tmp_path: Path) 
     assert problem.problem == 'unknown key "remote_port"; it belongs in [delivery]'
 
 
+@pytest.mark.parametrize(
+    ("toml", "hint"),
+    [
+        (
+            "[relay]\nRelayFlags = 2\n",
+            "did you mean relay.deny, relay.allow, relay.allow_authenticated? (Exchange 5.5 RelayFlags bits "
+            "1, 2 and 8, Q206968; bit 4, RelayLocalIPList, has no equivalent)",
+        ),
+        ("[relay]\nrelayflags = 2\n", "did you mean relay.deny, relay.allow, relay.allow_authenticated?"),
+        ("RelayFlags = 2\n", "outside any section; did you mean relay.deny, relay.allow"),
+        (
+            "[relay]\nRelayForAuth = true\n",
+            'did you mean "relay.allow_authenticated"? (the IIS name RelayForAuth)',
+        ),
+        (
+            "[server]\nRemoteSmtpPort = 25\n",
+            'did you mean "delivery.remote_port"? (the IIS name RemoteSmtpPort)',
+        ),
+    ],
+)
+def test_an_iis_name_gets_the_smtpsvc_key_that_replaces_it(tmp_path: Path, toml: str, hint: str) -> None:
+    problem = only_problem(tmp_path, toml)
+    assert problem.problem.startswith('unknown key "') and hint in problem.problem
+
+
+def test_an_iis_name_in_the_environment_gets_the_key_that_replaces_it(tmp_path: Path) -> None:
+    path = write(tmp_path, '[server]\nhostname = "mx.example.com"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path, {"SMTPSVC__RELAY__RELAYFLAGS": "2"})
+    assert "did you mean relay.deny, relay.allow, relay.allow_authenticated?" in str(info.value)
+
+
 def test_unknown_section_gets_a_suggestion(tmp_path: Path) -> None:
     problem = only_problem(tmp_path, '[sever]\nhostname = "x"\n')
     assert (problem.line, problem.key, problem.problem) == (

@@ -204,6 +204,34 @@ async def test_dns_server_failure_is_retried_not_returned(
     assert envelope.recipients[0].attempts >= 2
 
 
+async def test_a_smart_host_dns_cannot_find_is_named_in_the_event_not_the_recipient_domain(
+    start_service: StartService, dns_server: DnsServer
+) -> None:
+    dns_server.add_mx("internet.test", 10, "mx.internet.test")  # the recipient domain itself is fine
+    dns_server.add_a("mx.internet.test", "127.0.0.1")
+    service = await start_service(
+        resolver={"nameservers": [dns_server.nameserver]},
+        delivery={"smart_host": "relay.isp.test", "retry": ["1h"]},
+    )
+    await send(service, "alice@local.test", ["bob@internet.test"])
+    [event] = await wait_until(lambda: events_of(service, 4000), what="the failed attempt")
+    assert event["cause"] == "dns-nxdomain" and event["host"] == "relay.isp.test"
+    assert event["domain"] == "internet.test" and event["status"] == "4.4.9"  # retried, not returned
+    assert "smart host 'relay.isp.test'" in str(event["text"])
+    assert drop_files(service) == []
+    [envelope] = service.queue.list()
+    assert "smart host 'relay.isp.test'" in envelope.recipients[0].last_reply
+
+
+async def test_a_domain_dns_cannot_find_has_no_host_in_its_event(
+    start_service: StartService, dns_server: DnsServer
+) -> None:
+    service = await start_service(resolver={"nameservers": [dns_server.nameserver]})
+    await send(service, "alice@local.test", ["nobody@no-such-domain.test"])
+    [event] = await wait_until(lambda: events_of(service, 4000), what="the failed attempt")
+    assert "host" not in event and "smart host" not in str(event["text"])
+
+
 async def test_null_sender_message_that_fails_goes_to_badmail_not_back_to_sender(
     start_service: StartService, sink: Sink
 ) -> None:

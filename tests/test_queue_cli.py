@@ -45,12 +45,15 @@ async def test_queue_list_shows_state_recipients_and_the_last_error(start_servic
     code, out, _ = await run(
         "queue", "list", "-c", str(service.config_path), "--json", "--domain", "other.test"
     )
-    [entry] = json.loads(out)
+    listing = json.loads(out)
+    assert listing["where"] == "the queue files (service stopped)" and listing["queued"] == 1
+    [entry] = listing["messages"]
+    assert entry["envelope"]["id"] == entry["id"] and entry["in_flight"] is False
     assert entry["id"] == queue_id and entry["recipients"][1]["address"] == "y@other.test"
     assert (
         json.loads(
             (await run("queue", "list", "-c", str(service.config_path), "--json", "--state", "frozen"))[1]
-        )
+        )["messages"]
         == []
     )
 

@@ -375,13 +375,18 @@ def queue_list(
 ) -> None:
     """List queued messages, the oldest first: id, state, age, size, sender, recipients, next attempt,
     last error, and the node delivering it right now (in a cluster)."""
+    if (
+        as_json
+    ):  # the document GET /api/queue answers: {"where", "queued", "limit", "frozen_links", "messages"}
+        document = _with_admin(
+            config_file, lambda admin: admin.listing(state or "", to or "", domain or "", link or "", limit)
+        )
+        click.echo(json.dumps(document, indent=2))
+        return
     entries = _with_admin(
         config_file, lambda admin: admin.entries(state or "", to or "", domain or "", link or "", limit)
     )
     now = time.time()
-    if as_json:
-        click.echo(json.dumps([e.to_json(now) for e in entries], indent=2))
-        return
     if not entries:
         filtered = state or to or domain or link
         click.echo("no message matches" if filtered else "the queue is empty")
@@ -822,14 +827,16 @@ def _badmail_dirs(config_file: str | None) -> tuple[Path, Path]:
 @badmail.command("list")
 @config_option
 def badmail_list(config_file: str | None) -> None:
-    """One line per item: name, size, age, first reason."""
+    """One line per item: name, kind (failure, delay, relayed, other), size, age, first reason."""
     folder, _ = _badmail_dirs(config_file)
     found = badmail_admin.items(folder)
     if not found:
         click.echo("Badmail is empty")
     now = time.time()
     for item in found:
-        click.echo(f"{item.name}  {item.size:>8} B  {_age(now - item.mtime):>4}  {item.reason}")
+        click.echo(
+            f"{item.name}  {item.kind:<7}  {item.size:>8} B  {_age(now - item.mtime):>4}  {item.reason}"
+        )
 
 
 @badmail.command("show")
@@ -853,16 +860,26 @@ def badmail_show(config_file: str | None, name: str) -> None:
 @badmail.command("replay")
 @config_option
 @click.argument("name", required=False)
-@click.option("--all", "replay_all", is_flag=True, help="Replay every item.")
-def badmail_replay(config_file: str | None, name: str | None, replay_all: bool) -> None:
+@click.option("--all", "replay_all", is_flag=True, help="Replay every item of --kind.")
+@click.option(
+    "--kind",
+    type=click.Choice([*badmail_admin.KINDS, "all"]),
+    default=None,
+    help="With --all: the kind of item replayed (default failure, as KB306043 advises).",
+)
+def badmail_replay(config_file: str | None, name: str | None, replay_all: bool, kind: str | None) -> None:
     """Resubmit through Pickup, with the original envelope when the .bdp has it (KB306043)."""
     folder, pickup = _badmail_dirs(config_file)
     if bool(name) == replay_all:
         click.echo("smtpsvc: give one item NAME or --all (see `smtpsvc badmail list`)", err=True)
         raise SystemExit(2)
+    if kind is not None and not replay_all:
+        click.echo("smtpsvc: --kind goes with --all (one item NAME is replayed whatever its kind)", err=True)
+        raise SystemExit(2)
     names = [str(name)]
-    if replay_all:  # a damaged item is skipped, saying why; the others are replayed
-        found = badmail_admin.items(folder)
+    if replay_all:  # a damaged item is skipped, saying why; the others of the kind are replayed
+        kind = kind or "failure"
+        found = [i for i in badmail_admin.items(folder) if kind in ("all", i.kind)]
         for damaged in (i for i in found if i.damaged):
             click.echo(f"{damaged.name}: skipped, {damaged.reason}", err=True)
         names = [i.name for i in found if not i.damaged]

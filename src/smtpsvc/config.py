@@ -720,6 +720,30 @@ def _suggest(word: str, choices: Iterable[str]) -> str:
     return f'; did you mean "{close[0]}"?' if close else ""
 
 
+# IIS and Exchange names an administrator may type that no one key carries as its `iis` name (keys that do
+# are hinted from the schema): the keys that do their job instead.
+_IIS_ONLY_HINTS = {
+    # Exchange 5.5 IMS registry value (Q206968): bits 1 deny list, 2 allow list, 8 authenticated clients.
+    "relayflags": (
+        "relay.deny, relay.allow, relay.allow_authenticated",
+        "Exchange 5.5 RelayFlags bits 1, 2 and 8, Q206968; bit 4, RelayLocalIPList, has no equivalent",
+    ),
+}
+
+
+def _iis_hint(word: str) -> str:
+    """A did-you-mean for an IIS metabase or Exchange registry name (any case): the smtpsvc key(s) that
+    replace it; "" when `word` is not one."""
+    if word.lower() in _IIS_ONLY_HINTS:
+        replacements, why = _IIS_ONLY_HINTS[word.lower()]
+        return f"; did you mean {replacements}? ({why})"
+    for section, keys in _SCHEMA.items():
+        for key in keys:
+            if key.iis and key.iis.lower() == word.lower():
+                return f'; did you mean "{section}.{key.name}"? (the IIS name {key.iis})'
+    return ""
+
+
 def _table(value: object, what: str, known: Sequence[str]) -> dict[str, object]:
     if not isinstance(value, dict):
         raise ValueError(f"expected {what}, got {_describe(value)}")
@@ -1606,7 +1630,9 @@ class _Loader:
             if name in known:
                 continue
             elsewhere = [s for s, ks in _SCHEMA.items() if s != section and any(k.name == name for k in ks)]
-            hint = f"; it belongs in [{elsewhere[0]}]" if elsewhere else _suggest(name, known)
+            hint = (
+                f"; it belongs in [{elsewhere[0]}]" if elsewhere else _iis_hint(name) or _suggest(name, known)
+            )
             self.report(section, name, f'unknown key "{name}"{hint}', index)
 
     def section(
@@ -1688,7 +1714,7 @@ def _apply_env(loader: _Loader, raw: dict[str, Any], env: Mapping[str, str]) -> 
             continue
         keys = {k.name: k for k in _SCHEMA[section]}
         if key not in keys:
-            problem = f'unknown key "{key}"{_suggest(key, keys)}'
+            problem = f'unknown key "{key}"{_iis_hint(key) or _suggest(key, keys)}'
             loader.problems.append(ConfigProblem(f"${name}", None, dotted, problem))
             continue
         table = raw.setdefault(section, {})
@@ -1708,6 +1734,8 @@ def _check_sections(loader: _Loader, raw: Mapping[str, object]) -> None:
             loader.report(
                 "", name, f'unknown key "{name}" outside any section; it belongs in [{every_key[name]}]'
             )
+        elif not isinstance(value, dict) and _iis_hint(name):
+            loader.report("", name, f'unknown key "{name}" outside any section{_iis_hint(name)}')
         else:
             loader.report(name, "", f'unknown section "{name}"{_suggest(name, _SECTION_ORDER)}')
 

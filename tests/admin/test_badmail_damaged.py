@@ -97,7 +97,7 @@ def test_badmail_show_of_a_damaged_item_says_why(badmail_config: tuple[Path, Pat
 
 def test_badmail_replay_all_skips_the_damaged_items_saying_why(badmail_config: tuple[Path, Path]) -> None:
     config, folder = badmail_config
-    code, _, err = run("badmail", "replay", "-c", str(config), "--all")
+    code, _, err = run("badmail", "replay", "-c", str(config), "--all", "--kind", "all")
     assert code == 0
     pickup = sorted(p.name for p in (folder.parent / "pickup").iterdir())
     assert pickup == ["replay-good.eml", "replay-hugebdr.eml"]

@@ -22,7 +22,8 @@ async def test_list_summary_and_show_through_the_api(admin: Admin) -> None:
     assert code == 0 and queue_id in out and "retry" in out and VIA_API in err
     assert "last: 450 4.3.2" in out
     code, out, _ = await run("queue", "list", "-c", config, "--json", "--link", "smarthost")
-    assert [m["id"] for m in json.loads(out)] == [queue_id]
+    listing = json.loads(out)  # the document GET /api/queue answers
+    assert [m["id"] for m in listing["messages"]] == [queue_id] and listing["where"] == "the running service"
     code, out, _ = await run("queue", "summary", "-c", config)
     assert code == 0 and out.splitlines()[1].startswith("smarthost")
     code, out, _ = await run("queue", "show", "-c", config, queue_id, "--transcript")
@@ -107,7 +108,7 @@ async def test_badmail_commands_while_running(admin: Admin) -> None:
     assert code == 0 and out.startswith("B1 ")
     code, out, _ = await run("badmail", "show", "-c", config, "B1")
     assert code == 0 and "Subject: lost" in out
-    code, out, _ = await run("badmail", "replay", "-c", config, "--all")
+    code, out, _ = await run("badmail", "replay", "-c", config, "--all", "--kind", "other")
     assert code == 0 and "B1: written to" in out
     [dropped] = await wait_until(lambda: list(admin.service.folders["drop"].glob("*.eml")), what="replay")
     assert b"X-Receiver: <bob@local.test>" in dropped.read_bytes()

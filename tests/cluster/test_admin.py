@@ -66,7 +66,9 @@ async def test_a_message_frozen_through_one_node_is_frozen_for_every_node(
 
 def comparable(listing: str) -> list[dict[str, Any]]:
     """`queue list --json` without what changes from one second to the next."""
-    return [{k: v for k, v in entry.items() if k != "age_seconds"} for entry in json.loads(listing)]
+    return [
+        {k: v for k, v in entry.items() if k != "age_seconds"} for entry in json.loads(listing)["messages"]
+    ]
 
 
 async def test_queue_list_from_either_node_shows_the_same_queue_with_lease_holders(

@@ -6,6 +6,7 @@ connections; a host that never greets or refuses says so, and the next MX is tri
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import socket
 import time
@@ -233,10 +234,12 @@ class StallingPeer:
 
     def __init__(self) -> None:
         self.port = 0
+        self.connected_at: list[float] = []  # when each connection was accepted (time.time())
         self._server: asyncio.Server | None = None
 
     async def start(self) -> StallingPeer:
         async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connected_at.append(time.time())
             writer.write(b"220 stall.test ESMTP\r\n")
             while line := await reader.readline():
                 if line.upper().startswith(b"EHLO"):
@@ -269,3 +272,23 @@ async def test_a_reply_that_never_comes_is_reported_as_a_timeout_of_that_command
     assert skipped["cause"] == "reply-timeout"
     assert "did not reply to MAIL within 1s" in skipped["text"] and "dropped" not in skipped["text"]
     assert any("no reply to MAIL within 1s" in line for line in envelope.transcripts[-1])
+
+
+async def test_a_transcript_says_when_its_attempt_started_not_when_it_ended(tmp_path: Path) -> None:
+    peer = await StallingPeer().start()
+    root = tmp_path / "mailroot"
+    path = config_file(tmp_path, root, smart_host=f"[127.0.0.1]:{peer.port}", mail_timeout="3s")
+    service = await start_in_process(path)
+    try:
+        await submit(smtp_port(service), 1, clients=1)
+        await wait_until(lambda: events_of(service, 4006), timeout=30, what="the attempt to end")
+        [envelope] = service.queue.list()
+    finally:
+        await service.stop()
+        await peer.stop()
+    header = envelope.transcripts[-1][0]
+    assert header.startswith("attempt at ")
+    started = email.utils.parsedate_to_datetime(header.removeprefix("attempt at ")).timestamp()
+    # Whole seconds: the attempt began before its connection was accepted and ended 3 s (MAIL's timeout)
+    # after it; a header written at the end would be at least a second later.
+    assert started <= peer.connected_at[0]

@@ -222,7 +222,7 @@ async def test_the_queue_commands_report_every_damaged_file_and_list_the_rest(tm
         assert result.exit_code == 0, result.output
         assert "Traceback" not in result.output and "Traceback" not in result.stderr
     listed = json.loads(result.stdout)
-    assert sorted(e["id"] for e in listed) == sorted(e.id for e in envelopes[len(SHAPES) + 1 :])
+    assert sorted(e["id"] for e in listed["messages"]) == sorted(e.id for e in envelopes[len(SHAPES) + 1 :])
     corrupt = {p.stem for p in (queue / "corrupt").iterdir()}
     assert corrupt == set(expected)
     reported = [

@@ -5,12 +5,18 @@ when there is one (so an undeliverable NDR goes back to the original sender), el
 whose headers give the envelope. The file appears under a temporary name and is renamed into place, so the
 Pickup scanner never sees half of it; this works whether the service runs or not. A replayed item is
 removed from Badmail.
+
+Each item has a kind, read from its .bad: a delivery status notification (multipart/report;
+report-type=delivery-status) is a "failure", "delay" or "relayed" (success) report by the Action fields of
+its delivery-status part; anything else (a Pickup file that could not be parsed, ...) is "other". KB306043
+advises replaying failure reports only: `replay --all` replays those unless told otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +28,21 @@ from smtpsvc.safeio import publish, synced_file
 MAX_BDR_BYTES = 64 * 1024  # the reasons read of a .bdr (ours are a few lines)
 MAX_BDP_BYTES = 1024 * 1024  # a larger .bdp is damage: our envelopes are a few kB
 MAX_SHOWN_BYTES = 1024 * 1024  # of the message, for `show` (its headers are what is shown)
+MAX_KIND_BYTES = 256 * 1024  # of the .bad read for its kind: a report's status part is near its start
+
+KINDS = ("failure", "delay", "relayed", "other")
+# RFC 3464 2.3.3 actions, by the kind an administrator replays (delivered/expanded are successes too).
+_ACTION_KIND = {
+    "failed": "failure",
+    "delayed": "delay",
+    "delivered": "relayed",
+    "relayed": "relayed",
+    "expanded": "relayed",
+}
+_FOLD_RE = re.compile(rb"\r?\n[ \t]")
+_REPORT_TYPE_RE = re.compile(rb";\s*report-type\s*=\s*\"?delivery-status\b", re.I)
+_STATUS_PART_RE = re.compile(rb"^content-type:\s*message/(?:global-)?delivery-status\b", re.I | re.M)
+_ACTION_RE = re.compile(rb"^action:\s*([a-z]+)", re.I | re.M)
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +52,7 @@ class BadmailItem:
     mtime: float
     reasons: list[str]
     damaged: str = ""  # why the item cannot be replayed as it is; "" when it can
+    kind: str = "other"  # one of KINDS: what the report in the .bad says
 
     @property
     def reason(self) -> str:
@@ -69,7 +91,44 @@ def _item(badmail_dir: Path, name: str) -> BadmailItem:
         problem = "the .bad is not a file"
     if not problem:
         problem = _envelope(bad.with_suffix(".bdp"))[1]
-    return BadmailItem(printable(name), stat.st_size, stat.st_mtime, reasons, problem)
+    return BadmailItem(printable(name), stat.st_size, stat.st_mtime, reasons, problem, _kind(bad))
+
+
+def _kind(bad: Path) -> str:
+    """The item's kind (see KINDS); "other" when its .bad cannot be read."""
+    try:
+        with open(bad, "rb") as fh:
+            head = fh.read(MAX_KIND_BYTES)
+    except OSError:
+        return "other"
+    return report_kind(head)
+
+
+def report_kind(message: bytes) -> str:
+    """ "failure", "delay" or "relayed" for a delivery status notification by the Actions of its
+    delivery-status part (a report naming several is a failure if any recipient failed, else a delay if
+    any is delayed); "other" for any other message."""
+    end = message.find(b"\r\n\r\n")
+    if end < 0:
+        end = message.find(b"\n\n")
+    headers = message if end < 0 else message[:end]
+    # The Content-Type field unfolded (a line each, so the search is linear in the header size).
+    fields = _FOLD_RE.sub(b" ", headers).splitlines()
+    content_type = next((f for f in fields if f[:13].lower() == b"content-type:"), b"")
+    media = content_type[13:].strip().lower()
+    if not media.startswith(b"multipart/report") or not _REPORT_TYPE_RE.search(media):
+        return "other"
+    part = _STATUS_PART_RE.search(message, len(headers))
+    if part is None:
+        return "other"
+    # The status part ends at the next MIME boundary line; the original message after it is not read.
+    stop = message.find(b"\n--", part.end())
+    status = message[part.end() : stop if stop >= 0 else len(message)]
+    found = {_ACTION_KIND.get(a.decode("ascii").lower(), "other") for a in _ACTION_RE.findall(status)}
+    for kind in ("failure", "delay", "relayed"):
+        if kind in found:
+            return kind
+    return "other"
 
 
 def show(badmail_dir: Path, name: str) -> tuple[BadmailItem, dict[str, object] | None, bytes]:

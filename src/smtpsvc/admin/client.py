@@ -86,6 +86,15 @@ class RemoteAdmin:
             for m in data["messages"]
         ]
 
+    async def listing(
+        self, state: str = "", to: str = "", domain: str = "", link: str = "", limit: int = LIST_LIMIT
+    ) -> dict[str, Any]:
+        """The service's own `GET /api/queue` document (see QueueAdmin.listing)."""
+        query = {k: v for k, v in {"state": state, "to": to, "domain": domain, "link": link}.items() if v}
+        query["limit"] = str(limit)
+        data: dict[str, Any] = await asyncio.to_thread(self._request, "GET", "/api/queue", query)
+        return data
+
     async def summary(self, now: float) -> list[LinkSummary]:
         data = await asyncio.to_thread(self._request, "GET", "/api/queue/summary")
         return [LinkSummary(**{**item, "ids": tuple(item.get("ids", ()))}) for item in data]

@@ -311,6 +311,24 @@ class QueueAdmin:
                 break
         return sorted(out, key=lambda e: e.envelope.received_at)[:limit]
 
+    async def listing(
+        self, state: str = "", to: str = "", domain: str = "", link: str = "", limit: int = LIST_LIMIT
+    ) -> dict[str, Any]:
+        """`entries` as one JSON document: what `GET /api/queue` answers and `queue list --json` prints
+        (one shape for scripts, whichever they use)."""
+        entries = await self.entries(state, to, domain, link, limit)
+        now = time.time()
+        return {
+            "where": self.where,
+            "queued": await self.count(),
+            "limit": limit,
+            "frozen_links": sorted(await self.frozen_links()),
+            "messages": [
+                {**e.to_json(now), "in_flight": bool(e.leased_by), "envelope": e.envelope.to_json()}
+                for e in entries
+            ],
+        }
+
     async def entries_of(self, ids: list[str]) -> list[QueueEntry]:
         """These messages (those still queued), as `entries` gives them."""
         frozen_links = await self._read(self.store.frozen_links())

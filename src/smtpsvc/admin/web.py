@@ -102,29 +102,18 @@ def build_app(ctx: AdminContext) -> Starlette:
     # -- JSON API ------------------------------------------------------------------------------------
     async def api_queue(request: Request) -> Response:
         q = request.query_params
-        now = time.time()
         try:
             limit = int(q.get("limit", LIST_LIMIT))
         except ValueError:
             return _error(400, "limit must be a number of messages")
-        entries = await ctx.admin.entries(
-            q.get("state", ""), q.get("to", ""), q.get("domain", ""), q.get("link", ""), limit=max(1, limit)
-        )
         return JSONResponse(
-            {
-                "where": ctx.admin.where,
-                "queued": await ctx.admin.count(),
-                "limit": max(1, limit),
-                "frozen_links": sorted(await ctx.admin.frozen_links()),
-                "messages": [
-                    {
-                        **e.to_json(now),
-                        "in_flight": bool(e.leased_by),
-                        "envelope": e.envelope.to_json(),
-                    }
-                    for e in entries
-                ],
-            }
+            await ctx.admin.listing(
+                q.get("state", ""),
+                q.get("to", ""),
+                q.get("domain", ""),
+                q.get("link", ""),
+                limit=max(1, limit),
+            )
         )
 
     async def api_summary(request: Request) -> Response:

@@ -673,6 +673,7 @@ class Scheduler:
                     events.remote_domain_failed_text(domain, outcome.reason),
                     queue_id=envelope.id,
                     domain=domain,
+                    host=outcome.dns_host,
                     status=outcome.results[0].status,
                     cause=outcome.cause,
                 )

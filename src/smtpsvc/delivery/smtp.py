@@ -688,9 +688,13 @@ class _Attempt:
     def _dns_failed(self, exc: DnsError) -> Outcome:
         # A smart host that DNS cannot find is our configuration mistake, not the recipient's: retry (and
         # let the operator fix it) rather than bounce everything at once.
+        smart_host = exc.name if self.route.route.hosts else ""
         permanent = exc.permanent and not self.route.route.hosts
         status = exc.status if permanent or not exc.permanent else "4.4.9"
-        reply = f"{'550' if permanent else '451'} {status} {exc.text} ({exc})"
+        # Name the smart host: the IIS text alone reads as if the recipient's domain were not in DNS.
+        reason = f"{exc.text} (smart host '{smart_host}': {exc.detail})" if smart_host else exc.text
+        detail = reason if smart_host else f"{exc.text} ({exc})"
+        reply = f"{'550' if permanent else '451'} {status} {detail}"
         results = [
             DeliveryResult(r.address, ok=False, permanent=permanent, reply=reply, status=status)
             for r in self.recipients
@@ -700,7 +704,8 @@ class _Attempt:
             self.transcript,
             not_found=exc.cause in DNS_NOT_FOUND,
             dns=True,
-            reason=exc.text,
+            dns_host=smart_host,
+            reason=reason,
             cause=exc.cause,
         )
 

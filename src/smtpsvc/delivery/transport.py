@@ -45,6 +45,7 @@ class Outcome:
     unreachable: bool = False  # every host of the route failed before a mail transaction (transiently)
     dns: bool = False  # the destination could not be resolved (results say whether for good)
     not_found: bool = False  # DNS says the destination does not exist (NXDOMAIN, or no address)
+    dns_host: str = ""  # the smart host whose name DNS failed (then not the recipient domain's fault)
     reason: str = ""  # IIS-worded why, for event 4000 when the whole group is deferred
     cause: str = ""  # the event `cause` of that reason
 
