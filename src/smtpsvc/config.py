@@ -1781,7 +1781,7 @@ _DKIM_KEYS: tuple[_Key, ...] = (
         "algorithm", "rsa-sha256", _choice("rsa-sha256", "ed25519-sha256"), '"rsa-sha256" or "ed25519-sha256"'
     ),
 )
-_DKIM_EXAMPLE = {
+_DKIM_EXAMPLE: dict[str, object] = {
     "domain": "example.com",
     "selector": "s2026",
     "key_file": "/etc/smtpsvc/dkim/example.com.s2026.pem",
@@ -2024,24 +2024,19 @@ def render_example() -> str:
         "# sizes are integers (bytes) or strings with KB, MB or GB (1KB = 1024 bytes).",
         "# Environment variables SMTPSVC__SECTION__KEY=value override this file.",
     ]
+    # The tables that are not one plain section: commented out, each with an example of its own.
+    examples: dict[str, tuple[str, tuple[_Key, ...], dict[str, object]]] = {
+        "connector": ("#[[connector]]", _CONNECTOR_KEYS, _CONNECTOR_EXAMPLE),
+        "dkim": ("#[[dkim]]", _DKIM_KEYS, _DKIM_EXAMPLE),
+        "oauth": ("#[oauth.m365]", _OAUTH_KEYS, _OAUTH_EXAMPLE),
+    }
     for section in _SECTION_ORDER:
         out += ["", f"# {_SECTION_DOCS[section]}"]
-        if section == "connector":
-            out.append("#[[connector]]")
-            for key in _CONNECTOR_KEYS:
-                value = _CONNECTOR_EXAMPLE.get(key.name, key.default)
-                out += [_doc_line(key), f"#{_toml_key(key.name)} = {_toml_value(value)}"]
-            continue
-        if section == "dkim":
-            out.append("#[[dkim]]")
-            for key in _DKIM_KEYS:
-                value = _DKIM_EXAMPLE.get(key.name, key.default)
-                out += [_doc_line(key), f"#{_toml_key(key.name)} = {_toml_value(value)}"]
-            continue
-        if section == "oauth":
-            out.append("#[oauth.m365]")
-            for key in _OAUTH_KEYS:
-                value = _OAUTH_EXAMPLE.get(key.name, key.default)
+        if section in examples:
+            header, keys, example = examples[section]
+            out.append(header)
+            for key in keys:
+                value = example.get(key.name, key.default)
                 out += [_doc_line(key), f"#{_toml_key(key.name)} = {_toml_value(value)}"]
             continue
         out.append(f"[{section}]")
