@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import errno
+import os
+import shutil
 from pathlib import Path
 
-from smtpsvc.diskspace import SpaceWatcher, is_full
+import pytest
+
+from smtpsvc.diskspace import MIN_FREE_BYTES, SpaceWatcher, has_room, is_full
 from smtpsvc.queue.base import QueueError
 
 
@@ -47,3 +51,25 @@ def test_the_watcher_reports_each_thing_once_and_calls_back_when_there_is_room(t
     assert calls == ["room"]
     assert not watcher.check()  # nothing is full any more
     assert calls == ["room"]
+
+
+def test_without_statvfs_free_space_is_read_as_windows_would(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Windows has no os.statvfs: the watcher must still tell room from none (shutil.disk_usage, there
+    GetDiskFreeSpaceExW), not stop with an AttributeError the first time a write finds the disk full.
+    (On Linux shutil.disk_usage itself uses statvfs: it stands in here with the real figures.)"""
+    usage = shutil.disk_usage(tmp_path)
+    free = {"bytes": MIN_FREE_BYTES - 1}
+
+    def disk_usage(path: str | Path) -> object:
+        if not Path(path).exists():
+            raise FileNotFoundError(2, "The system cannot find the path specified", str(path))
+        return usage._replace(free=free["bytes"])
+
+    monkeypatch.delattr(os, "statvfs")
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    assert not has_room(tmp_path)
+    free["bytes"] = MIN_FREE_BYTES
+    assert has_room(tmp_path)
+    assert not has_room(tmp_path / "gone")  # a folder that is not there: no sign of space, no exception

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import errno
 import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +43,13 @@ def is_full(exc: BaseException | None) -> bool:
 def has_room(path: Path) -> bool:
     """Is there room again on the file system of `path`? The root user may use the blocks reserved for it
     (ext4's 5 %), and the service often runs as root; anybody else only the available ones. A file system
-    that does not count inodes (btrfs says 0 of 0) is judged by its blocks alone."""
+    that does not count inodes (btrfs says 0 of 0) is judged by its blocks alone. Where there is no
+    `statvfs` (Windows), `shutil.disk_usage` (GetDiskFreeSpaceExW: the bytes this user may use) decides."""
+    if not hasattr(os, "statvfs"):
+        try:
+            return shutil.disk_usage(path).free >= MIN_FREE_BYTES
+        except OSError:
+            return False
     try:
         st = os.statvfs(path)
     except OSError:
