@@ -28,9 +28,9 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from smtpsvc import __version__, events, gctune
 from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, AccessError, service_token
@@ -569,7 +569,14 @@ class Service:
             self._reload_pending = True
 
     async def run_until_signalled(self, stop: asyncio.Event | None = None) -> None:
-        await (stop or self.handle_signals()).wait()
+        try:
+            await (stop or self.handle_signals()).wait()
+        except asyncio.CancelledError:
+            # Where the loop takes no signal handlers (Windows), Ctrl-C reaches us as asyncio.run cancelling
+            # this task: stop in order all the same (421 to the sessions, deliveries given their grace), in a
+            # task of its own, as a cancelled task's own timeouts would read as cancelled too.
+            await asyncio.shield(asyncio.ensure_future(self.stop()))
+            raise
         await self.stop()
 
 
@@ -609,6 +616,11 @@ def run_service(config: Config, config_path: str | None) -> int:
 
     try:
         import uvloop
-    except ImportError:
-        return asyncio.run(main())
-    return uvloop.run(main())
+
+        run: Callable[[Coroutine[Any, Any, int]], int] = uvloop.run
+    except ImportError:  # Windows (uvloop is not installed there): asyncio's own loop
+        run = asyncio.run
+    try:
+        return run(main())
+    except KeyboardInterrupt:  # Ctrl-C where it is no loop signal (Windows): stopped in order above
+        return 0
