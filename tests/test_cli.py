@@ -46,6 +46,26 @@ def test_config_check_warns_about_keys_not_yet_in_effect(
     assert "queue.lease" in err and "not yet in effect" in err
 
 
+def test_config_check_names_kb286673s_typo_in_the_verb_mask(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text("[server]\ninbound_command_support_options = 41943040\n")
+    code, out, err = run("config", "check", "-c", str(cfg))
+    assert code == 0  # a warning, not an error: the mask is a valid DWORD
+    assert out.strip() == f"{cfg}: OK"
+    warnings = err.splitlines()
+    assert len(warnings) == 3 and all(
+        w.startswith("warning: server.inbound_command_support_options") for w in warnings
+    )
+    assert "turns off 6 of the 6 verbs it controls (DSN, ETRN" in err
+    assert "KB286673's typo for 4194304: did you mean 7697601 - 4194304 = 3503297" in err
+
+
+def test_config_check_is_quiet_about_the_mask_kb286673_meant(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text("[server]\ninbound_command_support_options = 3503297\n")
+    assert run("config", "check", "-c", str(cfg)) == (0, f"{cfg}: OK\n", "")
+
+
 def test_config_show_decodes_the_verb_mask(tmp_path: Path) -> None:
     cfg = tmp_path / "smtpsvc.toml"
     cfg.write_text("[server]\ninbound_command_support_options = 3503297\n")

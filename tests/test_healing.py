@@ -20,17 +20,22 @@ class Misbehaving(LoopbackPeer):
     def __init__(self, drop_on_ehlo: bool = False, drop_on_8bit: bool = False) -> None:
         super().__init__()
         self.drop_on_ehlo = drop_on_ehlo
+        self.reject_ehlo = False  # an old server: "500 unrecognized command", then HELO works
+        self.connections = 0
         self.drop_on_8bit = drop_on_8bit
         self.drop_on_body_param = False  # an Exchange 5.5 IMS that closes on "MAIL FROM:<...> BODY=8BITMIME"
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 picky.test ready\r\n")
+        self.connections += 1
         while line := await reader.readline():
             verb = line.decode(errors="replace").split(" ", 1)[0].strip().upper()
             self.commands.append(verb)
             if verb == "MAIL" and self.drop_on_body_param and b"BODY=8BITMIME" in line.upper():
                 break
-            if verb == "EHLO":
+            if verb == "EHLO" and self.reject_ehlo:
+                writer.write(b"500 5.5.1 Command unrecognized\r\n")
+            elif verb == "EHLO":
                 if self.drop_on_ehlo:
                     break  # like a firewall that does not know EHLO
                 writer.write(b"250-picky.test\r\n250 8BITMIME\r\n")
@@ -84,6 +89,36 @@ async def test_a_peer_that_drops_8bit_data_gets_7bit_on_the_next_attempt(
     assert event["cause"] == "peer-lacks-8bitmime"
     drops = [e for e in events_of(service, 4006) if e.get("cause") == "peer-lacks-8bitmime"]
     assert drops
+
+
+async def test_a_peer_that_refuses_ehlo_gets_helo_on_the_same_connection_and_the_event_says_so(
+    peer: Misbehaving, start_service: StartService
+) -> None:
+    peer.reject_ehlo = True
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}"})
+    await send(service, "a@local.test", ["x@remote.test"], b"Subject: s\r\n\r\nx\r\n")
+    await wait_until(lambda: peer.messages, what="delivery with HELO")
+    assert peer.commands[:3] == ["EHLO", "HELO", "MAIL"] and peer.connections == 1
+    [event] = events_of(service, 3010)
+    assert event["cause"] == "peer-rejects-ehlo"
+    assert event["text"] == (
+        f"Self-healing for host 127.0.0.1:{peer.port}: send HELO instead of EHLO from now on "
+        "(peer-rejects-ehlo): it refused EHLO; the message went on over the same connection with HELO"
+    )
+
+
+async def test_the_event_for_a_drop_on_ehlo_says_the_message_is_tried_again(
+    peer: Misbehaving, start_service: StartService
+) -> None:
+    peer.drop_on_ehlo = True
+    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "retry": ["300ms"]})
+    await send(service, "a@local.test", ["x@remote.test"], b"Subject: s\r\n\r\nx\r\n")
+    await wait_until(lambda: peer.messages, what="delivery after healing")
+    [event] = events_of(service, 3010)
+    assert event["text"].endswith(
+        "(peer-rejects-ehlo): the remote server dropped the connection after EHLO; "
+        "the message is tried again over a new connection"
+    )
 
 
 def test_memory_forgets_after_its_ttl() -> None:

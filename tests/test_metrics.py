@@ -250,7 +250,7 @@ def test_queue_gauges_by_state_and_link_agree_with_the_queue_summary() -> None:
     assert value(s, "smtpsvc_queue_frozen_links") == 2
     entries = [QueueEntry(e, frozen) for e in queue]
     # the same words as `smtpsvc queue list`
-    assert [e.state for e in entries] == ["ready", "retry", "frozen", "ready", "frozen"]
+    assert [e.status(NOW).state for e in entries] == ["ready", "retry", "frozen", "ready", "frozen"]
     for link in summarize(entries, NOW, frozen):
         if not link.messages:
             continue  # a frozen link with nothing queued: no series (the frozen-links gauge counts it)

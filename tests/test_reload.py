@@ -198,3 +198,27 @@ async def test_a_reload_keeps_the_listen_addresses_given_on_the_command_line(tmp
         assert not reload_events(service, "config-restart-needed")
     finally:
         await service.stop()
+
+
+KB286673_TYPO = {"inbound_command_support_options": 41943040}
+
+
+async def test_kb286673s_typo_in_the_verb_mask_is_a_warning_event_at_the_start(
+    start_service: StartService,
+) -> None:
+    service = await start_service(server=KB286673_TYPO)
+    warnings = reload_events(service, "config-warning")
+    assert [w["level"] for w in warnings] == ["warning"] * 3
+    assert "did you mean 7697601 - 4194304 = 3503297" in warnings[-1]["text"]
+    assert warnings[-1]["text"].startswith("Configuration: server.inbound_command_support_options = 41943040")
+
+
+async def test_a_reload_to_kb286673s_typo_warns_about_the_verb_mask(start_service: StartService) -> None:
+    service = await start_service()
+    assert not reload_events(service, "config-warning")
+    reconfigure(service, server=KB286673_TYPO)
+    service.reload()
+    assert reload_events(service, "config-reload")
+    texts = [w["text"] for w in reload_events(service, "config-warning")]
+    assert any("turns off 6 of the 6 verbs" in t for t in texts)
+    assert any("KB286673's typo" in t for t in texts)

@@ -144,3 +144,43 @@ def test_keywords_that_need_another_are_shown_off_without_it() -> None:
     found = verbmask.effective_extensions(7697601, {"chunking": False})
     assert found["binarymime"][0] is False and "CHUNKING is off" in found["binarymime"][1]
     assert verbmask.effective_extensions(7697601, {})["smtputf8"][0] is True
+
+
+# ------------------------------------------------------------------------------- warnings (KB286673's typo)
+
+KEY = "server.inbound_command_support_options"
+
+
+@pytest.mark.parametrize(
+    ("mask", "overrides", "expected"),
+    [
+        (DEFAULT_MASK, {}, []),
+        (3503297, {}, []),  # what KB286673 meant: 8BITMIME alone off
+        (0x3574C1 & ~0x40, {}, []),  # DSN off too: two of six is not "most"
+        (0, {}, ["turns off 6 of the 6"]),
+        (
+            4194304,
+            {},
+            ["turns off 5 of the 6", "8BITMIME's bit alone: did you mean 7697601 - 4194304 = 3503297"],
+        ),
+        (
+            41943040,
+            {},
+            [
+                "sets bit(s) 0x800000, 0x2000000 that neither smtpsvc nor the IIS default",
+                "turns off 6 of the 6 verbs it controls (DSN, ETRN, ENHANCEDSTATUSCODES, CHUNKING,",
+                "KB286673's typo for 4194304: did you mean 7697601 - 4194304 = 3503297",
+            ],
+        ),
+        (DEFAULT_MASK | 0x800000, {}, ["sets bit(s) 0x800000 that"]),
+        # the verbs [extensions] turns on again are not "turned off by the mask"
+        (0, {"dsn": True, "etrn": True, "chunking": True, "binarymime": True}, []),
+        # nor are those it turns off itself: the administrator said so by name
+        (0, {"dsn": False, "etrn": False, "chunking": False, "enhancedstatuscodes": False}, []),
+    ],
+)
+def test_mask_warnings(mask: int, overrides: dict[str, bool], expected: list[str]) -> None:
+    found = verbmask.mask_warnings(KEY, mask, overrides)
+    assert len(found) == len(expected), found
+    for line, part in zip(found, expected, strict=True):
+        assert line.startswith(f"{KEY} = {mask}") and part in line, line

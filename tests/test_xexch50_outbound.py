@@ -13,7 +13,7 @@ import pytest
 
 from smtpsvc.app import Service
 from smtpsvc.auth.users import UserStore
-from tests.conftest import StartService, smtp_port, wait_until
+from tests.conftest import StartService, events_of, smtp_port, wait_until
 from tests.peers import LoopbackPeer
 from tests.rawclient import RawClient
 
@@ -28,6 +28,7 @@ class ExchangePeer(LoopbackPeer):
         super().__init__()
         self.stall_after_blob = False
         self.blobs: list[bytes] = []
+        self.hold_data: asyncio.Event | None = None  # set: a message's 250 waits for it
 
     async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 exchange.test ready\r\n")
@@ -49,6 +50,8 @@ class ExchangePeer(LoopbackPeer):
                     writer.write(b"354 go\r\n")
                     await writer.drain()
                     self.messages.append(await reader.readuntil(b"\r\n.\r\n"))
+                    if self.hold_data is not None:
+                        await self.hold_data.wait()
                     writer.write(b"250 queued\r\n")
                 elif verb == "QUIT":
                     writer.write(b"221 bye\r\n")
@@ -77,8 +80,9 @@ def users_file(tmp_path: Path) -> str:
     return str(path)
 
 
-async def relay_with_blob(service: Service, rcpt: str) -> None:
-    """Submit over loopback with AUTH and an XEXCH50 blob, as an Exchange server would."""
+async def relay_with_blob(service: Service, rcpt: str, blob: bool = True) -> None:
+    """Submit over loopback with AUTH and (unless `blob` is False) an XEXCH50 blob, as an Exchange server
+    would."""
     client = await RawClient.connect(smtp_port(service))
     await client.reply()
     await client.command("EHLO exchange-a.test")
@@ -86,9 +90,10 @@ async def relay_with_blob(service: Service, rcpt: str) -> None:
     assert (await client.command(f"AUTH PLAIN {token}")).startswith("235")
     assert (await client.command("MAIL FROM:<a@local.test>")).startswith("250")
     assert (await client.command(f"RCPT TO:<{rcpt}>")).startswith("250")
-    assert (await client.command(f"XEXCH50 {len(BLOB)} 2")).startswith("354")
-    await client.send(BLOB)
-    assert (await client.reply()).startswith("250")
+    if blob:
+        assert (await client.command(f"XEXCH50 {len(BLOB)} 2")).startswith("354")
+        await client.send(BLOB)
+        assert (await client.reply()).startswith("250")
     assert (await client.command("DATA")).startswith("354")
     await client.send(b"Subject: x\r\n\r\nbody\r\n.\r\n")
     assert (await client.reply()).startswith("250 2.6.0")
@@ -165,3 +170,27 @@ async def test_the_blob_reaches_an_smtpsvc_peer_that_offers_xexch50_after_auth(
     [envelope] = await wait_until(receiver.queue.list, what="the message at the receiver")
     assert envelope.xexch50 == len(BLOB)
     assert receiver.queue.xexch50_blob(envelope.id) == BLOB
+
+
+async def test_a_stall_after_the_blob_on_a_reused_connection_is_waited_out_once(
+    start_service: StartService, exchange: ExchangePeer, tmp_path: Path
+) -> None:
+    """The KB818222 firewall met on a connection handed over from the previous message: one stall (the
+    test settings' delivery.timeout, 10s) is enough to learn it; the fresh connection that follows in the
+    same attempt carries no blob, and the event says it was a timeout."""
+    exchange.stall_after_blob = True
+    exchange.hold_data = asyncio.Event()  # the first message holds the one connection...
+    overrides = sections(tmp_path)
+    overrides["delivery"] = {"max_connections_per_domain": 1}
+    service = await start_service(_extra=connector(exchange.port), **overrides)
+    await relay_with_blob(service, "first@internal.test", blob=False)
+    await wait_until(lambda: exchange.messages, what="the first message")
+    await relay_with_blob(service, "second@internal.test")  # ...so the second one gets it after the first
+    exchange.hold_data.set()
+    await wait_until(lambda: len(exchange.messages) == 2, timeout=60, what="the second message, without blob")
+    assert exchange.blobs == [BLOB]  # one stall, not one per connection
+    assert exchange.commands.count("XEXCH50") == 1
+    [healed] = events_of(service, 3010)
+    assert healed["cause"] == "xexch50-blocked"
+    assert "no reply to the XEXCH50 blob within 10s" in healed["text"]  # the transcript's words
+    assert "dropped" not in healed["text"]

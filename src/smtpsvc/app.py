@@ -57,7 +57,14 @@ from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.queue.postgres import PostgresQueue
-from smtpsvc.receiving import ReceivingError, ReloadRefused, new_resolver, reload_receiving, session_context
+from smtpsvc.receiving import (
+    ReceivingError,
+    ReloadRefused,
+    config_warning_events,
+    new_resolver,
+    reload_receiving,
+    session_context,
+)
 from smtpsvc.routing.mtasts import MtaSts
 from smtpsvc.safeio import replace_file
 from smtpsvc.sdnotify import notify
@@ -308,6 +315,8 @@ class Service:
                 f"{await self._queue_size()}{self._queue_words()}",
             )
         )
+        for warning in config_warning_events(cfg):
+            self.events.emit(warning)
         self.events.flush()
         notify(f"READY=1\nSTATUS=listening on {listening}")
         if self._reload_pending:  # a SIGHUP came during the start: the file may have changed since we read it

@@ -393,11 +393,12 @@ def queue_list(
         return
     for entry in entries:
         env = entry.envelope
-        due = env.next_due(entry.frozen_links)
+        status = entry.status(now)  # the state and next attempt `queue summary` and the API show
+        due = status.next_attempt
         when = "now" if due is not None and due <= now else (_age(due - now) if due else "-")
         held = f"  leased by {entry.leased_by}" if entry.leased_by else ""
         click.echo(
-            f"{env.id}  {entry.state:<6} age {_age(now - env.received_at):>4}  {env.size:>8} B  "
+            f"{env.id}  {status.state:<6} age {_age(now - env.received_at):>4}  {env.size:>8} B  "
             f"from <{env.sender}>  next {when}{held}"
         )
         for r in env.recipients:

@@ -364,8 +364,12 @@ class Config:
 
     @property
     def warnings(self) -> list[str]:
-        """`config check` warnings: keys set here whose feature is not built yet (see NOT_YET_EFFECTIVE)."""
-        return warnings_for(self.explicit_keys)
+        """`config check` warnings (also logged at the start and after a reload): keys set here whose
+        feature is not built yet (see NOT_YET_EFFECTIVE), and a verb mask that looks like a mistake."""
+        mask = verbmask.mask_warnings(
+            "server.inbound_command_support_options", self.extensions.mask, self.extensions.explicit
+        )
+        return warnings_for(self.explicit_keys) + mask
 
 
 class LiveConfig:

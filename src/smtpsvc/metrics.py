@@ -485,8 +485,8 @@ def _queue_families() -> dict[str, GaugeMetricFamily]:
     return {
         "messages": GaugeMetricFamily(
             PREFIX + "queue_messages",
-            "Queued messages by state: ready (not tried yet), retry (failed before, waiting), frozen (the "
-            "message, or every link it waits for).",
+            "Queued messages by state: ready (never tried, due now), retry (failed before, or held until "
+            "later by its link's backoff or budget), frozen (the message, or every link it waits for).",
             labels=["state"],
         ),
         "link_messages": GaugeMetricFamily(

@@ -217,16 +217,45 @@ QUEUE_STATES = ("ready", "retry", "frozen")
 NO_LINK = "-"  # the link shown for a recipient that has no route recorded yet
 
 
-def queue_state(envelope: Envelope, frozen_links: frozenset[str] = frozenset()) -> str:
-    """Exchange Queue Viewer words: frozen (the message, or every link it waits for), retry (failed before,
-    waiting), ready (not tried yet). Shared by the queue commands (admin) and the metrics, so both name a
-    message's state alike."""
+@dataclass(frozen=True, slots=True)
+class QueueStatus:
+    """A message's state in the queue and its next attempt (None: frozen, or nothing left to do)."""
+
+    state: str
+    next_attempt: float | None
+
+
+def queue_status_of(frozen: bool, tried: bool, next_due: float | None, now: float) -> QueueStatus:
+    """THE rule every view of the queue applies (`queue list` and `queue summary`, the web viewer, the API,
+    the metrics), in the Exchange Queue Viewer's words; the queue backends feed it what they index:
+
+    frozen  the message, or every link it waits for: nothing is tried until it is thawed
+    retry   tried before, or held until a later time without an attempt of its own: its link backs off
+            after another message to it failed (the destination is down for a while), or the link's
+            sending budget is used up. Its next attempt is that time.
+    ready   never tried, and due now.
+
+    `frozen`: the message is, or all its pending recipients wait on frozen links; `tried`: a pending
+    recipient has an attempt; `next_due`: `Envelope.next_due(frozen_links)`."""
+    if frozen:
+        return QueueStatus("frozen", None)
+    if tried or (next_due is not None and next_due > now):
+        return QueueStatus("retry", next_due)
+    return QueueStatus("ready", next_due)
+
+
+def queue_status(envelope: Envelope, frozen_links: frozenset[str], now: float) -> QueueStatus:
+    """`queue_status_of` for one envelope."""
     pending = envelope.pending
-    if envelope.frozen or (pending and all(r.route in frozen_links for r in pending)):
-        return "frozen"
-    if any(r.attempts for r in pending):
-        return "retry"
-    return "ready"
+    frozen = envelope.frozen or (bool(pending) and all(r.route in frozen_links for r in pending))
+    tried = any(r.attempts for r in pending)
+    return queue_status_of(frozen, tried, envelope.next_due(frozen_links), now)
+
+
+def queue_state(envelope: Envelope, frozen_links: frozenset[str], now: float) -> str:
+    """The state of `queue_status`: shared by the queue commands (admin), the backends' reference summary
+    and the metrics, so all name a message's state alike."""
+    return queue_status(envelope, frozen_links, now).state
 
 
 def pending_by_link(envelope: Envelope) -> dict[str, int]:

@@ -120,7 +120,20 @@ class Reload:
             done.append(
                 events.Event(events.SERVICE_STARTED, text, cause="config-restart-needed", level="warning")
             )
+        if not worker_pid:
+            done += config_warning_events(self.current)
         return done
+
+
+def config_warning_events(config: Config) -> list[events.Event]:
+    """What `config check` would warn about, as warning events: at the start and after each reload, so a
+    mistake such as KB286673's typo in the verb mask shows in the event log too."""
+    return [
+        events.Event(
+            events.SERVICE_STARTED, f"Configuration: {text}", cause="config-warning", level="warning"
+        )
+        for text in config.warnings
+    ]
 
 
 def reload_receiving(

@@ -23,6 +23,7 @@ __all__ = [
     "Verb",
     "decode",
     "effective_extensions",
+    "mask_warnings",
     "render",
 ]
 
@@ -157,6 +158,43 @@ def effective_extensions(mask: int, overrides: Mapping[str, bool]) -> dict[str, 
             was = result[name][1]
             result[name] = (False, f"off because {EHLO_KEYWORDS[needs]} is off ({rfc}); would be: {was}")
     return result
+
+
+# KB286673 gives 8BITMIME's bit as "41943040", a typo for 4194304 (0x400000); an administrator who copies it,
+# or who enters the bit itself rather than the default minus the bit, turns off nearly every verb instead.
+KB286673_TYPO = 41943040
+_KB286673_MEANT = DEFAULT_MASK - MASK_CONTROLLED["8bitmime"].bit  # 3503297
+# Bits no verb of ours decodes but that the IIS default sets: IIS's own, so not worth a warning.
+_IIS_BITS = _KNOWN_BITS | DEFAULT_MASK
+
+
+def mask_warnings(key: str, mask: int, overrides: Mapping[str, bool]) -> list[str]:
+    """`config check` warnings about the verb mask `key` (its dotted name): bits that neither smtpsvc nor the
+    IIS default know, most of the verbs it controls turned off (and not turned on again by [extensions]),
+    and KB286673's typo, with the number the article meant."""
+    _check_mask(mask)
+    found: list[str] = []
+    unknown = decode(mask & ~_IIS_BITS).unknown_bits
+    if unknown:
+        bits = ", ".join(f"0x{bit:X}" for bit in unknown)
+        found.append(
+            f"{key} = {mask} (0x{mask:X}) sets bit(s) {bits} that neither smtpsvc nor the IIS default "
+            f"({DEFAULT_MASK}) uses; they change nothing here"
+        )
+    resolved = effective_extensions(mask, overrides)
+    off = [EHLO_KEYWORDS[name] for name in MASK_CONTROLLED if not resolved[name][0] and name not in overrides]
+    if len(off) * 2 > len(MASK_CONTROLLED):
+        found.append(
+            f"{key} = {mask} turns off {len(off)} of the {len(MASK_CONTROLLED)} verbs it controls "
+            f"({', '.join(off)}); the IIS default is {DEFAULT_MASK}"
+        )
+    if mask in (KB286673_TYPO, MASK_CONTROLLED["8bitmime"].bit):
+        typo = "KB286673's typo for 4194304" if mask == KB286673_TYPO else "8BITMIME's bit alone"
+        found.append(
+            f"{key} = {mask} is {typo}: did you mean {DEFAULT_MASK} - 4194304 = {_KB286673_MEANT} "
+            '(stop advertising 8BITMIME only)? Clearer: [extensions] "8bitmime" = false'
+        )
+    return found
 
 
 def render(mask: int, overrides: Mapping[str, bool]) -> str:

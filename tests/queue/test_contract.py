@@ -602,10 +602,22 @@ async def test_the_summary_counts_pending_recipients_per_link_with_the_oldest_me
     one, two = summary.links["one.test"], summary.links["two.test"]
     assert (one.messages, one.recipients, one.sample) == (2, 3, (first.id, second.id))
     assert (two.messages, two.recipients, two.sample) == (1, 1, (first.id,))
-    assert one.states == frozenset({"ready"})
+    assert one.states == frozenset({"retry"})  # never tried, but held until later (model.queue_status_of)
     assert one.next_due is not None and abs(one.next_due - (time.time() + LATER)) < 60
     assert abs(one.oldest - first.received_at) < 1 and summary.oldest is not None
     assert abs(summary.oldest - first.received_at) < 1
+
+
+async def test_a_message_held_until_later_without_an_attempt_counts_as_retry(store: QueueStore) -> None:
+    """What the destination's backoff does to a message it holds: a later due time, no attempt. Every view
+    says retry, like `queue list` (model.queue_status_of)."""
+    await put(store, "a@one.test")  # due now, never tried
+    held = await put(store, "b@one.test", due=time.time() + LATER)
+    summary = await store.summary()
+    assert summary.states == {"ready": 1, "retry": 1, "frozen": 0}
+    one = summary.links["one.test"]
+    assert one.states == frozenset({"ready", "retry"}) and one.next_due is not None
+    assert one.next_due <= time.time() < held.recipients[0].next_attempt
 
 
 async def test_a_frozen_link_shows_its_messages_as_frozen_and_none_due(store: QueueStore) -> None:

@@ -40,7 +40,7 @@ from smtpsvc.delivery.scheduler import Scheduler
 from smtpsvc.dsn import split_headers
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
-from smtpsvc.model import Envelope, RecipientState, pending_by_link, queue_state
+from smtpsvc.model import Envelope, QueueStatus, RecipientState, pending_by_link, queue_status
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueLocked, QueueStore, QueueSummary
 from smtpsvc.routing.categorizer import route_for
@@ -95,22 +95,22 @@ class QueueEntry:
     frozen_links: frozenset[str] = frozenset()
     leased_by: str = ""  # the node delivering it right now ("" when nobody is)
 
-    @property
-    def state(self) -> str:
-        """Exchange Queue Viewer words: frozen, retry (failed before, waiting), ready (not tried yet)."""
-        return queue_state(self.envelope, self.frozen_links)  # shared with smtpsvc.metrics
+    def status(self, now: float) -> QueueStatus:
+        """Its state and next attempt as every view shows them (`model.queue_status_of`): frozen, retry
+        (tried before, or held until later by its link's backoff or budget), ready (due now, never tried)."""
+        return queue_status(self.envelope, self.frozen_links, now)
 
     def to_json(self, now: float) -> dict[str, Any]:
         env = self.envelope
-        due = env.next_due(self.frozen_links)
+        status = self.status(now)
         return {
             "id": env.id,
-            "state": self.state,
+            "state": status.state,
             "age_seconds": round(now - env.received_at, 1),
             "size": env.size,
             "sender": env.sender,
             "source": env.source.value,
-            "next_attempt": due,
+            "next_attempt": status.next_attempt,
             "leased_by": self.leased_by,
             "recipients": [
                 {
@@ -182,12 +182,9 @@ def summarize(
         groups.setdefault(link, [])
     out = []
     for link, members in groups.items():
-        states = {entry.state for entry, _ in members}
-        dues = [
-            d
-            for entry, _ in members
-            if (d := entry.envelope.next_due(frozen_links)) is not None and not entry.envelope.frozen
-        ]
+        statuses = [entry.status(now) for entry, _ in members]
+        states = {status.state for status in statuses}
+        dues = [status.next_attempt for status in statuses if status.next_attempt is not None]
         if link in frozen_links or (states and states == {"frozen"}):
             state = "frozen"
         else:
@@ -294,11 +291,12 @@ class QueueAdmin:
         order (the oldest first) a batch at a time, the event loop free in between, until `limit` match."""
         frozen_links = await self._read(self.store.frozen_links())
         holders = await self._read(self.store.holders())
+        now = time.time()
         out: list[QueueEntry] = []
         for batch in await self._oldest_first(await self._read(self.store.ids())):
             for envelope in await self._read_many(batch):
                 entry = QueueEntry(envelope, frozen_links, holders.get(envelope.id, ""))
-                if state and entry.state != state:
+                if state and entry.status(now).state != state:
                     continue
                 if to and not any(r.address.lower() == to.lower() for r in envelope.recipients):
                     continue

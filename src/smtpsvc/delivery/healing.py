@@ -20,6 +20,12 @@ ACTIONS = {
     PEER_LACKS_8BITMIME: "convert 8-bit messages to 7-bit MIME",
     XEXCH50_BLOCKED: "stop sending the XEXCH50 blob",
 }
+# What the host choked on, for the event that names the drop.
+CHOKED_ON = {
+    PEER_REJECTS_EHLO: "EHLO",
+    PEER_LACKS_8BITMIME: "8-bit data",
+    XEXCH50_BLOCKED: "the XEXCH50 blob",
+}
 
 
 class PeerMemory:

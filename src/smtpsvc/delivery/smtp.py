@@ -29,7 +29,7 @@ from smtpsvc.delivery import dkim
 from smtpsvc.delivery.authcauses import OAUTH_TOKEN_FAILED, diagnose
 from smtpsvc.delivery.dane import DANE_LOOKUP_FAILED
 from smtpsvc.delivery.destination import Destination, DestinationDead, Destinations
-from smtpsvc.delivery.healing import ACTIONS, PeerMemory
+from smtpsvc.delivery.healing import ACTIONS, CHOKED_ON, PeerMemory
 from smtpsvc.delivery.schedule import retry_delay
 from smtpsvc.delivery.smtp_session import (
     CONNECTION_DROPPED,
@@ -260,6 +260,7 @@ class _Attempt:
         self.sts: Policy | None = None  # the MTA-STS policy (testing or enforce) this attempt applies
         self._tls_error: BaseException | None = None  # the last failed handshake's error (MTA-STS causes)
         self._warnings: list[events.Event] = []  # MTA-STS testing-mode failures: delivered anyway
+        self._healed: list[events.Event] = []  # 3010 for each fact new to the peer memory (`_learn`)
 
     async def choose_dkim_keys(self) -> Outcome | None:
         """Choose the [[dkim]] keys by the From: domain and load them (the signer of every transaction of
@@ -386,8 +387,7 @@ class _Attempt:
         except (Dropped, TlsFailed) as exc:
             if isinstance(exc, TlsFailed):
                 self._tls_error = exc.__cause__
-            diagnose_drop(session)
-            self._collect(session)
+            self._collect(session, broken=exc)
             await session.close()
             self.failures.append(self._broken(session, exc))
             return None
@@ -537,8 +537,7 @@ class _Attempt:
         try:
             results = await self._transaction(session)
         except Dropped as exc:
-            diagnose_drop(session)  # a peer that choked (or an idle connection that went stale)
-            self._collect(session)
+            self._collect(session, broken=exc)  # a peer that choked (or an idle connection that went stale)
             if slot is not None:
                 self.failures.append(self._broken(session, exc))
             destination.stale(session)
@@ -639,10 +638,33 @@ class _Attempt:
         self.transcript.append("--- the token was refused; the fresh one goes over a new connection")
         return True
 
-    def _collect(self, session: SmtpSession) -> None:
+    def _collect(self, session: SmtpSession, broken: BaseException | None = None) -> None:
+        """The session's refusals and self-healing facts; `broken`: the connection was lost, and what it
+        choked on is diagnosed here. A fact goes into the peer memory at once, so that a new connection
+        later in this same attempt already avoids it: a stall after the XEXCH50 blob on a reused connection
+        is waited out once, not again on the fresh connection that replaces it."""
         self.rejections.extend(session.rejections)
-        self.learned.extend(session.learned)
-        session.rejections, session.learned = [], []
+        session.rejections = []
+        self._learn(session, None)  # facts from a reply: the conversation went on (EHLO refused: HELO)
+        if broken is not None:
+            diagnose_drop(session)
+            self._learn(session, broken)
+
+    def _learn(self, session: SmtpSession, broken: BaseException | None) -> None:
+        facts, session.learned = session.learned, []
+        for host, cause in facts:
+            self.learned.append((host, cause))
+            if self.transport.memory.learn(host, cause, time.time()):
+                self._healed.append(
+                    events.Event(
+                        events.SELF_HEALING,
+                        _healing_text(host, cause, broken),
+                        queue_id=self.envelope.id,
+                        domain=self.domain,
+                        host=host,
+                        cause=cause,
+                    )
+                )
 
     def _broken(self, session: SmtpSession, exc: BaseException) -> HopFailure:
         if isinstance(exc, TlsFailed):
@@ -722,19 +744,8 @@ class _Attempt:
         """Events 3010, 7004 and 4006 for what this attempt saw (once, when it ends)."""
         emit = self.transport.events.emit
         queue_id, domain = self.envelope.id, self.domain
-        for host, cause in self.learned:
-            if self.transport.memory.learn(host, cause, time.time()):
-                emit(
-                    events.Event(
-                        events.SELF_HEALING,
-                        f"Self-healing for host {host}: {ACTIONS[cause]} from now on ({cause}); "
-                        "the message is retried",
-                        queue_id=queue_id,
-                        domain=domain,
-                        host=host,
-                        cause=cause,
-                    )
-                )
+        for healed in self._healed:
+            emit(healed)
         for rejection in self.rejections:
             emit(
                 events.Event(
@@ -763,10 +774,26 @@ class _Attempt:
         for warning in self._warnings:
             emit(warning)
         self.learned, self.rejections, self.failures, self._warnings = [], [], [], []
+        self._healed = []
 
 
 def _seconds(seconds: float) -> str:
     return format_duration(seconds)
+
+
+def _healing_text(host: str, cause: str, broken: BaseException | None) -> str:
+    """Event 3010: what smtpsvc does with `host` from now on, what the host did (a refusal the conversation
+    went on after, a timeout, a drop: in the transcript's words), and what became of the message."""
+    action = f"Self-healing for host {host}: {ACTIONS[cause]} from now on ({cause})"
+    if broken is None:  # only EHLO is learned from a reply: HELO follows on the same connection
+        return f"{action}: it refused EHLO; the message went on over the same connection with HELO"
+    if isinstance(broken, Stalled):
+        what = str(broken)  # a timeout, in the transcript's words: "no reply to ... within 8s"
+    elif isinstance(broken, TlsFailed):
+        what = f"the TLS handshake failed ({broken})"
+    else:
+        what = f"the remote server dropped the connection after {CHOKED_ON[cause]}"
+    return f"{action}: {what}; the message is tried again over a new connection"
 
 
 def _explained(result: DeliveryResult) -> DeliveryResult:

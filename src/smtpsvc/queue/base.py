@@ -20,6 +20,7 @@ part ingest needs. tests/queue/test_contract.py runs one suite of this contract 
 from __future__ import annotations
 
 import builtins
+import time
 from collections.abc import Callable, Iterable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
@@ -106,15 +107,19 @@ class QueueSummary:
     bytes: int = 0
 
 
-def summary_of(envelopes: Iterable[Envelope], frozen_links: frozenset[str] = frozenset()) -> QueueSummary:
+def summary_of(
+    envelopes: Iterable[Envelope], frozen_links: frozenset[str] = frozenset(), now: float | None = None
+) -> QueueSummary:
     """The summary of these envelopes (what a backend's `summary` gives for its queue), computed from the
-    envelopes themselves: for a few messages (tools, tests), or as the reference the backends match."""
+    envelopes themselves: for a few messages (tools, tests), or as the reference the backends match. The
+    states are as of `now` (the current time when None): a message held until later is in retry."""
+    now = time.time() if now is None else now
     states = dict.fromkeys(QUEUE_STATES, 0)
     links: dict[str, list[Envelope]] = {}
     recipients: dict[str, int] = {}
     listed = sorted(envelopes, key=lambda e: e.id)
     for envelope in listed:
-        states[queue_state(envelope, frozen_links)] += 1
+        states[queue_state(envelope, frozen_links, now)] += 1
         for link, count in pending_by_link(envelope).items():
             links.setdefault(link, []).append(envelope)
             recipients[link] = recipients.get(link, 0) + count
@@ -130,7 +135,7 @@ def summary_of(envelopes: Iterable[Envelope], frozen_links: frozenset[str] = fro
             recipients=recipients[link],
             oldest=min(e.received_at for e in members),
             next_due=min(dues) if dues else None,
-            states=frozenset(queue_state(e, frozen_links) for e in members),
+            states=frozenset(queue_state(e, frozen_links, now) for e in members),
             sample=tuple(e.id for e in members[:SAMPLE_IDS]),
         )
     return QueueSummary(

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import IO, Any, BinaryIO
 
 from smtpsvc.diskspace import SpaceWatcher, is_full
-from smtpsvc.model import NO_LINK, QUEUE_STATES, Envelope, RecipientState, new_queue_id
+from smtpsvc.model import NO_LINK, QUEUE_STATES, Envelope, RecipientState, new_queue_id, queue_status_of
 from smtpsvc.queue.base import (
     SAMPLE_IDS,
     Claim,
@@ -1305,34 +1305,41 @@ class LocalSpool:
         """Counts by state and link from the index (no envelope read), in chunks so the loop keeps
         answering: about a second of CPU for a million messages, most of them sharing a few shapes."""
         frozen_links = self._frozen_links
-        shapes: dict[Shape, _ShapeStats] = {}
+        # Per shape, and apart the messages held until later (model.queue_status_of: in retry untried).
+        shapes: dict[tuple[Shape, bool], _ShapeStats] = {}
         known, due_at = self._known, self._due.get
+        now = time.time()
         ids = list(known)  # the ids as they are now; one removed meanwhile is skipped below
         for start in range(0, len(ids), SUMMARY_CHUNK):
             for queue_id in ids[start : start + SUMMARY_CHUNK]:
                 shape = known.get(queue_id)
                 if shape is None:
                     continue
-                stats = shapes.get(shape)
-                if stats is None:
-                    stats = shapes[shape] = _ShapeStats()
-                stats.ids.append(queue_id)
                 due = due_at(queue_id)
+                key = (shape, due is not None and due > now)
+                stats = shapes.get(key)
+                if stats is None:
+                    stats = shapes[key] = _ShapeStats()
+                stats.ids.append(queue_id)
                 if due is not None and due < stats.next_due:
                     stats.next_due = due
             await asyncio.sleep(0)
-        return self._summarize(shapes, frozen_links)
+        return self._summarize(shapes, frozen_links, now)
 
-    def _summarize(self, shapes: dict[Shape, _ShapeStats], frozen_links: frozenset[str]) -> QueueSummary:
+    def _summarize(
+        self, shapes: dict[tuple[Shape, bool], _ShapeStats], frozen_links: frozenset[str], now: float
+    ) -> QueueSummary:
         states = dict.fromkeys(QUEUE_STATES, 0)
         links: dict[str, _LinkTotals] = {}
         oldest: str | None = None
         messages = 0
-        for (frozen, tried, pending, _), stats in shapes.items():
+        for ((frozen, tried, pending, _), _held), stats in shapes.items():
             count = len(stats.ids)
             messages += count
             all_frozen = bool(pending) and all(link in frozen_links for link, _ in pending)
-            state = "frozen" if frozen or all_frozen else "retry" if tried else "ready"
+            # The messages of a group are all held, or none is: the earliest due time tells for all.
+            due = None if stats.next_due == INFINITY else stats.next_due
+            state = queue_status_of(frozen or all_frozen, tried, due, now).state
             states[state] += count
             first = min(stats.ids)
             oldest = first if oldest is None or first < oldest else oldest

@@ -925,7 +925,7 @@ class PostgresQueue:
                 "SELECT count(*) AS messages, coalesce(sum(size), 0) AS bytes, min(received_at) AS oldest"
                 " FROM messages"
             )
-            rows = await conn.fetch(_SUMMARY, frozen_links, SAMPLE_IDS)
+            rows = await conn.fetch(_SUMMARY, frozen_links, SAMPLE_IDS, time.time())
         states = dict.fromkeys(QUEUE_STATES, 0)
         links: dict[str, dict[str, Any]] = {}
         for row in rows:
@@ -982,9 +982,10 @@ class PostgresQueue:
         return [envelope for envelope in decoded if envelope is not None]
 
 
-# The queue state of each message (model.queue_state: frozen when the message is, or every link it waits
-# for; retry when a pending recipient was tried; else ready), then per state the totals (link NULL) and
-# per (state, link) the messages with recipients pending for that link. $1: the frozen links.
+# The queue state of each message (model.queue_status_of: frozen when the message is, or every link it waits
+# for; retry when a pending recipient was tried or the message is held until later, its next_due past $3,
+# now; else ready), then per state the totals (link NULL) and per (state, link) the messages with
+# recipients pending for that link. $1: the frozen links.
 _SUMMARY = """
 WITH pending AS (
     SELECT message_id, bool_and(route = ANY($1::text[])) AS on_frozen, bool_or(attempts > 0) AS tried
@@ -992,7 +993,8 @@ WITH pending AS (
 ), state AS (
     SELECT m.id, m.received_at,
         CASE WHEN m.frozen OR coalesce(p.on_frozen, false) THEN 'frozen'
-             WHEN coalesce(p.tried, false) THEN 'retry' ELSE 'ready' END AS state,
+             WHEN coalesce(p.tried, false) OR coalesce(m.next_due > $3, false) THEN 'retry'
+             ELSE 'ready' END AS state,
         m.frozen OR m.lease_token IS NOT NULL AS waits_not
     FROM messages m LEFT JOIN pending p ON p.message_id = m.id
 )
