@@ -9,6 +9,7 @@ import re
 import socket
 import textwrap
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
@@ -23,6 +24,7 @@ from smtpsvc.config import (
     ConnectorConfig,
     HostPort,
     RemoteDomain,
+    decide_workers,
     default_config_path,
     load_config,
     parse_host_port,
@@ -33,6 +35,7 @@ from smtpsvc.config import (
     render_example,
     restart_needed,
     warnings_for,
+    worker_count,
 )
 
 
@@ -879,8 +882,43 @@ def test_a_connector_user_without_a_password_file_is_an_error(tmp_path: Path) ->
 
 def test_workers_is_checked(tmp_path: Path) -> None:
     assert load(tmp_path, "[server]\nworkers = 2\n").server.workers == 2
-    assert load(tmp_path, "").server.workers == 1
+    assert load(tmp_path, "").server.workers == 1  # the default (issue 18 makes it "auto")
+    assert load(tmp_path, '[server]\nworkers = "Auto"\n').server.workers == "auto"
     with_postgres = '[server]\nworkers = 2\n[queue]\nbackend = "postgres"\ndsn = "postgresql://x@h/db"\n'
     problem = only_problem(tmp_path, with_postgres)
     assert problem.key == "server.workers" and "needs the local queue" in problem.problem
+    # "auto" with PostgreSQL is no error: it means one process there.
+    auto_postgres = '[server]\nworkers = "auto"\n[queue]\nbackend = "postgres"\ndsn = "postgresql://x@h/db"\n'
+    assert worker_count(load(tmp_path, auto_postgres)) == 1
     assert only_problem(tmp_path, "[server]\nworkers = 0\n").key == "server.workers"
+    assert "auto" in only_problem(tmp_path, '[server]\nworkers = "many"\n').problem
+
+
+@pytest.mark.parametrize(
+    ("setting", "backend", "cores", "share_ports", "expected"),
+    [
+        ("auto", "local", 2, True, 2),  # one per core: this machine
+        ("auto", "local", 1, True, 1),  # one core: no worker gains anything
+        ("auto", "local", 128, True, 64),  # at most 64
+        ("auto", "postgres", 8, True, 1),  # the cluster scales by nodes, not workers
+        ("auto", "local", 8, False, 1),  # no SO_REUSEPORT (Windows)
+        (1, "local", 8, True, 1),  # an explicit number is kept
+        (3, "local", 2, True, 3),
+    ],
+)
+def test_decide_workers(
+    setting: int | Literal["auto"], backend: str, cores: int, share_ports: bool, expected: int
+) -> None:
+    assert decide_workers(setting, backend, cores, share_ports) == expected
+
+
+def test_config_show_says_what_auto_workers_means(tmp_path: Path) -> None:
+    auto = load(tmp_path, '[server]\nworkers = "auto"\n')
+    shown = render_effective(auto)
+    assert 'workers = "auto"' in shown
+    count = worker_count(auto)
+    line = next(x for x in shown.splitlines() if x.startswith('# workers = "auto":'))
+    assert (f"{count} SMTP worker processes" in line) if count > 1 else ("one process" in line)
+    assert "one process receives SMTP and delivers" in render_effective(
+        load(tmp_path, "[server]\nworkers = 1\n")
+    )

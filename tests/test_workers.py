@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 from smtpsvc.cli import main
+from smtpsvc.config import load_config, worker_count
 from tests.conftest import base_sections, write_config
 from tests.process import ServiceProcess
 from tests.sink import Sink
@@ -260,3 +261,26 @@ def test_a_worker_whose_reload_fails_keeps_its_configuration(
 
     wait_for(lambda: len(failures()) == 3, "the main process's failure too (its log is flushed every second)")
     assert {e["level"] for e in failures()} == {"error"}
+
+
+def test_auto_starts_one_worker_per_usable_core(
+    tmp_path: Path, sink: Sink, started: list[ServiceProcess]
+) -> None:
+    """`server.workers = "auto"`: as many SMTP processes as `worker_count` decides for this machine (one per
+    core it may use); on a one-core machine that is the main process alone."""
+    root = tmp_path / "mailroot"
+    sections = base_sections(
+        root,
+        server={"workers": "auto"},
+        delivery={"smart_host": f"[127.0.0.1]:{sink.port}"},
+        admin={"listen": "127.0.0.1:0"},
+    )
+    config_file = write_config(tmp_path / "smtpsvc.toml", sections)
+    expected = worker_count(load_config(config_file))
+    assert expected == min(len(os.sched_getaffinity(0)), 64)
+    proc = ServiceProcess(config_file, root).start()
+    started.append(proc)
+    assert len(ready_workers(proc)) == (expected if expected > 1 else 0)
+    send_one(proc.port, 1)
+    wait_for(lambda: len(sink.messages) == 1, "the delivery")
+    assert proc.terminate() == 0

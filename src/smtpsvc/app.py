@@ -39,7 +39,7 @@ from smtpsvc.admin.service import QueueAdmin
 from smtpsvc.admin.web import AdminContext, build_app
 from smtpsvc.backends import adopted_event
 from smtpsvc.backends import open_queue as open_queue  # the CLI hands it to the admin tools
-from smtpsvc.config import Config, LiveConfig, format_listen
+from smtpsvc.config import Config, LiveConfig, format_listen, worker_count
 from smtpsvc.delivery.drop import DropTransport
 from smtpsvc.delivery.graph import GraphTransport
 from smtpsvc.delivery.reports import Reporter
@@ -241,8 +241,9 @@ class Service:
             self.events.close()
             await self.store.close()
             raise MailrootError(str(exc)) from exc
-        self.smtp = SmtpServer(context, reuse_port=cfg.server.workers > 1)
-        if cfg.server.workers > 1:
+        workers = worker_count(cfg)
+        self.smtp = SmtpServer(context, reuse_port=workers > 1)
+        if workers > 1:
             self.smtp.reserve()  # the workers receive; this process delivers (docs/architecture.md)
         else:
             await self.smtp.start()
@@ -260,9 +261,9 @@ class Service:
             self.events.close()
             await self.store.close()
             raise MailrootError(text) from exc
-        if cfg.server.workers > 1 and isinstance(self.queue, LocalSpool):
+        if workers > 1 and isinstance(self.queue, LocalSpool):
             self.workers = WorkerPool(
-                cfg.server.workers,
+                workers,
                 self.config_path,
                 self.root,
                 self.queue,

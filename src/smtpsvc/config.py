@@ -21,7 +21,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeAlias
+from typing import Any, Literal, TypeAlias
 from urllib.parse import urlsplit
 
 from smtpsvc import verbmask
@@ -73,6 +73,7 @@ __all__ = [
     "ServerConfig",
     "TlsConfig",
     "auth_oauth_problems",
+    "decide_workers",
     "default_config_path",
     "format_listen",
     "load_config",
@@ -87,6 +88,7 @@ __all__ = [
     "render_example",
     "restart_needed",
     "warnings_for",
+    "worker_count",
 ]
 
 ENV_PREFIX = "SMTPSVC__"
@@ -124,7 +126,7 @@ class ServerConfig:
     root: Path
     listen: tuple[tuple[str, int], ...]
     max_connections: int
-    workers: int
+    workers: int | Literal["auto"]  # the setting; `worker_count` says how many processes that is
     delivery_nice: int
     connection_timeout: float
     data_timeout: float
@@ -631,6 +633,44 @@ def _int(low: int, high: int | None = None) -> Callable[[object], int]:
     return convert
 
 
+def _workers(value: object) -> int | Literal["auto"]:
+    if isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f'expected "auto" or a number of processes from 1 to 64, got {_describe(value)}')
+    return _int(1, 64)(value)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, e.g. a container's cpuset), else all of them."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # not Linux
+        return os.cpu_count() or 1
+
+
+def can_share_ports() -> bool:
+    """Several processes may accept on one port (SO_REUSEPORT, spreading connections): Linux and the BSDs,
+    not Windows (its SO_REUSEADDR lets a second process steal a port, not share it)."""
+    return hasattr(socket, "SO_REUSEPORT") and os.name != "nt"
+
+
+def decide_workers(setting: int | Literal["auto"], backend: str, cores: int, share_ports: bool) -> int:
+    """How many SMTP processes a setting means. "auto": one per core, so the service uses the machine as
+    installed (docs/performance.md), but a single process where workers cannot run (the PostgreSQL queue:
+    its nodes scale instead; no SO_REUSEPORT) or would gain nothing (one core). At most 64. Pure."""
+    if setting != "auto":
+        return setting
+    if backend != "local" or not share_ports:
+        return 1
+    return max(1, min(cores, 64))
+
+
+def worker_count(cfg: Config) -> int:
+    """The number of processes receiving SMTP with this configuration (`server.workers` decided)."""
+    return decide_workers(cfg.server.workers, cfg.queue.backend, usable_cores(), can_share_ports())
+
+
 def _choice(*options: str) -> Callable[[object], str]:
     def convert(value: object) -> str:
         shown = ", ".join(f'"{o}"' for o in options)
@@ -1021,8 +1061,9 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _k(
             "workers",
             1,
-            _int(1, 64),
-            "processes accepting SMTP on the listen addresses (SO_REUSEPORT); 2 uses two cores",
+            _workers,
+            'processes accepting SMTP on the listen addresses (SO_REUSEPORT); "auto": one per core (1 with '
+            "the PostgreSQL queue or without SO_REUSEPORT); 1: a single process for everything",
         ),
         _k(
             "delivery_nice",
@@ -1845,13 +1886,13 @@ def _cross_checks(loader: _Loader, cfg: Config) -> None:
             'queue.backend = "postgres" needs queue.dsn, e.g. "postgresql://smtpsvc:PASSWORD@db.example:5432/smtpsvc"'
             " (or SMTPSVC__QUEUE__DSN)",
         )
-    if cfg.server.workers > 1 and cfg.queue.backend == "postgres":
+    if cfg.server.workers != "auto" and cfg.server.workers > 1 and cfg.queue.backend == "postgres":
         loader.report(
             "server",
             "workers",
             "server.workers > 1 needs the local queue; with PostgreSQL, run one node per core instead",
         )
-    if cfg.server.workers > 1 and os.name == "nt":
+    if cfg.server.workers != "auto" and cfg.server.workers > 1 and not can_share_ports():
         loader.report("server", "workers", "server.workers > 1 needs SO_REUSEPORT (Linux, BSD), not Windows")
     if cfg.tls.require and not cfg.tls.cert:
         loader.report(
@@ -2054,6 +2095,22 @@ def _section_lines(keys: Sequence[_Key], obj: object) -> list[str]:
     return [f"{_toml_key(k.name)} = {_toml_value(k.show(getattr(obj, k.name)))}" for k in keys]
 
 
+def _workers_meaning(cfg: Config) -> str:
+    count = worker_count(cfg)
+    if count == 1:
+        why = ""
+        if cfg.server.workers == "auto":
+            if cfg.queue.backend != "local":
+                why = " (the PostgreSQL queue: run one node per core instead)"
+            elif not can_share_ports():
+                why = " (no SO_REUSEPORT on this system)"
+            else:
+                why = " (one core)"
+        return f"one process receives SMTP and delivers{why}"
+    cores = f" ({usable_cores()} cores)" if cfg.server.workers == "auto" else ""
+    return f"{count} SMTP worker processes{cores}; the main process delivers, runs Pickup and the admin API"
+
+
 def render_effective(cfg: Config) -> str:
     """The effective configuration as TOML (it loads back to the same values), the verb mask decoded."""
     out = [f"# effective configuration; source: {cfg.source}"]
@@ -2080,5 +2137,6 @@ def render_effective(cfg: Config) -> str:
         if section == "server":
             sizes = (cfg.server.max_message_size, cfg.server.max_session_size)
             out.append(f"# max_message_size = {sizes[0]} bytes, max_session_size = {sizes[1]} bytes")
+            out.append(f"# workers = {_toml_value(cfg.server.workers)}: {_workers_meaning(cfg)}")
         out += _section_lines(_SCHEMA[section], getattr(cfg, section))
     return "\n".join(out) + "\n"
