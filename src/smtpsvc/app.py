@@ -53,11 +53,19 @@ from smtpsvc.ingest import Ingest
 from smtpsvc.looplag import LoopLagMonitor
 from smtpsvc.metrics import Metrics, QueueView
 from smtpsvc.oauth import TokenBroker
+from smtpsvc.protolog import ProtocolLog
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
 from smtpsvc.queue.postgres import PostgresQueue
-from smtpsvc.receiving import ReceivingError, ReloadRefused, new_resolver, reload_receiving, session_context
+from smtpsvc.receiving import (
+    ReceivingError,
+    ReloadRefused,
+    new_resolver,
+    open_protocol_log,
+    reload_receiving,
+    session_context,
+)
 from smtpsvc.routing.mtasts import MtaSts
 from smtpsvc.safeio import replace_file
 from smtpsvc.sdnotify import notify
@@ -112,6 +120,7 @@ class Service:
         # OAuth 2.0 tokens for the transports ([oauth.NAME] profiles): the broker made at the start, unless
         # a TokenSource was put here before it (tests standing in for the provider).
         self.tokens: TokenSource | None = None
+        self.protocol_log: ProtocolLog | None = None  # [protocol_log] enabled: this process's writer
 
     @property
     def config(self) -> Config:
@@ -173,6 +182,9 @@ class Service:
             link_slot=self.store.link_slot if self.store.shared else None,
             tokens=self.tokens,
         )
+        # [protocol_log]: one writer for this process's SMTP in and out; it rotates the file for the workers
+        self.protocol_log = open_protocol_log(cfg, self.events, rotate=True)
+        self.smtp_transport.protocol_log = self.protocol_log
         # MTA-STS policies (cached in queue/mta-sts.json) and the TLS-RPT counts (queue/tlsrpt.json).
         self.mta_sts = MtaSts(
             resolver,
@@ -228,6 +240,7 @@ class Service:
                 etrn=self.scheduler.etrn,
                 resolver=resolver,
                 metrics=self.metrics,
+                protocol_log=self.protocol_log,
             )
         except ReceivingError as exc:
             self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="config-unusable"))
@@ -447,6 +460,8 @@ class Service:
         while True:
             await asyncio.sleep(1.0)
             self.events.flush()
+            if self.protocol_log is not None:
+                self.protocol_log.flush()
 
     async def stop(self) -> None:
         if self._stopped.is_set():
@@ -477,6 +492,8 @@ class Service:
         await self.store.close()
         await self._broker.close()
         await self.space.close()
+        if self.protocol_log is not None:
+            self.protocol_log.close()
         self.events.emit(events.Event(events.SERVICE_STOPPED, "smtpsvc stopped"))
         self.events.close()  # a full disk: what the log file cannot take goes to stderr, counted
 
