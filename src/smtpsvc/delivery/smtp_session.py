@@ -305,7 +305,8 @@ class SmtpSession:
     def _log_command(self, text: str) -> None:
         """A command as the protocol log shows it (the transcript's text: secrets already redacted)."""
         if text.startswith("<"):  # the message body, an XEXCH50 blob, a redacted AUTH response
-            verb = next((v for v in ("AUTH", "XEXCH50", "BDAT") if v in text), "DATA")
+            # the body's line is "." (what ends it on the wire), with what it stood for
+            verb = next((v for v in ("AUTH", "XEXCH50", "BDAT") if v in text), ".")
             arg = protolog.SECRET if verb == "AUTH" else text.strip("<> .")
         else:
             verb, _, arg = text.partition(" ")
