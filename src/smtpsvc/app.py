@@ -405,7 +405,7 @@ class Service:
             badmail_dir=self.folders["badmail"],
             pickup_dir=self.folders["pickup"],
             events_path=self.folders["log"] / "events.jsonl",
-            flush_events=self.events.flush,
+            flush_events=self._flush_logs,
             metrics=self._render_metrics,
             health=self._health,
         )
@@ -456,12 +456,16 @@ class Service:
             "workers": self.workers.status() if self.workers is not None else [],
         }
 
+    def _flush_logs(self) -> None:
+        """The event log and the protocol log (what a tracking search or the viewer reads) written out now."""
+        self.events.flush()
+        if self.protocol_log is not None:
+            self.protocol_log.flush()
+
     async def _flush_events(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.events.flush()
-            if self.protocol_log is not None:
-                self.protocol_log.flush()
+            self._flush_logs()
 
     async def stop(self) -> None:
         if self._stopped.is_set():

@@ -245,7 +245,7 @@ class ProtocolLog:
     def _rotate_if_full(self, adding: int) -> None:
         try:
             size = os.stat(self._path).st_size
-        except FileNotFoundError:
+        except OSError:  # none yet (the next write makes it), or the folder is gone: nothing to rotate
             return
         if size <= len(header(0)) or size + adding <= self.settings.max_size:
             return
@@ -256,7 +256,8 @@ class ProtocolLog:
             os.rename(self._path, rotated)
         except OSError:
             return
-        self._create()
+        with contextlib.suppress(OSError):  # else the next write makes it
+            self._create()
         self._trim()
 
     def _trim(self) -> None:
@@ -370,7 +371,7 @@ def logged_command(event: object) -> tuple[str, str, int]:
             return "XEXCH50", "", len(data)
         case Rejected(verb=verb):
             return verb.upper() or "-", "", 0
-    return _VERBS.get(type(event), type(event).__name__.upper()), "", 0
+    return _cmd(_VERBS.get(type(event), type(event).__name__.upper()), "")
 
 
 def _cmd(verb: str, arg: str) -> tuple[str, str, int]:
