@@ -189,17 +189,39 @@ class ProtocolLog:
                     self._rotate_if_full(0)
                 return
             lines, self._lines, self._buffered = self._lines, [], 0
-            data = "".join(lines).encode("utf-8", "backslashreplace")
             try:
-                if self._rotate:
-                    self._rotate_if_full(len(data))
-                fd = self._current_fd()
-                view = memoryview(data)
-                written = 0
-                while written < len(data):
-                    written += os.write(fd, view[written:])
+                for batch in self._batches(lines) if self._rotate else [lines]:
+                    data = "".join(batch).encode("utf-8", "backslashreplace")
+                    if self._rotate:
+                        self._rotate_if_full(len(data))
+                    self._append(data)
             except OSError:  # a full disk, an I/O error: the lines are dropped (counted), mail flows on
                 self.lost += len(lines)
+
+    def _batches(self, lines: list[str]) -> list[list[str]]:
+        """The lines cut where the file reaches max_size (the main process rotates between the batches),
+        so a busy second does not make one file much larger than max_size."""
+        try:
+            size = os.stat(self._path).st_size
+        except OSError:
+            size = 0
+        batches: list[list[str]] = [[]]
+        floor = len(header(0))
+        for text in lines:
+            length = len(text)  # characters: bytes for the ASCII the lines nearly always are
+            if size + length > self.settings.max_size and size > floor and batches[-1]:
+                batches.append([])
+                size = floor
+            batches[-1].append(text)
+            size += length
+        return batches
+
+    def _append(self, data: bytes) -> None:
+        fd = self._current_fd()
+        view = memoryview(data)
+        written = 0
+        while written < len(data):
+            written += os.write(fd, view[written:])
 
     def close(self) -> None:
         self.flush()
