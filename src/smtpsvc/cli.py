@@ -1,5 +1,5 @@
 """The `smtpsvc` command line: `serve`, `config`, `users`, `relay check`, `queue`, `db`, `badmail`,
-`sendmail`, `events`, `probe`, `dkim`, `tlsrpt`.
+`sendmail`, `events`, `track`, `probe`, `dkim`, `tlsrpt`.
 
 Thin by design: it finds and loads the configuration, then hands over to the service or prints. Exit codes:
 0 ok, 1 the operation failed (the message says why), 2 usage or configuration error.
