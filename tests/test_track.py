@@ -320,6 +320,7 @@ def test_a_delivered_message_is_found_by_sender_recipient_and_id_with_its_conver
     assert "> EHLO relay.test" in conversation
     assert "> MAIL FROM:<tracked.sender@local.test>" in conversation
     assert "> RCPT TO:<far.away@remote.test>" in conversation
+    assert "> <message body> ." in conversation
     assert any(line.startswith("< 250 ") and "queued" in line.lower() for line in conversation[-4:])
 
     # The API and the viewer's search answer with the same message

@@ -216,7 +216,11 @@ def _apply_line(
         msg.attempts.append(attempt)
     if command:
         attempt.mail_sent = attempt.mail_sent or method == "MAIL"
-        attempt.lines.append(f"> {method} {entry.get('cs-uri-query')}".rstrip())
+        arg = entry.get("cs-uri-query")
+        if method == ".":  # the message itself, ended by the dot: shown as the transcript shows it
+            attempt.lines.append(f"> <{arg}> .")
+        else:
+            attempt.lines.append(f"> {method} {arg}".rstrip())
     else:
         attempt.lines.append(f"< {entry.get('cs-uri-query')}")
 
