@@ -736,6 +736,7 @@ SPEC_KEYS = {
     "categorizer": "reset_message_status",
     "badmail": "max_size",
     "admin": "listen token_file",
+    "protocol_log": "enabled directory max_size max_files",
     "queue": "backend dsn node_id lease",
 }
 

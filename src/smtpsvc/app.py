@@ -53,6 +53,7 @@ from smtpsvc.ingest import Ingest
 from smtpsvc.looplag import LoopLagMonitor
 from smtpsvc.metrics import Metrics, QueueView
 from smtpsvc.oauth import TokenBroker
+from smtpsvc.protolog import ProtocolLog
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.base import QueueError, QueueStore
 from smtpsvc.queue.local import LocalSpool, LocalStore
@@ -62,6 +63,7 @@ from smtpsvc.receiving import (
     ReloadRefused,
     config_warning_events,
     new_resolver,
+    open_protocol_log,
     reload_receiving,
     session_context,
 )
@@ -119,6 +121,7 @@ class Service:
         # OAuth 2.0 tokens for the transports ([oauth.NAME] profiles): the broker made at the start, unless
         # a TokenSource was put here before it (tests standing in for the provider).
         self.tokens: TokenSource | None = None
+        self.protocol_log: ProtocolLog | None = None  # [protocol_log] enabled: this process's writer
 
     @property
     def config(self) -> Config:
@@ -180,6 +183,9 @@ class Service:
             link_slot=self.store.link_slot if self.store.shared else None,
             tokens=self.tokens,
         )
+        # [protocol_log]: one writer for this process's SMTP in and out; it rotates the file for the workers
+        self.protocol_log = open_protocol_log(cfg, self.events, rotate=True)
+        self.smtp_transport.protocol_log = self.protocol_log
         # MTA-STS policies (cached in queue/mta-sts.json) and the TLS-RPT counts (queue/tlsrpt.json).
         self.mta_sts = MtaSts(
             resolver,
@@ -235,6 +241,7 @@ class Service:
                 etrn=self.scheduler.etrn,
                 resolver=resolver,
                 metrics=self.metrics,
+                protocol_log=self.protocol_log,
             )
         except ReceivingError as exc:
             self.events.emit(events.Event(events.MAILROOT_UNUSABLE, str(exc), cause="config-unusable"))
@@ -402,7 +409,7 @@ class Service:
             badmail_dir=self.folders["badmail"],
             pickup_dir=self.folders["pickup"],
             events_path=self.folders["log"] / "events.jsonl",
-            flush_events=self.events.flush,
+            flush_events=self._flush_logs,
             metrics=self._render_metrics,
             health=self._health,
         )
@@ -453,10 +460,16 @@ class Service:
             "workers": self.workers.status() if self.workers is not None else [],
         }
 
+    def _flush_logs(self) -> None:
+        """The event log and the protocol log (what a tracking search or the viewer reads) written out now."""
+        self.events.flush()
+        if self.protocol_log is not None:
+            self.protocol_log.flush()
+
     async def _flush_events(self) -> None:
         while True:
             await asyncio.sleep(1.0)
-            self.events.flush()
+            self._flush_logs()
 
     async def stop(self) -> None:
         if self._stopped.is_set():
@@ -487,6 +500,8 @@ class Service:
         await self.store.close()
         await self._broker.close()
         await self.space.close()
+        if self.protocol_log is not None:
+            self.protocol_log.close()
         self.events.emit(events.Event(events.SERVICE_STOPPED, "smtpsvc stopped"))
         self.events.close()  # a full disk: what the log file cannot take goes to stderr, counted
 

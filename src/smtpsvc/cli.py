@@ -1,5 +1,5 @@
 """The `smtpsvc` command line: `serve`, `config`, `users`, `relay check`, `queue`, `db`, `badmail`,
-`sendmail`, `events`, `probe`, `dkim`, `tlsrpt`.
+`sendmail`, `events`, `track`, `probe`, `dkim`, `tlsrpt`.
 
 Thin by design: it finds and loads the configuration, then hands over to the service or prints. Exit codes:
 0 ok, 1 the operation failed (the message says why), 2 usage or configuration error.
@@ -37,11 +37,12 @@ import click
 from smtpsvc import __version__
 from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin import sendmail as sendmail_admin
+from smtpsvc.admin import tracking
 from smtpsvc.admin.client import RemoteAdmin, ServiceSilent, open_admin
 from smtpsvc.admin.jobs import BulkRequest, JobState, JobStatus
 from smtpsvc.admin.probe import DaneProbe, OAuthLogin, ProbeReport, TargetError, split_target
 from smtpsvc.admin.probe import probe as probe_peer
-from smtpsvc.admin.service import LIST_LIMIT, AdminError, QueueAdmin
+from smtpsvc.admin.service import LIST_LIMIT, TRACK_LIMIT, AdminError, QueueAdmin
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
 from smtpsvc.config import (
     Config,
@@ -1025,6 +1026,42 @@ def events(
         if not follow:
             return
         time.sleep(0.5)
+
+
+@main.command()
+@config_option
+@click.option("--sender", metavar="A", default="", help="Messages from this address (or any containing it).")
+@click.option("--recipient", metavar="A", default="", help="Messages to this address (or any containing it).")
+@click.option(
+    "--id", "queue_id", metavar="Q", default="", help="The message with this queue id (or its start)."
+)
+@click.option("--since", metavar="T", default="", help='Received since T: "2h", "1d" or an ISO time (UTC).')
+@click.option(
+    "--limit", type=click.IntRange(min=1), default=TRACK_LIMIT, show_default=True, help="The newest N."
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (the same as GET /api/track).")
+def track(
+    config_file: str | None, sender: str, recipient: str, queue_id: str, since: str, limit: int, as_json: bool
+) -> None:
+    """What happened to a message: its sender, recipients, where it came from, each delivery attempt with
+    the conversation (the protocol log, when [protocol_log] is on) and how it ended, from the event log and
+    the protocol log; also after it has left the queue."""
+    document = _with_admin(
+        config_file, lambda admin: admin.track(sender, recipient, queue_id, since, limit), quiet=as_json
+    )
+    if as_json:
+        click.echo(json.dumps(document, indent=2))
+        return
+    messages = document.get("messages", [])
+    if not messages:
+        click.echo("no message in the logs matches")
+    else:
+        click.echo(tracking.render_documents(messages), nl=False)
+    if not document.get("protocol_log"):
+        click.echo(
+            "(the protocol log is off: no conversations shown; [protocol_log] enabled = true logs them)",
+            err=True,
+        )
 
 
 def _since(text: str) -> str:

@@ -46,6 +46,10 @@ RESTART_ONLY: tuple[str, ...] = (
     "queue.node_id",
     "queue.lease",
     "delivery.max_connections",
+    "protocol_log.enabled",
+    "protocol_log.directory",
+    "protocol_log.max_size",
+    "protocol_log.max_files",
 )
 
 __all__ = [
@@ -66,6 +70,7 @@ __all__ = [
     "HostPort",
     "IPNetwork",
     "OAuthProfile",
+    "ProtocolLogConfig",
     "QueueConfig",
     "RelayConfig",
     "RemoteDomain",
@@ -309,6 +314,23 @@ class QueueConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProtocolLogConfig:
+    """`[protocol_log]`: the W3C protocol log of every SMTP conversation (smtpsvc.protolog)."""
+
+    enabled: bool = False
+    directory: str = ""  # "": <root>/log/protocol
+    max_size: int = 10 * 1024 * 1024
+    max_files: int = 10
+
+    def folder(self, root: Path | str) -> Path:
+        """Where the files are: `directory` (a relative one under the mailroot); default root/log/protocol."""
+        if not self.directory:
+            return Path(root) / "log" / "protocol"
+        path = Path(self.directory)
+        return path if path.is_absolute() else Path(root) / path
+
+
+@dataclass(frozen=True, slots=True)
 class OAuthProfile:
     """One `[oauth.NAME]` table: where and how smtpsvc gets OAuth 2.0 access tokens (smtpsvc.oauth). Only
     file paths: the secrets stay in their files, so no repr, `config show` or event can carry one."""
@@ -350,6 +372,7 @@ class Config:
     source: str  # the file read, or "<defaults>"
     oauth: dict[str, OAuthProfile] = field(default_factory=dict)  # [oauth.NAME] by NAME
     dkim: tuple[DkimKey, ...] = ()  # [[dkim]] tables: DKIM signing keys
+    protocol_log: ProtocolLogConfig = ProtocolLogConfig()  # [protocol_log]
     explicit_keys: frozenset[str] = field(default=frozenset())  # dotted keys set by file, env or CLI
     cli_overrides: frozenset[str] = field(default=frozenset())  # of those, set by `serve --root`/`--listen`
 
@@ -1366,6 +1389,31 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         ),
         _k("token_file", "", _str, "bearer token required for changes; without it: loopback, read-only"),
     ),
+    "protocol_log": (
+        _k(
+            "enabled",
+            False,
+            _bool,
+            "write the W3C protocol log of every SMTP conversation, in and out (smtpsvc track reads it)",
+            "LogType",
+        ),
+        _k(
+            "directory",
+            "",
+            _str,
+            'its folder; "" = <root>/log/protocol; relative: to the root',
+            "LogFileDirectory",
+        ),
+        _k(
+            "max_size",
+            "10MB",
+            _size,
+            "a file past this size is renamed smtp-<time>.log and a new one started",
+            "LogFileTruncateSize",
+            show=format_size,
+        ),
+        _k("max_files", 10, _int(1), "rotated files kept; the oldest beyond it are removed"),
+    ),
     "queue": (
         _k("backend", "local", _backend, '"local" (files under root/queue) | "postgres" (a cluster)'),
         _k("dsn", "", _str, 'postgresql://USER:PASSWORD@HOST:5432/DATABASE, needed by backend = "postgres"'),
@@ -1561,6 +1609,7 @@ _SECTION_DOCS: dict[str, str] = {
     "connector": "Exchange SMTP connector / IIS remote domain; repeat [[connector]] for more",
     "categorizer": "the pre-categorization and pre-routing stages",
     "badmail": "what cannot be delivered or returned",
+    "protocol_log": "the SMTP protocol log (IIS's W3C log): every command and reply, in and out",
     "admin": "the admin HTTP API",
     "queue": "the spool",
     "oauth": "OAuth 2.0 token profiles [oauth.NAME] (Microsoft 365, Google); repeat for more",
@@ -1568,7 +1617,7 @@ _SECTION_DOCS: dict[str, str] = {
 }
 _SECTION_ORDER = (
     "server", "extensions", "domains", "relay", "auth", "tls", "delivery", "resolver", "connector",
-    "categorizer", "badmail", "admin", "queue", "oauth", "dkim",
+    "categorizer", "badmail", "protocol_log", "admin", "queue", "oauth", "dkim",
 )  # fmt: skip
 
 
@@ -1989,6 +2038,7 @@ def load_config(
         connectors=connectors,
         categorizer=CategorizerConfig(**table("categorizer")),
         badmail=BadmailConfig(**table("badmail")),
+        protocol_log=ProtocolLogConfig(**table("protocol_log")),
         admin=AdminConfig(**table("admin")),
         queue=QueueConfig(**queue),
         source=source,

@@ -23,6 +23,7 @@ from smtpsvc.auth.users import UsersFileError, UserStore, users_path
 from smtpsvc.config import Config, ConfigError, LiveConfig, format_listen, load_config, restart_needed
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
+from smtpsvc.protolog import ProtocolLog, ProtocolLogSettings
 from smtpsvc.routing.mx import MxResolver
 from smtpsvc.server.session import SessionContext, SessionObserver
 from smtpsvc.tls import ServerCertificate, TlsError
@@ -70,6 +71,7 @@ def session_context(
     etrn: Callable[[str, bool], Awaitable[int]],
     resolver: MxResolver,
     metrics: SessionObserver | None = None,
+    protocol_log: ProtocolLog | None = None,
 ) -> SessionContext:
     """What the SMTP sessions of this process share. Raises ReceivingError."""
     config = live.current
@@ -92,7 +94,35 @@ def session_context(
         etrn=etrn,
         resolver=resolver,
         metrics=metrics,
+        protocol_log=protocol_log,
     )
+
+
+def open_protocol_log(config: Config, event_log: EventLog, *, rotate: bool) -> ProtocolLog | None:
+    """The protocol log writer of this process when `[protocol_log] enabled` (rotating in the main process
+    only); None when it is off, or when its folder cannot be made (said in a warning: mail flows without)."""
+    settings = config.protocol_log
+    if not settings.enabled:
+        return None
+    folder = settings.folder(config.server.root)
+    try:
+        return ProtocolLog(
+            ProtocolLogSettings(folder, settings.max_size, settings.max_files),
+            rotate=rotate,
+            computer=config.server.hostname,
+        )
+    except OSError as exc:
+        event_log.emit(
+            events.Event(
+                events.MAILROOT_UNUSABLE,
+                f"The protocol log folder {folder} cannot be used ({exc.strerror or exc}); SMTP "
+                "conversations are not logged until the service is restarted with a usable "
+                "protocol_log.directory",
+                cause="protocol-log-unusable",
+                level="warning",
+            )
+        )
+        return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -44,9 +44,16 @@ from smtpsvc.backends import open_intake
 from smtpsvc.config import Config, LiveConfig, format_listen
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
+from smtpsvc.protolog import ProtocolLog
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
-from smtpsvc.receiving import ReceivingError, new_resolver, reload_receiving, session_context
+from smtpsvc.receiving import (
+    ReceivingError,
+    new_resolver,
+    open_protocol_log,
+    reload_receiving,
+    session_context,
+)
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.server.session import SessionContext
 from smtpsvc.supervise import Supervisor
@@ -387,6 +394,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         try:
             store = open_intake(config, channel.queued)
             store.spool.space.report = lambda full, text: log.emit(events.disk_space_event(full, text))
+            plog = open_protocol_log(config, log, rotate=False)  # the main process rotates it
             context = session_context(
                 live,
                 Ingest(store, live, log),
@@ -394,6 +402,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
                 config_path=config_path,
                 etrn=channel.etrn,
                 resolver=new_resolver(config),
+                protocol_log=plog,
             )
         except (QueueError, ReceivingError) as exc:
             log.emit(events.Event(events.MAILROOT_UNUSABLE, f"SMTP worker: {exc}", cause="worker-failed"))
@@ -415,7 +424,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         channel.ready()
         listener = loop.create_task(channel.run())
         listener.add_done_callback(lambda _: stop.set())  # the main process is gone: so are we
-        flusher = loop.create_task(_flush_every_second(log))
+        flusher = loop.create_task(_flush_every_second(log, plog))
         await stop.wait()
         if channel.gone:  # its end closed: the main process died (it stops us with SIGTERM, and waits)
             log.emit(orphaned_event(os.getpid(), parent))
@@ -425,6 +434,8 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         await channel.close()
         flusher.cancel()
         listener.cancel()
+        if plog is not None:
+            plog.close()
         log.close()
         return 0
 
@@ -453,7 +464,9 @@ def _reload(live: LiveConfig, context: SessionContext, log: EventLog, config_pat
         log.emit(event)
 
 
-async def _flush_every_second(log: EventLog) -> None:
+async def _flush_every_second(log: EventLog, plog: ProtocolLog | None) -> None:
     while True:
         await asyncio.sleep(1.0)
         log.flush()
+        if plog is not None:
+            plog.flush()

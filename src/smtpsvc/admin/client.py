@@ -30,6 +30,7 @@ from smtpsvc.admin.access import ADMIN_ADDRESS_FILE, read_token
 from smtpsvc.admin.jobs import BulkRequest, JobStatus
 from smtpsvc.admin.service import (
     LIST_LIMIT,
+    TRACK_LIMIT,
     AdminError,
     LinkSummary,
     QueueAdmin,
@@ -74,6 +75,27 @@ class RemoteAdmin:
         return cls(f"http://{shown}:{port}", read_token(config))
 
     # -- reading -------------------------------------------------------------------------------------
+    async def track(
+        self,
+        sender: str = "",
+        recipient: str = "",
+        queue_id: str = "",
+        since: str = "",
+        limit: int = TRACK_LIMIT,
+    ) -> dict[str, Any]:
+        """The service's own `GET /api/track` document (see QueueAdmin.track)."""
+        query = {
+            "sender": sender,
+            "recipient": recipient,
+            "id": queue_id,
+            "since": since,
+            "limit": str(limit),
+        }
+        data: dict[str, Any] = await asyncio.to_thread(
+            self._request, "GET", "/api/track", {k: v for k, v in query.items() if v}
+        )
+        return data
+
     async def entries(
         self, state: str = "", to: str = "", domain: str = "", link: str = "", limit: int = LIST_LIMIT
     ) -> list[QueueEntry]:

@@ -32,7 +32,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from smtpsvc import events
+from smtpsvc import events, protolog
+from smtpsvc.admin import tracking
 from smtpsvc.admin.jobs import KEEP, BulkRequest, JobStatus, JobStopped, JobTable, Outcome, Progress
 from smtpsvc.config import Config, LiveConfig
 from smtpsvc.delivery.reports import Reporter
@@ -51,6 +52,7 @@ HEADER_LIMIT = 64 * 1024
 DELETED_STATUS = "4.3.2"  # Exchange's status for a message deleted by the administrator with an NDR
 DELETED_TEXT = "Deleted by the administrator of this relay (the message was not delivered)"
 LIST_LIMIT = 1000  # messages `queue list` and the API list at most (the oldest first)
+TRACK_LIMIT = 100  # messages `smtpsvc track` and GET /api/track answer with at most (the newest first)
 SORT_CHUNK = 50_000  # ids sorted at once between two loop turns
 READ_BATCH = 256  # envelopes read at once between two loop turns
 BATCH = 256  # messages a bulk job changes at once (concurrently: they share fsyncs) between two loop turns
@@ -697,6 +699,44 @@ class QueueAdmin:
         suffix = " (it is being delivered now; this applies when the attempt ends)" if holder else ""
         self._log(envelope, action + suffix)
 
+    # -- message tracking ----------------------------------------------------------------------------
+    async def track(
+        self,
+        sender: str = "",
+        recipient: str = "",
+        queue_id: str = "",
+        since: str = "",
+        limit: int = TRACK_LIMIT,
+    ) -> dict[str, Any]:
+        """`smtpsvc track` and `GET /api/track` (one document for both): what the event log and the protocol
+        log say about the messages that match, the newest first, each with its state now."""
+        now = time.time()
+        try:
+            query = tracking.TrackQuery(
+                sender.strip(),
+                recipient.strip(),
+                queue_id.strip(),
+                tracking.parse_since(since, now) if since.strip() else None,
+            )
+        except ValueError as exc:
+            raise BadRequest(str(exc)) from None
+        config = self.config
+        root = Path(config.server.root)
+        folder = config.protocol_log.folder(root)
+        records, lines = await asyncio.to_thread(_read_logs, root / "log" / "events.jsonl", folder)
+        found = tracking.track(records, lines, query, queued=(), limit=max(1, limit))
+        for message in found:  # recipients left: in the queue still, or gone (deleted, logs cut)?
+            if message.state != tracking.UNKNOWN:
+                continue
+            if await self._read(self.store.get(message.id)) is not None:
+                message.state = tracking.QUEUED
+        return {
+            "where": self.where,
+            "protocol_log": str(folder) if config.protocol_log.enabled else "",
+            "limit": limit,
+            "messages": [m.to_json() for m in found],
+        }
+
     def log_action(self, text: str) -> None:
         """An operator action outside the queue (a Badmail replay) in the same event stream."""
         self._log(None, text)
@@ -710,6 +750,11 @@ class QueueAdmin:
                 cause="queue-admin",
             )
         )
+
+
+def _read_logs(events_path: Path, folder: Path) -> tuple[list[dict[str, Any]], list[protolog.LogLine]]:
+    """The event log's records and the protocol log's lines (read in a thread: they may be large)."""
+    return events.read_events(events_path), protolog.read_log(folder)
 
 
 async def _opened(open_queue: QueueOpener, config: Config, event_log: EventLog) -> QueueStore:

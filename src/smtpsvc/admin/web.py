@@ -34,7 +34,7 @@ from smtpsvc.admin import badmail as badmail_admin
 from smtpsvc.admin import eventview
 from smtpsvc.admin.access import COOKIE, Level, level_of
 from smtpsvc.admin.jobs import BulkRequest, JobStatus
-from smtpsvc.admin.service import LIST_LIMIT, AdminError, BadRequest, NotFound, QueueAdmin
+from smtpsvc.admin.service import LIST_LIMIT, TRACK_LIMIT, AdminError, BadRequest, NotFound, QueueAdmin
 from smtpsvc.dsn import split_headers
 from smtpsvc.model import rfc5322_date
 
@@ -219,6 +219,44 @@ def build_app(ctx: AdminContext) -> Starlette:
         ctx.flush_events()
         return JSONResponse(eventview.tail(ctx.events_path, limit, q.get("since", ""), event_id))
 
+    async def track(request: Request) -> dict[str, Any]:
+        """GET /api/track and the viewer's search: the same query, the same document (QueueAdmin.track)."""
+        q = request.query_params
+        try:
+            limit = min(int(q.get("limit") or TRACK_LIMIT), 1000)
+        except ValueError:
+            raise BadRequest("limit must be a number of messages") from None
+        ctx.flush_events()  # the events and protocol log lines of the last second too
+        return await ctx.admin.track(
+            q.get("sender", ""), q.get("recipient", ""), q.get("id", ""), q.get("since", ""), max(1, limit)
+        )
+
+    async def api_track(request: Request) -> Response:
+        return JSONResponse(await track(request))
+
+    async def page_track(request: Request) -> Response:
+        q = request.query_params
+        form = {k: q.get(k, "") for k in ("sender", "recipient", "id", "since")}
+        searched = any(form.values()) or "search" in q
+        document: dict[str, Any] = {"messages": [], "protocol_log": ""}
+        error = ""
+        if searched:
+            try:
+                document = await track(request)
+            except BadRequest as exc:
+                error = str(exc)
+        return templates.TemplateResponse(
+            request,
+            "track.html",
+            {
+                "form": form,
+                "searched": searched,
+                "error": error,
+                **document,
+                **_page(request, level(request)),
+            },
+        )
+
     async def metrics(request: Request) -> Response:
         if ctx.metrics is None:
             return _error(404, "metrics are not enabled in this build")
@@ -331,10 +369,12 @@ def build_app(ctx: AdminContext) -> Starlette:
         Route("/api/badmail/{name}", guard(read, api_badmail_item)),
         Route("/api/badmail/{name}/replay", guard(write, api_badmail_replay), methods=["POST"]),
         Route("/api/events", guard(read, api_events)),
+        Route("/api/track", guard(read, api_track)),
         Route("/metrics", guard(read, metrics)),
         Route("/healthz", healthz),
         Route("/", guard(read, page_queue, html=True)),
         Route("/message/{id}", guard(read, page_message, html=True)),
+        Route("/track", guard(read, page_track, html=True)),
         Route("/login", page_login),
         Route("/login", login, methods=["POST"]),
         Route("/logout", logout, methods=["POST"]),

@@ -63,6 +63,7 @@ from smtpsvc.delivery.tlsrpt import (
 from smtpsvc.delivery.transport import MessageSource, Outcome
 from smtpsvc.events import EventLog
 from smtpsvc.model import DeliveryResult, Envelope, Recipient, Route
+from smtpsvc.protolog import ProtocolLog
 from smtpsvc.routing.connectors import RouteChoice
 from smtpsvc.routing.mtasts import MtaSts, Policy, mx_allowed
 from smtpsvc.routing.mx import DnsError, MxResolver, NextHop, TlsaAnswer
@@ -118,6 +119,7 @@ class SmtpTransport:
         self._link_slot = link_slot  # a cluster's connection slots per link, shared by every node
         self.destinations: Destinations[RouteChoice, SmtpSession] = Destinations(self._destination)
         self.dkim_keys = dkim.KeyFiles()  # [[dkim]] keys, parsed once per file version
+        self.protocol_log: ProtocolLog | None = None  # [protocol_log] enabled: set by the composition root
         # Smart hosts given as address literals -> their next hops (see _next_hops). Bounded.
         self._literal_hops: dict[tuple[tuple[str, int], ...], list[NextHop]] = {}
         # MTA-STS (RFC 8461) for MX routes with tls = "dane-or-mta-sts", and TLS-RPT counting (RFC 8460):
@@ -308,7 +310,7 @@ class _Attempt:
     ) -> list[DeliveryResult] | None:
         """The transaction on a session handed over by the destination; None when it turned out dead (the
         grant is then ours to open a new connection)."""
-        session.attach(self.transcript)
+        session.attach(self.transcript, self.envelope.id)
         self.transcript.append(f"--- {session.label} (connection reused, message {session.messages})")
         return await self._carry(destination, session, slot=None)
 
@@ -376,12 +378,14 @@ class _Attempt:
         if isinstance(dane, HopFailure):
             self.failures.append(dane)
             return None
-        opened = await connect(hop, timeouts_of(self.config), self.transcript)
+        opened = await connect(
+            hop, timeouts_of(self.config), self.transcript, self.transport.protocol_log, self.envelope.id
+        )
         if isinstance(opened, HopFailure):
             self.failures.append(opened)
             return None
         session = opened
-        session.attach(self.transcript)
+        session.attach(self.transcript, self.envelope.id)
         try:
             failure = await prepare(session, self.config.server.hostname, policy, self.transport.memory, dane)
         except (Dropped, TlsFailed) as exc:

@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from smtpsvc import protolog
 from smtpsvc.delivery.authcauses import (
     OAUTH_TOKEN_FAILED,
     OAUTH_TOKEN_REFUSED,
@@ -53,6 +54,7 @@ from smtpsvc.protocol.sasl import (
     encode_plain,
     encode_xoauth2,
 )
+from smtpsvc.protolog import ProtocolLog
 from smtpsvc.routing.mx import NextHop, TlsaAnswer
 from smtpsvc.tokens import AccessToken, TokenError, TokenSource
 from smtpsvc.units import format_duration
@@ -236,6 +238,8 @@ class SmtpSession:
         writer: asyncio.StreamWriter,
         timeouts: Timeouts,
         transcript: list[str],
+        protocol_log: ProtocolLog | None = None,
+        queue_id: str = "",
     ) -> None:
         self.hop = hop
         self.label = hop_label(hop)
@@ -259,6 +263,10 @@ class SmtpSession:
         self._closing = False
         self._ending: asyncio.Task[None] | None = None  # close_soon's QUIT under way
         self._then: list[Callable[[], None]] = []
+        # Protocol log hook ([protocol_log]): each command and reply as IIS logs an outbound conversation
+        self.protocol_log = protocol_log
+        self.queue_id = queue_id  # the message being sent (attach), for `smtpsvc track`
+        self._sent_at = self._t0  # when the last command went out (time-taken of the reply)
 
     # -- the cache's view ----------------------------------------------------------------------------
     def usable(self) -> bool:
@@ -280,15 +288,61 @@ class SmtpSession:
             for callback in then:
                 callback()
 
-    def attach(self, transcript: list[str]) -> None:
+    def attach(self, transcript: list[str], queue_id: str = "") -> None:
         """A new message on this session: its own transcript and findings from here on."""
         self.transcript = transcript
+        if queue_id:
+            self.queue_id = queue_id
         self.rejections = []
         self.learned = []
 
     # -- the conversation ----------------------------------------------------------------------------
     def log(self, direction: str, text: str) -> None:
         self.transcript.append(f"{time.monotonic() - self._t0:8.3f} {direction} {text}")
+        if direction == ">" and self.protocol_log is not None:
+            self._log_command(text)
+
+    def _log_command(self, text: str) -> None:
+        """A command as the protocol log shows it (the transcript's text: secrets already redacted)."""
+        if text.startswith("<"):  # the message body, an XEXCH50 blob, a redacted AUTH response
+            # the body's line is "." (what ends it on the wire), with what it stood for
+            verb = next((v for v in ("AUTH", "XEXCH50", "BDAT") if v in text), ".")
+            arg = protolog.SECRET if verb == "AUTH" else text.strip("<> .")
+        else:
+            verb, _, arg = text.partition(" ")
+            if "<redacted>" in arg:  # AUTH with an initial response: its mechanism, then ***
+                arg = f"{arg.split(' ', 1)[0]} {protolog.SECRET}"
+            arg = protolog.redact(verb, arg)
+        self._sent_at = time.monotonic()
+        self._log_line(protolog.OUTBOUND_COMMAND, verb, arg, 0, 0, len(text) + 2, 0)
+
+    def _log_reply(self, reply: Reply) -> None:
+        text = " | ".join(str(reply).split("\n")) if reply.more else reply_text(reply)
+        taken = int((time.monotonic() - self._sent_at) * 1000)
+        self._log_line(protolog.OUTBOUND_RESPONSE, "", text, reply.code, len(text) + 2, 0, taken)
+
+    def _log_line(
+        self, kind: str, verb: str, query: str, status: int, sc_bytes: int, cs_bytes: int, taken: int
+    ) -> None:
+        plog = self.protocol_log
+        assert plog is not None
+        plog.write(
+            protolog.line(
+                time.time(),
+                client_ip=self.hop.address,
+                username=kind,
+                computer=plog.computer,
+                server_ip="",  # as IIS logs a connection out: the remote host in c-ip, its port in s-port
+                server_port=self.hop.port,
+                method=verb,
+                query=query,
+                status=status,
+                sc_bytes=sc_bytes,
+                cs_bytes=cs_bytes,
+                taken_ms=taken,
+                queue_id=self.queue_id,
+            )
+        )
 
     def command(self, verb: str, arg: str = "", *, secret: bool = False) -> None:
         self.phase = verb.upper()
@@ -355,6 +409,8 @@ class SmtpSession:
                         self.log("<", line)
                 else:
                     self.log("<", reply_text(reply))
+                if self.protocol_log is not None:
+                    self._log_reply(reply)
                 return reply
             if isinstance(event, ConnectionClosed):
                 self.log("!", "connection closed by peer")
@@ -433,7 +489,13 @@ class SmtpSession:
                     await done
 
 
-async def connect(hop: NextHop, timeouts: Timeouts, transcript: list[str]) -> SmtpSession | HopFailure:
+async def connect(
+    hop: NextHop,
+    timeouts: Timeouts,
+    transcript: list[str],
+    protocol_log: ProtocolLog | None = None,
+    queue_id: str = "",
+) -> SmtpSession | HopFailure:
     """TCP connection and the 220 greeting: the connect stage. A host that refuses, does not answer, or
     accepts but never greets is a failure of this stage: the caller moves on to the next host."""
     label = hop_label(hop)
@@ -459,7 +521,7 @@ async def connect(hop: NextHop, timeouts: Timeouts, transcript: list[str]) -> Sm
             label, f"The remote server could not be reached: {exc.strerror or exc}.", CONNECTION_FAILED
         )
     _keepalive(writer)
-    session = SmtpSession(hop, reader, writer, timeouts, transcript)
+    session = SmtpSession(hop, reader, writer, timeouts, transcript, protocol_log, queue_id)
     try:
         greeting = await session.reply(timeouts.greeting, "the connection (no greeting)")
     except Stalled:

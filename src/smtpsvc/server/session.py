@@ -17,7 +17,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from smtpsvc import events
+from smtpsvc import events, protolog
 from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.auth.users import UserStore
 from smtpsvc.config import Config, LiveConfig
@@ -58,6 +58,7 @@ from smtpsvc.protocol import (
     split_address,
     xtext_decode,
 )
+from smtpsvc.protolog import ProtocolLog, logged_command
 from smtpsvc.queue.base import MessageWriter, QueueError
 from smtpsvc.routing.categorizer import check_recipient, postmaster_address
 from smtpsvc.routing.mx import MxResolver
@@ -102,6 +103,7 @@ class SessionContext:
     metrics: SessionObserver | None = None  # metrics hook; None: no metrics
     # A local submission (`sendmail -bs`): no relay rules, as for Pickup, whose folder its user can write
     trusted: bool = False
+    protocol_log: ProtocolLog | None = None  # [protocol_log] enabled: every command and reply, W3C
 
     @property
     def config(self) -> Config:
@@ -395,6 +397,16 @@ class Session:
         self._task: asyncio.Task[None] | None = None
         self._out: list[bytes] = []  # replies not written yet: pipelined replies leave in one send()
         self.metrics = context.metrics  # metrics hook: the same observer sees this session open and close
+        # Protocol log hook: MAIL and RCPT lines wait here until DATA gives the message its queue id, so that
+        # `smtpsvc track` finds them by it (the lines keep their order and their own time).
+        self.plog = context.protocol_log
+        self._plog_pending: list[str] | None = None  # lines without their queue id; None: not holding
+        self._plog_qid = ""  # the queue id of the message being received
+        self._plog_bdat = 0  # octets of the BDAT chunks so far (cs-bytes of the BDAT LAST line)
+        self._plog_last_size = 0  # octets of the message that DATA carried (cs-bytes of its line)
+        if self.plog is not None:
+            local = stream.transport.get_extra_info("sockname")
+            self._plog_server = (local[0], local[1]) if isinstance(local, tuple) else ("", 0)
 
     async def run(self) -> None:
         if self.metrics is not None:  # metrics hook
@@ -417,6 +429,8 @@ class Session:
                 self._timer.cancel()
                 self._timer = None
             self.txn.abort()
+            if self._plog_pending is not None:
+                self._plog_release()
             if self.metrics is not None:  # metrics hook; before the close, which a stop may cancel
                 self.metrics.session_closed()
             await self._close()
@@ -513,6 +527,8 @@ class Session:
             if metrics is not None:  # metrics hook: commands by verb
                 metrics.protocol_event(event)
             if kind is Bdat:
+                if self.plog is not None:
+                    self._plog_bdat += event.size  # type: ignore[union-attr]
                 self._bdat_chunk_starts()
                 continue
             if kind is ConnectionClosed:
@@ -520,11 +536,15 @@ class Session:
             if kind is not Data and kind is not BdatEnd:
                 # a complete command arrived: the next one gets a fresh idle allowance
                 self._reset_deadline(connection_timeout)
+            started = time.monotonic() if self.plog is not None else 0.0
             answer = _ANSWER_NOW.get(kind)
             reply = answer(self, event) if answer is not None else None
             if reply is None:  # an answer that waits (commit, AUTH check, reverse DNS, ETRN)
                 reply = await self._answer(event)
-            out.append(conn.send(reply))
+            sent = conn.send(reply)
+            out.append(sent)
+            if self.plog is not None:  # protocol log hook
+                self._plog_line(event, reply, len(sent), started)
             if metrics is not None:  # metrics hook: replies by class
                 metrics.reply(reply.code)
             if reply.code == 221 or reply.code == 421:
@@ -532,6 +552,56 @@ class Session:
             if kind is StartTls and reply.code == 220:
                 self._flush_out()
                 await self._start_tls()
+
+    def _plog_line(self, event: object, reply: Reply, sc_bytes: int, started: float) -> None:
+        """One protocol log line for a command and our reply (IIS logs DATA once, at its end)."""
+        kind = type(event)
+        if kind is Data and reply.code == 354:
+            return
+        method, query, cs_bytes = logged_command(event)
+        if kind is DataEnd or kind is BdatEnd:
+            cs_bytes = self._plog_size
+            self._plog_bdat = 0
+        elif kind is Mail and reply.code == 250:
+            if self._plog_pending is not None:
+                self._plog_release()
+            self._plog_pending = []
+        server_ip, server_port = self._plog_server
+        text = protolog.line(
+            time.time(),
+            client_ip=self.client_ip,
+            username=self.helo,
+            computer=self.hostname,
+            server_ip=server_ip,
+            server_port=server_port,
+            method=method,
+            query=query,
+            status=reply.code,
+            sc_bytes=sc_bytes,
+            cs_bytes=cs_bytes,
+            taken_ms=int((time.monotonic() - started) * 1000),
+            queue_id="",
+        )
+        if self._plog_pending is not None:
+            self._plog_pending.append(text[: -len(" -\n")])
+        else:
+            assert self.plog is not None
+            self.plog.write(text)
+        ends = kind is DataEnd or (kind is BdatEnd and event.last) or kind is Rset  # type: ignore[attr-defined]
+        if self._plog_pending is not None and (ends or kind in (Ehlo, Helo, Quit)):
+            self._plog_release()
+
+    @property
+    def _plog_size(self) -> int:
+        return self._plog_bdat or self._plog_last_size
+
+    def _plog_release(self) -> None:
+        """Write the held lines, now with the queue id of the message they made (none when it was not)."""
+        pending, self._plog_pending = self._plog_pending or [], None
+        qid, self._plog_qid = protolog.field(self._plog_qid), ""
+        assert self.plog is not None
+        for text in pending:
+            self.plog.write(f"{text} {qid}\n")
 
     def _flush_out(self) -> None:
         if self._out:
@@ -796,6 +866,7 @@ class Session:
             return False
         self.txn.writer = writer
         self.txn.write_failed = False
+        self._plog_qid = writer.id  # protocol log hook: the id the held MAIL and RCPT lines get
         self._reset_deadline(self.config.server.data_timeout)
         self._write(
             received_header(
@@ -837,6 +908,7 @@ class Session:
         writer = txn.writer
         if writer is None:
             return error or txn.write_failure
+        self._plog_last_size = writer.size  # protocol log hook
         if error is not None or txn.write_failed or txn.over_session_size:
             writer.abort()
             if txn.over_session_size and error is None:
