@@ -153,6 +153,11 @@ _MAPPED = {
         "MaxSmtpErrors",
         "EnableReverseDnsLookup",
         "ShouldPipelineIn",
+        "IPGrant",
+        "IPDeny",
+        "DomainGrant",
+        "DomainDeny",
+        "GrantByDefault",
     ]
 }
 # Properties every IIS object has that say nothing about mail (not worth a line in the report).
@@ -300,7 +305,7 @@ class _Reader:
             return [x for x in raw if x not in (None, "")]
         # One per line in the file, but an XML parser turns the line breaks of an attribute into spaces
         # (attribute-value normalization); the values split here (bindings) have no spaces of their own.
-        return str(raw).split()
+        return list(str(raw).split())
 
     def flags(self, name: str, names: dict[str, int]) -> int | None:
         raw = self.props.get(name)
@@ -582,6 +587,19 @@ def _names(out: Conversion, prop: str, lists: IpSecList) -> None:
 
 
 def _ip_security(r: _Reader, out: Conversion) -> None:
+    granted, denied = r.strings("IPGrant"), r.strings("IPDeny")
+    names = r.strings("DomainGrant") + r.strings("DomainDeny")
+    if granted or denied or names:  # IIsIPSecuritySetting's form: "192.0.2.0, 255.255.255.0" strings
+        default = r.boolean("GrantByDefault")
+        listed = "; ".join([*(f"allow {a}" for a in granted), *(f"deny {a}" for a in denied)])
+        out.short(
+            "IPSecurity",
+            f"Connection control (IIsIPSecuritySetting, GrantByDefault {default}): "
+            f"{listed or 'by name only'}: "
+            "smtpsvc has no connection grant/deny list; enforce it with a firewall in front of server.listen",
+        )
+        if names:
+            out.short("IPSecurity", "DomainGrant/DomainDeny (by DNS name): no equivalent")
     blob = r.blob("IPSecurity")
     if not blob:
         return

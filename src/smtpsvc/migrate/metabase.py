@@ -9,7 +9,8 @@ form: the properties of the chosen virtual server (inheriting from the service) 
   (one object or a list; `Name` is "SmtpSvc/1"; binary properties are arrays of byte numbers), and the same
   for `IIsSmtpDomainSetting` ("SmtpSvc/1/Domain/example.com"), either as one object
   `{"IIsSmtpServerSetting": [...], "IIsSmtpDomainSetting": [...]}` or as one list of both kinds, told apart
-  by their `Name`. An `IIsSmtpServiceSetting` object ("SmtpSvc") is inherited from, as in the metabase.
+  by their `Name`. An `IIsSmtpServiceSetting` object ("SmtpSvc") is inherited from, as in the metabase; an
+  `IIsIPSecuritySetting` object of the server (IPGrant, IPDeny, GrantByDefault) adds to the server's.
 
 Values stay as read (strings from XML, JSON types from JSON); `iis` converts them property by property.
 """
@@ -118,7 +119,9 @@ def _decode(data: bytes) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError:
-        raise ImportFailed("not a text file (neither UTF-8 nor UTF-16)") from None
+        raise ImportFailed(
+            "not a MetaBase.xml (XML) nor a JSON export of IIsSmtpServerSetting: not text (UTF-8 or UTF-16)"
+        ) from None
 
 
 def _read_xml(text: str) -> Export:
@@ -180,7 +183,8 @@ def _place(export: Export, kind: str, location: str, props: Properties) -> None:
         match = _SERVER_RE.match(location)
         if match:
             server = _server(export, match.group(1), location)
-            server.props = props
+            # Merged, not replaced: IIsIPSecuritySetting ("SmtpSvc/1" too) adds IPGrant/IPDeny to the server.
+            server.props = props.inherit(server.props)
         return
     match = _DOMAIN_RE.match(location)
     if match:
