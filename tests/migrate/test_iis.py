@@ -115,7 +115,7 @@ def test_remote_domains_become_connectors_and_local_ones_local_domains() -> None
             },
             "*.partners.test": {"RouteAction": 0x400000},
             "odd.test": {"RouteAction": 0x80000000},
-            "plain.test": {"RouteAction": 0},
+            "plain.test": {"RouteAction": 0, "RelayIpList": list(build(["10.0.0.0/8"], []))},
         },
     )
     assert keys(conv)["domains.local"] == ["example.com", "drop.example.com"]
@@ -135,6 +135,7 @@ def test_remote_domains_become_connectors_and_local_ones_local_domains() -> None
     }
     assert "unknown bits 0x80000000" in why(conv, "RouteAction of odd.test")
     assert "goes by MX" in why(conv, "IIsSmtpDomain plain.test")
+    assert "a relay list of one domain" in why(conv, "RelayIpList of plain.test")
     assert [(c.key, c.user) for c in conv.credentials] == [('connector "partner.test" auth', "u")]
 
 

@@ -183,6 +183,24 @@ def test_each_listed_property_is_imported_into_a_configuration_config_check_acce
         assert prop in text, f"{prop} is neither a key's source nor in the report"
 
 
+@pytest.mark.parametrize(
+    ("client", "decision"),
+    [
+        ("127.0.0.1", "accepted"),
+        ("192.0.2.5", "accepted"),
+        ("198.51.100.9", "accepted"),
+        ("192.0.2.77", "accepted"),
+        ("203.0.113.5", "refused"),
+    ],
+)
+def test_the_imported_relay_list_decides_as_iis_did(tmp_path: Path, client: str, decision: str) -> None:
+    out = tmp_path / "smtpsvc.toml"
+    assert smtpsvc("import", "iis", str(METABASE), "-o", str(out)).returncode == 0
+    done = smtpsvc("relay", "check", "-c", str(out), "--client", client, "--rcpt", "someone@elsewhere.test")
+    assert done.returncode == 0, done.stderr
+    assert f"decision: {decision}" in done.stdout
+
+
 def test_every_key_names_the_iis_property_and_value_it_came_from() -> None:
     done = smtpsvc("import", "iis", str(METABASE))
     assert done.returncode == 0, done.stderr

@@ -234,7 +234,6 @@ class Conversion:
     connectors: list[Connector] = field(default_factory=list)
     shortfalls: list[Shortfall] = field(default_factory=list)
     credentials: list[Credential] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # decoded lists worth keeping as comments
 
     def set(self, section: str, key: str, value: TomlValue, source: str) -> None:
         self.settings.append(Setting(section, key, value, source))
@@ -611,9 +610,6 @@ def _ip_security(r: _Reader, out: Conversion) -> None:
         f"Connection control {lists.describe()}: smtpsvc has no connection grant/deny "
         "list; enforce it with a firewall in front of server.listen",
     )
-    rules = [f"allow {n}" for n in lists.grant] if not lists.grant_by_default else []
-    rules += [f"deny {n}" for n in lists.deny]
-    out.notes.append(f"IPSecurity of {r.where}, decoded: " + ("; ".join(rules) or "nobody may connect"))
     _names(out, "IPSecurity", lists)
 
 
@@ -626,6 +622,10 @@ def _domains(server: VirtualServer, r: _Reader, out: Conversion, password_file: 
     for name, props in sorted(server.domains.items()):
         d = _Reader(props, f"{server.where}/Domain/{name}")
         route = d.number("RouteAction") or 0
+        if d.blob("RelayIpList"):
+            out.short(
+                f"RelayIpList of {name}", "a relay list of one domain: no equivalent (relay.allow is for all)"
+            )
         if route & _LOCAL_BITS or name.lower() == default.lower():
             if name.lower() not in local:
                 local.append(name.lower())

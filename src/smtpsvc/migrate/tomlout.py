@@ -45,7 +45,6 @@ def report_lines(conv: Conversion) -> list[str]:
         out += [f"  {s.prop}: {s.why}" for s in conv.shortfalls]
     else:
         out.append("Everything read was carried over.")
-    out += [f"  {note}" for note in conv.notes]
     return out
 
 
