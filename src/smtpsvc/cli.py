@@ -1487,10 +1487,14 @@ def _ask_password(credential: Credential, force: bool) -> Credential:
     password = getpass.getpass(f"Password of {credential.user} for {credential.key} (empty: later): ")
     if not password:
         return credential
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        os.fchmod(handle.fileno(), 0o600)  # O_CREAT's mode does not apply to a file that already existed
-        handle.write(password + "\n")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)  # O_CREAT's mode does not apply to a file that already existed
+            handle.write(password + "\n")
+    except OSError as exc:
+        click.echo(f"cannot write {path}: {exc.strerror or exc}", err=True)
+        return credential
     return dataclasses.replace(credential, written=True)
 
 

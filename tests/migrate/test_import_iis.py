@@ -267,6 +267,16 @@ def test_a_password_asked_for_goes_into_a_file_of_mode_0600(
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
+def test_a_password_file_that_cannot_be_written_is_left_to_the_report(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(cli.getpass, "getpass", lambda prompt: "s3cret")
+    path = tmp_path / "no-such-dir" / "smtpsvc-smarthost.password"
+    done = cli._ask_password(Credential("delivery.smart_host_auth", "isp-relay", str(path)), False)
+    assert not done.written
+    assert capsys.readouterr().err == f"cannot write {path}: No such file or directory\n"
+
+
 def test_an_existing_output_is_kept_unless_force(tmp_path: Path) -> None:
     out = tmp_path / "smtpsvc.toml"
     out.write_text("# mine\n")
