@@ -62,7 +62,13 @@ from smtpsvc.protocol import AddressError, parse_path
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.pgschema import DatabaseError
 from smtpsvc.receiving import new_resolver
-from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address, route_for
+from smtpsvc.routing.categorizer import (
+    check_recipient,
+    connection_allowed,
+    explain,
+    postmaster_address,
+    route_for,
+)
 from smtpsvc.routing.mtasts import (
     FetchError,
     MtaSts,
@@ -304,11 +310,27 @@ def relay_check(config_file: str | None, client_ip: str, rcpt: str, auth_user: s
     )
     who = f", authenticated as {auth_user}" if auth_user else ""
     click.echo(f"client {client_ip}{who} -> recipient {address}")
+    click.echo(f"connection: {_connection_verdict(cfg, client_ip)}")
     if decision.allowed:
         click.echo("decision: accepted")
     else:
         click.echo(f'decision: refused with "550 5.7.1 Unable to relay for <{address}>"')
     click.echo(f"rule: {decision.rule}: {explain(decision.rule)}")
+
+
+def _connection_verdict(cfg: Config, client_ip: str) -> str:
+    """`relay check`'s line on connection control ([connection]): may the client connect at all?"""
+    rules = cfg.connection
+    if not rules.allow and not rules.deny:
+        return "accepted (connection.allow and connection.deny are empty: everyone may connect)"
+    if connection_allowed(client_ip, rules.allow, rules.deny):
+        return "accepted (" + ("in connection.allow)" if rules.allow else "not in connection.deny)")
+    allowed_alone = connection_allowed(client_ip, rules.allow, ())
+    return (
+        f'refused with "554 5.7.1 {cfg.server.hostname} Access denied: {client_ip} may not connect '
+        f'(connection control)" ({"in connection.deny" if allowed_alone else "not in connection.allow"}); '
+        "it never gets to RCPT, the decision below is the relay rules' alone"
+    )
 
 
 # --------------------------------------------------------------------------------------------- queue
