@@ -64,6 +64,27 @@ def why(conv: Conversion, prop: str) -> str:
             {"RelayIpList": list(build(["192.0.2.0/24"], ["192.0.2.9/32", "192.0.2.10/32"]))},
             {"relay.allow": ["0.0.0.0/0", "::/0"], "relay.deny": ["192.0.2.9/32", "192.0.2.10/32"]},
         ),
+        # IPSecurity, the Connection dialog: "Only the list below" is connection.allow, "All except the
+        # list below" connection.deny; nobody in either: IIS's default, everyone (no key).
+        (
+            {"IPSecurity": list(build(["127.0.0.1/32", "192.0.2.0/24", "198.51.100.0/22"], []))},
+            {"connection.allow": ["127.0.0.1/32", "192.0.2.0/24", "198.51.100.0/22"]},
+        ),
+        (
+            {"IPSecurity": build([], ["203.0.113.0/24", "198.51.100.7/32"]).hex()},
+            {"connection.deny": ["203.0.113.0/24", "198.51.100.7/32"]},
+        ),
+        ({"IPSecurity": list(build([], []))}, {}),
+        ({"IPSecurity": list(build(["0.0.0.0/32"], []))}, {"connection.deny": ["0.0.0.0/0", "::/0"]}),
+        (
+            {"IPGrant": ["192.0.2.0, 255.255.255.0", "127.0.0.1"], "GrantByDefault": False},
+            {"connection.allow": ["192.0.2.0/24", "127.0.0.1/32"]},
+        ),
+        (
+            {"IPDeny": ["203.0.113.9, 255.255.255.0"], "GrantByDefault": True},
+            {"connection.deny": ["203.0.113.0/24"]},
+        ),
+        ({"IPGrant": ["10.0.0.0, 255.0.0.0"]}, {"connection.allow": ["10.0.0.0/8"]}),
     ],
 )
 def test_server_properties_map_to_keys(props: dict[str, Any], expected: dict[str, Any]) -> None:
@@ -80,10 +101,11 @@ def test_server_properties_map_to_keys(props: dict[str, Any], expected: dict[str
         ({"AuthFlags": 2}, "AuthFlags", "anonymous access is off in IIS"),
         ({"RelayIpList": []}, "RelayIpList", "an open relay"),
         ({"RelayIpList": ""}, "RelayIpList", "an open relay"),
+        ({"DomainGrant": ["mail.partner.test"], "GrantByDefault": False}, "IPSecurity", "by DNS name"),
         (
-            {"IPGrant": ["192.0.2.0, 255.255.255.0"], "GrantByDefault": False},
+            {"IPSecurity": list(build(["10.1.0.0/16"], ["10.1.2.0/24", "10.1.3.0/24"]))},
             "IPSecurity",
-            "allow 192.0.2.0, 255",
+            'granted 10.1.0.0/16 in an "All except the list below" list: not imported',
         ),
         ({"SaslLogonDomain": "CONTOSO"}, "SaslLogonDomain", "not Windows accounts"),
         ({"NameResolutionType": 1}, "other properties", "NameResolutionType"),
@@ -100,6 +122,22 @@ def test_names_in_an_ip_list_are_reported_not_dropped_silently() -> None:
     blob[grant_names_at + 4 : grant_names_at + 8] = (2).to_bytes(4, "little")
     conv = run({"RelayIpList": blob.hex()})
     assert "2 computer(s) granted by DNS name" in why(conv, "RelayIpList")
+
+
+def test_only_the_list_below_without_loopback_says_local_programs_cannot_connect() -> None:
+    conv = run({"IPSecurity": list(build(["192.0.2.0/24"], []))})
+    [setting] = conv.settings
+    assert setting.source == (
+        'IPSecurity "Only the list below" (granted: 192.0.2.0/24); 127.0.0.1 is not listed: programs on '
+        "this computer may not connect either"
+    )
+    with_loopback = run({"IPSecurity": list(build(["127.0.0.0/8", "192.0.2.0/24"], []))})
+    assert "not listed" not in with_loopback.settings[0].source
+
+
+def test_an_ipsecurity_entry_that_is_not_address_and_mask_fails_the_import() -> None:
+    with pytest.raises(ImportFailed, match=r'IPGrant of /LM/SmtpSvc/1: .* is not "address, mask"'):
+        run({"IPGrant": ["192.0.2.0, 255.0.255.0"], "GrantByDefault": False})
 
 
 def test_remote_domains_become_connectors_and_local_ones_local_domains() -> None:

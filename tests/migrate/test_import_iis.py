@@ -98,6 +98,8 @@ def effective(cfg: Config) -> dict[str, Any]:
         "remote": [(r.name, r.relay, r.route) for r in cfg.domains.remote],
         "relay_allow": [str(n) for n in cfg.relay.allow],
         "relay_deny": [str(n) for n in cfg.relay.deny],
+        "connection_allow": [str(n) for n in cfg.connection.allow],
+        "connection_deny": [str(n) for n in cfg.connection.deny],
         "allow_authenticated": cfg.relay.allow_authenticated,
         "mechanisms": list(cfg.auth.mechanisms),
         "smart_host": [str(h) for h in d.smart_host],
@@ -136,6 +138,8 @@ EXPECTED = {
     ],
     "relay_allow": ["127.0.0.1/32", "192.0.2.77/32", "192.0.2.0/24", "198.51.100.0/22"],
     "relay_deny": [],
+    "connection_allow": [],
+    "connection_deny": ["203.0.113.0/24", "198.51.100.7/32", "10.0.0.0/8"],  # IPSecurity
     "allow_authenticated": True,
     "mechanisms": ["PLAIN", "LOGIN"],
     "smart_host": ["[192.0.2.25]"],
@@ -210,6 +214,37 @@ def test_the_imported_relay_list_decides_as_iis_did(imported: Path, client: str,
     assert f"decision: {decision}" in done.stdout
 
 
+@pytest.mark.parametrize(
+    ("client", "verdict"),
+    [
+        ("192.0.2.5", "accepted (not in connection.deny)"),
+        ("127.0.0.1", "accepted (not in connection.deny)"),
+        ("203.0.113.5", "refused"),
+        ("198.51.100.7", "refused"),
+        ("198.51.100.8", "accepted"),
+        ("10.20.30.40", "refused"),
+    ],
+)
+def test_the_imported_connection_control_decides_as_iis_did(
+    imported: Path, client: str, verdict: str
+) -> None:
+    done = smtpsvc("relay", "check", "-c", str(imported), "--client", client, "--rcpt", "u@example.com")
+    assert done.returncode == 0, done.stderr
+    assert f"connection: {verdict}" in done.stdout
+
+
+def test_ipsecurity_becomes_the_connection_section_with_its_source() -> None:
+    done = smtpsvc("import", "iis", str(METABASE))
+    assert done.returncode == 0, done.stderr
+    assert (
+        "[connection]\n"
+        '# IIS: IPSecurity "All except the list below" (denied: 203.0.113.0/24, 198.51.100.7/32, '
+        "10.0.0.0/8)\n"
+        'deny = ["203.0.113.0/24", "198.51.100.7/32", "10.0.0.0/8"]\n'
+    ) in done.stdout
+    assert "IPSecurity:" not in done.stderr  # carried over, so not in the report
+
+
 def test_every_key_names_the_iis_property_and_value_it_came_from() -> None:
     done = smtpsvc("import", "iis", str(METABASE))
     assert done.returncode == 0, done.stderr
@@ -230,8 +265,6 @@ def test_what_cannot_be_carried_over_is_reported_on_stderr_and_at_the_end_of_the
     assert done.returncode == 0
     for needle in (
         "AuthFlags: Integrated Windows authentication",
-        'IPSecurity: Connection control "All except the list below" (denied: 203.0.113.0/24, '
-        "198.51.100.7/32, 10.0.0.0/8)",
         "RouteAction of legacy.test: Send ETRN/TURN",
         'SendBadTo: "badmail@example.com"',
         'PickupDirectory: "C:\\Inetpub\\mailroot\\Pickup": a fixed folder: pickup/ under server.root',

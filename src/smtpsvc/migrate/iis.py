@@ -586,31 +586,62 @@ def _names(out: Conversion, prop: str, lists: IpSecList) -> None:
 
 
 def _ip_security(r: _Reader, out: Conversion) -> None:
+    """IIS's Connection control (IPSecurity) as `[connection]`: "Only the list below" is connection.allow,
+    "All except the list below" connection.deny. IIS 7+'s IIsIPSecuritySetting gives the same lists as
+    IPGrant/IPDeny strings ("192.0.2.0, 255.255.255.0") with GrantByDefault; IIS 6 the IPSECLIST blob."""
     granted, denied = r.strings("IPGrant"), r.strings("IPDeny")
     names = r.strings("DomainGrant") + r.strings("DomainDeny")
-    if granted or denied or names:  # IIsIPSecuritySetting's form: "192.0.2.0, 255.255.255.0" strings
+    if granted or denied or names:
         default = r.boolean("GrantByDefault")
-        listed = "; ".join([*(f"allow {a}" for a in granted), *(f"deny {a}" for a in denied)])
-        out.short(
-            "IPSecurity",
-            f"Connection control (IIsIPSecuritySetting, GrantByDefault {default}): "
-            f"{listed or 'by name only'}: "
-            "smtpsvc has no connection grant/deny list; enforce it with a firewall in front of server.listen",
-        )
+        grant = tuple(_ip_entry(r, "IPGrant", e) for e in granted)
+        deny = tuple(_ip_entry(r, "IPDeny", e) for e in denied)
+        by_default = default if default is not None else not grant
+        _connection_rules(out, IpSecList(grant, deny, 0, 0, by_default), "IPSecurity (IIsIPSecuritySetting)")
         if names:
-            out.short("IPSecurity", "DomainGrant/DomainDeny (by DNS name): no equivalent")
+            out.short(
+                "IPSecurity",
+                f"{len(names)} computer(s) by DNS name (DomainGrant/DomainDeny): connection control is by "
+                "address only; list their networks instead",
+            )
+        return  # the same lists as the blob, already decoded by WMI
     blob = r.blob("IPSecurity")
     if not blob:
         return
     lists = decode(blob, f"IPSecurity of {r.where}")
-    if not (lists.grant or lists.deny or lists.grant_names or lists.deny_names) and lists.grant_by_default:
-        return  # "All except the list below", nobody listed: everyone may connect, as with smtpsvc
-    out.short(
-        "IPSecurity",
-        f"Connection control {lists.describe()}: smtpsvc has no connection grant/deny "
-        "list; enforce it with a firewall in front of server.listen",
-    )
+    _connection_rules(out, lists, "IPSecurity")
     _names(out, "IPSecurity", lists)
+
+
+def _ip_entry(r: _Reader, name: str, entry: object) -> ipaddress.IPv4Network:
+    """One IIsIPSecuritySetting entry, "address, mask" (or a bare address: that one computer)."""
+    text = str(entry).strip()
+    address, _, mask = (part.strip() for part in text.partition(","))
+    try:
+        return ipaddress.IPv4Network(f"{address}/{mask or '255.255.255.255'}", strict=False)
+    except ValueError:
+        raise ImportFailed(
+            f'{name} of {r.where}: {text!r} is not "address, mask" (e.g. "192.0.2.0, 255.255.255.0")'
+        ) from None
+
+
+def _connection_rules(out: Conversion, lists: IpSecList, source: str) -> None:
+    described = f"{source} {lists.describe()}"
+    if lists.grant_by_default:
+        if lists.deny:
+            out.set("connection", "deny", [str(n) for n in lists.deny], described)
+        if lists.grant:  # the dialog cannot make these: a script did, and IIS went by the deny list
+            listed = ", ".join(str(n) for n in lists.grant)
+            out.short("IPSecurity", f'granted {listed} in an "All except the list below" list: not imported')
+        return  # nobody denied: everyone may connect, smtpsvc's default
+    if not lists.grant:
+        out.set("connection", "deny", ["0.0.0.0/0", "::/0"], f"{described}: nobody may connect")
+        return
+    loopback = ipaddress.IPv4Address("127.0.0.1")
+    if not any(loopback in n for n in lists.grant):
+        described += "; 127.0.0.1 is not listed: programs on this computer may not connect either"
+    out.set("connection", "allow", [str(n) for n in lists.grant], described)
+    if lists.deny:
+        out.set("connection", "deny", [str(n) for n in lists.deny], f"{source} (its deny list)")
 
 
 def _domains(server: VirtualServer, r: _Reader, out: Conversion, password_file: Callable[[str], str]) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from smtpsvc.migrate.iis import Conversion, Setting, TomlValue
 
 # The order of docs/configuration.md, so the file reads like `smtpsvc config example`.
-_SECTIONS = ("server", "extensions", "domains", "relay", "auth", "tls", "delivery")
+_SECTIONS = ("server", "extensions", "domains", "relay", "connection", "auth", "tls", "delivery")
 
 
 def render(conv: Conversion, source_name: str) -> str:
