@@ -16,7 +16,7 @@ from smtpsvc.app import Service
 from smtpsvc.server import session
 from tests.conftest import StartService, base_sections, events_of, smtp_port, wait_until, write_config
 from tests.rawclient import RawClient
-from tests.test_relay import drop_files
+from tests.test_relay import drop_files, queue_is_empty
 
 OTHER = "127.0.0.2"  # the second client address
 REFUSED = f"554 5.7.1 relay.test Access denied: {OTHER} may not connect (connection control)"
@@ -59,6 +59,7 @@ async def test_a_denied_client_gets_554_at_connect_and_cannot_send_while_others_
     assert refused.smtp_error.decode() == REFUSED[4:]
     await send_from(service, "127.0.0.1")  # not in the deny list: everyone else may connect
     await wait_until(lambda: len(drop_files(service)) == 1, what="the allowed client's message in Drop")
+    await wait_until(lambda: queue_is_empty(service), what="the allowed client's message delivered")
     # RFC 5321 §3.1: after the 554 banner the server waits for QUIT and refuses every other command.
     client = await raw_from(service, OTHER)
     assert await client.reply() == REFUSED
@@ -66,7 +67,7 @@ async def test_a_denied_client_gets_554_at_connect_and_cannot_send_while_others_
         assert (await client.command(command)).startswith("503 5.5.1 ")
     assert (await client.command("QUIT")).startswith("221 ")
     assert await client.closed()
-    assert len(drop_files(service)) == 1 and not service.queue.list()
+    assert len(drop_files(service)) == 1 and queue_is_empty(service)  # nothing from the refused client
     [event] = denials(service)  # two refused connections, one event: at most one a minute per address
     assert event["host"] == OTHER and event["status"] == "5.7.1"
     assert f'The client at "{OTHER}" was refused at connect by connection control' in event["text"]
