@@ -125,6 +125,28 @@ def test_relay_check_explains_a_refusal_and_the_rule(tmp_path: Path) -> None:
     assert "decision: accepted" in out and "allow-list:10.0.0.0/8" in out
 
 
+def test_relay_check_says_whether_the_client_may_connect(tmp_path: Path) -> None:
+    cfg = tmp_path / "smtpsvc.toml"
+    cfg.write_text('[domains]\nlocal = ["corp.test"]\n')
+    _, out, _ = run("relay", "check", "-c", str(cfg), "--client", "192.0.2.7", "--rcpt", "u@corp.test")
+    assert "connection: accepted (connection.allow and connection.deny are empty: everyone may" in out
+    cfg.write_text(
+        '[server]\nhostname = "mx.corp.test"\n[domains]\nlocal = ["corp.test"]\n'
+        '[connection]\nallow = ["10.0.0.0/8"]\ndeny = ["10.9.9.9"]\n'
+    )
+    verdicts = {
+        client: run("relay", "check", "-c", str(cfg), "--client", client, "--rcpt", "u@corp.test")[1]
+        for client in ("10.1.1.1", "10.9.9.9", "192.0.2.7")
+    }
+    assert "connection: accepted (in connection.allow)" in verdicts["10.1.1.1"]
+    refused = 'connection: refused with "554 5.7.1 mx.corp.test Access denied: {} may not connect'
+    assert refused.format("10.9.9.9") in verdicts["10.9.9.9"]
+    assert "(in connection.deny)" in verdicts["10.9.9.9"]
+    assert refused.format("192.0.2.7") in verdicts["192.0.2.7"]
+    assert "(not in connection.allow)" in verdicts["192.0.2.7"]
+    assert "decision: accepted" in verdicts["192.0.2.7"]  # the relay rules' own answer, still shown
+
+
 def test_relay_check_names_relay_tricks(tmp_path: Path) -> None:
     cfg = tmp_path / "smtpsvc.toml"
     cfg.write_text('[domains]\nlocal = ["corp.test"]\n')

@@ -395,6 +395,8 @@ def test_parse_nameserver_refuses(text: str) -> None:
         ('[domains]\nremote = [{ name = "p.test", route = "x" }]', "domains.remote", 'route "x" names no'),
         ('[relay]\nallow = ["10.0.0.300/8"]', "relay.allow", 'item 1: invalid network "10.0.0.300/8"'),
         ("[relay]\ndeny = [10]", "relay.deny", "expected a string"),
+        ('[connection]\nallow = ["10.0.0.300/8"]', "connection.allow", 'invalid network "10.0.0.300/8"'),
+        ('[connection]\ndeny = "10.0.0.0/8"', "connection.deny", "expected an array of networks like"),
         ('[auth]\nmechanisms = ["CRAM-MD5"]', "auth.mechanisms", 'unsupported mechanism "CRAM-MD5"'),
         ("[tls]\nrequire = true", "tls.require", "needs tls.cert"),
         ('[delivery]\nsmart_host = ["a.example"]', "delivery.smart_host", "expected a string"),
@@ -474,6 +476,13 @@ def test_unknown_key_from_another_section_says_where_it_belongs(tmp_path: Path) 
             "[server]\nRemoteSmtpPort = 25\n",
             'did you mean "delivery.remote_port"? (the IIS name RemoteSmtpPort)',
         ),
+        (
+            "[connection]\nIPSecurity = 1\n",
+            "did you mean connection.allow, connection.deny? (IIS Connection control, IPSecurity",
+        ),
+        ("[server]\nIPGrant = []\n", 'did you mean "connection.allow"? (the IIS name IPGrant)'),
+        ("IPDeny = []\n", 'did you mean "connection.deny"? (the IIS name IPDeny)'),
+        ("[connection]\nGrantByDefault = true\n", "did you mean connection.allow, connection.deny?"),
     ],
 )
 def test_an_iis_name_gets_the_smtpsvc_key_that_replaces_it(tmp_path: Path, toml: str, hint: str) -> None:
@@ -717,6 +726,7 @@ SPEC_KEYS = {
     "xexch50 x_link2state",
     "domains": "local remote",
     "relay": "allow deny allow_authenticated",
+    "connection": "allow deny",  # ours, issue 17: IIS's Connection control (IPSecurity)
     "auth": "users_file mechanisms require_tls",
     "tls": "cert key require",
     "delivery": "smart_host smart_host_type remote_port retry delay_notification expiration "

@@ -227,6 +227,25 @@ def test_a_reload_reaches_the_sessions_of_every_worker(tmp_path: Path, started: 
     assert [second_recipient_reply(proc.port) for _ in range(8)] == [452] * 8
 
 
+def greeting_code(port: int) -> int:
+    """The banner's code: 220, or the 554 of connection control (smtplib raises it at connect)."""
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            return smtp.noop()[0] and 220
+    except smtplib.SMTPConnectError as refused:
+        return refused.smtp_code
+
+
+def test_a_reload_reaches_the_connection_control_of_every_worker(
+    tmp_path: Path, started: list[ServiceProcess]
+) -> None:
+    proc = start(tmp_path, started, "[127.0.0.1]:9", retry=["1h"])
+    assert greeting_code(proc.port) == 220
+    reconfigure(proc, "[127.0.0.1]:9", connection={"deny": ["127.0.0.1"]})
+    reload_workers(proc, "config-reload")
+    assert [greeting_code(proc.port) for _ in range(8)] == [554] * 8
+
+
 def test_a_reload_reaches_the_ingest_of_every_worker(tmp_path: Path, started: list[ServiceProcess]) -> None:
     proc = start(tmp_path, started, "")  # no smart host: mail to remote.test goes by MX
     for link in ("remote.test", "smarthost"):  # nothing is delivered: each keeps the route its ingest chose

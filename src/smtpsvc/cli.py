@@ -1,5 +1,5 @@
 """The `smtpsvc` command line: `serve`, `config`, `users`, `relay check`, `queue`, `db`, `badmail`,
-`sendmail`, `events`, `track`, `probe`, `dkim`, `tlsrpt`.
+`sendmail`, `events`, `track`, `probe`, `dkim`, `tlsrpt`, `import iis`.
 
 Thin by design: it finds and loads the configuration, then hands over to the service or prints. Exit codes:
 0 ok, 1 the operation failed (the message says why), 2 usage or configuration error.
@@ -54,12 +54,22 @@ from smtpsvc.config import (
 )
 from smtpsvc.delivery.tlsrpt import TlsCounts
 from smtpsvc.dsn import split_headers
+from smtpsvc.migrate import ImportFailed
+from smtpsvc.migrate.iis import Credential, convert
+from smtpsvc.migrate.metabase import choose_server, read_export
+from smtpsvc.migrate.tomlout import render, report_lines
 from smtpsvc.model import Envelope, rfc5322_date
 from smtpsvc.protocol import AddressError, parse_path
 from smtpsvc.queue import pgschema
 from smtpsvc.queue.pgschema import DatabaseError
 from smtpsvc.receiving import new_resolver
-from smtpsvc.routing.categorizer import check_recipient, explain, postmaster_address, route_for
+from smtpsvc.routing.categorizer import (
+    check_recipient,
+    connection_allowed,
+    explain,
+    postmaster_address,
+    route_for,
+)
 from smtpsvc.routing.mtasts import (
     FetchError,
     MtaSts,
@@ -301,11 +311,27 @@ def relay_check(config_file: str | None, client_ip: str, rcpt: str, auth_user: s
     )
     who = f", authenticated as {auth_user}" if auth_user else ""
     click.echo(f"client {client_ip}{who} -> recipient {address}")
+    click.echo(f"connection: {_connection_verdict(cfg, client_ip)}")
     if decision.allowed:
         click.echo("decision: accepted")
     else:
         click.echo(f'decision: refused with "550 5.7.1 Unable to relay for <{address}>"')
     click.echo(f"rule: {decision.rule}: {explain(decision.rule)}")
+
+
+def _connection_verdict(cfg: Config, client_ip: str) -> str:
+    """`relay check`'s line on connection control ([connection]): may the client connect at all?"""
+    rules = cfg.connection
+    if not rules.allow and not rules.deny:
+        return "accepted (connection.allow and connection.deny are empty: everyone may connect)"
+    if connection_allowed(client_ip, rules.allow, rules.deny):
+        return "accepted (" + ("in connection.allow)" if rules.allow else "not in connection.deny)")
+    allowed_alone = connection_allowed(client_ip, rules.allow, ())
+    return (
+        f'refused with "554 5.7.1 {cfg.server.hostname} Access denied: {client_ip} may not connect '
+        f'(connection control)" ({"in connection.deny" if allowed_alone else "not in connection.allow"}); '
+        "it never gets to RCPT, the decision below is the relay rules' alone"
+    )
 
 
 # --------------------------------------------------------------------------------------------- queue
@@ -1453,6 +1479,83 @@ def tlsrpt_show(config_file: str | None) -> None:
         for key, count in sorted(failures.items()):
             result_type, mx_host, ip = key.split("|", 2)
             click.echo(f"  {count:6d}  {result_type}  {mx_host}[{ip}]")
+
+
+# --------------------------------------------------------------------------------------------- import
+
+
+@main.group("import")
+def import_group() -> None:
+    """Import the settings of the mail server smtpsvc replaces."""
+
+
+@import_group.command("iis")
+@click.argument("file", metavar="FILE")
+@click.option(
+    "--server", "server_number", metavar="N", help="The SMTP virtual server (default: the only one)."
+)
+@click.option("-o", "--output", metavar="FILE", help="Write smtpsvc.toml here (default: standard output).")
+@click.option("--force", is_flag=True, help="Overwrite the -o file (and password files) if they exist.")
+def import_iis(file: str, server_number: str | None, output: str | None, force: bool) -> None:
+    """Write a commented smtpsvc.toml from an IIS 6 MetaBase.xml, or from the JSON export of IIS 7+'s
+    IIsSmtpServerSetting (and IIsSmtpDomainSetting) objects; report what cannot be carried over.
+    Passwords are never imported: they are asked for (at a terminal, with -o) into files of their own."""
+    target = Path(output).absolute() if output else None
+    if target is not None and target.exists() and not force:
+        _usage_error(f"{output} exists; give --force to overwrite it")
+    try:
+        data = Path(file).read_bytes()
+    except OSError as exc:
+        _usage_error(f"cannot read {file}: {exc.strerror or exc}")
+
+    def password_file(label: str) -> str:
+        if target is None:
+            return f"smtpsvc-{label}.password"  # relative: the service's working directory
+        return str(target.parent / f"{target.stem}-{label}.password")
+
+    try:
+        conversion = convert(choose_server(read_export(data), server_number), password_file)
+    except ImportFailed as exc:
+        _usage_error(f"{file}: {exc}")
+    if target is not None and sys.stdin.isatty():
+        conversion.credentials = [_ask_password(c, force) for c in conversion.credentials]
+    text = render(conversion, Path(file).name)
+    if target is None:
+        click.echo(text, nl=False)
+    else:
+        try:
+            target.write_text(text, encoding="utf-8")
+        except OSError as exc:
+            _usage_error(f"cannot write {output}: {exc.strerror or exc}")
+        click.echo(f"wrote {output}", err=True)
+    for line in report_lines(conversion):
+        click.echo(line, err=True)
+
+
+def _usage_error(message: str) -> NoReturn:
+    click.echo(f"smtpsvc import iis: {message}", err=True)
+    raise SystemExit(2)
+
+
+def _ask_password(credential: Credential, force: bool) -> Credential:
+    """Ask for an AUTH user's password and write it to its own file (mode 0600); an existing file is kept
+    unless --force. Returns the credential marked written, or as it was."""
+    path = Path(credential.password_file)
+    if path.exists() and not force:
+        click.echo(f"{path} exists: kept (--force to replace it)", err=True)
+        return dataclasses.replace(credential, written=True)
+    password = getpass.getpass(f"Password of {credential.user} for {credential.key} (empty: later): ")
+    if not password:
+        return credential
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)  # O_CREAT's mode does not apply to a file that already existed
+            handle.write(password + "\n")
+    except OSError as exc:
+        click.echo(f"cannot write {path}: {exc.strerror or exc}", err=True)
+        return credential
+    return dataclasses.replace(credential, written=True)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -181,6 +181,14 @@ class RelayConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionConfig:
+    """IIS's Connection control (IPSecurity): who may connect at all. Empty lists (the default): everyone."""
+
+    allow: tuple[IPNetwork, ...]  # non-empty: "Only the list below"
+    deny: tuple[IPNetwork, ...]  # non-empty: "All except the list below"; wins over allow
+
+
+@dataclass(frozen=True, slots=True)
 class AuthConfig:
     users_file: str
     mechanisms: tuple[str, ...]
@@ -360,6 +368,7 @@ class Config:
     extensions: ExtensionsConfig
     domains: DomainsConfig
     relay: RelayConfig
+    connection: ConnectionConfig
     auth: AuthConfig
     tls: TlsConfig
     delivery: DeliveryConfig
@@ -795,6 +804,15 @@ _IIS_ONLY_HINTS = {
         "relay.deny, relay.allow, relay.allow_authenticated",
         "Exchange 5.5 RelayFlags bits 1, 2 and 8, Q206968; bit 4, RelayLocalIPList, has no equivalent",
     ),
+    # The metabase blob behind the Connection dialog (IIsIPSecuritySetting's IPGrant/IPDeny name the keys).
+    "ipsecurity": (
+        "connection.allow, connection.deny",
+        'IIS Connection control, IPSecurity: "Only the list below" and "All except the list below"',
+    ),
+    "grantbydefault": (
+        "connection.allow, connection.deny",
+        'IIS Connection control: GrantByDefault true is a deny list ("All except the list below")',
+    ),
 }
 
 
@@ -1185,6 +1203,25 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
             show=lambda v: [str(n) for n in v],
         ),
         _k("allow_authenticated", True, _bool, "authenticated clients may relay", "RelayForAuth"),
+    ),
+    "connection": (
+        _k(
+            "allow",
+            [],
+            lambda v: _each(v, 'networks like "192.0.2.0/24"', parse_network),
+            'networks that may connect ("Only the list below"); [] with deny [] = everyone; loopback too '
+            "must be listed",
+            "IPGrant",
+            show=lambda v: [str(n) for n in v],
+        ),
+        _k(
+            "deny",
+            [],
+            lambda v: _each(v, 'networks like "192.0.2.0/24"', parse_network),
+            'networks that may not connect ("All except the list below"); wins over allow',
+            "IPDeny",
+            show=lambda v: [str(n) for n in v],
+        ),
     ),
     "auth": (
         _k("users_file", "users.toml", _str, "SMTP AUTH accounts, managed by `smtpsvc users` (hashes only)"),
@@ -1602,6 +1639,7 @@ _SECTION_DOCS: dict[str, str] = {
     "extensions": "named switches; a key set here overrides the mask's bit, an unset one follows it",
     "domains": "what is ours (drop/) and which remote domains we relay for",
     "relay": "who may relay (SPEC 2.3: deny, then allow, then authenticated)",
+    "connection": "who may connect at all: IIS Connection control (IPSecurity); refused with 554 at connect",
     "auth": "SMTP AUTH",
     "tls": "inbound STARTTLS",
     "delivery": "outbound SMTP",
@@ -1616,8 +1654,8 @@ _SECTION_DOCS: dict[str, str] = {
     "dkim": "DKIM signing keys, chosen by the From: domain; repeat [[dkim]] (two for a domain: dual signing)",
 }
 _SECTION_ORDER = (
-    "server", "extensions", "domains", "relay", "auth", "tls", "delivery", "resolver", "connector",
-    "categorizer", "badmail", "protocol_log", "admin", "queue", "oauth", "dkim",
+    "server", "extensions", "domains", "relay", "connection", "auth", "tls", "delivery", "resolver",
+    "connector", "categorizer", "badmail", "protocol_log", "admin", "queue", "oauth", "dkim",
 )  # fmt: skip
 
 
@@ -2031,6 +2069,7 @@ def load_config(
         ),
         domains=domains,
         relay=RelayConfig(**table("relay")),
+        connection=ConnectionConfig(**table("connection")),
         auth=AuthConfig(**table("auth")),
         tls=TlsConfig(**table("tls")),
         delivery=DeliveryConfig(**table("delivery")),

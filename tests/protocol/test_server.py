@@ -154,6 +154,17 @@ def test_greeting_554_allows_only_quit() -> None:
     assert conn.state is ServerState.CLOSED
 
 
+def test_greeting_554_answers_verbs_that_are_not_offered_503_too() -> None:
+    # AUTH without accounts, ETRN and VRFY switched off: 502 in a served session; after a 554 banner every
+    # command but QUIT is the same 503, whatever is offered (a refused client learns nothing more).
+    conn = ServerConnection(ServerOptions(auth_mechanisms=(), etrn=False, vrfy=False))
+    conn.greeting(R.Reply(554, "5.7.1", "mx.test Access denied"))
+    for line in (b"AUTH PLAIN\r\n", b"ETRN x.test\r\n", b"VRFY u\r\n", b"STARTTLS\r\n"):
+        conn.receive_data(line)
+        assert rejected([conn.next_event()]).reply == R.NO_SERVICE
+        conn.send(R.NO_SERVICE)
+
+
 def test_next_event_while_a_reply_is_owed_is_a_local_error() -> None:
     s = Session.start()
     s.conn.receive_data(b"EHLO c\r\nNOOP\r\n")

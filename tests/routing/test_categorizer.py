@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from smtpsvc.config import Config, load_config
+from smtpsvc.config import Config, IPNetwork, load_config, parse_network
 from smtpsvc.model import Route
-from smtpsvc.routing.categorizer import relay_decision, route_for
+from smtpsvc.routing.categorizer import connection_allowed, relay_decision, route_for
 
 
 def config(tmp_path: Path, text: str, remote: str = "[]") -> Config:
@@ -77,3 +77,37 @@ def test_smart_host_takes_every_remote_recipient(tmp_path: Path) -> None:
     assert route.link == "smarthost"
     assert route.hosts == (("192.0.2.1", 587), ("relay.isp.test", 25))
     assert route_for("u@corp.test", cfg).kind == "drop"
+
+
+def _nets(*texts: str) -> tuple[IPNetwork, ...]:
+    return tuple(parse_network(t) for t in texts)
+
+
+# IIS's Connection dialog: nobody listed = everyone; "Only the list below" = allow; "All except the list
+# below" = deny; deny wins over allow; loopback gets no exemption; dual-stack IPv4-mapped clients are IPv4.
+CONNECTION_RULES = [
+    ((), (), "203.0.113.9", True),  # the default: everyone may connect
+    ((), (), "not-an-ip", True),
+    (("10.0.0.0/8",), (), "10.1.2.3", True),
+    (("10.0.0.0/8",), (), "192.0.2.1", False),
+    (("10.0.0.0/8",), (), "127.0.0.1", False),  # loopback too must be listed
+    (("10.0.0.0/8", "127.0.0.1"), (), "127.0.0.1", True),
+    (("10.0.0.0/8",), (), "::ffff:10.0.0.5", True),
+    (("10.0.0.0/8",), (), "2001:db8::1", False),
+    (("2001:db8::/32",), (), "2001:db8::1", True),
+    (("10.0.0.0/8",), (), "", False),  # no address cannot be in the list
+    ((), ("198.51.100.0/24",), "198.51.100.7", False),
+    ((), ("198.51.100.0/24",), "198.51.101.7", True),
+    ((), ("198.51.100.0/24",), "::ffff:198.51.100.7", False),
+    ((), ("198.51.100.0/24",), "", True),
+    (("198.51.100.0/24",), ("198.51.100.7",), "198.51.100.7", False),  # deny wins over allow
+    (("198.51.100.0/24",), ("198.51.100.7",), "198.51.100.8", True),
+    (("0.0.0.0/0",), (), "::1", False),  # an IPv4 network never admits an IPv6 client
+]
+
+
+@pytest.mark.parametrize(("allow", "deny", "client", "allowed"), CONNECTION_RULES)
+def test_connection_allowed(
+    allow: tuple[str, ...], deny: tuple[str, ...], client: str, allowed: bool
+) -> None:
+    assert connection_allowed(client, _nets(*allow), _nets(*deny)) is allowed

@@ -970,9 +970,10 @@ class ServerConnection:
         if spec is None:
             return Rejected(replies.UNRECOGNIZED, verb)
         opts = self.options
-        if spec.enabled is not None and not spec.enabled(opts):
+        # After a 554 banner every command but QUIT gets NO_SERVICE (RFC 5321 §3.1), offered or not, TLS or
+        # not.
+        if spec.enabled is not None and not spec.enabled(opts) and self._state is not S.REFUSED:
             return Rejected(spec.disabled, verb)
-        # After a 554 banner every command but QUIT gets NO_SERVICE, TLS or not.
         if spec.needs_tls and opts.require_tls and not self._tls and self._state is not S.REFUSED:
             return Rejected(replies.MUST_STARTTLS, verb)
         if spec.event not in TRANSITIONS[self._state]:

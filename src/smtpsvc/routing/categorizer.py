@@ -89,6 +89,26 @@ def relay_decision(
     return RelayDecision(False, "default-deny")
 
 
+def connection_allowed(
+    client_ip: str,
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...],
+) -> bool:
+    """IIS's Connection control (`[connection]`): may this client connect at all? Both lists empty: everyone
+    ("All except the list below" with nobody listed, IIS's default); a client in `deny` is refused even if it
+    is also in `allow`; a non-empty `allow` admits only its networks. Loopback is not exempt, as in IIS.
+
+    An address that cannot be parsed (none: a local submission) matches no list."""
+    if not allow and not deny:
+        return True  # the default, checked first: every connection asks
+    address = _parse_ip(client_ip)
+    if address is not None and any(address.version == n.version and address in n for n in deny):
+        return False
+    if not allow:
+        return True
+    return address is not None and any(address.version == n.version and address in n for n in allow)
+
+
 DROP_CHOICE = RouteChoice(
     route=Route(kind="drop", link=DROP_LINK),
     connector="",

@@ -60,7 +60,7 @@ from smtpsvc.protocol import (
 )
 from smtpsvc.protolog import ProtocolLog, logged_command
 from smtpsvc.queue.base import MessageWriter, QueueError
-from smtpsvc.routing.categorizer import check_recipient, postmaster_address
+from smtpsvc.routing.categorizer import check_recipient, connection_allowed, postmaster_address
 from smtpsvc.routing.mx import MxResolver
 from smtpsvc.server.sasl_exchange import Credentials, SaslExchange
 from smtpsvc.tls import ServerCertificate
@@ -73,6 +73,37 @@ SESSION_TOO_BIG = Reply(552, "5.3.4", "Session size limit exceeded (max_session_
 MAIL_SYSTEM_FULL = Reply(452, "4.3.1", "Insufficient system storage, please try again later")
 LINGER_SECONDS = 1.0
 TLS_HANDSHAKE_TIMEOUT = 30.0
+# A client refused by connection control gets the 554 banner and, as RFC 5321 §3.1 asks, the chance to QUIT.
+# It is not owed more: the session ends after this long in all (not per command, so a slow trickle of
+# commands cannot hold the connection open) or at this many commands, each answered 503, the last 421.
+REFUSED_SECONDS = 10.0
+REFUSED_COMMANDS = 5
+
+
+class ConnectionRefusals:
+    """Which refused addresses were logged lately: event 7010 (cause connection-denied) at most once per
+    address per `interval` in this process, so a client that reconnects in a loop cannot flood the event
+    log. Bounded: past `limit` addresses the expired ones are dropped, and if all are fresh, all are."""
+
+    def __init__(
+        self, interval: float = 60.0, limit: int = 4096, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.interval = interval
+        self.limit = limit
+        self.clock = clock
+        self._logged: dict[str, float] = {}
+
+    def should_log(self, address: str) -> bool:
+        now = self.clock()
+        last = self._logged.get(address)
+        if last is not None and now - last < self.interval:
+            return False
+        if len(self._logged) >= self.limit:
+            self._logged = {a: t for a, t in self._logged.items() if now - t < self.interval}
+            if len(self._logged) >= self.limit:
+                self._logged.clear()
+        self._logged[address] = now
+        return True
 
 
 class SessionObserver(Protocol):
@@ -104,6 +135,7 @@ class SessionContext:
     # A local submission (`sendmail -bs`): no relay rules, as for Pickup, whose folder its user can write
     trusted: bool = False
     protocol_log: ProtocolLog | None = None  # [protocol_log] enabled: every command and reply, W3C
+    refusals: ConnectionRefusals = field(default_factory=ConnectionRefusals)  # connection control's log
 
     @property
     def config(self) -> Config:
@@ -407,13 +439,15 @@ class Session:
         if self.plog is not None:
             local = stream.transport.get_extra_info("sockname")
             self._plog_server = (local[0], local[1]) if isinstance(local, tuple) else ("", 0)
+        self.refused = False  # connection control refused the client: 554 banner, then only QUIT
+        self.refused_commands = 0
 
     async def run(self) -> None:
         if self.metrics is not None:  # metrics hook
             self.metrics.session_opened()
         self._task = asyncio.current_task()
         try:
-            self.stream.transport.write(self.conn.greeting(replies.GREETING(self.hostname)))
+            self.stream.transport.write(self.conn.greeting(self._greeting()))
             await self._loop()
         except SessionClosed:
             pass
@@ -434,6 +468,31 @@ class Session:
             if self.metrics is not None:  # metrics hook; before the close, which a stop may cancel
                 self.metrics.session_closed()
             await self._close()
+
+    def _greeting(self) -> Reply:
+        """220, or 554 for a client that connection control (`[connection]`) refuses: before the banner, so
+        a refused client never reaches AUTH or MAIL. A local submission (`sendmail -bs`) has no address."""
+        rules = self.config.connection
+        if not (rules.allow or rules.deny) or self.context.trusted:
+            return replies.GREETING(self.hostname)
+        if connection_allowed(self.client_ip, rules.allow, rules.deny):
+            return replies.GREETING(self.hostname)
+        self.refused = True
+        text = f"{self.hostname} Access denied: {self.client_ip} may not connect (connection control)"
+        reply = Reply(554, "5.7.1", text)
+        if self.context.refusals.should_log(self.client_ip):
+            self.events.emit(
+                events.Event(
+                    events.CLIENT_COMMAND_REJECTED,
+                    f'The client at "{self.client_ip}" was refused at connect by connection control '
+                    f'(connection.allow / connection.deny) with "{reply}"; further connections from this '
+                    "address are refused without an event for a minute.",
+                    host=self.client_ip,
+                    status=reply.enhanced,
+                    cause="connection-denied",
+                )
+            )
+        return reply
 
     async def _close(self) -> None:
         """Flush our last reply, then a short lingering close: half-close and discard what the client still
@@ -480,7 +539,8 @@ class Session:
         stream = self.stream
         loop = self._event_loop
         connection_timeout = self.config.server.connection_timeout  # one config for the whole session
-        self._reset_deadline(connection_timeout)
+        refused = self.refused  # a refused client's deadline is never extended (REFUSED_SECONDS in all)
+        self._reset_deadline(REFUSED_SECONDS if refused else connection_timeout)
         while True:
             event = conn.next_event()
             if event is NEED_DATA:
@@ -533,7 +593,7 @@ class Session:
                 continue
             if kind is ConnectionClosed:
                 raise SessionClosed
-            if kind is not Data and kind is not BdatEnd:
+            if kind is not Data and kind is not BdatEnd and not refused:
                 # a complete command arrived: the next one gets a fresh idle allowance
                 self._reset_deadline(connection_timeout)
             started = time.monotonic() if self.plog is not None else 0.0
@@ -719,6 +779,11 @@ class Session:
                     )
                 return replies.LINK2STATE_IGNORED
             case Rejected(reply=reply, close=close):
+                if self.refused:  # after the 554 banner: 503 (the core's answer) until the bound, then 421
+                    self.refused_commands += 1
+                    if self.refused_commands >= REFUSED_COMMANDS:
+                        return Reply(421, "4.7.1", f"{self.hostname} Access denied; closing connection")
+                    return reply
                 self.errors += 1
                 if close:
                     return Reply(421, "4.7.0", f"{self.hostname} {reply.text}; closing connection")
