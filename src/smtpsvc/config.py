@@ -14,9 +14,9 @@ import fnmatch
 import ipaddress
 import json
 import os
-import sys
 import re
 import socket
+import sys
 import tomllib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
