@@ -1,4 +1,5 @@
-"""SMTP worker processes (`server.workers` > 1): more cores for receiving mail.
+"""SMTP worker processes (`server.workers` > 1; "auto", the default, is one per core): more cores for
+receiving mail.
 
 One Python process runs one event loop, so one core. With `server.workers = N` the service starts N
 worker processes that accept SMTP on the `server.listen` addresses (SO_REUSEPORT: the kernel spreads new
@@ -6,9 +7,17 @@ connections over the listeners) and commit each message into the shared `queue/`
 protocol (`queue/intake.py`): the 250 still means "fsynced". The main process binds those addresses too,
 so that they stay reserved while workers come and go, but never listens on them: it keeps everything else,
 the spool lock and index, delivery, Pickup, the admin API (delivery alone is about a third of the CPU a
-message costs, docs/performance.md). A worker tells it each new message's id
-over a socket pair (`Q <id>`; `READY` once it listens), and asks it for ETRN (`E <n> <domain> <0|1>`,
-answered `R <n> <count>`).
+message costs, docs/performance.md). The socket pair between them carries, one line each:
+- main -> worker, first: `S <slot>` with the descriptor of the table of open sessions (`server/counts.py`,
+  so that `server.max_connections` is the service's limit);
+- worker -> main: `READY` once it listens; `Q <id>` for each new message; ETRN `E <n> <domain> <0|1>`,
+  answered `R <n> <count>`; AUTH `A <n> c|f <ip>` (check before an attempt, count a failure), answered
+  `a <n> <blocked 0|1> <delay>`, and `A 0 s <ip>` (a success): the service has one failure limiter, the
+  main process's; without an answer in AUTH_TIMEOUT the worker's own count of the same attempts answers;
+- main -> worker: `M <n>` at a /metrics scrape, answered `m <n> <JSON samples>`: the worker's SMTP counters
+  (its own `Metrics`), added up by the main process (`Metrics.render`).
+The workers' events are written by each worker to `log/events.jsonl` (O_APPEND), flushed every second as
+the main process's are.
 
 A worker that dies is restarted after a second; what it had committed is found by the main process's
 periodic rescan. Once the workers run, the main process's event loop lowers its CPU priority by
@@ -18,9 +27,6 @@ SIGTERM (they give 421 and finish what they were committing) and passes SIGHUP o
 SIGHUP blocked until its handler is in place, so one passed on while it starts is not its end. A worker
 whose main process died (its socket pair closes) finishes the same way, logs event 9003 (cause
 `main-process-gone`) and exits 0; until it has, no new start recovers the queue (queue/.workers.lock).
-Limits of this first version: each worker has its own AUTH failure limiter and its own share of
-`server.max_connections` (the limit applies per process), and the main process's /metrics has no SMTP
-session counters (the sessions are the workers').
 """
 
 from __future__ import annotations
