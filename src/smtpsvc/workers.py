@@ -69,6 +69,7 @@ RESCAN_INTERVAL = 30.0
 ETRN_TIMEOUT = 30.0
 AUTH_TIMEOUT = 5.0  # the main process's limiter; past it, the worker's own count answers
 METRICS_TIMEOUT = 2.0  # a scrape waits this long for the workers' counters, then uses the last ones
+CHANNEL_DRAIN = 1.0  # after a worker exited: how long its last lines may take to be read
 CHANNEL_LIMIT = 1 << 20  # one line of the socket pair at most (a worker's counters)
 STOP_GRACE = 10.0
 
@@ -164,6 +165,9 @@ class WorkerPool:
                 continue
             self._procs[slot] = proc
             code = await proc.wait()
+            # What it wrote before it exited (its last counters at a stop) is read to the end first.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(channel), CHANNEL_DRAIN)
             channel.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await channel
@@ -427,8 +431,10 @@ class MasterChannel:
             self._notices.clear()
 
     async def close(self) -> None:
-        """At the stop: the last notices out (the main process rescans anyway when we exit)."""
+        """At the stop: the last notices out (the main process rescans anyway when we exit), and the last
+        counters, which the main process keeps counted once we are gone."""
         self._send_notices()
+        self._metrics_asked("0")
         if not self.gone:
             with contextlib.suppress(ConnectionError, OSError, RuntimeError):  # it may go meanwhile
                 await self._writer.drain()

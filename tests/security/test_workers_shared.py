@@ -4,6 +4,8 @@ the service's, not each process's: one AUTH failure limiter, one `server.max_con
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 from pathlib import Path
 
@@ -131,3 +133,27 @@ async def test_a_worker_whose_main_process_does_not_answer_counts_auth_failures_
     finally:
         writer.close()
         theirs.close()
+
+
+async def test_what_a_worker_counted_stays_counted_after_it_stopped(start_service: StartService) -> None:
+    service = await start_service(server=TWO)
+    assert service.workers is not None
+    for _ in range(3):
+        client = await greeted(service)
+        await client.command("QUIT")
+        await client.close()
+    await wait_until(lambda: service.smtp.active_sessions == 0, what="the sessions to end")
+    before = {w["pid"] for w in service.workers.status()}
+    for pid in before:  # as a stop: each sends its last counters before it exits; the pool restarts it
+        os.kill(pid, signal.SIGTERM)
+    await wait_until(
+        lambda: (
+            len(now := service.workers.status() if service.workers else []) == 2
+            and all(w["ready"] for w in now)
+            and not before & {w["pid"] for w in now}
+        ),
+        what="both workers restarted",
+    )
+    s = samples((await service._render_metrics())[0])
+    assert s[("smtpsvc_smtp_connections_total", ())] == 3
+    assert s[("smtpsvc_smtp_commands_total", (("verb", "QUIT"),))] == 3
