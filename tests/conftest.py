@@ -153,6 +153,21 @@ def events_of(service: Service, event_id: int) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, path.read_text().splitlines()) if r["id"] == event_id]
 
 
+async def wait_events(
+    service: Service, event_id: int, count: int = 1, timeout: float = 20.0
+) -> list[dict[str, Any]]:
+    """At least `count` events with this id (all of them, as `events_of`). The SMTP workers (the default,
+    `server.workers = "auto"`) write their sessions' events themselves, within a second as the main
+    process does (each flushes its buffer every second): a test waits for them, bounded."""
+
+    def enough() -> list[dict[str, Any]] | None:
+        found = events_of(service, event_id)
+        return found if len(found) >= count else None
+
+    found: list[dict[str, Any]] = await wait_until(enough, timeout, what=f"{count} event(s) {event_id}")
+    return found
+
+
 def smtp_port(service: Service) -> int:
     return service.smtp.sockets[0][1]
 

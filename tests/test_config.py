@@ -893,7 +893,7 @@ def test_a_connector_user_without_a_password_file_is_an_error(tmp_path: Path) ->
 
 def test_workers_is_checked(tmp_path: Path) -> None:
     assert load(tmp_path, "[server]\nworkers = 2\n").server.workers == 2
-    assert load(tmp_path, "").server.workers == 1  # the default (issue 18 makes it "auto")
+    assert load(tmp_path, "").server.workers == "auto"  # the default: one per usable core
     assert load(tmp_path, '[server]\nworkers = "Auto"\n').server.workers == "auto"
     with_postgres = '[server]\nworkers = 2\n[queue]\nbackend = "postgres"\ndsn = "postgresql://x@h/db"\n'
     problem = only_problem(tmp_path, with_postgres)

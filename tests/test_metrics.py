@@ -363,7 +363,9 @@ def wire(service: Service) -> Metrics:
 async def test_end_to_end_relay_to_a_smart_host_moves_the_counters(
     start_service: StartService, sink: Sink
 ) -> None:
-    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
+    # One process: `wire` hooks a Metrics into this process's sessions (with SMTP workers, /metrics adds
+    # theirs up: tests/admin/test_api.py test_metrics_parse_and_move_when_mail_flows).
+    service = await start_service(server={"workers": 1}, delivery={"smart_host": f"[127.0.0.1]:{sink.port}"})
     metrics = wire(service)
     await send(service, "alice@local.test", ["dave@remote.test", "erin@remote.test"])
     await wait_until(lambda: sink.messages, what="delivery to the smart host")

@@ -23,6 +23,19 @@ def reload_events(service: Service, cause: str) -> list[dict[str, Any]]:
     return [e for e in events_of(service, 9002) if e.get("cause") == cause]
 
 
+async def workers_reloaded(service: Service) -> None:
+    """Wait until every SMTP worker has taken the reload the main process passed on (SIGHUP: a signal,
+    so a connection made at once may still meet the old configuration, as with any daemon's reload)."""
+    if service.workers is not None:
+        count = service.workers.count
+        await wait_until(
+            lambda: (
+                len([e for e in reload_events(service, "config-reload") if "worker" in e["text"]]) >= count
+            ),
+            what="every SMTP worker's reload",
+        )
+
+
 async def rerouted(service: Service) -> None:
     """Wait for the re-routing a reload starts (queued mail whose route changed), so that a test sees
     only what the part under test decided."""
@@ -35,6 +48,7 @@ async def test_a_session_started_after_a_reload_has_the_new_recipient_limit(
     service = await start_service()
     reconfigure(service, server={"max_recipients": 1})
     service.reload()  # what the SIGHUP handler calls, on the event loop
+    await workers_reloaded(service)
     client = await greeted(service)
     assert (await client.command("MAIL FROM:<alice@local.test>")).startswith("250")
     assert (await client.command("RCPT TO:<a@local.test>")).startswith("250")
@@ -67,6 +81,7 @@ async def test_after_a_reload_ingest_routes_new_mail_by_the_new_configuration(
     reconfigure(service, delivery={"smart_host": "[127.0.0.1]:9"})
     service.reload()
     await rerouted(service)
+    await workers_reloaded(service)
     await send(service, "alice@local.test", ["someone@remote.test"])
     [queued] = service.queue.list()
     assert queued.recipients[0].route == "smarthost"

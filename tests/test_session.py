@@ -6,7 +6,7 @@ import asyncio
 import socket
 
 from smtpsvc.app import Service
-from tests.conftest import StartService, events_of, smtp_port, wait_until
+from tests.conftest import StartService, events_of, smtp_port, wait_events, wait_until
 from tests.dnsserver import DnsServer
 from tests.rawclient import RawClient
 
@@ -124,7 +124,7 @@ async def test_connection_limit_answers_421_and_logs_event_402(start_service: St
     second = await RawClient.connect(smtp_port(service))
     assert (await second.reply()).startswith("421 4.7.0")
     assert await second.closed()
-    [event] = events_of(service, 402)
+    [event] = await wait_events(service, 402)
     assert event["text"] == "The maximum number of allowed inbound connections (1) has been reached."
     await first.close()
 
@@ -211,7 +211,7 @@ async def test_queued_and_delivered_messages_are_logged_as_3001_and_3002(start_s
     reply = await client.reply()
     queue_id = reply.split("<", 1)[1].split(">", 1)[0]
     await wait_until(lambda: events_of(service, 3002), what="event 3002")
-    [queued] = [e for e in events_of(service, 3001) if e.get("queue_id") == queue_id]
+    [queued] = [e for e in await wait_events(service, 3001) if e.get("queue_id") == queue_id]
     assert "from=<a@local.test>" in str(queued["track"])
     [delivered] = [e for e in events_of(service, 3002) if e.get("queue_id") == queue_id]
     assert "to=<b@local.test>, relay=drop" in str(delivered["track"])

@@ -278,7 +278,9 @@ class Service:
                 self.scheduler.wake,
                 self.scheduler.etrn,
                 self.supervisor,
+                limiter=lambda: self.smtp.context.limiter,  # the service's one AUTH failure limiter
             )
+            self.smtp.shared = self.workers.counts  # the workers' open sessions (/metrics, max_connections)
             await self.workers.start(self.smtp.sockets)
             # Receiving before delivering when the CPU is short: clients wait for their 250, and the
             # queue is durable (Postfix's queue manager lags its smtpd the same way under load).
@@ -398,6 +400,8 @@ class Service:
 
     async def _render_metrics(self) -> tuple[bytes, str]:
         await self.queue_view.refresh()
+        if self.workers is not None:  # the SMTP sessions are the workers': their counters are added
+            return self.metrics.render(await self.workers.metric_samples())
         return self.metrics.render()
 
     async def _start_admin(self, config: Config) -> None:

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import socket
+import sys
 import tomllib
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -668,6 +669,8 @@ def _int(low: int, high: int | None = None) -> Callable[[object], int]:
 def _workers(value: object) -> int | Literal["auto"]:
     if isinstance(value, str) and value.strip().lower() == "auto":
         return "auto"
+    if isinstance(value, str) and value.strip().isdigit():  # an env override: its default is text ("auto")
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f'expected "auto" or a number of processes from 1 to 64, got {_describe(value)}')
     return _int(1, 64)(value)
@@ -698,9 +701,17 @@ def decide_workers(setting: int | Literal["auto"], backend: str, cores: int, sha
     return max(1, min(cores, 64))
 
 
+def can_run_python_again() -> bool:
+    """A worker is a new run of this interpreter: a user that may not run it (e.g. a Python installed
+    under a home folder closed to the service's user) gets one process with "auto", not a deaf service
+    whose workers cannot start."""
+    return bool(sys.executable) and os.access(sys.executable, os.X_OK)
+
+
 def worker_count(cfg: Config) -> int:
     """The number of processes receiving SMTP with this configuration (`server.workers` decided)."""
-    return decide_workers(cfg.server.workers, cfg.queue.backend, usable_cores(), can_share_ports())
+    possible = can_share_ports() and (cfg.server.workers != "auto" or can_run_python_again())
+    return decide_workers(cfg.server.workers, cfg.queue.backend, usable_cores(), possible)
 
 
 def _choice(*options: str) -> Callable[[object], str]:
@@ -1101,7 +1112,7 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         _k("max_connections", 1000, _int(1), "inbound sessions at once; past it: 421 4.7.0 and event 402"),
         _k(
             "workers",
-            1,
+            "auto",
             _workers,
             'processes accepting SMTP on the listen addresses (SO_REUSEPORT); "auto": one per core (1 with '
             "the PostgreSQL queue or without SO_REUSEPORT); 1: a single process for everything",
@@ -2193,6 +2204,8 @@ def _workers_meaning(cfg: Config) -> str:
                 why = " (the PostgreSQL queue: run one node per core instead)"
             elif not can_share_ports():
                 why = " (no SO_REUSEPORT on this system)"
+            elif not can_run_python_again():
+                why = f" (this user may not run {sys.executable} again to start workers)"
             else:
                 why = " (one core)"
         return f"one process receives SMTP and delivers{why}"

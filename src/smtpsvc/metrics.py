@@ -27,8 +27,8 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Protocol
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -39,6 +39,7 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.samples import Sample
 
 from smtpsvc import events
 from smtpsvc.model import QUEUE_STATES, DeliveryResult, Envelope, Source
@@ -70,6 +71,72 @@ LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 # Event 3001's Postfix-shaped track line: "from=<a@b>, size=123, nrcpt=1, source=smtp[, sasl_username=u]".
 _TRACK_SIZE = re.compile(r"(?:^|, )size=(\d+)(?:,|$)")
 _TRACK_SOURCE = re.compile(r"(?:^|, )source=([a-z]+)(?:,|$)")
+
+
+_ADDABLE = frozenset({"counter", "gauge", "histogram"})
+_SUFFIXES = ("", "_total", "_bucket", "_count", "_sum")
+_Key = tuple[str, tuple[tuple[str, str], ...]]
+
+
+class WorkerSamples:
+    """The SMTP workers' series added up: (sample name, labels) -> value. Pure."""
+
+    def __init__(self) -> None:
+        self._values: dict[_Key, float] = {}
+        self._types: dict[_Key, str] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._values)
+
+    def add(self, samples: Iterable[Sequence[Any]], *, counters_only: bool = False) -> None:
+        """Add [type, name, labels, value] items; `counters_only`: not the gauges (a worker that exited has
+        no open sessions any more, but what it counted stays counted)."""
+        for item in samples:
+            try:
+                kind, name, labels, value = item
+                key = (str(name), tuple(sorted((str(k), str(v)) for k, v in dict(labels).items())))
+                number = float(value)
+            except (TypeError, ValueError):
+                continue  # a malformed item from a worker is left out, never a failed scrape
+            if counters_only and kind == "gauge":
+                continue
+            self._values[key] = self._values.get(key, 0.0) + number
+            self._types[key] = str(kind)
+
+    def items(self) -> list[list[Any]]:
+        return [[self._types[key], key[0], dict(key[1]), value] for key, value in self._values.items()]
+
+    def get(self, key: _Key) -> float | None:
+        return self._values.get(key)
+
+    def series(self) -> Iterable[_Key]:
+        return self._values.keys()
+
+
+class _Merged:
+    """This process's registry with the workers' values added to the same series (and their series this
+    process has none of, e.g. an event id only a worker logged)."""
+
+    def __init__(self, base: CollectorRegistry, workers: WorkerSamples) -> None:
+        self._base = base
+        self._workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._base.collect():
+            names = {family.name + suffix for suffix in _SUFFIXES}
+            seen: set[_Key] = set()
+            samples: list[Sample] = []
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted(sample.labels.items())))
+                seen.add(key)
+                extra = self._workers.get(key) if family.type in _ADDABLE else None
+                samples.append(sample._replace(value=sample.value + extra) if extra else sample)
+            if family.type in _ADDABLE:
+                for key in self._workers.series():
+                    if key[0] in names and key not in seen:
+                        samples.append(Sample(key[0], dict(key[1]), self._workers.get(key) or 0.0))
+            family.samples = samples
+            yield family
 
 
 class BudgetReading(Protocol):
@@ -225,9 +292,24 @@ class Metrics:
         for reason in BADMAIL_REASONS:
             self.badmail.labels(reason)
 
-    def render(self) -> tuple[bytes, str]:
-        """The exposition (body, Content-Type) for `GET /metrics`."""
-        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+    def render(self, workers: WorkerSamples | None = None) -> tuple[bytes, str]:
+        """The exposition (body, Content-Type) for `GET /metrics`; with SMTP workers, their counters added
+        to this process's (`WorkerPool.metric_samples`)."""
+        if not workers:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        merged = CollectorRegistry(auto_describe=False)
+        merged.register(_Merged(self.registry, workers))
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+
+    def samples(self) -> list[list[Any]]:
+        """This process's series as [type, sample name, labels, value] (an SMTP worker's answer to its
+        main process), creation times left out: they cannot be added up."""
+        return [
+            [family.type, sample.name, sample.labels, sample.value]
+            for family in self.registry.collect()
+            for sample in family.samples
+            if not sample.name.endswith("_created") and family.type in _ADDABLE
+        ]
 
     def watch_budgets(self, budgets: Callable[[], Sequence[BudgetReading]]) -> None:
         """Gauges of the links that have a provider's limits, read from `budgets()` at each scrape."""

@@ -1,4 +1,5 @@
-"""SMTP worker processes (`server.workers` > 1): more cores for receiving mail.
+"""SMTP worker processes (`server.workers` > 1; "auto", the default, is one per core): more cores for
+receiving mail.
 
 One Python process runs one event loop, so one core. With `server.workers = N` the service starts N
 worker processes that accept SMTP on the `server.listen` addresses (SO_REUSEPORT: the kernel spreads new
@@ -6,9 +7,17 @@ connections over the listeners) and commit each message into the shared `queue/`
 protocol (`queue/intake.py`): the 250 still means "fsynced". The main process binds those addresses too,
 so that they stay reserved while workers come and go, but never listens on them: it keeps everything else,
 the spool lock and index, delivery, Pickup, the admin API (delivery alone is about a third of the CPU a
-message costs, docs/performance.md). A worker tells it each new message's id
-over a socket pair (`Q <id>`; `READY` once it listens), and asks it for ETRN (`E <n> <domain> <0|1>`,
-answered `R <n> <count>`).
+message costs, docs/performance.md). The socket pair between them carries, one line each:
+- main -> worker, first: `S <slot>` with the descriptor of the table of open sessions (`server/counts.py`,
+  so that `server.max_connections` is the service's limit);
+- worker -> main: `READY` once it listens; `Q <id>` for each new message; ETRN `E <n> <domain> <0|1>`,
+  answered `R <n> <count>`; AUTH `A <n> c|f <ip>` (check before an attempt, count a failure), answered
+  `a <n> <blocked 0|1> <delay>`, and `A 0 s <ip>` (a success): the service has one failure limiter, the
+  main process's; without an answer in AUTH_TIMEOUT the worker's own count of the same attempts answers;
+- main -> worker: `M <n>` at a /metrics scrape, answered `m <n> <JSON samples>`: the worker's SMTP counters
+  (its own `Metrics`), added up by the main process (`Metrics.render`).
+The workers' events are written by each worker to `log/events.jsonl` (O_APPEND), flushed every second as
+the main process's are.
 
 A worker that dies is restarted after a second; what it had committed is found by the main process's
 periodic rescan. Once the workers run, the main process's event loop lowers its CPU priority by
@@ -18,9 +27,6 @@ SIGTERM (they give 421 and finish what they were committing) and passes SIGHUP o
 SIGHUP blocked until its handler is in place, so one passed on while it starts is not its end. A worker
 whose main process died (its socket pair closes) finishes the same way, logs event 9003 (cause
 `main-process-gone`) and exits 0; until it has, no new start recovers the queue (queue/.workers.lock).
-Limits of this first version: each worker has its own AUTH failure limiter and its own share of
-`server.max_connections` (the limit applies per process), and the main process's /metrics has no SMTP
-session counters (the sessions are the workers').
 """
 
 from __future__ import annotations
@@ -30,20 +36,26 @@ import concurrent.futures
 import contextlib
 import functools
 import itertools
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from smtpsvc import events, gctune
+from smtpsvc.auth import limiter as auth_limiter
+from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.backends import open_intake
 from smtpsvc.config import Config, LiveConfig, format_listen
 from smtpsvc.events import EventLog
 from smtpsvc.ingest import Ingest
+from smtpsvc.metrics import Metrics, WorkerSamples
 from smtpsvc.protolog import ProtocolLog
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
@@ -54,6 +66,7 @@ from smtpsvc.receiving import (
     reload_receiving,
     session_context,
 )
+from smtpsvc.server.counts import SessionCounts
 from smtpsvc.server.listener import SmtpServer
 from smtpsvc.server.session import SessionContext
 from smtpsvc.supervise import Supervisor
@@ -61,6 +74,10 @@ from smtpsvc.supervise import Supervisor
 RESTART_DELAY = 1.0
 RESCAN_INTERVAL = 30.0
 ETRN_TIMEOUT = 30.0
+AUTH_TIMEOUT = 5.0  # the main process's limiter; past it, the worker's own count answers
+METRICS_TIMEOUT = 2.0  # a scrape waits this long for the workers' counters, then uses the last ones
+CHANNEL_DRAIN = 1.0  # after a worker exited: how long its last lines may take to be read
+CHANNEL_LIMIT = 1 << 20  # one line of the socket pair at most (a worker's counters)
 STOP_GRACE = 10.0
 
 
@@ -80,6 +97,7 @@ class WorkerPool:
         wake: Callable[[], None],
         etrn: Callable[[str, bool], Awaitable[int]],
         supervisor: Supervisor,
+        limiter: Callable[[], AuthLimiter] | None = None,
     ) -> None:
         self.count = count
         self.config_path = config_path
@@ -95,6 +113,15 @@ class WorkerPool:
         self._all_ready = asyncio.Event()  # set once every slot has had a worker listening
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
+        own = AuthLimiter()
+        # The one AUTH failure limiter of the service (read at each request: a reload may replace it)
+        self._limiter = limiter or (lambda: own)
+        self.counts = SessionCounts.create(count)  # every worker's open sessions (max_connections)
+        self._writers: dict[int, asyncio.StreamWriter] = {}  # slot -> its socket pair, once READY
+        self._numbers = itertools.count(1)
+        self._scrapes: dict[int, asyncio.Future[list[Any]]] = {}
+        self._samples: dict[int, list[Any]] = {}  # slot -> its worker's last counters
+        self._retired = WorkerSamples()  # the counters of workers that exited (a counter never goes back)
         # Workers are started from this thread, made now, while the main thread still has the priority
         # they must have: a child takes the nice value of the thread that forks it, and the main thread
         # lowers its own afterwards (`lower_delivery_priority`), which a process cannot undo unprivileged.
@@ -145,11 +172,17 @@ class WorkerPool:
                 continue
             self._procs[slot] = proc
             code = await proc.wait()
+            # What it wrote before it exited (its last counters at a stop) is read to the end first.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(channel), CHANNEL_DRAIN)
             channel.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await channel
             self._procs.pop(slot, None)
             self._ready.discard(slot)
+            self._writers.pop(slot, None)
+            self.counts.clear(slot)  # its sessions ended with it
+            self._retired.add(self._samples.pop(slot, []), counters_only=True)
             await self.spool.rescan()  # what it committed before its notice was lost
             self._wake()
             if self._stopping:
@@ -184,7 +217,11 @@ class WorkerPool:
         finally:
             spawned.add_done_callback(lambda f: theirs.close())  # once Popen has passed it on
         proc = WorkerProcess(popen)
-        reader, writer = await asyncio.open_unix_connection(sock=ours)
+        # Its slot and the table of open sessions, before anything else on the socket pair (if it died at
+        # once, `_keep` sees it exit).
+        with contextlib.suppress(OSError):
+            socket.send_fds(ours, [f"S {slot}\n".encode("ascii")], [self.counts.fd])
+        reader, writer = await asyncio.open_unix_connection(sock=ours, limit=CHANNEL_LIMIT)
         channel = asyncio.get_running_loop().create_task(self._serve(slot, reader, writer))
         return proc, channel
 
@@ -204,6 +241,7 @@ class WorkerPool:
             while line := await reader.readline():
                 parts = line.decode("ascii", "replace").split()
                 if parts == ["READY"]:
+                    self._writers[slot] = writer
                     self._ready.add(slot)
                     if len(self._ready) == self.count:
                         self._all_ready.set()
@@ -214,10 +252,62 @@ class WorkerPool:
                 elif len(parts) == 4 and parts[0] == "E":
                     count = await self._etrn_count(parts[2], parts[3] == "1")
                     writer.write(f"R {parts[1]} {count}\n".encode())
+                elif len(parts) == 4 and parts[0] == "A":
+                    answer = self._auth(parts[2], "" if parts[3] == "-" else parts[3])
+                    if answer:
+                        writer.write(f"a {parts[1]} {answer}\n".encode())
+                elif len(parts) >= 2 and parts[0] == "m":
+                    self._scraped(slot, parts[1], line)
         except (ConnectionError, OSError):
             pass
         finally:
             writer.close()
+
+    def _auth(self, op: str, ip: str) -> str:
+        """A worker's AUTH question to the service's limiter: c(heck), f(ailed) or s(ucceeded); the answer
+        is "<blocked 0|1> <delay>", none for a success."""
+        limiter, now = self._limiter(), time.monotonic()
+        if op == "s":
+            limiter.record_success(ip, now)
+            return ""
+        if op == "c":
+            blocked, delay = auth_limiter.check(limiter, ip, now)
+        else:
+            blocked, delay = auth_limiter.failed(limiter, ip, now), 0.0
+        return f"{int(blocked)} {delay:g}"
+
+    def _scraped(self, slot: int, number: str, line: bytes) -> None:
+        try:
+            samples = json.loads(line.split(b" ", 2)[2])
+        except (IndexError, ValueError):
+            samples = None
+        waiting = self._scrapes.get(int(number)) if number.isdigit() else None
+        if isinstance(samples, list):
+            self._samples[slot] = samples
+            if waiting is not None and not waiting.done():
+                waiting.set_result(samples)
+
+    async def metric_samples(self) -> WorkerSamples:
+        """The workers' SMTP counters for /metrics: asked of each worker now (at most METRICS_TIMEOUT
+        seconds; a worker that does not answer counts with its last answer), plus those of workers that
+        exited."""
+        asked = []
+        for writer in list(self._writers.values()):
+            number = next(self._numbers)
+            answer: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+            self._scrapes[number] = answer
+            asked.append((number, answer))
+            with contextlib.suppress(ConnectionError, OSError, RuntimeError):
+                writer.write(f"M {number}\n".encode("ascii"))
+        if asked:
+            await asyncio.wait([answer for _, answer in asked], timeout=METRICS_TIMEOUT)
+        for number, _ in asked:
+            self._scrapes.pop(number, None)
+        total = WorkerSamples()
+        total.add(self._retired.items())
+        for samples in self._samples.values():
+            total.add(samples)
+        return total
 
     async def _etrn_count(self, domain: str, subdomains: bool) -> int:
         try:
@@ -252,6 +342,7 @@ class WorkerPool:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._spawner.shutdown(wait=False)
+        self.counts.close()
         await self.spool.rescan()
 
     def _event(self, text: str, cause: str) -> None:
@@ -313,11 +404,17 @@ class MasterChannel:
     more is written: the notices are dropped (the next start's recovery finds those messages in queue/)
     and ETRN is answered as a queue that cannot be searched."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, metrics: Metrics | None = None
+    ) -> None:
         self._reader = reader
         self._writer = writer
+        self._metrics = metrics  # this worker's SMTP counters, sent when the main process asks (/metrics)
         self._numbers = itertools.count(1)
         self._waiting: dict[int, asyncio.Future[int]] = {}
+        self._auth_waiting: dict[int, asyncio.Future[tuple[bool, float] | None]] = {}
+        # The answer when the main process does not (gone, or too slow): this worker's own count
+        self._own_limiter = AuthLimiter()
         self._notices: list[bytes] = []  # Q lines not written yet
         self.gone = False  # the main process closed its end (it died, or was killed)
 
@@ -341,8 +438,10 @@ class MasterChannel:
             self._notices.clear()
 
     async def close(self) -> None:
-        """At the stop: the last notices out (the main process rescans anyway when we exit)."""
+        """At the stop: the last notices out (the main process rescans anyway when we exit), and the last
+        counters, which the main process keeps counted once we are gone."""
         self._send_notices()
+        self._metrics_asked("0")
         if not self.gone:
             with contextlib.suppress(ConnectionError, OSError, RuntimeError):  # it may go meanwhile
                 await self._writer.drain()
@@ -364,6 +463,38 @@ class MasterChannel:
             raise QueueError("the queue could not be searched")
         return count
 
+    # -- AuthGate (auth/limiter.py): the service's one limiter is the main process's
+    async def check(self, ip: str) -> tuple[bool, float]:
+        own = auth_limiter.check(self._own_limiter, ip, time.monotonic())
+        return await self._ask_auth("c", ip) or own
+
+    async def failed(self, ip: str) -> bool:
+        own = auth_limiter.failed(self._own_limiter, ip, time.monotonic())
+        answer = await self._ask_auth("f", ip)
+        return own if answer is None else answer[0]
+
+    def succeeded(self, ip: str) -> None:
+        self._own_limiter.record_success(ip, time.monotonic())
+        self._write(f"A 0 s {ip or '-'}\n".encode("ascii", "replace"))
+
+    async def _ask_auth(self, op: str, ip: str) -> tuple[bool, float] | None:
+        if self.gone:
+            return None
+        number = next(self._numbers)
+        answer: asyncio.Future[tuple[bool, float] | None] = asyncio.get_running_loop().create_future()
+        self._auth_waiting[number] = answer
+        self._write(f"A {number} {op} {ip or '-'}\n".encode("ascii", "replace"))
+        try:
+            return await asyncio.wait_for(answer, AUTH_TIMEOUT)
+        except TimeoutError:
+            return None
+        finally:
+            self._auth_waiting.pop(number, None)
+
+    def _metrics_asked(self, number: str) -> None:
+        samples = [] if self._metrics is None else self._metrics.samples()
+        self._write(f"m {number} {json.dumps(samples, separators=(',', ':'))}\n".encode())
+
     async def run(self) -> None:
         """Read answers until the main process goes away."""
         try:
@@ -374,8 +505,17 @@ class MasterChannel:
                         waiting = self._waiting.get(int(parts[1]))
                         if waiting is not None and not waiting.done():
                             waiting.set_result(int(parts[2]))
+                    elif len(parts) == 4 and parts[0] == "a":
+                        asked = self._auth_waiting.get(int(parts[1]))
+                        if asked is not None and not asked.done():
+                            asked.set_result((parts[2] == "1", float(parts[3])))
+                    elif len(parts) == 2 and parts[0] == "M":
+                        self._metrics_asked(parts[1])
         finally:
             self.gone = True
+            for asked in self._auth_waiting.values():
+                if not asked.done():
+                    asked.set_result(None)
             for waiting in self._waiting.values():  # an ETRN under way gets its answer now
                 if not waiting.done():
                     waiting.set_result(-1)
@@ -388,8 +528,12 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         root = Path(config.server.root)
         log = EventLog(root / "log" / "events.jsonl", stream=sys.stderr)
         parent = os.getppid()  # the main process, for the event if it dies first
-        reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=fd))
-        channel = MasterChannel(reader, writer)
+        sock = socket.socket(fileno=fd)
+        counts = _receive_counts(sock)
+        metrics = Metrics()  # the SMTP counters of this worker's sessions, added up by the main process
+        log.subscribe(metrics.on_event)
+        reader, writer = await asyncio.open_unix_connection(sock=sock, limit=CHANNEL_LIMIT)
+        channel = MasterChannel(reader, writer, metrics)
         live = LiveConfig(config)  # what this worker's parts read; its SIGHUP swaps it
         try:
             store = open_intake(config, channel.queued)
@@ -403,7 +547,9 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
                 etrn=channel.etrn,
                 resolver=new_resolver(config),
                 protocol_log=plog,
+                metrics=metrics,
             )
+            context.auth_gate = channel
         except (QueueError, ReceivingError) as exc:
             log.emit(events.Event(events.MAILROOT_UNUSABLE, f"SMTP worker: {exc}", cause="worker-failed"))
             log.close()
@@ -419,6 +565,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         # Blocked since the pool started us (and `cli`'s first lines): one sent meanwhile is handled now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         smtp = SmtpServer(context, reuse_port=True)
+        smtp.shared = counts
         await smtp.start(config.server.listen)
         gctune.after_start()
         channel.ready()
@@ -444,6 +591,23 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
+
+
+def _receive_counts(sock: socket.socket) -> SessionCounts | None:
+    """The main process's first message: this worker's slot and the table of open sessions. Without it
+    (it cannot have happened, but a worker must start anyway) the limit counts this worker's sessions."""
+    try:
+        data, fds, _, _ = socket.recv_fds(sock, 64, 1)
+        words = data.decode("ascii").split()
+        if len(words) == 2 and words[0] == "S" and fds:
+            return SessionCounts(fds[0], _slots_of(fds[0]), int(words[1]))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _slots_of(fd: int) -> int:
+    return os.fstat(fd).st_size // 8
 
 
 def orphaned_event(pid: int, parent: int) -> events.Event:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from smtpsvc.auth.users import MAX_FILE_BYTES, UsersFileError, UserStore
 from smtpsvc.cli import main
-from tests.conftest import StartService, base_sections, write_config
+from tests.conftest import StartService, base_sections, wait_events, write_config
 from tests.security.helpers import events_of, greeted, keywords, plain
 
 USER, PASSWORD = "alice@local.test", "correct horse battery staple"
@@ -58,7 +58,7 @@ async def test_a_damaged_accounts_file_makes_auth_answer_454_and_the_service_sta
     client = await greeted(service)
     assert "AUTH PLAIN LOGIN" in keywords(await client.command("EHLO client.test"))
     assert (await client.command(f"AUTH PLAIN {plain(USER, PASSWORD)}")).startswith("454 4.7.0")
-    [refused] = [e for e in events_of(service, 7010) if e.get("cause") == "auth-unavailable"]
+    [refused] = [e for e in await wait_events(service, 7010) if e.get("cause") == "auth-unavailable"]
     assert str(users) in str(refused["text"]) and "nested too deep" in str(refused["text"])
     assert PASSWORD not in (service.folders["log"] / "events.jsonl").read_text()
     # mail that needs no AUTH still flows

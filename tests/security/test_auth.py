@@ -13,7 +13,7 @@ import pytest
 
 from smtpsvc.app import Service
 from smtpsvc.auth.limiter import AuthLimiter
-from tests.conftest import StartService, base_sections, wait_until, write_config
+from tests.conftest import StartService, base_sections, wait_events, wait_until, write_config
 from tests.process import ServiceProcess
 from tests.rawclient import RawClient
 from tests.security.conftest import Tls
@@ -21,7 +21,6 @@ from tests.security.helpers import (
     PASSWORD,
     USER,
     b64,
-    events_of,
     greeted,
     greeted_tls,
     keywords,
@@ -59,7 +58,7 @@ async def test_wrong_passwords_get_535_and_each_answer_comes_slower(
     assert [first, second, third] == ["535 5.7.8 Authentication credentials invalid"] * 3
     assert t3 >= 1.5  # the limiter's pause before the third answer is 2 s
     assert t3 > t1 + 1.0
-    assert [e["cause"] for e in events_of(service, 7010)] == ["auth-failed"] * 3
+    assert [e["cause"] for e in await wait_events(service, 7010, 3)] == ["auth-failed"] * 3
     await client.close()
 
 
@@ -73,7 +72,7 @@ async def test_the_fifth_wrong_password_gets_421_and_the_connection_is_closed(
         assert (await client.command(f"AUTH PLAIN {plain(password=WRONG)}")).startswith("535 5.7.8")
     assert (await client.command(f"AUTH PLAIN {plain(password=WRONG)}")).startswith("421 4.7.0")
     assert await client.closed()
-    assert events_of(service, 7010)[-1]["cause"] == "auth-rate-limited"
+    assert (await wait_events(service, 7010, 5))[-1]["cause"] == "auth-rate-limited"
 
 
 async def test_a_correct_password_works_before_the_cut_off(

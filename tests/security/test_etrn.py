@@ -3,9 +3,9 @@ client that may not relay, so it cannot be used to probe or kick the queue from 
 
 from __future__ import annotations
 
-from tests.conftest import StartService, wait_until
+from tests.conftest import StartService, wait_events, wait_until
 from tests.rawclient import RawClient
-from tests.security.helpers import events_of, greeted, queue_id_of
+from tests.security.helpers import greeted, queue_id_of
 
 HELD = {"delivery": {"smart_host": "[127.0.0.1]:9", "retry": ["10m"]}}  # nothing listens: stays queued
 
@@ -45,7 +45,7 @@ async def test_etrn_from_a_client_not_allowed_to_relay_gets_459(start_service: S
     client = await greeted(service)
     assert await client.command("ETRN remote.test") == "459 4.0.0 Node remote.test not allowed"
     assert (await client.command("ETRN @remote.test")).startswith("459")
-    assert [e["cause"] for e in events_of(service, 7010)] == ["etrn-not-allowed"] * 2
+    assert [e["cause"] for e in await wait_events(service, 7010, 2)] == ["etrn-not-allowed"] * 2
     await client.close()
 
 

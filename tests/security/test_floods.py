@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
-from tests.conftest import StartService, smtp_port
+from tests.conftest import StartService, smtp_port, wait_events
 from tests.rawclient import RawClient
-from tests.security.helpers import events_of, session_gone
+from tests.security.helpers import session_gone
 
 
 async def banner(port: int) -> tuple[RawClient, str]:
@@ -42,7 +42,7 @@ async def test_the_connection_past_max_connections_gets_421_and_the_others_keep_
         assert reply.startswith("421 4.7.0")
         assert await extra.closed()
         assert (await results[0][0].command("NOOP")) == "250 2.0.0 OK"
-        assert len(events_of(service, 402)) == 1
+        assert len(await wait_events(service, 402)) == 1
     finally:
         await asyncio.gather(*(client.close() for client, _ in results))
     await session_gone(service)

@@ -44,6 +44,13 @@ def relay_denials(service: Service) -> list[dict[str, object]]:
     return [e for e in events_of(service, 7010) if str(e.get("cause", "")).startswith("relay-denied:")]
 
 
+async def one_relay_denial(service: Service) -> dict[str, object]:
+    """The one relay denial (event 7010), once its SMTP worker has written it (within a second)."""
+    await wait_until(lambda: relay_denials(service), what="the relay denial (event 7010)")
+    [event] = relay_denials(service)
+    return event
+
+
 @pytest.mark.parametrize(("rcpt", "accepted"), TRICKS, ids=[t[0] for t in TRICKS])
 async def test_relay_trick_is_refused_and_nothing_is_queued(
     start_service: StartService, rcpt: str, accepted: tuple[str, ...]
@@ -53,7 +60,7 @@ async def test_relay_trick_is_refused_and_nothing_is_queued(
     reply = await refused(client, rcpt, accepted)
     assert nothing_queued(service)
     if reply.startswith("550"):
-        [event] = relay_denials(service)
+        event = await one_relay_denial(service)
         assert event["status"] == "5.7.1"
         assert event["host"] == "127.0.0.1"
         assert "RCPT" in str(event["text"])
@@ -64,7 +71,7 @@ async def test_relay_trick_is_refused_even_for_a_client_allowed_to_relay(start_s
     service = await start_service()  # default relay.allow includes 127.0.0.1
     client = await greeted(service)
     await refused(client, "user%remote.test@local.test", ("550 5.7.1",))
-    [event] = relay_denials(service)
+    event = await one_relay_denial(service)
     assert event["cause"] == "relay-denied:relay-trick"
     await client.close()
 
@@ -74,7 +81,7 @@ async def test_a_local_sender_does_not_grant_relay(start_service: StartService) 
     client = await greeted(service)
     assert (await client.command("MAIL FROM:<postmaster@local.test>")).startswith("250")
     assert await client.command("RCPT TO:<x@remote.test>") == "550 5.7.1 Unable to relay for <x@remote.test>"
-    [event] = relay_denials(service)
+    event = await one_relay_denial(service)
     assert event["cause"] == "relay-denied:default-deny"
     await client.close()
 
@@ -118,7 +125,7 @@ async def test_relay_deny_list_beats_the_allow_list(start_service: StartService)
     client = await greeted(service)
     assert (await client.command("MAIL FROM:<a@local.test>")).startswith("250")
     assert (await client.command("RCPT TO:<x@remote.test>")).startswith("550 5.7.1")
-    [event] = relay_denials(service)
+    event = await one_relay_denial(service)
     assert event["cause"] == "relay-denied:deny-list:127.0.0.1/32"
     await client.close()
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tests.conftest import StartService
+from tests.conftest import StartService, wait_events
 from tests.security.helpers import (
     events_of,
     greeted,
@@ -38,7 +38,7 @@ async def test_xexch50_without_auth_gets_504_and_event_7010(
     assert (await client.command("RCPT TO:<x@remote.test>")).startswith("250")
     assert await client.command(f"XEXCH50 {len(BLOB)} 2") == "504 5.7.4 Need to authenticate first"
     assert await client.command("NOOP") == "250 2.0.0 OK"
-    [event] = events_of(service, 7010)
+    [event] = await wait_events(service, 7010)
     assert event["cause"] == "xexch50-unauthenticated"
     assert event["status"] == "5.7.4"
     assert nothing_queued(service)
@@ -115,7 +115,7 @@ async def test_x_link2state_without_auth_gets_504_and_event_7010(
     assert {"XEXCH50", "X-LINK2STATE"} <= keywords(await client.command("EHLO client.test"))
     assert await client.command("X-LINK2STATE FIRST CHUNK=abc") == "504 5.7.4 Need to authenticate first"
     assert await client.command("NOOP") == "250 2.0.0 OK"
-    [event] = events_of(service, 7010)
+    [event] = await wait_events(service, 7010)
     assert event["cause"] == "x-link2state-unauthenticated"
     assert event["status"] == "5.7.4"
     assert event["text"] == (

@@ -13,9 +13,12 @@ most ``max_tracked`` addresses are remembered (the one idle longest is forgotten
 from __future__ import annotations
 
 import ipaddress
+import time
 from collections import OrderedDict, deque
+from collections.abc import Callable
+from typing import Protocol
 
-__all__ = ["AuthLimiter", "client_key"]
+__all__ = ["AuthGate", "AuthLimiter", "LocalAuthGate", "client_key"]
 
 
 def client_key(ip: str) -> str:
@@ -107,3 +110,51 @@ class AuthLimiter:
             if times and now - times[-1] < self.window:
                 break
             del self._failures[key]
+
+
+class AuthGate(Protocol):
+    """What a session asks around an AUTH attempt: this process's limiter (`LocalAuthGate`), or, in an SMTP
+    worker, the main process's, so that the whole service counts a client's failures once
+    (workers.py `MasterChannel`)."""
+
+    async def check(self, ip: str) -> tuple[bool, float]:
+        """Before an attempt: (blocked, seconds to wait before answering it)."""
+        ...
+
+    async def failed(self, ip: str) -> bool:
+        """Count a failure; whether the client is blocked now."""
+        ...
+
+    def succeeded(self, ip: str) -> None:
+        """A success clears the client's failures."""
+        ...
+
+
+class LocalAuthGate:
+    """An `AuthGate` on a limiter of this process; `limiter` is read at each call (a test may swap it)."""
+
+    def __init__(self, limiter: Callable[[], AuthLimiter], clock: Callable[[], float] = time.monotonic):
+        self._limiter = limiter
+        self._clock = clock
+
+    async def check(self, ip: str) -> tuple[bool, float]:
+        return check(self._limiter(), ip, self._clock())
+
+    async def failed(self, ip: str) -> bool:
+        return failed(self._limiter(), ip, self._clock())
+
+    def succeeded(self, ip: str) -> None:
+        self._limiter().record_success(ip, self._clock())
+
+
+def check(limiter: AuthLimiter, ip: str, now: float) -> tuple[bool, float]:
+    """(blocked, delay) for an attempt from `ip` at `now`."""
+    if limiter.blocked(ip, now):
+        return True, 0.0
+    return False, limiter.delay_for(ip, now)
+
+
+def failed(limiter: AuthLimiter, ip: str, now: float) -> bool:
+    """Record a failure from `ip` at `now`; whether it is blocked now."""
+    limiter.record_failure(ip, now)
+    return limiter.blocked(ip, now)

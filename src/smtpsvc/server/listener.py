@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from smtpsvc import events
 from smtpsvc.config import Config
 from smtpsvc.protocol import replies
+from smtpsvc.server.counts import SessionCounts
 from smtpsvc.server.session import Session, SessionContext, SmtpStream
 
 
@@ -25,6 +26,8 @@ class SmtpServer:
         self._sessions: dict[asyncio.Task[None], Session] = {}
         self._last_limit_event = 0.0
         self.accepted = 0
+        # An SMTP worker: the open sessions of every worker, so that max_connections is the service's limit
+        self.shared: SessionCounts | None = None
 
     @property
     def config(self) -> Config:
@@ -41,7 +44,8 @@ class SmtpServer:
 
     @property
     def active_sessions(self) -> int:
-        return len(self._sessions)
+        """The open sessions; with SMTP workers, the whole service's (the main process has none)."""
+        return len(self._sessions) if self.shared is None else self.shared.total()
 
     async def start(self, listen: Sequence[tuple[str, int]] | None = None) -> None:
         """Listen on `server.listen`, or on `listen` (a worker: the main process's real addresses)."""
@@ -89,17 +93,21 @@ class SmtpServer:
         own, as asyncio.start_server's callback would (without a coroutine layer around Session.run)."""
         loop = asyncio.get_running_loop()
         limit = self.config.server.max_connections
-        if len(self._sessions) >= limit:
+        shared = self.shared
+        if (len(self._sessions) if shared is None else shared.total()) >= limit:
             task = loop.create_task(self._refuse(stream, limit))
         else:
             self.accepted += 1
             session = Session(stream, self.context)
             task = loop.create_task(session.run())
             self._sessions[task] = session
+            if shared is not None:
+                shared.set(len(self._sessions))
         transport = stream.transport
 
         def done(task: asyncio.Task[None]) -> None:
-            self._sessions.pop(task, None)
+            if self._sessions.pop(task, None) is not None and shared is not None:
+                shared.set(len(self._sessions))
             if not stream.transport.is_closing():  # cancelled (stop) before it ever ran: nothing closed it
                 stream.transport.close()
             exc = None if task.cancelled() else task.exception()  # as asyncio.start_server's callback

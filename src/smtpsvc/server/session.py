@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from smtpsvc import events, protolog
-from smtpsvc.auth.limiter import AuthLimiter
+from smtpsvc.auth.limiter import AuthGate, AuthLimiter, LocalAuthGate
 from smtpsvc.auth.users import UserStore
 from smtpsvc.config import Config, LiveConfig
 from smtpsvc.events import EventLog
@@ -132,6 +132,7 @@ class SessionContext:
     etrn: Callable[[str, bool], Awaitable[int]]  # (domain, subdomains) -> messages made due now
     resolver: MxResolver | None = None  # for server.reverse_dns
     metrics: SessionObserver | None = None  # metrics hook; None: no metrics
+    auth_gate: AuthGate | None = None  # an SMTP worker: the main process's limiter; None: `limiter`
     # A local submission (`sendmail -bs`): no relay rules, as for Pickup, whose folder its user can write
     trusted: bool = False
     protocol_log: ProtocolLog | None = None  # [protocol_log] enabled: every command and reply, W3C
@@ -858,10 +859,10 @@ class Session:
     async def _auth(self, step: Reply | Credentials) -> Reply:
         if isinstance(step, Reply):
             return step
-        limiter, now = self.context.limiter, time.monotonic()
-        if limiter.blocked(self.client_ip, now):
+        gate = self.context.auth_gate or LocalAuthGate(lambda: self.context.limiter)
+        blocked, delay = await gate.check(self.client_ip)
+        if blocked:
             return self._refuse_logged("AUTH", replies.AUTH_TOO_MANY_FAILURES, "auth-rate-limited")
-        delay = limiter.delay_for(self.client_ip, now)
         if delay:
             await asyncio.sleep(delay)  # a growing pause slows password guessing from one client
         try:
@@ -879,11 +880,10 @@ class Session:
             )
             return replies.AUTH_TEMP_FAILURE
         if ok:
-            limiter.record_success(self.client_ip, time.monotonic())
+            gate.succeeded(self.client_ip)
             self.auth_user = step.username
             return replies.AUTH_OK
-        limiter.record_failure(self.client_ip, time.monotonic())
-        if limiter.blocked(self.client_ip, time.monotonic()):
+        if await gate.failed(self.client_ip):
             return self._refuse_logged("AUTH", replies.AUTH_TOO_MANY_FAILURES, "auth-rate-limited")
         return self._refuse_logged("AUTH", replies.AUTH_FAILED, "auth-failed")
 
