@@ -23,11 +23,12 @@ def reload_events(service: Service, cause: str) -> list[dict[str, Any]]:
     return [e for e in events_of(service, 9002) if e.get("cause") == cause]
 
 
-async def workers_reloaded(service: Service) -> None:
+async def workers_reloaded(service: Service, reloads: int = 1) -> None:
     """Wait until every SMTP worker has taken the reload the main process passed on (SIGHUP: a signal,
-    so a connection made at once may still meet the old configuration, as with any daemon's reload)."""
+    so a connection made at once may still meet the old configuration, as with any daemon's reload).
+    `reloads`: how many reloads the test has made so far (each worker logs each one)."""
     if service.workers is not None:
-        count = service.workers.count
+        count = service.workers.count * reloads
         await wait_until(
             lambda: (
                 len([e for e in reload_events(service, "config-reload") if "worker" in e["text"]]) >= count

@@ -411,8 +411,15 @@ async def test_auth_secrets_never_reach_the_protocol_log_in_or_out(
     assert peer.protocol_log is not None and relay.protocol_log is not None
     peer.protocol_log.flush()
     relay.protocol_log.flush()
-    inbound_log = (peer.root / "log" / "protocol" / "smtp.log").read_text()
-    outbound_log = (relay.root / "log" / "protocol" / "smtp.log").read_text()
+
+    def logs() -> tuple[str, str] | None:
+        """Both logs once the SMTP workers, which write their lines within a second, have written them."""
+        inbound = (peer.root / "log" / "protocol" / "smtp.log").read_text()
+        outbound = (relay.root / "log" / "protocol" / "smtp.log").read_text()
+        done = " AUTH PLAIN+*** 235 " in inbound and " AUTH *** 235 " in inbound and " AUTH *** " in outbound
+        return (inbound, outbound) if done else None
+
+    inbound_log, outbound_log = await wait_until(logs, what="the AUTH lines in both protocol logs")
     for text in (inbound_log, outbound_log):
         assert password not in text
         for encoded in ("cGE1NXdvcmQ", "cmVsYXl1c2Vy"):  # the password and the user name in base64

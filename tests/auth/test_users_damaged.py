@@ -14,6 +14,7 @@ from smtpsvc.auth.users import MAX_FILE_BYTES, UsersFileError, UserStore
 from smtpsvc.cli import main
 from tests.conftest import StartService, base_sections, wait_events, write_config
 from tests.security.helpers import events_of, greeted, keywords, plain
+from tests.test_reload import workers_reloaded
 
 USER, PASSWORD = "alice@local.test", "correct horse battery staple"
 
@@ -70,6 +71,7 @@ async def test_a_damaged_accounts_file_makes_auth_answer_454_and_the_service_sta
     store.add(USER, PASSWORD)
     store.save(users)  # mended: the next reload takes it
     service.reload()
+    await workers_reloaded(service)  # the SMTP workers take it on SIGHUP, within milliseconds
     client = await greeted(service)
     assert (await client.command(f"AUTH PLAIN {plain(USER, PASSWORD)}")).startswith("235")
     await client.close()

@@ -18,6 +18,7 @@ from smtpsvc.server import session
 from tests.conftest import StartService, base_sections, events_of, smtp_port, wait_until, write_config
 from tests.rawclient import RawClient
 from tests.test_relay import drop_files, queue_is_empty
+from tests.test_reload import workers_reloaded
 
 OTHER = "127.0.0.2"  # the second client address
 REFUSED = f"554 5.7.1 relay.test Access denied: {OTHER} may not connect (connection control)"
@@ -129,6 +130,7 @@ async def test_a_reload_changes_who_may_connect_for_new_connections(start_servic
     config = Path(str(service.config_path))
     write_config(config, base_sections(service.root, connection={"deny": [OTHER]}))
     service.reload()
+    await workers_reloaded(service)  # the SMTP workers take it on SIGHUP, within milliseconds
     assert (await refused_with_smtplib(service, OTHER)).smtp_code == 554
     # A session that started before the reload keeps its configuration (like relay rules): it may go on.
     assert (await open_before.command("EHLO client.test")).startswith("250-")
@@ -136,5 +138,6 @@ async def test_a_reload_changes_who_may_connect_for_new_connections(start_servic
 
     write_config(config, base_sections(service.root))
     service.reload()
+    await workers_reloaded(service, reloads=2)
     await send_from(service, OTHER)
     await wait_until(lambda: len(drop_files(service)) == 2, what="both messages from 127.0.0.2 in Drop")

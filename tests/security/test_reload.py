@@ -9,6 +9,7 @@ from pathlib import Path
 from tests.conftest import StartService
 from tests.security.conftest import Tls
 from tests.security.helpers import greeted, upgrade
+from tests.test_reload import workers_reloaded
 
 
 async def test_reload_serves_the_renewed_certificate_to_the_next_handshake(
@@ -25,6 +26,7 @@ async def test_reload_serves_the_renewed_certificate_to_the_next_handshake(
     renewed = tls.ca.issue_cert("relay.test")  # same name, new key and serial
     renewed.private_key_and_cert_chain_pem.write_to_path(str(live))
     service.reload()
+    await workers_reloaded(service)  # the SMTP workers take it on SIGHUP, within milliseconds
     second = await greeted(service)
     await upgrade(second, tls.client_context())
     der_after = second.writer.get_extra_info("ssl_object").getpeercert(binary_form=True)
