@@ -81,7 +81,6 @@ from smtpsvc.routing.mtasts import (
     parse_tlsrpt_record,
 )
 from smtpsvc.routing.mx import DnsError, MxResolver
-from smtpsvc.units import parse_duration
 
 
 def _config_path(option: str | None) -> str | None:
@@ -1091,16 +1090,14 @@ def track(
 
 
 def _since(text: str) -> str:
-    """An RFC 3339 lower bound (UTC) from "90m"/"2h"/"1d" or a timestamp, for comparison with `time`."""
+    """An RFC 3339 lower bound (UTC), for comparison with `time`, from what `smtpsvc track --since` takes
+    too ("90m", "2h", "1d", "1w", or an ISO time, UTC when it names no zone): one reading for both."""
     try:
-        seconds = parse_duration(text)
-    except ValueError:
-        try:
-            return datetime.fromisoformat(text).astimezone(UTC).isoformat(timespec="milliseconds")
-        except ValueError:
-            click.echo(f'smtpsvc events: --since {text!r} is neither a duration ("2h") nor a time', err=True)
-            raise SystemExit(2) from None
-    return datetime.fromtimestamp(time.time() - seconds, UTC).isoformat(timespec="milliseconds")
+        cutoff = tracking.parse_since(text, time.time())
+    except ValueError as exc:
+        click.echo(f"smtpsvc events: {exc}", err=True)
+        raise SystemExit(2) from None
+    return datetime.fromtimestamp(cutoff, UTC).isoformat(timespec="milliseconds")
 
 
 @main.command()
