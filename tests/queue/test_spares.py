@@ -78,6 +78,24 @@ def test_files_too_large_or_past_the_limit_are_removed(
     assert sorted(p.name for p in pool.dir.iterdir()) == [".S0.env", ".S1.env"]
 
 
+def test_a_pool_the_takers_emptied_keeps_taking_files_though_its_count_said_full(
+    pool: SparePool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The retiring process counts what it puts in and recounts once a second; the takers (the SMTP
+    # workers) empty the pool as fast. Trusting the stale count, it removed every file past the limit
+    # in each second of a busy queue, and the workers made new ones: the folder is looked at again first.
+    monkeypatch.setattr(spares, "SPARE_LIMIT", 2)
+    monkeypatch.setattr(spares, "FULL_RECOUNT_INTERVAL", 0.0)
+    pool.release(pool.retire([(queued(pool, f"A{n}.env", b"a"), None) for n in range(2)]))
+    taker = SparePool(pool.dir)
+    for n in range(2):
+        write(taker, pool.dir.parent / f"N{n}.env", b"n")  # both spares taken by another process
+    assert list(pool.dir.iterdir()) == []
+    retired = pool.retire([(queued(pool, f"B{n}.env", b"b"), None) for n in range(3)])
+    assert retired == [".B0.env", ".B1.env"]  # kept, not removed; the limit still holds for the third
+    assert sorted(p.name for p in pool.dir.iterdir()) == [".B0.env", ".B1.env"]
+
+
 def test_a_spare_another_process_took_first_is_skipped(pool: SparePool) -> None:
     pool.release(pool.retire([(queued(pool, "A.env", b"a"), None), (queued(pool, "B.env", b"b"), None)]))
     other = SparePool(pool.dir)  # another process listing the same pool

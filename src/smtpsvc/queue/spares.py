@@ -36,6 +36,7 @@ SPARE_LIMIT = 512  # files kept at most
 SPARE_MAX_SIZE = 128 * 1024  # a larger file is removed, not kept
 LIST_INTERVAL = 0.005  # seconds between two listings of an empty (for us) pool
 COUNT_INTERVAL = 1.0  # seconds between two recounts of the pool by a retiring process
+FULL_RECOUNT_INTERVAL = 0.05  # when the count says full: recount at most this often before removing files
 
 
 class SparePool:
@@ -105,6 +106,8 @@ class SparePool:
         for path, known_size in paths:
             try:
                 size = os.stat(path).st_size if known_size is None else known_size
+                if self._kept >= SPARE_LIMIT:
+                    self._recount(FULL_RECOUNT_INTERVAL)
                 if size <= SPARE_MAX_SIZE and self._kept < SPARE_LIMIT:
                     name = f".{os.path.basename(path)}"
                     os.rename(path, f"{self._prefix}{name}")
@@ -122,9 +125,12 @@ class SparePool:
             with contextlib.suppress(OSError):
                 os.rename(f"{self._prefix}{name}", f"{self._prefix}{name[1:]}")
 
-    def _recount(self) -> None:
+    def _recount(self, interval: float = COUNT_INTERVAL) -> None:
+        # The count is an estimate: the takers (other processes) empty the pool as fast as this process
+        # fills it, so a count that says "full" is checked against the folder before a file is removed
+        # instead of kept (removing would cost this process an unlink and a taker a new inode).
         now = time.monotonic()
-        if now - self._counted >= COUNT_INTERVAL:
+        if now - self._counted >= interval:
             self._counted = now
             with contextlib.suppress(OSError):
                 self._kept = len(os.listdir(self.dir))
