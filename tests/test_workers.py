@@ -47,11 +47,17 @@ def started(tmp_path: Path) -> Iterator[list[ServiceProcess]]:
         proc.kill()  # a worker whose main process is gone stops by itself (its socket pair closes)
 
 
-def start(tmp_path: Path, procs: list[ServiceProcess], smart_host: str, **delivery: Any) -> ServiceProcess:
+def start(
+    tmp_path: Path,
+    procs: list[ServiceProcess],
+    smart_host: str,
+    server: dict[str, Any] | None = None,
+    **delivery: Any,
+) -> ServiceProcess:
     root = tmp_path / "mailroot"
     sections = base_sections(
         root,
-        server={"workers": 2},
+        server={"workers": 2, **(server or {})},
         delivery={"smart_host": smart_host, **delivery},
         admin={"listen": "127.0.0.1:0"},
     )
@@ -94,6 +100,8 @@ def test_the_workers_accept_and_every_message_is_delivered_once(
     # listener: p = 2**-59).
     assert sum(w["messages"] for w in workers) == 60
     assert all(w["messages"] > 0 for w in workers)
+    # server.delivery_nice is 0 by default: delivering keeps the workers' priority
+    assert {nice_of(proc.pid), *(nice_of(w["pid"]) for w in workers)} == {nice_of(os.getpid())}
     assert proc.terminate() == 0
     pids = [w["pid"] for w in workers]
     wait_for(lambda: not any(Path(f"/proc/{pid}").exists() for pid in pids), "the workers to stop with it")
@@ -150,10 +158,10 @@ def nice_of(pid: int) -> int:
 def test_delivery_runs_below_the_workers_priority_and_a_restarted_worker_keeps_the_workers(
     tmp_path: Path, sink: Sink, started: list[ServiceProcess]
 ) -> None:
-    proc = start(tmp_path, started, f"[127.0.0.1]:{sink.port}")
+    proc = start(tmp_path, started, f"[127.0.0.1]:{sink.port}", server={"delivery_nice": 10})
     main_pid = proc.pid
     workers = ready_workers(proc)
-    assert nice_of(main_pid) == min(19, nice_of(os.getpid()) + 10)  # server.delivery_nice, by default
+    assert nice_of(main_pid) == min(19, nice_of(os.getpid()) + 10)
     assert [nice_of(w["pid"]) for w in workers] == [nice_of(os.getpid())] * 2
     # A worker started after the main process lowered its own priority still gets the workers' one:
     # it is forked from a thread that kept it.

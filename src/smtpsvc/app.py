@@ -282,8 +282,8 @@ class Service:
             )
             self.smtp.shared = self.workers.counts  # the workers' open sessions (/metrics, max_connections)
             await self.workers.start(self.smtp.sockets)
-            # Receiving before delivering when the CPU is short: clients wait for their 250, and the
-            # queue is durable (Postfix's queue manager lags its smtpd the same way under load).
+            # With delivery_nice > 0, receiving goes before delivering when the CPU is short (0 by default:
+            # a delivery that keeps up gives its files back to the spare pool the workers take from).
             self.workers.lower_delivery_priority(cfg.server.delivery_nice)
             if not await self.workers.wait_ready(WORKERS_READY_TIMEOUT):
                 self.events.emit(

@@ -1119,10 +1119,10 @@ _SCHEMA: dict[str, tuple[_Key, ...]] = {
         ),
         _k(
             "delivery_nice",
-            10,
+            0,
             _int(0, 19),
             "with workers > 1 (Linux): how much lower the delivering main process's CPU priority is than "
-            "the workers'; when the CPU is short, mail being received goes first; 0: the same",
+            "the workers'; when the CPU is short, mail being received goes first; 0 (the default): the same",
         ),
         _k(
             "connection_timeout",

@@ -21,12 +21,13 @@ the main process's are.
 
 A worker that dies is restarted after a second; what it had committed is found by the main process's
 periodic rescan. Once the workers run, the main process's event loop lowers its CPU priority by
-`server.delivery_nice`: when the CPU is short, receiving goes first. Workers are forked from a thread made
-before that, so a restarted one keeps the receiving priority. The main process stops its workers with
-SIGTERM (they give 421 and finish what they were committing) and passes SIGHUP on; a worker starts with
-SIGHUP blocked until its handler is in place, so one passed on while it starts is not its end. A worker
-whose main process died (its socket pair closes) finishes the same way, logs event 9003 (cause
-`main-process-gone`) and exits 0; until it has, no new start recovers the queue (queue/.workers.lock).
+`server.delivery_nice` (0 by default: no change): when the CPU is short, receiving goes first. Workers are
+forked from a thread made before that, so a restarted one keeps the receiving priority. The main process
+stops its workers with SIGTERM (they give 421 and finish what they were committing) and passes SIGHUP on;
+a worker starts with SIGHUP blocked until its handler is in place, so one passed on while it starts is not
+its end. A worker whose main process died (its socket pair closes) finishes the same way, logs event 9003
+(cause `main-process-gone`) and exits 0; until it has, no new start recovers the queue
+(queue/.workers.lock).
 """
 
 from __future__ import annotations
