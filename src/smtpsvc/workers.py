@@ -62,10 +62,10 @@ from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.receiving import (
     ReceivingError,
-    new_resolver,
     open_protocol_log,
     reload_receiving,
     session_context,
+    sessions_resolver,
 )
 from smtpsvc.server.counts import SessionCounts
 from smtpsvc.server.listener import SmtpServer
@@ -554,7 +554,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
                 log,
                 config_path=config_path,
                 etrn=channel.etrn,
-                resolver=new_resolver(config),
+                resolver=sessions_resolver(config),
                 protocol_log=plog,
                 metrics=metrics,
             )
