@@ -44,10 +44,11 @@ from smtpsvc.admin.probe import DaneProbe, OAuthLogin, ProbeReport, TargetError,
 from smtpsvc.admin.probe import probe as probe_peer
 from smtpsvc.admin.service import LIST_LIMIT, TRACK_LIMIT, AdminError, QueueAdmin
 from smtpsvc.auth.users import UsersFileError, UserStore, check_name, check_password, users_path
+from smtpsvc.cmdconfig import config_path as _config_path
+from smtpsvc.cmdconfig import load as _load
 from smtpsvc.config import (
     Config,
     ConfigError,
-    default_config_path,
     load_config,
     render_effective,
     render_example,
@@ -81,22 +82,6 @@ from smtpsvc.routing.mtasts import (
     parse_tlsrpt_record,
 )
 from smtpsvc.routing.mx import DnsError, MxResolver
-
-
-def _config_path(option: str | None) -> str | None:
-    if option:
-        return option
-    found = default_config_path(os.environ, Path.cwd())
-    return str(found) if found else None
-
-
-def _load(path: str | None, root: str | None = None, listen: tuple[str, ...] = ()) -> Config:
-    try:
-        return load_config(path, os.environ, root_override=root, listen_override=list(listen) or None)
-    except ConfigError as exc:
-        click.echo(str(exc), err=True)
-        raise SystemExit(2) from None
-
 
 config_option = click.option(
     "-c",

@@ -46,10 +46,11 @@ import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from smtpsvc import events, gctune
+from smtpsvc import cmdconfig, events, gctune
 from smtpsvc.auth import limiter as auth_limiter
 from smtpsvc.auth.limiter import AuthLimiter
 from smtpsvc.backends import open_intake
@@ -62,10 +63,10 @@ from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.receiving import (
     ReceivingError,
-    new_resolver,
     open_protocol_log,
     reload_receiving,
     session_context,
+    sessions_resolver,
 )
 from smtpsvc.server.counts import SessionCounts
 from smtpsvc.server.listener import SmtpServer
@@ -195,12 +196,7 @@ class WorkerPool:
         self, slot: int, addresses: list[tuple[str, int]]
     ) -> tuple[WorkerProcess, asyncio.Task[None]]:
         ours, theirs = socket.socketpair()
-        args = [sys.executable, "-m", "smtpsvc", "serve", "--worker-fd", str(theirs.fileno())]
-        args += ["--root", str(self.root)]
-        if self.config_path:
-            args += ["-c", self.config_path]
-        for address in addresses:
-            args += ["--listen", format_listen(address)]
+        args = worker_command(theirs.fileno(), self.root, self.config_path, addresses)
 
         def start() -> subprocess.Popen[bytes]:
             return subprocess.Popen(args, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),))
@@ -348,6 +344,19 @@ class WorkerPool:
 
     def _event(self, text: str, cause: str) -> None:
         self.events.emit(events.Event(events.SERVICE_STARTED, text, cause=cause))
+
+
+def worker_command(
+    fd: int, root: Path, config_path: str | None, addresses: Sequence[tuple[str, int]]
+) -> list[str]:
+    """How the main process starts a worker: `python -m smtpsvc serve --worker-fd N ...`, which
+    `smtpsvc/__main__.py` hands to `worker_main` (read by `parse_worker_args`), not to the command line."""
+    args = [sys.executable, "-m", "smtpsvc", "serve", "--worker-fd", str(fd), "--root", str(root)]
+    if config_path:
+        args += ["-c", config_path]
+    for address in addresses:
+        args += ["--listen", format_listen(address)]
+    return args
 
 
 def _block_sighup() -> None:
@@ -546,7 +555,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
                 log,
                 config_path=config_path,
                 etrn=channel.etrn,
-                resolver=new_resolver(config),
+                resolver=sessions_resolver(config),
                 protocol_log=plog,
                 metrics=metrics,
             )
@@ -563,7 +572,7 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
         # worker leaving on its own would look like a crash to be restarted.
         loop.add_signal_handler(signal.SIGINT, lambda: None)
         loop.add_signal_handler(signal.SIGHUP, lambda: _reload(live, context, log, config_path))
-        # Blocked since the pool started us (and `cli`'s first lines): one sent meanwhile is handled now.
+        # Blocked since the pool started us (and `__main__`'s first lines): one sent meanwhile is handled now.
         signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         smtp = SmtpServer(context, reuse_port=True)
         smtp.shared = counts
@@ -592,6 +601,57 @@ def run_worker(config: Config, config_path: str | None, fd: int) -> int:
     except ImportError:
         return asyncio.run(main())
     return uvloop.run(main())
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What `worker_command` passes to a worker (the options of `smtpsvc serve` it uses)."""
+
+    fd: int
+    root: str | None = None
+    config_file: str | None = None
+    listen: tuple[str, ...] = ()
+
+
+def parse_worker_args(args: Sequence[str]) -> WorkerArgs:
+    """`serve`'s options as `worker_command` writes them (`--worker-fd N`, `--root DIR`, `-c`/`--config
+    FILE`, `--listen HOST:PORT`...; also `--option=value`). Raises ValueError naming what is wrong."""
+    values: dict[str, list[str]] = {"--worker-fd": [], "--root": [], "--config": [], "--listen": []}
+    rest = list(args)
+    while rest:
+        option = rest.pop(0)
+        name, equals, value = option.partition("=")
+        name = "--config" if name == "-c" else name
+        if name not in values:
+            raise ValueError(f"no such option for an SMTP worker: {option}")
+        if not equals:
+            if not rest:
+                raise ValueError(f"option {option} requires a value")
+            value = rest.pop(0)
+        values[name].append(value)
+    fds = values["--worker-fd"]
+    if not fds or not fds[-1].isdigit():
+        raise ValueError("--worker-fd requires a number: the descriptor of the main process's socket pair")
+    last = {name: found[-1] for name, found in values.items() if found}  # as click: the last one wins
+    return WorkerArgs(int(fds[-1]), last.get("--root"), last.get("--config"), tuple(values["--listen"]))
+
+
+def worker_main(args: Sequence[str]) -> int:
+    """`python -m smtpsvc serve --worker-fd N ...` (started by the main process, never by hand): the same
+    configuration as `smtpsvc serve` would load from these options, and `run_worker`, without importing
+    the command line. Exit codes as `serve`'s: 2 for a usage or configuration error, 1 when the worker
+    cannot start, 0 after a stop."""
+    try:
+        options = parse_worker_args(args)
+    except ValueError as exc:
+        print(f"smtpsvc serve: {exc}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        path = cmdconfig.config_path(options.config_file)
+        return run_worker(cmdconfig.load(path, options.root, options.listen), path, options.fd)
+    except KeyboardInterrupt:  # Ctrl-C before its event loop ignores it: ends as the command line would
+        print("Aborted!", file=sys.stderr, flush=True)
+        return 1
 
 
 def _receive_counts(sock: socket.socket) -> SessionCounts | None:

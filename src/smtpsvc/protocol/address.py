@@ -6,6 +6,7 @@ and quoting the peer used; only syntax is checked here, never policy (relay tric
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -20,11 +21,16 @@ _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _UTF8 = "\u0080-\U0010ffff"  # RFC 6531 §3.3: UTF8-non-ascii is allowed in atext, qtext and sub-domains
 
 _DOT_STRING = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*")
-_DOT_STRING_UTF8 = re.compile(rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*")
 # qtextSMTP is %d32-33 / %d35-91 / %d93-126; quoted-pairSMTP is "\" %d32-126.
 _QUOTED = re.compile(r'"(?:[\x20\x21\x23-\x5b\x5d-\x7e]|\\[\x20-\x7e])*"')
-_QUOTED_UTF8 = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"')
-_LABEL_UTF8 = re.compile(rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9{_UTF8}-]*[A-Za-z0-9{_UTF8}])?")
+# The same with UTF8-non-ascii (SMTPUTF8), compiled at their first use (`_utf8`): a character class up to
+# U+10FFFF takes about 20 ms to compile, which every process's start (each SMTP worker's) would pay for a
+# path that few transactions take.
+_UTF8_PATTERNS = {
+    "dot-string": rf"[{_ATEXT}{_UTF8}]+(?:\.[{_ATEXT}{_UTF8}]+)*",
+    "quoted": rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_UTF8}]|\\[\x20-\x7e])*"',
+    "label": rf"[A-Za-z0-9{_UTF8}](?:[A-Za-z0-9{_UTF8}-]*[A-Za-z0-9{_UTF8}])?",
+}
 # An ASCII label: LDH, not starting or ending with "-", at most _MAX_LABEL (63) characters, which are octets.
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
 # A whole ASCII domain in one match (speed: no split, no match per label).
@@ -32,6 +38,11 @@ _DOMAIN = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
 # General-address-literal = Standardized-tag ":" 1*dcontent; dcontent = %d33-90 / %d94-126.
 _GENERAL_LITERAL = re.compile(r"[A-Za-z0-9-]*[A-Za-z0-9]:[\x21-\x5a\x5e-\x7e]+")
 _IPV4 = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+
+
+@functools.cache
+def _utf8(kind: str) -> re.Pattern[str]:
+    return re.compile(_UTF8_PATTERNS[kind])
 
 
 class AddressError(ValueError):
@@ -52,12 +63,13 @@ def _octets(text: str) -> int:
 def is_valid_domain(domain: str, utf8: bool = False) -> bool:
     """RFC 5321 Domain (dot-separated LDH labels; U-labels too when `utf8`); no trailing dot."""
     if not utf8 or domain.isascii():
-        # The rules below in one regex: in ASCII, _LABEL_UTF8 matches what _LABEL does and octets are
+        # The rules below in one regex: in ASCII, the UTF-8 label matches what _LABEL does and octets are
         # characters. A domain that is not ASCII fails _DOMAIN, as it must without `utf8`.
         return len(domain) <= MAX_DOMAIN and _DOMAIN.fullmatch(domain) is not None
     if _octets(domain) > MAX_DOMAIN:
         return False
-    return all(_LABEL_UTF8.fullmatch(part) and _octets(part) <= _MAX_LABEL for part in domain.split("."))
+    label = _utf8("label")
+    return all(label.fullmatch(part) and _octets(part) <= _MAX_LABEL for part in domain.split("."))
 
 
 def is_valid_address_literal(literal: str) -> bool:
@@ -95,7 +107,7 @@ def _check_domain_part(domain: str, utf8: bool) -> None:
 def _split_mailbox(mailbox: str, utf8: bool) -> tuple[str, str]:
     """Split and validate `Local-part "@" (Domain / address-literal)`."""
     if mailbox.startswith('"'):
-        m = (_QUOTED_UTF8 if utf8 else _QUOTED).match(mailbox)
+        m = (_utf8("quoted") if utf8 else _QUOTED).match(mailbox)
         if m is None:
             raise AddressError("unterminated or invalid quoted local part")
         local, rest = m.group(), mailbox[m.end() :]
@@ -106,7 +118,7 @@ def _split_mailbox(mailbox: str, utf8: bool) -> tuple[str, str]:
         local, at, domain = mailbox.partition("@")
         if not at:
             raise AddressError("missing @domain")
-        if not (_DOT_STRING_UTF8 if utf8 else _DOT_STRING).fullmatch(local):
+        if not (_utf8("dot-string") if utf8 else _DOT_STRING).fullmatch(local):
             raise AddressError(f"invalid local part: {local!r}")
     if _octets(local) > MAX_LOCAL_PART:
         raise AddressError("local part longer than 64 octets")

@@ -61,7 +61,6 @@ from smtpsvc.protocol import (
 from smtpsvc.protolog import ProtocolLog, logged_command
 from smtpsvc.queue.base import MessageWriter, QueueError
 from smtpsvc.routing.categorizer import check_recipient, connection_allowed, postmaster_address
-from smtpsvc.routing.mx import MxResolver
 from smtpsvc.server.sasl_exchange import Credentials, SaslExchange
 from smtpsvc.tls import ServerCertificate
 
@@ -117,6 +116,13 @@ class SessionObserver(Protocol):
     def message_accepted(self, seconds: float) -> None: ...  # end of DATA / BDAT LAST → 250, in seconds
 
 
+class ReverseLookup(Protocol):
+    """The PTR names of a client's address, for `server.reverse_dns` (`routing.mx.MxResolver` implements
+    it). A Protocol, so an SMTP worker need not load the DNS library until a session asks (`receiving`)."""
+
+    async def reverse_names(self, ip: str) -> list[str]: ...
+
+
 @dataclass(slots=True)
 class SessionContext:
     """What every session shares with the service. A reload swaps the configuration in `live` (shared with
@@ -130,7 +136,7 @@ class SessionContext:
     users: UserStore
     limiter: AuthLimiter
     etrn: Callable[[str, bool], Awaitable[int]]  # (domain, subdomains) -> messages made due now
-    resolver: MxResolver | None = None  # for server.reverse_dns
+    resolver: ReverseLookup | None = None  # for server.reverse_dns
     metrics: SessionObserver | None = None  # metrics hook; None: no metrics
     auth_gate: AuthGate | None = None  # an SMTP worker: the main process's limiter; None: `limiter`
     # A local submission (`sendmail -bs`): no relay rules, as for Pickup, whose folder its user can write
