@@ -10,7 +10,6 @@ import json
 import smtplib
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from tests.conftest import StartService, base_sections, smtp_port, wait_until, w
 from tests.process import ServiceProcess
 from tests.sink import Sink
 from tests.test_delivery_routes import Tls, users_file
+from tests.test_workers import wait_for
 
 NOW = 1_780_000_000.0  # 2026-05-28 20:26:40 UTC
 MX = "mx.remote.test[192.0.2.7]:25"
@@ -272,17 +272,6 @@ def send_one(port: int, sender: str, recipient: str) -> str:
     return reply.decode().split("<", 1)[1].split(">", 1)[0]
 
 
-def poll(what: str, probe: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = probe()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.1)
-
-
 def test_a_delivered_message_is_found_by_sender_recipient_and_id_with_its_conversation(
     tmp_path: Path, sink: Sink, processes: list[ServiceProcess]
 ) -> None:
@@ -297,14 +286,14 @@ def test_a_delivered_message_is_found_by_sender_recipient_and_id_with_its_conver
     service = ServiceProcess(config, root).start()
     processes.append(service)
     queue_id = send_one(service.port, "tracked.sender@local.test", "far.away@remote.test")
-    poll("the delivery to the peer", lambda: sink.messages)
+    wait_for(lambda: sink.messages, "the delivery to the peer")
 
     def delivered_by_sender() -> dict[str, Any] | None:
         [found] = track_json(config, "--sender", "tracked.sender@local.test")["messages"] or [None]
         return found if found and found["state"] == "delivered" and found["attempts"] else None
 
     # While the service runs: through its admin API (the CLI's way to a running service)
-    by_sender = poll("the message tracked as delivered", delivered_by_sender)
+    by_sender = wait_for(delivered_by_sender, "the message tracked as delivered")
     assert by_sender["id"] == queue_id
     assert cli(config, "queue", "list").stdout.strip() == "the queue is empty"  # it has left the queue
     by_recipient = track_json(config, "--recipient", "far.away@remote.test")["messages"]
@@ -359,8 +348,8 @@ def test_the_protocol_log_of_the_running_service_rotates_at_its_size_limit(
     processes.append(service)
     folder = root / "log" / "protocol"
     ids = [send_one(service.port, f"s{n}@local.test", f"r{n}@remote.test") for n in range(12)]
-    poll("12 deliveries", lambda: len(sink.messages) >= 12)
-    poll("the protocol log rotated twice", lambda: len(protolog.rotated_files(folder)) == 2)
+    wait_for(lambda: len(sink.messages) >= 12, "12 deliveries")
+    wait_for(lambda: len(protolog.rotated_files(folder)) == 2, "the protocol log rotated twice")
     assert service.terminate() == 0
     files = protolog.log_files(folder)
     assert len(files) == 3  # max_files rotated ones and the one being written
@@ -446,14 +435,14 @@ def test_with_smtp_workers_the_clients_and_our_conversations_land_in_the_one_log
     service = ServiceProcess(config, root).start()
     processes.append(service)
     ids = [send_one(service.port, "w@local.test", f"r{n}@remote.test") for n in range(4)]
-    poll("4 deliveries", lambda: len(sink.messages) >= 4)
+    wait_for(lambda: len(sink.messages) >= 4, "4 deliveries")
 
     def all_tracked() -> list[dict[str, Any]] | None:
         found = track_json(config, "--sender", "w@local.test")["messages"]
         done = [m for m in found if m["state"] == "delivered" and m["inbound"] and m["attempts"]]
         return done if len(done) == 4 else None
 
-    tracked = poll("the 4 messages tracked with both conversations", all_tracked)
+    tracked = wait_for(all_tracked, "the 4 messages tracked with both conversations")
     assert sorted(m["id"] for m in tracked) == sorted(ids)
     assert service.terminate() == 0
     [active] = protolog.log_files(root / "log" / "protocol")
