@@ -64,7 +64,7 @@ async def peer() -> AsyncIterator[Misbehaving]:
     await server.stop()
 
 
-async def test_a_peer_that_drops_on_ehlo_gets_helo_on_the_next_attempt(
+async def test_a_peer_that_drops_on_ehlo_gets_helo_on_the_next_attempt_and_the_event_says_so(
     peer: Misbehaving, start_service: StartService
 ) -> None:
     peer.drop_on_ehlo = True
@@ -74,6 +74,10 @@ async def test_a_peer_that_drops_on_ehlo_gets_helo_on_the_next_attempt(
     assert peer.commands[:2] == ["EHLO", "HELO"]  # first attempt EHLO (dropped), then HELO
     [event] = events_of(service, 3010)
     assert event["cause"] == "peer-rejects-ehlo"
+    assert event["text"].endswith(
+        "(peer-rejects-ehlo): the remote server dropped the connection after EHLO; "
+        "the message is tried again over a new connection"
+    )
 
 
 async def test_a_peer_that_drops_8bit_data_gets_7bit_on_the_next_attempt(
@@ -104,20 +108,6 @@ async def test_a_peer_that_refuses_ehlo_gets_helo_on_the_same_connection_and_the
     assert event["text"] == (
         f"Self-healing for host 127.0.0.1:{peer.port}: send HELO instead of EHLO from now on "
         "(peer-rejects-ehlo): it refused EHLO; the message went on over the same connection with HELO"
-    )
-
-
-async def test_the_event_for_a_drop_on_ehlo_says_the_message_is_tried_again(
-    peer: Misbehaving, start_service: StartService
-) -> None:
-    peer.drop_on_ehlo = True
-    service = await start_service(delivery={"smart_host": f"[127.0.0.1]:{peer.port}", "retry": ["300ms"]})
-    await send(service, "a@local.test", ["x@remote.test"], b"Subject: s\r\n\r\nx\r\n")
-    await wait_until(lambda: peer.messages, what="delivery after healing")
-    [event] = events_of(service, 3010)
-    assert event["text"].endswith(
-        "(peer-rejects-ehlo): the remote server dropped the connection after EHLO; "
-        "the message is tried again over a new connection"
     )
 
 
