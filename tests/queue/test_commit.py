@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from smtpsvc.queue.commit import Commit, GroupCommitter
+from smtpsvc.queue.commit import Commit, GroupCommitter, Lingering
 
 
 def written(path: Path, data: bytes = b"x") -> int:
@@ -160,4 +160,46 @@ async def test_an_unopenable_created_in_directory_fails_only_its_commits(tmp_pat
     assert isinstance(results[0], FileNotFoundError)
     assert results[1] is None
     assert ran == ["b"]  # the failed commit published nothing
+    await committer.close()
+
+
+async def test_lingering_commits_wait_then_share_one_batch(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    lingering = Lingering(committer, linger=0.05)
+    ran: list[int] = []
+    futures = [lingering.run(Commit((), lambda n=n: ran.append(n), (tmp_path,))) for n in range(5)]  # type: ignore[misc]
+    await asyncio.sleep(0)
+    assert ran == [] and committer.jobs == 0  # held: nothing reached the committer yet
+    await asyncio.wait_for(asyncio.gather(*futures), timeout=30)
+    assert ran == list(range(5))  # in their order
+    assert (committer.batches, committer.jobs) == (1, 5)  # one batch, so one fsync of tmp_path for all five
+    await committer.close()
+
+
+async def test_lingering_commits_go_at_once_when_flushed_or_a_batch_is_full(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    lingering = Lingering(committer, linger=3600, limit=3)  # the timer never fires in this test
+    first = [lingering.run(Commit((), None, (tmp_path,))) for _ in range(3)]  # the third fills it
+    await asyncio.wait_for(asyncio.gather(*first), timeout=30)
+    assert (committer.batches, committer.jobs) == (1, 3)
+    held = lingering.run(Commit((), None, (tmp_path,)))
+    await asyncio.sleep(0)
+    assert not held.done()
+    lingering.flush()  # what the spool does before it stops, and for `removed()`
+    await asyncio.wait_for(held, timeout=30)
+    assert committer.jobs == 4
+    await committer.close()
+
+
+async def test_a_lingering_commit_that_fails_fails_alone(tmp_path: Path) -> None:
+    committer = GroupCommitter()
+    lingering = Lingering(committer, linger=0.01)
+
+    def broken() -> None:
+        raise OSError(5, "Input/output error")
+
+    bad = lingering.run(Commit((), broken, (tmp_path,)))
+    good = lingering.run(Commit((), None, (tmp_path,)))
+    results = await asyncio.wait_for(asyncio.gather(bad, good, return_exceptions=True), timeout=30)
+    assert isinstance(results[0], OSError) and results[1] is None
     await committer.close()

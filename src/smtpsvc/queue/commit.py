@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import queue
 import threading
@@ -38,6 +39,7 @@ from pathlib import Path
 from smtpsvc.safeio import SYNCS_DIRS
 
 FSYNC_THREADS = 8  # fsyncs in flight at once
+LINGER = 0.02  # how long a commit nobody waits for is held, so that the next ones share its batch
 
 
 @dataclass(slots=True)
@@ -171,6 +173,59 @@ class GroupCommitter:
         if self._fsyncs is not None:
             self._fsyncs.stop()
             self._fsyncs = None
+
+
+class Lingering:
+    """Commits whose callers do not wait for them (a completed message's removal from `queue/`), held for
+    up to `linger` seconds and then handed to the committer together, so they share one batch and with
+    it one fsync of their directory.
+
+    Under a steady stream of deliveries the completions arrive one or two at a time, and each batch of
+    them paid for its own fsync of `queue/`: about one directory sync per message. Held for 20 ms, a
+    stream of 600 messages a second pays one sync in twelve messages; the CPU per relayed message fell by
+    about a fifth (docs/performance.md, "The defaults, third measurement"). Nothing gets less durable:
+    each commit still ends with its directory's fsync, and what waits for that (the spare pool's reuse of
+    the removed files) waits 20 ms longer. At `limit` held commits (a batch's worth) they go at once."""
+
+    def __init__(self, committer: GroupCommitter, linger: float = LINGER, limit: int = 256) -> None:
+        self._committer = committer
+        self._linger = linger
+        self._limit = limit
+        self._held: list[tuple[Commit, asyncio.Future[None]]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def run(self, commit: Commit) -> asyncio.Future[None]:
+        """Hold `commit`; the future is its outcome, as `GroupCommitter.run` would give it."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._held.append((commit, future))
+        if len(self._held) >= self._limit:
+            self.flush()
+        elif self._timer is None:
+            self._timer = loop.call_later(self._linger, self.flush)
+        return future
+
+    def flush(self) -> None:
+        """Hand every held commit to the committer now. They are queued in this turn of the event loop,
+        before its batch task runs again, so they land in the same batch (up to its size)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        held, self._held = self._held, []
+        for commit, future in held:
+            task = asyncio.ensure_future(self._committer.run(commit))
+            task.add_done_callback(functools.partial(_settle, future))
+
+
+def _settle(future: asyncio.Future[None], task: asyncio.Future[None]) -> None:
+    if future.done():
+        return  # its owner cancelled it; the commit ran anyway
+    if task.cancelled():
+        future.cancel()
+    elif (error := task.exception()) is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(None)
 
 
 def _created_in(batch: list[_Pending]) -> dict[Path, list[_Pending]]:

@@ -82,7 +82,7 @@ from smtpsvc.queue.base import (
     QueueSummary,
     Rescheduled,
 )
-from smtpsvc.queue.commit import Commit, GroupCommitter
+from smtpsvc.queue.commit import Commit, GroupCommitter, Lingering
 from smtpsvc.queue.index import DueIndex
 from smtpsvc.queue.spares import FILE_MODE, SparePool
 from smtpsvc.safeio import publish, write_new, write_synced
@@ -242,6 +242,7 @@ class LocalSpool:
             _shown(name), _shown(reason)
         )
         self._committer = GroupCommitter()
+        self._lingering = Lingering(self._committer)  # completions: one sync of queue/ for many
         # Every queued message by id, with its shape (what the summaries count); its envelope stays on disk.
         self._known: dict[str, Shape] = {}
         self._shapes: dict[Shape, Shape] = {}  # interned: a queue of a million messages has a few shapes
@@ -677,6 +678,7 @@ class LocalSpool:
     async def removed(self) -> None:
         """Wait until the files of every message completed so far are removed, and that is durable (the
         first error, if any, is raised): a completion returns before (tests, tools)."""
+        self._lingering.flush()
         if self._removals:
             await asyncio.gather(*self._removals)
 
@@ -685,6 +687,7 @@ class LocalSpool:
         if self._rewriting is not None:
             self._rewriting.cancel()
             await asyncio.gather(self._rewriting, return_exceptions=True)
+        self._lingering.flush()
         if self._removals:  # completions under way: their files go before the committer stops
             await asyncio.gather(*self._removals, return_exceptions=True)
         await self._committer.close()
@@ -904,8 +907,9 @@ class LocalSpool:
         # delivered again, which at-least-once allows (Postfix does not sync a removal either). The
         # delivery's slot is free at once, and the files become spares only after the directory's sync.
         # Should the removal itself fail (a disk error), the message stays on disk, out of the index, and
-        # is delivered again after the next start.
-        commit = asyncio.ensure_future(self._committer.run(Commit((), retire, (self.dir,))))
+        # is delivered again after the next start. Held a moment (Lingering), so that the completions of
+        # a stream of deliveries share one sync of queue/.
+        commit = self._lingering.run(Commit((), retire, (self.dir,)))
         commit.add_done_callback(done)
         self._removals.add(commit)
         commit.add_done_callback(self._removals.discard)
