@@ -3,6 +3,7 @@ durable, bounded in count and size, emptied at recovery."""
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -135,6 +136,32 @@ async def test_a_delivered_message_s_files_carry_the_next_message(spool: LocalSp
     again.open()
     assert [e.id for e in again.list()] == [second.id]
     again.close()
+
+
+async def test_a_stream_of_completions_shares_one_sync_of_the_queue_folder(
+    spool: LocalSpool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    envelopes = [await put(spool, b"Subject: x\r\n\r\nx\r\n") for _ in range(12)]
+    queue_dir = os.stat(spool.dir)
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def counting_fsync(fd: int) -> None:
+        info = os.fstat(fd)
+        if (info.st_dev, info.st_ino) == (queue_dir.st_dev, queue_dir.st_ino):
+            # what the pool holds when queue/ is synced: the files wait under their dot names
+            synced.append(" ".join(sorted(p.name[:1] for p in spool.spares.dir.iterdir())))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", counting_fsync)
+    # Held until removed() hands them over, however slow this machine is (20 ms by default).
+    monkeypatch.setattr(spool._lingering, "_linger", 3600.0)
+    for envelope in envelopes:  # one by one, as deliveries end
+        await spool.complete(envelope.id)
+        await asyncio.sleep(0)
+    await asyncio.wait_for(spool.removed(), timeout=30)
+    assert synced == [" ".join(["."] * 24)]  # one sync for the twelve, before any file was reusable
+    assert len([p for p in spool.spares.dir.iterdir() if not p.name.startswith(".")]) == 24
 
 
 async def test_files_stay_unusable_when_their_removal_could_not_be_made_durable(
