@@ -193,6 +193,7 @@ class Lingering:
         self._limit = limit
         self._held: list[tuple[Commit, asyncio.Future[None]]] = []
         self._timer: asyncio.TimerHandle | None = None
+        self._handed: set[asyncio.Task[None]] = set()  # the loop keeps only weak references to tasks
 
     def run(self, commit: Commit) -> asyncio.Future[None]:
         """Hold `commit`; the future is its outcome, as `GroupCommitter.run` would give it."""
@@ -212,8 +213,11 @@ class Lingering:
             self._timer.cancel()
             self._timer = None
         held, self._held = self._held, []
+        loop = asyncio.get_running_loop()
         for commit, future in held:
-            task = asyncio.ensure_future(self._committer.run(commit))
+            task = loop.create_task(self._committer.run(commit))
+            self._handed.add(task)
+            task.add_done_callback(self._handed.discard)
             task.add_done_callback(functools.partial(_settle, future))
 
 
