@@ -240,6 +240,16 @@ async def transact(client: RawClient, sender: str, rcpt: str, message: bytes) ->
     return await client.reply()
 
 
+async def send_after_ehlo(service: Service, helo: str, message: bytes) -> str:
+    """One message on a connection of its own after `EHLO helo`; the reply to its data."""
+    client = await RawClient.connect(smtp_port(service))
+    await client.reply()
+    await client.command(f"EHLO {helo}")
+    reply = await transact(client, "a@local.test", "b@local.test", message)
+    await client.close()
+    return reply
+
+
 async def test_a_message_with_too_many_received_lines_is_refused_as_a_loop(
     start_service: StartService,
 ) -> None:
@@ -319,12 +329,7 @@ async def test_reverse_dns_marks_a_helo_that_the_ptr_does_not_confirm_as_unverif
         ("client.test", b"Received: from client.test ([127.0.0.1])\r\n"),
         ("liar.test", b"Received: from liar.test ([127.0.0.1] unverified)\r\n"),
     ):
-        client = await RawClient.connect(smtp_port(service))
-        await client.reply()
-        await client.command(f"EHLO {helo}")
-        reply = await transact(client, "a@local.test", "b@local.test", b"Subject: r\r\n\r\nx\r\n")
-        assert reply.startswith("250")
-        await client.close()
+        assert (await send_after_ehlo(service, helo, b"Subject: r\r\n\r\nx\r\n")).startswith("250")
         await wait_until(
             lambda expected=expected: drop_with(expected), what=f"the Received header for {helo}"
         )

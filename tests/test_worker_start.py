@@ -16,7 +16,7 @@ from tests.conftest import StartService, events_of, smtp_port, wait_until
 from tests.dnsserver import DnsServer
 from tests.rawclient import RawClient
 from tests.test_reload import reconfigure, workers_reloaded
-from tests.test_session import transact
+from tests.test_session import send_after_ehlo, transact
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="SO_REUSEPORT: Linux")
 
@@ -172,12 +172,7 @@ async def test_reverse_dns_turned_on_by_a_reload_works_in_a_worker_that_started_
         "liar.test": b"Received: from liar.test ([127.0.0.1] unverified)\r\n",
     }
     for helo in [*expected] * 3:
-        client = await RawClient.connect(smtp_port(service))
-        await client.reply()
-        await client.command(f"EHLO {helo}")
-        reply = await transact(client, "a@local.test", "b@local.test", b"Subject: r\r\n\r\nx\r\n")
-        assert reply.startswith("250")
-        await client.close()
+        assert (await send_after_ehlo(service, helo, b"Subject: r\r\n\r\nx\r\n")).startswith("250")
 
     def received() -> list[bytes]:
         files = [p.read_bytes() for p in service.folders["drop"].glob("*.eml")]
