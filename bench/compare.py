@@ -272,8 +272,11 @@ class Server:
 class Smtpsvc(Server):
     name = "smtpsvc"
 
-    def __init__(self, workdir: Path, sink_port: int, workers: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, sink_port: int, workers: int | None = None, src: Path | None = None
+    ) -> None:
         self.workers = workers  # server.workers; None: not set, the service's default decides
+        self.src = src  # another checkout's src/ to run (bench/ab.py); None: what this interpreter imports
         self.dir = workdir / "smtpsvc"
         self.root = self.dir / "mailroot"
         self.config = self.dir / "smtpsvc.toml"
@@ -293,6 +296,8 @@ class Smtpsvc(Server):
         self.dir.mkdir(parents=True)
         self.config.write_text(self.config_text(), encoding="utf-8")
         env = {k: v for k, v in os.environ.items() if not k.upper().startswith("SMTPSVC__")}
+        if self.src is not None:  # ahead of the venv's editable install (and of a suite's snapshot)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(self.src), env.get("PYTHONPATH")]))
         self._stderr = open(self.stderr_path, "w", encoding="utf-8")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "smtpsvc", "serve", "-c", str(self.config)],
