@@ -20,6 +20,7 @@ from smtpsvc.queue import local
 from smtpsvc.queue.base import QueueError
 from smtpsvc.queue.intake import IntakeSpool
 from smtpsvc.queue.local import MEMORY_LIMIT, WORKERS_LOCK, LocalSpool, LocalStore
+from tests.fsyncspy import spy_on_fsyncs
 
 
 def make_envelope(queue_id: str, due: float = 0.0) -> Envelope:
@@ -122,10 +123,7 @@ async def test_put_records_size_and_crc32_and_leaves_no_pending_file(spool: Loca
 async def test_a_failed_commit_raises_and_leaves_no_file(
     spool: LocalSpool, monkeypatch: pytest.MonkeyPatch, size: int
 ) -> None:
-    def failing_fsync(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    spy_on_fsyncs(monkeypatch, lambda fd: OSError(errno.EIO, "Input/output error"))
     writer = spool.create_writer()
     writer.write(b"x" * size)
     with pytest.raises(QueueError, match="Input/output error"):

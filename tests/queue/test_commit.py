@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from smtpsvc.queue.commit import Commit, GroupCommitter, Lingering
+from tests.fsyncspy import spy_on_fsyncs
 
 
 def written(path: Path, data: bytes = b"x") -> int:
@@ -45,8 +46,9 @@ async def test_concurrent_commits_share_one_batch_and_every_fd_is_closed(tmp_pat
 async def test_a_failing_fsync_fails_its_own_commit_only(tmp_path: Path) -> None:
     committer = GroupCommitter()
     good = written(tmp_path / "good")
-    bad = os.open(tmp_path, os.O_RDONLY)
-    os.close(bad)  # a descriptor that no longer exists: fsync says EBADF
+    # A descriptor number nothing holds, nor will (a closed one may be handed out again meanwhile, to the
+    # committer's own eventfd for instance): fsync says EBADF.
+    bad = 999_999
     ran: list[str] = []
     results = await asyncio.gather(
         committer.run(Commit([good], lambda: ran.append("good"), (tmp_path,))),
@@ -120,13 +122,11 @@ async def test_new_entries_are_synced_with_the_files_one_directory_fsync_for_the
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     synced: list[str] = []
-    real_fsync = os.fsync
 
-    def recording_fsync(fd: int) -> None:
+    def recording(fd: int) -> None:
         synced.append("dir" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file")
-        real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", recording_fsync)
+    spy_on_fsyncs(monkeypatch, recording)
     committer = GroupCommitter()
     published: list[int] = []
     fds = [written(tmp_path / f"f{n}") for n in range(5)]

@@ -14,6 +14,7 @@ import pytest
 from smtpsvc.queue import spares
 from smtpsvc.queue.local import LocalSpool
 from smtpsvc.queue.spares import SparePool
+from tests.fsyncspy import spy_on_fsyncs
 from tests.test_queue_local import put
 
 
@@ -141,19 +142,19 @@ async def test_a_delivered_message_s_files_carry_the_next_message(spool: LocalSp
 async def test_a_stream_of_completions_shares_one_sync_of_the_queue_folder(
     spool: LocalSpool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    envelopes = [await put(spool, b"Subject: x\r\n\r\nx\r\n") for _ in range(12)]
     queue_dir = os.stat(spool.dir)
     synced: list[str] = []
-    real_fsync = os.fsync
+    watching = False  # from the first completion on
 
-    def counting_fsync(fd: int) -> None:
+    def counting(fd: int) -> None:
         info = os.fstat(fd)
-        if (info.st_dev, info.st_ino) == (queue_dir.st_dev, queue_dir.st_ino):
+        if watching and (info.st_dev, info.st_ino) == (queue_dir.st_dev, queue_dir.st_ino):
             # what the pool holds when queue/ is synced: the files wait under their dot names
             synced.append(" ".join(sorted(p.name[:1] for p in spool.spares.dir.iterdir())))
-        real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", counting_fsync)
+    spy_on_fsyncs(monkeypatch, counting)  # before the spool's committer starts its fsyncs (first put)
+    envelopes = [await put(spool, b"Subject: x\r\n\r\nx\r\n") for _ in range(12)]
+    watching = True
     # Held until removed() hands them over, however slow this machine is (20 ms by default).
     monkeypatch.setattr(spool._lingering, "_linger", 3600.0)
     for envelope in envelopes:  # one by one, as deliveries end
@@ -167,15 +168,16 @@ async def test_a_stream_of_completions_shares_one_sync_of_the_queue_folder(
 async def test_files_stay_unusable_when_their_removal_could_not_be_made_durable(
     spool: LocalSpool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    failing = False  # from the completion on: the syncs of directories fail
+
+    def verdict(fd: int) -> OSError | None:
+        if failing and os.path.isdir(f"/proc/self/fd/{fd}"):
+            return OSError(errno.EIO, "Input/output error")
+        return None
+
+    spy_on_fsyncs(monkeypatch, verdict)  # before the spool's committer starts its fsyncs (first put)
     envelope = await put(spool, b"Subject: x\r\n\r\nx\r\n")
-    real_fsync = os.fsync
-
-    def failing_fsync(fd: int) -> None:
-        if os.path.isdir(f"/proc/self/fd/{fd}"):
-            raise OSError(errno.EIO, "Input/output error")
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", failing_fsync)
+    failing = True
     await spool.complete(envelope.id)
     with pytest.raises(OSError, match="Input/output error"):
         await spool.removed()

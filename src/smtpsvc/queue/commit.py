@@ -6,16 +6,16 @@ in a `Commit`: the file descriptors whose contents must reach the disk, the dire
 (`then`, run on the event loop), and the directories whose entries must be durable after those. The batch
 that takes it goes through up to three steps and resolves every caller's future only at the end:
 
-  1. fsync every file of the batch and every directory it was `created_in`, side by side in worker
-     threads: fsyncs in flight at the same moment share journal commits (ext4, xfs), where one after the
-     other each pays for its own;
+  1. fsync every file of the batch and every directory it was `created_in`, side by side (by the kernel's
+     native AIO, else by threads: queue/fsyncs.py): fsyncs in flight at the same moment share journal
+     commits (ext4, xfs), where one after the other each pays for its own;
   2. on the event loop, each caller's `then` (the renames that publish the files);
-  3. fsync each directory named in `dirs` once, in a worker thread (no step 3 when no commit names one).
+  3. fsync each directory named in `dirs` once, the same way (no step 3 when no commit names one).
 
-So the 250 after DATA still waits for its own fsyncs, fifty sessions finishing together pay for about one
-journal commit, and the worker threads do nothing but fsync: they hardly ever need the GIL, which kept the
-event loop and a busy worker thread handing it back and forth (futex storms) when the whole job, every
-open, write and rename included, ran in the thread. A new message needs step 1 only (queue/local.py).
+So the 250 after DATA still waits for its own fsyncs, and fifty sessions finishing together pay for about
+one journal commit. Only the fsyncs leave the event loop: every open, write and rename stays on it (when
+the whole job ran in a thread, the loop and that thread handed the GIL back and forth in futex storms). A
+new message needs step 1 only (queue/local.py).
 The primitives (writing a file for its fsync, whether a folder can be synced) come from smtpsvc.safeio;
 the batching is this module's own.
 
@@ -27,18 +27,16 @@ order on the loop; each batch syncs the directories after its own renames.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import os
-import queue
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from smtpsvc.queue import fsyncs
+from smtpsvc.queue.fsyncs import Fsyncs
 from smtpsvc.safeio import SYNCS_DIRS
 
-FSYNC_THREADS = 8  # fsyncs in flight at once
 LINGER = 0.02  # how long a commit nobody waits for is held, so that the next ones share its batch
 
 
@@ -62,7 +60,7 @@ class GroupCommitter:
         self._pending: list[_Pending] = []
         self._running: asyncio.Task[None] | None = None
         self._max_batch = max_batch
-        self._fsyncs: _FsyncThreads | None = None  # started at the first commit
+        self._fsyncs: Fsyncs | None = None  # started at the first commit
         self._finishing: set[asyncio.Task[None]] = set()  # batches in their directory sync
         self.batches = 0  # statistics: how many batches ran
         self.jobs = 0  # and how many commits they carried
@@ -109,7 +107,7 @@ class GroupCommitter:
         """Steps 1 and 2: fsync the batch's files, then run each caller's `then`; returns the directories
         to sync with the commits that touched them."""
         if self._fsyncs is None:
-            self._fsyncs = _FsyncThreads(FSYNC_THREADS)
+            self._fsyncs = fsyncs.start(loop)
         files = [(item, fd) for item in batch for fd in item.commit.fds]
         folders: list[tuple[list[_Pending], int]] = []  # one fsync per directory serves all its commits
         if SYNCS_DIRS:
@@ -256,78 +254,3 @@ def _resolve(batch: list[_Pending]) -> None:
             item.future.set_result(None)
         else:
             item.future.set_exception(item.error)
-
-
-class _FsyncThreads:
-    """A fixed set of threads that only fsync the file descriptors handed to them.
-
-    The event loop puts one item per descriptor into a C-level SimpleQueue and awaits one future, which the
-    thread finishing the last descriptor of the call resolves: no executor machinery (a concurrent Future,
-    a work item and a condition per call) and one wake-up of the loop per call, not one per descriptor.
-    The descriptors are closed back on the loop: each step a thread takes after a system call must first
-    win the GIL back from the busy event loop, so the threads take as few as they can.
-    """
-
-    def __init__(self, count: int) -> None:
-        self._queue: queue.SimpleQueue[tuple[_Call, int, int] | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._work, name=f"smtpsvc-fsync_{n}", daemon=True) for n in range(count)
-        ]
-        for thread in self._threads:
-            thread.start()
-
-    async def run(self, loop: asyncio.AbstractEventLoop, fds: list[int]) -> list[BaseException | None]:
-        """fsync and close each of `fds`, side by side; each one's error or None, in order."""
-        if not fds:
-            return []
-        call = _Call(loop, fds)
-        for index, fd in enumerate(fds):
-            self._queue.put((call, index, fd))
-        return await call.future
-
-    def _work(self) -> None:
-        while (item := self._queue.get()) is not None:
-            call, index, fd = item
-            call.finished(index, _fsync(fd))
-
-    def stop(self) -> None:
-        for _ in self._threads:
-            self._queue.put(None)
-
-
-class _Call:
-    """One `_FsyncThreads.run`: its results, filled in by the threads, and the future they resolve."""
-
-    __slots__ = ("_fds", "_left", "_lock", "_loop", "errors", "future")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, fds: list[int]) -> None:
-        self._loop = loop
-        self._fds = fds
-        self._left = len(fds)
-        self._lock = threading.Lock()
-        self.errors: list[BaseException | None] = [None] * len(fds)
-        self.future: asyncio.Future[list[BaseException | None]] = loop.create_future()
-
-    def finished(self, index: int, error: BaseException | None) -> None:
-        self.errors[index] = error
-        with self._lock:
-            self._left -= 1
-            last = self._left == 0
-        if last:
-            self._loop.call_soon_threadsafe(self._resolve)
-
-    def _resolve(self) -> None:
-        """On the loop, once every thread is done with the descriptors (also when the caller left)."""
-        for fd in self._fds:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if not self.future.done():
-            self.future.set_result(self.errors)
-
-
-def _fsync(fd: int) -> BaseException | None:
-    try:
-        os.fsync(fd)
-    except OSError as exc:
-        return exc
-    return None
