@@ -147,3 +147,19 @@ def test_a_call_from_another_event_loop_is_synced_by_threads(tmp_path: Path) -> 
         kernel.stop()
     finally:
         first.close()
+
+
+async def test_a_kernel_without_aio_fsync_hands_every_fsync_to_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    loop = asyncio.get_running_loop()
+    kernel = KernelFsync.open(loop)
+    assert kernel is not None
+    # An opcode the kernel does not know: io_submit says EINVAL, as kernels before 4.18 do for AIO fsync.
+    monkeypatch.setattr(fsyncs, "_IOCB_CMD_FSYNC", 99)
+    fds = [written(tmp_path / f"f{n}") for n in range(3)]
+    assert await kernel.run(loop, fds) == [None, None, None]  # fsync(2) by the threads
+    assert not any(is_open(fd) for fd in fds)
+    assert kernel._no_kernel_fsync  # from now on straight to the threads
+    assert await kernel.run(loop, [written(tmp_path / "later")]) == [None]
+    kernel.stop()
