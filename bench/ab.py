@@ -13,11 +13,12 @@ by round, so a drift in the machine's load hits them alike. With ``--postfix`` a
 A tree is a checkout's top folder: its ``src/`` goes first on the service's PYTHONPATH (the interpreter and
 the installed dependencies are this venv's). Columns as in bench/compare.py: accept = messages / wall time of
 ``smtp-source``; relay = messages / time until the sink counted them all; CPU = the service's processes
-(the main process and its SMTP workers), user + system, per message. Prints each run as it ends, then the
-medians. Loopback only; every run bounded by its message count and by compare.RUN_TIMEOUT; every process
-started here is stopped by its PID, also on an error, Ctrl-C, SIGTERM or SIGHUP. Run as root when
-``--postfix`` is given (the private Postfix instance needs it). Writes no results file: paste what it
-prints where the decision is recorded (docs/performance.md).
+(the main process and its SMTP workers), user + system, per message; machine CPU = the whole machine's, per
+message (the kernel's threads, where the fsyncs run, the load generator and the sink included). Prints
+each run as it ends, then the medians. Loopback only; every run bounded by its message count and by
+compare.RUN_TIMEOUT; every process started here is stopped by its PID, also on an error, Ctrl-C, SIGTERM or
+SIGHUP. Run as root when ``--postfix`` is given (the private Postfix instance needs it). Writes no results
+file: paste what it prints where the decision is recorded (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -88,12 +89,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def described(run: compare.Run) -> str:
+    return (
+        f"accept {run.accept:.0f}/s  relay {run.relay or 0:.0f}/s  cpu {run.cpu_ms or 0:.2f} ms/msg  "
+        f"machine {run.machine_ms or 0:.2f} ms/msg"
+    )
+
+
 def summary(contenders: list[Contender]) -> list[str]:
-    lines = ["| contender | accept msgs/s, median (runs) | relay msgs/s | CPU ms/msg |", "|---|---|---|---|"]
+    lines = [
+        "| contender | accept msgs/s, median (runs) | relay msgs/s | CPU ms/msg | machine CPU ms/msg |",
+        "|---|---|---|---|---|",
+    ]
     for c in contenders:
         accept = [r.accept for r in c.runs]
         relay = [r.relay for r in c.runs if r.relay is not None]
         cpu = [r.cpu_ms for r in c.runs if r.cpu_ms is not None]
+        machine = [r.machine_ms for r in c.runs if r.machine_ms is not None]
 
         def cell(values: list[float], digits: int) -> str:
             if not values:
@@ -101,7 +113,9 @@ def summary(contenders: list[Contender]) -> list[str]:
             each = " / ".join(f"{v:.{digits}f}" for v in values)
             return f"{statistics.median(values):.{digits}f} ({each})"
 
-        lines.append(f"| {c.label} | {cell(accept, 0)} | {cell(relay, 0)} | {cell(cpu, 2)} |")
+        lines.append(
+            f"| {c.label} | {cell(accept, 0)} | {cell(relay, 0)} | {cell(cpu, 2)} | {cell(machine, 2)} |"
+        )
     return lines
 
 
@@ -149,19 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                 svc.stop()
                 svc = None
                 contender.runs.append(run)
-                print(
-                    f"  round {round_no}  {contender.label}: accept {run.accept:.0f}/s  "
-                    f"relay {run.relay or 0:.0f}/s  cpu {run.cpu_ms or 0:.2f} ms/msg",
-                    flush=True,
-                )
+                print(f"  round {round_no}  {contender.label}: {described(run)}", flush=True)
             if postfix is not None and pfx is not None:
                 run = compare.one_run(pfx, sink, *load, False)
                 postfix.runs.append(run)
-                print(
-                    f"  round {round_no}  Postfix: accept {run.accept:.0f}/s  relay {run.relay or 0:.0f}/s  "
-                    f"cpu {run.cpu_ms or 0:.2f} ms/msg",
-                    flush=True,
-                )
+                print(f"  round {round_no}  Postfix: {described(run)}", flush=True)
     except (compare.BenchError, compare.Interrupted, KeyboardInterrupt) as exc:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         if isinstance(exc, compare.BenchError) and svc is not None:

@@ -9,8 +9,11 @@ median of --count repetitions of each of:
 - **new file**: create a file, write, fsync it, fsync its folder (a new name made durable);
 - **reused file**: overwrite a file that already has its blocks, cut it to length, fsync (what a spare
   file costs, queue/spares.py);
-- **three side by side**: a reused file, a second reused file and the folder, each fsynced by its own
-  thread at once, as the queue's commit does (the `.eml`, the `.pending`, `incoming/`);
+- **three side by side by threads**: a reused file, a second reused file and the folder, each fsynced by
+  its own thread at once (the `.eml`, the `.pending` and `incoming/` of a commit), as the queue did until
+  2026-12-05 and still does where the kernel refuses native AIO;
+- **the same three by the kernel**: handed to the kernel in one `io_submit` and reaped on an event loop,
+  by the service's own `smtpsvc.queue.fsyncs` (the way the queue commits on Linux);
 - **journal**: write at the next offset of a preallocated, already written file, then fdatasync (no
   metadata to write: what a write-ahead log on recycled segments costs).
 
@@ -18,12 +21,13 @@ median of --count repetitions of each of:
 
 --dir must be on the file system to judge (the mailroot's; default: a temporary folder in the current
 one, since /tmp may be a tmpfs, where fsync costs nothing). Everything it writes is under one temporary
-folder, removed at the end. Bounded: at most --count x 4 timed writes and 8 MiB of journal.
+folder, removed at the end. Bounded: at most --count x 5 timed writes and 8 MiB of journal.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import shutil
 import statistics
@@ -33,6 +37,8 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from smtpsvc.queue import fsyncs
 
 JOURNAL_SIZE = 8 * 1024 * 1024
 BLOCK = 4096
@@ -45,6 +51,33 @@ def median_ms(count: int, step: Callable[[int], None]) -> float:
         step(i)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000
+
+
+def by_the_kernel(count: int, reused: list[int], folder_fd: int, payload: bytes) -> float:
+    """The commit's three fsyncs as the service makes them on Linux: smtpsvc.queue.fsyncs.KernelFsync, on an
+    event loop (threads where the kernel refuses native AIO, as in the service)."""
+
+    async def timed() -> float:
+        loop = asyncio.get_running_loop()
+        syncer = fsyncs.start(loop)
+        times = []
+        try:
+            for _ in range(count):
+                for fd in reused:
+                    os.pwrite(fd, payload, 0)
+                    os.ftruncate(fd, len(payload))
+                start = time.perf_counter()
+                # copies: the syncer closes what it is given
+                errors = await syncer.run(loop, [os.dup(fd) for fd in (*reused, folder_fd)])
+                times.append(time.perf_counter() - start)
+                failed = next((e for e in errors if e is not None), None)
+                if failed is not None:
+                    raise failed
+        finally:
+            syncer.stop()
+        return statistics.median(times) * 1000
+
+    return asyncio.run(timed())
 
 
 def measure(folder: Path, size: int, count: int) -> list[tuple[str, float]]:
@@ -94,10 +127,12 @@ def measure(folder: Path, size: int, count: int) -> list[tuple[str, float]]:
             os.pwrite(journal, payload, (i * record) % (slots * BLOCK))
             os.fdatasync(journal)
 
+        kernel = by_the_kernel(count, reused, folder_fd, payload)
         return [
             ("new file: create, write, fsync, fsync the folder", median_ms(count, new_file)),
             ("reused file: overwrite, cut to length, fsync", median_ms(count, reused_file)),
-            ("three side by side: 2 reused files and the folder", median_ms(count, three)),
+            ("three side by side by threads: 2 reused files and the folder", median_ms(count, three)),
+            ("the same three by the kernel's AIO (queue/fsyncs.py, the service's way)", kernel),
             ("journal: write into a preallocated file, fdatasync", median_ms(count, journal_write)),
         ]
     finally:
