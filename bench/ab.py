@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -174,18 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"smtpsvc stderr:\n{svc.tail()}", file=sys.stderr)
         status = 1 if isinstance(exc, compare.BenchError) else 130
     finally:
-        with common.shielded():  # a second Ctrl-C must not skip the cleanup
-            for stopper in (svc.stop if svc else None, pfx.stop if pfx else None, sink.stop):
-                if stopper is None:
-                    continue
-                try:
-                    stopper()
-                except Exception as exc:  # keep stopping the others
-                    print(f"  while stopping: {exc!r}", file=sys.stderr)
-            if args.keep:
-                print(f"  kept {tmp}")
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+        common.clean_up([svc.stop if svc else None, pfx.stop if pfx else None, sink.stop], tmp, args.keep)
     if status:
         return status
     print()

@@ -51,7 +51,6 @@ import json
 import os
 import resource
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
@@ -662,16 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         status = 1
     finally:
-        with common.shielded():  # a second Ctrl-C must not skip the cleanup
-            for stopper in (sink.stop, db.destroy):
-                try:
-                    stopper()
-                except Exception as exc:  # keep stopping the others
-                    print(f"  while stopping: {exc!r}", file=sys.stderr)
-            if args.keep:
-                print(f"  kept {tmp}")
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+        common.clean_up([sink.stop, db.destroy], tmp, args.keep)
 
     rows = table_rows(cases)
     if not rows:

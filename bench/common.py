@@ -15,11 +15,12 @@ import json
 import os
 import platform
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -268,6 +269,23 @@ def shielded() -> Iterator[None]:
         signal.signal(signal.SIGINT, signal.default_int_handler)
         for sig in SHIELDED_SIGNALS[1:]:
             signal.signal(sig, signal.SIG_DFL)
+
+
+def clean_up(stoppers: Sequence[Callable[[], None] | None], tmp: Path, keep: bool) -> None:
+    """A benchmark's end, also after an error or Ctrl-C: call each stopper (None: nothing to stop), going on
+    whatever one of them raises, shielded from a second Ctrl-C; then remove `tmp` unless it is to be kept."""
+    with shielded():
+        for stop in stoppers:
+            if stop is None:
+                continue
+            try:
+                stop()
+            except Exception as exc:  # keep stopping the others
+                print(f"  while stopping: {exc!r}", file=sys.stderr)
+        if keep:
+            print(f"  kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def relay_config(hostname: str, root: Path, sink_port: int, server_extra: Sequence[str] = ()) -> list[str]:

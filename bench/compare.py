@@ -927,16 +927,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"smtpsvc stderr:\n{svc.tail()}", file=sys.stderr)
         status = 130 if not isinstance(exc, BenchError) else 1
     finally:
-        with common.shielded():  # a second Ctrl-C must not skip the cleanup
-            for stopper in (svc.stop, pfx.stop, sink.stop):
-                try:
-                    stopper()
-                except Exception as exc:  # keep stopping the others
-                    print(f"  while stopping: {exc!r}", file=sys.stderr)
-            if args.keep:
-                print(f"  kept {tmp}")
-            else:
-                shutil.rmtree(tmp, ignore_errors=True)
+        common.clean_up([svc.stop, pfx.stop, sink.stop], tmp, args.keep)
 
     if not results or status:
         return status or 1
