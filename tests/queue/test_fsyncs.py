@@ -14,22 +14,9 @@ import pytest
 from smtpsvc.queue import fsyncs
 from smtpsvc.queue.commit import Commit, GroupCommitter
 from smtpsvc.queue.fsyncs import FsyncThreads, KernelFsync
+from tests.queue.test_commit import is_open, written
 
 NOBODY = 999_999  # a descriptor number nothing holds: fsync says EBADF
-
-
-def written(path: Path) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
-    os.write(fd, b"x" * 100)
-    return fd
-
-
-def is_open(fd: int) -> bool:
-    try:
-        os.fstat(fd)
-    except OSError:
-        return False
-    return True
 
 
 @pytest.fixture(params=["kernel", "threads"])
