@@ -35,7 +35,9 @@ import threading
 from typing import Protocol
 
 FSYNC_THREADS = 8  # fsyncs in flight at once, when threads do them
-RING = 1024  # requests in flight at once per process; past that, threads take the rest
+# Requests in flight at once per process; past that, threads take the rest. A busy SMTP worker's batch holds
+# a few dozen; the system-wide fs.aio-max-nr (65536 by default) then has room for 255 such processes.
+RING = 256
 
 # System call numbers (the kernel's own tables): x86-64, and arm64's generic table.
 _SYSCALLS = {
