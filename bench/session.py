@@ -8,9 +8,10 @@ doing what Postfix's smtp-source does: one connection per message, greeting, EHL
 1 KiB body, QUIT, no pipelining; --concurrency connections at a time, --messages in all (after a warm-up).
 
 Prints, for each timed run, the process CPU time per message (`time.process_time`: every thread of this
-process, so the spool's fsync thread and the client's share are included; compare before with after, not
-with a separate server), split into user and system time, the event loop thread's share
-(`time.thread_time`: server and client, without the spool's fsync thread) and messages per second; then,
+process, so the client's share is included, and the spool's fsyncs where threads make them; on Linux the
+kernel's AIO workers make them, which no process is charged for: queue/fsyncs.py; compare before with
+after, not with a separate server), split into user and system time, the event loop thread's share
+(`time.thread_time`: server and client, without any fsync thread) and messages per second; then,
 from one run under cProfile, the Python calls per message (client included too) and, with --top N, the
 functions called most. The machine is noisy: alternate before/after runs; --tmpdir /dev/shm steadies them.
 
