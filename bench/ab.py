@@ -173,7 +173,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"smtpsvc stderr:\n{svc.tail()}", file=sys.stderr)
         status = 1 if isinstance(exc, compare.BenchError) else 130
     finally:
-        common.clean_up([svc.stop if svc else None, pfx.stop if pfx else None, sink.stop], tmp, args.keep)
+        common.clean_up(
+            [
+                ("smtpsvc", svc.stop if svc else None),
+                ("Postfix", pfx.stop if pfx else None),
+                ("smtp-sink", sink.stop),
+            ],
+            tmp,
+            args.keep,
+        )
     if status:
         return status
     print()

@@ -661,7 +661,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr)
         status = 1
     finally:
-        common.clean_up([sink.stop, db.destroy], tmp, args.keep)
+        common.clean_up([("smtp-sink", sink.stop), ("PostgreSQL", db.destroy)], tmp, args.keep)
 
     rows = table_rows(cases)
     if not rows:

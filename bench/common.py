@@ -271,20 +271,22 @@ def shielded() -> Iterator[None]:
             signal.signal(sig, signal.SIG_DFL)
 
 
-def clean_up(stoppers: Sequence[Callable[[], None] | None], tmp: Path, keep: bool) -> None:
-    """A benchmark's end, also after an error or Ctrl-C: call each stopper (None: nothing to stop), going on
-    whatever one of them raises, shielded from a second Ctrl-C; then remove `tmp` unless it is to be kept."""
+def clean_up(stoppers: Sequence[tuple[str, Callable[[], object] | None]], tmp: Path, keep: bool) -> None:
+    """A benchmark's end, also after an error or Ctrl-C: stop what it started, in order, each (what, stop;
+    None: nothing to stop) whatever the others do, shielded from a second Ctrl-C; then remove `tmp` unless
+    it is to be kept."""
     with shielded():
-        for stop in stoppers:
+        for what, stop in stoppers:
             if stop is None:
                 continue
             try:
                 stop()
             except Exception as exc:  # keep stopping the others
-                print(f"  while stopping: {exc!r}", file=sys.stderr)
+                print(f"  while stopping {what}: {exc!r}", file=sys.stderr)
         if keep:
             print(f"  kept {tmp}")
         else:
+            print(f"  removing {tmp}", flush=True)
             shutil.rmtree(tmp, ignore_errors=True)
 
 

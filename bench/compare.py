@@ -927,7 +927,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"smtpsvc stderr:\n{svc.tail()}", file=sys.stderr)
         status = 130 if not isinstance(exc, BenchError) else 1
     finally:
-        common.clean_up([svc.stop, pfx.stop, sink.stop], tmp, args.keep)
+        common.clean_up(
+            [("smtpsvc", svc.stop), ("Postfix", pfx.stop), ("smtp-sink", sink.stop)], tmp, args.keep
+        )
 
     if not results or status:
         return status or 1

@@ -65,7 +65,6 @@ import multiprocessing
 import os
 import re
 import shlex
-import shutil
 import signal
 import socket
 import subprocess
@@ -433,24 +432,6 @@ def wait_drain(
 def drain_bound(n: int) -> float:
     """Seconds the retry wave and the drain may take at most."""
     return max(1800.0, n / 100)
-
-
-def cleanup(stoppers: Sequence[tuple[str, Callable[[], object] | None]], tmp: Path, keep: bool) -> None:
-    """Stop what a side started, in order, each whatever the others do (a second Ctrl-C cannot skip them),
-    then remove its temp dir (unless `keep`)."""
-    with common.shielded():
-        for what, stop in stoppers:
-            if stop is None:
-                continue
-            try:
-                stop()
-            except Exception as exc:  # keep stopping the others
-                print(f"  while stopping {what}: {exc!r}", file=sys.stderr)
-        if keep:
-            print(f"  kept {tmp}")
-        else:
-            print(f"  removing {tmp}", flush=True)
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------- disk
@@ -851,7 +832,7 @@ class SmtpsvcCase:
             self.result.stop_s = self.svc.stop()
             return self.result
         finally:
-            cleanup(
+            common.clean_up(
                 [
                     ("smtpsvc", self.svc.stop),
                     ("queue retry", self.retry.finish if self.retry is not None else None),
@@ -1258,7 +1239,7 @@ def run_postfix(result: PfxResult, args: argparse.Namespace, tmp_base: Path) -> 
         return result
     finally:
         fill = source
-        cleanup(
+        common.clean_up(
             [
                 (
                     "smtp-source",
